@@ -1,0 +1,1 @@
+"""ONNX backend API modules (`onnx.backend.test.BackendTest` compatible)."""

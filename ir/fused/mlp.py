@@ -1,0 +1,38 @@
+"""GatedMLP: y = (act(x @ w_gate) * (x @ w_up)) @ w_down  (dense MLPs and shared experts).
+
+Weights are [in, out] (MatMul layout). With `clamp` > 0 (DeepSeek-V4 / gpt-oss
+style SwiGLU limit) the gate is clamped from above and the up projection to
+[-clamp, clamp] before they combine.
+"""
+import numpy as np
+
+from ..ops import AttrSpec, define, infers, reference
+from ..types import TensorType
+from ._util import ACTIVATIONS, f32, like
+
+define("GatedMLP", inputs=("x", "w_gate", "w_up", "w_down"), outputs=("y",),
+       attrs={"activation": AttrSpec(str, "silu", doc="silu | gelu | gelu_tanh"),
+              "clamp": AttrSpec(float, 0.0, doc="SwiGLU limit; 0: none")},
+       doc="Gated feed-forward block.")
+
+
+@infers("GatedMLP", domain="polyport")
+def _infer(node, ctx):
+    x, wd = node.inputs[0].type, node.inputs[3].type
+    out = wd.shape[-1] if wd.shape is not None else None
+    return [TensorType(x.dtype, None if x.shape is None else x.shape[:-1] + (out,))]
+
+
+def gated(gate: np.ndarray, up: np.ndarray, activation: str, clamp: float) -> np.ndarray:
+    if clamp:
+        gate = np.minimum(gate, clamp)
+        up = np.clip(up, -clamp, clamp)
+    return ACTIVATIONS[activation](gate) * up
+
+
+@reference("GatedMLP", domain="polyport")
+def gated_mlp(node, inputs, ctx):
+    x, wg, wu, wd = inputs
+    xf = f32(x)
+    h = gated(xf @ f32(wg), xf @ f32(wu), node.attrs.get("activation", "silu"), node.attrs.get("clamp", 0.0))
+    return [like(h @ f32(wd), x)]

@@ -1,0 +1,164 @@
+"""fuse-gated-mlp: down(act(gate(x)) * up(x))  ->  polyport::GatedMLP(x, w_gate, w_up, w_down).
+
+The rule
+- anchor: a projection by a constant weight (the down projection) whose input
+  is a product with an activation on one side. MoE experts never anchor: their
+  weights are gathered per token (GatherND), not constants.
+- projections: MatMul(x, W[in, out]), MatMul(x, Transpose(W)), Gemm(x, W, transB)
+  with alpha 1 and no bias, or one half of a fused gate/up projection (a Split
+  or Slice of MatMul(x, W_gate_up) on the last axis). Weights become [in, out].
+- activation: whatever elementwise function of the gate the exporter spelled,
+  named by what it contains (Sigmoid: silu; Erf or Gelu: gelu; Tanh or
+  Gelu(approximate=tanh): gelu_tanh) and confirmed numerically.
+- clamp (DeepSeek-V4 / gpt-oss SwiGLU limit): Clip/Min/Max with gate <= L and
+  -L <= up <= L, GatedMLP's `clamp=L`; any other clamp is left alone.
+- meaning: gate and up read the same x, shapes chain ([H, I], [H, I], [I, H']),
+  the interior is private; then `equivalent`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..ir.graph import Graph, Node, Value
+from ._match_util import const_like, part_of, private, scalar, tolerance
+from .manager import PassResult, register_pass
+from .region import equivalent, replace_with_fused
+
+ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Neg", "Sigmoid", "Erf", "Tanh", "Gelu"}
+
+
+def _projection(v: Value) -> Optional[tuple[Value, np.ndarray, list[Node], Optional[Value]]]:
+    """v = x @ W with W a constant: (x, W as [in, out], the nodes, W's Value if used as is), else None."""
+    node = v.producer
+    if node is None or node.domain:
+        return None
+    if node.op_type == "MatMul":
+        w = node.inputs[1]
+        t = w.producer
+        if w.const is None and t is not None and t.op_type == "Transpose" and t.inputs[0].const is not None \
+                and list(t.attrs.get("perm", [1, 0])) == [1, 0]:
+            return (node.inputs[0], t.inputs[0].const.T, [node, t], None) if t.inputs[0].const.ndim == 2 else None
+        return (node.inputs[0], w.const, [node], w) if w.const is not None and w.const.ndim == 2 else None
+    if node.op_type == "Gemm":
+        w, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+        plain = node.attrs.get("transA", 0) == 0 and node.attrs.get("alpha", 1.0) == 1.0
+        no_bias = bias is None or bias.const is not None and not bias.const.any()
+        if w.const is None or not plain or not no_bias:
+            return None
+        trans = node.attrs.get("transB", 0)
+        return node.inputs[0], (w.const.T if trans else w.const), [node], (None if trans else w)
+    part = part_of(v)                       # one half of a fused gate/up projection
+    inner = _projection(part.source) if part is not None else None
+    if inner is None:
+        return None
+    return inner[0], inner[1][:, list(part.indices)], inner[2] + [node], None
+
+
+def _activation(a: Value) -> Optional[tuple[Value, str, list[Node]]]:
+    """a = act(g) for one elementwise function of one value g: (g, activation name, nodes), else None."""
+    nodes, leaves, stack = {}, {}, [a]
+    while stack and len(nodes) <= 12:
+        v = stack.pop()
+        n = v.producer
+        if v.const is not None:
+            continue
+        if n is None or n.domain or n.op_type not in ELEMENTWISE:
+            leaves[id(v)] = v
+            continue
+        if id(n) not in nodes:
+            nodes[id(n)] = n
+            stack.extend(i for i in n.inputs if i is not None)
+    kinds = {n.op_type: n for n in nodes.values()}
+    if stack or len(leaves) != 1 or not kinds.keys() & {"Sigmoid", "Erf", "Tanh", "Gelu"}:
+        return None
+    if "Gelu" in kinds:
+        name = "gelu_tanh" if kinds["Gelu"].attrs.get("approximate", "none") == "tanh" else "gelu"
+    else:
+        name = "gelu" if "Erf" in kinds else "gelu_tanh" if "Tanh" in kinds else "silu"
+    return next(iter(leaves.values())), name, list(nodes.values())
+
+
+def _clamp(v: Value) -> tuple[Value, Optional[float], Optional[float], list[Node]]:
+    """Strip Clip/Min/Max by constants: (inner value, low, high, nodes)."""
+    lo = hi = None
+    nodes = []
+    while v.producer is not None and not v.producer.domain:
+        n = v.producer
+        ins = list(n.inputs) + [None, None]
+        if n.op_type == "Clip" and all(b is None or scalar(b) is not None for b in ins[1:3]):
+            lo = scalar(ins[1]) if ins[1] is not None else lo
+            hi = scalar(ins[2]) if ins[2] is not None else hi
+        elif n.op_type in ("Min", "Max") and len(n.inputs) == 2 and scalar(n.inputs[1]) is not None:
+            lo, hi = (lo, scalar(n.inputs[1])) if n.op_type == "Min" else (scalar(n.inputs[1]), hi)
+        else:
+            break
+        nodes.append(n)
+        v = n.inputs[0]
+    return v, lo, hi, nodes
+
+
+def _gated(h: Value) -> tuple[Optional[dict], str]:
+    """Read h = act(clamp(gate(x))) * clamp(up(x)): the proposal, or why not."""
+    mul = h.producer
+    if mul is None or mul.op_type != "Mul" or mul.domain:
+        return None, ""
+    for a, u in (mul.inputs, mul.inputs[::-1]):
+        act = _activation(a)
+        if act is not None:
+            break
+    else:
+        return None, ""                      # not gated by an activation: not an MLP candidate
+    g, name, act_nodes = act
+    g, g_lo, g_hi, g_clip = _clamp(g)
+    u, u_lo, u_hi, u_clip = _clamp(u)
+    gate, up = _projection(g), _projection(u)
+    if gate is None or up is None:
+        return None, "gate or up is not x @ W with a constant W and no bias (an MoE expert?)"
+    if gate[0] is not up[0]:
+        return None, f"gate reads %{gate[0].name} but up reads %{up[0].name}"
+    if gate[1].shape != up[1].shape:
+        return None, f"gate weight {gate[1].shape} and up weight {up[1].shape} differ"
+    limit = g_hi or 0.0
+    if (g_lo, g_hi, u_lo, u_hi) != ((None, None, None, None) if not limit else (None, limit, -limit, limit)):
+        return None, f"clamps gate to [{g_lo}, {g_hi}], up to [{u_lo}, {u_hi}]: not GatedMLP's (gate<=L, |up|<=L)"
+    nodes = [mul] + act_nodes + g_clip + u_clip + gate[2] + up[2]
+    return dict(x=gate[0], gate=gate, up=up, activation=name, clamp=limit, nodes=nodes), ""
+
+
+@register_pass("fuse-gated-mlp")
+def fuse_gated_mlp(graph: Graph) -> PassResult:
+    """down(act(gate(x)) * up(x))  ->  polyport::GatedMLP (dense MLPs and shared experts)."""
+    result = PassResult()
+    for node in graph.nodes:
+        if node.graph is not graph or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        down = _projection(node.outputs[0])
+        if down is None or down[0].producer is None or down[0].producer.op_type != "Mul":
+            continue
+        p, why = _gated(down[0])
+        if p is None:
+            if why:
+                result.notes.append(f"{node.name}: gated product feeds a projection, but {why}")
+            continue
+        inter, wd = p["gate"][1].shape[1], down[1]
+        if wd.shape[0] != inter:
+            why = f"down weight {wd.shape} does not take the {inter} gated features"
+        elif not private(p["nodes"] + down[2], node):
+            why = "an intermediate value of the MLP is used outside it"
+        if why:
+            result.notes.append(f"{node.name}: {why}")
+            continue
+        weights = [proj[3] or const_like(graph, f"{node.name}_{kind}", proj[1])   # [in, out], as GatedMLP wants
+                   for kind, proj in (("w_gate", p["gate"]), ("w_up", p["up"]), ("w_down", down))]
+        attrs = {"activation": p["activation"]} | ({"clamp": p["clamp"]} if p["clamp"] else {})
+        x = p["x"]
+        ok, why = equivalent([x], node.outputs[0], "GatedMLP", [x, *weights], attrs, rtol=tolerance(x))
+        if not ok:
+            result.notes.append(f"{node.name}: not equivalent to GatedMLP{attrs}: {why}")
+            continue
+        replace_with_fused(node.outputs[0], "GatedMLP", [x, *weights], attrs)
+        result.count("GatedMLP")
+    graph.remove_unused()
+    return result

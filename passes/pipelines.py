@@ -1,0 +1,25 @@
+"""Named pipelines: explicit lists of passes, viewable step by step with --dump-ir."""
+from __future__ import annotations
+
+from ..ir.graph import Graph
+from . import canonicalize  # noqa: F401 - registers canonicalisation passes
+from . import fuse_mlp, fuse_rmsnorm, fuse_rotary  # noqa: F401 - register the fusions
+from . import fuse_moe  # noqa: F401 - registers fuse-moe
+from . import fuse_attention  # noqa: F401 - registers fuse-attention
+from .manager import PassManager
+
+PIPELINES: dict[str, list[str]] = {
+    "none": [],
+    "canonicalize": ["canonicalize"],
+    "default": ["canonicalize", "fuse-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-moe", "fuse-gated-mlp",
+                "canonicalize"],
+}
+
+
+def run_pipeline(graph: Graph, name: str = "default", **manager_options) -> PassManager:
+    from ..errors import PolyportError
+    if name not in PIPELINES:
+        raise PolyportError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
+    pm = PassManager(PIPELINES[name], **manager_options)
+    pm.run(graph)
+    return pm

@@ -1,0 +1,1 @@
+"""Run-time side: the reference executor (and later the artifact runtime)."""

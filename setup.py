@@ -1,0 +1,31 @@
+from setuptools import setup
+
+PACKAGES = ["ir", "frontend", "passes", "targets", "runtime", "backend"]
+
+setup(
+    name="polyport",
+    version="0.1.0",
+    description="Hardware-portability compiler for DeepSeek-class models: ONNX in; CUDA, ROCm, Ascend and CPU out",
+    python_requires=">=3.10",
+    package_dir={"polyport": "."},
+    packages=["polyport"] + [f"polyport.{p}" for p in PACKAGES],
+    install_requires=[
+        "numpy>=1.26",
+        "onnx==1.23.2",
+        "ml_dtypes>=0.5",
+        "click>=8.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "onnxruntime==1.31.1",
+        ],
+        "export": [
+            "torch==2.13.0",
+            "transformers==5.23.0",
+            "onnxscript==0.7.2",
+        ],
+    },
+    entry_points={"console_scripts": ["polyport=polyport.cli:main"]},
+)

@@ -1,0 +1,80 @@
+"""The Target interface every code generator implements, and the devices it knows.
+
+A target lowers a fused graph into its own folder of the artifact and returns
+the manifest entry describing what it wrote (architectures, toolchain, files,
+what was checked). Loading is the runtime's business: `runtime/session.py`
+finds a target's loader by name, so the runtime never imports the compiler.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from ..errors import PolyportError
+from ..ir.graph import Graph
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What the roofline model needs to know about a device."""
+    name: str
+    peak_flops: Mapping[str, float]      # IR dtype name ("f32", "bf16", ...) -> FLOP/s
+    memory_bandwidth: float              # bytes/s
+    memory_bytes: int
+    notes: str = ""                      # where the numbers come from
+
+    def peak(self, dtype: str) -> float:
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]
+        return self.peak_flops.get("f16" if dtype == "bf16" else "f32", min(self.peak_flops.values()))
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    dtype: str = "f32"                   # compute dtype for weights and activations
+    archs: tuple[str, ...] = ()          # target-specific architectures (sm_90, gfx942, ...); () = the default set
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Target(abc.ABC):
+    name: ClassVar[str]
+    devices: ClassVar[Mapping[str, DeviceSpec]]
+    default_device: ClassVar[str]
+
+    @abc.abstractmethod
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        """Write this target's files into `out_dir`; return its manifest entry.
+
+        `weights` maps the graph's constant names to the arrays stored once in
+        the artifact's weights.safetensors."""
+
+    def device(self, name: str | None = None) -> DeviceSpec:
+        name = name or self.default_device
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise PolyportError(f"target {self.name}: unknown device {name!r}; known: "
+                                f"{', '.join(self.devices)}") from None
+
+
+_TARGETS: dict[str, type[Target]] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    _TARGETS[cls.name] = cls
+    return cls
+
+
+def get_target(name: str) -> Target:
+    from . import registry  # noqa: F401 - imports every target module
+    try:
+        return _TARGETS[name]()
+    except KeyError:
+        raise PolyportError(f"unknown target {name!r}; known: {', '.join(sorted(_TARGETS))}") from None
+
+
+def target_names() -> list[str]:
+    from . import registry  # noqa: F401
+    return sorted(_TARGETS)

@@ -1,0 +1,1 @@
+"""Imports every target so that `register_target` has seen them all."""
