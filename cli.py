@@ -2,6 +2,8 @@
 
     polyport inspect MODEL [--json] [--dump-ir FILE]
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
+    polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
+    polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
 input, a bad argument) is printed as one line, `polyport: error: <message>`, on
@@ -78,19 +80,29 @@ def main(debug: bool) -> None:
     _Group.debug = debug
 
 
+PASSES_OPTION = click.option("--passes", default="none", show_default=True, metavar="PIPELINE",
+                             help="Pass pipeline to run after import: none | canonicalize | default.")
+EXPLAIN_OPTION = click.option("--explain", is_flag=True,
+                              help="Print what each pass did and why near misses did not fuse (stderr).")
+DUMP_IR_OPTION = click.option("--dump-ir", type=click.Path(dir_okay=False), metavar="FILE",
+                              help="Write the IR (text form) to FILE: as imported, then after each pass.")
+
+
 # ---- inspect -------------------------------------------------------------------------
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-@click.option("--dump-ir", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Write the imported IR (text form) to FILE.")
-def inspect(model: str, as_json: bool, dump_ir: Optional[str]) -> None:
+@PASSES_OPTION
+@EXPLAIN_OPTION
+@DUMP_IR_OPTION
+def inspect(model: str, as_json: bool, passes: str, explain: bool, dump_ir: Optional[str]) -> None:
     """Show a model's signature, ops and parameters.
 
     Inputs and outputs with their symbolic dims, the op histogram over all nodes
-    (subgraphs included), the weight count and the opsets."""
+    (subgraphs included), the weight count and the opsets; with --passes, after
+    that pipeline (fused ops under their names: Attention, MoE, RMSNorm, ...)."""
     from .ir.stats import graph_stats
-    graph = _import(model, dump_ir)
+    graph = _import(model, dump_ir, passes, explain)
     stats = graph_stats(graph)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
@@ -143,7 +155,7 @@ def human_bytes(n: int) -> str:
 
 # ---- run -----------------------------------------------------------------------------
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())   # an ONNX file, or an artifact directory (with --target)
 @click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=FILE.npy",
               help="A model input from a .npy file; repeat for each input.")
 @click.option("--seq", type=int, callback=lambda ctx, param, n: _positive(n), metavar="N",
@@ -151,36 +163,49 @@ def human_bytes(n: int) -> str:
                    "(integers in [0, 100) for integer inputs, e.g. token ids; standard normal for floats).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="OUT.npz",
               help="Save the outputs, under their graph names, to an .npz archive.")
-@click.option("--dump-ir", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Write the imported IR (text form) to FILE.")
-def run(model: str, inputs: tuple[str, ...], seq: Optional[int], output: Optional[str],
-        dump_ir: Optional[str]) -> None:
-    """Run a model on the reference executor.
+@PASSES_OPTION
+@EXPLAIN_OPTION
+@DUMP_IR_OPTION
+@click.option("--target", "-t", default=None, metavar="TARGET",
+              help="With an artifact directory: the target to run (default cpu).")
+def run(model: str, inputs: tuple[str, ...], seq: Optional[int], output: Optional[str], passes: str,
+        explain: bool, dump_ir: Optional[str], target: Optional[str]) -> None:
+    """Run an ONNX model on the reference executor, or an artifact (a directory) on a target.
 
     Prints each output's type and min / max / mean; --output saves them."""
-    from .runtime.reference import ReferenceSession
     if inputs and seq is not None:
         raise click.UsageError("give either --input NAME=FILE.npy ... or --seq N, not both")
     feeds = load_inputs(inputs)            # argument errors first, before a long import
     if output is not None:
         _check_writable(output)
-    graph = _import(model, dump_ir)
+    if os.path.isdir(model):
+        from .runtime.session import load, signature_types
+        session = load(model, target or "cpu")
+        specs = signature_types(session.signature["inputs"])
+    else:
+        if target is not None:
+            raise click.UsageError("--target applies to a compiled artifact (a directory); "
+                                   "compile one with `polyport compile MODEL --target T -o ART`")
+        from .runtime.reference import ReferenceSession
+        graph = _import(model, dump_ir, passes, explain)
+        session = ReferenceSession(graph)
+        specs = [(v.name, v.type) for v in graph.inputs]
     if seq is not None:
-        feeds = seq_inputs(graph, seq)
-    elif not feeds and graph.inputs:
-        names = ", ".join(v.name for v in graph.inputs)
+        feeds = seq_inputs(specs, seq)
+    elif not feeds and specs:
+        names = ", ".join(name for name, _ in specs)
         raise errors.InputError(f"no inputs given: pass --input NAME=FILE.npy for each of {names}, or --seq N")
-    session = ReferenceSession(graph)
     start = time.perf_counter()
     results = session.run(feeds)
     elapsed = time.perf_counter() - start
+    if getattr(session, "notice", None):      # e.g. ascend: "emulated on CPU (no Ascend device)"
+        click.echo(session.notice, err=True)
     width = max((len(name) for name in results), default=0)
     for name, value in results.items():
         click.echo(f"{name:<{width}}  {summarise(value)}")
     if output is not None:
         save_npz(output, results)
-        click.echo(f"wrote {output} ({len(results)} output{'s' * (len(results) != 1)}, "
-                   f"reference executor {elapsed:.2f} s)")
+        click.echo(f"wrote {output} ({len(results)} output{'s' * (len(results) != 1)}, {elapsed:.2f} s)")
 
 
 def _positive(n: Optional[int]) -> Optional[int]:
@@ -222,8 +247,8 @@ def load_npy(path: str, what: str) -> np.ndarray:
         raise errors.InputError(f"{what}: not a readable .npy file ({type(e).__name__}: {e})") from None
 
 
-def seq_inputs(graph, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs for `graph` with every symbolic dim bound to `n`.
+def seq_inputs(specs, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for (name, type) `specs` with every symbolic dim bound to `n`.
 
     Integer inputs get integers in [0, 100) (token ids), float inputs standard
     normal values, bool inputs random booleans; drawn in input order from one
@@ -231,18 +256,17 @@ def seq_inputs(graph, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     from .ir.types import TensorType
     rng = np.random.default_rng(seed)
     feeds = {}
-    for v in graph.inputs:
-        t = v.type
+    for name, t in specs:
         if not isinstance(t, TensorType) or t.shape is None or t.dtype is None:
-            raise errors.InputError(f"--seq: input {v.name!r} has type {t}; give it with --input NAME=FILE.npy")
+            raise errors.InputError(f"--seq: input {name!r} has type {t}; give it with --input NAME=FILE.npy")
         shape = []
         for d in t.shape:
             if d is None:
-                raise errors.InputError(f"--seq: input {v.name!r} has an unknown dim ({t}); "
+                raise errors.InputError(f"--seq: input {name!r} has an unknown dim ({t}); "
                                         f"give it with --input NAME=FILE.npy")
             shape.append(d if isinstance(d, int) else d.evaluate({s: n for s in d.symbols}))
         if any(s < 0 for s in shape):
-            raise errors.InputError(f"--seq {n}: input {v.name!r} would have the negative shape {shape} ({t})")
+            raise errors.InputError(f"--seq {n}: input {name!r} would have the negative shape {shape} ({t})")
         dt = t.dtype
         if dt.is_integer:
             x = rng.integers(0, 100, size=shape, dtype=np.int64).astype(dt.numpy)
@@ -251,8 +275,8 @@ def seq_inputs(graph, n: int, seed: int = 0) -> dict[str, np.ndarray]:
         elif dt.name == "bool":
             x = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:
-            raise errors.InputError(f"--seq: cannot generate {dt} input {v.name!r}; give it with --input")
-        feeds[v.name] = x
+            raise errors.InputError(f"--seq: cannot generate {dt} input {name!r}; give it with --input")
+        feeds[name] = x
     return feeds
 
 
@@ -285,16 +309,121 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
                     np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
 
 
+# ---- compile -------------------------------------------------------------------------
+@main.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", "targets", multiple=True, required=True, metavar="TARGET",
+              help="cpu | cuda | rocm | ascend; repeat for several (added to an existing artifact).")
+@click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False), metavar="ART",
+              help="The artifact directory to write (replaced atomically).")
+@click.option("--passes", default="default", show_default=True, metavar="PIPELINE",
+              help="Pass pipeline to run before lowering.")
+@click.option("--arch", "archs", multiple=True, metavar="ARCH",
+              help="Device architectures for GPU targets (sm_80, sm_90, gfx90a, gfx942, ...).")
+@click.option("--dump-ir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write the IR as imported and after each pass into DIR.")
+def compile_(model: str, targets: tuple[str, ...], out: str, passes: str, archs: tuple[str, ...],
+             dump_ir: Optional[str]) -> None:
+    """Compile MODEL into a deployable artifact for one or more targets."""
+    from .compiler import compile_model
+    from .targets.base import CompileOptions
+    on_stage = None
+    if dump_ir is not None:
+        os.makedirs(dump_ir, exist_ok=True)
+        from .ir.printer import format_graph
+        counter = iter(range(1000))
+
+        def on_stage(stage, graph):
+            name = f"{next(counter):02d}-{stage.replace(' ', '-')}.ir"
+            with atomic_write(os.path.join(dump_ir, name)) as f:
+                f.write((format_graph(graph) + "\n").encode())
+    start = time.perf_counter()
+    path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
+                         on_stage=on_stage, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+    click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
+
+
+# ---- bench and report (runtime/bench.py) ---------------------------------------------
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--target", "-t", "targets", multiple=True, metavar="TARGET",
+              help="cpu | cuda | rocm | ascend; repeat for several. Default: every target in the artifact, "
+                   "plus estimated rows for cuda, rocm and ascend.")
+@click.option("--seq", "seqs", multiple=True, type=click.IntRange(min=1), metavar="N",
+              help="Sequence length (every symbolic dim); repeat for several. Default: 1, 16, 128.")
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1), help="Timed runs per row.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--device", default=None, metavar="NAME",
+              help="Estimate for this device only: h100 | h200 | mi300x | 910b3 | cpu.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the rows as JSON (read by `polyport report`).")
+def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: int, warmup: int,
+          device: Optional[str], json_path: Optional[str]) -> None:
+    """Latency of ARTIFACT per target and length: measured where the device is here, else estimated.
+
+    Measured rows time session.run (warm-up, then --runs runs: median, p90, IQR).
+    Rows for absent devices (cuda: H100/H200, rocm: MI300X, ascend: 910B3; the
+    Ascend emulator is never timed) are roofline lower bounds, labelled estimated."""
+    from .runtime import bench as benchmod
+    if json_path is not None:
+        _check_writable(json_path)
+    doc = benchmod.bench(artifact, list(targets) or None, list(seqs) or benchmod.DEFAULT_SEQS, runs=runs,
+                         warmup=warmup, device=device, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+    click.echo(benchmod.format_report([(os.path.basename(json_path or artifact.rstrip("/")), doc)]))
+    if json_path is not None:
+        benchmod.write_json(json_path, doc)
+        click.echo(f"wrote {json_path} ({len(doc['rows'])} rows)")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also draw a bar chart (needs matplotlib).")
+@click.option("--fail-if-slower", "fail_pct", type=click.FloatRange(min=0), metavar="PCT",
+              help="Exit 1 if a measured row's median is more than PCT percent slower than in --baseline.")
+@click.option("--baseline", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="The bench JSON to compare against (with --fail-if-slower).")
+@click.pass_context
+def report(ctx: click.Context, files: tuple[str, ...], plot_path: Optional[str], fail_pct: Optional[float],
+           baseline: Optional[str]) -> None:
+    """Tables (measured and estimated apart) from `polyport bench --json` FILES; optional plot and gate."""
+    from .runtime import bench as benchmod
+    if (fail_pct is None) != (baseline is None):
+        raise click.UsageError("--fail-if-slower PCT and --baseline FILE.json go together")
+    if plot_path is not None:
+        benchmod.require_matplotlib()
+        _check_writable(plot_path)
+    docs = [(os.path.basename(f), benchmod.read_json(f)) for f in files]
+    click.echo(benchmod.format_report(docs))
+    if plot_path is not None:
+        benchmod.plot(docs, plot_path)
+        click.echo(f"wrote {plot_path}")
+    if baseline is not None:
+        found, compared = benchmod.regressions(docs, benchmod.read_json(baseline), fail_pct)
+        if not compared:
+            click.echo(f"regression check: no measured row matches one in {baseline} (nothing compared)", err=True)
+        for message in found:
+            click.echo(f"regression: {message}", err=True)
+        if found:
+            ctx.exit(1)
+        click.echo(f"regression check: {compared} measured row(s) within {fail_pct:g}% of {baseline}")
+
+
 # ---- shared --------------------------------------------------------------------------
-def _import(model: str, dump_ir: Optional[str]):
+def _import(model: str, dump_ir: Optional[str], passes: str = "none", explain: bool = False):
     from .frontend.onnx_import import import_onnx
+    from .passes.manager import stage_dumper
+    from .passes.pipelines import run_pipeline
     if dump_ir is not None:
         _check_writable(dump_ir)
     graph = import_onnx(model)
+    stages: list[str] = []
+    pm = run_pipeline(graph, passes, on_stage=stage_dumper(stages) if dump_ir is not None else None)
+    if explain:
+        click.echo(pm.summary(explain=True), err=True)
     if dump_ir is not None:
-        from .ir.printer import format_graph
         with atomic_write(dump_ir) as f:
-            f.write((format_graph(graph) + "\n").encode())
+            f.write("\n".join(stages).encode())
     return graph
 
 

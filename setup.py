@@ -1,6 +1,6 @@
 from setuptools import setup
 
-PACKAGES = ["ir", "frontend", "passes", "targets", "runtime", "backend"]
+PACKAGES = ["ir", "frontend", "passes", "targets", "targets.kernels", "targets.kernels.cpu", "runtime", "backend"]
 
 setup(
     name="polyport",
@@ -14,6 +14,9 @@ setup(
         "onnx==1.23.2",
         "ml_dtypes>=0.5",
         "click>=8.1",
+        "apache-tvm==0.27.0.post1",
+        # pinned: MetaSchedule segfaults serialising dtypes with apache-tvm-ffi 0.1.15.post2 (TVM_NOTES.md)
+        "apache-tvm-ffi==0.1.14.post1",
     ],
     extras_require={
         "test": [

@@ -12,7 +12,7 @@ Every exported model has the same signature::
     input_ids : int64   [1, seq]           (dim_param "seq", batch fixed to 1)
     logits    : float32 [1, seq, vocab]
 
-and works for any ``seq`` from 1 upwards (checked at 1, 7, 33 and 300).
+and works for any ``seq`` from 1 upwards (checked at 1, 7, 33, 300 and 512).
 
 Usage::
 
@@ -47,6 +47,16 @@ Notes on the model set-up (why the script does what it does):
   the example input used for tracing has 17 tokens so that torch.export does
   not specialise on 0/1.  The ONNX graph input is checked (and if needed
   renamed) to carry ``dim_param: "seq"``.
+* DeepSeek-V4's compressed attention (CSA / HCA, config ``deepseek_v4_b``) has
+  Python branches on the sequence length that torch.export resolves for the
+  traced length (the plain export fails in ONNX Runtime for seq < compress
+  rate).  That model is traced with the branch-free, value-identical forwards
+  of ``examples/hf_export_patches.py``; the ONNX file is still checked against
+  the unpatched ``transformers`` model.  ``deepseek_v4_a`` (sliding-window
+  attention only) needs no patch.
+* The exporter's per-node ``metadata_props`` (stack traces with absolute paths,
+  FX dumps) are removed unless ``--keep-metadata``: the files are then
+  byte-for-byte reproducible.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = EXAMPLES_DIR / "models"
 BUNDLED_PATH = EXAMPLES_DIR / "deepseek_v3_tiny.onnx"
 
-CHECK_SEQ_LENS = (1, 7, 33, 300)
+CHECK_SEQ_LENS = (1, 7, 33, 300, 512)
 TRACE_SEQ_LEN = 17  # example length used for tracing (must not be 0 or 1)
 REL_TOL = 1e-4  # max|ort - torch| / max|torch| accepted by --check
 INIT_RANGE = 0.05  # std of the random weights (HF default is 0.02)
@@ -218,9 +228,12 @@ def _specs() -> list[ModelSpec]:
                 partial_rotary_factor=0.5, q_lora_rank=32, num_key_value_heads=1, o_groups=2, o_lora_rank=16,
                 n_shared_experts=1, hc_mult=2, hc_sinkhorn_iters=4, sliding_window=16, swiglu_limit=10.0,
                 scoring_func="sqrtsoftplus", routed_scaling_factor=1.5,
-                # indexer: 8 heads make exact-zero ReLU score ties (whose top-k order is
-                # implementation-defined) unlikely; top-4 of seq/4 compressed blocks.
-                index_n_heads=8, index_head_dim=16, index_topk=4,
+                # Lightning indexer: score = sum_h w_h * relu(q_h . k), so a block whose dot products
+                # are all <= 0 scores exactly 0, and exact ties at the top-k boundary are resolved
+                # differently by torch.topk and ONNX TopK (lowest index first).  With 8 indexer heads
+                # that happened at seq 512; 32 heads make all-negative blocks vanishingly rare
+                # (no exact-zero score in 30 random inputs of length 300-1024).
+                index_n_heads=32, index_head_dim=16, index_topk=4,
                 compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8})
     specs += [
         ModelSpec(
@@ -240,6 +253,15 @@ def _specs() -> list[ModelSpec]:
             moe=True, supports_sdpa=False, post_init=_deepseek_v4_post_init, export_patch="patched_deepseek_v4",
             description="8 heads sharing one K=V head; layer 0 HCA (rate 8), layer 1 CSA (rate 4, indexer "
             "top-4), layer 2 sliding only; 16 experts top-4: layer 0 hash-routed",
+        ),
+        ModelSpec(
+            "deepseek_v4", "c", "DeepseekV4Config", "DeepseekV4ForCausalLM",
+            dict(dsv4, num_hidden_layers=3, num_attention_heads=8, n_routed_experts=16, num_experts_per_tok=4,
+                 moe_intermediate_size=16, sliding_window=8,
+                 layer_types=["sliding_attention"] * 3, mlp_layer_types=["hash_moe", "moe", "moe"]),
+            moe=True, supports_sdpa=False, post_init=_deepseek_v4_post_init,
+            description="sliding-window (8) attention only, 8 heads sharing one K=V head, sinks; "
+            "16 experts top-4: layer 0 hash-routed, layers 1-2 top-k routed",
         ),
     ]
     return specs
@@ -505,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default)")
     ap.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="attention implementation")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                    help="compare onnxruntime against torch at seq 1/7/33/300 (default: on)")
+                    help="compare onnxruntime against torch at seq 1/7/33/300/512 (default: on)")
     ap.add_argument("--bundled-out", type=Path, default=BUNDLED_PATH,
                     help="where to write the bundled DeepSeek-V3-style default model "
                     "(default: examples/deepseek_v3_tiny.onnx)")

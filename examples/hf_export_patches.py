@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
 

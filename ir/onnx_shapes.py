@@ -30,7 +30,7 @@ from . import dtypes
 from .dtypes import BOOL, F32, I32, I64, DType
 from .graph import Node, Value
 from .ops import InferContext, infers
-from .symbolic import SymExpr, add, equal, floordiv, mod, mul, sub
+from .symbolic import SymExpr, add, equal, floordiv, mod, mul, provably_le, sub
 from .types import TensorType, TypeDim
 
 _BIG = 2**31 - 1          # Slice sentinels at or above this mean "to the end"
@@ -178,15 +178,8 @@ def _axes(node: Node, axes: Sequence[int], rank: int) -> list[int]:
 # ---- provable arithmetic on dims -----------------------------------------------------
 
 def _le(a, b) -> bool:
-    """a <= b for every positive value of the symbols (False where unprovable)."""
-    if a is None or b is None:
-        return False
-    diff = sub(b, a)
-    if not isinstance(diff, SymExpr):
-        return diff >= 0
-    coeffs = [c for m, c in diff.terms.items() if m]
-    # Each monomial is >= 1, so with non-negative coefficients diff >= sum(coeffs) + const.
-    return all(c > 0 for c in coeffs) and sum(coeffs) + diff.constant >= 0
+    """a <= b for every positive value of the symbols (False where unprovable or unknown)."""
+    return a is not None and b is not None and provably_le(a, b)
 
 
 def _ge2(d) -> bool:
@@ -638,9 +631,11 @@ def _slice(node: Node, ctx: InferContext) -> list:
         a, s = _input(node, 3), _input(node, 4)
         axes = None if a is None else _known_ints(ctx, a)
         steps = None if s is None else _known(ctx, s)
-        axes, steps = (_ABSENT if given is not None and val is None else val
-                       for given, val in ((a, axes), (s, steps)))
-    if axes is _ABSENT:        # given but unknown: any axis may change
+        if a is not None and axes is None:
+            axes = _ABSENT     # given but unknown
+        if s is not None and steps is None:
+            steps = _ABSENT
+    if axes is _ABSENT:        # any axis may change
         return [_out(_dtype(x), [None] * len(xs))]
     n = len(starts) if starts is not None else len(ends) if ends is not None else None
     if axes is None:

@@ -171,7 +171,7 @@ def floordiv(a: Dim, b: Dim) -> Dim | None:
     if isinstance(b, SymExpr):
         # Exact division by a single monomial, e.g. (batch*seq) // seq.
         if len(b.terms) != 1:
-            return a if a == b else (1 if a == b else None)
+            return 1 if a == b else None
         (mb, cb), = b.terms.items()
         out = {}
         for m, c in _terms(a).items():
@@ -234,14 +234,21 @@ def equal(a: Dim, b: Dim) -> bool | None:
     return c == 0
 
 
+def provably_le(a: Dim, b: Dim) -> bool:
+    """a <= b for all positive symbol values (each monomial is >= 1)."""
+    diff = sub(b, a)
+    if not isinstance(diff, SymExpr):
+        return diff >= 0
+    coeffs = [c for m, c in diff.terms.items() if m]
+    return all(c >= 0 for c in coeffs) and sum(coeffs) + diff.constant >= 0
+
+
 def dim_min(a: Dim, b: Dim) -> Dim | None:
-    c = compare(a, b)
-    return None if c is None else (a if c <= 0 else b)
+    return a if provably_le(a, b) else b if provably_le(b, a) else None
 
 
 def dim_max(a: Dim, b: Dim) -> Dim | None:
-    c = compare(a, b)
-    return None if c is None else (a if c >= 0 else b)
+    return b if provably_le(a, b) else a if provably_le(b, a) else None
 
 
 _TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(.))")

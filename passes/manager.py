@@ -3,13 +3,13 @@
 A pass is a named function Graph -> PassResult that edits the graph in place
 and reports what it did (counts per kind, e.g. {"Attention": 2}). The manager
 runs an explicit list of passes, verifies the IR after each, times each, and
-can dump the IR text before and after every pass (`--dump-ir DIR`).
+hands the IR before and after every pass to an `on_stage` callback (how
+`--dump-ir` shows each step).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import time
 from typing import Callable, Iterable, Optional
 
@@ -66,20 +66,21 @@ class PassRecord:
     notes: list[str]
 
 
+StageCallback = Callable[[str, Graph], None]   # (stage name, graph) after each step
+
+
 class PassManager:
     def __init__(self, passes: Iterable[Pass | str], *, verify_each: bool = True,
-                 dump_dir: Optional[str] = None, explain: bool = False):
+                 on_stage: Optional[StageCallback] = None):
         self.passes = [get_pass(p) if isinstance(p, str) else p for p in passes]
         self.verify_each = verify_each
-        self.dump_dir = dump_dir
-        self.explain = explain
+        self.on_stage = on_stage
         self.records: list[PassRecord] = []
 
     def run(self, graph: Graph) -> Graph:
-        if self.dump_dir:
-            os.makedirs(self.dump_dir, exist_ok=True)
-            self._dump(graph, f"00-input.ir")
-        for i, p in enumerate(self.passes, 1):
+        if self.on_stage:
+            self.on_stage("input", graph)
+        for p in self.passes:
             before = len(graph)
             start = time.perf_counter()
             result = p.run(graph)
@@ -87,19 +88,23 @@ class PassManager:
             if self.verify_each:
                 verify(graph)
             self.records.append(PassRecord(p.name, seconds, before, len(graph), dict(result.counts), result.notes))
-            if self.dump_dir:
-                self._dump(graph, f"{i:02d}-after-{p.name}.ir")
+            if self.on_stage:
+                self.on_stage(f"after {p.name}", graph)
         return graph
 
-    def _dump(self, graph: Graph, name: str) -> None:
-        with open(os.path.join(self.dump_dir, name), "w") as f:
-            f.write(format_graph(graph) + "\n")
-
-    def summary(self) -> str:
+    def summary(self, explain: bool = False) -> str:
+        """A table of passes: time, node counts, what changed (and, with `explain`, near misses)."""
         lines = [f"{'pass':<24} {'ms':>8} {'nodes':>13}  changes"]
         for r in self.records:
             changes = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.items())) or "-"
             lines.append(f"{r.name:<24} {r.seconds * 1e3:8.1f} {r.nodes_before:>6}->{r.nodes_after:<6}  {changes}")
-            if self.explain:
+            if explain:
                 lines.extend(f"    not fused: {n}" for n in r.notes)
         return "\n".join(lines)
+
+
+def stage_dumper(texts: list[str]) -> StageCallback:
+    """An `on_stage` callback collecting each stage's IR text under a header."""
+    def dump(stage: str, graph: Graph) -> None:
+        texts.append(f"# ---- {stage}\n{format_graph(graph)}\n")
+    return dump

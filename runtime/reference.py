@@ -1,7 +1,7 @@
 """The reference executor: runs any IR graph on NumPy. The oracle for every pass and target."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -79,13 +79,26 @@ def run(graph: Graph, feeds: Mapping[str, Any]) -> dict[str, Any]:
 
 def bind_inputs(graph: Graph, feeds: Mapping[str, Any]) -> dict[str, int]:
     """Check feeds against the graph inputs (names, dtypes, ranks, static dims) and bind symbols."""
-    names = [v.name for v in graph.inputs]
+    return check_feeds([(v.name, v.type) for v in graph.inputs], feeds)
+
+
+class _Spec(NamedTuple):
+    name: str
+    type: Any
+
+
+def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any]) -> dict[str, int]:
+    """Check feeds against (name, type) specs; return the symbols their shapes bind.
+
+    Shared by the reference executor and every artifact session."""
+    inputs = [_Spec(n, t) for n, t in specs]
+    names = [v.name for v in inputs]
     unknown = sorted(set(feeds) - set(names))
     if unknown:
         raise errors.InputError(f"unknown input {unknown[0]!r}; the model's inputs are {names}")
     bindings: dict[str, int] = {}
     deferred = []
-    for v in graph.inputs:
+    for v in inputs:
         if v.name not in feeds:
             raise errors.InputError(f"missing input {v.name!r} ({v.type})")
         x = _as_array(feeds[v.name])

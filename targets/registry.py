@@ -1,1 +1,3 @@
 """Imports every target so that `register_target` has seen them all."""
+from . import ascend  # noqa: F401
+from . import cpu  # noqa: F401

@@ -21,6 +21,11 @@ from polyport.cli import seq_inputs
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
+def _specs(model):
+    """(name, type) of a model's inputs, as `seq_inputs` takes them."""
+    return [(v.name, v.type) for v in polyport.import_onnx(model).inputs]
+
+
 # ---- models ----------------------------------------------------------------------------
 def _model(nodes, inputs, outputs, initializers=(), opset=18, extra_opsets=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
@@ -169,7 +174,7 @@ def test_inspect_dump_ir(cli, reshape_onnx, tmp_path):
     result = cli("inspect", reshape_onnx, "--dump-ir", dump)
     assert result.exit_code == 0, result.stderr
     text = dump.read_text()
-    assert text.startswith("graph g(%x: f32[1, seq, 8])")
+    assert text.startswith("# ---- input\ngraph g(%x: f32[1, seq, 8])")
     assert "polyport::ShapeValue() {dims=[1, 2, 4, seq]" in text
     assert " Shape(" not in text and "Gather(" not in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -201,18 +206,18 @@ def test_run_seq_matches_onnxruntime(cli, if_onnx, tmp_path):
     result = cli("run", if_onnx, "--seq", "16", "--output", out)
     assert result.exit_code == 0, result.stderr
     assert "out  f32[1, 16, 8]" in result.stdout
-    feeds = seq_inputs(polyport.import_onnx(if_onnx), 16)
+    feeds = seq_inputs(_specs(if_onnx), 16)
     with np.load(out) as saved:
         got = saved["out"]
     np.testing.assert_allclose(got, onnxruntime_run(if_onnx, feeds)["out"], rtol=1e-5, atol=1e-5)
 
 
 def test_seq_inputs_are_deterministic_token_ids_and_normal_floats(if_onnx, reshape_onnx):
-    ids = seq_inputs(polyport.import_onnx(if_onnx), 16)["ids"]
+    ids = seq_inputs(_specs(if_onnx), 16)["ids"]
     assert ids.dtype == np.int64 and ids.shape == (1, 16)
     assert ids.min() >= 0 and ids.max() < 100
-    np.testing.assert_array_equal(ids, seq_inputs(polyport.import_onnx(if_onnx), 16)["ids"])
-    x = seq_inputs(polyport.import_onnx(reshape_onnx), 3)["x"]
+    np.testing.assert_array_equal(ids, seq_inputs(_specs(if_onnx), 16)["ids"])
+    x = seq_inputs(_specs(reshape_onnx), 3)["x"]
     assert x.dtype == np.float32 and x.shape == (1, 3, 8)
     np.testing.assert_array_equal(x, np.random.default_rng(0).standard_normal((1, 3, 8), dtype=np.float32))
 
@@ -239,7 +244,7 @@ def test_readme_main_job_on_bundled_model(cli, tmp_path):
     out = tmp_path / "logits.npz"
     result = cli("run", BUNDLED, "--seq", "16", "--output", out)
     assert result.exit_code == 0, result.stderr
-    feeds = seq_inputs(polyport.import_onnx(BUNDLED), 16)
+    feeds = seq_inputs(_specs(BUNDLED), 16)
     with np.load(out) as saved:
         got = saved["logits"]
     want = onnxruntime_run(str(BUNDLED), feeds)["logits"]

@@ -1,8 +1,11 @@
 """The official ONNX backend test suite (onnx 1.23.2) through `polyport.backend.reference`.
 
 Every generated `_cpu` case of the node, simple, pytorch-converted, pytorch-operator
-and real (the bundled "light" models) kinds runs: ONNX -> polyport import -> reference
-executor, compared with the expected outputs. The `_cuda` variants are not collected.
+and real kinds runs: ONNX -> polyport import -> reference executor, compared with the
+expected outputs. The `_cuda` variants are not collected. No network is needed: in
+onnx 1.23 the "real" cases use the small "light" models bundled with onnx (weights
+replaced by ConstantOfShape) and write their test data under $ONNX_HOME/models/light
+(default ~/.onnx).
 Cases polyport is known to fail are listed, each with its reason, in
 `backend_reference_xfail.txt` and reported as skipped.
 

@@ -1,0 +1,316 @@
+"""The ascend "runtime": EMULATED ON CPU, there is no Ascend device here.
+
+`load(art, entry, target="ascend")` opens the artifact's `ascend/model.onnx` and
+`ascend/op_plan.json`, checks that the plan lists exactly the graph's calls in
+order, and returns a session that runs them on NumPy:
+
+- each CANN operator (FusedInferAttentionScore, MoeGatingTopK, MoeInitRoutingV2,
+  GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2, RmsNorm, RotaryPositionEmbedding)
+  and each polyport Ascend C kernel by a NumPy implementation of its documented
+  contract (as polyport transcribed it; not verified on a device);
+- the standard ONNX ops by onnx's reference implementations, with the cube-unit
+  ones (MatMul) and the reductions (ReduceSum, ReduceMean, Softmax) computed in
+  fp32 and rounded to the storage dtype, as the device accumulates;
+- activations and weights in float16 as on the device: every op rounds its
+  result to fp16; cube ops (matmuls, attention) take fp16 operands and
+  accumulate in fp32; RmsNorm, softmax and rotary compute in fp32 internally.
+
+This says nothing about the speed, and nothing certain about the numerics, of a
+real Ascend 910B: it checks that the emitted graph and op plan compute the model
+at fp16 precision under polyport's reading of each operator's contract.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+
+from .. import errors
+
+NOTICE = ("ascend: emulated on CPU (no Ascend device): NumPy implementations of the CANN operators' documented "
+          "contracts in float16; nothing was run on Ascend hardware")
+
+CANN_DOMAIN = "com.huawei.cann"
+KERNEL_DOMAIN = "polyport.ascendc"
+F16 = np.float16
+
+# Tests set this to a list to record every routing decision (expert ids [T, k], in call order).
+ROUTING_TRACE = None
+
+
+def _trace(idx):
+    if ROUTING_TRACE is not None:
+        ROUTING_TRACE.append(np.asarray(idx))
+
+
+def _f32(x):
+    return np.asarray(x).astype(np.float32)
+
+
+def _softmax(x, axis=-1):
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _score(logits, norm):
+    z = _f32(logits)
+    if norm in (0, "softmax"):
+        return _softmax(z, -1)
+    if norm in (1, "sigmoid"):
+        return 1.0 / (1.0 + np.exp(-z))
+    if norm in (2, "sqrtsoftplus"):
+        return np.sqrt(np.logaddexp(0.0, z))
+    raise errors.ExecutionError(f"unknown norm_type {norm!r}")
+
+
+def _topk_gate(scores, bias, k, group_count, k_group, group_select_mode, renorm, scaling, eps):
+    choice = scores + _f32(bias) if bias is not None else scores.copy()
+    t, e = choice.shape
+    if group_count > 1:
+        per = choice.reshape(t, group_count, e // group_count)
+        gs = np.sort(per, axis=-1)[..., -2:].sum(-1) if group_select_mode == 1 else per.max(-1)
+        keep = np.argsort(-gs, axis=-1, kind="stable")[:, :k_group]
+        gmask = np.zeros((t, group_count), bool)
+        np.put_along_axis(gmask, keep, True, axis=-1)
+        choice = np.where(np.repeat(gmask, e // group_count, axis=-1), choice, -np.inf)
+    idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
+    _trace(idx)
+    w = np.take_along_axis(scores, idx, axis=-1)
+    if renorm:
+        w = w / (w.sum(-1, keepdims=True) + np.float32(eps))
+    return (w * np.float32(scaling)).astype(np.float32), idx.astype(np.int32)
+
+
+def _ops():
+    """The OpRun classes: CANN operators, polyport kernels, fp32-accumulating standard ops."""
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops import load_op
+
+    class RmsNorm(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, gamma, epsilon=1e-6):
+            xf = _f32(x)
+            rstd = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(epsilon))
+            return ((xf * rstd * _f32(gamma)).astype(x.dtype), rstd.astype(np.float32))
+
+    class RotaryPositionEmbedding(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, cos, sin, mode=0):
+            xf = _f32(x)
+            if mode == 1:    # interleave: pairs (x[2i], x[2i+1])
+                r = np.empty_like(xf)
+                r[..., 0::2], r[..., 1::2] = -xf[..., 1::2], xf[..., 0::2]
+            else:            # half: (x1, x2) -> (-x2, x1)
+                h = xf.shape[-1] // 2
+                r = np.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+            return ((xf * _f32(cos) + r * _f32(sin)).astype(x.dtype),)
+
+    class FusedInferAttentionScore(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, query, key, value, pse_shift=None, atten_mask=None, num_heads=1, num_key_value_heads=1,
+                 scale=1.0, input_layout="BNSD", sparse_mode=0, pre_tokens=2147483647, next_tokens=2147483647,
+                 inner_precise=0, softmax_lse_flag=0):
+            if input_layout != "BNSD":
+                raise errors.ExecutionError(f"FusedInferAttentionScore: the emulator implements BNSD, "
+                                            f"got {input_layout}")
+            group = num_heads // num_key_value_heads
+            k = np.repeat(_f32(key), group, axis=1)
+            v = np.repeat(value, group, axis=1)
+            s = (_f32(query) @ np.swapaxes(k, -1, -2)) * np.float32(scale)     # cube: fp16 in, fp32 acc
+            sq, skv = s.shape[-2:]
+            if pse_shift is not None:
+                s = s + _f32(pse_shift)
+            pos = np.arange(sq)[:, None] + (skv - sq)
+            j = np.arange(skv)[None, :]
+            keep = np.ones((sq, skv), bool)
+            if sparse_mode in (2, 3, 4):
+                if atten_mask is None or tuple(atten_mask.shape[-2:]) != (2048, 2048):
+                    raise errors.ExecutionError("FusedInferAttentionScore: sparse_mode 2/3/4 need the compressed "
+                                                "2048 x 2048 atten_mask")
+                if sparse_mode == 2:
+                    keep &= j <= np.arange(sq)[:, None]
+                elif sparse_mode == 3:
+                    keep &= j <= pos
+                else:
+                    keep &= (pos - j <= pre_tokens) & (j - pos <= next_tokens)
+            elif sparse_mode == 0 and atten_mask is not None:
+                keep = keep & ~np.asarray(atten_mask, bool)
+            elif sparse_mode != 0:
+                raise errors.ExecutionError(f"FusedInferAttentionScore: sparse_mode {sparse_mode} not emulated")
+            s = np.where(keep, s, -np.inf)
+            m = np.max(s, axis=-1, keepdims=True)
+            m = np.where(np.isfinite(m), m, 0.0).astype(np.float32)
+            e = np.exp(s - m)
+            total = np.sum(e, axis=-1, keepdims=True)
+            p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+            out = (_f32(p.astype(query.dtype)) @ _f32(v)).astype(query.dtype)   # P in fp16, fp32 acc
+            if not softmax_lse_flag:
+                return (out,)
+            with np.errstate(divide="ignore"):
+                lse = (m + np.log(total)).astype(np.float32)
+            return (out, np.where(total > 0, lse, -np.inf).astype(np.float32))
+
+    class MoeGatingTopK(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, bias=None, k=1, k_group=1, group_count=1, group_select_mode=1, renorm=0, norm_type=0,
+                 out_flag=0, routed_scaling_factor=1.0, eps=1e-20):
+            return _topk_gate(_score(x, norm_type), bias, k, group_count, k_group, group_select_mode, renorm,
+                              routed_scaling_factor, eps)
+
+    class MoeGatingTopKSqrtSoftplus(OpRun):
+        op_domain = KERNEL_DOMAIN
+
+        def _run(self, x, bias=None, k=1, k_group=1, group_count=1, group_select_mode=1, renorm=0,
+                 routed_scaling_factor=1.0, eps=1e-20):
+            return _topk_gate(_score(x, "sqrtsoftplus"), bias, k, group_count, k_group, group_select_mode, renorm,
+                              routed_scaling_factor, eps)
+
+    class MoeHashRoutingGate(OpRun):
+        op_domain = KERNEL_DOMAIN
+
+        def _run(self, x, token_ids, table, k=1, norm_type="softmax", renorm=0, routed_scaling_factor=1.0,
+                 eps=1e-20):
+            scores = _score(x, norm_type)
+            idx = table[token_ids.reshape(-1)].astype(np.int64)
+            _trace(idx)
+            w = np.take_along_axis(scores, idx, axis=-1)
+            if renorm:
+                w = w / (w.sum(-1, keepdims=True) + np.float32(eps))
+            return ((w * np.float32(routed_scaling_factor)).astype(np.float32), idx.astype(np.int32))
+
+    class MoeInitRoutingV2(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, expert_idx, active_num=0, expert_capacity=0, expert_num=1, drop_pad_mode=0,
+                 expert_tokens_count_or_cumsum_flag=1, expert_tokens_before_capacity_flag=0):
+            t, k = expert_idx.shape
+            flat = expert_idx.reshape(-1).astype(np.int64)
+            order = np.argsort(flat, kind="stable")           # rows sorted by expert
+            expanded_x = x[order // k]
+            row_idx = np.empty(t * k, np.int32)
+            row_idx[order] = np.arange(t * k, dtype=np.int32)  # source row (t*k + j) -> expanded row
+            counts = np.bincount(flat, minlength=expert_num).astype(np.int64)
+            tokens = np.cumsum(counts) if expert_tokens_count_or_cumsum_flag == 1 else counts
+            return (expanded_x, row_idx, tokens.astype(np.int64))
+
+    class GroupedMatmul(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, weight, group_list, split_item=3, group_type=0, group_list_type=0, act_type=0):
+            ends = np.asarray(group_list, np.int64)
+            if group_list_type == 1:
+                ends = np.cumsum(ends)
+            out = np.zeros((x.shape[0], weight.shape[-1]), np.float32)
+            start = 0
+            for e, end in enumerate(ends):
+                if end > start:
+                    out[start:end] = _f32(x[start:end]) @ _f32(weight[e])      # fp32 accumulation
+                start = end
+            return (out.astype(x.dtype),)
+
+    class SwiGlu(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, dim=-1):
+            a, b = np.split(_f32(x), 2, axis=dim)
+            return ((a / (1.0 + np.exp(-a)) * b).astype(x.dtype),)
+
+    class MoeFinalizeRoutingV2(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, expanded_x, expanded_row_idx, x1=None, x2=None, bias=None, scales=None, expert_idx=None,
+                 drop_pad_mode=0):
+            t, k = scales.shape
+            rows = _f32(expanded_x)[expanded_row_idx.astype(np.int64)].reshape(t, k, -1)
+            if bias is not None:
+                rows = rows + _f32(bias)[expert_idx.astype(np.int64)]
+            out = np.sum(rows * _f32(scales)[..., None], axis=1)
+            for skip in (x1, x2):
+                if skip is not None:
+                    out = out + _f32(skip)
+            return (out.astype(expanded_x.dtype),)
+
+    def fp32_accumulating(name: str, version: int):
+        base = load_op("", name, version)
+
+        def _run(self, *args, **kwargs):
+            low = next((a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype == np.float16), None)
+            if low is None:
+                return base._run(self, *args, **kwargs)
+            args = tuple(a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float16 else a
+                         for a in args)
+            return tuple(r.astype(low) if isinstance(r, np.ndarray) and r.dtype == np.float32 else r
+                         for r in base._run(self, *args, **kwargs))
+        return type(name, (base,), {"op_domain": "", "_run": _run})
+
+    class GatherElements(OpRun):     # onnx 1.23's reference mis-handles some index shapes
+        op_domain = ""
+
+        def _run(self, data, indices, axis=0):
+            idx = np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64)
+            return (np.take_along_axis(data, idx, axis=axis),)
+
+    standard = [fp32_accumulating(n, 18) for n in ("MatMul", "ReduceSum", "ReduceMean", "Softmax")]
+    standard.append(GatherElements)
+    return [RmsNorm, RotaryPositionEmbedding, FusedInferAttentionScore, MoeGatingTopK, MoeGatingTopKSqrtSoftplus,
+            MoeHashRoutingGate, MoeInitRoutingV2, GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2] + standard
+
+
+class AscendEmulatorSession:
+    """Runs an artifact's ascend op plan on CPU. `notice` says so; the CLI prints it."""
+
+    notice = NOTICE
+
+    def __init__(self, art, entry: Mapping[str, Any]):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        from .session import signature_types
+        folder = art.path / "ascend"
+        self.entry = dict(entry)
+        self.signature = art.signature
+        self.model = onnx.load(str(folder / "model.onnx"))
+        self.plan = json.loads((folder / "op_plan.json").read_text())
+        calls = self.plan["calls"]
+        nodes = list(self.model.graph.node)
+        if len(calls) != len(nodes):
+            raise errors.PolyportError(f"{art.path}: ascend op plan lists {len(calls)} calls, model.onnx has "
+                                       f"{len(nodes)} nodes; recompile the artifact")
+        for c, n in zip(calls, nodes):
+            if c["name"] != n.name or c["op"] != n.op_type:
+                raise errors.PolyportError(f"{art.path}: ascend op plan call {c['index']} ({c['name']}: {c['op']}) "
+                                           f"does not match model.onnx node {n.name} ({n.op_type})")
+        self._specs = signature_types(self.signature["inputs"])
+        self._out_specs = signature_types(self.signature["outputs"])
+        self.input_names = [s["name"] for s in self.signature["inputs"]]
+        self.output_names = [s["name"] for s in self.signature["outputs"]]
+        self._eval = ReferenceEvaluator(self.model, new_ops=_ops())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .reference import check_feeds
+        check_feeds(self._specs, feeds)
+        try:
+            outs = self._eval.run(None, {k: np.asarray(v) for k, v in feeds.items()})
+        except errors.PolyportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing emulated op is reported, not a traceback
+            raise errors.ExecutionError(f"ascend emulator failed: {type(e).__name__}: {e}") from e
+        result = {}
+        for (name, t), x in zip(self._out_specs, outs):
+            result[name] = np.asarray(x).astype(t.dtype.numpy, copy=False)
+        return result
+
+
+def load(art, entry: Mapping[str, Any], target: str = "ascend", **options: Any) -> AscendEmulatorSession:
+    if target != "ascend":
+        raise errors.PolyportError(f"the ascend emulator cannot load target {target!r}")
+    if options:
+        raise errors.PolyportError(f"ascend emulator: unknown options {sorted(options)}")
+    return AscendEmulatorSession(art, entry)

@@ -1,0 +1,381 @@
+"""`polyport bench` and `polyport report`: latency per target and length, measured or estimated.
+
+A row is `measured` only when the target's device is on this machine and the
+artifact was built for it: session.run is timed (warm-up, then `runs` timed
+runs; median, p90, IQR). Every other row is `estimated`: the roofline lower
+bound (runtime/roofline.py) for a named device (H100/H200 for cuda, MI300X for
+rocm, 910B3 for ascend). The Ascend target runs here only as a CPU emulator,
+which is never timed as if it were Ascend: ascend rows are always estimated.
+The two kinds are never mixed in one table, and regression checks compare
+measured rows only.
+
+JSON written by `bench` (and read by `report`):
+
+    {"schema": 1, "model": NAME, "artifact": PATH, "machine": {...}, "spread": "iqr",
+     "rows": [{"target", "device", "seq", "kind": "measured"|"estimated",
+               "median_ms", "p90_ms", "spread_ms", "runs", ...}]}
+
+Estimated rows have p90_ms = spread_ms = null and runs = 0, plus `bound`
+("compute" | "memory"), `flops` and `bytes`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .. import __version__, errors
+from ..targets.devices import DEVICES, TARGET_DEVICES
+from . import roofline
+from .artifact import Artifact
+
+SCHEMA = 1
+DEFAULT_SEQS = (1, 16, 128)
+ESTIMATED_TARGETS = ("cuda", "rocm", "ascend")
+ROW_KEYS = ("target", "device", "seq", "kind", "median_ms", "p90_ms", "spread_ms", "runs")
+
+Loader = Callable[[str, str], Any]
+
+
+# ---- where things run --------------------------------------------------------------------
+def device_present(target: str) -> bool:
+    """Whether `target`'s hardware is on this machine (ascend: never; its runtime here is an emulator)."""
+    if target == "cpu":
+        return True
+    if target == "cuda":
+        return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+    if target == "rocm":
+        return os.path.exists("/dev/kfd")
+    return False
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "os": platform.platform(),
+            "python": platform.python_version(), "polyport": __version__}
+
+
+def resolve_device(name: str) -> str:
+    key = name.lower().replace(" ", "").replace("-", "")
+    aliases = {"h100sxm": "h100", "h200sxm": "h200", "mi300": "mi300x", "ascend910b3": "910b3"}
+    key = aliases.get(key, key)
+    if key not in DEVICES:
+        raise errors.PolyportError(f"unknown device {name!r}; known: {', '.join(DEVICES)}")
+    return key
+
+
+# ---- inputs and timing -------------------------------------------------------------------
+def make_feeds(specs: Sequence[tuple[str, Any]], seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs with every symbolic dim bound to `seq` (as `polyport run --seq`)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, t in specs:
+        if getattr(t, "shape", None) is None or t.dtype is None or any(d is None for d in t.shape):
+            raise errors.InputError(f"bench: input {name!r} has type {t}; its shape must be known to bench")
+        shape = [d if isinstance(d, int) else d.evaluate({s: seq for s in d.symbols}) for d in t.shape]
+        dt = t.dtype
+        if dt.is_integer:
+            x = rng.integers(0, 100, size=shape, dtype=np.int64).astype(dt.numpy)
+        elif dt.is_float and dt.numpy is not None:
+            x = rng.standard_normal(size=shape, dtype=np.float32).astype(dt.numpy)
+        elif dt.name == "bool":
+            x = rng.integers(0, 2, size=shape).astype(np.bool_)
+        else:
+            raise errors.InputError(f"bench: cannot generate {dt} input {name!r}")
+        feeds[name] = x
+    return feeds
+
+
+def summarize(times_s: Sequence[float]) -> dict[str, Any]:
+    """median, p90 and IQR (p75 - p25) in ms, plus min and max."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1e3
+    p25, p50, p75, p90 = np.percentile(ms, [25, 50, 75, 90])
+    return {"median_ms": float(p50), "p90_ms": float(p90), "spread_ms": float(p75 - p25),
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "runs": int(ms.size)}
+
+
+def time_runs(run: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---- bench -------------------------------------------------------------------------------
+def plan(built: Sequence[str], targets: Optional[Sequence[str]], device: Optional[str]) -> list[tuple[str, str, str]]:
+    """(target, kind, device key or "") for each row group, in order."""
+    if device is not None:
+        device = resolve_device(device)
+        dev_target = next(t for t, names in TARGET_DEVICES.items() if device in names)
+    wanted = list(dict.fromkeys(targets)) if targets else list(dict.fromkeys(list(built) + list(ESTIMATED_TARGETS)))
+    if device is not None and dev_target not in wanted:
+        wanted.append(dev_target)
+    unknown = [t for t in wanted if t not in TARGET_DEVICES]
+    if unknown:
+        raise errors.PolyportError(f"unknown target {unknown[0]!r}; known: {', '.join(TARGET_DEVICES)}")
+    out = []
+    for t in wanted:
+        measured = t in built and device_present(t)
+        if measured:
+            out.append((t, "measured", ""))
+        if device is not None:
+            if t == dev_target:
+                out.append((t, "estimated", device))     # --device cpu: the roofline beside the measurement
+        elif not measured:
+            out.extend((t, "estimated", d) for d in TARGET_DEVICES[t])
+    return out
+
+
+def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
+          seqs: Sequence[int] = DEFAULT_SEQS, runs: int = 20, warmup: int = 3, device: Optional[str] = None,
+          loader: Optional[Loader] = None, progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Benchmark an artifact; returns the JSON document (see the module docstring)."""
+    if runs < 1 or warmup < 0:
+        raise errors.PolyportError(f"bench: --runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})")
+    if not seqs or any(s < 1 for s in seqs):
+        raise errors.PolyportError(f"bench: every --seq must be a positive integer (got {list(seqs)})")
+    art = Artifact(artifact)
+    cost = art.manifest.get("cost")
+    symbols = list(art.signature.get("symbols", []))
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for t in (targets or ()):
+        if device_present(t) and t not in art.targets:
+            notes.append(f"{t}: its device is here but the artifact has no {t} target (built: "
+                         f"{', '.join(art.targets) or 'none'}): estimated only; compile with --target {t} to measure")
+    for target, kind, dev in plan(art.targets, targets, device):
+        if kind == "measured":
+            rows.extend(_measure(art, target, seqs, runs, warmup, loader, progress))
+            continue
+        spec = DEVICES[dev]
+        if not cost or "flops" not in cost:
+            why = cost.get("error") if cost else "the manifest has no cost (compiled by an older polyport)"
+            note = f"no estimate for {target} ({spec.name}): {why}"
+            if note not in notes:
+                notes.append(note)
+                progress(note)
+            continue
+        for seq in seqs:
+            est = roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols))
+            rows.append({"target": target, "device": spec.name, "seq": int(seq), "kind": "estimated",
+                         "median_ms": est.latency_s * 1e3, "p90_ms": None, "spread_ms": None, "runs": 0,
+                         "bound": est.bound, "flops": est.flops, "bytes": est.bytes})
+    doc = {"schema": SCHEMA, "model": art.signature.get("name", Path(artifact).name), "artifact": str(artifact),
+           "machine": machine_info(), "spread": "iqr", "runs": runs, "warmup": warmup, "rows": rows}
+    if notes:
+        doc["notes"] = notes
+    return doc
+
+
+def _measure(art: Artifact, target: str, seqs: Sequence[int], runs: int, warmup: int,
+             loader: Optional[Loader], progress) -> list[dict[str, Any]]:
+    from .session import signature_types
+    if loader is None:
+        from .session import load as loader
+    if target == "cpu":
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # TVM defaults to half the cores
+    progress(f"loading {target}")
+    session = loader(str(art.path), target)
+    sig = getattr(session, "signature", None) or art.signature
+    specs = signature_types(sig["inputs"])
+    device = DEVICES[TARGET_DEVICES[target][0]].name if target == "cpu" else target
+    rows = []
+    for seq in seqs:
+        feeds = make_feeds(specs, seq)
+        progress(f"timing {target} at seq {seq}: {warmup} warm-up + {runs} runs")
+        stats = summarize(time_runs(lambda: session.run(feeds), runs, warmup))
+        rows.append({"target": target, "device": device, "seq": int(seq), "kind": "measured", **stats})
+    return rows
+
+
+# ---- JSON --------------------------------------------------------------------------------
+def write_json(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """Write `doc` atomically: the file is replaced only once the new one is complete."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise errors.PolyportError(f"cannot write {path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise errors.PolyportError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.PolyportError(f"{path}: not a readable bench JSON file ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise errors.PolyportError(f"{path}: not a polyport bench file (no 'rows' list)")
+    for i, row in enumerate(doc["rows"]):
+        missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else list(ROW_KEYS)
+        if missing:
+            raise errors.PolyportError(f"{path}: row {i} lacks {', '.join(missing)}")
+        if row["kind"] not in ("measured", "estimated"):
+            raise errors.PolyportError(f"{path}: row {i} has kind {row['kind']!r} (measured | estimated)")
+    return doc
+
+
+# ---- report ------------------------------------------------------------------------------
+def _ms(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x >= 1 else f"{x:.3g}"
+
+
+def _sort_key(r: Mapping[str, Any]):
+    order = {t: i for i, t in enumerate(TARGET_DEVICES)}
+    return (r["_model"], order.get(r["target"], 99), r["target"], r["seq"], r["device"], r["_file"])
+
+
+def _table(header: list[str], body: list[list[str]], right: Iterable[int]) -> list[str]:
+    right = set(right)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)     # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+
+
+def labelled_rows(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    out = []
+    for label, doc in docs:
+        for r in doc["rows"]:
+            out.append({**r, "_file": label, "_model": str(doc.get("model", "?"))})
+    return sorted(out, key=_sort_key)
+
+
+def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Tables for (label, bench document) pairs: measured rows, then estimated rows, never mixed."""
+    rows = labelled_rows(docs)
+    several = len(docs) > 1
+    lines: list[str] = []
+    measured = [r for r in rows if r["kind"] == "measured"]
+    estimated = [r for r in rows if r["kind"] == "estimated"]
+    machines = sorted({f"{d.get('machine', {}).get('cpu', '?')} x{d.get('machine', {}).get('cpus', '?')}"
+                       for _, d in docs})
+    lines.append(f"measured (wall-clock median of session.run on {', '.join(machines)}; spread = IQR)")
+    if measured:
+        header = ["model", "target", "device", "seq", "median ms", "p90 ms", "spread ms", "runs"]
+        body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), _ms(r["p90_ms"]),
+                 _ms(r["spread_ms"]), str(r["runs"])] + ([r["_file"]] if several else []) for r in measured]
+        lines += _table(header + (["file"] if several else []), body, right=(3, 4, 5, 6, 7))
+    else:
+        lines.append("  (none)")
+    lines.append("")
+    lines.append("estimated (roofline LOWER BOUND max(FLOPs / peak, bytes / bandwidth) from the device's "
+                 "spec sheet: a bound, not a measurement)")
+    if estimated:
+        header = ["model", "target", "device", "seq", "bound ms", "bound by", "GFLOP", "MB moved"]
+        body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), r.get("bound", "-"),
+                 f"{r['flops'] / 1e9:.4g}" if r.get("flops") is not None else "-",
+                 f"{r['bytes'] / 1e6:.4g}" if r.get("bytes") is not None else "-"]
+                + ([r["_file"]] if several else []) for r in estimated]
+        lines += _table(header + (["file"] if several else []), body, right=(3, 4, 6, 7))
+    else:
+        lines.append("  (none)")
+    for label, doc in docs:
+        for note in doc.get("notes", ()):
+            lines.append(f"note ({label}): {note}")
+    return "\n".join(lines)
+
+
+def regressions(docs: Sequence[tuple[str, Mapping[str, Any]]], baseline: Mapping[str, Any],
+                pct: float) -> tuple[list[str], int]:
+    """Measured rows slower than the baseline's matching row by more than `pct` percent.
+
+    Rows match on (model, target, device, seq). Returns (messages, rows compared)."""
+    base = {(str(baseline.get("model", "?")), r["target"], r["device"], r["seq"]): r
+            for r in baseline["rows"] if r["kind"] == "measured"}
+    found, compared = [], 0
+    for r in labelled_rows(docs):
+        if r["kind"] != "measured":
+            continue
+        b = base.get((r["_model"], r["target"], r["device"], r["seq"]))
+        if b is None or not b["median_ms"]:
+            continue
+        compared += 1
+        change = (r["median_ms"] / b["median_ms"] - 1.0) * 100.0
+        if change > pct:
+            found.append(f"{r['_model']} {r['target']} seq {r['seq']}: median {_ms(r['median_ms'])} ms vs "
+                         f"baseline {_ms(b['median_ms'])} ms (+{change:.1f}% > {pct:g}%) [{r['_file']}]")
+    return found, compared
+
+
+def plot(docs: Sequence[tuple[str, Mapping[str, Any]]], path: str) -> None:
+    """Bar chart of medians: measured and estimated in separate panels (log scale)."""
+    plt = require_matplotlib()
+    rows = labelled_rows(docs)
+    kinds = [k for k in ("measured", "estimated") if any(r["kind"] == k for r in rows)]
+    if not kinds:
+        raise errors.PolyportError("--plot: the bench files hold no rows")
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.5 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        sel = [r for r in rows if r["kind"] == kind]
+        labels = [f"{r['target']}\n{r['device']}\nseq {r['seq']}" + (f"\n{r['_file']}" if len(docs) > 1 else "")
+                  for r in sel]
+        values = [r["median_ms"] for r in sel]
+        errs = [r["spread_ms"] or 0.0 for r in sel]
+        ax.bar(range(len(sel)), values, yerr=errs if kind == "measured" else None,
+               color="tab:blue" if kind == "measured" else "tab:gray", hatch=None if kind == "measured" else "//")
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title("measured median (error bar: IQR)" if kind == "measured"
+                     else "estimated: roofline lower bound (not measured)")
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise errors.PolyportError("--plot needs matplotlib, which is not installed "
+                                   "(pip install matplotlib); the table works without it") from None
+    return plt

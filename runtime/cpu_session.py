@@ -1,0 +1,75 @@
+"""Loader for the cpu target: the Relax VM over `cpu/model.so`, weights bound once from the artifact.
+
+Imports TVM's runtime only (never the compiler). `TVM_NUM_THREADS` is set to
+the CPU count this process may use before TVM starts its thread pool, unless
+the user set it (TVM defaults to half the hardware threads: 1 on 2 vCPUs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from .. import errors
+from .artifact import Artifact, ArtifactError
+from .reference import check_feeds
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class CpuSession:
+    def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
+        if threads is not None:
+            os.environ["TVM_NUM_THREADS"] = str(int(threads))
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(_cpu_count()))
+        import tvm
+        from tvm import relax
+        from .session import signature_types
+
+        self.artifact = art
+        self.entry = dict(entry)
+        self.signature = art.signature
+        lib_path = art.path / entry.get("library", "cpu/model.so")
+        meta_path = art.path / entry.get("meta", "cpu/model.json")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{art.path}: cannot read {meta_path.name}: {e}") from None
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+        except Exception as e:
+            raise ArtifactError(f"{art.path}: cannot load {lib_path.name}: {str(e).splitlines()[0]}") from None
+        self._vm = relax.VirtualMachine(lib, tvm.cpu())
+        self._fn = self._vm[meta.get("function", "main")]
+        weights = art.weights()
+        missing = [n for n in meta["params"] if n not in weights]
+        if missing:
+            raise ArtifactError(f"{art.path}: weights.safetensors lacks {missing[0]!r} that cpu/model.so needs")
+        self._params = [tvm.runtime.tensor(np.ascontiguousarray(weights[n])) for n in meta["params"]]
+        self._tvm = tvm
+        self.input_names: list[str] = list(meta["inputs"])
+        self.output_names: list[str] = list(meta["outputs"])
+        self._in_types = signature_types(self.signature["inputs"])
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self._in_types, feeds)
+        tvm = self._tvm
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        try:
+            out = self._fn(*args, *self._params)
+        except Exception as e:
+            raise errors.ExecutionError(f"cpu: the model failed at run time: {str(e).splitlines()[0]}") from e
+        outs = [out] if len(self.output_names) == 1 else list(out)
+        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+
+
+def load(art: Artifact, entry: Mapping[str, Any], target: str = "cpu", threads: Optional[int] = None) -> CpuSession:
+    return CpuSession(art, entry, threads=threads)

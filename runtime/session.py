@@ -1,0 +1,52 @@
+"""`polyport.load(ART, target=...)`: a session over one target's part of an artifact.
+
+Each target's loader lives in its own runtime module, found here by name, so
+loading an artifact never imports the compiler.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from .. import errors
+from ..ir import dtypes
+from ..ir.symbolic import parse
+from ..ir.types import TensorType
+from .artifact import Artifact
+
+LOADERS = {
+    "cpu": "polyport.runtime.cpu_session",
+    "cuda": "polyport.runtime.gpu_session",
+    "rocm": "polyport.runtime.gpu_session",
+    "ascend": "polyport.runtime.ascend_emulator",
+}
+
+
+class Session(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def load(path: str | os.PathLike, target: str = "cpu", **options: Any) -> Session:
+    """Open the artifact at `path` for `target`, checking the hashes of every file it uses."""
+    if target not in LOADERS:
+        raise errors.PolyportError(f"unknown target {target!r}; known: {', '.join(LOADERS)}")
+    art = Artifact(path)
+    entry = art.target_entry(target)
+    art.verify(target)
+    module = importlib.import_module(LOADERS[target])
+    return module.load(art, entry, target=target, **options)
+
+
+def signature_types(specs: list[dict]) -> list[tuple[str, TensorType]]:
+    """The manifest's input/output specs as (name, TensorType)."""
+    out = []
+    for s in specs:
+        shape = None if s["shape"] is None else tuple(None if d is None else parse(d) for d in s["shape"])
+        out.append((s["name"], TensorType(dtypes.from_name(s["dtype"]), shape)))
+    return out

@@ -1,0 +1,110 @@
+"""The devices polyport's roofline model knows: peak FLOP/s per dtype, memory bandwidth, memory size.
+
+Every figure is a dense (no structured sparsity) peak from the vendor's
+datasheet unless its `notes` say otherwise; tensor-core / matrix-core rates are
+used for the dtypes matrix units take (they are what MatMul, Attention and MoE
+reach), vector rates for f32 where the matrix unit does not take f32 (NVIDIA:
+f32 is "tf32" on tensor cores, which changes numerics, so f32 here is the
+CUDA-core rate). Targets refer to these: `DEVICES["h200"]`, and
+`TARGET_DEVICES["cuda"]` lists the devices a target's estimates are given for.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from .base import DeviceSpec
+
+T = 1e12
+G = 1e9
+TB_S = 1e12          # vendors quote TB/s in powers of ten
+GB = 10**9
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+H100_SXM = DeviceSpec(
+    name="NVIDIA H100 SXM",
+    peak_flops={"f64": 67 * T, "f32": 67 * T, "tf32": 494.7 * T, "f16": 989.4 * T, "bf16": 989.4 * T,
+                "f8e4m3": 1978.9 * T, "f8e5m2": 1978.9 * T, "i8": 1978.9 * T},
+    memory_bandwidth=3.35 * TB_S,
+    memory_bytes=80 * GB,
+    notes="NVIDIA H100 Tensor Core GPU datasheet, SXM5 column, dense figures (the datasheet's "
+          "headline tensor figures are with 2:4 sparsity; halved here): FP64 tensor 67 TF, FP32 67 TF "
+          "(CUDA cores), TF32 495 TF, BF16/FP16 989 TF, FP8/INT8 1979; 80 GB HBM3 at 3.35 TB/s.",
+)
+
+H200_SXM = DeviceSpec(
+    name="NVIDIA H200 SXM",
+    peak_flops=dict(H100_SXM.peak_flops),
+    memory_bandwidth=4.8 * TB_S,
+    memory_bytes=141 * GB,
+    notes="NVIDIA H200 Tensor Core GPU datasheet, SXM column, dense figures (sparse headline "
+          "figures halved): same compute as H100 SXM (FP32 67 TF, TF32 495 TF, BF16/FP16 989 TF, "
+          "FP8 1979 TF); 141 GB HBM3e at 4.8 TB/s.",
+)
+
+MI300X = DeviceSpec(
+    name="AMD Instinct MI300X",
+    peak_flops={"f64": 163.4 * T, "f32": 163.4 * T, "tf32": 653.7 * T, "f16": 1307.4 * T, "bf16": 1307.4 * T,
+                "f8e4m3": 2614.9 * T, "f8e5m2": 2614.9 * T, "i8": 2614.9 * T},
+    memory_bandwidth=5.3 * TB_S,
+    memory_bytes=192 * GB,
+    notes="AMD Instinct MI300X data sheet, dense matrix-core figures (sparsity figures excluded): "
+          "FP64/FP32 matrix 163.4 TF, TF32 653.7 TF, FP16/BF16 1307.4 TF, FP8/INT8 2614.9; "
+          "192 GB HBM3 at 5.3 TB/s.",
+)
+
+ASCEND_910B3 = DeviceSpec(
+    name="Huawei Ascend 910B3",
+    peak_flops={"f16": 313 * T, "bf16": 313 * T, "i8": 626 * T, "f32": 78 * T},
+    memory_bandwidth=1.6 * TB_S,
+    memory_bytes=64 * GB,
+    notes="Huawei publishes no per-SKU datasheet for the 910B line; figures are the commonly cited "
+          "910B3 ones (Atlas 800T A2 class): FP16/BF16 cube ~313 TF dense, INT8 ~626 TOPS, 64 GB HBM2e "
+          "at ~1.6 TB/s. The FP32 figure (~78 TF, a quarter of FP16) is an ESTIMATE, not a vendor number.",
+)
+
+# This project's CI/dev machine. An ESTIMATE, not a datasheet: 2 vCPUs of an AMD EPYC (Zen 4, AVX-512,
+# no SMT siblings: 2 cores). Zen 4 runs AVX-512 on two 256-bit FMA pipes: 32 f32 FLOP/cycle/core,
+# at ~3.7 GHz boost x 2 cores ~ 237 GFLOP/s f32 (TVM_NOTES measured ~220 GFLOP/s for a tuned GEMM);
+# AVX512_BF16 dot products double that for bf16; f64 half of f32. Bandwidth: a 2-vCPU guest's share of
+# a DDR5 socket, ~40 GB/s is what 2 cores can stream (estimate).
+EPYC_ZEN4_2VCPU = DeviceSpec(
+    name="AMD EPYC Zen 4, 2 vCPU (AVX-512)",
+    peak_flops={"f64": 118 * G, "f32": 237 * G, "bf16": 474 * G, "f16": 237 * G, "i8": 947 * G},
+    memory_bandwidth=40e9,
+    memory_bytes=_host_memory_bytes(),
+    notes="ESTIMATE for this machine (no vendor figure for a 2-vCPU guest): 2 cores x 32 f32 FLOP/cycle "
+          "(two 256-bit FMA pipes, AVX-512 double-pumped) x ~3.7 GHz; bf16 via AVX512_BF16 at 2x; "
+          "~40 GB/s DRAM bandwidth for 2 cores; memory size read from the OS.",
+)
+
+DEVICES: Mapping[str, DeviceSpec] = {
+    "h100": H100_SXM,
+    "h200": H200_SXM,
+    "mi300x": MI300X,
+    "910b3": ASCEND_910B3,
+    "cpu": EPYC_ZEN4_2VCPU,
+}
+
+# The devices each target's estimated rows are given for (the first is the target's default).
+TARGET_DEVICES: Mapping[str, tuple[str, ...]] = {
+    "cuda": ("h100", "h200"),
+    "rocm": ("mi300x",),
+    "ascend": ("910b3",),
+    "cpu": ("cpu",),
+}
+
+
+def target_of(device: str) -> str:
+    """The target whose code runs on `device` (a DEVICES key)."""
+    for target, names in TARGET_DEVICES.items():
+        if device in names:
+            return target
+    raise KeyError(device)

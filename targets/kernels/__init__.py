@@ -1,0 +1,1 @@
+"""Kernels for polyport's fused ops, one folder per code generator."""

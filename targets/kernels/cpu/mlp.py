@@ -1,0 +1,48 @@
+"""GatedMLP: y = (act(x @ w_gate) * (x @ w_up)) @ w_down, weights [in, out]."""
+from __future__ import annotations
+
+import math
+
+from tvm import te, tirx
+
+
+def activation(name: str, g, clamp: float):
+    if clamp:
+        g = tirx.min(g, tirx.const(clamp, "float32"))
+    if name == "silu":
+        return g / (tirx.const(1.0, "float32") + tirx.exp(-g))
+    if name == "gelu":
+        return tirx.const(0.5, "float32") * g * (tirx.const(1.0, "float32") + tirx.erf(g * tirx.const(1 / math.sqrt(2.0), "float32")))
+    if name == "gelu_tanh":
+        return tirx.const(0.5, "float32") * g * (tirx.const(1.0, "float32") + tirx.tanh(
+            tirx.const(0.7978845608028654, "float32") * (g + tirx.const(0.044715, "float32") * g * g * g)))
+    raise ValueError(f"activation {name!r}")
+
+
+def clamp_up(u, clamp: float):
+    if clamp:
+        return tirx.max(tirx.min(u, tirx.const(clamp, "float32")), tirx.const(-clamp, "float32"))
+    return u
+
+
+def gate_up(x: te.Tensor, wg: te.Tensor, wu: te.Tensor, act: str, clamp: float):
+    """x [M, K] -> h [M, I] = act(x wg) * (x wu)."""
+    m, kdim = x.shape
+    n = wg.shape[1]
+    k1 = te.reduce_axis((0, kdim), name="k")
+    g = te.compute((m, n), lambda i, j: te.sum(x[i, k1].astype("float32") * wg[k1, j].astype("float32"), axis=k1),
+                   name="gate")
+    k2 = te.reduce_axis((0, kdim), name="k")
+    u = te.compute((m, n), lambda i, j: te.sum(x[i, k2].astype("float32") * wu[k2, j].astype("float32"), axis=k2),
+                   name="up")
+    return te.compute((m, n), lambda i, j: (activation(act, g[i, j], clamp) * clamp_up(u[i, j], clamp)).astype(x.dtype),
+                      name="gated")
+
+
+def matmul(x: te.Tensor, w: te.Tensor):
+    """x [M, K] @ w [K, N]."""
+    m, kdim = x.shape
+    n = w.shape[1]
+    k = te.reduce_axis((0, kdim), name="k")
+    return te.compute((m, n), lambda i, j: te.sum(x[i, k].astype("float32") * w[k, j].astype("float32"), axis=k)
+                      .astype(x.dtype), name="matmul")

@@ -1,0 +1,157 @@
+"""CPU schedules for the Relax module the cpu target builds (see /work/shared/TVM_NOTES.md).
+
+The hot kernels are the ones polyport emits itself (targets/kernels/cpu): dense
+MatMul with constant weights, GatedMLP, MoE expert GEMMs, Attention. They are
+found by their TE block names and scheduled by hand:
+
+- GEMM-like blocks `C[i, j] = sum_k A[i, k] * W[k, j]` (W row-major [K, N], so
+  `W[k, j0:j0+NB]` is contiguous): loop order `jo (parallel) . io . k . ii (unroll)
+  . ji (vectorize)`, accumulating in a local `cache_write` block, reduction
+  decomposed. M (the token count) is symbolic; its tail is predicated.
+- MoE expert blocks: tokens in parallel, the hidden reduction outside a
+  vectorised output loop (expert weights are read in place, rows contiguous).
+- Attention: every stage parallel over (batch, head), the innermost contiguous
+  axis vectorised where it is spatial.
+
+A scheduled function is marked opaque (`op_pattern` 8) so Relax's FuseOps leaves
+it alone. Any schedule that fails to apply leaves the function as TE built it
+(correct, only slower); nothing here changes results.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+GEMM_BLOCKS = ("matmul", "gate", "up")
+NB, MB = 32, 4
+
+
+def _sch(func):
+    from tvm import s_tir
+    return s_tir.Schedule(func)
+
+
+def _has(sch, name):
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:
+        return False
+
+
+def _static(extent):
+    v = getattr(extent, "value", None)
+    return int(v) if isinstance(v, int) else None
+
+
+def _gemm(sch, name: str) -> None:
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    if len(loops) != 3:
+        raise ValueError(f"{name}: {len(loops)} loops")
+    i, j, k = loops
+    n = _static(sch.get(j).extent)
+    nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
+    jo, ji = sch.split(j, [None, nb])
+    io, ii = sch.split(i, [None, MB])
+    sch.reorder(jo, io, k, ii, ji)
+    cw = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(cw, io)
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.parallel(jo)
+    sch.decompose_reduction(blk, k)
+    loops = sch.get_loops(cw)
+    sch.vectorize(sch.split(loops[-1], [None, nb])[-1]) if nb > 1 else None
+
+
+def _elementwise_parallel(sch, name: str) -> None:
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    if len(loops) >= 2:
+        sch.parallel(loops[0])
+        n = _static(sch.get(loops[-1]).extent)
+        if n and n % 8 == 0:
+            sch.vectorize(sch.split(loops[-1], [None, 8])[-1])
+
+
+def _moe(sch) -> None:
+    for name in ("moe_gate", "moe_up"):
+        blk = sch.get_sblock(name)
+        t, s, i, h = sch.get_loops(blk)
+        sch.reorder(t, s, h, i)
+        sch.parallel(t)
+        if _static(sch.get(i).extent):
+            sch.vectorize(i)
+        sch.decompose_reduction(blk, h)
+    blk = sch.get_sblock("moe_out")
+    t, o, s, i = sch.get_loops(blk)
+    sch.reorder(t, s, i, o)
+    sch.parallel(t)
+    sch.vectorize(o)
+    sch.decompose_reduction(blk, s)
+    _elementwise_parallel(sch, "moe_hidden")
+
+
+def _attention(sch) -> None:
+    for name in ("qk", "pv"):
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        b, h, i, j, r = loops
+        bh = sch.fuse(b, h)
+        sch.parallel(bh)
+        if name == "pv":        # out[b,h,i,c] += e[b,h,i,j] * v[..., j, c]: c innermost
+            sch.reorder(i, r, j)
+            sch.vectorize(j)
+            sch.decompose_reduction(blk, r)
+    for name in ("scores", "exp", "attention"):
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+    for name in ("rowmax", "rowsum"):
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+
+
+def schedule_func(func):
+    """Schedule one PrimFunc if it is one of polyport's kernels; return (func, scheduled)."""
+    sch = _sch(func)
+    names = {sch.get(b).name_hint for b in _all_blocks(sch)}
+    if "moe_out" in names:
+        _moe(sch)
+    elif "attention" in names and "qk" in names:
+        _attention(sch)
+    elif "gated" in names and "gate" in names:
+        _gemm(sch, "gate")
+        _gemm(sch, "up")
+        _elementwise_parallel(sch, "gated")
+    elif names == {"matmul"}:
+        _gemm(sch, "matmul")
+    else:
+        return func, False
+    return sch.mod["main"], True
+
+
+def _all_blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def schedule_module(mod, target):
+    """Schedule polyport's kernels in `mod` (a Relax IRModule); return the module for `tvm.compile`."""
+    from tvm import tirx
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        try:
+            new, done = schedule_func(func)
+        except Exception as e:  # keep the unscheduled (correct) kernel
+            log.warning("cpu: no schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
+            continue
+        if done:
+            updates[gv] = new.with_attr("op_pattern", 8)
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod

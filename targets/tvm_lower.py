@@ -1,0 +1,695 @@
+"""polyport IR (after the default pipeline) -> a TVM Relax IRModule with symbolic dims.
+
+Every input symbol (`seq`, ...) becomes one `tirx.Var` ("int64"), so one build
+serves every length. Standard ONNX ops map to `relax.op.*` (legalized by TVM);
+the fused ops lower through `call_tir` (`BlockBuilder.emit_te`) to the TIR
+kernels in `targets/kernels/cpu/`. Weights become function parameters (after
+the graph inputs, in `params` order) so they are never baked into the library;
+small constants become `relax.const`.
+
+Int64 tensors that hold shapes (`polyport::ShapeValue`, shape arithmetic left
+in the graph) are also tracked as lists of PrimExprs, so Reshape / Expand /
+Slice / Range see their operands symbolically.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import errors
+from ..ir.graph import Graph, Node, Value
+from ..ir.symbolic import SymExpr
+from ..ir.types import TensorType
+
+# constants with more elements than this become parameters (bound from the artifact's weights)
+SMALL_CONST = 64
+INT64_BIG = 1 << 62
+
+
+@dataclasses.dataclass
+class Lowered:
+    mod: Any                      # tvm.IRModule
+    inputs: list[str]             # graph input names, in parameter order
+    params: list[str]             # weight names, after the inputs
+    outputs: list[str]
+    symbols: list[str]
+
+
+def _tvm():
+    import tvm
+    from tvm import relax, te, tirx, topi  # noqa: F401
+    return tvm
+
+
+def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
+    if t.dtype is None or t.dtype.numpy is None:
+        raise errors.UnsupportedOpError(f"cpu target: value of type {t} has no supported element type")
+    return "bool" if t.dtype.name == "bool" else str(t.dtype.numpy)
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph, target_name: str):
+        import tvm
+        import tvm.sym  # noqa: F401 - the arithmetic analyzer (tvm.arith before 0.27)
+        from tvm import relax, tirx
+        self.analyzer = tvm.sym.Analyzer()
+        self.tvm, self.relax, self.tirx = tvm, relax, tirx
+        self.graph = graph
+        self.target_name = target_name
+        self.syms: dict[str, Any] = {}
+        self.env: dict[Value, Any] = {}        # Value -> relax expr
+        self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
+        self.bb = relax.BlockBuilder()
+
+    # ---- symbolic helpers --------------------------------------------------------------
+    def sym(self, name: str):
+        if name not in self.syms:
+            self.syms[name] = self.tirx.Var(name, "int64")
+        return self.syms[name]
+
+    def dim(self, d):
+        tirx = self.tirx
+        if isinstance(d, int):
+            return tirx.IntImm("int64", d)
+        if isinstance(d, SymExpr):
+            total = tirx.IntImm("int64", 0)
+            for mono, coeff in d.terms.items():
+                term = tirx.IntImm("int64", coeff)
+                for s in mono:
+                    term = term * self.sym(s)
+                total = total + term
+            return self.simplify(total)
+        raise errors.UnsupportedOpError(f"{self.target_name} target: unknown dim {d!r}")
+
+    def simplify(self, e):
+        if isinstance(e, int):
+            return self.tirx.IntImm("int64", e)
+        return self.analyzer.simplify(e)
+
+    def shape(self, expr) -> list:
+        sh = expr.ty.shape
+        if sh is None or not hasattr(sh, "values"):
+            raise errors.UnsupportedOpError(f"{self.target_name} target: a value of unknown shape ({expr.ty})")
+        return list(sh.values)
+
+    @staticmethod
+    def as_int(e) -> Optional[int]:
+        if isinstance(e, (int, np.integer)):
+            return int(e)
+        if hasattr(e, "value") and isinstance(getattr(e, "value"), int):
+            return int(e.value)
+        return None
+
+    # ---- values --------------------------------------------------------------------------
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def get(self, v: Value):
+        if v in self.env:
+            return self.env[v]
+        if v in self.pv:
+            e = self.materialise(self.pv[v], v)
+            self.env[v] = e
+            return e
+        raise errors.UnsupportedOpError(f"{self.target_name} target: value {v.name} was not lowered")
+
+    def materialise(self, arr: np.ndarray, v: Value):
+        relax = self.relax
+        dt = _dtype(v.type)
+        if all(self.as_int(x) is not None for x in arr.flat):
+            return relax.const(np.array([self.as_int(x) for x in arr.flat], dtype=dt).reshape(arr.shape), dt)
+        flat = [self.simplify(x) if not isinstance(x, int) else x for x in arr.flat]
+        t = self.emit(relax.op.shape_to_tensor(relax.ShapeExpr(flat)))
+        if dt != "int64":
+            t = self.emit(relax.op.astype(t, dt))
+        if arr.shape != (len(flat),):
+            t = self.emit(relax.op.reshape(t, list(arr.shape)))
+        return t
+
+    def known(self, v: Optional[Value]) -> Optional[np.ndarray]:
+        if v is None:
+            return None
+        if v in self.pv:
+            return self.pv[v]
+        return None
+
+    def ints(self, v: Value, what: str, node: Node) -> list:
+        arr = self.known(v)
+        if arr is None:
+            raise self.unsupported(node, f"its {what} input is not a (symbolically) known shape tensor")
+        return list(arr.flat)
+
+    def unsupported(self, node: Node, why: str):
+        return errors.UnsupportedOpError(
+            f"node {node.name} ({node.qualified_op}): not supported by the {self.target_name} target: {why}")
+
+    # ---- the function ----------------------------------------------------------------
+    def lower(self) -> Lowered:
+        relax = self.relax
+        g = self.graph
+        inputs = []
+        for v in g.inputs:
+            t = v.type
+            if not isinstance(t, TensorType) or t.shape is None or any(d is None for d in t.shape):
+                raise errors.UnsupportedOpError(f"{self.target_name} target: input {v.name} has type {t}; "
+                                                "inputs need a known rank and dims")
+            rv = relax.Var(v.name, relax.TensorType(shape=[self.dim(d) for d in t.shape], dtype=_dtype(t)))
+            inputs.append(rv)
+            self.env[v] = rv
+        params, param_vars = [], []
+        for name, v in g.constants.items():
+            arr = v.const
+            if arr.dtype.kind in "iu" and arr.size <= 4096:
+                self.pv[v] = np.array(arr.tolist(), dtype=object).reshape(arr.shape) if arr.ndim else \
+                    np.array(int(arr), dtype=object).reshape(())
+                continue
+            if arr.size <= SMALL_CONST or arr.dtype.kind not in "fc":
+                if arr.dtype.kind == "b":
+                    self.env[v] = relax.const(np.asarray(arr, bool), "bool")
+                else:
+                    self.env[v] = relax.const(np.ascontiguousarray(arr), str(arr.dtype))
+                continue
+            rv = relax.Var(_safe(name), relax.TensorType(shape=list(arr.shape), dtype=str(arr.dtype)))
+            params.append(name)
+            param_vars.append(rv)
+            self.env[v] = rv
+        with self.bb.function("main", inputs + param_vars):
+            with self.bb.dataflow():
+                for node in g.nodes:
+                    self.lower_node(node)
+                outs = []
+                for v in g.outputs:
+                    outs.append(self.bb.emit_output(self.get(v)))
+            self.bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        mod = self.bb.get()
+        return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms))
+
+    def lower_node(self, node: Node) -> None:
+        key = node.qualified_op
+        fn = getattr(self, "op_" + key.replace("polyport::", "polyport_"), None)
+        if fn is None:
+            raise errors.UnsupportedOpError(
+                f"node {node.name} ({key}): no lowering for this op in the {self.target_name} target")
+        try:
+            outs = fn(node)
+        except errors.PolyportError:
+            raise
+        except Exception as e:  # a TVM type error: name the node
+            raise errors.UnsupportedOpError(
+                f"node {node.name} ({key}): the {self.target_name} target failed to lower it: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        if outs is None:
+            return
+        if not isinstance(outs, (list, tuple)):
+            outs = [outs]
+        for v, o in zip(node.outputs, outs):
+            if o is None:
+                continue
+            if isinstance(o, np.ndarray):
+                self.pv[v] = o
+            else:
+                self.env[v] = o
+
+    # ---- shape-value propagation helpers -------------------------------------------------
+    def _pv_binary(self, node: Node, f):
+        a, b = (self.known(v) for v in node.inputs[:2])
+        if a is None or b is None:
+            return None
+        try:
+            return np.vectorize(f, otypes=[object])(*np.broadcast_arrays(a, b)) if a.size and b.size else None
+        except Exception:
+            return None
+
+    def _both(self, node: Node, relax_fn, pv_fn=None):
+        if pv_fn is not None and node.outputs[0].dtype is not None and node.outputs[0].dtype.is_integer:
+            r = self._pv_binary(node, pv_fn)
+            if r is not None:
+                return r
+        a, b = (self.get(v) for v in node.inputs[:2])
+        return self.emit(relax_fn(a, b))
+
+    # ---- standard ops --------------------------------------------------------------------------
+    def op_polyport_ShapeValue(self, node):
+        dims = [self.dim(d) for d in node.attrs["dims"]]
+        arr = np.empty(len(dims), dtype=object)
+        arr[:] = dims
+        return arr.reshape(()) if node.attrs.get("scalar") else arr
+
+    def op_Add(self, node):
+        return self._both(node, self.relax.op.add, lambda x, y: x + y)
+
+    def op_Sub(self, node):
+        return self._both(node, self.relax.op.subtract, lambda x, y: x - y)
+
+    def op_Mul(self, node):
+        return self._both(node, self.relax.op.multiply, lambda x, y: x * y)
+
+    def op_Div(self, node):
+        if node.outputs[0].dtype is not None and node.outputs[0].dtype.is_integer:
+            r = self._pv_binary(node, lambda x, y: self.tirx.truncdiv(_pe(self, x), _pe(self, y)))
+            if r is not None:
+                return r
+            return self.emit(self.relax.op.floor_divide(self.get(node.inputs[0]), self.get(node.inputs[1])))
+        return self._both(node, self.relax.op.divide)
+
+    def op_Mod(self, node):
+        if node.attrs.get("fmod", 0):
+            raise self.unsupported(node, "fmod=1")
+        r = self._pv_binary(node, lambda x, y: self.tirx.floormod(_pe(self, x), _pe(self, y)))
+        if r is not None:
+            return r
+        return self.emit(self.relax.op.floor_mod(self.get(node.inputs[0]), self.get(node.inputs[1])))
+
+    def _variadic(self, node, relax_fn, pv_fn):
+        if len(node.inputs) == 2:
+            return self._both(node, relax_fn, pv_fn)
+        acc = self.get(node.inputs[0])
+        for v in node.inputs[1:]:
+            acc = self.emit(relax_fn(acc, self.get(v)))
+        return acc
+
+    def op_Max(self, node):
+        return self._variadic(node, self.relax.op.maximum, lambda x, y: self.tirx.max(_pe(self, x), _pe(self, y)))
+
+    def op_Min(self, node):
+        return self._variadic(node, self.relax.op.minimum, lambda x, y: self.tirx.min(_pe(self, x), _pe(self, y)))
+
+    def _unary(self, node, fn):
+        return self.emit(fn(self.get(node.inputs[0])))
+
+    def op_Neg(self, node):
+        a = self.known(node.inputs[0])
+        if a is not None:
+            return np.vectorize(lambda x: -x, otypes=[object])(a)
+        return self._unary(node, self.relax.op.negative)
+
+    def op_Sigmoid(self, node): return self._unary(node, self.relax.op.sigmoid)
+    def op_Cos(self, node): return self._unary(node, self.relax.op.cos)
+    def op_Sin(self, node): return self._unary(node, self.relax.op.sin)
+    def op_Exp(self, node): return self._unary(node, self.relax.op.exp)
+    def op_Sqrt(self, node): return self._unary(node, self.relax.op.sqrt)
+    def op_Tanh(self, node): return self._unary(node, self.relax.op.tanh)
+    def op_Not(self, node): return self._unary(node, self.relax.op.logical_not)
+    def op_Erf(self, node): return self._unary(node, self.relax.op.erf)
+    def op_Reciprocal(self, node):
+        x = self.get(node.inputs[0])
+        return self.emit(self.relax.op.divide(self.relax.const(1.0, x.ty.dtype), x))
+
+    def op_Relu(self, node):
+        x = self.get(node.inputs[0])
+        return self.emit(self.relax.op.nn.relu(x))
+
+    def op_Pow(self, node):
+        return self._both(node, self.relax.op.power)
+
+    def op_And(self, node): return self._both(node, self.relax.op.logical_and)
+    def op_Or(self, node): return self._both(node, self.relax.op.logical_or)
+    def op_Equal(self, node): return self._both(node, self.relax.op.equal)
+    def op_Greater(self, node): return self._both(node, self.relax.op.greater)
+    def op_GreaterOrEqual(self, node): return self._both(node, self.relax.op.greater_equal)
+    def op_Less(self, node): return self._both(node, self.relax.op.less)
+    def op_LessOrEqual(self, node): return self._both(node, self.relax.op.less_equal)
+
+    def op_Where(self, node):
+        c, a, b = (self.get(v) for v in node.inputs)
+        return self.emit(self.relax.op.where(c, a, b))
+
+    def op_Cast(self, node):
+        dt = _dtype(node.outputs[0].type)
+        a = self.known(node.inputs[0])
+        if a is not None and dt in ("int64", "int32"):
+            return a
+        return self.emit(self.relax.op.astype(self.get(node.inputs[0]), dt))
+
+    def op_Identity(self, node):
+        a = self.known(node.inputs[0])
+        return a if a is not None else self.get(node.inputs[0])
+
+    def op_MatMul(self, node):
+        a, b = (self.get(v) for v in node.inputs)
+        bt, at = node.inputs[1].type, node.inputs[0].type
+        if (node.inputs[1].is_constant and isinstance(bt, TensorType) and bt.rank == 2 and isinstance(at, TensorType)
+                and at.rank is not None and at.rank >= 2 and at.dtype == bt.dtype and str(at.dtype) == "f32"):
+            from .kernels.cpu import mlp          # dense layer with constant weights: the scheduled GEMM kernel
+            x2, shape = self._flatten2d(a)
+            y = self.bb.emit_te(mlp.matmul, x2, b, primfunc_name_hint="dense")
+            out = shape[:-1] + [self.shape(b)[-1]]
+            return self.emit(self.relax.op.reshape(y, out)) if len(shape) != 2 else y
+        return self.emit(self.relax.op.matmul(a, b))
+
+    def op_Transpose(self, node):
+        x = self.get(node.inputs[0])
+        perm = node.attrs.get("perm")
+        return self.emit(self.relax.op.permute_dims(x, perm))
+
+    def op_Softmax(self, node):
+        return self.emit(self.relax.op.nn.softmax(self.get(node.inputs[0]), node.attrs.get("axis", -1)))
+
+    def _out_shape(self, node, i=0):
+        t = node.outputs[i].type
+        if isinstance(t, TensorType) and t.shape is not None and all(d is not None for d in t.shape):
+            return [self.dim(d) for d in t.shape]
+        return None
+
+    def op_Reshape(self, node):
+        x = node.inputs[0]
+        a = self.known(x)
+        shape = self._out_shape(node)
+        if shape is None:
+            target = self.ints(node.inputs[1], "shape", node)
+            in_shape = self.shape(self.get(x)) if a is None else [self.dim(n) for n in a.shape]
+            shape = []
+            for i, d in enumerate(target):
+                di = self.as_int(d)
+                if di == 0 and not node.attrs.get("allowzero", 0):
+                    shape.append(in_shape[i])
+                else:
+                    shape.append(d)
+            if any(self.as_int(d) == -1 for d in shape):
+                total = 1
+                for d in in_shape:
+                    total = total * d
+                known = 1
+                for d in shape:
+                    if self.as_int(d) != -1:
+                        known = known * _pe(self, d)
+                shape = [self.simplify(self.tirx.floordiv(_pe(self, total), known)) if self.as_int(d) == -1 else d
+                         for d in shape]
+            shape = [self.simplify(_pe(self, d)) for d in shape]
+        if a is not None and all(self.as_int(d) is not None for d in shape):
+            return a.reshape([self.as_int(d) for d in shape])
+        return self.emit(self.relax.op.reshape(self.get(x), shape))
+
+    def _axes_reshape(self, node):
+        a = self.known(node.inputs[0])
+        shape = self._out_shape(node)
+        if a is not None and shape is not None and all(self.as_int(d) is not None for d in shape):
+            return a.reshape([self.as_int(d) for d in shape])
+        if shape is None:
+            raise self.unsupported(node, "its output shape is not known")
+        return self.emit(self.relax.op.reshape(self.get(node.inputs[0]), shape))
+
+    def op_Unsqueeze(self, node):
+        x = self.get(node.inputs[0]) if self.known(node.inputs[0]) is None else None
+        if x is not None and self._out_shape(node) is None:
+            axes = [self.as_int(d) for d in self.ints(node.inputs[1], "axes", node)]
+            r = len(self.shape(x)) + len(axes)
+            out = x
+            for ax in sorted(a % r for a in axes):
+                out = self.emit(self.relax.op.expand_dims(out, ax))
+            return out
+        return self._axes_reshape(node)
+
+    def op_Squeeze(self, node):
+        if self._out_shape(node) is None and self.known(node.inputs[0]) is None:
+            x = self.get(node.inputs[0])
+            axes = None if len(node.inputs) < 2 or node.inputs[1] is None else \
+                [self.as_int(d) for d in self.ints(node.inputs[1], "axes", node)]
+            return self.emit(self.relax.op.squeeze(x, axes))
+        return self._axes_reshape(node)
+
+    def op_Flatten(self, node):
+        return self._axes_reshape(node)
+
+    def op_Concat(self, node):
+        axis = node.attrs["axis"]
+        arrs = [self.known(v) for v in node.inputs]
+        if all(a is not None for a in arrs):
+            return np.concatenate(arrs, axis=axis)
+        xs = [self.get(v) for v in node.inputs]
+        return self.emit(self.relax.op.concat(xs, axis=axis))
+
+    def op_Gather(self, node):
+        axis = node.attrs.get("axis", 0)
+        a, i = self.known(node.inputs[0]), self.known(node.inputs[1])
+        if a is not None and i is not None and all(self.as_int(x) is not None for x in i.flat):
+            idx = np.array([self.as_int(x) for x in i.flat], dtype=np.int64).reshape(i.shape)
+            return np.take(a, idx, axis=axis)
+        data, ind = self.get(node.inputs[0]), self.get(node.inputs[1])
+        return self.emit(self.relax.op.take(data, ind, axis=axis, mode="wrap"))
+
+    def op_GatherND(self, node):
+        data, ind = self.get(node.inputs[0]), self.get(node.inputs[1])
+        return self.emit(self.relax.op.gather_nd(data, ind, node.attrs.get("batch_dims", 0)))
+
+    def op_GatherElements(self, node):
+        data, ind = self.get(node.inputs[0]), self.get(node.inputs[1])
+        return self.emit(self.relax.op.gather_elements(data, ind, node.attrs.get("axis", 0)))
+
+    def op_ScatterND(self, node):
+        if node.attrs.get("reduction", "none") not in ("none", b"none"):
+            raise self.unsupported(node, f"reduction={node.attrs['reduction']}")
+        d, i, u = (self.get(v) for v in node.inputs)
+        return self.emit(self.relax.op.scatter_nd(d, i, u, "update"))
+
+    def op_ScatterElements(self, node):
+        red = node.attrs.get("reduction", "none")
+        d, i, u = (self.get(v) for v in node.inputs)
+        return self.emit(self.relax.op.scatter_elements(d, i, u, node.attrs.get("axis", 0),
+                                                        "update" if red == "none" else red))
+
+    def op_Expand(self, node):
+        x = self.get(node.inputs[0])
+        shape = self._out_shape(node)
+        if shape is None:
+            target = self.ints(node.inputs[1], "shape", node)
+            xs = self.shape(x)
+            r = max(len(xs), len(target))
+            xs = [1] * (r - len(xs)) + xs
+            target = [1] * (r - len(target)) + target
+            shape = [t if self.as_int(a) == 1 else a for a, t in zip(xs, target)]
+            shape = [self.simplify(_pe(self, d)) for d in shape]
+        return self.emit(self.relax.op.broadcast_to(x, shape))
+
+    def op_ConstantOfShape(self, node):
+        value = node.attrs.get("value")
+        value = np.zeros(1, np.float32) if value is None else np.asarray(value)
+        shape = self._out_shape(node) or [self.simplify(_pe(self, d)) for d in self.ints(node.inputs[0], "shape", node)]
+        fill = self.relax.const(value.reshape(()), "bool" if value.dtype == bool else str(value.dtype))
+        return self.emit(self.relax.op.full(shape, fill, str(value.dtype) if value.dtype != bool else "bool"))
+
+    def op_Range(self, node):
+        start, limit, delta = (self.known(v) for v in node.inputs)
+        dt = _dtype(node.outputs[0].type)
+        if start is None or limit is None or delta is None:
+            raise self.unsupported(node, "start, limit and delta must be known scalars")
+        s, l, d = (_pe(self, x.reshape(()).item()) for x in (start, limit, delta))
+        return self.emit(self.relax.op.arange(s, l, d, dt))
+
+    def op_Slice(self, node):
+        x_known = self.known(node.inputs[0])
+        starts = self.ints(node.inputs[1], "starts", node)
+        ends = self.ints(node.inputs[2], "ends", node)
+        x = None if x_known is not None else self.get(node.inputs[0])
+        rank = x_known.ndim if x_known is not None else len(self.shape(x))
+        axes = list(range(len(starts))) if len(node.inputs) < 4 or node.inputs[3] is None else \
+            [self.as_int(a) for a in self.ints(node.inputs[3], "axes", node)]
+        steps = [1] * len(starts) if len(node.inputs) < 5 or node.inputs[4] is None else \
+            [self.as_int(a) for a in self.ints(node.inputs[4], "steps", node)]
+        axes = [a % rank for a in axes]
+        if x_known is not None and all(self.as_int(v) is not None for v in starts + ends):
+            sl = [slice(None)] * rank
+            for a, s0, e0, st in zip(axes, starts, ends, steps):
+                sl[a] = slice(self.as_int(s0), self.as_int(e0), st)
+            return x_known[tuple(sl)]
+        if x is None:
+            x = self.get(node.inputs[0])
+        shape = self.shape(x)
+        if any(st is None or st <= 0 for st in steps):
+            raise self.unsupported(node, "negative or unknown steps")
+        b, e = [], []
+        for a, s0, e0 in zip(axes, starts, ends):
+            n = shape[a]
+            b.append(self._norm_index(s0, n))
+            e.append(self._norm_index(e0, n))
+        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=False))
+
+    def _norm_index(self, v, n):
+        iv = self.as_int(v)
+        tirx = self.tirx
+        if iv is not None:
+            if iv >= INT64_BIG:
+                return n
+            if iv <= -INT64_BIG:
+                return tirx.IntImm("int64", 0)
+            if iv < 0:
+                return self.simplify(tirx.max(n + iv, 0))
+            ni = self.as_int(n)
+            return tirx.IntImm("int64", min(iv, ni)) if ni is not None else self.simplify(tirx.min(iv, n))
+        return self.simplify(tirx.min(_pe(self, v), n))
+
+    def op_Split(self, node):
+        x = self.get(node.inputs[0])
+        axis = node.attrs.get("axis", 0)
+        shape = self.shape(x)
+        axis %= len(shape)
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            sizes = self.ints(node.inputs[1], "split", node)
+        else:
+            sizes = [self.dim(o.type.shape[axis]) for o in node.outputs]
+        points, acc = [], 0
+        for s in sizes[:-1]:
+            acc = self.simplify(_pe(self, acc) + _pe(self, s))
+            points.append(acc)
+        tup = self.emit(self.relax.op.split(x, points, axis))
+        return [self.emit(self.relax.TupleGetItem(tup, i)) for i in range(len(node.outputs))]
+
+    def _axes_attr_or_input(self, node):
+        if "axes" in node.attrs:
+            return list(node.attrs["axes"])
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            return [self.as_int(a) for a in self.ints(node.inputs[1], "axes", node)]
+        return None
+
+    def _reduce(self, node, fn):
+        x = self.get(node.inputs[0])
+        axes = self._axes_attr_or_input(node)
+        if axes is not None and not axes and node.attrs.get("noop_with_empty_axes", 0):
+            return x
+        return self.emit(fn(x, axes or None, bool(node.attrs.get("keepdims", 1))))
+
+    def op_ReduceSum(self, node): return self._reduce(node, self.relax.op.sum)
+    def op_ReduceMax(self, node): return self._reduce(node, self.relax.op.max)
+    def op_ReduceMin(self, node): return self._reduce(node, self.relax.op.min)
+    def op_ReduceMean(self, node): return self._reduce(node, self.relax.op.mean)
+
+    def op_CumSum(self, node):
+        axis = self.known(node.inputs[1])
+        if axis is None:
+            raise self.unsupported(node, "axis must be a constant")
+        x = self.get(node.inputs[0])
+        if node.attrs.get("reverse", 0):
+            raise self.unsupported(node, "reverse=1")
+        return self.emit(self.relax.op.cumsum(x, int(axis.reshape(-1)[0]), exclusive=bool(node.attrs.get("exclusive", 0))))
+
+    def op_TopK(self, node):
+        k = self.known(node.inputs[1])
+        if k is None or self.as_int(k.reshape(-1)[0]) is None:
+            raise self.unsupported(node, "k must be a constant")
+        x = self.get(node.inputs[0])
+        tup = self.emit(self.relax.op.topk(x, self.as_int(k.reshape(-1)[0]), node.attrs.get("axis", -1), "both",
+                                           bool(node.attrs.get("largest", 1)), "int64"))
+        return [self.emit(self.relax.TupleGetItem(tup, 0)), self.emit(self.relax.TupleGetItem(tup, 1))]
+
+    # ---- fused ops ---------------------------------------------------------------------------
+    def op_polyport_RMSNorm(self, node):
+        from .kernels.cpu import norm
+        x, w = (self.get(v) for v in node.inputs)
+        return self.bb.emit_te(norm.rms_norm, x, w, float(node.attrs["epsilon"]), primfunc_name_hint="rms_norm")
+
+    def op_polyport_Rotary(self, node):
+        from .kernels.cpu import rotary
+        x, c, s = (self.get(v) for v in node.inputs)
+        return self.bb.emit_te(rotary.rotary, x, c, s, int(node.attrs.get("rotary_dim", 0)),
+                               bool(node.attrs.get("interleaved", 0)), primfunc_name_hint="rotary")
+
+    def _flatten2d(self, x):
+        shape = self.shape(x)
+        if len(shape) == 2:
+            return x, shape
+        m = 1
+        for d in shape[:-1]:
+            m = m * d
+        return self.emit(self.relax.op.reshape(x, [self.simplify(m), shape[-1]])), shape
+
+    def op_polyport_GatedMLP(self, node):
+        from .kernels.cpu import mlp
+        x, wg, wu, wd = (self.get(v) for v in node.inputs)
+        x2, shape = self._flatten2d(x)
+        act, clamp = node.attrs.get("activation", "silu"), float(node.attrs.get("clamp", 0.0))
+        h = self.bb.emit_te(mlp.gate_up, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up")
+        y = self.bb.emit_te(mlp.matmul, h, wd, primfunc_name_hint="gated_mlp_down")
+        out_shape = shape[:-1] + [self.shape(wd)[-1]]
+        return self.emit(self.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
+
+    def op_polyport_Attention(self, node):
+        from .kernels.cpu import attention
+        q, k, v = (self.get(x) for x in node.inputs[:3])
+        mask = self.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        sinks = self.get(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        a = node.attrs
+        kw = dict(num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), scale=float(a["scale"]),
+                  causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)))
+        args = [q, k, v, mask, sinks]
+
+        def fn(q, k, v, *rest):
+            it = iter(rest)
+            m = next(it) if mask is not None else None
+            s = next(it) if sinks is not None else None
+            return attention.attention(q, k, v, m, s, **kw)
+
+        return self.bb.emit_te(fn, *[x for x in args if x is not None], primfunc_name_hint="attention")
+
+    def op_polyport_MoE(self, node):
+        from .kernels.cpu import moe
+        relax = self.relax
+        op = relax.op
+        ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+        x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+        a = node.attrs
+        k = int(a["top_k"])
+        xe = self.get(x)
+        x2, shape = self._flatten2d(xe)
+        x2f = x2 if x2.ty.dtype == "float32" else self.emit(op.astype(x2, "float32"))
+        logits = self.emit(op.matmul(x2f, self.get(router_w)))
+        scoring = a.get("scoring", "softmax")
+        if scoring == "softmax":
+            scores = self.emit(op.nn.softmax(logits, -1))
+        elif scoring == "sigmoid":
+            scores = self.emit(op.sigmoid(logits))
+        elif scoring == "sqrtsoftplus":
+            sp = self.emit(op.where(op.greater(logits, relax.const(20.0, "float32")), logits,
+                                    op.log(op.add(op.exp(op.minimum(logits, relax.const(20.0, "float32"))),
+                                                  relax.const(1.0, "float32")))))
+            scores = self.emit(op.sqrt(sp))
+        else:
+            raise self.unsupported(node, f"scoring {scoring!r}")
+        if hash_table is not None:
+            tid = self.emit(op.reshape(self.get(token_ids), [-1]))
+            idx = self.emit(op.take(self.get(hash_table), tid, axis=0))
+            idx = self.emit(op.astype(idx, "int64"))
+        else:
+            choice = scores if e_bias is None else self.emit(op.add(scores, self.get(e_bias)))
+            groups = int(a.get("n_group", 1))
+            if groups > 1:
+                E = self.as_int(self.shape(choice)[1])
+                T = self.shape(choice)[0]
+                per = self.emit(op.reshape(choice, [T, groups, E // groups]))
+                top2 = self.emit(op.topk(per, 2, -1, "values", True))
+                gscore = self.emit(op.sum(top2, [-1]))
+                kept = self.emit(op.topk(gscore, int(a.get("topk_group", 1)), -1, "values", True))
+                thresh = self.emit(op.min(kept, [-1], keepdims=True))
+                gmask = self.emit(op.greater_equal(gscore, thresh))                  # [T, G]
+                gmask = self.emit(op.broadcast_to(op.expand_dims(gmask, 2), [T, groups, E // groups]))
+                gmask = self.emit(op.reshape(gmask, [T, E]))
+                choice = self.emit(op.where(gmask, choice, relax.const(float("-inf"), "float32")))
+            idx = self.emit(op.topk(choice, k, -1, "indices", True, "int64"))
+        w = self.emit(op.gather_elements(scores, idx, 1))
+        if a.get("renormalize", 0):
+            w = self.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(1e-20, "float32"))))
+        scale = float(a.get("routed_scaling", 1.0))
+        if scale != 1.0:
+            w = self.emit(op.multiply(w, relax.const(scale, "float32")))
+        y = self.bb.emit_te(moe.moe_experts, x2, idx, w, self.get(wg), self.get(wu), self.get(wd),
+                            a.get("activation", "silu"), float(a.get("clamp", 0.0)), primfunc_name_hint="moe_experts")
+        return self.emit(op.reshape(y, shape)) if len(shape) != 2 else y
+
+
+def _pe(lw: _Lowerer, x):
+    """A PrimExpr (int64) for an int / PrimExpr."""
+    if isinstance(x, (int, np.integer)):
+        return lw.tirx.IntImm("int64", int(x))
+    if isinstance(x, SymExpr):
+        return lw.dim(x)
+    return x
+
+
+def _safe(name: str) -> str:
+    return "w_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def lower_to_relax(graph: Graph, target_name: str = "cpu") -> Lowered:
+    """Lower a fused polyport graph to a Relax IRModule (function `main`)."""
+    return _Lowerer(graph, target_name).lower()
