@@ -75,6 +75,15 @@ def _check_opsets(model: onnx.ModelProto, source: str) -> dict[str, int]:
     return opsets
 
 
+def _is_standard_op(np_: onnx.NodeProto, opsets: dict[str, int]) -> bool:
+    domain = "" if np_.domain == "ai.onnx" else np_.domain
+    try:
+        onnx.defs.get_schema(np_.op_type, opsets.get(domain, 1), domain)
+        return True
+    except onnx.defs.SchemaError:
+        return False
+
+
 class _Importer:
     def __init__(self, opsets: dict[str, int], base_dir: Optional[str], source: str, fold_shapes: bool):
         self.opsets = opsets
@@ -168,10 +177,22 @@ class _Importer:
             conversion = fused_import.Conversion(
                 g, np_.name or np_.op_type, np_.domain, np_.op_type, inputs, attrs, outs, list(np_.output),
                 source=self.source, opsets=self.opsets, declared=declared, bindable=self.bindable, fold_shapes=fold_here)
-            for name, v in zip(np_.output, convert(conversion)):
-                if name and v is not None:
-                    scope[name] = v
-            return
+            existing = set(g.nodes)
+            try:
+                results = convert(conversion)
+            except errors.UnsupportedOpError:
+                if not _is_standard_op(np_, self.opsets):
+                    raise
+                # A standard op with a feature polyport's fused op lacks (Attention softcap, say):
+                # keep the standard op, which the reference executor runs as ONNX defines it.
+                for n in reversed(g.nodes):
+                    if n not in existing:
+                        g.remove(n)
+            else:
+                for name, v in zip(np_.output, results):
+                    if name and v is not None:
+                        scope[name] = v
+                return
         node = Node(np_.op_type, inputs, outs, attrs, np_.domain, np_.name or g.unique_name(np_.op_type))
         g._names.add(node.name)
         opsets = {**self.opsets, node.domain: self.opsets.get(node.domain, 1)}

@@ -37,7 +37,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import PolyportError
-from ..ir import dtypes
 from ..ir.graph import Graph, Node, Value
 from ..ir.onnx_proto import node_to_proto
 from ..ir.ops import POLYPORT_DOMAIN
@@ -692,7 +691,7 @@ def _write_kernels(out: Path, ops: set[str]) -> list[str]:
 
 
 def _atc_script(graph: Graph, model_inputs: list, kernels: set[str]) -> str:
-    shapes, dims = [], []
+    shapes = []
     for v in model_inputs:
         t = v.type
         shapes.append(f"{v.name}:" + ",".join(str(d) if isinstance(d, int) else "-1" for d in t.shape))

@@ -101,6 +101,8 @@ def _attention(sch) -> None:
         b, h, i, j, r = loops
         bh = sch.fuse(b, h)
         sch.parallel(bh)
+        if name == "qk" and _static(sch.get(r).extent):
+            sch.unroll(r)       # short head dim: unrolled, SLP-vectorised by LLVM
         if name == "pv":        # out[b,h,i,c] += e[b,h,i,j] * v[..., j, c]: c innermost
             sch.reorder(i, r, j)
             sch.vectorize(j)

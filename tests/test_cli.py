@@ -233,7 +233,6 @@ def test_run_dump_ir_and_output_names(cli, reshape_onnx, tmp_path):
 BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "deepseek_v3_tiny.onnx"
 
 
-@pytest.mark.skipif(not BUNDLED.exists(), reason="examples/deepseek_v3_tiny.onnx is not generated yet")
 def test_readme_main_job_on_bundled_model(cli, tmp_path):
     """The README's main job: inspect, then run --seq 16; logits match ONNX Runtime."""
     inspected = cli("inspect", BUNDLED, "--json")
@@ -249,6 +248,29 @@ def test_readme_main_job_on_bundled_model(cli, tmp_path):
         got = saved["logits"]
     want = onnxruntime_run(str(BUNDLED), feeds)["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_and_run_after_the_default_pipeline(cli, tmp_path):
+    """--passes default: fused ops in the histogram, the IR dumped after each pass, same logits."""
+    dump = tmp_path / "ir.txt"
+    inspected = cli("inspect", BUNDLED, "--passes", "default", "--json", "--dump-ir", dump)
+    assert inspected.exit_code == 0, inspected.stderr
+    ops = json.loads(inspected.stdout)["ops"]
+    assert ops["polyport::Attention"] == 4 and ops["polyport::MoE"] == 3
+    assert "TopK" not in ops and "Softmax" not in ops
+    text = dump.read_text()
+    assert text.startswith("# ---- input\n") and "# ---- after fuse-attention\n" in text
+    out = tmp_path / "fused.npz"
+    result = cli("run", BUNDLED, "--passes", "default", "--seq", "16", "--output", out)
+    assert result.exit_code == 0, result.stderr
+    want = onnxruntime_run(str(BUNDLED), seq_inputs(_specs(BUNDLED), 16))["logits"]
+    with np.load(out) as saved:
+        np.testing.assert_allclose(saved["logits"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_unknown_pipeline_is_a_one_line_error(cli):
+    result = cli("inspect", BUNDLED, "--passes", "fastest")
+    assert result.exit_code == 2 and "unknown pipeline 'fastest'" in result.stderr
 
 
 # ---- bad model files -------------------------------------------------------------------

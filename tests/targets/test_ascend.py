@@ -32,7 +32,6 @@ import onnx
 import pytest
 
 from polyport.compiler import compile_model, signature
-from polyport.errors import PolyportError
 from polyport.frontend import import_onnx
 from polyport.ir import dtypes
 from polyport.ir.graph import Graph
@@ -228,16 +227,19 @@ def test_cli_run_says_emulated(built, cli):
 
 
 # ---- limits: small graphs that break one documented limit each ------------------------------------
-def _attention_graph(head_dim: int, dv: int | None = None, dtype=dtypes.F32, **attrs):
+def _attention_graph(head_dim: int, dv: int | None = None, dtype=dtypes.F32, mask=None, **attrs):
     g = Graph("attn")
     s = sym("seq")
     dv = dv or head_dim
     q = g.add_input("q", TensorType(dtype, (1, 2, s, head_dim)))
     k = g.add_input("k", TensorType(dtype, (1, 1, s, head_dim)))
     v = g.add_input("v", TensorType(dtype, (1, 1, s, dv)))
+    ins = [q, k, v]
+    if mask is not None:
+        ins.append(g.add_input("mask", TensorType(mask, (1, 1, s, s))))
     a = {"num_heads": 2, "kv_heads": 1, "scale": head_dim ** -0.5, "causal": 1, "window": 0}
     a.update(attrs)
-    n = g.make_node("Attention", [q, k, v], domain="polyport", attrs=a, name="attn",
+    n = g.make_node("Attention", ins, domain="polyport", attrs=a, name="attn",
                     types=[TensorType(dtype, (1, 2, s, dv))])
     g.set_outputs([n.outputs[0]])
     return g
@@ -312,8 +314,37 @@ def test_group_limited_gating_past_the_limit_is_an_error(tmp_path):
 
 
 def test_small_graph_paths_match_reference(tmp_path):
-    """Paths the corpus does not reach: non-causal window, v head dim != q head dim, gelu experts."""
+    """Paths the corpus does not reach: non-causal window, v head dim != q head dim, additive (pse_shift) and
+    boolean (atten_mask) masks, partial interleaved rotary, gelu experts."""
     rng = np.random.default_rng(3)
+    qkv = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+           (("q", (1, 2, 6, 16)), ("k", (1, 1, 6, 16)), ("v", (1, 1, 6, 16)))}
+    g = _attention_graph(16, mask=dtypes.F32, causal=0)
+    art, _ = _lower(g, tmp_path / "pse")
+    plan = json.loads((art / "ascend" / "op_plan.json").read_text())["calls"]
+    fia = next(c for c in plan if c["op"] == "FusedInferAttentionScore")
+    assert fia["attributes"]["sparse_mode"] == 0 and fia["inputs"][3]["name"] == "mask__float16"
+    assert _emulate_vs_reference(art, g, {**qkv, "mask": rng.standard_normal((1, 1, 6, 6)).astype(np.float32)}) \
+        <= TOL
+    g = _attention_graph(16, mask=dtypes.BOOL, causal=0)
+    art, _ = _lower(g, tmp_path / "bool")
+    keep = rng.random((1, 1, 6, 6)) > 0.3
+    keep[..., 0] = True
+    assert _emulate_vs_reference(art, g, {**qkv, "mask": keep}) <= TOL
+    with pytest.raises(LimitError, match="boolean mask combined with causal"):
+        _lower(_attention_graph(16, mask=dtypes.BOOL, causal=1), tmp_path / "bool_causal")
+    g = Graph("rope")
+    x = g.add_input("x", TensorType(dtypes.F32, (1, 2, sym("seq"), 16)))
+    cos = g.add_input("cos", TensorType(dtypes.F32, (1, 1, sym("seq"), 8)))
+    sin = g.add_input("sin", TensorType(dtypes.F32, (1, 1, sym("seq"), 8)))
+    n = g.make_node("Rotary", [x, cos, sin], domain="polyport", attrs={"interleaved": 1, "rotary_dim": 8},
+                    name="rope", types=[x.type])
+    g.set_outputs([n.outputs[0]])
+    art, _ = _lower(g, tmp_path / "rope")
+    ang = rng.standard_normal((1, 1, 6, 4)).astype(np.float32)
+    ang = np.repeat(ang, 2, axis=-1)
+    assert _emulate_vs_reference(art, g, {"x": rng.standard_normal((1, 2, 6, 16)).astype(np.float32),
+                                         "cos": np.cos(ang), "sin": np.sin(ang)}) <= TOL
     g = _attention_graph(16, dv=8, causal=0, window=3)
     with pytest.warns(AscendFallbackWarning, match="zero-padded"):
         art, _ = _lower(g, tmp_path / "a")
