@@ -10,4 +10,10 @@ def import_onnx(path, **kwargs):
     return _import(path, **kwargs)
 
 
-__all__ = ["__version__", "PolyportError", "import_onnx"]
+def load(path, target="cpu", **options):
+    """Open a compiled artifact for one target: a session with `run(dict) -> dict` (see `polyport.runtime.session`)."""
+    from .runtime.session import load as _load
+    return _load(path, target, **options)
+
+
+__all__ = ["__version__", "PolyportError", "import_onnx", "load"]

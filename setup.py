@@ -1,6 +1,7 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["ir", "frontend", "passes", "targets", "targets.kernels", "targets.kernels.cpu", "runtime", "backend"]
+# The repository root is the package: every folder with an __init__.py but the tests, examples and benchmarks.
+PACKAGES = find_packages(".", exclude=["tests", "tests.*", "examples", "examples.*", "benchmarks", "benchmarks.*"])
 
 setup(
     name="polyport",
@@ -9,6 +10,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"polyport": "."},
     packages=["polyport"] + [f"polyport.{p}" for p in PACKAGES],
+    package_data={"polyport.targets.kernels.ascend": ["*.cpp.in", "*.md"]},
     install_requires=[
         "numpy>=1.26",
         "onnx==1.23.2",

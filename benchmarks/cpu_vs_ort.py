@@ -4,7 +4,8 @@
 
 The ORT session is created first (TVM pins the calling thread on its first parallel
 call and later pools inherit it); runs alternate in batches with a gap so TVM's
-spinning workers do not slow ORT's timings.
+spinning workers do not slow ORT's timings
+(and ORT's do not slow ours).
 """
 from __future__ import annotations
 
@@ -43,11 +44,13 @@ def main(argv=None):
         feeds = {"input_ids": ids}
         for _ in range(3):
             ref.run(None, feeds)
+            time.sleep(0.2)
             sess.run(feeds)
         t_ort, t_pp = [], []
         for _ in range(a.reps):
             time.sleep(0.2)
             t = time.perf_counter(); ref.run(None, feeds); t_ort.append(time.perf_counter() - t)
+            time.sleep(0.2)        # ORT's intra-op threads spin after a run too: let them park first
             t = time.perf_counter(); sess.run(feeds); t_pp.append(time.perf_counter() - t)
         mo, mp = statistics.median(t_ort) * 1e3, statistics.median(t_pp) * 1e3
         print(f"{Path(a.model).stem:16s} seq={seq:4d}  ort {mo:8.3f} ms  polyport {mp:8.3f} ms  speedup {mo / mp:5.2f}x")

@@ -24,6 +24,14 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _pack(w: np.ndarray, nb: int) -> np.ndarray:
+    """[K, N] -> [N/NB, K, NB] (the dense kernel's layout; one copy at load time), or as is."""
+    if not nb:
+        return np.ascontiguousarray(w)
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k, n // nb, nb).transpose(1, 0, 2))
+
+
 class CpuSession:
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
         if threads is not None:
@@ -53,7 +61,8 @@ class CpuSession:
         missing = [n for n in meta["params"] if n not in weights]
         if missing:
             raise ArtifactError(f"{art.path}: weights.safetensors lacks {missing[0]!r} that cpu/model.so needs")
-        self._params = [tvm.runtime.tensor(np.ascontiguousarray(weights[n])) for n in meta["params"]]
+        packed = meta.get("packed", {})
+        self._params = [tvm.runtime.tensor(_pack(weights[n], packed.get(n, 0))) for n in meta["params"]]
         self._tvm = tvm
         self.input_names: list[str] = list(meta["inputs"])
         self.output_names: list[str] = list(meta["outputs"])

@@ -43,7 +43,8 @@ from ..ir.ops import POLYPORT_DOMAIN
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
 from . import ascend_limits as L
-from .base import CompileOptions, DeviceSpec, Target, register_target
+from .base import CompileOptions, Target, register_target
+from .devices import ASCEND_910B3
 
 CANN_DOMAIN = "com.huawei.cann"          # CANN built-in operators (ATC maps them by op type)
 KERNEL_DOMAIN = "polyport.ascendc"        # polyport's own Ascend C kernels (kernels/*.cpp)
@@ -718,21 +719,13 @@ def _atc_script(graph: Graph, model_inputs: list, kernels: set[str]) -> str:
 
 
 # ---- the target ----------------------------------------------------------------------------------
-ASCEND_910B3 = DeviceSpec(
-    name="Ascend910B3",
-    peak_flops={"f16": 295e12, "bf16": 295e12, "f32": 295e12 / 4, "i8": 590e12},
-    memory_bandwidth=1.6e12,
-    memory_bytes=64 * 2**30,
-    notes="estimates from public Ascend 910B spec sheets and press (20 AI cores' cube units ~295 TFLOP/s "
-          "fp16/bf16, 64 GB HBM2e at ~1.6 TB/s); fp32 assumed 1/4 of fp16; never measured by polyport",
-)
 
 
 @register_target
 class AscendTarget(Target):
     name = "ascend"
-    devices = {"Ascend910B3": ASCEND_910B3, "910b3": ASCEND_910B3}
-    default_device = "Ascend910B3"
+    devices = {"910b3": ASCEND_910B3}
+    default_device = "910b3"
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
         out_dir = Path(out_dir)

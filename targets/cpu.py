@@ -2,7 +2,8 @@
 
 Writes `cpu/model.so` (the Relax VM executable, exported with `export_library`)
 and `cpu/model.json` (input, weight-parameter and output names in the order the
-VM function takes / returns them). Weights stay in the artifact's
+VM function takes / returns them; `packed`: weights bound pre-packed, [K, N] as
+[N/NB, K, NB], by the loader). Weights stay in the artifact's
 weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
@@ -81,7 +82,8 @@ class CpuTarget(Target):
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
         meta = {"function": "main", "inputs": lowered.inputs, "params": lowered.params,
-                "outputs": lowered.outputs, "symbols": lowered.symbols}
+                "outputs": lowered.outputs, "symbols": lowered.symbols,
+                "packed": lowered.packed}
         (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
         return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",

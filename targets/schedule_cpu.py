@@ -23,8 +23,10 @@ import logging
 
 log = logging.getLogger(__name__)
 
-GEMM_BLOCKS = ("matmul", "gate", "up")
 NB, MB = 32, 4
+# Loops are parallelised only where one row of work is at least this many multiply-adds:
+# below it, waking TVM's workers costs more than the work (the corpus' tiny models).
+PARALLEL_MIN_MACS = 1 << 16
 
 
 def _sch(func):
@@ -45,32 +47,48 @@ def _static(extent):
     return int(v) if isinstance(v, int) else None
 
 
-def _gemm(sch, name: str) -> None:
+def _gemm(sch, name: str, packed: bool = False) -> bool:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
     if len(loops) != 3:
         raise ValueError(f"{name}: {len(loops)} loops")
     i, j, k = loops
     n = _static(sch.get(j).extent)
-    nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
+    if packed:      # the packing block: W is [N / NB, K, NB]
+        nb = _packed_nb(sch)
+    else:
+        nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
+    # packed W: one token row per step measured fastest (the predicated M tail of a 4-row block
+    # costs more than the reuse gains); row-major W: 4-row blocks amortise its strided loads.
+    mb = 1 if packed else MB
     jo, ji = sch.split(j, [None, nb])
-    io, ii = sch.split(i, [None, MB])
+    io, ii = sch.split(i, [None, mb])
     sch.reorder(jo, io, k, ii, ji)
     cw = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(cw, io)
     sch.vectorize(ji)
     sch.unroll(ii)
-    sch.parallel(jo)
+    kk = _static(sch.get(k).extent)
+    big = n is None or kk is None or n * kk >= PARALLEL_MIN_MACS
+    if big:
+        sch.parallel(jo)
     sch.decompose_reduction(blk, k)
     loops = sch.get_loops(cw)
     sch.vectorize(sch.split(loops[-1], [None, nb])[-1]) if nb > 1 else None
+    return big
 
 
-def _elementwise_parallel(sch, name: str) -> None:
+def _packed_nb(sch) -> int:
+    f = sch.mod["main"]
+    return int(f.params[1].shape[2])      # 0.27: PrimFunc params are buffer-typed vars
+
+
+def _elementwise_parallel(sch, name: str, parallel: bool = True) -> None:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
     if len(loops) >= 2:
-        sch.parallel(loops[0])
+        if parallel:
+            sch.parallel(loops[0])
         n = _static(sch.get(loops[-1]).extent)
         if n and n % 8 == 0:
             sch.vectorize(sch.split(loops[-1], [None, 8])[-1])
@@ -95,26 +113,27 @@ def _moe(sch) -> None:
 
 
 def _attention(sch) -> None:
-    for name in ("qk", "pv"):
-        blk = sch.get_sblock(name)
-        loops = sch.get_loops(blk)
-        b, h, i, j, r = loops
-        bh = sch.fuse(b, h)
-        sch.parallel(bh)
-        if name == "qk" and _static(sch.get(r).extent):
-            sch.unroll(r)       # short head dim: unrolled, SLP-vectorised by LLVM
-        if name == "pv":        # out[b,h,i,c] += e[b,h,i,j] * v[..., j, c]: c innermost
-            sch.reorder(i, r, j)
-            sch.vectorize(j)
-            sch.decompose_reduction(blk, r)
-    for name in ("scores", "exp", "attention"):
-        blk = sch.get_sblock(name)
-        loops = sch.get_loops(blk)
-        sch.parallel(sch.fuse(loops[0], loops[1]))
-    for name in ("rowmax", "rowsum"):
-        blk = sch.get_sblock(name)
-        loops = sch.get_loops(blk)
-        sch.parallel(sch.fuse(loops[0], loops[1]))
+    """Row-at-a-time: every stage computed per (batch*head, query) inside the output loop, so the
+    S x Skv intermediates shrink to one row of keys that stays in cache; (batch, head) in parallel."""
+    out = sch.get_sblock("attention")
+    b, h, i, c = sch.get_loops(out)
+    bh = sch.fuse(b, h)
+    sch.parallel(bh)
+    for name in ("pv", "rowsum_all", "rowsum", "exp", "rowmax_safe", "rowmax", "scores", "qk"):
+        sch.compute_at(sch.get_sblock(name), i, preserve_unit_loops=True)
+    if _static(sch.get(c).extent):
+        sch.vectorize(c)
+    pv = sch.get_sblock("pv")
+    loops = sch.get_loops(pv)
+    cc, j = loops[-2], loops[-1]
+    sch.reorder(j, cc)
+    if _static(sch.get(cc).extent):
+        sch.vectorize(cc)
+    sch.decompose_reduction(pv, j)
+    qk = sch.get_sblock("qk")
+    r = sch.get_loops(qk)[-1]
+    if _static(sch.get(r).extent):
+        sch.unroll(r)
 
 
 def schedule_func(func):
@@ -126,11 +145,14 @@ def schedule_func(func):
     elif "attention" in names and "qk" in names:
         _attention(sch)
     elif "gated" in names and "gate" in names:
-        _gemm(sch, "gate")
-        _gemm(sch, "up")
-        _elementwise_parallel(sch, "gated")
+        packed = len(sch.mod["main"].params[1].shape) == 3
+        big = _gemm(sch, "gate", packed=packed)
+        _gemm(sch, "up", packed=packed)
+        _elementwise_parallel(sch, "gated", big)
     elif names == {"matmul"}:
         _gemm(sch, "matmul")
+    elif names == {"matmul_packed"}:
+        _gemm(sch, "matmul_packed", packed=True)
     else:
         return func, False
     return sch.mod["main"], True

@@ -35,6 +35,7 @@ class Lowered:
     params: list[str]             # weight names, after the inputs
     outputs: list[str]
     symbols: list[str]
+    packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [N/NB, K, NB]
 
 
 def _tvm():
@@ -159,6 +160,7 @@ class _Lowerer:
             inputs.append(rv)
             self.env[v] = rv
         params, param_vars = [], []
+        self.packed: dict[str, int] = {}
         for name, v in g.constants.items():
             arr = v.const
             if arr.dtype.kind in "iu" and arr.size <= 4096:
@@ -171,7 +173,12 @@ class _Lowerer:
                 else:
                     self.env[v] = relax.const(np.ascontiguousarray(arr), str(arr.dtype))
                 continue
-            rv = relax.Var(_safe(name), relax.TensorType(shape=list(arr.shape), dtype=str(arr.dtype)))
+            shape = list(arr.shape)
+            nb = self._packable(v)
+            if nb:
+                self.packed[name] = nb
+                shape = [arr.shape[1] // nb, arr.shape[0], nb]
+            rv = relax.Var(_safe(name), relax.TensorType(shape=shape, dtype=str(arr.dtype)))
             params.append(name)
             param_vars.append(rv)
             self.env[v] = rv
@@ -184,7 +191,40 @@ class _Lowerer:
                     outs.append(self.bb.emit_output(self.get(v)))
             self.bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         mod = self.bb.get()
-        return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms))
+        return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms),
+                       dict(self.packed))
+
+    def _dense_operands(self, node: Node) -> bool:
+        """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
+        bt, at = node.inputs[1].type, node.inputs[0].type
+        return (node.inputs[1].is_constant and isinstance(bt, TensorType) and bt.rank == 2
+                and isinstance(at, TensorType) and at.rank is not None and at.rank >= 2
+                and at.dtype == bt.dtype and str(at.dtype) == "f32" and node.inputs[0] is not node.inputs[1])
+
+    def _gated_packable(self, node: Node) -> bool:
+        """A GatedMLP whose three weights are distinct f32 2-D constants with N divisible by the same NB."""
+        from .kernels.cpu import mlp
+        ws = node.inputs[1:4]
+        if not all(w is not None and w.is_constant and w.const.ndim == 2 and w.const.dtype == np.float32 for w in ws):
+            return False
+        if len({id(w) for w in ws}) != 3 or str(node.inputs[0].dtype) != "f32":
+            return False
+        nbs = {mlp.pack_block(ws[0].const.shape[1]), mlp.pack_block(ws[1].const.shape[1])}
+        return len(nbs) == 1 and 0 not in nbs and mlp.pack_block(ws[2].const.shape[1]) > 0
+
+    def _packable(self, v: Value) -> int:
+        """NB if every use of weight `v` is as the B operand of a dense MatMul (then it is bound pre-packed)."""
+        from .kernels.cpu import mlp
+        if v.is_graph_output or v.const.ndim != 2 or not v.uses:
+            return 0
+        for node, i in v.uses:
+            if node.graph is not self.graph:
+                return 0
+            if node.qualified_op == "polyport::GatedMLP" and i in (1, 2, 3) and self._gated_packable(node):
+                continue
+            if node.qualified_op != "MatMul" or i != 1 or not self._dense_operands(node):
+                return 0
+        return mlp.pack_block(v.const.shape[1])
 
     def lower_node(self, node: Node) -> None:
         key = node.qualified_op
@@ -194,6 +234,10 @@ class _Lowerer:
                 f"node {node.name} ({key}): no lowering for this op in the {self.target_name} target")
         try:
             outs = fn(node)
+        except errors.UnsupportedOpError as e:
+            if f"node {node.name} " in str(e):
+                raise
+            raise errors.UnsupportedOpError(f"node {node.name} ({key}): {e}") from e
         except errors.PolyportError:
             raise
         except Exception as e:  # a TVM type error: name the node
@@ -329,13 +373,16 @@ class _Lowerer:
 
     def op_MatMul(self, node):
         a, b = (self.get(v) for v in node.inputs)
-        bt, at = node.inputs[1].type, node.inputs[0].type
-        if (node.inputs[1].is_constant and isinstance(bt, TensorType) and bt.rank == 2 and isinstance(at, TensorType)
-                and at.rank is not None and at.rank >= 2 and at.dtype == bt.dtype and str(at.dtype) == "f32"):
+        if self._dense_operands(node):
             from .kernels.cpu import mlp          # dense layer with constant weights: the scheduled GEMM kernel
             x2, shape = self._flatten2d(a)
-            y = self.bb.emit_te(mlp.matmul, x2, b, primfunc_name_hint="dense")
-            out = shape[:-1] + [self.shape(b)[-1]]
+            if node.inputs[1].name in self.packed:
+                y = self.bb.emit_te(mlp.matmul_packed, x2, b, primfunc_name_hint="dense_packed")
+                n = self.shape(b)[0] * self.shape(b)[2]
+            else:
+                y = self.bb.emit_te(mlp.matmul, x2, b, primfunc_name_hint="dense")
+                n = self.shape(b)[-1]
+            out = shape[:-1] + [self.simplify(n)]
             return self.emit(self.relax.op.reshape(y, out)) if len(shape) != 2 else y
         return self.emit(self.relax.op.matmul(a, b))
 
@@ -599,9 +646,15 @@ class _Lowerer:
         x, wg, wu, wd = (self.get(v) for v in node.inputs)
         x2, shape = self._flatten2d(x)
         act, clamp = node.attrs.get("activation", "silu"), float(node.attrs.get("clamp", 0.0))
-        h = self.bb.emit_te(mlp.gate_up, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up")
-        y = self.bb.emit_te(mlp.matmul, h, wd, primfunc_name_hint="gated_mlp_down")
-        out_shape = shape[:-1] + [self.shape(wd)[-1]]
+        names = [v.name for v in node.inputs[1:4]]
+        if all(n in self.packed for n in names):
+            h = self.bb.emit_te(mlp.gate_up_packed, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up_packed")
+            y = self.bb.emit_te(mlp.matmul_packed, h, wd, primfunc_name_hint="gated_mlp_down_packed")
+            out_shape = shape[:-1] + [self.simplify(self.shape(wd)[0] * self.shape(wd)[2])]
+        else:
+            h = self.bb.emit_te(mlp.gate_up, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up")
+            y = self.bb.emit_te(mlp.matmul, h, wd, primfunc_name_hint="gated_mlp_down")
+            out_shape = shape[:-1] + [self.shape(wd)[-1]]
         return self.emit(self.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
 
     def op_polyport_Attention(self, node):

@@ -6,8 +6,7 @@ and 300: max |ours - ort| <= 1e-4 * max |ort logit| (fp32 throughout; the only
 differences are summation order).
 
 Two models (the bundled deepseek_v3_tiny and llama_a) run by default; the rest
-of the corpus is behind `-m slow` (compiling all eleven takes several minutes on
-2 cores).
+of the corpus is marked `slow` (compiling all of them takes minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -29,9 +28,9 @@ CORPUS = json.loads((EXAMPLES / "models" / "corpus.json").read_text())["models"]
 
 DEFAULT = ["deepseek_v3_tiny", "llama_a"]
 XFAIL = {
-    "deepseek_v4_b": "its compressed-KV attention leaves shape arithmetic over seq // 8 (unknown dims in the IR) "
-                     "and TopK/GatherND chains whose Relax shapes come out rank-only; Slice on those cannot be "
-                     "lowered yet (UnsupportedOpError)",
+    "deepseek_v4_b": "its unfused compressed-KV attention (scores over seq + the seq // 8 compressed keys) reaches "
+                     "Relax with rank-only shapes (the IR's dims there are unknown, `?`), so node_slice_22 (Slice "
+                     "on those scores) cannot be lowered: UnsupportedOpError",
 }
 SEQS = (1, 12, 128, 300)
 

@@ -46,3 +46,37 @@ def matmul(x: te.Tensor, w: te.Tensor):
     k = te.reduce_axis((0, kdim), name="k")
     return te.compute((m, n), lambda i, j: te.sum(x[i, k].astype("float32") * w[k, j].astype("float32"), axis=k)
                       .astype(x.dtype), name="matmul")
+
+
+def pack_block(n: int) -> int:
+    """The column block NB for packing a [K, N] weight as [N / NB, K, NB] (0: do not pack)."""
+    for nb in (32, 16, 8):
+        if n % nb == 0:
+            return nb
+    return 0
+
+
+def matmul_packed(x: te.Tensor, wp: te.Tensor):
+    """x [M, K] @ W, W pre-packed as wp [N / NB, K, NB] (wp[jo, k, ji] = W[k, jo * NB + ji]):
+    the inner loop reads NB contiguous floats per k, and successive k are adjacent."""
+    m, kdim = x.shape
+    no, _, nb = wp.shape
+    k = te.reduce_axis((0, kdim), name="k")
+    return te.compute((m, no * nb), lambda i, j: te.sum(
+        x[i, k].astype("float32") * wp[j // nb, k, j % nb].astype("float32"), axis=k).astype(x.dtype),
+        name="matmul_packed")
+
+
+def gate_up_packed(x: te.Tensor, wgp: te.Tensor, wup: te.Tensor, act: str, clamp: float):
+    """gate_up with both weights pre-packed as [I / NB, K, NB]."""
+    m, kdim = x.shape
+    no, _, nb = wgp.shape
+    n = no * nb
+    k1 = te.reduce_axis((0, kdim), name="k")
+    g = te.compute((m, n), lambda i, j: te.sum(x[i, k1].astype("float32") * wgp[j // nb, k1, j % nb].astype("float32"),
+                                               axis=k1), name="gate")
+    k2 = te.reduce_axis((0, kdim), name="k")
+    u = te.compute((m, n), lambda i, j: te.sum(x[i, k2].astype("float32") * wup[j // nb, k2, j % nb].astype("float32"),
+                                               axis=k2), name="up")
+    return te.compute((m, n), lambda i, j: (activation(act, g[i, j], clamp) * clamp_up(u[i, j], clamp)).astype(x.dtype),
+                      name="gated")

@@ -1,0 +1,1 @@
+"""Ascend C kernel templates (rendered by targets/ascend.py)."""
