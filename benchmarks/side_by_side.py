@@ -79,14 +79,6 @@ def cpu_target_available() -> None:
                       + ". This benchmark compares polyport cpu with ONNX Runtime and cannot run without it.")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- the ~200M model, exported on demand ---------------------------------------------------
 def export_big(work_dir: Path, log) -> Path:
     path = work_dir / f"{BIG}.onnx"
@@ -121,6 +113,7 @@ def export_big(work_dir: Path, log) -> Path:
 # ---- compile -------------------------------------------------------------------------------
 def compile_cached(onnx_path: Path, work_dir: Path, log) -> Path:
     from polyport.compiler import compile_model
+    from polyport.runtime.artifact import sha256
     art = work_dir / "artifacts" / onnx_path.stem
     stamp = art.with_name(art.name + ".source")
     digest = sha256(onnx_path)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import __version__, errors
+from .inputs import generated_feeds
 from ..targets.devices import DEVICES, TARGET_DEVICES
 from . import roofline
 from .artifact import Artifact
@@ -81,23 +82,7 @@ def resolve_device(name: str) -> str:
 # ---- inputs and timing -------------------------------------------------------------------
 def make_feeds(specs: Sequence[tuple[str, Any]], seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic inputs with every symbolic dim bound to `seq` (as `polyport run --seq`)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, t in specs:
-        if getattr(t, "shape", None) is None or t.dtype is None or any(d is None for d in t.shape):
-            raise errors.InputError(f"bench: input {name!r} has type {t}; its shape must be known to bench")
-        shape = [d if isinstance(d, int) else d.evaluate({s: seq for s in d.symbols}) for d in t.shape]
-        dt = t.dtype
-        if dt.is_integer:
-            x = rng.integers(0, 100, size=shape, dtype=np.int64).astype(dt.numpy)
-        elif dt.is_float and dt.numpy is not None:
-            x = rng.standard_normal(size=shape, dtype=np.float32).astype(dt.numpy)
-        elif dt.name == "bool":
-            x = rng.integers(0, 2, size=shape).astype(np.bool_)
-        else:
-            raise errors.InputError(f"bench: cannot generate {dt} input {name!r}")
-        feeds[name] = x
-    return feeds
+    return generated_feeds(specs, seq, seed, what="bench")
 
 
 def summarize(times_s: Sequence[float]) -> dict[str, Any]:

@@ -16,21 +16,10 @@ from typing import Any, Mapping
 
 from .. import errors
 from ..ir.graph import Graph
-from .base import CompileOptions, DeviceSpec, Target, register_target
+from .base import CompileOptions, Target, register_target
+from .devices import HOST_CPU
 
 GENERIC_MCPU = "x86-64-v3"
-
-# Estimates, not measurements: 2 vCPU AMD EPYC (Zen 4, AVX-512) as the project's CI machines report it.
-# peak fp32 = cores x 2 FMA units x 16 fp32 lanes x 2 FLOP/FMA x ~3.0 GHz.
-_ZEN4_2CPU = DeviceSpec(
-    name="epyc-zen4-2vcpu",
-    peak_flops={"f32": 2 * 2 * 16 * 2 * 3.0e9, "bf16": 2 * 2 * 32 * 2 * 3.0e9},
-    memory_bandwidth=40e9,
-    memory_bytes=8 << 30,
-    notes="estimates: 2 vCPU AMD EPYC Zen 4 (AVX-512), peak = cores x 2 FMA x 16 lanes x 2 x ~3.0 GHz; "
-          "memory bandwidth ~40 GB/s (a share of the socket's); not measured",
-)
-
 
 def host_mcpu() -> str:
     """The LLVM CPU name for this host (upgraded to an AVX-512 name where the flags say so)."""
@@ -60,8 +49,8 @@ def host_mcpu() -> str:
 @register_target
 class CpuTarget(Target):
     name = "cpu"
-    devices = {"epyc-zen4-2vcpu": _ZEN4_2CPU}
-    default_device = "epyc-zen4-2vcpu"
+    devices = {"cpu": HOST_CPU}
+    default_device = "cpu"
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
         try:

@@ -70,27 +70,44 @@ ASCEND_910B3 = DeviceSpec(
           "at ~1.6 TB/s. The FP32 figure (~78 TF, a quarter of FP16) is an ESTIMATE, not a vendor number.",
 )
 
-# This project's CI/dev machine. An ESTIMATE, not a datasheet: 2 vCPUs of an AMD EPYC (Zen 4, AVX-512,
-# no SMT siblings: 2 cores). Zen 4 runs AVX-512 on two 256-bit FMA pipes: 32 f32 FLOP/cycle/core,
-# at ~3.7 GHz boost x 2 cores ~ 237 GFLOP/s f32 (TVM_NOTES measured ~220 GFLOP/s for a tuned GEMM);
-# AVX512_BF16 dot products double that for bf16; f64 half of f32. Bandwidth: a 2-vCPU guest's share of
-# a DDR5 socket, ~40 GB/s is what 2 cores can stream (estimate).
-EPYC_ZEN4_2VCPU = DeviceSpec(
-    name="AMD EPYC Zen 4, 2 vCPU (AVX-512)",
-    peak_flops={"f64": 118 * G, "f32": 237 * G, "bf16": 474 * G, "f16": 237 * G, "i8": 947 * G},
-    memory_bandwidth=40e9,
-    memory_bytes=_host_memory_bytes(),
-    notes="ESTIMATE for this machine (no vendor figure for a 2-vCPU guest): 2 cores x 32 f32 FLOP/cycle "
-          "(two 256-bit FMA pipes, AVX-512 double-pumped) x ~3.7 GHz; bf16 via AVX512_BF16 at 2x; "
-          "~40 GB/s DRAM bandwidth for 2 cores; memory size read from the OS.",
-)
+def _host_cpu() -> DeviceSpec:
+    """This machine's CPU, from what the OS reports: an ESTIMATE, not a datasheet.
+
+    Peak = usable cores x 2 FMA pipes x SIMD f32 lanes (16 with AVX-512, 8 with AVX2,
+    4 otherwise) x 2 FLOP per FMA x an assumed 3.0 GHz; bandwidth an assumed ~20 GB/s
+    per core (at most 80 GB/s), the share a small VM streams."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    flags: set[str] = set()
+    model = "x86-64"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and model == "x86-64":
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    isa, lanes = ("AVX-512", 16) if "avx512f" in flags else ("AVX2", 8) if "avx2" in flags else ("SSE", 4)
+    f32 = cores * 2 * lanes * 2 * 3.0e9
+    return DeviceSpec(
+        name=f"{model}, {cores} vCPU ({isa})",
+        peak_flops={"f64": f32 / 2, "f32": f32, "f16": f32, "bf16": f32 * (2 if "avx512_bf16" in flags else 1)},
+        memory_bandwidth=min(20e9 * cores, 80e9),
+        memory_bytes=_host_memory_bytes(),
+        notes=f"ESTIMATE for this machine: {cores} cores x 2 FMA pipes x {lanes} f32 lanes ({isa}) x 2 x "
+              "an assumed 3.0 GHz; ~20 GB/s per core of DRAM bandwidth; memory size read from the OS",
+    )
+
+
+HOST_CPU = _host_cpu()
 
 DEVICES: Mapping[str, DeviceSpec] = {
     "h100": H100_SXM,
     "h200": H200_SXM,
     "mi300x": MI300X,
     "910b3": ASCEND_910B3,
-    "cpu": EPYC_ZEN4_2VCPU,
+    "cpu": HOST_CPU,
 }
 
 # The devices each target's estimated rows are given for (the first is the target's default).

@@ -131,9 +131,12 @@ def _attention(sch) -> None:
         sch.vectorize(cc)
     sch.decompose_reduction(pv, j)
     qk = sch.get_sblock("qk")
-    r = sch.get_loops(qk)[-1]
-    if _static(sch.get(r).extent):
-        sch.unroll(r)
+    j, r = sch.get_loops(qk)[-2:]
+    sch.reorder(r, j)
+    sch.decompose_reduction(qk, r)
+    kt = sch.get_sblock("k_t")
+    loops = sch.get_loops(kt)
+    sch.parallel(sch.fuse(loops[0], loops[1]))
 
 
 def schedule_func(func):

@@ -21,9 +21,11 @@ def attention(q: te.Tensor, k: te.Tensor, v: te.Tensor, mask, sinks, *, num_head
     Dv = v.shape[3]
     group = num_heads // kv_heads
     ninf = tirx.const(NEG_INF, "float32")
+    # K transposed once per call ([B, KV, D, Skv]) so the q.k loop can run contiguously over keys
+    kt = te.compute((B, k.shape[1], D, Skv), lambda b, g, c, j: k[b, g, j, c].astype("float32"), name="k_t")
     d = te.reduce_axis((0, D), name="d")
     raw = te.compute((B, H, S, Skv), lambda b, h, i, j: te.sum(
-        q[b, h, i, d].astype("float32") * k[b, h // group, j, d].astype("float32"), axis=d), name="qk")
+        q[b, h, i, d].astype("float32") * kt[b, h // group, d, j], axis=d), name="qk")
 
     def masked(b, h, i, j):
         s = raw[b, h, i, j] * tirx.const(scale, "float32")
