@@ -233,8 +233,8 @@ def test_run_dump_ir_and_output_names(cli, reshape_onnx, tmp_path):
 BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "deepseek_v3_tiny.onnx"
 
 
-def test_readme_main_job_on_bundled_model(cli, tmp_path):
-    """The README's main job: inspect, then run --seq 16; logits match ONNX Runtime."""
+def test_inspect_and_run_the_bundled_model(cli, tmp_path):
+    """inspect, then run --seq 16 on the bundled model; logits match ONNX Runtime."""
     inspected = cli("inspect", BUNDLED, "--json")
     assert inspected.exit_code == 0, inspected.stderr
     stats = json.loads(inspected.stdout)

@@ -7,6 +7,7 @@ MLP and per shared expert, no router TopK/Softmax/Sigmoid and no per-token
 gather of expert weights left outside the fused ops.
 """
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -15,9 +16,22 @@ from polyport.frontend import import_onnx
 from polyport.passes.pipelines import run_pipeline
 from polyport.runtime.reference import ReferenceSession
 
-from .real_models import assert_logits_close, corpus, model_path, ort_run, token_ids
+from .real_models import MODELS as MODELS_DIR, assert_logits_close, ort_run, token_ids
 
-MODELS = corpus()
+
+def _all_exports() -> dict[str, dict]:
+    """The corpus and its variants (examples/models/<variant>/: the same models exported
+    with sdpa attention or at opset 23): the same fusions must fire on every spelling."""
+    found = {}
+    for corpus_file in sorted(MODELS_DIR.glob("**/corpus.json")):
+        variant = corpus_file.parent.relative_to(MODELS_DIR).as_posix()
+        for name, entry in json.loads(corpus_file.read_text())["models"].items():
+            key = name if variant == "." else f"{variant}/{name}"
+            found[key] = dict(entry, path=str(corpus_file.parent / entry["file"]))
+    return found
+
+
+MODELS = _all_exports()
 # DeepSeek-V4's compressed attention layers (HCA / CSA: K/V extended by seq // rate
 # compressed entries, CSA with a data-dependent top-k block selection) are not
 # expressible as polyport::Attention yet: they stay unfused, and are counted apart.
@@ -73,7 +87,7 @@ def expert_weight_gathers(graph, experts: int) -> list[str]:
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def fused(request):
     name = request.param
-    graph = import_onnx(model_path(name))
+    graph = import_onnx(MODELS[name]["path"])
     before = len(graph)
     run_pipeline(graph, "default")
     return name, graph, before
@@ -97,5 +111,5 @@ def test_fused_graph_matches_onnxruntime(fused, seq):
     name, graph, _ = fused
     feeds = token_ids(seq, MODELS[name]["vocab_size"])
     got = ReferenceSession(graph, check_types=True).run(feeds)["logits"]
-    (want,) = ort_run(model_path(name), feeds)
+    (want,) = ort_run(MODELS[name]["path"], feeds)
     assert_logits_close(got, want)
