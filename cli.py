@@ -300,20 +300,24 @@ def compile_(model: str, targets: tuple[str, ...], out: str, passes: str, archs:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
     from .targets.base import CompileOptions
-    on_stage = None
-    if dump_ir is not None:
-        os.makedirs(dump_ir, exist_ok=True)
-        from .ir.printer import format_graph
-        counter = iter(range(1000))
-
-        def on_stage(stage, graph):
-            name = f"{next(counter):02d}-{stage.replace(' ', '-')}.ir"
-            with atomic_write(os.path.join(dump_ir, name)) as f:
-                f.write((format_graph(graph) + "\n").encode())
+    on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
     path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
                          on_stage=on_stage, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
+
+
+def _stage_files(directory: str):
+    """An `on_stage` callback writing each stage's IR to DIR/NN-<stage>.ir."""
+    from .ir.printer import format_graph
+    os.makedirs(directory, exist_ok=True)
+    counter = iter(range(1000))
+
+    def write(stage, graph):
+        name = f"{next(counter):02d}-{stage.replace(' ', '-')}.ir"
+        with atomic_write(os.path.join(directory, name)) as f:
+            f.write((format_graph(graph) + "\n").encode())
+    return write
 
 
 # ---- bench and report (runtime/bench.py) ---------------------------------------------

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 

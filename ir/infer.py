@@ -1,7 +1,6 @@
 """Type inference for one node: the registered function, else ONNX's own."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import helper
 

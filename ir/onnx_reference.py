@@ -6,7 +6,7 @@ subgraph body reads from enclosing scopes become extra inputs of that model.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from . import dtypes
 from .graph import Graph, Node, Value
-from .types import OptionalType, SequenceType, TensorType, Type
+from .types import OptionalType, SequenceType, Type
 
 
 def runtime_type(x: Any, declared: Type | None = None) -> onnx.TypeProto:

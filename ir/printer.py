@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Graph, Node, Value
-from .symbolic import SymExpr
 
 _MAX_INLINE = 8  # constants up to this many elements print their values
 

@@ -1,7 +1,7 @@
 """Checks the invariants the IR promises (see graph.py); passes run it after each step."""
 from __future__ import annotations
 
-from .graph import Graph, Value
+from .graph import Graph
 
 
 class VerificationError(AssertionError):

@@ -10,7 +10,6 @@ import numpy as np
 
 from ..ir.fold import fold, materialise
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import known_value
 from ..ir.types import TensorType
 from .manager import PassResult, register_pass
 

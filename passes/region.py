@@ -8,13 +8,12 @@ means what the pattern claims, whatever chain the exporter produced.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import POLYPORT_DOMAIN
-from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
 
 TRIAL_SYMBOL_VALUES = (1, 3, 8)
