@@ -263,6 +263,15 @@ def _merge_heads(c: Conversion, y: Value, out: Optional[Value], tag: str = "out"
     return c.reshape(t, [0, 0, -1], f"{tag}_merge_heads", out=out)
 
 
+def _append_kv_cache(c, past_k, past_v, k4, v4):
+    """(all keys, all values, [present_key, present_value]) with the past cache (outputs 1 and 2) prepended."""
+    if past_k is None:
+        return k4, v4, [_identity_to(c, k4, 1), _identity_to(c, v4, 2)]
+    k_all = c.emit("Concat", [past_k, k4], {"axis": 2}, out=c.out(1), tag="present_key")
+    v_all = c.emit("Concat", [past_v, v4], {"axis": 2}, out=c.out(2), tag="present_value")
+    return k_all, v_all, [k_all if c.used(1) else None, v_all if c.used(2) else None]
+
+
 def _identity_to(c: Conversion, x: Value, i: int) -> Optional[Value]:
     """ONNX output i as `x` under the output's own name (None when the model does not ask for it)."""
     if not c.used(i):
@@ -419,13 +428,7 @@ def onnx_attention(c: Conversion):
 
     q_len = c.shape(q4)[2] if c.shape(q4) else None
     kv_len = c.shape(k4)[2] if c.shape(k4) else None
-    if past_k is not None:
-        k_all = c.emit("Concat", [past_k, k4], {"axis": 2}, out=c.out(1), tag="present_key")
-        v_all = c.emit("Concat", [past_v, v4], {"axis": 2}, out=c.out(2), tag="present_value")
-        present = [k_all if c.used(1) else None, v_all if c.used(2) else None]
-    else:
-        k_all, v_all = k4, v4
-        present = [_identity_to(c, k4, 1), _identity_to(c, v4, 2)]
+    k_all, v_all, present = _append_kv_cache(c, past_k, past_v, k4, v4)
     if mask is not None:
         mask = _pad_mask(c, mask, k_all)
 
@@ -729,13 +732,7 @@ def ms_multi_head_attention(c: Conversion):
     scale = c.attr("scale")
     if scale is None:
         scale = 1.0 / math.sqrt(hidden // heads)
-    if past_k is not None:
-        k_all = c.emit("Concat", [past_k, k4], {"axis": 2}, out=c.out(1), tag="present_key")
-        v_all = c.emit("Concat", [past_v, v4], {"axis": 2}, out=c.out(2), tag="present_value")
-        present = [k_all if c.used(1) else None, v_all if c.used(2) else None]
-    else:
-        k_all, v_all = k4, v4
-        present = [_identity_to(c, k4, 1), _identity_to(c, v4, 2)]
+    k_all, v_all, present = _append_kv_cache(c, past_k, past_v, k4, v4)
     causal = 0
     if c.attr("unidirectional", 0):
         q_len, kv_len = c.shape(q4)[2], c.shape(k4)[2] if c.shape(k4) else None

@@ -9,7 +9,6 @@ weights.safetensors and are bound at load time.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,23 +16,14 @@ from typing import Any, Mapping
 from .. import errors
 from ..ir.graph import Graph
 from .base import CompileOptions, Target, register_target
-from .devices import HOST_CPU
+from .devices import HOST_CPU, host_cpu_info
 
 GENERIC_MCPU = "x86-64-v3"
 
 def host_mcpu() -> str:
     """The LLVM CPU name for this host (upgraded to an AVX-512 name where the flags say so)."""
-    flags: set[str] = set()
-    vendor = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("vendor_id") and not vendor:
-                    vendor = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    info = host_cpu_info()
+    flags, vendor = info["flags"], info["vendor_id"]
     try:
         import tvm.target.codegen as cg
         name = cg.llvm_get_system_cpu()

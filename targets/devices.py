@@ -70,6 +70,23 @@ ASCEND_910B3 = DeviceSpec(
           "at ~1.6 TB/s. The FP32 figure (~78 TF, a quarter of FP16) is an ESTIMATE, not a vendor number.",
 )
 
+def host_cpu_info() -> dict:
+    """`flags` (a set), `vendor_id` and `model name` of the first CPU in /proc/cpuinfo (empty if absent)."""
+    info: dict = {"flags": set(), "vendor_id": "", "model name": ""}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags" and not info["flags"]:
+                    info["flags"] = set(value.split())
+                elif key in ("vendor_id", "model name") and not info[key]:
+                    info[key] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
 def _host_cpu() -> DeviceSpec:
     """This machine's CPU, from what the OS reports: an ESTIMATE, not a datasheet.
 
@@ -77,17 +94,8 @@ def _host_cpu() -> DeviceSpec:
     4 otherwise) x 2 FLOP per FMA x an assumed 3.0 GHz; bandwidth an assumed ~20 GB/s
     per core (at most 80 GB/s), the share a small VM streams."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    flags: set[str] = set()
-    model = "x86-64"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("model name") and model == "x86-64":
-                    model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    info = host_cpu_info()
+    flags, model = info["flags"], info["model name"] or "x86-64"
     isa, lanes = ("AVX-512", 16) if "avx512f" in flags else ("AVX2", 8) if "avx2" in flags else ("SSE", 4)
     f32 = cores * 2 * lanes * 2 * 3.0e9
     return DeviceSpec(
