@@ -196,8 +196,6 @@ def main(argv=None) -> int:
     ap.add_argument("--export-only", action="store_true", help=f"only export {BIG} into the work dir")
     args = ap.parse_args(argv)
     log = lambda msg: print(f"side_by_side: {msg}", file=sys.stderr, flush=True)    # noqa: E731
-    cpus = os.cpu_count() or 1
-    os.environ.setdefault("TVM_NUM_THREADS", str(cpus))         # TVM's default is half the cores
     args.work_dir.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models if not (args.no_big and m == BIG)]
 
@@ -209,6 +207,9 @@ def main(argv=None) -> int:
     except Missing as e:
         print(f"side_by_side: error: {e}", file=sys.stderr)
         return 2
+    from polyport.runtime.cpu_session import usable_cpus
+    cpus = usable_cpus()                                          # both ORT and TVM get the CPUs we may use
+    os.environ.setdefault("TVM_NUM_THREADS", str(cpus))         # TVM's default is half the cores
 
     # 1. ONNX files (exporting the big model needs torch; done before any runtime starts)
     paths = {}

@@ -17,7 +17,8 @@ from .artifact import Artifact, ArtifactError
 from .reference import check_feeds
 
 
-def _cpu_count() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), which thread pools should size to."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -37,7 +38,7 @@ class CpuSession:
         if threads is not None:
             os.environ["TVM_NUM_THREADS"] = str(int(threads))
         else:
-            os.environ.setdefault("TVM_NUM_THREADS", str(_cpu_count()))
+            os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
         import tvm
         from tvm import relax
         from .session import signature_types

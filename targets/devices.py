@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from ..runtime.cpu_session import usable_cpus
 from .base import DeviceSpec
 
 T = 1e12
@@ -93,7 +94,7 @@ def _host_cpu() -> DeviceSpec:
     Peak = usable cores x 2 FMA pipes x SIMD f32 lanes (16 with AVX-512, 8 with AVX2,
     4 otherwise) x 2 FLOP per FMA x an assumed 3.0 GHz; bandwidth an assumed ~20 GB/s
     per core (at most 80 GB/s), the share a small VM streams."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     info = host_cpu_info()
     flags, model = info["flags"], info["model name"] or "x86-64"
     isa, lanes = ("AVX-512", 16) if "avx512f" in flags else ("AVX2", 8) if "avx2" in flags else ("SSE", 4)
