@@ -2,7 +2,10 @@
 
 A row is `measured` only when the target's device is on this machine and the
 artifact was built for it: session.run is timed (warm-up, then `runs` timed
-runs; median, p90, IQR). Every other row is `estimated`: the roofline lower
+runs; median, p90, IQR). For cuda/rocm "on this machine" means TVM's runtime
+can drive the GPU (runtime/gpu_session.py); session.run returns host arrays,
+so each timed run includes the device's work to the end (inputs up, outputs
+down, synchronised). Every other row is `estimated`: the roofline lower
 bound (runtime/roofline.py) for a named device (H100/H200 for cuda, MI300X for
 rocm, 910B3 for ascend). The Ascend target runs here only as a CPU emulator,
 which is never timed as if it were Ascend: ascend rows are always estimated.
@@ -45,15 +48,27 @@ Loader = Callable[[str, str], Any]
 
 
 # ---- where things run --------------------------------------------------------------------
-def device_present(target: str) -> bool:
-    """Whether `target`'s hardware is on this machine (ascend: never; its runtime here is an emulator)."""
+GPU_DEVICE_NODES = {"cuda": ("/dev/nvidiactl", "/dev/nvidia0"), "rocm": ("/dev/kfd",)}
+
+
+def device_problem(target: str) -> Optional[str]:
+    """Why `target` cannot be measured on this machine, or None when it can.
+
+    ascend: never (its runtime here is a CPU emulator). cuda/rocm: the device
+    nodes first (cheap), then whether TVM's runtime can drive the device."""
     if target == "cpu":
-        return True
-    if target == "cuda":
-        return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-    if target == "rocm":
-        return os.path.exists("/dev/kfd")
-    return False
+        return None
+    if target in GPU_DEVICE_NODES:
+        if not any(os.path.exists(p) for p in GPU_DEVICE_NODES[target]):
+            return f"no {target} device on this machine"
+        from .gpu_session import device_problem as gpu_problem
+        return gpu_problem(target)
+    return f"no {target} device on this machine"
+
+
+def device_present(target: str) -> bool:
+    """Whether `target`'s device is on this machine and usable by polyport's runtime."""
+    return device_problem(target) is None
 
 
 def machine_info() -> dict[str, Any]:
@@ -146,6 +161,11 @@ def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
         if device_present(t) and t not in art.targets:
             notes.append(f"{t}: its device is here but the artifact has no {t} target (built: "
                          f"{', '.join(art.targets) or 'none'}): estimated only; compile with --target {t} to measure")
+    for t in art.targets:                 # a GPU is plugged in but cannot be used: say why it is only estimated
+        if t in GPU_DEVICE_NODES and any(os.path.exists(p) for p in GPU_DEVICE_NODES[t]):
+            problem = device_problem(t)
+            if problem:
+                notes.append(f"{t}: estimated only: {problem}")
     for target, kind, dev in plan(art.targets, targets, device):
         if kind == "measured":
             rows.extend(_measure(art, target, seqs, runs, warmup, loader, progress))
@@ -181,13 +201,17 @@ def _measure(art: Artifact, target: str, seqs: Sequence[int], runs: int, warmup:
     session = loader(str(art.path), target)
     sig = getattr(session, "signature", None) or art.signature
     specs = signature_types(sig["inputs"])
-    device = DEVICES[TARGET_DEVICES[target][0]].name if target == "cpu" else target
+    # GPU sessions name their device (e.g. "NVIDIA H200"); the cpu row names the host CPU's DeviceSpec.
+    device = getattr(session, "device_name", None) or DEVICES[TARGET_DEVICES[target][0]].name
     rows = []
     for seq in seqs:
         feeds = make_feeds(specs, seq)
         progress(f"timing {target} at seq {seq}: {warmup} warm-up + {runs} runs")
         stats = summarize(time_runs(lambda: session.run(feeds), runs, warmup))
-        rows.append({"target": target, "device": device, "seq": int(seq), "kind": "measured", **stats})
+        row = {"target": target, "device": device, "seq": int(seq), "kind": "measured", **stats}
+        if getattr(session, "arch", None):
+            row["arch"] = session.arch        # the library that ran (cuda: sm_XY, rocm: gfxNNN)
+        rows.append(row)
     return rows
 
 

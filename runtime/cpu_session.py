@@ -1,20 +1,19 @@
-"""Loader for the cpu target: the Relax VM over `cpu/model.so`, weights bound once from the artifact.
+"""Loader for the cpu target: the Relax VM (runtime/vm_session.py) over `cpu/model.so` on tvm.cpu().
 
-Imports TVM's runtime only (never the compiler). `TVM_NUM_THREADS` is set to
-the CPU count this process may use before TVM starts its thread pool, unless
-the user set it (TVM defaults to half the hardware threads: 1 on 2 vCPUs).
+What is CPU-only lives here: the thread count and the packed weight layout.
+`TVM_NUM_THREADS` is set to the CPU count this process may use before TVM
+starts its thread pool, unless the user set it (TVM defaults to half the
+hardware threads: 1 on 2 vCPUs).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .. import errors
-from .artifact import Artifact, ArtifactError
-from .reference import check_feeds
+from .artifact import Artifact
+from .vm_session import VmSession
 
 
 def usable_cpus() -> int:
@@ -28,57 +27,25 @@ def usable_cpus() -> int:
 def _pack(w: np.ndarray, nb: int) -> np.ndarray:
     """[K, N] -> [N/NB, K, NB] (the dense kernel's layout; one copy at load time), or as is."""
     if not nb:
-        return np.ascontiguousarray(w)
+        return w
     k, n = w.shape
-    return np.ascontiguousarray(w.reshape(k, n // nb, nb).transpose(1, 0, 2))
+    return w.reshape(k, n // nb, nb).transpose(1, 0, 2)
 
 
-class CpuSession:
+class CpuSession(VmSession):
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
         if threads is not None:
             os.environ["TVM_NUM_THREADS"] = str(int(threads))
         else:
             os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
         import tvm
-        from tvm import relax
-        from .session import signature_types
 
-        self.artifact = art
         self.entry = dict(entry)
-        self.signature = art.signature
-        lib_path = art.path / entry.get("library", "cpu/model.so")
-        meta_path = art.path / entry.get("meta", "cpu/model.json")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{art.path}: cannot read {meta_path.name}: {e}") from None
-        try:
-            lib = tvm.runtime.load_module(str(lib_path))
-        except Exception as e:
-            raise ArtifactError(f"{art.path}: cannot load {lib_path.name}: {str(e).splitlines()[0]}") from None
-        self._vm = relax.VirtualMachine(lib, tvm.cpu())
-        self._fn = self._vm[meta.get("function", "main")]
-        weights = art.weights()
-        missing = [n for n in meta["params"] if n not in weights]
-        if missing:
-            raise ArtifactError(f"{art.path}: weights.safetensors lacks {missing[0]!r} that cpu/model.so needs")
-        packed = meta.get("packed", {})
-        self._params = [tvm.runtime.tensor(_pack(weights[n], packed.get(n, 0))) for n in meta["params"]]
-        self._tvm = tvm
-        self.input_names: list[str] = list(meta["inputs"])
-        self.output_names: list[str] = list(meta["outputs"])
-        self._in_types = signature_types(self.signature["inputs"])
+        super().__init__(art, "cpu", entry.get("library", "cpu/model.so"), entry.get("meta", "cpu/model.json"),
+                         tvm.cpu())
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self._in_types, feeds)
-        tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in self.input_names]
-        try:
-            out = self._fn(*args, *self._params)
-        except Exception as e:
-            raise errors.ExecutionError(f"cpu: the model failed at run time: {str(e).splitlines()[0]}") from e
-        outs = [out] if len(self.output_names) == 1 else list(out)
-        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+    def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
+        return _pack(w, self.meta.get("packed", {}).get(name, 0))
 
 
 def load(art: Artifact, entry: Mapping[str, Any], target: str = "cpu", threads: Optional[int] = None) -> CpuSession:

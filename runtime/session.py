@@ -19,9 +19,10 @@ from .artifact import Artifact
 
 LOADERS = {
     "cpu": "polyport.runtime.cpu_session",
+    "cuda": "polyport.runtime.gpu_session",
+    "rocm": "polyport.runtime.gpu_session",
     "ascend": "polyport.runtime.ascend_emulator",
 }
-PLANNED = ("cuda", "rocm")   # targets whose code generation does not exist yet
 
 
 class Session(Protocol):
@@ -33,8 +34,6 @@ class Session(Protocol):
 
 def load(path: str | os.PathLike, target: str = "cpu", **options: Any) -> Session:
     """Open the artifact at `path` for `target`, checking the hashes of every file it uses."""
-    if target in PLANNED:
-        raise errors.PolyportError(f"target {target!r} is not implemented yet; available: {', '.join(LOADERS)}")
     if target not in LOADERS:
         raise errors.PolyportError(f"unknown target {target!r}; known: {', '.join(LOADERS)}")
     art = Artifact(path)

@@ -1,0 +1,96 @@
+"""The target-independent part of a TVM-built session: the Relax VM over one library on one device.
+
+A TVM target's folder holds `model.json` (the VM function's name, its input,
+weight-parameter and output names in call order, the graph's symbols) and a
+built library. `VmSession` reads the meta file, loads the library, binds the
+weights from the artifact's weights.safetensors once (on the session's
+device), checks feeds against the manifest's signature and returns outputs
+as NumPy arrays. What differs per target (which library, which device, how a
+weight is laid out) is decided by the caller: runtime/cpu_session.py,
+runtime/gpu_session.py.
+
+Imports TVM's runtime only, never the compiler.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+
+from .. import errors
+from .artifact import Artifact, ArtifactError
+from .reference import check_feeds
+
+
+def read_meta(art: Artifact, rel: str) -> dict[str, Any]:
+    """A target's `model.json` (path relative to the artifact)."""
+    path = art.path / rel
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{art.path}: cannot read {rel}: {e}") from None
+    missing = [k for k in ("inputs", "params", "outputs") if k not in meta]
+    if missing:
+        raise ArtifactError(f"{art.path}: {rel} lacks {', '.join(missing)}; recompile the artifact")
+    return meta
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line (TVM's messages carry a multi-line backtrace)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class VmSession:
+    """`run(feeds) -> outputs` through the Relax VM on `device` (a tvm.runtime.Device).
+
+    `library` and `meta` are paths relative to the artifact. A subclass whose
+    weights are bound in another layout overrides `prepare` (called once per
+    weight, at load time, with `self.meta` already read)."""
+
+    def __init__(self, art: Artifact, target: str, library: str, meta: str, device: Any):
+        import tvm
+        from tvm import relax
+        from .session import signature_types
+
+        self.artifact = art
+        self.target = target
+        self.signature = art.signature
+        self.device = device
+        self.library = library
+        self.meta = info = read_meta(art, meta)
+        try:
+            lib = tvm.runtime.load_module(str(art.path / library))
+        except Exception as e:  # noqa: BLE001 - TVM raises its own types for a bad or foreign library
+            raise ArtifactError(f"{art.path}: target {target}: cannot load {library}: {first_line(e)}") from None
+        self._vm = relax.VirtualMachine(lib, device)
+        self._fn = self._vm[info.get("function", "main")]
+        weights = art.weights()
+        missing = [n for n in info["params"] if n not in weights]
+        if missing:
+            raise ArtifactError(f"{art.path}: weights.safetensors lacks {missing[0]!r} that {library} needs")
+        # Uploaded once: every run reuses these device tensors.
+        self._params = [tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])), device=device)
+                        for n in info["params"]]
+        self._tvm = tvm
+        self.input_names: list[str] = list(info["inputs"])
+        self.output_names: list[str] = list(info["outputs"])
+        self._in_types = signature_types(self.signature["inputs"])
+
+    def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
+        """The array bound to the VM for the stored weight `name` (as stored, by default)."""
+        return w
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self._in_types, feeds)
+        tensor = self._tvm.runtime.tensor
+        args = [tensor(np.ascontiguousarray(feeds[n]), device=self.device) for n in self.input_names]
+        try:
+            out = self._fn(*args, *self._params)
+            outs = [out] if len(self.output_names) == 1 else list(out)
+            # .numpy() copies to the host and waits for the device: run() returns only when the work is done,
+            # so timing run() measures the whole call on every device.
+            return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+        except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
+            raise errors.ExecutionError(f"{self.target}: the model failed at run time: {first_line(e)}") from e
