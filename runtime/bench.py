@@ -269,7 +269,7 @@ def _sort_key(r: Mapping[str, Any]):
     return (r["_model"], order.get(r["target"], 99), r["target"], r["seq"], r["device"], r["_file"])
 
 
-def _table(header: list[str], body: list[list[str]], right: Iterable[int]) -> list[str]:
+def text_table(header: list[str], body: list[list[str]], right: Iterable[int]) -> list[str]:
     right = set(right)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)     # noqa: E731
@@ -299,7 +299,7 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         header = ["model", "target", "device", "seq", "median ms", "p90 ms", "spread ms", "runs"]
         body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), _ms(r["p90_ms"]),
                  _ms(r["spread_ms"]), str(r["runs"])] + ([r["_file"]] if several else []) for r in measured]
-        lines += _table(header + (["file"] if several else []), body, right=(3, 4, 5, 6, 7))
+        lines += text_table(header + (["file"] if several else []), body, right=(3, 4, 5, 6, 7))
     else:
         lines.append("  (none)")
     lines.append("")
@@ -311,7 +311,7 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
                  f"{r['flops'] / 1e9:.4g}" if r.get("flops") is not None else "-",
                  f"{r['bytes'] / 1e6:.4g}" if r.get("bytes") is not None else "-"]
                 + ([r["_file"]] if several else []) for r in estimated]
-        lines += _table(header + (["file"] if several else []), body, right=(3, 4, 6, 7))
+        lines += text_table(header + (["file"] if several else []), body, right=(3, 4, 6, 7))
     else:
         lines.append("  (none)")
     for label, doc in docs:

@@ -1,0 +1,367 @@
+#!/usr/bin/env python
+"""polyport's cuda target on a real NVIDIA GPU: compile, run, check numerics, time against ONNX Runtime.
+
+    python benchmarks/gpu_check.py --work-dir DIR [--models NAME|PATH ...] [--seq 1 16 128 1024]
+                                   [--runs 20] [--warmup 3] [--budget-s S] [--quick] [--arch sm_90]
+                                   [--target cuda|cpu] [--json FILE]
+
+(benchmarks/gpu_check.sh wraps it: offline wheel install, library paths.) Run
+from the repository root. Nothing is downloaded: what is missing is reported.
+
+1. Environment: TVM (and whether its CUDA runtime loads), the GPU and its
+   arch, nvcc, onnxruntime and whether its CUDA execution provider works
+   (onnxruntime-gpu). Without TVM, onnxruntime or polyport's cuda target it
+   stops here (exit 2).
+2. Compile each model with `python -m polyport.cli compile M --target cuda
+   --arch <the GPU's arch>` into DIR/artifacts (cached by the ONNX file's hash;
+   each compile gets the budget left). With no usable GPU it stops after the
+   compiles with a clear message (exit 2): that proves the build half.
+3. For each model and --seq: the same deterministic inputs as `polyport bench`
+   go to polyport (session.run, which returns host arrays: every timed run
+   includes uploads, the kernels and the download) and to ONNX Runtime. Logits
+   are compared with ORT's CPU EP on the original export:
+       max |polyport - ort| <= tol * max |ort|,  tol = 1e-3 (f32), 1e-2 (f16), 2e-2 (bf16)
+   by the artifact's compute dtype (f16/bf16 round every layer's activations:
+   2^-11 and 2^-8 unit roundoff, accumulated over a few layers).
+4. Timing: polyport and the peer interleaved (side_by_side.interleaved),
+   median of --runs after --warmup. The peer is ORT's CUDA EP when it works,
+   else ORT's CPU EP, and the table says which.
+
+--quick (or --budget-s S): 5 runs after 2 warm-ups and a total budget (420 s
+with --quick) shared by compiles and timing; past the budget a row keeps its
+numerics check and is timed only 3 times, and compiles that would start past
+it are skipped. --target cpu runs the same steps on polyport's cpu target (no
+GPU needed): a check of this script's plumbing.
+
+Prints a table and writes JSON (--json, default DIR/gpu_check.json). Exit 0 when
+every row is within tolerance, 1 on a numerics, compile or run failure, 2 when
+the environment cannot run the check.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from side_by_side import CORPUS, EXAMPLES, interleaved, median  # noqa: E402
+
+DEFAULT_SEQS = (1, 16, 128, 1024)
+TOLERANCES = {"f32": 1e-3, "f16": 1e-2, "bf16": 2e-2}      # x max |ORT CPU logit|
+QUICK = {"runs": 5, "warmup": 2, "budget_s": 420.0}
+
+
+def log(msg: str) -> None:
+    print(f"gpu_check: {msg}", file=sys.stderr, flush=True)
+
+
+class Budget:
+    """Seconds left of --budget-s (infinite without it)."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.end = time.perf_counter() + seconds if seconds else float("inf")
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+# ---- 1. environment -----------------------------------------------------------------------
+def environment(target: str) -> tuple[dict[str, Any], list[str], Optional[str]]:
+    """(facts, blocking problems, why the device cannot run or None)."""
+    env: dict[str, Any] = {"python": sys.version.split()[0]}
+    blocking: list[str] = []
+    try:
+        import polyport
+        from polyport.targets.base import target_names
+        env["polyport"] = f"{polyport.__version__} ({Path(polyport.__file__).resolve().parent})"
+        env["polyport_targets"] = target_names()
+        if target not in env["polyport_targets"]:
+            blocking.append(f"polyport has no {target!r} target (registered: {', '.join(env['polyport_targets'])}); "
+                            f"targets/{target}.py is missing from this checkout")
+    except Exception as e:  # noqa: BLE001 - report any import failure, do not hide it
+        return {**env, "polyport": f"not importable: {e}"}, [f"polyport is not importable ({e}); run from the "
+                                                              "repository root or install it"], None
+    try:
+        import tvm
+        env["tvm"] = tvm.__version__
+    except ImportError as e:
+        blocking.append(f"apache-tvm is not installed ({e}); give its wheels to gpu_check.sh (WHEELS=DIR)")
+    try:
+        import onnxruntime as ort
+        env["onnxruntime"] = ort.__version__
+        env["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError as e:
+        blocking.append(f"onnxruntime is not installed ({e}): it is the numerics reference")
+    nvcc = shutil.which("nvcc")
+    env["nvcc"] = _first_output([nvcc, "--version"], last=True) if nvcc else "not on PATH"
+    env["nvidia_smi"] = _first_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                       "--format=csv,noheader"]) if shutil.which("nvidia-smi") else "not on PATH"
+    device_problem = None
+    if target != "cpu" and "tvm" in env:
+        from polyport.runtime import gpu_session
+        device_problem = gpu_session.device_problem(target)
+        if device_problem is None:
+            _, env["device"], env["device_arch"] = gpu_session.open_device(target)
+        else:
+            env["device"] = device_problem
+    return env, blocking, device_problem
+
+
+def _first_output(cmd: list[str], last: bool = False) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"failed: {e}"
+    return (out[-1] if last else out[0]) if out else "no output"
+
+
+def ort_sessions(path: Path, cuda_ep: bool) -> tuple[Any, Any, str]:
+    """(CPU EP session, CUDA EP session or None, why the CUDA EP is absent: '' when present)."""
+    import onnxruntime as ort
+    from polyport.runtime.cpu_session import usable_cpus
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = usable_cpus()
+    cpu = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if not cuda_ep:
+        return cpu, None, ""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return cpu, None, f"onnxruntime {ort.__version__} has no CUDA EP (onnxruntime-gpu is not installed)"
+    try:
+        gpu = ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - a missing cuDNN / CUDA library surfaces here
+        return cpu, None, f"ORT's CUDA EP failed to start: {str(e).strip().splitlines()[0]}"
+    if gpu.get_providers()[0] != "CUDAExecutionProvider":
+        return cpu, None, f"ORT fell back to {gpu.get_providers()[0]} (its CUDA libraries did not load)"
+    return cpu, gpu, ""
+
+
+# ---- 2. compile ---------------------------------------------------------------------------
+def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], timeout_s: float) -> tuple[Path, float]:
+    """`polyport compile` in a subprocess (a hung compile cannot eat the budget); cached. (artifact, seconds)."""
+    from polyport.runtime.artifact import sha256
+    art = work_dir / "artifacts" / f"{onnx_path.stem}.{target}"
+    stamp = art.with_name(art.name + ".source")
+    key = hashlib.sha256(f"{sha256(onnx_path)} {target} {' '.join(archs)}".encode()).hexdigest()
+    if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == key:
+        return art, 0.0
+    cmd = [sys.executable, "-m", "polyport.cli", "compile", str(onnx_path), "--target", target, "-o", str(art)]
+    for a in archs:
+        cmd += ["--arch", a]
+    log(f"compiling {onnx_path.name} for {target} {' '.join(archs)}".rstrip())
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True,
+                           timeout=None if timeout_s == float("inf") else max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"compile of {onnx_path.name} ran past the budget ({timeout_s:.0f} s)") from None
+    if r.returncode != 0:
+        tail = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-1]
+        raise RuntimeError(f"compile of {onnx_path.name} failed: {tail}")
+    stamp.write_text(key + "\n")
+    return art, time.perf_counter() - t0
+
+
+# ---- 3./4. numerics and timing ------------------------------------------------------------
+def relative_error(got, want) -> tuple[float, float]:
+    """(max |got - want|, max |want|); inf when the shapes differ."""
+    import numpy as np
+    want = np.asarray(want, np.float64)
+    if np.shape(got) != want.shape:
+        return float("inf"), float(np.abs(want).max())
+    return float(np.abs(np.asarray(got, np.float64) - want).max()), float(np.abs(want).max())
+
+
+def compute_dtype(art: Path, target: str) -> str:
+    from polyport.runtime.artifact import Artifact
+    a = Artifact(art)
+    return str(a.target_entry(target).get("dtype") or (a.manifest.get("cost") or {}).get("dtype") or "f32")
+
+
+def check_model(name: str, art: Path, target: str, ort_cpu, ort_gpu, peer_note: str,
+                args, budget: Budget, rows_left: int, restore) -> list[dict[str, Any]]:
+    import polyport
+    from polyport.runtime.bench import make_feeds
+    from polyport.runtime.session import signature_types
+    session = polyport.load(art, target)
+    restore()
+    dtype = compute_dtype(art, target)
+    tol = TOLERANCES.get(dtype, TOLERANCES["f32"])
+    specs = signature_types(session.signature["inputs"])
+    out_name = ort_cpu.get_outputs()[0].name
+    peer, peer_name = (ort_gpu, "ORT CUDA EP") if ort_gpu is not None else (ort_cpu, "ORT CPU EP")
+    rows = []
+    for seq in args.seq:
+        feeds = make_feeds(specs, seq)
+        ort_feeds = {i.name: feeds[i.name] for i in ort_cpu.get_inputs()}
+        want = ort_cpu.run([out_name], ort_feeds)[0]
+        got = session.run(feeds)
+        restore()
+        got = got[out_name] if out_name in got else next(iter(got.values()))
+        diff, scale = relative_error(got, want)
+        row = {"model": name, "seq": seq, "dtype": dtype, "device": getattr(session, "device_name", target),
+               "arch": getattr(session, "arch", None), "max_abs_diff": diff, "max_abs_ort": scale,
+               "tolerance": tol, "ok": diff <= tol * scale, "peer": peer_name, "peer_note": peer_note}
+        share = budget.left() / max(rows_left, 1)
+        rows_left -= 1
+        t_peer, t_pp = interleaved(lambda: peer.run([out_name], ort_feeds), lambda: session.run(feeds),
+                                   args.runs, args.warmup, args.gap_ms / 1e3, restore, budget_s=max(share, 0.0))
+        row.update(polyport_ms=median(t_pp), peer_ms=median(t_peer), runs=len(t_pp))
+        row["peer_over_polyport"] = row["peer_ms"] / row["polyport_ms"]
+        rows.append(row)
+        log(f"{name} seq {seq}: rel err {diff / scale if scale else diff:.2e} (tol {tol:g}) "
+            f"{'ok' if row['ok'] else 'FAIL'}; polyport {row['polyport_ms']:.3f} ms, {peer_name} "
+            f"{row['peer_ms']:.3f} ms")
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    from polyport.runtime.bench import text_table
+    header = ["model", "seq", "dtype", "rel err", "tol", "ok", "polyport ms", "peer", "peer ms", "peer/polyport"]
+    body = [[r["model"], str(r["seq"]), r["dtype"],
+             f"{r['max_abs_diff'] / r['max_abs_ort']:.2e}" if r["max_abs_ort"] else f"{r['max_abs_diff']:.2e}",
+             f"{r['tolerance']:g}", "ok" if r["ok"] else "FAIL", f"{r['polyport_ms']:.3f}", r["peer"],
+             f"{r['peer_ms']:.3f}", f"{r['peer_over_polyport']:.2f}x"] for r in rows]
+    return "\n".join(text_table(header, body, right=(1, 3, 4, 6, 8, 9)))
+
+
+# ---- main ---------------------------------------------------------------------------------
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work-dir", type=Path, required=True, help="artifacts and the JSON go here")
+    ap.add_argument("--models", nargs="+", default=list(CORPUS), metavar="NAME|PATH",
+                    help=f"corpus names ({', '.join(CORPUS)}) or .onnx paths")
+    ap.add_argument("--seq", type=int, nargs="+", default=list(DEFAULT_SEQS))
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per row (20; 5 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (3; 2 with --quick)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="total seconds for compiles and timing (420 with --quick; default: none)")
+    ap.add_argument("--quick", action="store_true", help="fewer runs and a budget: one run fits in ~8 minutes")
+    ap.add_argument("--arch", action="append", default=None, metavar="SM",
+                    help="architectures to compile for (default: the GPU's own, else the target's defaults)")
+    ap.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
+                    help="cuda; cpu runs every step on polyport's cpu target (no GPU): a plumbing check")
+    ap.add_argument("--gap-ms", type=float, default=None,
+                    help="sleep between timed runs (default 0 on GPU; 200 on cpu, where TVM's workers spin)")
+    ap.add_argument("--json", type=Path, default=None, help="default: WORK_DIR/gpu_check.json")
+    args = ap.parse_args(argv)
+    quick = QUICK if args.quick else {"runs": 20, "warmup": 3, "budget_s": None}
+    args.runs = args.runs if args.runs is not None else quick["runs"]
+    args.warmup = args.warmup if args.warmup is not None else quick["warmup"]
+    args.budget_s = args.budget_s if args.budget_s is not None else quick["budget_s"]
+    args.gap_ms = args.gap_ms if args.gap_ms is not None else (200.0 if args.target == "cpu" else 0.0)
+    if args.runs < 1 or args.warmup < 0 or any(s < 1 for s in args.seq):
+        ap.error("--runs must be >= 1, --warmup >= 0 and every --seq >= 1")
+    return args
+
+
+def model_paths(names: list[str]) -> dict[str, Path]:
+    out = {}
+    for m in names:
+        p = EXAMPLES / "models" / f"{m}.onnx" if m in CORPUS else Path(m)
+        out[p.stem if m not in CORPUS else m] = p
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    out_json = args.json or args.work_dir / "gpu_check.json"
+    budget = Budget(args.budget_s)
+    doc: dict[str, Any] = {"benchmark": "gpu_check", "target": args.target,
+                           "settings": {"seqs": args.seq, "runs": args.runs, "warmup": args.warmup,
+                                        "budget_s": args.budget_s, "gap_ms": args.gap_ms,
+                                        "statistic": "median", "tolerances": TOLERANCES},
+                           "compiles": {}, "rows": [], "failures": []}
+
+    def finish(code: int, message: str = "") -> int:
+        if message:
+            print(f"gpu_check: {'error: ' if code else ''}{message}", file=sys.stderr)
+            doc["stopped"] = message
+        doc["exit_code"] = code
+        try:
+            from polyport.runtime.bench import write_json
+            write_json(out_json, doc)
+            print(f"wrote {out_json}")
+        except Exception as e:  # noqa: BLE001 - polyport itself may be what is missing
+            print(f"gpu_check: could not write {out_json}: {e}", file=sys.stderr)
+        return code
+
+    env, blocking, device_problem = environment(args.target)
+    doc["environment"] = env
+    for k, v in env.items():
+        print(f"  {k:<22} {v}")
+    if blocking:
+        return finish(2, "cannot run the check: " + "; ".join(blocking))
+    from polyport.runtime.bench import machine_info
+    doc["machine"] = machine_info()
+
+    paths = model_paths(args.models)
+    missing = [f"{n} ({p})" for n, p in paths.items() if not p.is_file()]
+    if missing:
+        return finish(2, f"no such model file: {', '.join(missing)}")
+
+    # ORT sessions FIRST, before anything runs TVM (TVM pins the calling thread to CPU 0; TVM_NOTES.md).
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def restore():
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+
+    sessions = {n: ort_sessions(p, cuda_ep=args.target == "cuda") for n, p in paths.items()}
+    doc["ort_cuda_ep"] = next((note for _, _, note in sessions.values() if note), "") or \
+        ("available" if args.target == "cuda" else "not used (--target cpu)")
+
+    archs = args.arch or ([env["device_arch"]] if env.get("device_arch") else [])
+    arts = {}
+    for name, p in paths.items():
+        if budget.left() <= 0:
+            doc["compiles"][name] = {"status": "skipped: budget spent"}
+            doc["failures"].append(f"{name}: not compiled (budget spent)")
+            continue
+        try:
+            arts[name], secs = compile_cli(p, args.work_dir, args.target, archs, budget.left())
+            doc["compiles"][name] = {"status": "ok" if secs else "cached", "seconds": round(secs, 1),
+                                     "artifact": str(arts[name])}
+        except RuntimeError as e:
+            doc["compiles"][name] = {"status": str(e)}
+            doc["failures"].append(str(e))
+            log(str(e))
+    if device_problem is not None:
+        done = ", ".join(arts) or "none"
+        return finish(2, f"compiled for {args.target}: {done}; stopping before the run: target {args.target}: "
+                         f"{device_problem}")
+
+    rows_left = len(arts) * len(args.seq)
+    for name, art in arts.items():
+        ort_cpu, ort_gpu, note = sessions[name]
+        try:
+            rows = check_model(name, art, args.target, ort_cpu, ort_gpu, note, args, budget,
+                               rows_left, restore)
+        except Exception as e:  # noqa: BLE001 - one model failing must not hide the others' results
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            doc["failures"].append(f"{name}: run failed: {first}")
+            log(f"{name}: run failed: {first}")
+            rows = []
+        rows_left -= len(args.seq)
+        doc["rows"].extend(rows)
+        doc["failures"].extend(f"{r['model']} seq {r['seq']}: max |diff| {r['max_abs_diff']:.3g} > "
+                               f"{r['tolerance']:g} x max |ORT| {r['max_abs_ort']:.3g}" for r in rows if not r["ok"])
+    print()
+    print(format_table(doc["rows"]))
+    if doc["ort_cuda_ep"] not in ("available",) and args.target == "cuda":
+        print(f"peer: ORT CPU EP, because {doc['ort_cuda_ep']}")
+    for f in doc["failures"]:
+        print(f"FAILED: {f}")
+    return finish(1 if doc["failures"] else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

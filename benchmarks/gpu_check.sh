@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# polyport's cuda target on this machine's NVIDIA GPU: compile the five corpus exports, run them, compare
+# logits with ONNX Runtime (CPU), time against ORT's CUDA EP. The work is benchmarks/gpu_check.py; this
+# wrapper only prepares an offline environment (the GPU machines cannot download anything):
+#
+#   benchmarks/gpu_check.sh [WORK_DIR] [gpu_check.py options, e.g. --quick]
+#
+#   WHEELS=DIR   install every wheel in DIR first (pip --no-index --no-deps, into a private folder put
+#                first on PYTHONPATH): apache-tvm, apache-tvm-ffi, onnxruntime-gpu, ... as the report asks.
+#   PYTHON=...   the interpreter (default python3).
+#
+# polyport is imported from this checkout (a link named `polyport` to the repository root), so nothing
+# needs installing. Exit status: gpu_check.py's (0 ok, 1 a numerics/compile/run failure, 2 cannot run).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+WORK="${1:-/tmp/polyport_gpu_check}"
+[ $# -gt 0 ] && shift
+SITE="$WORK/site"
+mkdir -p "$WORK" "$SITE"
+
+if [ -n "${WHEELS:-}" ]; then
+    echo "gpu_check.sh: installing the wheels in $WHEELS into $SITE" >&2
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
+fi
+ln -sfn "$REPO" "$WORK/polyport"          # `import polyport` -> this checkout (the root is the package)
+export PYTHONPATH="$SITE:$WORK${PYTHONPATH:+:$PYTHONPATH}"
+
+# TVM's CUDA runtime links libcudart.so.13; where the toolkit or NVIDIA's wheels keep it may not be on the
+# loader path. Missing libraries are reported by gpu_check.py, not guessed at here.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+         $("$PY" -c 'import nvidia, os; [print(os.path.join(p, d, "lib")) for p in nvidia.__path__ for d in os.listdir(p)]' 2>/dev/null || true); do
+    [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
+
+cd "$REPO"
+exec "$PY" benchmarks/gpu_check.py --work-dir "$WORK" "$@"
