@@ -315,7 +315,14 @@ def main(argv=None) -> int:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
 
-    sessions = {n: ort_sessions(p, cuda_ep=args.target == "cuda") for n, p in paths.items()}
+    sessions = {}
+    for name, p in paths.items():
+        try:
+            sessions[name] = ort_sessions(p, cuda_ep=args.target == "cuda")
+        except Exception as e:  # noqa: BLE001 - ORT rejects the file: no reference, so no check of this model
+            doc["failures"].append(f"{name}: ONNX Runtime cannot load {p}: {str(e).strip().splitlines()[0]}")
+            log(doc["failures"][-1])
+    paths = {n: p for n, p in paths.items() if n in sessions}
     doc["ort_cuda_ep"] = next((note for _, _, note in sessions.values() if note), "") or \
         ("available" if args.target == "cuda" else "not used (--target cpu)")
 

@@ -1,0 +1,81 @@
+"""benchmarks/gpu_check.py without a GPU: its plumbing on polyport's cpu target, and the clear stop for cuda.
+
+A two-op ONNX model (Gather + MatMul, dynamic seq) keeps the compile to seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.standard_normal((100, 8)).astype(np.float32), "emb")
+    head = numpy_helper.from_array(rng.standard_normal((8, 12)).astype(np.float32), "head")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 12])], initializer=[emb, head])
+    path = tmp_path_factory.mktemp("gc") / "tiny_lm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_cpu_plumbing_mode(gpu_check, tiny_onnx, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    args = ["--work-dir", str(work), "--target", "cpu", "--models", str(tiny_onnx), "--seq", "1", "5",
+            "--runs", "2", "--warmup", "0", "--gap-ms", "0"]
+    assert gpu_check.main(args) == 0
+    doc = json.loads((work / "gpu_check.json").read_text())
+    assert doc["exit_code"] == 0 and not doc["failures"]
+    assert doc["compiles"]["tiny_lm"]["status"] == "ok"
+    rows = doc["rows"]
+    assert [(r["model"], r["seq"], r["ok"], r["peer"]) for r in rows] == \
+        [("tiny_lm", 1, True, "ORT CPU EP"), ("tiny_lm", 5, True, "ORT CPU EP")]
+    assert all(r["max_abs_diff"] <= 1e-3 * r["max_abs_ort"] and r["runs"] == 2 for r in rows)
+    out = capsys.readouterr().out
+    assert "tiny_lm" in out and "peer/polyport" in out
+
+    # second run: the artifact is cached; a tolerance no result can meet is a numerics failure (exit 1)
+    monkeypatch.setattr(gpu_check, "TOLERANCES", {"f32": -1.0})
+    assert gpu_check.main(args[:-6] + ["--seq", "3", "--runs", "1", "--warmup", "0", "--gap-ms", "0"]) == 1
+    doc = json.loads((work / "gpu_check.json").read_text())
+    assert doc["compiles"]["tiny_lm"]["status"] == "cached"
+    assert doc["exit_code"] == 1 and doc["failures"][0].startswith("tiny_lm seq 3: max |diff|")
+
+
+def test_cuda_without_a_usable_gpu_stops_clearly(gpu_check, tiny_onnx, tmp_path, capsys):
+    from polyport.runtime.gpu_session import device_problem
+    if device_problem("cuda") is None:
+        pytest.skip("a CUDA device is visible here")
+    work = tmp_path / "work"
+    assert gpu_check.main(["--work-dir", str(work), "--models", str(tiny_onnx), "--quick"]) == 2
+    doc = json.loads((work / "gpu_check.json").read_text())
+    # before the gpubuild branch: no cuda target to compile with; after it: compiled, then no device to run on
+    assert "polyport has no 'cuda' target" in doc["stopped"] or \
+        "stopping before the run: target cuda: no CUDA device is visible to TVM" in doc["stopped"]
+    assert doc["environment"]["device"].startswith("no CUDA device is visible to TVM")
+    assert "gpu_check: error:" in capsys.readouterr().err
+
+
+def test_missing_model_is_exit_2(gpu_check, tmp_path):
+    assert gpu_check.main(["--work-dir", str(tmp_path), "--target", "cpu", "--models", str(tmp_path / "no.onnx")]) == 2
+    assert "no such model file" in json.loads((tmp_path / "gpu_check.json").read_text())["stopped"]
