@@ -29,8 +29,9 @@ from the repository root. Nothing is downloaded: what is missing is reported.
 
 --quick (or --budget-s S): 5 runs after 2 warm-ups and a total budget (420 s
 with --quick) shared by compiles and timing; past the budget a row keeps its
-numerics check and is timed only 3 times, and compiles that would start past
-it are skipped. --target cpu runs the same steps on polyport's cpu target (no
+numerics check and is timed only 3 times; compiles may use all of the
+budget but the last quarter (kept for the runs), and a compile that runs past
+that is stopped. --target cpu runs the same steps on polyport's cpu target (no
 GPU needed): a check of this script's plumbing.
 
 Prints a table and writes JSON (--json, default DIR/gpu_check.json). Exit 0 when
@@ -56,6 +57,7 @@ from side_by_side import CORPUS, EXAMPLES, interleaved, median  # noqa: E402
 DEFAULT_SEQS = (1, 16, 128, 1024)
 TOLERANCES = {"f32": 1e-3, "f16": 1e-2, "bf16": 2e-2}      # x max |ORT CPU logit|
 QUICK = {"runs": 5, "warmup": 2, "budget_s": 420.0}
+RUN_SHARE = 0.25          # of --budget-s, kept from the compiles for the numerics checks and timing
 
 
 def log(msg: str) -> None:
@@ -66,10 +68,12 @@ class Budget:
     """Seconds left of --budget-s (infinite without it)."""
 
     def __init__(self, seconds: Optional[float]):
-        self.end = time.perf_counter() + seconds if seconds else float("inf")
+        self.total = seconds or float("inf")
+        self.end = time.perf_counter() + self.total
 
-    def left(self) -> float:
-        return self.end - time.perf_counter()
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds left, less `reserve` (a share of the total kept for later steps)."""
+        return self.end - time.perf_counter() - reserve * self.total if self.total != float("inf") else self.total
 
 
 # ---- 1. environment -----------------------------------------------------------------------
@@ -329,12 +333,13 @@ def main(argv=None) -> int:
     archs = args.arch or ([env["device_arch"]] if env.get("device_arch") else [])
     arts = {}
     for name, p in paths.items():
-        if budget.left() <= 0:
+        compile_s = budget.left(reserve=RUN_SHARE)     # compiles leave RUN_SHARE of the budget to the runs
+        if compile_s <= 0:
             doc["compiles"][name] = {"status": "skipped: budget spent"}
             doc["failures"].append(f"{name}: not compiled (budget spent)")
             continue
         try:
-            arts[name], secs = compile_cli(p, args.work_dir, args.target, archs, budget.left())
+            arts[name], secs = compile_cli(p, args.work_dir, args.target, archs, compile_s)
             doc["compiles"][name] = {"status": "ok" if secs else "cached", "seconds": round(secs, 1),
                                      "artifact": str(arts[name])}
         except RuntimeError as e:
