@@ -9,6 +9,12 @@
 #                first on PYTHONPATH): apache-tvm, apache-tvm-ffi, onnxruntime-gpu, ... as the report asks.
 #   PYTHON=...   the interpreter (default python3).
 #
+# What this project's H200 image lacks (Python 3.12; fetch the wheels where pip works, see the device
+# machine's README): apache-tvm==0.27.0.post1 (py3-none) and apache-tvm-ffi==0.1.14.post1 (cp312; 0.1.15
+# breaks MetaSchedule, TVM_NOTES.md); optionally onnxruntime-gpu built for CUDA 13 (the ORT CUDA EP
+# column: without it the timing peer is ORT's CPU EP, and the report says why). The image already has
+# nvcc, numpy, onnx, onnxruntime (CPU), click and ml-dtypes.
+#
 # polyport is imported from this checkout (a link named `polyport` to the repository root), so nothing
 # needs installing. Exit status: gpu_check.py's (0 ok, 1 a numerics/compile/run failure, 2 cannot run).
 set -euo pipefail
