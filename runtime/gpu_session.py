@@ -99,9 +99,12 @@ def _runtime_problem(target: str) -> Optional[str]:
     import tvm
     if tvm.runtime.enabled(target):
         return None
-    # The device kinds are sidecar libraries loaded on import, and a failed load is silent: retry it to say why.
-    from tvm.base import _LOADED_LIBS
-    sidecar = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / f"libtvm_runtime_{target}.so"
+    # TVM 0.27 loads each device kind from a sidecar library next to libtvm_runtime.so when it is imported,
+    # and a failed load is silent (tvm/backend/cuda/__init__.py): retry it to say why.
+    runtime = getattr(tvm.base, "_LOADED_LIBS", {}).get("tvm_runtime")
+    if runtime is None:
+        return f"TVM's {VENDOR[target]} runtime is not enabled in this TVM ({tvm.__version__})"
+    sidecar = Path(runtime._name).resolve().parent / f"libtvm_runtime_{target}.so"
     if not sidecar.exists():
         return f"this TVM ({tvm.__version__}) was built without {VENDOR[target]} support (no {sidecar.name})"
     try:
