@@ -120,7 +120,8 @@ def device_problem(target: str, device_id: int = 0) -> Optional[str]:
     if problem is None:
         import tvm
         if not getattr(tvm, target)(device_id).exist:
-            return f"no {VENDOR[target]} device {device_id} is visible to TVM on this machine"
+            which = f"device {device_id}" if device_id else "device"
+            return f"no {VENDOR[target]} {which} is visible to TVM on this machine"
         return None
     return f"no {VENDOR[target]} device is visible to TVM on this machine ({problem})"
 
