@@ -219,3 +219,17 @@ def test_bench_estimates_an_unusable_gpu_and_says_why(tmp_path, monkeypatch):
     assert kinds == {("cuda", "NVIDIA H100 SXM", "estimated"), ("cuda", "NVIDIA H200 SXM", "estimated"),
                      ("rocm", "AMD Instinct MI300X", "estimated"), ("ascend", "Huawei Ascend 910B3", "estimated")}
     assert "cuda: estimated only: no CUDA device is visible" in doc["notes"]
+
+
+def test_device_problem_names_what_is_missing(monkeypatch):
+    import types
+
+    import tvm
+    monkeypatch.setattr(tvm.runtime, "enabled", lambda target: True)       # the runtime loads ...
+    monkeypatch.setattr(tvm, "cuda", lambda i=0: types.SimpleNamespace(exist=False))   # ... but sees no GPU
+    assert gpu_session.device_problem("cuda") == "no CUDA device is visible to TVM on this machine"
+    assert gpu_session.device_problem("cuda", 1) == "no CUDA device 1 is visible to TVM on this machine"
+    monkeypatch.setattr(tvm, "cuda", lambda i=0: types.SimpleNamespace(exist=True))
+    assert gpu_session.device_problem("cuda") is None
+    monkeypatch.setattr(tvm.runtime, "enabled", lambda target: False)     # the runtime says why it is off
+    assert gpu_session.device_problem("cuda").startswith("no CUDA device is visible to TVM on this machine (")
