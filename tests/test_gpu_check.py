@@ -31,7 +31,8 @@ def tiny_onnx(tmp_path_factory):
     emb = numpy_helper.from_array(rng.standard_normal((100, 8)).astype(np.float32), "emb")
     head = numpy_helper.from_array(rng.standard_normal((8, 12)).astype(np.float32), "head")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["emb", "input_ids"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"])],
+        [helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+         helper.make_node("MatMul", ["h", "head"], ["logits"])],
         "tiny", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 12])], initializer=[emb, head])
     path = tmp_path_factory.mktemp("gc") / "tiny_lm.onnx"
