@@ -28,6 +28,7 @@ from .vm_session import VmSession, first_line
 VENDOR = {"cuda": "CUDA", "rocm": "ROCm"}
 _SM = re.compile(r"^sm_(\d+)(\d)([af]?)$")     # sm_90, sm_120, sm_90a (arch-specific), sm_100f (family)
 _GCN_ARCH = 10                                  # DeviceAttrKind::kGcnArch in TVM's device_api.h
+_SIDECARS: dict[str, Any] = {}                  # device-kind libraries loaded here (kept loaded)
 
 
 # ---- which library runs on which device (pure) -------------------------------------------
@@ -99,8 +100,10 @@ def _runtime_problem(target: str) -> Optional[str]:
     import tvm
     if tvm.runtime.enabled(target):
         return None
-    # TVM 0.27 loads each device kind from a sidecar library next to libtvm_runtime.so when it is imported,
-    # and a failed load is silent (tvm/backend/cuda/__init__.py): retry it to say why.
+    # TVM 0.27 loads each device kind from a sidecar library next to libtvm_runtime.so on import, silently
+    # skipping one that fails, and not at all in runtime-only mode (no libtvm_compiler.so, or
+    # TVM_USE_RUNTIME_LIB=1; tvm/backend/_autoload_backends.py). Load it here: that enables the device
+    # kind (its registrations run on load) or says why it cannot.
     runtime = getattr(tvm.base, "_LOADED_LIBS", {}).get("tvm_runtime")
     if runtime is None:
         return f"TVM's {VENDOR[target]} runtime is not enabled in this TVM ({tvm.__version__})"
@@ -108,10 +111,10 @@ def _runtime_problem(target: str) -> Optional[str]:
     if not sidecar.exists():
         return f"this TVM ({tvm.__version__}) was built without {VENDOR[target]} support (no {sidecar.name})"
     try:
-        ctypes.CDLL(str(sidecar))
+        _SIDECARS[target] = ctypes.CDLL(str(sidecar))
     except OSError as e:
         return f"TVM's {VENDOR[target]} runtime ({sidecar.name}) does not load: {e}"
-    return f"TVM's {VENDOR[target]} runtime is not enabled"
+    return None if tvm.runtime.enabled(target) else f"TVM's {VENDOR[target]} runtime is not enabled"
 
 
 def device_problem(target: str, device_id: int = 0) -> Optional[str]:

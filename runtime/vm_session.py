@@ -9,7 +9,9 @@ as NumPy arrays. What differs per target (which library, which device, how a
 weight is laid out) is decided by the caller: runtime/cpu_session.py,
 runtime/gpu_session.py.
 
-Imports TVM's runtime only, never the compiler.
+Imports TVM's runtime only, never the compiler: it works with a runtime-only
+TVM (libtvm_compiler.so absent, or TVM_USE_RUNTIME_LIB=1), which is what a
+deployment or a GPU machine reached with a size limit needs.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class VmSession:
 
     def __init__(self, art: Artifact, target: str, library: str, meta: str, device: Any):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
         from .session import signature_types
 
         self.artifact = art
@@ -64,7 +66,7 @@ class VmSession:
             lib = tvm.runtime.load_module(str(art.path / library))
         except Exception as e:  # noqa: BLE001 - TVM raises its own types for a bad or foreign library
             raise ArtifactError(f"{art.path}: target {target}: cannot load {library}: {first_line(e)}") from None
-        self._vm = relax.VirtualMachine(lib, device)
+        self._vm = VirtualMachine(lib, device)
         self._fn = self._vm[info.get("function", "main")]
         weights = art.weights()
         missing = [n for n in info["params"] if n not in weights]
