@@ -3,19 +3,22 @@
 
     python benchmarks/gpu_check.py --work-dir DIR [--models NAME|PATH ...] [--seq 1 16 128 1024]
                                    [--runs 20] [--warmup 3] [--budget-s S] [--quick] [--arch sm_90]
-                                   [--target cuda|cpu] [--json FILE]
+                                   [--target cuda|cpu] [--compile-only] [--json FILE]
 
-(benchmarks/gpu_check.sh wraps it: offline wheel install, library paths.) Run
-from the repository root. Nothing is downloaded: what is missing is reported.
+(benchmarks/gpu_check.sh wraps it: offline wheel install, library paths;
+benchmarks/gpu_bundle.sh compiles here and packs what a GPU machine that
+cannot take the full TVM needs.) Run from the repository root. Nothing is
+downloaded: what is missing is reported.
 
 1. Environment: TVM (and whether its CUDA runtime loads), the GPU and its
    arch, nvcc, onnxruntime and whether its CUDA execution provider works
    (onnxruntime-gpu). Without TVM, onnxruntime or polyport's cuda target it
    stops here (exit 2).
 2. Compile each model with `python -m polyport.cli compile M --target cuda
-   --arch <the GPU's arch>` into DIR/artifacts (cached by the ONNX file's hash;
-   each compile gets the budget left). With no usable GPU it stops after the
-   compiles with a clear message (exit 2): that proves the build half.
+   --arch <the GPU's arch>` into DIR/artifacts, unless DIR/artifacts already
+   holds a build of that very ONNX file with code for the GPU's arch (each
+   compile gets the budget left). --compile-only stops here (no GPU needed);
+   without a usable GPU it stops here with a clear message (exit 2).
 3. For each model and --seq: the same deterministic inputs as `polyport bench`
    go to polyport (session.run, which returns host arrays: every timed run
    includes uploads, the kernels and the download) and to ONNX Runtime. Logits
@@ -41,7 +44,6 @@ the environment cannot run the check.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -86,9 +88,6 @@ def environment(target: str) -> tuple[dict[str, Any], list[str], Optional[str]]:
         from polyport.targets.base import target_names
         env["polyport"] = f"{polyport.__version__} ({Path(polyport.__file__).resolve().parent})"
         env["polyport_targets"] = target_names()
-        if target not in env["polyport_targets"]:
-            blocking.append(f"polyport has no {target!r} target (registered: {', '.join(env['polyport_targets'])}); "
-                            f"targets/{target}.py is missing from this checkout")
     except Exception as e:  # noqa: BLE001 - report any import failure, do not hide it
         return {**env, "polyport": f"not importable: {e}"}, [f"polyport is not importable ({e}); run from the "
                                                               "repository root or install it"], None
@@ -96,7 +95,7 @@ def environment(target: str) -> tuple[dict[str, Any], list[str], Optional[str]]:
         import tvm
         env["tvm"] = tvm.__version__
     except ImportError as e:
-        blocking.append(f"apache-tvm is not installed ({e}); give its wheels to gpu_check.sh (WHEELS=DIR)")
+        blocking.append(f"apache-tvm is not installed ({e}); see gpu_check.sh (WHEELS=DIR, or a bundle)")
     try:
         import onnxruntime as ort
         env["onnxruntime"] = ort.__version__
@@ -148,14 +147,35 @@ def ort_sessions(path: Path, cuda_ep: bool) -> tuple[Any, Any, str]:
 
 
 # ---- 2. compile ---------------------------------------------------------------------------
-def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], timeout_s: float) -> tuple[Path, float]:
-    """`polyport compile` in a subprocess (a hung compile cannot eat the budget); cached. (artifact, seconds)."""
-    from polyport.runtime.artifact import sha256
-    art = work_dir / "artifacts" / f"{onnx_path.stem}.{target}"
+def artifact_dir(onnx_path: Path, work_dir: Path, target: str) -> Path:
+    return work_dir / "artifacts" / f"{onnx_path.stem}.{target}"
+
+
+def cached_artifact(onnx_path: Path, work_dir: Path, target: str, archs: list[str]) -> Optional[Path]:
+    """The artifact compiled earlier from this very ONNX file, if it holds code for every arch in `archs`
+    (as the loader would pick it: an sm_80 build serves an sm_86 device)."""
+    from polyport.errors import PolyportError
+    from polyport.runtime.artifact import Artifact, sha256
+    from polyport.runtime.gpu_session import select_arch
+    art = artifact_dir(onnx_path, work_dir, target)
     stamp = art.with_name(art.name + ".source")
-    key = hashlib.sha256(f"{sha256(onnx_path)} {target} {' '.join(archs)}".encode()).hexdigest()
-    if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == key:
-        return art, 0.0
+    if not (art / "manifest.json").exists() or not stamp.exists() or \
+            stamp.read_text().strip() != f"{sha256(onnx_path)} {target}":
+        return None
+    if target in ("cuda", "rocm"):
+        try:
+            built = Artifact(art).target_entry(target).get("archs", [])
+            for a in archs:
+                select_arch(target, built, a)
+        except PolyportError:
+            return None
+    return art
+
+
+def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], timeout_s: float) -> float:
+    """`polyport compile` in a subprocess (a hung compile cannot eat the budget); returns its seconds."""
+    from polyport.runtime.artifact import sha256
+    art = artifact_dir(onnx_path, work_dir, target)
     cmd = [sys.executable, "-m", "polyport.cli", "compile", str(onnx_path), "--target", target, "-o", str(art)]
     for a in archs:
         cmd += ["--arch", a]
@@ -169,8 +189,8 @@ def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], 
     if r.returncode != 0:
         tail = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-1]
         raise RuntimeError(f"compile of {onnx_path.name} failed: {tail}")
-    stamp.write_text(key + "\n")
-    return art, time.perf_counter() - t0
+    art.with_name(art.name + ".source").write_text(f"{sha256(onnx_path)} {target}\n")
+    return time.perf_counter() - t0
 
 
 # ---- 3./4. numerics and timing ------------------------------------------------------------
@@ -254,6 +274,8 @@ def parse_args(argv):
                     help="cuda; cpu runs every step on polyport's cpu target (no GPU): a plumbing check")
     ap.add_argument("--gap-ms", type=float, default=None,
                     help="sleep between timed runs (default 0 on GPU; 200 on cpu, where TVM's workers spin)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile (no GPU needed) and stop: a later run on the GPU machine finds the artifacts")
     ap.add_argument("--json", type=Path, default=None, help="default: WORK_DIR/gpu_check.json")
     args = ap.parse_args(argv)
     quick = QUICK if args.quick else {"runs": 20, "warmup": 3, "budget_s": None}
@@ -312,6 +334,14 @@ def main(argv=None) -> int:
     if missing:
         return finish(2, f"no such model file: {', '.join(missing)}")
 
+    archs = args.arch or ([env["device_arch"]] if env.get("device_arch") else [])
+    arts = {n: a for n, p in paths.items() if (a := cached_artifact(p, args.work_dir, args.target, archs))}
+    uncached = [n for n in paths if n not in arts]
+    if uncached and args.target not in env["polyport_targets"]:
+        return finish(2, f"cannot compile {', '.join(uncached)}: polyport has no {args.target!r} target "
+                         f"(registered: {', '.join(env['polyport_targets'])}; targets/{args.target}.py is missing "
+                         f"from this checkout) and {args.work_dir / 'artifacts'} holds no build of them")
+
     # ORT sessions FIRST, before anything runs TVM (TVM pins the calling thread to CPU 0; TVM_NOTES.md).
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
@@ -320,36 +350,39 @@ def main(argv=None) -> int:
             os.sched_setaffinity(0, affinity)
 
     sessions = {}
-    for name, p in paths.items():
+    for name, p in ({} if args.compile_only else paths).items():
         try:
             sessions[name] = ort_sessions(p, cuda_ep=args.target == "cuda")
         except Exception as e:  # noqa: BLE001 - ORT rejects the file: no reference, so no check of this model
             doc["failures"].append(f"{name}: ONNX Runtime cannot load {p}: {str(e).strip().splitlines()[0]}")
             log(doc["failures"][-1])
-    paths = {n: p for n, p in paths.items() if n in sessions}
-    doc["ort_cuda_ep"] = next((note for _, _, note in sessions.values() if note), "") or \
+    paths = {n: p for n, p in paths.items() if n in sessions or args.compile_only}
+    doc["ort_cuda_ep"] = "not checked (--compile-only)" if args.compile_only else \
+        next((note for _, _, note in sessions.values() if note), "") or \
         ("available" if args.target == "cuda" else "not used (--target cpu)")
 
-    archs = args.arch or ([env["device_arch"]] if env.get("device_arch") else [])
-    arts = {}
     for name, p in paths.items():
+        if name in arts:
+            doc["compiles"][name] = {"status": "cached", "artifact": str(arts[name])}
+            continue
         compile_s = budget.left(reserve=RUN_SHARE)     # compiles leave RUN_SHARE of the budget to the runs
         if compile_s <= 0:
             doc["compiles"][name] = {"status": "skipped: budget spent"}
             doc["failures"].append(f"{name}: not compiled (budget spent)")
             continue
         try:
-            arts[name], secs = compile_cli(p, args.work_dir, args.target, archs, compile_s)
-            doc["compiles"][name] = {"status": "ok" if secs else "cached", "seconds": round(secs, 1),
-                                     "artifact": str(arts[name])}
+            secs = compile_cli(p, args.work_dir, args.target, archs, compile_s)
+            arts[name] = artifact_dir(p, args.work_dir, args.target)
+            doc["compiles"][name] = {"status": "ok", "seconds": round(secs, 1), "artifact": str(arts[name])}
         except RuntimeError as e:
             doc["compiles"][name] = {"status": str(e)}
             doc["failures"].append(str(e))
             log(str(e))
+    done = f"compiled for {args.target}: {', '.join(arts) or 'none'} in {args.work_dir / 'artifacts'}"
+    if args.compile_only:
+        return finish(1 if doc["failures"] else 0, f"{done} (--compile-only)")
     if device_problem is not None:
-        done = ", ".join(arts) or "none"
-        return finish(2, f"compiled for {args.target}: {done}; stopping before the run: target {args.target}: "
-                         f"{device_problem}")
+        return finish(2, f"{done}; stopping before the run: target {args.target}: {device_problem}")
 
     rows_left = len(arts) * len(args.seq)
     for name, art in arts.items():

@@ -44,10 +44,14 @@ def test_cpu_plumbing_mode(gpu_check, tiny_onnx, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     args = ["--work-dir", str(work), "--target", "cpu", "--models", str(tiny_onnx), "--seq", "1", "5",
             "--runs", "2", "--warmup", "0", "--gap-ms", "0"]
+    assert gpu_check.main(args + ["--compile-only"]) == 0       # compile here, run later (the GPU machine)
+    doc = json.loads((work / "gpu_check.json").read_text())
+    assert doc["compiles"]["tiny_lm"]["status"] == "ok" and doc["rows"] == []
+    assert doc["stopped"].endswith("(--compile-only)")
     assert gpu_check.main(args) == 0
     doc = json.loads((work / "gpu_check.json").read_text())
     assert doc["exit_code"] == 0 and not doc["failures"]
-    assert doc["compiles"]["tiny_lm"]["status"] == "ok"
+    assert doc["compiles"]["tiny_lm"]["status"] == "cached"
     rows = doc["rows"]
     assert [(r["model"], r["seq"], r["ok"], r["peer"]) for r in rows] == \
         [("tiny_lm", 1, True, "ORT CPU EP"), ("tiny_lm", 5, True, "ORT CPU EP")]
@@ -71,7 +75,7 @@ def test_cuda_without_a_usable_gpu_stops_clearly(gpu_check, tiny_onnx, tmp_path,
     assert gpu_check.main(["--work-dir", str(work), "--models", str(tiny_onnx), "--quick"]) == 2
     doc = json.loads((work / "gpu_check.json").read_text())
     # before the gpubuild branch: no cuda target to compile with; after it: compiled, then no device to run on
-    assert "polyport has no 'cuda' target" in doc["stopped"] or \
+    assert "cannot compile tiny_lm: polyport has no 'cuda' target" in doc["stopped"] or \
         "stopping before the run: target cuda: no CUDA device is visible to TVM" in doc["stopped"]
     assert doc["environment"]["device"].startswith("no CUDA device is visible to TVM")
     assert "gpu_check: error:" in capsys.readouterr().err
