@@ -85,15 +85,20 @@ def environment(target: str) -> tuple[dict[str, Any], list[str], Optional[str]]:
     blocking: list[str] = []
     try:
         import polyport
-        from polyport.targets.base import target_names
         env["polyport"] = f"{polyport.__version__} ({Path(polyport.__file__).resolve().parent})"
-        env["polyport_targets"] = target_names()
     except Exception as e:  # noqa: BLE001 - report any import failure, do not hide it
         return {**env, "polyport": f"not importable: {e}"}, [f"polyport is not importable ({e}); run from the "
                                                               "repository root or install it"], None
+    try:       # the compiler side; a runtime-only TVM may lack it, and a run of cached artifacts needs none
+        from polyport.targets.base import target_names
+        env["polyport_targets"] = target_names()
+    except Exception as e:  # noqa: BLE001
+        env["polyport_targets"] = []
+        env["polyport_compiler"] = f"not importable: {type(e).__name__}: {e}"
     try:
         import tvm
-        env["tvm"] = tvm.__version__
+        runtime_only = getattr(tvm.base, "_RUNTIME_ONLY", False)
+        env["tvm"] = f"{tvm.__version__} ({Path(tvm.__file__).parent}{', runtime only' if runtime_only else ''})"
     except ImportError as e:
         blocking.append(f"apache-tvm is not installed ({e}); see gpu_check.sh (WHEELS=DIR, or a bundle)")
     try:
@@ -337,10 +342,13 @@ def main(argv=None) -> int:
     archs = args.arch or ([env["device_arch"]] if env.get("device_arch") else [])
     arts = {n: a for n, p in paths.items() if (a := cached_artifact(p, args.work_dir, args.target, archs))}
     uncached = [n for n in paths if n not in arts]
-    if uncached and args.target not in env["polyport_targets"]:
-        return finish(2, f"cannot compile {', '.join(uncached)}: polyport has no {args.target!r} target "
-                         f"(registered: {', '.join(env['polyport_targets'])}; targets/{args.target}.py is missing "
-                         f"from this checkout) and {args.work_dir / 'artifacts'} holds no build of them")
+    if uncached and (args.target not in env["polyport_targets"] or "runtime only" in env["tvm"]):
+        why = ("this TVM is runtime-only (no compiler library)" if "runtime only" in env["tvm"] else
+               f"polyport's compiler is {env['polyport_compiler']}" if "polyport_compiler" in env else
+               f"polyport has no {args.target!r} target (registered: {', '.join(env['polyport_targets'])}; "
+               f"targets/{args.target}.py is missing from this checkout)")
+        return finish(2, f"cannot compile {', '.join(uncached)}: {why}, and {args.work_dir / 'artifacts'} "
+                         "holds no build of them (benchmarks/gpu_bundle.sh makes one)")
 
     # ORT sessions FIRST, before anything runs TVM (TVM pins the calling thread to CPU 0; TVM_NOTES.md).
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None

@@ -9,10 +9,12 @@
 #                first on PYTHONPATH): apache-tvm, apache-tvm-ffi, onnxruntime-gpu, ... as the report asks.
 #   PYTHON=...   the interpreter (default python3).
 #
-# What this project's H200 image lacks (Python 3.12; fetch the wheels where pip works, see the device
-# machine's README): apache-tvm==0.27.0.post1 (py3-none) and apache-tvm-ffi==0.1.14.post1 (cp312; 0.1.15
-# breaks MetaSchedule, TVM_NOTES.md); optionally onnxruntime-gpu built for CUDA 13 (the ORT CUDA EP
-# column: without it the timing peer is ORT's CPU EP, and the report says why). The image already has
+# WORK may be a bundle from benchmarks/gpu_bundle.sh: its artifacts are reused and its site/ (a
+# runtime-only TVM and apache-tvm-ffi for Python 3.12) is put first on PYTHONPATH. That is the way onto
+# this project's H200 machines: their image lacks TVM, and apache-tvm's wheel (~100 MB) is over what a
+# call may carry (64 MiB). Without a bundle the machine needs apache-tvm==0.27.0.post1 and
+# apache-tvm-ffi==0.1.14.post1 (WHEELS=DIR). Optional: onnxruntime-gpu built for CUDA 13 (the ORT CUDA EP
+# column; without it the timing peer is ORT's CPU EP, and the report says why). The image already has
 # nvcc, numpy, onnx, onnxruntime (CPU), click and ml-dtypes.
 #
 # polyport is imported from this checkout (a link named `polyport` to the repository root), so nothing
