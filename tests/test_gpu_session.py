@@ -233,3 +233,32 @@ def test_device_problem_names_what_is_missing(monkeypatch):
     assert gpu_session.device_problem("cuda") is None
     monkeypatch.setattr(tvm.runtime, "enabled", lambda target: False)     # the runtime says why it is off
     assert gpu_session.device_problem("cuda").startswith("no CUDA device is visible to TVM on this machine (")
+
+
+def test_sessions_run_on_a_runtime_only_tvm(tmp_path):
+    """What gpu_bundle.sh ships to a GPU machine: TVM without its compiler library. polyport.load must
+    never need the compiler (no tvm.relax), and the GPU session must still be able to ask for a device."""
+    import os
+    import subprocess
+    import sys
+    from polyport.targets.base import CompileOptions, get_target
+    graph = tiny_graph()
+    with ArtifactWriter(tmp_path / "art", signature(graph, "tiny")) as w:
+        w.write_weights({"w": W})
+        w.add_target("cpu", get_target("cpu").lower(graph, w.target_dir("cpu"), {"w": W}, CompileOptions()))
+        art = w.commit()
+    code = f"""
+import sys, numpy as np, tvm, polyport
+from polyport.runtime.gpu_session import device_problem
+assert tvm.base._RUNTIME_ONLY
+s = polyport.load({str(art)!r}, "cpu")
+x = np.ones((1, 3, 16), np.float32)
+assert np.allclose(s.run({{"x": x}})[s.output_names[0]], x * np.linspace(-1, 1, 16, dtype=np.float32))
+problem = device_problem("cuda")
+assert problem is None or problem.startswith("no CUDA device"), problem
+bad = [m for m in sys.modules if m.startswith(("tvm.relax", "polyport.targets.tvm_lower", "polyport.passes"))]
+assert not bad, bad
+"""
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
