@@ -24,8 +24,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 WORK="${1:-/tmp/polyport_gpu_check}"
 [ $# -gt 0 ] && shift
+mkdir -p "$WORK/site"
+WORK="$(cd "$WORK" && pwd)"               # absolute: PYTHONPATH must survive the cd below
 SITE="$WORK/site"
-mkdir -p "$WORK" "$SITE"
 
 if [ -n "${WHEELS:-}" ]; then
     echo "gpu_check.sh: installing the wheels in $WHEELS into $SITE" >&2
