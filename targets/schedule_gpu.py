@@ -30,13 +30,13 @@ def _legalize_and_fuse():
             relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def _is_bound(script: str) -> bool:
-    """True if the PrimFunc (as TVMScript) launches on GPU threads (a loop bound to blockIdx / threadIdx)."""
-    return "blockIdx." in script or "threadIdx." in script
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
 
 
-def _block_names(script: str) -> list[str]:
-    return [n for n in re.findall(r'T\.sblock\("([^"]+)"', script) if n != "root"]
+def _block_names(func) -> list[str]:
+    return [n for n in re.findall(r'T\.sblock\("([^"]+)"', func.script()) if n != "root"]
 
 
 def schedule_module(mod, target, target_name: str):
@@ -46,10 +46,11 @@ def schedule_module(mod, target, target_name: str):
     from tvm.s_tir import dlight as dl
     with target:
         mod = tvm.transform.Sequential(_legalize_and_fuse() + [dl.ApplyDefaultSchedule(*gpu_rules())])(mod)
-    scripts = [(gv.name_hint, f.script()) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
-    unbound = [(name, script) for name, script in scripts if _block_names(script) and not _is_bound(script)]
+    # dlight marks what a rule scheduled (bound to GPU threads); anything else would fail TVM's memory verifier
+    unbound = [(gv.name_hint, f) for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and not _is_scheduled(f)]
     if unbound:
-        detail = "; ".join(f"{name} (blocks: {', '.join(_block_names(script)[:8])})" for name, script in unbound)
+        detail = "; ".join(f"{name} (blocks: {', '.join(_block_names(f)[:8])})" for name, f in unbound)
         raise errors.UnsupportedOpError(
             f"{target_name} target ({target.attrs.get('arch') or target.attrs.get('mcpu')}): no GPU schedule "
             f"applies to kernel(s) {detail}; the kernel name is the fused op (attention, moe_experts, rms_norm, "
