@@ -52,7 +52,9 @@ class CpuTarget(Target):
 
         if options.dtype not in ("f32",):
             raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
-        mcpu = (options.extra or {}).get("mcpu") or (options.archs[0] if options.archs else host_mcpu())
+        from .gpu_build import KNOWN_ARCHS
+        cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
+        mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
         t0 = time.perf_counter()
         lowered = lower_to_relax(graph, self.name)
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})

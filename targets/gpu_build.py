@@ -67,6 +67,9 @@ class GpuTarget(Target, abc.ABC):
                 raise errors.PolyportError(f"{self.name} target: unknown arch {arch!r}; known archs: {known}")
         return tuple(dict.fromkeys(mine)) or self.default_archs
 
+    def check_options(self, options: CompileOptions) -> None:
+        self.select_archs(options)
+
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
         archs = self.select_archs(options)
         if options.dtype != "f32":
