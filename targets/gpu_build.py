@@ -85,7 +85,7 @@ class GpuTarget(Target, abc.ABC):
         libraries, kernels = {}, {}
         for arch in archs:
             target = self.tvm_target(arch)
-            mod = schedule_module(lowered.mod, target, self.name)
+            mod = schedule_module(lowered.mod, target, self.name, graph)
             ex = self.build(mod, target)
             (out_dir / arch).mkdir(parents=True, exist_ok=True)
             kernels[arch] = self.export(ex, target, out_dir / arch / "model.so")

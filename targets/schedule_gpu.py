@@ -39,8 +39,26 @@ def _block_names(func) -> list[str]:
     return [n for n in re.findall(r'T\.sblock\("([^"]+)"', func.script()) if n != "root"]
 
 
-def schedule_module(mod, target, target_name: str):
-    """Legalize, fuse and schedule `mod` for `target`; raise naming any kernel no rule could schedule."""
+# primfunc_name_hint of each fused-op kernel (targets/tvm_lower.py) -> the IR op it lowers
+KERNEL_OPS = {"attention": "polyport::Attention", "moe_experts": "polyport::MoE", "rms_norm": "polyport::RMSNorm",
+              "rotary": "polyport::Rotary", "gated_mlp": "polyport::GatedMLP", "dense": "MatMul"}
+
+
+def _nodes_of(kernel: str, graph) -> str:
+    """The model nodes a kernel comes from, as far as its name tells (fused-op kernels keep their op's name)."""
+    if graph is None:
+        return ""
+    ops = {op for key, op in KERNEL_OPS.items() if key in kernel}
+    names = [n.name for n in graph.nodes if n.qualified_op in ops]
+    if not names:
+        return ""
+    more = f", … ({len(names)} in all)" if len(names) > 3 else ""
+    return f", from node(s) {', '.join(names[:3])}{more} ({', '.join(sorted(ops))})"
+
+
+def schedule_module(mod, target, target_name: str, graph=None):
+    """Legalize, fuse and schedule `mod` for `target`; raise naming any kernel no rule could schedule
+    (and, for fused-op kernels, the nodes of `graph` it lowers)."""
     import tvm
     from tvm import tirx
     from tvm.s_tir import dlight as dl
@@ -50,9 +68,11 @@ def schedule_module(mod, target, target_name: str):
     unbound = [(gv.name_hint, f) for gv, f in mod.functions_items()
                if isinstance(f, tirx.PrimFunc) and not _is_scheduled(f)]
     if unbound:
-        detail = "; ".join(f"{name} (blocks: {', '.join(_block_names(f)[:8])})" for name, f in unbound)
+        unbound.sort(key=lambda item: not any(key in item[0] for key in KERNEL_OPS))   # fused-op kernels first
+        detail = "; ".join(f"{name} (blocks: {', '.join(_block_names(f)[:8])}{_nodes_of(name, graph)})"
+                           for name, f in unbound[:6])
+        detail += f"; and {len(unbound) - 6} more" if len(unbound) > 6 else ""
         raise errors.UnsupportedOpError(
             f"{target_name} target ({target.attrs.get('arch') or target.attrs.get('mcpu')}): no GPU schedule "
-            f"applies to kernel(s) {detail}; the kernel name is the fused op (attention, moe_experts, rms_norm, "
-            "rotary, gated_mlp_*, dense*) or the ONNX op it came from")
+            f"applies to kernel(s) {detail}; other kernels are named after the ONNX ops they came from")
     return mod

@@ -131,17 +131,19 @@ def test_missing_toolchains_say_what_to_install(monkeypatch):
 
 
 def test_a_kernel_no_gpu_rule_schedules_is_named(monkeypatch):
+    """With no rule to apply, the error names each kernel, its blocks and, for fused ops, the model nodes."""
     import tvm
-    from tvm import relax
+    from polyport.frontend.onnx_import import import_onnx
+    from polyport.passes.pipelines import run_pipeline
     from polyport.targets import schedule_gpu
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("seq", "int64"), 64], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(relax.op.sum(relax.op.exp(x), [1])))
-        bb.emit_func_output(out)
+    from polyport.targets.tvm_lower import lower_to_relax
+    graph = import_onnx(MODELS / "llama_a.onnx")
+    run_pipeline(graph, "default")
+    attention = next(n.name for n in graph.nodes if n.qualified_op == "polyport::Attention")
     monkeypatch.setattr(schedule_gpu, "gpu_rules", lambda: ())
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
-    with pytest.raises(errors.UnsupportedOpError, match=r"cuda target \(sm_90\): no GPU schedule applies to "
-                                                        r"kernel\(s\) fused_tir_exp_sum \(blocks: .*\)"):
-        schedule_gpu.schedule_module(bb.get(), target, "cuda")
+    with pytest.raises(errors.UnsupportedOpError) as e:
+        schedule_gpu.schedule_module(lower_to_relax(graph, "cuda", pack_weights=False).mod, target, "cuda", graph)
+    assert "cuda target (sm_90): no GPU schedule applies to kernel(s) " in str(e.value)
+    assert f"attention (blocks: k_t, qk, scores, rowmax, rowmax_safe, exp, rowsum, rowsum_all, from node(s) " \
+           f"{attention}" in str(e.value)
