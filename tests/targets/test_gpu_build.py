@@ -109,6 +109,22 @@ def test_arch_selection():
     assert rocm_t.select_archs(CompileOptions(archs=("sm_80",))) == ("gfx90a", "gfx942")
 
 
+def test_cli_arch_selects_what_is_built(cli, tmp_path):
+    """`compile --arch` with targets of both families: each builds only its own archs (a non-default one here)."""
+    _require("cuda")
+    _require("rocm")
+    out = tmp_path / "a"
+    r = cli("compile", str(MODELS / "llama_a.onnx"), "--target", "cuda", "--target", "rocm",
+            "--arch", "sm_86", "--arch", "gfx942", "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    targets = json.loads((out / "manifest.json").read_text())["targets"]
+    assert targets["cuda"]["archs"] == ["sm_86"] and targets["rocm"]["archs"] == ["gfx942"]
+    fatbin = _device_module(out / "cuda/sm_86/model.so", "cuda").code
+    assert set(device_code.cubin_kernels(fatbin)) == {"sm_86", "compute_86"}
+    hsaco = _device_module(out / "rocm/gfx942/model.so", "hip").code
+    assert list(device_code.hsaco_kernels(hsaco)) == ["gfx942"]
+
+
 def test_unknown_arch_is_a_clear_error(cli, tmp_path):
     with pytest.raises(errors.PolyportError, match=r"cuda target: unknown arch 'sm_13'; known archs: cuda: .*sm_90"):
         get_target("cuda").select_archs(CompileOptions(archs=("sm_13",)))
