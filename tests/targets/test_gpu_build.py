@@ -1,6 +1,7 @@
 """The cuda and rocm targets' builds: device code per architecture for the five named exports.
 
-What is checked (no GPU here): each arch's model.so embeds device code for THAT
+What is checked (no GPU here): TVM reads each model.so's packed modules up to
+the device module, whose loader this CUDA/ROCm-less TVM lacks; each arch's model.so embeds device code for THAT
 arch — for cuda an nvcc fatbin whose sm_XX cubin lists, as ENTRY functions
 (cuobjdump), exactly the kernels the built module calls, plus compute_XX PTX;
 for rocm an HSACO whose amdhsa.target is the arch and whose `.kd` kernel
@@ -73,7 +74,19 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
 def _device_module(path: Path, kind: str) -> device_code.DeviceModule:
     mods = device_code.device_modules(device_code.library_bin_from_so(path))
     assert [m.kind for m in mods] == [kind], f"{path}: device modules {[m.kind for m in mods]}"
+    _loads_up_to_the_device_runtime(path, kind)
     return mods[0]
+
+
+def _loads_up_to_the_device_runtime(path: Path, kind: str) -> None:
+    """TVM here (no CUDA / ROCm runtime) reads the packed library, the VM executable first, and stops only at the
+    device module, for want of its loader: the (rewritten) blob is well formed."""
+    import tvm
+    import tvm_ffi
+    if tvm_ffi.get_global_func(f"ffi.Module.load_from_bytes.{kind}", allow_missing=True) is not None:
+        return                                    # a GPU-enabled TVM: loading needs the device itself
+    with pytest.raises(RuntimeError, match=rf"created using \{{{kind}\}} but a loader of that name is not registered"):
+        tvm.runtime.load_module(str(path))
 
 
 @pytest.mark.parametrize("model", NAMED_EXPORTS)
