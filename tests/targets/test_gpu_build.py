@@ -1,8 +1,8 @@
 """The cuda and rocm targets' builds: device code per architecture for the five named exports.
 
 What is checked (no GPU here): TVM reads each model.so's packed modules up to
-the device module, whose loader this CUDA/ROCm-less TVM lacks; each arch's model.so embeds device code for THAT
-arch — for cuda an nvcc fatbin whose sm_XX cubin lists, as ENTRY functions
+the device module, whose loader this CUDA/ROCm-less TVM lacks; and each arch's
+model.so embeds device code for THAT arch — for cuda an nvcc fatbin whose sm_XX cubin lists, as ENTRY functions
 (cuobjdump), exactly the kernels the built module calls, plus compute_XX PTX;
 for rocm an HSACO whose amdhsa.target is the arch and whose `.kd` kernel
 descriptors are exactly those kernels. The kernel names come from the built
