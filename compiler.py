@@ -33,7 +33,9 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                   on_stage=None, progress: Progress = lambda msg: None) -> Path:
     """Compile `model` for `targets` into the artifact directory `out` (added to it if it exists)."""
     options = options or CompileOptions()
-    lowerers = [get_target(t) for t in targets]            # unknown targets fail before any work
+    lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
+    for target in lowerers:
+        target.check_options(options)
     progress(f"importing {model}")
     graph = import_onnx(model)
     progress(f"running the {pipeline!r} pipeline")

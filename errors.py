@@ -25,3 +25,7 @@ class InputError(PolyportError):
 
 class ExecutionError(PolyportError):
     """A node failed at run time (a malformed model, or inputs outside what it accepts)."""
+
+
+class ToolchainError(PolyportError):
+    """A compiler, linker or library a target needs is missing from this machine."""

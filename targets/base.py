@@ -50,6 +50,9 @@ class Target(abc.ABC):
         `weights` maps the graph's constant names to the arrays stored once in
         the artifact's weights.safetensors."""
 
+    def check_options(self, options: CompileOptions) -> None:
+        """Raise a PolyportError for options this target cannot honour (an unknown arch), before any work."""
+
     def device(self, name: str | None = None) -> DeviceSpec:
         name = name or self.default_device
         try:

@@ -8,7 +8,6 @@ weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +16,7 @@ from .. import errors
 from ..ir.graph import Graph
 from .base import CompileOptions, Target, register_target
 from .devices import HOST_CPU, host_cpu_info
+from .vm_meta import write_model_meta
 
 GENERIC_MCPU = "x86-64-v3"
 
@@ -52,7 +52,9 @@ class CpuTarget(Target):
 
         if options.dtype not in ("f32",):
             raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
-        mcpu = (options.extra or {}).get("mcpu") or (options.archs[0] if options.archs else host_mcpu())
+        from .gpu_build import KNOWN_ARCHS
+        cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
+        mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
         t0 = time.perf_counter()
         lowered = lower_to_relax(graph, self.name)
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
@@ -60,10 +62,7 @@ class CpuTarget(Target):
         ex = tvm.compile(mod, target=target)
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
-        meta = {"function": "main", "inputs": lowered.inputs, "params": lowered.params,
-                "outputs": lowered.outputs, "symbols": lowered.symbols,
-                "packed": lowered.packed}
-        (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
+        write_model_meta(lowered, out_dir / "model.json")
         return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
                 "compile_seconds": round(time.perf_counter() - t0, 2)}

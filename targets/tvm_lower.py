@@ -51,7 +51,7 @@ def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, target_name: str):
+    def __init__(self, graph: Graph, target_name: str, pack_weights: bool = True):
         import tvm
         import tvm.sym  # noqa: F401 - the arithmetic analyzer (tvm.arith before 0.27)
         from tvm import relax, tirx
@@ -59,6 +59,7 @@ class _Lowerer:
         self.tvm, self.relax, self.tirx = tvm, relax, tirx
         self.graph = graph
         self.target_name = target_name
+        self.pack_weights = pack_weights
         self.syms: dict[str, Any] = {}
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
@@ -215,7 +216,7 @@ class _Lowerer:
     def _packable(self, v: Value) -> int:
         """NB if every use of weight `v` is as the B operand of a dense MatMul (then it is bound pre-packed)."""
         from .kernels.cpu import mlp
-        if v.is_graph_output or v.const.ndim != 2 or not v.uses:
+        if not self.pack_weights or v.is_graph_output or v.const.ndim != 2 or not v.uses:
             return 0
         for node, i in v.uses:
             if node.graph is not self.graph:
@@ -743,6 +744,9 @@ def _safe(name: str) -> str:
     return "w_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def lower_to_relax(graph: Graph, target_name: str = "cpu") -> Lowered:
-    """Lower a fused polyport graph to a Relax IRModule (function `main`)."""
-    return _Lowerer(graph, target_name).lower()
+def lower_to_relax(graph: Graph, target_name: str = "cpu", pack_weights: bool = True) -> Lowered:
+    """Lower a fused polyport graph to a Relax IRModule (function `main`).
+
+    `pack_weights`: bind dense weights pre-packed as [N/NB, K, NB] (the cpu GEMM layout);
+    GPU targets pass False and keep every weight as stored."""
+    return _Lowerer(graph, target_name, pack_weights).lower()

@@ -1,0 +1,99 @@
+"""What the cuda and rocm targets share: arch selection, lowering, GPU scheduling, one build per arch.
+
+For target T it writes (the contract the GPU runtime loader reads):
+
+    T/model.json          as cpu/model.json; `packed` is always {} (GPU weights are bound as stored)
+    T/<arch>/model.so     the Relax VM executable (`export_library`) with that arch's device code
+                          embedded (CUDA: an nvcc fatbin; ROCm: the linked HSACO code object)
+
+and returns the manifest entry {archs, libraries, meta, files, toolchain, kernels, compile_seconds}.
+
+Built and checked here, without a GPU: the device code for each arch and the
+kernel names it holds. Not checked: GPU numerics and speed (no GPU here); the
+kernels are the cpu target's TE computes, so their semantics are the ones the
+cpu target's tests check against the reference executor.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from .. import errors
+from ..ir.graph import Graph
+from .base import CompileOptions, Target
+from .vm_meta import write_model_meta
+
+# Every arch a GPU target accepts, by target: a compile with targets of both families and a
+# mixed --arch list gives each target its own archs.
+KNOWN_ARCHS: dict[str, tuple[str, ...]] = {}
+
+
+class GpuTarget(Target, abc.ABC):
+    default_archs: ClassVar[tuple[str, ...]]
+    known_archs: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        KNOWN_ARCHS[cls.name] = cls.known_archs
+
+    # ---- what each GPU target provides ------------------------------------------------------
+    @abc.abstractmethod
+    def check_toolchain(self) -> dict[str, str]:
+        """Raise a ToolchainError naming what is missing (and how to install it); return tool versions."""
+
+    @abc.abstractmethod
+    def tvm_target(self, arch: str) -> Any:
+        ...
+
+    def build(self, mod, target):
+        import tvm
+        return tvm.compile(mod, target=target)
+
+    @abc.abstractmethod
+    def export(self, ex, target, path: Path) -> list[str]:
+        """Write `ex` with real device code for `target` to `path`; return the device kernel names."""
+
+    # ---- shared ---------------------------------------------------------------------------------
+    def select_archs(self, options: CompileOptions) -> tuple[str, ...]:
+        """This target's archs from --arch (those of other GPU targets are theirs); the default set if none."""
+        mine = []
+        for arch in options.archs:
+            if arch in self.known_archs:
+                mine.append(arch)
+            elif not any(arch in archs for archs in KNOWN_ARCHS.values()):
+                known = "; ".join(f"{t}: {', '.join(a)}" for t, a in sorted(KNOWN_ARCHS.items()))
+                raise errors.PolyportError(f"{self.name} target: unknown arch {arch!r}; known archs: {known}")
+        return tuple(dict.fromkeys(mine)) or self.default_archs
+
+    def check_options(self, options: CompileOptions) -> None:
+        self.select_archs(options)
+
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        archs = self.select_archs(options)
+        if options.dtype != "f32":
+            raise errors.PolyportError(f"{self.name} target: compute dtype {options.dtype} is not supported (f32 only)")
+        toolchain = self.check_toolchain()
+        import tvm
+        from .schedule_gpu import schedule_module
+        from .tvm_lower import lower_to_relax
+
+        t0 = time.perf_counter()
+        lowered = lower_to_relax(graph, self.name, pack_weights=False)
+        out_dir = Path(out_dir)
+        libraries, kernels = {}, {}
+        for arch in archs:
+            target = self.tvm_target(arch)
+            mod = schedule_module(lowered.mod, target, self.name, graph)
+            ex = self.build(mod, target)
+            (out_dir / arch).mkdir(parents=True, exist_ok=True)
+            kernels[arch] = self.export(ex, target, out_dir / arch / "model.so")
+            libraries[arch] = f"{self.name}/{arch}/model.so"
+        write_model_meta(lowered, out_dir / "model.json")
+        return {"archs": list(archs), "libraries": libraries, "meta": f"{self.name}/model.json",
+                "files": [f"{self.name}/model.json", *libraries.values()],
+                "toolchain": {"tvm": tvm.__version__, **toolchain}, "kernels": kernels,
+                "checked": "device code built per arch (kernel names from the module's function table); "
+                           "not run: numerics and speed need a GPU",
+                "compile_seconds": round(time.perf_counter() - t0, 2)}
