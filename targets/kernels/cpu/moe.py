@@ -77,15 +77,30 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     macs_per_row = 2 * H * I + I * Ho
     vE, vO = _vec(E), _vec(Ho)
     VI, VO = _lanes(I), _lanes(Ho)
+    if Ho % (2 * VO) == 0:
+        VO = 2 * VO             # the down GEMM's accumulators: RB x 2 vectors, all independent
 
     @T.macro
-    def scores_of(x, rw, t, sc):
-        """sc[e] = scoring(x[t] @ router_w[:, e])."""
+    def router_logits(n, x, rw, lg):
+        """lg = x @ router_w, RB tokens at a time (RB independent accumulator chains)."""
+        for tb in range((n + (RB - 1)) // RB):
+            acc = T.alloc_local((RB, E), f32)
+            for r in T.unroll(RB):
+                for e in vE(E):
+                    acc[r, e] = T.float32(0)
+            for h in range(H):
+                for r in T.unroll(RB):
+                    for e in vE(E):
+                        acc[r, e] = acc[r, e] + T.Cast(f32, x[T.min(tb * RB + r, n - 1), h]) * T.Cast(f32, rw[h, e])
+            for r in range(T.min(n - tb * RB, RB)):
+                for e in vE(E):
+                    lg[tb * RB + r, e] = acc[r, e]
+
+    @T.macro
+    def scores_of(lg, t, sc):
+        """sc[e] = scoring(logits[t, e])."""
         for e in vE(E):
-            sc[e] = T.float32(0)
-        for h in range(H):
-            for e in vE(E):
-                sc[e] = sc[e] + T.Cast(f32, x[t, h]) * T.Cast(f32, rw[h, e])
+            sc[e] = lg[t, e]
         if s.scoring == "softmax":
             mx = T.alloc_local((1,), f32)
             tot = T.alloc_local((1,), f32)
@@ -272,9 +287,11 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             y = T.match_buffer(y_h, (n, Ho), xdt)
             idx = T.alloc_buffer((n * K,), "int64")
             wt = T.alloc_buffer((n * K,), f32)
+            lg = T.alloc_buffer((n, E), f32)
+            router_logits(n, x, rw, lg)
             for t in range(n):
                 sc = T.alloc_local((E,), f32)
-                scores_of(x, rw, t, sc)
+                scores_of(lg, t, sc)
                 for k in range(K):      # negative / out-of-range ids and table entries wrap, never read out of bounds
                     idx[t * K + k] = T.floormod(T.Cast("int64", table[T.floormod(tok[t], V), k]), E)
                 weights_of(sc, t, idx, wt)
@@ -291,9 +308,11 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         y = T.match_buffer(y_h, (n, Ho), xdt)
         idx = T.alloc_buffer((n * K,), "int64")
         wt = T.alloc_buffer((n * K,), f32)
+        lg = T.alloc_buffer((n, E), f32)
+        router_logits(n, x, rw, lg)
         for t in range(n):
             sc = T.alloc_local((E,), f32)
-            scores_of(x, rw, t, sc)
+            scores_of(lg, t, sc)
             select_topk(sc, bias, t, idx)
             weights_of(sc, t, idx, wt)
         experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
