@@ -28,6 +28,7 @@ from .mlp import activation, clamp_up
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
 PARALLEL_MIN_MACS = 1 << 20     # below this many multiply-adds per call, waking TVM's workers costs more
+CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 
@@ -208,17 +209,11 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 ntiles[0] = ntiles[0] + 1
 
     @T.macro
-    def tile(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn):
-        """Rows tile_p[j] .. (at most RB, all of expert tile_e[j]): dn[p] = weight * expert(x[rows[p]]).
-        Accumulators are RB x VW (one vector per row): with r unrolled they live in registers."""
+    def tile(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+        """Accumulators are RB x one or two vectors: with r unrolled they live in registers."""
         e = tile_e[j]
         p0 = tile_p[j]
         nr = T.min(off[e + 1] - p0, T.int64(RB))
-        xs = T.alloc_local((RB, H), f32)
-        hid = T.alloc_local((RB, I), f32)
-        g = T.alloc_local((RB, VI), f32)
-        u = T.alloc_local((RB, VI), f32)
-        d = T.alloc_local((RB, VO), f32)
         for r in range(RB):             # rows past nr repeat the last row: no branch in the inner loops
             for h in range(H):
                 xs[r, h] = T.Cast(f32, x[rows[p0 + T.min(r, nr - 1)], h])
@@ -249,6 +244,19 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                     dn[p0 + r, oc * VO + v] = d[r, v]
 
     @T.macro
+    def tiles(first, count, step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn):
+        """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most RB, all
+        of expert tile_e[j]) -> dn[p] = weight * expert(x[rows[p]]). The scratch is allocated once
+        per call of this (inside a parallel loop, once per chunk: not per tile)."""
+        xs = T.alloc_local((RB, H), f32)
+        hid = T.alloc_local((RB, I), f32)
+        g = T.alloc_local((RB, VI), f32)
+        u = T.alloc_local((RB, VI), f32)
+        d = T.alloc_local((RB, VO), f32)
+        for jj in range(count):
+            tile(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+
+    @T.macro
     def experts_and_combine(n, x, wg, wu, wd, idx, wt, y):
         off = T.alloc_buffer((E + 1,), "int64")
         rows = T.alloc_buffer((n * K,), "int64")
@@ -259,12 +267,12 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         ntiles = T.alloc_buffer((1,), "int64")
         dn = T.alloc_buffer((n * K, Ho), f32)
         group(n, idx, wt, off, rows, pw, pos, tile_e, tile_p, ntiles)
-        if n * (K * macs_per_row) >= PARALLEL_MIN_MACS:
-            for j in T.parallel(ntiles[0]):
-                tile(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+        if n * (K * macs_per_row) >= PARALLEL_MIN_MACS:     # interleaved chunks balance the experts' tails
+            for c in T.parallel(T.min(ntiles[0], CHUNKS)):
+                tiles(c, (ntiles[0] - c + T.min(ntiles[0], CHUNKS) - 1) // T.min(ntiles[0], CHUNKS),
+                      T.min(ntiles[0], CHUNKS), x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
         else:
-            for j in range(ntiles[0]):
-                tile(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+            tiles(0, ntiles[0], 1, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
         for t in range(n):
             acc = T.alloc_local((Ho,), f32)
             for o in vO(Ho):
