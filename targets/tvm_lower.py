@@ -702,6 +702,8 @@ class _Lowerer:
             table = self.get(hash_table)
             spec = dataclasses.replace(spec, hash_vocab=self.as_int(self.shape(table)[0]), table_dtype=table.ty.dtype)
             tid = self.emit(relax.op.reshape(self.get(token_ids), [-1]))
+            if tid.ty.dtype != "int64":
+                tid = self.emit(relax.op.astype(tid, "int64"))
             args = [x2, self.get(router_w), table, tid]
         else:
             bias = self.get(e_bias) if e_bias is not None else relax.const(np.zeros(E, np.float32))  # + 0: exact
@@ -712,6 +714,7 @@ class _Lowerer:
         y = self.emit(relax.call_tir(gv, relax.Tuple(args + [self.get(wg), self.get(wu), self.get(wd)]),
                                      relax.TensorType([self.shape(x2)[0], Ho], x2.ty.dtype)))
         return self.emit(relax.op.reshape(y, shape[:-1] + [Ho])) if len(shape) != 2 else y
+
 
 def _pe(lw: _Lowerer, x):
     """A PrimExpr (int64) for an int / PrimExpr."""

@@ -27,7 +27,7 @@ from .mlp import activation, clamp_up
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
-PARALLEL_MIN_MACS = 1 << 20     # below this many multiply-adds per call, waking TVM's workers costs more
+PARALLEL_MIN_MACS = 1 << 22     # below this many multiply-adds per call (~0.2 ms of work), waking TVM's workers costs more
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
