@@ -27,7 +27,7 @@ from .mlp import activation, clamp_up
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
-PARALLEL_MIN_MACS = 1 << 22     # below this many multiply-adds per call (~0.2 ms of work), waking TVM's workers costs more
+PARALLEL_MIN_MACS = 1 << 22     # fewer multiply-adds per call (~0.2 ms): waking TVM's workers costs more
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -76,7 +76,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     xdt, wdt, tdt = s.x_dtype, s.w_dtype, s.table_dtype
     f32 = "float32"
     macs_per_row = 2 * H * I + I * Ho
-    vE, vO = _vec(E), _vec(Ho)
+    loop_e, loop_o = _vec(E), _vec(Ho)
     VI, VO = _lanes(I), _lanes(Ho)
     if Ho % (2 * VO) == 0:
         VO = 2 * VO             # the down GEMM's accumulators: RB x 2 vectors, all independent
@@ -87,20 +87,20 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         for tb in range((n + (RB - 1)) // RB):
             acc = T.alloc_local((RB, E), f32)
             for r in T.unroll(RB):
-                for e in vE(E):
+                for e in loop_e(E):
                     acc[r, e] = T.float32(0)
             for h in range(H):
                 for r in T.unroll(RB):
-                    for e in vE(E):
+                    for e in loop_e(E):
                         acc[r, e] = acc[r, e] + T.Cast(f32, x[T.min(tb * RB + r, n - 1), h]) * T.Cast(f32, rw[h, e])
             for r in range(T.min(n - tb * RB, RB)):
-                for e in vE(E):
+                for e in loop_e(E):
                     lg[tb * RB + r, e] = acc[r, e]
 
     @T.macro
     def scores_of(lg, t, sc):
         """sc[e] = scoring(logits[t, e])."""
-        for e in vE(E):
+        for e in loop_e(E):
             sc[e] = lg[t, e]
         if s.scoring == "softmax":
             mx = T.alloc_local((1,), f32)
@@ -275,12 +275,12 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             tiles(0, ntiles[0], 1, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
         for t in range(n):
             acc = T.alloc_local((Ho,), f32)
-            for o in vO(Ho):
+            for o in loop_o(Ho):
                 acc[o] = dn[pos[t * K], o]
             for k in range(1, K):
-                for o in vO(Ho):
+                for o in loop_o(Ho):
                     acc[o] = acc[o] + dn[pos[t * K + k], o]
-            for o in vO(Ho):
+            for o in loop_o(Ho):
                 y[t, o] = T.Cast(xdt, acc[o])
 
     if s.hash_vocab:
