@@ -1,15 +1,15 @@
 """CPU schedules for the Relax module the cpu target builds (see /work/shared/TVM_NOTES.md).
 
 The hot kernels are the ones polyport emits itself (targets/kernels/cpu): dense
-MatMul with constant weights, GatedMLP, MoE expert GEMMs, Attention. They are
+MatMul with constant weights, GatedMLP, Attention. They are
 found by their TE block names and scheduled by hand:
 
 - GEMM-like blocks `C[i, j] = sum_k A[i, k] * W[k, j]` (W row-major [K, N], so
   `W[k, j0:j0+NB]` is contiguous): loop order `jo (parallel) . io . k . ii (unroll)
   . ji (vectorize)`, accumulating in a local `cache_write` block, reduction
   decomposed. M (the token count) is symbolic; its tail is predicated.
-- MoE expert blocks: tokens in parallel, the hidden reduction outside a
-  vectorised output loop (expert weights are read in place, rows contiguous).
+- MoE is a hand-written kernel (kernels/cpu/moe.py) that carries its own loop
+  schedule and arrives marked opaque: it is skipped here.
 - Attention: every stage parallel over (batch, head), the innermost contiguous
   axis vectorised where it is spatial.
 
@@ -94,24 +94,6 @@ def _elementwise_parallel(sch, name: str, parallel: bool = True) -> None:
             sch.vectorize(sch.split(loops[-1], [None, 8])[-1])
 
 
-def _moe(sch) -> None:
-    for name in ("moe_gate", "moe_up"):
-        blk = sch.get_sblock(name)
-        t, s, i, h = sch.get_loops(blk)
-        sch.reorder(t, s, h, i)
-        sch.parallel(t)
-        if _static(sch.get(i).extent):
-            sch.vectorize(i)
-        sch.decompose_reduction(blk, h)
-    blk = sch.get_sblock("moe_out")
-    t, o, s, i = sch.get_loops(blk)
-    sch.reorder(t, s, i, o)
-    sch.parallel(t)
-    sch.vectorize(o)
-    sch.decompose_reduction(blk, s)
-    _elementwise_parallel(sch, "moe_hidden")
-
-
 def _attention(sch) -> None:
     """Row-at-a-time: every stage computed per (batch*head, query) inside the output loop, so the
     S x Skv intermediates shrink to one row of keys that stays in cache; (batch, head) in parallel."""
@@ -143,9 +125,7 @@ def schedule_func(func):
     """Schedule one PrimFunc if it is one of polyport's kernels; return (func, scheduled)."""
     sch = _sch(func)
     names = {sch.get(b).name_hint for b in _all_blocks(sch)}
-    if "moe_out" in names:
-        _moe(sch)
-    elif "attention" in names and "qk" in names:
+    if "attention" in names and "qk" in names:
         _attention(sch)
     elif "gated" in names and "gate" in names:
         packed = len(sch.mod["main"].params[1].shape) == 3
@@ -165,12 +145,17 @@ def _all_blocks(sch):
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
+def _opaque(func) -> bool:
+    """A hand-written kernel that carries its own schedule (marked opaque where it is built)."""
+    return func.attrs is not None and "op_pattern" in func.attrs and int(func.attrs["op_pattern"]) == 8
+
+
 def schedule_module(mod, target):
     """Schedule polyport's kernels in `mod` (a Relax IRModule); return the module for `tvm.compile`."""
     from tvm import tirx
     updates = {}
     for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
+        if not isinstance(func, tirx.PrimFunc) or _opaque(func):
             continue
         try:
             new, done = schedule_func(func)

@@ -677,58 +677,44 @@ class _Lowerer:
         return self.bb.emit_te(fn, *[x for x in args if x is not None], primfunc_name_hint="attention")
 
     def op_polyport_MoE(self, node):
+        """One call_tir into the fused MoE kernel (routing, expert grouping, GEMMs, combine)."""
         from .kernels.cpu import moe
         relax = self.relax
-        op = relax.op
         ins = list(node.inputs) + [None] * (8 - len(node.inputs))
         x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
         a = node.attrs
-        k = int(a["top_k"])
-        xe = self.get(x)
-        x2, shape = self._flatten2d(xe)
-        x2f = x2 if x2.ty.dtype == "float32" else self.emit(op.astype(x2, "float32"))
-        logits = self.emit(op.matmul(x2f, self.get(router_w)))
-        scoring = a.get("scoring", "softmax")
-        if scoring == "softmax":
-            scores = self.emit(op.nn.softmax(logits, -1))
-        elif scoring == "sigmoid":
-            scores = self.emit(op.sigmoid(logits))
-        elif scoring == "sqrtsoftplus":
-            sp = self.emit(op.where(op.greater(logits, relax.const(20.0, "float32")), logits,
-                                    op.log(op.add(op.exp(op.minimum(logits, relax.const(20.0, "float32"))),
-                                                  relax.const(1.0, "float32")))))
-            scores = self.emit(op.sqrt(sp))
-        else:
-            raise self.unsupported(node, f"scoring {scoring!r}")
+        x2, shape = self._flatten2d(self.get(x))
+        H, E = (self.as_int(d) for d in self.shape(self.get(router_w)))
+        Ew, Hw, I = (self.as_int(d) for d in self.shape(self.get(wg)))
+        Ho = self.as_int(self.shape(self.get(wd))[2])
+        if None in (H, E, I, Ho) or (Ew, Hw) != (E, H):
+            raise self.unsupported(node, "expert and router weights need static, matching shapes")
+        groups = int(a.get("n_group", 1))
+        if groups > 1 and E % groups:
+            raise self.unsupported(node, f"{E} experts do not split into {groups} groups")
+        spec = moe.MoeSpec(
+            hidden=H, experts=E, top_k=int(a["top_k"]), inter=I, out=Ho, scoring=a.get("scoring", "softmax"),
+            n_group=groups, topk_group=int(a.get("topk_group", 1)), renormalize=bool(a.get("renormalize", 0)),
+            scaling=float(a.get("routed_scaling", 1.0)), act=a.get("activation", "silu"),
+            clamp=float(a.get("clamp", 0.0)), x_dtype=x2.ty.dtype, w_dtype=self.get(wg).ty.dtype)
+        if spec.scoring not in moe.SCORINGS:
+            raise self.unsupported(node, f"scoring {spec.scoring!r}")
         if hash_table is not None:
-            tid = self.emit(op.reshape(self.get(token_ids), [-1]))
-            idx = self.emit(op.take(self.get(hash_table), tid, axis=0))
-            idx = self.emit(op.astype(idx, "int64"))
+            table = self.get(hash_table)
+            spec = dataclasses.replace(spec, hash_vocab=self.as_int(self.shape(table)[0]), table_dtype=table.ty.dtype)
+            tid = self.emit(relax.op.reshape(self.get(token_ids), [-1]))
+            if tid.ty.dtype != "int64":
+                tid = self.emit(relax.op.astype(tid, "int64"))
+            args = [x2, self.get(router_w), table, tid]
         else:
-            choice = scores if e_bias is None else self.emit(op.add(scores, self.get(e_bias)))
-            groups = int(a.get("n_group", 1))
-            if groups > 1:
-                E = self.as_int(self.shape(choice)[1])
-                T = self.shape(choice)[0]
-                per = self.emit(op.reshape(choice, [T, groups, E // groups]))
-                top2 = self.emit(op.topk(per, 2, -1, "values", True))
-                gscore = self.emit(op.sum(top2, [-1]))
-                kept = self.emit(op.topk(gscore, int(a.get("topk_group", 1)), -1, "values", True))
-                thresh = self.emit(op.min(kept, [-1], keepdims=True))
-                gmask = self.emit(op.greater_equal(gscore, thresh))                  # [T, G]
-                gmask = self.emit(op.broadcast_to(op.expand_dims(gmask, 2), [T, groups, E // groups]))
-                gmask = self.emit(op.reshape(gmask, [T, E]))
-                choice = self.emit(op.where(gmask, choice, relax.const(float("-inf"), "float32")))
-            idx = self.emit(op.topk(choice, k, -1, "indices", True, "int64"))
-        w = self.emit(op.gather_elements(scores, idx, 1))
-        if a.get("renormalize", 0):
-            w = self.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(1e-20, "float32"))))
-        scale = float(a.get("routed_scaling", 1.0))
-        if scale != 1.0:
-            w = self.emit(op.multiply(w, relax.const(scale, "float32")))
-        y = self.bb.emit_te(moe.moe_experts, x2, idx, w, self.get(wg), self.get(wu), self.get(wd),
-                            a.get("activation", "silu"), float(a.get("clamp", 0.0)), primfunc_name_hint="moe_experts")
-        return self.emit(op.reshape(y, shape)) if len(shape) != 2 else y
+            bias = self.get(e_bias) if e_bias is not None else relax.const(np.zeros(E, np.float32))  # + 0: exact
+            if bias.ty.dtype != "float32":
+                bias = self.emit(relax.op.astype(bias, "float32"))
+            args = [x2, self.get(router_w), bias]
+        gv = self.bb.add_func(moe.moe_func(spec), "moe")
+        y = self.emit(relax.call_tir(gv, relax.Tuple(args + [self.get(wg), self.get(wu), self.get(wd)]),
+                                     relax.TensorType([self.shape(x2)[0], Ho], x2.ty.dtype)))
+        return self.emit(relax.op.reshape(y, shape[:-1] + [Ho])) if len(shape) != 2 else y
 
 
 def _pe(lw: _Lowerer, x):

@@ -1,29 +1,327 @@
-"""MoE expert compute: only the chosen experts run, per (token, slot), reading expert e's
-weights in place (never copied). Routing (scores, group-limited top-k) is emitted as
-Relax ops by the lowering; this kernel takes the chosen indices and weights."""
+"""MoE as one hand-written TIR kernel: route -> group by expert -> per-expert GEMMs -> combine.
+
+One call per MoE node (the routing used to be a dozen Relax ops, each a VM call and an allocation,
+which cost more than the expert math on small models):
+
+1. route, per token: router logits (x @ router_w), scoring, optional group-limited selection,
+   top-k (ties to the lower expert, as the reference's stable argsort) or the hash table, routing
+   weights (renormalised, scaled). Meaning: ir/fused/moe.py.
+2. group the (token, slot) pairs by expert (counts -> offsets -> a stable counting sort) and cut
+   each expert's rows into tiles of at most RB rows;
+3. per tile (in parallel when the work is big enough): gate/up GEMM over the tile's gathered token
+   rows reading that expert's weights in place, activation, scaled by the routing weight, down GEMM;
+   every weight vector load serves RB rows;
+4. combine: each token sums its top_k rows (an inverse permutation instead of a racy scatter-add).
+
+The kernel carries its own loop schedule (parallel, vectorised over the contiguous output axis) and
+is marked opaque, so the schedule module and Relax's fusion leave it alone.
+"""
 from __future__ import annotations
 
-from tvm import te, tirx
+import dataclasses
+
+from tvm import tirx
+from tvm.script import tirx as T
 
 from .mlp import activation, clamp_up
 
+RB = 4                          # token rows per tile: each weight vector load serves RB rows
+VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
+PARALLEL_MIN_MACS = 1 << 22     # fewer multiply-adds per call (~0.2 ms): waking TVM's workers costs more
+CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
+NEG_INF = float("-inf")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 
-def moe_experts(x: te.Tensor, idx: te.Tensor, w: te.Tensor, wg: te.Tensor, wu: te.Tensor, wd: te.Tensor,
-                act: str, clamp: float):
-    """x [T, H], idx [T, K] (int64), w [T, K] (f32), wg/wu [E, H, I], wd [E, I, H] -> y [T, H]."""
-    T, Hd = x.shape
-    K = idx.shape[1]
-    I = wg.shape[2]
-    Ho = wd.shape[2]
-    h1 = te.reduce_axis((0, Hd), name="h")
-    g = te.compute((T, K, I), lambda t, s, i: te.sum(
-        x[t, h1].astype("float32") * wg[idx[t, s], h1, i].astype("float32"), axis=h1), name="moe_gate")
-    h2 = te.reduce_axis((0, Hd), name="h")
-    u = te.compute((T, K, I), lambda t, s, i: te.sum(
-        x[t, h2].astype("float32") * wu[idx[t, s], h2, i].astype("float32"), axis=h2), name="moe_up")
-    hid = te.compute((T, K, I), lambda t, s, i: activation(act, g[t, s, i], clamp) * clamp_up(u[t, s, i], clamp)
-                     * w[t, s].astype("float32"), name="moe_hidden")
-    s_ = te.reduce_axis((0, K), name="s")
-    i_ = te.reduce_axis((0, I), name="i")
-    return te.compute((T, Ho), lambda t, o: te.sum(hid[t, s_, i_] * wd[idx[t, s_], i_, o].astype("float32"),
-                                                  axis=[s_, i_]).astype(x.dtype), name="moe_out")
+
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+    """The static facts the kernel is specialised on (the token count stays symbolic)."""
+    hidden: int              # H, x's last dim
+    experts: int             # E
+    top_k: int               # K
+    inter: int               # I, the expert's intermediate size
+    out: int                 # Ho, w_down's last dim
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    renormalize: bool = False
+    scaling: float = 1.0
+    act: str = "silu"
+    clamp: float = 0.0
+    hash_vocab: int = 0      # > 0: hash routing over a [hash_vocab, K] table
+    x_dtype: str = "float32"
+    w_dtype: str = "float32"
+    table_dtype: str = "int64"
+
+
+def _lanes(n: int) -> int:
+    """The vector width for a contiguous axis of static extent n (it must divide n)."""
+    for w in (VW, 4, 2):
+        if n % w == 0:
+            return w
+    return 1
+
+
+def _vec(n: int):
+    """The loop kind for a whole contiguous axis of static extent n."""
+    return T.vectorized if n <= 64 else T.serial
+
+
+def moe_func(s: MoeSpec) -> tirx.PrimFunc:
+    """The PrimFunc: (x [T, H], router_w [H, E], e_bias [E] | (hash_table [V, K], token_ids [T]),
+    w_gate [E, H, I], w_up [E, H, I], w_down [E, I, Ho], y [T, Ho]) -> writes y."""
+    H, E, K, I, Ho = s.hidden, s.experts, s.top_k, s.inter, s.out
+    G, GS = s.n_group, s.experts // max(s.n_group, 1)
+    V = max(s.hash_vocab, 1)
+    xdt, wdt, tdt = s.x_dtype, s.w_dtype, s.table_dtype
+    f32 = "float32"
+    macs_per_row = 2 * H * I + I * Ho
+    loop_e, loop_o = _vec(E), _vec(Ho)
+    VI, VO = _lanes(I), _lanes(Ho)
+    if Ho % (2 * VO) == 0:
+        VO = 2 * VO             # the down GEMM's accumulators: RB x 2 vectors, all independent
+
+    @T.macro
+    def router_logits(n, x, rw, lg):
+        """lg = x @ router_w, RB tokens at a time (RB independent accumulator chains)."""
+        for tb in range((n + (RB - 1)) // RB):
+            acc = T.alloc_local((RB, E), f32)
+            for r in T.unroll(RB):
+                for e in loop_e(E):
+                    acc[r, e] = T.float32(0)
+            for h in range(H):
+                for r in T.unroll(RB):
+                    for e in loop_e(E):
+                        acc[r, e] = acc[r, e] + T.Cast(f32, x[T.min(tb * RB + r, n - 1), h]) * T.Cast(f32, rw[h, e])
+            for r in range(T.min(n - tb * RB, RB)):
+                for e in loop_e(E):
+                    lg[tb * RB + r, e] = acc[r, e]
+
+    @T.macro
+    def scores_of(lg, t, sc):
+        """sc[e] = scoring(logits[t, e])."""
+        for e in loop_e(E):
+            sc[e] = lg[t, e]
+        if s.scoring == "softmax":
+            mx = T.alloc_local((1,), f32)
+            tot = T.alloc_local((1,), f32)
+            mx[0] = sc[0]
+            for e in range(1, E):
+                mx[0] = T.max(mx[0], sc[e])
+            tot[0] = T.float32(0)
+            for e in range(E):
+                sc[e] = T.exp(sc[e] - mx[0])
+                tot[0] = tot[0] + sc[e]
+            for e in range(E):
+                sc[e] = sc[e] / tot[0]
+        elif s.scoring == "sigmoid":
+            for e in range(E):
+                sc[e] = T.float32(1) / (T.float32(1) + T.exp(T.float32(0) - sc[e]))
+        else:    # sqrtsoftplus, exp clamped where softplus(z) == z in f32
+            for e in range(E):
+                sc[e] = T.sqrt(T.if_then_else(sc[e] > T.float32(20), sc[e],
+                                              T.log(T.exp(T.min(sc[e], T.float32(20))) + T.float32(1))))
+
+    @T.macro
+    def argmax_untaken(vals, taken, n, best, at):
+        """at[0] = the first index < n of the largest vals[i] with taken[i] == 0; marks it taken."""
+        at[0] = T.int64(-1)
+        best[0] = T.float32(NEG_INF)
+        for i in range(n):
+            if taken[i] == 0 and (at[0] < 0 or vals[i] > best[0]):
+                at[0] = T.int64(i)
+                best[0] = vals[i]
+        taken[at[0]] = 1
+
+    @T.macro
+    def select_topk(sc, bias, t, idx):
+        """idx[t, :] = top_k of (scores + bias), restricted to the best topk_group groups."""
+        ch = T.alloc_local((E,), f32)
+        taken = T.alloc_local((E,), "int32")
+        best = T.alloc_local((1,), f32)
+        at = T.alloc_local((1,), "int64")
+        for e in range(E):
+            ch[e] = sc[e] + T.Cast(f32, bias[e])
+            taken[e] = 0
+        if G > 1:
+            gsc = T.alloc_local((G,), f32)
+            gtaken = T.alloc_local((G,), "int32")
+            top = T.alloc_local((2,), f32)
+            for g in range(G):
+                top[0] = T.float32(NEG_INF)
+                top[1] = T.float32(NEG_INF)
+                for j in range(GS):
+                    if ch[g * GS + j] > top[0]:
+                        top[1] = top[0]
+                        top[0] = ch[g * GS + j]
+                    elif ch[g * GS + j] > top[1]:
+                        top[1] = ch[g * GS + j]
+                if GS > 1:
+                    gsc[g] = top[0] + top[1]
+                else:
+                    gsc[g] = top[0]
+                gtaken[g] = 0
+            for _r in range(s.topk_group):
+                argmax_untaken(gsc, gtaken, G, best, at)
+            for e in range(E):
+                if gtaken[e // GS] == 0:
+                    ch[e] = T.float32(NEG_INF)
+        for k in range(K):
+            argmax_untaken(ch, taken, E, best, at)
+            idx[t * K + k] = at[0]
+
+    @T.macro
+    def weights_of(sc, t, idx, wt):
+        """wt[t, :] = scores at the chosen experts, renormalised and scaled."""
+        tot = T.alloc_local((1,), f32)
+        tot[0] = T.float32(0)
+        for k in range(K):
+            wt[t * K + k] = sc[idx[t * K + k]]
+            tot[0] = tot[0] + wt[t * K + k]
+        for k in range(K):
+            if s.renormalize:
+                wt[t * K + k] = wt[t * K + k] / (tot[0] + T.float32(1e-20)) * T.float32(s.scaling)
+            else:
+                wt[t * K + k] = wt[t * K + k] * T.float32(s.scaling)
+
+    @T.macro
+    def group(n, idx, wt, off, rows, pw, pos, tile_e, tile_p, ntiles):
+        """Counting sort of the pairs p = t * K + k by expert (stable: token order within an expert)."""
+        for e in range(E + 1):
+            off[e] = T.int64(0)
+        for p in range(n * K):
+            off[idx[p] + 1] = off[idx[p] + 1] + 1
+        for e in range(E):
+            off[e + 1] = off[e + 1] + off[e]
+        for p in range(n * K):      # off[e] doubles as expert e's cursor, then shifts back
+            rows[off[idx[p]]] = p // K
+            pw[off[idx[p]]] = wt[p]
+            pos[p] = off[idx[p]]
+            off[idx[p]] = off[idx[p]] + 1
+        for e in range(E):
+            off[E - e] = off[E - 1 - e]
+        off[0] = T.int64(0)
+        ntiles[0] = T.int64(0)
+        for e in range(E):
+            for j in range((off[e + 1] - off[e] + (RB - 1)) // RB):
+                tile_e[ntiles[0]] = T.int64(e)
+                tile_p[ntiles[0]] = off[e] + j * RB
+                ntiles[0] = ntiles[0] + 1
+
+    @T.macro
+    def tile(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+        """Accumulators are RB x one or two vectors: with r unrolled they live in registers."""
+        e = tile_e[j]
+        p0 = tile_p[j]
+        nr = T.min(off[e + 1] - p0, T.int64(RB))
+        for r in range(RB):             # rows past nr repeat the last row: no branch in the inner loops
+            for h in range(H):
+                xs[r, h] = T.Cast(f32, x[rows[p0 + T.min(r, nr - 1)], h])
+        for ic in range(I // VI):
+            for r in T.unroll(RB):
+                for v in T.vectorized(VI):
+                    g[r, v] = T.float32(0)
+                    u[r, v] = T.float32(0)
+            for h in range(H):
+                for r in T.unroll(RB):
+                    for v in T.vectorized(VI):
+                        g[r, v] = g[r, v] + xs[r, h] * T.Cast(f32, wg[e, h, ic * VI + v])
+                        u[r, v] = u[r, v] + xs[r, h] * T.Cast(f32, wu[e, h, ic * VI + v])
+            for r in T.unroll(RB):
+                for v in T.vectorized(VI):
+                    hid[r, ic * VI + v] = activation(s.act, g[r, v], s.clamp) * clamp_up(u[r, v], s.clamp) \
+                        * pw[p0 + T.min(r, nr - 1)]
+        for oc in range(Ho // VO):
+            for r in T.unroll(RB):
+                for v in T.vectorized(VO):
+                    d[r, v] = T.float32(0)
+            for i in range(I):
+                for r in T.unroll(RB):
+                    for v in T.vectorized(VO):
+                        d[r, v] = d[r, v] + hid[r, i] * T.Cast(f32, wd[e, i, oc * VO + v])
+            for r in range(nr):
+                for v in T.vectorized(VO):
+                    dn[p0 + r, oc * VO + v] = d[r, v]
+
+    @T.macro
+    def tiles(first, count, step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn):
+        """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most RB, all
+        of expert tile_e[j]) -> dn[p] = weight * expert(x[rows[p]]). The scratch is allocated once
+        per call of this (inside a parallel loop, once per chunk: not per tile)."""
+        xs = T.alloc_local((RB, H), f32)
+        hid = T.alloc_local((RB, I), f32)
+        g = T.alloc_local((RB, VI), f32)
+        u = T.alloc_local((RB, VI), f32)
+        d = T.alloc_local((RB, VO), f32)
+        for jj in range(count):
+            tile(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+
+    @T.macro
+    def experts_and_combine(n, x, wg, wu, wd, idx, wt, y):
+        off = T.alloc_buffer((E + 1,), "int64")
+        rows = T.alloc_buffer((n * K,), "int64")
+        pw = T.alloc_buffer((n * K,), f32)
+        pos = T.alloc_buffer((n * K,), "int64")
+        tile_e = T.alloc_buffer((n * K + E,), "int64")
+        tile_p = T.alloc_buffer((n * K + E,), "int64")
+        ntiles = T.alloc_buffer((1,), "int64")
+        dn = T.alloc_buffer((n * K, Ho), f32)
+        group(n, idx, wt, off, rows, pw, pos, tile_e, tile_p, ntiles)
+        if n * (K * macs_per_row) >= PARALLEL_MIN_MACS:     # interleaved chunks balance the experts' tails
+            for c in T.parallel(T.min(ntiles[0], CHUNKS)):
+                tiles(c, (ntiles[0] - c + T.min(ntiles[0], CHUNKS) - 1) // T.min(ntiles[0], CHUNKS),
+                      T.min(ntiles[0], CHUNKS), x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+        else:
+            tiles(0, ntiles[0], 1, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+        for t in range(n):
+            acc = T.alloc_local((Ho,), f32)
+            for o in loop_o(Ho):
+                acc[o] = dn[pos[t * K], o]
+            for k in range(1, K):
+                for o in loop_o(Ho):
+                    acc[o] = acc[o] + dn[pos[t * K + k], o]
+            for o in loop_o(Ho):
+                y[t, o] = T.Cast(xdt, acc[o])
+
+    if s.hash_vocab:
+        @T.prim_func(private=True)
+        def moe_hash(x_h: T.handle, rw: T.Buffer((H, E), wdt), table: T.Buffer((V, K), tdt), tok_h: T.handle,
+                     wg: T.Buffer((E, H, I), wdt), wu: T.Buffer((E, H, I), wdt), wd: T.Buffer((E, I, Ho), wdt),
+                     y_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+            n = T.int64()
+            x = T.match_buffer(x_h, (n, H), xdt)
+            tok = T.match_buffer(tok_h, (n,), "int64")
+            y = T.match_buffer(y_h, (n, Ho), xdt)
+            idx = T.alloc_buffer((n * K,), "int64")
+            wt = T.alloc_buffer((n * K,), f32)
+            lg = T.alloc_buffer((n, E), f32)
+            router_logits(n, x, rw, lg)
+            for t in range(n):
+                sc = T.alloc_local((E,), f32)
+                scores_of(lg, t, sc)
+                for k in range(K):      # negative / out-of-range ids and table entries wrap, never read out of bounds
+                    idx[t * K + k] = T.floormod(T.Cast("int64", table[T.floormod(tok[t], V), k]), E)
+                weights_of(sc, t, idx, wt)
+            experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
+        return moe_hash
+
+    @T.prim_func(private=True)
+    def moe_topk(x_h: T.handle, rw: T.Buffer((H, E), wdt), bias: T.Buffer((E,), "float32"),
+                 wg: T.Buffer((E, H, I), wdt), wu: T.Buffer((E, H, I), wdt), wd: T.Buffer((E, I, Ho), wdt),
+                 y_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, H), xdt)
+        y = T.match_buffer(y_h, (n, Ho), xdt)
+        idx = T.alloc_buffer((n * K,), "int64")
+        wt = T.alloc_buffer((n * K,), f32)
+        lg = T.alloc_buffer((n, E), f32)
+        router_logits(n, x, rw, lg)
+        for t in range(n):
+            sc = T.alloc_local((E,), f32)
+            scores_of(lg, t, sc)
+            select_topk(sc, bias, t, idx)
+            weights_of(sc, t, idx, wt)
+        experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
+    return moe_topk

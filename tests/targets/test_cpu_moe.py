@@ -1,0 +1,80 @@
+"""The cpu target's fused MoE kernel (targets/kernels/cpu/moe.py) against the MoE reference, on the
+routing edge cases the expert grouping must survive: experts with no tokens, every token on one
+expert, top_k == E, group-limited top-k, hash routing (ids and table entries out of range wrap)."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from polyport.ir.fused.moe import moe as moe_reference  # noqa: E402
+from polyport.targets.kernels.cpu import moe  # noqa: E402
+
+
+def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0):
+    rng = np.random.default_rng(seed)
+    H, E, I, Ho = spec.hidden, spec.experts, spec.inter, spec.out
+    x = (rng.standard_normal((seq, H)) * x_scale).astype(np.float32)
+    rw = (rng.standard_normal((H, E)) * 0.3).astype(np.float32)
+    wg, wu = ((rng.standard_normal((E, H, I)) * 0.1).astype(np.float32) for _ in range(2))
+    wd = (rng.standard_normal((E, I, Ho)) * 0.1).astype(np.float32)
+    bias = np.zeros(E, np.float32) if bias is None else bias
+    attrs = dict(top_k=spec.top_k, scoring=spec.scoring, n_group=spec.n_group, topk_group=spec.topk_group,
+                 renormalize=int(spec.renormalize), routed_scaling=spec.scaling, activation=spec.act,
+                 clamp=spec.clamp)
+    node = types.SimpleNamespace(attrs=attrs)
+    if spec.hash_vocab:
+        args = [x, rw, table, tokens, wg, wu, wd]
+        # the reference indexes numpy-style; the kernel wraps, so give the reference the wrapped view
+        want = moe_reference(node, [x, rw, None, wg, wu, wd, table % E, tokens % spec.hash_vocab], None)[0]
+    else:
+        args = [x, rw, bias, wg, wu, wd]
+        want = moe_reference(node, [x, rw, bias, wg, wu, wd], None)[0]
+    func = moe.moe_func(spec).with_attr("global_symbol", "moe")
+    lib = tvm.compile(tvm.IRModule({"moe": func}), target=tvm.target.Target({"kind": "llvm"}))
+    y = tvm.runtime.tensor(np.zeros((seq, Ho), np.float32))
+    lib["moe"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
+    got = y.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max())), np.abs(got - want).max()
+    return got
+
+
+def test_softmax_topk_renormalised_many_lengths():
+    spec = moe.MoeSpec(hidden=16, experts=8, top_k=2, inter=8, out=16, renormalize=True)
+    for seq in (1, 3, moe.RB, moe.RB + 1, 37):
+        _run(spec, seq, seed=seq)
+
+
+def test_experts_without_tokens():
+    # 16 experts, 2 tokens x top-1: most experts get no row at all
+    _run(moe.MoeSpec(hidden=16, experts=16, top_k=1, inter=8, out=16), 2)
+
+
+def test_all_tokens_on_one_expert():
+    # the bias steers every token to expert 3 (the bias counts for selection only, not for the weights)
+    bias = np.zeros(4, np.float32)
+    bias[3] = 100.0
+    _run(moe.MoeSpec(hidden=16, experts=4, top_k=1, inter=8, out=16, scoring="sigmoid"), 29, bias=bias)
+
+
+def test_top_k_equals_experts():
+    _run(moe.MoeSpec(hidden=16, experts=4, top_k=4, inter=12, out=16, renormalize=True, scaling=2.0), 21)
+
+
+def test_group_limited_sigmoid_with_bias():
+    spec = moe.MoeSpec(hidden=32, experts=8, top_k=2, inter=16, out=32, scoring="sigmoid", n_group=4,
+                       topk_group=2, renormalize=True, scaling=2.5)
+    _run(spec, 33, bias=np.linspace(-0.2, 0.2, 8).astype(np.float32))
+
+
+def test_hash_routing_clamped_activation():
+    spec = moe.MoeSpec(hidden=16, experts=8, top_k=2, inter=8, out=16, scoring="sqrtsoftplus",
+                       renormalize=True, scaling=1.5, clamp=0.5, hash_vocab=5)
+    rng = np.random.default_rng(1)
+    table = rng.integers(0, 8, (5, 2)).astype(np.int64)
+    table[0] = [9, -1]                         # out of range: wraps to experts 1 and 7
+    tokens = np.array([0, 1, 2, 3, 4, 4, 7, -1, 0], np.int64)
+    _run(spec, len(tokens), table=table, tokens=tokens, x_scale=4.0)
