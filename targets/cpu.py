@@ -56,7 +56,7 @@ class CpuTarget(Target):
         cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
         mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
         t0 = time.perf_counter()
-        lowered = lower_to_relax(graph, self.name)
+        lowered = lower_to_relax(graph, self.name, kernels=(options.extra or {}).get("kernels", "cpu"))
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
         mod = schedule_module(lowered.mod, target)
         ex = tvm.compile(mod, target=target)

@@ -80,7 +80,7 @@ class GpuTarget(Target, abc.ABC):
         from .tvm_lower import lower_to_relax
 
         t0 = time.perf_counter()
-        lowered = lower_to_relax(graph, self.name, pack_weights=False)
+        lowered = lower_to_relax(graph, self.name, kernels="portable")
         out_dir = Path(out_dir)
         libraries, kernels = {}, {}
         for arch in archs:

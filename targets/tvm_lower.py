@@ -23,6 +23,8 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
 
+# "cpu": hand-written, already scheduled cpu kernels; "portable": TE computes any target schedules
+KERNEL_SETS = ("cpu", "portable")
 # constants with more elements than this become parameters (bound from the artifact's weights)
 SMALL_CONST = 64
 INT64_BIG = 1 << 62
@@ -51,7 +53,7 @@ def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, target_name: str, pack_weights: bool = True):
+    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu"):
         import tvm
         import tvm.sym  # noqa: F401 - the arithmetic analyzer (tvm.arith before 0.27)
         from tvm import relax, tirx
@@ -59,7 +61,9 @@ class _Lowerer:
         self.tvm, self.relax, self.tirx = tvm, relax, tirx
         self.graph = graph
         self.target_name = target_name
-        self.pack_weights = pack_weights
+        if kernels not in KERNEL_SETS:
+            raise errors.PolyportError(f"unknown kernel set {kernels!r}; known: {', '.join(KERNEL_SETS)}")
+        self.kernels = kernels
         self.syms: dict[str, Any] = {}
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
@@ -216,7 +220,7 @@ class _Lowerer:
     def _packable(self, v: Value) -> int:
         """NB if every use of weight `v` is as the B operand of a dense MatMul (then it is bound pre-packed)."""
         from .kernels.cpu import mlp
-        if not self.pack_weights or v.is_graph_output or v.const.ndim != 2 or not v.uses:
+        if self.kernels != "cpu" or v.is_graph_output or v.const.ndim != 2 or not v.uses:
             return 0
         for node, i in v.uses:
             if node.graph is not self.graph:
@@ -659,7 +663,19 @@ class _Lowerer:
         return self.emit(self.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
 
     def op_polyport_Attention(self, node):
+        if self.kernels == "portable":
+            return self._attention_portable(node)
+        return self._attention_cpu(node)
+
+    def _attention_portable(self, node):
+        from .kernels.portable import attention
+        return self._attention_te(node, attention.attention)
+
+    def _attention_cpu(self, node):
         from .kernels.cpu import attention
+        return self._attention_te(node, attention.attention)
+
+    def _attention_te(self, node, compute):
         q, k, v = (self.get(x) for x in node.inputs[:3])
         mask = self.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         sinks = self.get(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
@@ -672,12 +688,17 @@ class _Lowerer:
             it = iter(rest)
             m = next(it) if mask is not None else None
             s = next(it) if sinks is not None else None
-            return attention.attention(q, k, v, m, s, **kw)
+            return compute(q, k, v, m, s, **kw)
 
         return self.bb.emit_te(fn, *[x for x in args if x is not None], primfunc_name_hint="attention")
 
     def op_polyport_MoE(self, node):
-        """One call_tir into the fused MoE kernel (routing, expert grouping, GEMMs, combine)."""
+        if self.kernels == "portable":
+            return self._moe_portable(node)
+        return self._moe_cpu(node)
+
+    def _moe_cpu(self, node):
+        """One call_tir into the fused cpu MoE kernel (routing, expert grouping, GEMMs, combine)."""
         from .kernels.cpu import moe
         relax = self.relax
         ins = list(node.inputs) + [None] * (8 - len(node.inputs))
@@ -716,6 +737,59 @@ class _Lowerer:
                                      relax.TensorType([self.shape(x2)[0], Ho], x2.ty.dtype)))
         return self.emit(relax.op.reshape(y, shape[:-1] + [Ho])) if len(shape) != 2 else y
 
+    def _moe_portable(self, node):
+        """Routing as Relax ops, then the TE expert compute (only the chosen experts, weights read in place)."""
+        from .kernels.portable import moe
+        relax = self.relax
+        op = relax.op
+        ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+        x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+        a = node.attrs
+        x2, shape = self._flatten2d(self.get(x))
+        x2f = x2 if x2.ty.dtype == "float32" else self.emit(op.astype(x2, "float32"))
+        logits = self.emit(op.matmul(x2f, self.get(router_w)))
+        scoring = a.get("scoring", "softmax")
+        if scoring == "softmax":
+            scores = self.emit(op.nn.softmax(logits, -1))
+        elif scoring == "sigmoid":
+            scores = self.emit(op.sigmoid(logits))
+        elif scoring == "sqrtsoftplus":
+            big = relax.const(20.0, "float32")
+            sp = self.emit(op.where(op.greater(logits, big), logits,
+                                    op.log(op.add(op.exp(op.minimum(logits, big)), relax.const(1.0, "float32")))))
+            scores = self.emit(op.sqrt(sp))
+        else:
+            raise self.unsupported(node, f"scoring {scoring!r}")
+        if hash_table is not None:
+            table = self.get(hash_table)
+            tid = self.emit(op.astype(op.reshape(self.get(token_ids), [-1]), "int64"))
+            # ids wrap modulo the table's rows, as the MoE reference does
+            tid = self.emit(op.floor_mod(tid, relax.const(self.as_int(self.shape(table)[0]), "int64")))
+            idx = self.emit(op.astype(op.take(table, tid, axis=0), "int64"))
+        else:
+            choice = scores if e_bias is None else self.emit(op.add(scores, self.get(e_bias)))
+            groups = int(a.get("n_group", 1))
+            if groups > 1:
+                E = self.as_int(self.shape(choice)[1])
+                T = self.shape(choice)[0]
+                per = self.emit(op.reshape(choice, [T, groups, E // groups]))
+                gscore = self.emit(op.sum(op.topk(per, 2, -1, "values", True), [-1]))
+                kept = self.emit(op.topk(gscore, int(a.get("topk_group", 1)), -1, "values", True))
+                gmask = self.emit(op.greater_equal(gscore, op.min(kept, [-1], keepdims=True)))   # [T, G]
+                gmask = self.emit(op.reshape(op.broadcast_to(op.expand_dims(gmask, 2), [T, groups, E // groups]),
+                                             [T, E]))
+                choice = self.emit(op.where(gmask, choice, relax.const(float("-inf"), "float32")))
+            idx = self.emit(op.topk(choice, int(a["top_k"]), -1, "indices", True, "int64"))
+        w = self.emit(op.gather_elements(scores, idx, 1))
+        if a.get("renormalize", 0):
+            w = self.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(1e-20, "float32"))))
+        scale = float(a.get("routed_scaling", 1.0))
+        if scale != 1.0:
+            w = self.emit(op.multiply(w, relax.const(scale, "float32")))
+        y = self.bb.emit_te(moe.moe_experts, x2, idx, w, self.get(wg), self.get(wu), self.get(wd),
+                            a.get("activation", "silu"), float(a.get("clamp", 0.0)), primfunc_name_hint="moe_experts")
+        return self.emit(op.reshape(y, shape)) if len(shape) != 2 else y
+
 
 def _pe(lw: _Lowerer, x):
     """A PrimExpr (int64) for an int / PrimExpr."""
@@ -730,9 +804,10 @@ def _safe(name: str) -> str:
     return "w_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def lower_to_relax(graph: Graph, target_name: str = "cpu", pack_weights: bool = True) -> Lowered:
+def lower_to_relax(graph: Graph, target_name: str = "cpu", kernels: str = "cpu") -> Lowered:
     """Lower a fused polyport graph to a Relax IRModule (function `main`).
 
-    `pack_weights`: bind dense weights pre-packed as [N/NB, K, NB] (the cpu GEMM layout);
-    GPU targets pass False and keep every weight as stored."""
-    return _Lowerer(graph, target_name, pack_weights).lower()
+    `kernels` (one of KERNEL_SETS): "cpu" uses the hand-written cpu kernels and binds dense
+    weights pre-packed as [N/NB, K, NB]; "portable" uses unscheduled TE computes (the GPU
+    targets schedule them with dlight) and keeps every weight as stored."""
+    return _Lowerer(graph, target_name, kernels).lower()

@@ -172,7 +172,7 @@ def test_a_kernel_no_gpu_rule_schedules_is_named(monkeypatch):
     monkeypatch.setattr(schedule_gpu, "gpu_rules", lambda: ())
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with pytest.raises(errors.UnsupportedOpError) as e:
-        schedule_gpu.schedule_module(lower_to_relax(graph, "cuda", pack_weights=False).mod, target, "cuda", graph)
+        schedule_gpu.schedule_module(lower_to_relax(graph, "cuda", kernels="portable").mod, target, "cuda", graph)
     assert "cuda target (sm_90): no GPU schedule applies to kernel(s) " in str(e.value)
     assert f"attention (blocks: k_t, qk, scores, rowmax, rowmax_safe, exp, rowsum, rowsum_all, from node(s) " \
            f"{attention}" in str(e.value)
