@@ -2,7 +2,10 @@
 
 Fusions run after this, so their patterns see one spelling of each idiom:
 no Identity, no Cast to the same type, no Reshape/Expand to the shape a value
-already has, no identity Transpose, a Transpose of a Transpose merged.
+already has, no identity Transpose, a Transpose of a Transpose merged, and no
+ScatterND that only writes a contiguous run of rows (exporters spell
+`k[..., :d] = a; k[..., d:] = b` that way; it is a Concat, which every target
+runs as a copy instead of a serial scatter loop).
 """
 from __future__ import annotations
 
@@ -54,9 +57,95 @@ def _noop(node: Node) -> bool:
     return False
 
 
+def _static_rows(v: Value):
+    """The static extent of `v`'s axis 0, or None."""
+    t = v.type
+    if isinstance(t, TensorType) and t.shape and isinstance(t.shape[0], int):
+        return t.shape[0]
+    return None
+
+
+def _row_run(node: Node):
+    """(start, count) if this ScatterND overwrites rows start..start+count-1 of axis 0, in order."""
+    if node.attrs.get("reduction", "none") != "none" or len(node.inputs) != 3:
+        return None
+    data, idx = node.inputs[0], node.inputs[1]
+    rows = _static_rows(data)
+    if rows is None or not idx.is_constant or idx.const.ndim != 2 or idx.const.shape[1] != 1 or not idx.const.size:
+        return None
+    ix = idx.const[:, 0].astype(np.int64)
+    ix = np.where(ix < 0, ix + rows, ix)
+    start = int(ix[0])
+    if start < 0 or not np.array_equal(ix, np.arange(start, start + len(ix))) or start + len(ix) > rows:
+        return None
+    return start, len(ix)
+
+
+def _rows_slice(graph: Graph, x: Value, start: int, stop: int, before: Node) -> Value:
+    t = x.type
+    out_t = TensorType(t.dtype, (stop - start,) + tuple(t.shape[1:]))
+    consts = [graph.add_constant(graph.unique_name(n), np.array([v], np.int64))
+              for n, v in (("rows_start", start), ("rows_stop", stop), ("rows_axis", 0))]
+    return graph.make_node("Slice", [x, *consts], types=[out_t], before=before).outputs[0]
+
+
+def _scatter_as_concat(graph: Graph, node: Node) -> bool:
+    run = _row_run(node)
+    if run is None:
+        return False
+    (start, count), data, upd = run, node.inputs[0], node.inputs[2]
+    rows = _static_rows(data)
+    pieces = ([_rows_slice(graph, data, 0, start, node)] if start else []) + [upd] + \
+        ([_rows_slice(graph, data, start + count, rows, node)] if start + count < rows else [])
+    y = node.outputs[0]
+    if len(pieces) == 1:
+        if not _same_type(upd, y) or y.is_graph_output:
+            return False
+        y.replace_all_uses_with(upd)
+    else:
+        _replace(y, graph.make_node("Concat", pieces, attrs={"axis": 0}, types=[y.type], before=node).outputs[0])
+    graph.remove(node)
+    return True
+
+
+def _replace(old: Value, new: Value) -> None:
+    """Redirect `old`'s uses to `new`, which takes over its name if it is a graph output."""
+    old.replace_all_uses_with(new)
+    if new.is_graph_output:
+        new.name, old.name = old.name, new.name
+
+
+def _slice_of_concat(node: Node):
+    """The Concat operand(s) a Slice selects exactly (whole operands along the Concat's axis), or None."""
+    cat = node.inputs[0].producer if node.inputs and node.inputs[0] is not None else None
+    if cat is None or cat.op_type != "Concat" or cat.domain or len(node.inputs) < 4:
+        return None
+    consts = [v.const if v is not None and v.is_constant else None for v in node.inputs[1:5]]
+    starts, ends, axes = consts[:3]
+    steps = consts[3] if len(consts) > 3 else np.array([1])
+    if any(c is None or c.size != 1 for c in (starts, ends, axes)) or steps is None or int(steps.reshape(-1)[0]) != 1:
+        return None
+    rank = len(cat.outputs[0].type.shape) if isinstance(cat.outputs[0].type, TensorType) and \
+        cat.outputs[0].type.shape is not None else None
+    if rank is None or int(axes[0]) % rank != int(cat.attrs.get("axis", 0)) % rank:
+        return None
+    axis = int(axes[0]) % rank
+    sizes = [v.type.shape[axis] if isinstance(v.type, TensorType) and v.type.shape else None for v in cat.inputs]
+    if not all(isinstance(n, int) for n in sizes):
+        return None
+    total = sum(sizes)
+    lo, hi = (int(np.clip(c + total if c < 0 else c, 0, total)) for c in (int(starts[0]), int(ends[0])))
+    bounds = np.cumsum([0] + sizes)
+    if lo >= hi or lo not in bounds or hi not in bounds:
+        return None
+    i, j = int(np.searchsorted(bounds, lo)), int(np.searchsorted(bounds, hi))
+    return cat.inputs[i:j], axis
+
+
 @register_pass("simplify")
 def simplify(graph: Graph) -> PassResult:
-    """Forward no-op shape ops; merge Transpose pairs."""
+    """Forward no-op shape ops; merge Transpose pairs; ScatterND over a row run -> Concat;
+    a Slice of whole Concat operands -> those operands."""
     result = PassResult()
     for node in graph.nodes:
         if node.graph is not graph:
@@ -76,6 +165,24 @@ def simplify(graph: Graph) -> PassResult:
                 node.attrs["perm"] = [p_in[i] for i in p_out]
                 node.set_input(0, inner.inputs[0])
                 result.count("merged Transpose")
+        elif node.op_type == "ScatterND" and not node.domain:
+            if _scatter_as_concat(graph, node):
+                result.count("ScatterND as Concat")
+        elif node.op_type == "Slice" and not node.domain:
+            picked = _slice_of_concat(node)
+            if picked is None:
+                continue
+            parts, axis = picked
+            y = node.outputs[0]
+            if len(parts) == 1:
+                if not _same_type(parts[0], y) or y.is_graph_output:
+                    continue
+                y.replace_all_uses_with(parts[0])
+            else:
+                _replace(y, graph.make_node("Concat", list(parts), attrs={"axis": axis}, types=[y.type],
+                                            before=node).outputs[0])
+            graph.remove(node)
+            result.count("Slice of Concat operands")
     graph.remove_unused()
     return result
 
