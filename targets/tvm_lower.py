@@ -659,21 +659,26 @@ class _Lowerer:
 
     def op_polyport_Attention(self, node):
         from .kernels.cpu import attention
+        relax = self.relax
         q, k, v = (self.get(x) for x in node.inputs[:3])
         mask = self.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         sinks = self.get(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        qs, vs = self.shape(q), self.shape(v)
+        d, dv = self.as_int(qs[3]), self.as_int(vs[3])
+        if d is None or dv is None:
+            raise self.unsupported(node, "head dims must be static")
         a = node.attrs
-        kw = dict(num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), scale=float(a["scale"]),
-                  causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)))
-        args = [q, k, v, mask, sinks]
-
-        def fn(q, k, v, *rest):
-            it = iter(rest)
-            m = next(it) if mask is not None else None
-            s = next(it) if sinks is not None else None
-            return attention.attention(q, k, v, m, s, **kw)
-
-        return self.bb.emit_te(fn, *[x for x in args if x is not None], primfunc_name_hint="attention")
+        func = attention.attention_func(
+            num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
+            causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)),
+            mask_shape=None if mask is None else [self.as_int(x) for x in self.shape(mask)],
+            mask_dtype="float32" if mask is None else mask.ty.dtype, sinks=sinks is not None,
+            sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype)
+        gv = self.bb.add_func(func.with_attr("op_pattern", 8), "attention")   # opaque: FuseOps leaves it alone
+        placeholder = relax.const(np.zeros(1, np.float32))                   # absent mask / sinks
+        args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]
+        out = relax.TensorType(shape=qs[:3] + [vs[3]], dtype=q.ty.dtype)
+        return self.emit(relax.call_tir(gv, args, out))
 
     def op_polyport_MoE(self, node):
         from .kernels.cpu import moe
