@@ -10,8 +10,8 @@ found by their TE block names and scheduled by hand:
   decomposed. M (the token count) is symbolic; its tail is predicated.
 - MoE expert blocks: tokens in parallel, the hidden reduction outside a
   vectorised output loop (expert weights are read in place, rows contiguous).
-- Attention: every stage parallel over (batch, head), the innermost contiguous
-  axis vectorised where it is spatial.
+- Attention is written scheduled (kernels/cpu/attention.py); functions that
+  already carry `op_pattern` are left as they are.
 
 A scheduled function is marked opaque (`op_pattern` 8) so Relax's FuseOps leaves
 it alone. Any schedule that fails to apply leaves the function as TE built it
@@ -112,41 +112,12 @@ def _moe(sch) -> None:
     _elementwise_parallel(sch, "moe_hidden")
 
 
-def _attention(sch) -> None:
-    """Row-at-a-time: every stage computed per (batch*head, query) inside the output loop, so the
-    S x Skv intermediates shrink to one row of keys that stays in cache; (batch, head) in parallel."""
-    out = sch.get_sblock("attention")
-    b, h, i, c = sch.get_loops(out)
-    bh = sch.fuse(b, h)
-    sch.parallel(bh)
-    for name in ("pv", "rowsum_all", "rowsum", "exp", "rowmax_safe", "rowmax", "scores", "qk"):
-        sch.compute_at(sch.get_sblock(name), i, preserve_unit_loops=True)
-    if _static(sch.get(c).extent):
-        sch.vectorize(c)
-    pv = sch.get_sblock("pv")
-    loops = sch.get_loops(pv)
-    cc, j = loops[-2], loops[-1]
-    sch.reorder(j, cc)
-    if _static(sch.get(cc).extent):
-        sch.vectorize(cc)
-    sch.decompose_reduction(pv, j)
-    qk = sch.get_sblock("qk")
-    j, r = sch.get_loops(qk)[-2:]
-    sch.reorder(r, j)
-    sch.decompose_reduction(qk, r)
-    kt = sch.get_sblock("k_t")
-    loops = sch.get_loops(kt)
-    sch.parallel(sch.fuse(loops[0], loops[1]))
-
-
 def schedule_func(func):
     """Schedule one PrimFunc if it is one of polyport's kernels; return (func, scheduled)."""
     sch = _sch(func)
     names = {sch.get(b).name_hint for b in _all_blocks(sch)}
     if "moe_out" in names:
         _moe(sch)
-    elif "attention" in names and "qk" in names:
-        _attention(sch)
     elif "gated" in names and "gate" in names:
         packed = len(sch.mod["main"].params[1].shape) == 3
         big = _gemm(sch, "gate", packed=packed)
