@@ -10,8 +10,9 @@ found by their TE block names and scheduled by hand:
   decomposed. M (the token count) is symbolic; its tail is predicated.
 - MoE expert blocks: tokens in parallel, the hidden reduction outside a
   vectorised output loop (expert weights are read in place, rows contiguous).
-- Attention is written scheduled (kernels/cpu/attention.py); functions that
-  already carry `op_pattern` are left as they are.
+- Attention and the GEMMs over pre-packed weights are written scheduled
+  (kernels/cpu/attention.py, gemm.py); functions that already carry
+  `op_pattern` are left as they are.
 
 A scheduled function is marked opaque (`op_pattern` 8) so Relax's FuseOps leaves
 it alone. Any schedule that fails to apply leaves the function as TE built it
@@ -47,22 +48,16 @@ def _static(extent):
     return int(v) if isinstance(v, int) else None
 
 
-def _gemm(sch, name: str, packed: bool = False) -> bool:
+def _gemm(sch, name: str) -> bool:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
     if len(loops) != 3:
         raise ValueError(f"{name}: {len(loops)} loops")
     i, j, k = loops
     n = _static(sch.get(j).extent)
-    if packed:      # the packing block: W is [N / NB, K, NB]
-        nb = _packed_nb(sch)
-    else:
-        nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
-    # packed W: one token row per step measured fastest (the predicated M tail of a 4-row block
-    # costs more than the reuse gains); row-major W: 4-row blocks amortise its strided loads.
-    mb = 1 if packed else MB
+    nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
     jo, ji = sch.split(j, [None, nb])
-    io, ii = sch.split(i, [None, mb])
+    io, ii = sch.split(i, [None, MB])      # 4-row blocks amortise row-major W's strided loads
     sch.reorder(jo, io, k, ii, ji)
     cw = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(cw, io)
@@ -76,11 +71,6 @@ def _gemm(sch, name: str, packed: bool = False) -> bool:
     loops = sch.get_loops(cw)
     sch.vectorize(sch.split(loops[-1], [None, nb])[-1]) if nb > 1 else None
     return big
-
-
-def _packed_nb(sch) -> int:
-    f = sch.mod["main"]
-    return int(f.params[1].shape[2])      # 0.27: PrimFunc params are buffer-typed vars
 
 
 def _elementwise_parallel(sch, name: str, parallel: bool = True) -> None:
@@ -119,14 +109,11 @@ def schedule_func(func):
     if "moe_out" in names:
         _moe(sch)
     elif "gated" in names and "gate" in names:
-        packed = len(sch.mod["main"].params[1].shape) == 3
-        big = _gemm(sch, "gate", packed=packed)
-        _gemm(sch, "up", packed=packed)
+        big = _gemm(sch, "gate")
+        _gemm(sch, "up")
         _elementwise_parallel(sch, "gated", big)
     elif names == {"matmul"}:
         _gemm(sch, "matmul")
-    elif names == {"matmul_packed"}:
-        _gemm(sch, "matmul_packed", packed=True)
     else:
         return func, False
     return sch.mod["main"], True

@@ -377,7 +377,7 @@ class _Lowerer:
             from .kernels.cpu import mlp          # dense layer with constant weights: the scheduled GEMM kernel
             x2, shape = self._flatten2d(a)
             if node.inputs[1].name in self.packed:
-                y = self.bb.emit_te(mlp.matmul_packed, x2, b, primfunc_name_hint="dense_packed")
+                y = self._packed_gemm(x2, [b], "dense_packed")
                 n = self.shape(b)[0] * self.shape(b)[2]
             else:
                 y = self.bb.emit_te(mlp.matmul, x2, b, primfunc_name_hint="dense")
@@ -641,6 +641,16 @@ class _Lowerer:
             m = m * d
         return self.emit(self.relax.op.reshape(x, [self.simplify(m), shape[-1]])), shape
 
+    def _packed_gemm(self, x2, ws, name: str, **gate):
+        """x2 [M, K] times pre-packed weights [N/NB, K, NB] (one: dense; two: GatedMLP's gate and up,
+        `gate` = act / clamp) through kernels/cpu/gemm.py."""
+        from .kernels.cpu import gemm
+        no, kdim, nb = (self.as_int(d) for d in self.shape(ws[0]))
+        func = gemm.dense_packed_func(kdim, no, nb, dtype=x2.ty.dtype, gated=len(ws) == 2, **gate)
+        gv = self.bb.add_func(func.with_attr("op_pattern", 8), name)      # opaque: FuseOps leaves it alone
+        out = self.relax.TensorType(shape=[self.shape(x2)[0], self.simplify(no * nb)], dtype=x2.ty.dtype)
+        return self.emit(self.relax.call_tir(gv, [x2] + list(ws), out))
+
     def op_polyport_GatedMLP(self, node):
         from .kernels.cpu import mlp
         x, wg, wu, wd = (self.get(v) for v in node.inputs)
@@ -648,8 +658,8 @@ class _Lowerer:
         act, clamp = node.attrs.get("activation", "silu"), float(node.attrs.get("clamp", 0.0))
         names = [v.name for v in node.inputs[1:4]]
         if all(n in self.packed for n in names):
-            h = self.bb.emit_te(mlp.gate_up_packed, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up_packed")
-            y = self.bb.emit_te(mlp.matmul_packed, h, wd, primfunc_name_hint="gated_mlp_down_packed")
+            h = self._packed_gemm(x2, [wg, wu], "gated_mlp_gate_up_packed", act=act, clamp=clamp)
+            y = self._packed_gemm(h, [wd], "gated_mlp_down_packed")
             out_shape = shape[:-1] + [self.simplify(self.shape(wd)[0] * self.shape(wd)[2])]
         else:
             h = self.bb.emit_te(mlp.gate_up, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up")

@@ -1,6 +1,9 @@
-"""The cpu target's hand-written attention kernel against the IR's reference, one PrimFunc at a time:
-causal / sliding window (wider than the sequence too), decode rows behind a KV cache, GQA / MQA,
-sinks, explicit float and bool masks, Dqk != Dv, and rows that see no key (zeros, never NaN)."""
+"""The cpu target's hand-written kernels, one PrimFunc at a time.
+
+Attention against the IR's reference: causal / sliding window (wider than the sequence too),
+decode rows behind a KV cache, GQA / MQA, sinks, explicit float and bool masks, Dqk != Dv, and
+rows that see no key (zeros, never NaN). The packed dense / gate-up GEMMs against NumPy for
+token counts around the register tile (whole tiles, tails, one row) and each column block."""
 from __future__ import annotations
 
 import types
@@ -12,8 +15,14 @@ tvm = pytest.importorskip("tvm")
 
 from polyport.ir.fused.attention import attention as reference  # noqa: E402
 from polyport.targets.kernels.cpu.attention import attention_func  # noqa: E402
+from polyport.targets.kernels.cpu.gemm import dense_packed_func, tile_rows  # noqa: E402
 
 _BUILT: dict = {}
+
+
+def _build(func):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
 
 
 def _run(q, k, v, mask=None, sinks=None, **attrs):
@@ -24,8 +33,7 @@ def _run(q, k, v, mask=None, sinks=None, **attrs):
                            scale=attrs["scale"], causal=bool(attrs.get("causal", 0)), window=attrs.get("window", 0),
                            mask_shape=None if mask is None else mask.shape,
                            mask_dtype="float32" if mask is None else str(mask.dtype), sinks=sinks is not None)
-        mod = tvm.IRModule({"attention": f.with_attr("global_symbol", "attention")})
-        _BUILT[key] = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))["attention"]
+        _BUILT[key] = _build(f)
     placeholder = np.zeros(1, np.float32)
     out = tvm.runtime.tensor(np.zeros(q.shape[:3] + v.shape[3:], np.float32))
     args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]
@@ -99,3 +107,28 @@ def test_fully_masked_row_with_sink_is_zero():
     mask[2] = False
     got = _check(s=6, mask=mask, sinks=np.ones(4, np.float32))
     assert not got[:, :, 2].any()
+
+
+def _pack(w, nb):
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k, n // nb, nb).transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("nb", [32, 16, 8])
+@pytest.mark.parametrize("gated", [False, True])
+def test_packed_gemm(nb, gated):
+    rng = np.random.default_rng(nb)
+    k, n = 40, 3 * nb
+    wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
+    f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0))
+    mb = tile_rows(nb)
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3}):
+        if m < 1:
+            continue
+        x = rng.standard_normal((m, k), np.float32)
+        out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        ws = [_pack(wg, nb)] + ([_pack(wu, nb)] if gated else [])
+        f(*[tvm.runtime.tensor(a) for a in [x] + ws], out)
+        g = x @ wg
+        want = g / (1 + np.exp(-g)) * (x @ wu) if gated else g
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")

@@ -9,7 +9,7 @@
   [S, Skv] intermediate; exp is fastmath.exp (vectorised, exact 0 for -inf).
 - A sink starts the row as one extra logit (m = sink, l = 1) that adds no value.
 - A query that sees no key (l == 0) outputs zeros.
-Rows (batch, head, query) run in parallel.
+(batch, head) tasks run in parallel when the work is big enough (parallel.py).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import fastmath
+from .parallel import PARALLEL_MIN_MACS
 
 JB = 32     # keys per block: four AVX2 float32 vectors, so the q.k FMAs have independent chains
 
@@ -66,6 +67,77 @@ def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: flo
                 s = s + mv.astype("float32")
         return tirx.Select(keep, s, ninf)
 
+    @T.macro
+    def copy_k(K, KT, Skv, bg):
+        for kb, c in T.grid(blocks(Skv), T.int64(D)):
+            for jj in T.vectorized(T.int64(JB)):
+                KT[bg // KV, bg % KV, kb, c, jj] = T.if_then_else(
+                    kb * T.int64(JB) + jj < Skv,
+                    T.Cast("float32", K[bg // KV, bg % KV, T.min(kb * T.int64(JB) + jj, Skv - 1), c]), zero)
+
+    @T.macro
+    def head(Q, KT, V, M, SK, O, S, Skv, bh):
+        # per-task scratch, allocated once per (batch, head): an allocation inside the row
+        # loop costs a TVMBackendAllocWorkspace call per row
+        qs = T.alloc_buffer((D,), "float32", scope="local")
+        acc = T.alloc_buffer((U, DV), "float32", scope="local")
+        s = T.alloc_buffer((JB,), "float32", scope="local")
+        lane = T.alloc_buffer((8,), "float32", scope="local")
+        den = T.alloc_buffer((8,), "float32", scope="local")       # the denominator, per lane
+        st = T.alloc_buffer((2,), "float32", scope="local")        # running max, block max
+        b = bh // T.int64(H)
+        h = bh % T.int64(H)
+        g = h // T.int64(GROUP)
+        for i in range(S):
+            lo, hi = key_range(i + Skv - S, Skv)
+            for c in range(T.int64(D)):
+                qs[c] = T.Cast("float32", Q[b, h, i, c]) * T.float32(scale)
+            for u, c in T.grid(T.int64(U), T.int64(DV)):
+                acc[u, c] = zero
+            for c in T.vectorized(T.int64(8)):
+                den[c] = zero
+            if sinks:
+                st[0] = T.Cast("float32", SK[h])
+                den[0] = T.float32(1.0)
+            else:
+                st[0] = ninf
+            for kb in range(lo // T.int64(JB), (hi + T.int64(JB - 1)) // T.int64(JB)):
+                j0 = kb * T.int64(JB)
+                for jj in T.vectorized(T.int64(JB)):
+                    s[jj] = zero
+                for c in range(T.int64(D)):
+                    for jj in T.vectorized(T.int64(JB)):
+                        s[jj] = s[jj] + qs[c] * KT[b, g, kb, c, jj]
+                for jj in T.vectorized(T.int64(JB)):
+                    s[jj] = score(M, s[jj], b, h, i, j0 + jj, lo, hi, Skv)
+                for c in T.vectorized(T.int64(8)):
+                    lane[c] = T.max(T.max(s[c], s[c + 8]), T.max(s[c + 16], s[c + 24]))
+                st[1] = ninf
+                for c in range(T.int64(8)):
+                    st[1] = T.max(st[1], lane[c])
+                m_new = T.max(st[0], st[1])
+                m_use = T.Select(m_new == ninf, zero, m_new)      # all -inf so far: keep exp finite
+                alpha = fastmath.exp(st[0] - m_use)
+                for jj in T.vectorized(T.int64(JB)):
+                    s[jj] = fastmath.exp(s[jj] - m_use)
+                for c in T.vectorized(T.int64(8)):
+                    den[c] = den[c] * alpha + ((s[c] + s[c + 8]) + (s[c + 16] + s[c + 24]))
+                for u, c in T.grid(T.int64(U), T.int64(DV)):
+                    acc[u, c] = acc[u, c] * alpha
+                # all JB keys into U independent accumulator rows (FMA latency); an invisible
+                # key has weight exactly 0 and reads a clamped (valid) row of V
+                for t in range(T.int64(JB // U)):
+                    for u in T.unroll(T.int64(U)):
+                        for c in T.vectorized(T.int64(DV)):
+                            acc[u, c] = acc[u, c] + s[t * T.int64(U) + u] * T.Cast(
+                                "float32", V[b, g, T.min(j0 + t * T.int64(U) + u, Skv - 1), c])
+                st[0] = m_new
+            st[1] = zero
+            for c in range(T.int64(8)):
+                st[1] = st[1] + den[c]
+            for c in T.vectorized(T.int64(DV)):
+                O[b, h, i, c] = T.Cast(dtype, T.Select(st[1] > zero, sum_rows(acc, c) / st[1], zero))
+
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, s_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -79,72 +151,15 @@ def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: flo
         SK = T.match_buffer(s_h, (H if sinks else 1,), sinks_dtype)
         O = T.match_buffer(o_h, (B, H, S, DV), dtype)
         KT = T.alloc_buffer((B, KV, blocks(Skv), D, JB), "float32")
-        for bg in T.parallel(B * KV):
-            for kb, c in T.grid(blocks(Skv), T.int64(D)):
-                for jj in T.vectorized(T.int64(JB)):
-                    KT[bg // KV, bg % KV, kb, c, jj] = T.if_then_else(
-                        kb * T.int64(JB) + jj < Skv,
-                        T.Cast("float32", K[bg // KV, bg % KV, T.min(kb * T.int64(JB) + jj, Skv - 1), c]), zero)
-        for bh in T.parallel(B * H):
-            # per-task scratch, allocated once per (batch, head): an allocation inside the row
-            # loop costs a TVMBackendAllocWorkspace call per row
-            qs = T.alloc_buffer((D,), "float32", scope="local")
-            acc = T.alloc_buffer((U, DV), "float32", scope="local")
-            s = T.alloc_buffer((JB,), "float32", scope="local")
-            lane = T.alloc_buffer((8,), "float32", scope="local")
-            den = T.alloc_buffer((8,), "float32", scope="local")       # the denominator, per lane
-            st = T.alloc_buffer((2,), "float32", scope="local")        # running max, block max
-            b = bh // T.int64(H)
-            h = bh % T.int64(H)
-            g = h // T.int64(GROUP)
-            for i in range(S):
-                lo, hi = key_range(i + Skv - S, Skv)
-                for c in range(T.int64(D)):
-                    qs[c] = T.Cast("float32", Q[b, h, i, c]) * T.float32(scale)
-                for u, c in T.grid(T.int64(U), T.int64(DV)):
-                    acc[u, c] = zero
-                for c in T.vectorized(T.int64(8)):
-                    den[c] = zero
-                if sinks:
-                    st[0] = T.Cast("float32", SK[h])
-                    den[0] = T.float32(1.0)
-                else:
-                    st[0] = ninf
-                for kb in range(lo // T.int64(JB), (hi + T.int64(JB - 1)) // T.int64(JB)):
-                    j0 = kb * T.int64(JB)
-                    for jj in T.vectorized(T.int64(JB)):
-                        s[jj] = zero
-                    for c in range(T.int64(D)):
-                        for jj in T.vectorized(T.int64(JB)):
-                            s[jj] = s[jj] + qs[c] * KT[b, g, kb, c, jj]
-                    for jj in T.vectorized(T.int64(JB)):
-                        s[jj] = score(M, s[jj], b, h, i, j0 + jj, lo, hi, Skv)
-                    for c in T.vectorized(T.int64(8)):
-                        lane[c] = T.max(T.max(s[c], s[c + 8]), T.max(s[c + 16], s[c + 24]))
-                    st[1] = ninf
-                    for c in range(T.int64(8)):
-                        st[1] = T.max(st[1], lane[c])
-                    m_new = T.max(st[0], st[1])
-                    m_use = T.Select(m_new == ninf, zero, m_new)      # all -inf so far: keep exp finite
-                    alpha = fastmath.exp(st[0] - m_use)
-                    for jj in T.vectorized(T.int64(JB)):
-                        s[jj] = fastmath.exp(s[jj] - m_use)
-                    for c in T.vectorized(T.int64(8)):
-                        den[c] = den[c] * alpha + ((s[c] + s[c + 8]) + (s[c + 16] + s[c + 24]))
-                    for u, c in T.grid(T.int64(U), T.int64(DV)):
-                        acc[u, c] = acc[u, c] * alpha
-                    # all JB keys into U independent accumulator rows (FMA latency); an invisible
-                    # key has weight exactly 0 and reads a clamped (valid) row of V
-                    for t in range(T.int64(JB // U)):
-                        for u in T.unroll(T.int64(U)):
-                            for c in T.vectorized(T.int64(DV)):
-                                acc[u, c] = acc[u, c] + s[t * T.int64(U) + u] * T.Cast(
-                                    "float32", V[b, g, T.min(j0 + t * T.int64(U) + u, Skv - 1), c])
-                    st[0] = m_new
-                st[1] = zero
-                for c in range(T.int64(8)):
-                    st[1] = st[1] + den[c]
-                for c in T.vectorized(T.int64(DV)):
-                    O[b, h, i, c] = T.Cast(dtype, T.Select(st[1] > zero, sum_rows(acc, c) / st[1], zero))
+        if B * T.int64(H) * S * Skv * T.int64(D + DV) >= T.int64(PARALLEL_MIN_MACS):
+            for bg in T.parallel(B * KV):
+                copy_k(K, KT, Skv, bg)
+            for bh in T.parallel(B * H):
+                head(Q, KT, V, M, SK, O, S, Skv, bh)
+        else:
+            for bg in range(B * KV):
+                copy_k(K, KT, Skv, bg)
+            for bh in range(B * H):
+                head(Q, KT, V, M, SK, O, S, Skv, bh)
 
     return attention
