@@ -6,12 +6,14 @@ import math
 
 from tvm import te, tirx
 
+from . import fastmath
+
 
 def activation(name: str, g, clamp: float):
     if clamp:
         g = tirx.min(g, tirx.const(clamp, "float32"))
     if name == "silu":
-        return g / (tirx.const(1.0, "float32") + tirx.exp(-g))
+        return g / (tirx.const(1.0, "float32") + fastmath.exp(-g))     # vectorises (tirx.exp: libm per lane)
     if name == "gelu":
         return tirx.const(0.5, "float32") * g * (tirx.const(1.0, "float32") + tirx.erf(g * tirx.const(1 / math.sqrt(2.0), "float32")))
     if name == "gelu_tanh":
