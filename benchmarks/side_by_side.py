@@ -11,7 +11,8 @@ DeepSeek-V3-style model (MLA, group-limited top-k MoE) exported on demand with
 examples/export_hf.py's machinery into --work-dir (random weights, never
 downloaded; cached: exported once). Artifacts are compiled here with
 `polyport.compiler.compile_model(..., ["cpu"], ...)` into --work-dir (cached
-by the ONNX file's hash).
+by the ONNX file's hash and the hash of polyport's own sources, so a changed
+kernel is never timed through a stale artifact).
 
 How it times (TVM_NOTES.md's pitfalls):
 - TVM_NUM_THREADS and ORT's intra_op_num_threads are both the CPU count;
@@ -111,12 +112,23 @@ def export_big(work_dir: Path, log) -> Path:
 
 
 # ---- compile -------------------------------------------------------------------------------
+def source_digest() -> str:
+    """sha256 over polyport's Python sources (tests, benchmarks and examples left out)."""
+    h = hashlib.sha256()
+    for f in sorted(REPO.rglob("*.py")):
+        rel = f.relative_to(REPO)
+        if rel.parts[0] in ("tests", "benchmarks", "examples"):
+            continue
+        h.update(str(rel).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def compile_cached(onnx_path: Path, work_dir: Path, log) -> Path:
     from polyport.compiler import compile_model
     from polyport.runtime.artifact import sha256
     art = work_dir / "artifacts" / onnx_path.stem
     stamp = art.with_name(art.name + ".source")
-    digest = sha256(onnx_path)
+    digest = f"{sha256(onnx_path)} {source_digest()}"
     if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return art
     log(f"compiling {onnx_path.name} for cpu")

@@ -1,17 +1,16 @@
 """CPU schedules for the Relax module the cpu target builds (see /work/shared/TVM_NOTES.md).
 
-The hot kernels are the ones polyport emits itself (targets/kernels/cpu): dense
-MatMul with constant weights, GatedMLP, Attention. They are
-found by their TE block names and scheduled by hand:
+The hot kernels are the ones polyport emits itself (targets/kernels/cpu). The TE
+ones (dense MatMul / GatedMLP over row-major weights) are found by their block
+names and scheduled by hand:
 
 - GEMM-like blocks `C[i, j] = sum_k A[i, k] * W[k, j]` (W row-major [K, N], so
   `W[k, j0:j0+NB]` is contiguous): loop order `jo (parallel) . io . k . ii (unroll)
   . ji (vectorize)`, accumulating in a local `cache_write` block, reduction
   decomposed. M (the token count) is symbolic; its tail is predicated.
-- MoE is a hand-written kernel (kernels/cpu/moe.py) that carries its own loop
-  schedule and arrives marked opaque: it is skipped here.
-- Attention: every stage parallel over (batch, head), the innermost contiguous
-  axis vectorised where it is spatial.
+- MoE, Attention and the GEMMs over pre-packed weights are written scheduled
+  (kernels/cpu/moe.py, attention.py, gemm.py); functions that already carry
+  `op_pattern` are left as they are.
 
 A scheduled function is marked opaque (`op_pattern` 8) so Relax's FuseOps leaves
 it alone. Any schedule that fails to apply leaves the function as TE built it
@@ -47,22 +46,16 @@ def _static(extent):
     return int(v) if isinstance(v, int) else None
 
 
-def _gemm(sch, name: str, packed: bool = False) -> bool:
+def _gemm(sch, name: str) -> bool:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
     if len(loops) != 3:
         raise ValueError(f"{name}: {len(loops)} loops")
     i, j, k = loops
     n = _static(sch.get(j).extent)
-    if packed:      # the packing block: W is [N / NB, K, NB]
-        nb = _packed_nb(sch)
-    else:
-        nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
-    # packed W: one token row per step measured fastest (the predicated M tail of a 4-row block
-    # costs more than the reuse gains); row-major W: 4-row blocks amortise its strided loads.
-    mb = 1 if packed else MB
+    nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
     jo, ji = sch.split(j, [None, nb])
-    io, ii = sch.split(i, [None, mb])
+    io, ii = sch.split(i, [None, MB])      # 4-row blocks amortise row-major W's strided loads
     sch.reorder(jo, io, k, ii, ji)
     cw = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(cw, io)
@@ -78,11 +71,6 @@ def _gemm(sch, name: str, packed: bool = False) -> bool:
     return big
 
 
-def _packed_nb(sch) -> int:
-    f = sch.mod["main"]
-    return int(f.params[1].shape[2])      # 0.27: PrimFunc params are buffer-typed vars
-
-
 def _elementwise_parallel(sch, name: str, parallel: bool = True) -> None:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
@@ -94,48 +82,18 @@ def _elementwise_parallel(sch, name: str, parallel: bool = True) -> None:
             sch.vectorize(sch.split(loops[-1], [None, 8])[-1])
 
 
-def _attention(sch) -> None:
-    """Row-at-a-time: every stage computed per (batch*head, query) inside the output loop, so the
-    S x Skv intermediates shrink to one row of keys that stays in cache; (batch, head) in parallel."""
-    out = sch.get_sblock("attention")
-    b, h, i, c = sch.get_loops(out)
-    bh = sch.fuse(b, h)
-    sch.parallel(bh)
-    for name in ("pv", "rowsum_all", "rowsum", "exp", "rowmax_safe", "rowmax", "scores", "qk"):
-        sch.compute_at(sch.get_sblock(name), i, preserve_unit_loops=True)
-    if _static(sch.get(c).extent):
-        sch.vectorize(c)
-    pv = sch.get_sblock("pv")
-    loops = sch.get_loops(pv)
-    cc, j = loops[-2], loops[-1]
-    sch.reorder(j, cc)
-    if _static(sch.get(cc).extent):
-        sch.vectorize(cc)
-    sch.decompose_reduction(pv, j)
-    qk = sch.get_sblock("qk")
-    j, r = sch.get_loops(qk)[-2:]
-    sch.reorder(r, j)
-    sch.decompose_reduction(qk, r)
-    kt = sch.get_sblock("k_t")
-    loops = sch.get_loops(kt)
-    sch.parallel(sch.fuse(loops[0], loops[1]))
 
 
 def schedule_func(func):
     """Schedule one PrimFunc if it is one of polyport's kernels; return (func, scheduled)."""
     sch = _sch(func)
     names = {sch.get(b).name_hint for b in _all_blocks(sch)}
-    if "attention" in names and "qk" in names:
-        _attention(sch)
-    elif "gated" in names and "gate" in names:
-        packed = len(sch.mod["main"].params[1].shape) == 3
-        big = _gemm(sch, "gate", packed=packed)
-        _gemm(sch, "up", packed=packed)
+    if "gated" in names and "gate" in names:
+        big = _gemm(sch, "gate")
+        _gemm(sch, "up")
         _elementwise_parallel(sch, "gated", big)
     elif names == {"matmul"}:
         _gemm(sch, "matmul")
-    elif names == {"matmul_packed"}:
-        _gemm(sch, "matmul_packed", packed=True)
     else:
         return func, False
     return sch.mod["main"], True
@@ -145,18 +103,13 @@ def _all_blocks(sch):
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
-def _opaque(func) -> bool:
-    """A hand-written kernel that carries its own schedule (marked opaque where it is built)."""
-    return func.attrs is not None and "op_pattern" in func.attrs and int(func.attrs["op_pattern"]) == 8
-
-
 def schedule_module(mod, target):
     """Schedule polyport's kernels in `mod` (a Relax IRModule); return the module for `tvm.compile`."""
     from tvm import tirx
     updates = {}
     for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or _opaque(func):
-            continue
+        if not isinstance(func, tirx.PrimFunc) or "op_pattern" in (func.attrs or {}):
+            continue                     # not TIR, or written scheduled (kernels/cpu/attention.py)
         try:
             new, done = schedule_func(func)
         except Exception as e:  # keep the unscheduled (correct) kernel

@@ -382,7 +382,7 @@ class _Lowerer:
             from .kernels.cpu import mlp          # dense layer with constant weights: the scheduled GEMM kernel
             x2, shape = self._flatten2d(a)
             if node.inputs[1].name in self.packed:
-                y = self.bb.emit_te(mlp.matmul_packed, x2, b, primfunc_name_hint="dense_packed")
+                y = self._packed_gemm(x2, [b], "dense_packed")
                 n = self.shape(b)[0] * self.shape(b)[2]
             else:
                 y = self.bb.emit_te(mlp.matmul, x2, b, primfunc_name_hint="dense")
@@ -646,6 +646,16 @@ class _Lowerer:
             m = m * d
         return self.emit(self.relax.op.reshape(x, [self.simplify(m), shape[-1]])), shape
 
+    def _packed_gemm(self, x2, ws, name: str, **gate):
+        """x2 [M, K] times pre-packed weights [N/NB, K, NB] (one: dense; two: GatedMLP's gate and up,
+        `gate` = act / clamp) through kernels/cpu/gemm.py."""
+        from .kernels.cpu import gemm
+        no, kdim, nb = (self.as_int(d) for d in self.shape(ws[0]))
+        func = gemm.dense_packed_func(kdim, no, nb, dtype=x2.ty.dtype, gated=len(ws) == 2, **gate)
+        gv = self.bb.add_func(func.with_attr("op_pattern", 8), name)      # opaque: FuseOps leaves it alone
+        out = self.relax.TensorType(shape=[self.shape(x2)[0], self.simplify(no * nb)], dtype=x2.ty.dtype)
+        return self.emit(self.relax.call_tir(gv, [x2] + list(ws), out))
+
     def op_polyport_GatedMLP(self, node):
         from .kernels.cpu import mlp
         x, wg, wu, wd = (self.get(v) for v in node.inputs)
@@ -653,8 +663,8 @@ class _Lowerer:
         act, clamp = node.attrs.get("activation", "silu"), float(node.attrs.get("clamp", 0.0))
         names = [v.name for v in node.inputs[1:4]]
         if all(n in self.packed for n in names):
-            h = self.bb.emit_te(mlp.gate_up_packed, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up_packed")
-            y = self.bb.emit_te(mlp.matmul_packed, h, wd, primfunc_name_hint="gated_mlp_down_packed")
+            h = self._packed_gemm(x2, [wg, wu], "gated_mlp_gate_up_packed", act=act, clamp=clamp)
+            y = self._packed_gemm(h, [wd], "gated_mlp_down_packed")
             out_shape = shape[:-1] + [self.simplify(self.shape(wd)[0] * self.shape(wd)[2])]
         else:
             h = self.bb.emit_te(mlp.gate_up, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up")
@@ -663,34 +673,49 @@ class _Lowerer:
         return self.emit(self.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
 
     def op_polyport_Attention(self, node):
-        if self.kernels == "portable":
-            return self._attention_portable(node)
-        return self._attention_cpu(node)
-
-    def _attention_portable(self, node):
-        from .kernels.portable import attention
-        return self._attention_te(node, attention.attention)
-
-    def _attention_cpu(self, node):
-        from .kernels.cpu import attention
-        return self._attention_te(node, attention.attention)
-
-    def _attention_te(self, node, compute):
         q, k, v = (self.get(x) for x in node.inputs[:3])
         mask = self.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
         sinks = self.get(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        if self.kernels == "portable":
+            return self._attention_portable(node, q, k, v, mask, sinks)
+        return self._attention_cpu(node, q, k, v, mask, sinks)
+
+    def _attention_portable(self, node, q, k, v, mask, sinks):
+        """The TE compute (whole score rows, three reductions) for a target's own schedule."""
+        from .kernels.portable import attention
         a = node.attrs
         kw = dict(num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), scale=float(a["scale"]),
                   causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)))
-        args = [q, k, v, mask, sinks]
 
         def fn(q, k, v, *rest):
             it = iter(rest)
             m = next(it) if mask is not None else None
             s = next(it) if sinks is not None else None
-            return compute(q, k, v, m, s, **kw)
+            return attention.attention(q, k, v, m, s, **kw)
 
-        return self.bb.emit_te(fn, *[x for x in args if x is not None], primfunc_name_hint="attention")
+        return self.bb.emit_te(fn, *[x for x in (q, k, v, mask, sinks) if x is not None],
+                               primfunc_name_hint="attention")
+
+    def _attention_cpu(self, node, q, k, v, mask, sinks):
+        """One call_tir into the hand-scheduled cpu kernel (visible key blocks only, online softmax)."""
+        from .kernels.cpu import attention
+        relax = self.relax
+        qs, vs = self.shape(q), self.shape(v)
+        d, dv = self.as_int(qs[3]), self.as_int(vs[3])
+        if d is None or dv is None:
+            raise self.unsupported(node, "head dims must be static")
+        a = node.attrs
+        func = attention.attention_func(
+            num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
+            causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)),
+            mask_shape=None if mask is None else [self.as_int(x) for x in self.shape(mask)],
+            mask_dtype="float32" if mask is None else mask.ty.dtype, sinks=sinks is not None,
+            sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype)
+        gv = self.bb.add_func(func.with_attr("op_pattern", 8), "attention")   # opaque: FuseOps leaves it alone
+        placeholder = relax.const(np.zeros(1, np.float32))                   # absent mask / sinks
+        args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]
+        out = relax.TensorType(shape=qs[:3] + [vs[3]], dtype=q.ty.dtype)
+        return self.emit(relax.call_tir(gv, args, out))
 
     def op_polyport_MoE(self, node):
         if self.kernels == "portable":

@@ -1,16 +1,19 @@
-"""GatedMLP: y = (act(x @ w_gate) * (x @ w_up)) @ w_down, weights [in, out]."""
+"""GatedMLP: y = (act(x @ w_gate) * (x @ w_up)) @ w_down, weights [in, out] (TE, scheduled by
+schedule_cpu.py); weights the lowering binds pre-packed go through gemm.py instead."""
 from __future__ import annotations
 
 import math
 
 from tvm import te, tirx
 
+from . import fastmath
+
 
 def activation(name: str, g, clamp: float):
     if clamp:
         g = tirx.min(g, tirx.const(clamp, "float32"))
     if name == "silu":
-        return g / (tirx.const(1.0, "float32") + tirx.exp(-g))
+        return g / (tirx.const(1.0, "float32") + fastmath.exp(-g))     # vectorises (tirx.exp: libm per lane)
     if name == "gelu":
         return tirx.const(0.5, "float32") * g * (tirx.const(1.0, "float32") + tirx.erf(g * tirx.const(1 / math.sqrt(2.0), "float32")))
     if name == "gelu_tanh":
@@ -54,29 +57,3 @@ def pack_block(n: int) -> int:
         if n % nb == 0:
             return nb
     return 0
-
-
-def matmul_packed(x: te.Tensor, wp: te.Tensor):
-    """x [M, K] @ W, W pre-packed as wp [N / NB, K, NB] (wp[jo, k, ji] = W[k, jo * NB + ji]):
-    the inner loop reads NB contiguous floats per k, and successive k are adjacent."""
-    m, kdim = x.shape
-    no, _, nb = wp.shape
-    k = te.reduce_axis((0, kdim), name="k")
-    return te.compute((m, no * nb), lambda i, j: te.sum(
-        x[i, k].astype("float32") * wp[j // nb, k, j % nb].astype("float32"), axis=k).astype(x.dtype),
-        name="matmul_packed")
-
-
-def gate_up_packed(x: te.Tensor, wgp: te.Tensor, wup: te.Tensor, act: str, clamp: float):
-    """gate_up with both weights pre-packed as [I / NB, K, NB]."""
-    m, kdim = x.shape
-    no, _, nb = wgp.shape
-    n = no * nb
-    k1 = te.reduce_axis((0, kdim), name="k")
-    g = te.compute((m, n), lambda i, j: te.sum(x[i, k1].astype("float32") * wgp[j // nb, k1, j % nb].astype("float32"),
-                                               axis=k1), name="gate")
-    k2 = te.reduce_axis((0, kdim), name="k")
-    u = te.compute((m, n), lambda i, j: te.sum(x[i, k2].astype("float32") * wup[j // nb, k2, j % nb].astype("float32"),
-                                               axis=k2), name="up")
-    return te.compute((m, n), lambda i, j: (activation(act, g[i, j], clamp) * clamp_up(u[i, j], clamp)).astype(x.dtype),
-                      name="gated")

@@ -1,0 +1,101 @@
+"""Dense layers over pre-packed weights as hand-scheduled TIR: y = x @ W, and GatedMLP's
+h = act(x @ Wg) * (x @ Wu), with W bound as Wp[N / NB, K, NB] (Wp[jo, k, ji] = W[k, jo * NB + ji]).
+
+Register blocking for AVX2 (16 ymm): an MB x NB tile of accumulators (12 vectors: 3 x 32, 6 x 16,
+12 x 8) stays in registers across the whole K loop; per k it loads NB contiguous weights once and
+reuses them for MB token rows. The token count M is symbolic: whole MB-row tiles first, then the
+remaining rows one at a time (no predicate in the inner loop). Column blocks run in parallel when
+M * K * N is big enough (parallel.py: tested at run time, M is symbolic).
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .mlp import activation, clamp_up
+from .parallel import PARALLEL_MIN_MACS
+
+ACC_VECTORS = 12            # accumulator ymm registers per tile; the rest hold weights and a broadcast
+
+
+def tile_rows(nb: int) -> int:
+    return max(1, ACC_VECTORS // max(1, nb // 8))
+
+
+def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: bool = False,
+                      act: str = "silu", clamp: float = 0.0):
+    """PrimFunc dense(x [M, K], wp [NO, K, NB], out [M, NO * NB]), or with `gated`
+    gate_up(x, wgp, wup, out): out = act(x Wg) * clamp_up(x Wu)."""
+    K, NO, NB = k, no, nb
+    MB = tile_rows(nb)
+    zero = tirx.const(0.0, "float32")
+
+    @T.macro
+    def accumulate(X, W, acc, row0, rows, jo):
+        for ii, ji in T.grid(rows, T.int64(NB)):
+            acc[ii, ji] = zero
+        for kk in range(T.int64(K)):
+            for ii in T.unroll(rows):
+                for ji in T.vectorized(T.int64(NB)):
+                    acc[ii, ji] = acc[ii, ji] + T.Cast("float32", X[row0 + ii, kk]) * T.Cast("float32", W[jo, kk, ji])
+
+    @T.macro
+    def store(O, acc, gate, row0, rows, jo):
+        for ii in T.unroll(rows):
+            for ji in T.vectorized(T.int64(NB)):
+                if gated:
+                    O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(
+                        dtype, activation(act, gate[ii, ji], clamp) * clamp_up(acc[ii, ji], clamp))
+                else:
+                    O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(dtype, acc[ii, ji])
+
+    @T.macro
+    def tile(X, WG, WU, O, acc, gate, row0, rows, jo):
+        if gated:
+            accumulate(X, WG, acc, row0, rows, jo)
+            for ii, ji in T.grid(rows, T.int64(NB)):
+                gate[ii, ji] = acc[ii, ji]
+            accumulate(X, WU, acc, row0, rows, jo)
+        else:
+            accumulate(X, WG, acc, row0, rows, jo)
+        store(O, acc, gate, row0, rows, jo)
+
+    @T.macro
+    def column_block(X, WG, WU, O, M, jo):
+        acc = T.alloc_buffer((MB, NB), "float32", scope="local")
+        gate = T.alloc_buffer((MB if gated else 1, NB), "float32", scope="local")
+        for io in range(M // T.int64(MB)):
+            tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), jo)
+        for i in range(M // T.int64(MB) * T.int64(MB), M):
+            tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
+
+    @T.macro
+    def body(X, WG, WU, O, M):
+        if M * T.int64(K * NO * NB * (2 if gated else 1)) >= T.int64(PARALLEL_MIN_MACS):
+            for jo in T.parallel(T.int64(NO)):
+                column_block(X, WG, WU, O, M, jo)
+        else:
+            for jo in range(T.int64(NO)):
+                column_block(X, WG, WU, O, M, jo)
+
+    if gated:
+        @T.prim_func(private=True)
+        def gate_up(x_h: T.handle, wg_h: T.handle, wu_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            M = T.int64()
+            X = T.match_buffer(x_h, (M, K), dtype)
+            WG = T.match_buffer(wg_h, (NO, K, NB), dtype)
+            WU = T.match_buffer(wu_h, (NO, K, NB), dtype)
+            O = T.match_buffer(o_h, (M, NO * NB), dtype)
+            body(X, WG, WU, O, M)
+        return gate_up
+
+    @T.prim_func(private=True)
+    def dense(x_h: T.handle, w_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int64()
+        X = T.match_buffer(x_h, (M, K), dtype)
+        W = T.match_buffer(w_h, (NO, K, NB), dtype)
+        O = T.match_buffer(o_h, (M, NO * NB), dtype)
+        body(X, W, None, O, M)
+    return dense

@@ -1,0 +1,10 @@
+"""When a cpu kernel runs its outer loop on TVM's thread pool.
+
+A parallel launch costs tens of microseconds on an idle machine, and on a shared 2-vCPU
+machine it waits until the (pinned) worker gets its core back: milliseconds. Measured on the
+corpus' llama_a at 128 tokens (load average ~6): the whole model ran in 1.6 ms on one thread and
+7.6 ms on two with a 1M-MAC threshold. So a kernel runs parallel only when its work, counted in
+multiply-adds, is about a millisecond of one core (PARALLEL_MIN_MACS); the kernels whose work
+depends on the sequence length test this at run time and keep a serial copy of the loop.
+"""
+PARALLEL_MIN_MACS = 1 << 23

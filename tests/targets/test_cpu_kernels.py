@@ -1,0 +1,134 @@
+"""The cpu target's hand-written kernels, one PrimFunc at a time.
+
+Attention against the IR's reference: causal / sliding window (wider than the sequence too),
+decode rows behind a KV cache, GQA / MQA, sinks, explicit float and bool masks, Dqk != Dv, and
+rows that see no key (zeros, never NaN). The packed dense / gate-up GEMMs against NumPy for
+token counts around the register tile (whole tiles, tails, one row) and each column block."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from polyport.ir.fused.attention import attention as reference  # noqa: E402
+from polyport.targets.kernels.cpu.attention import attention_func  # noqa: E402
+from polyport.targets.kernels.cpu.gemm import dense_packed_func, tile_rows  # noqa: E402
+
+_BUILT: dict = {}
+
+
+def _build(func):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
+
+
+def _run(q, k, v, mask=None, sinks=None, **attrs):
+    key = (q.shape[1], k.shape[1], q.shape[3], v.shape[3], None if mask is None else (mask.shape, str(mask.dtype)),
+           sinks is not None, tuple(sorted(attrs.items())))
+    if key not in _BUILT:
+        f = attention_func(num_heads=q.shape[1], kv_heads=k.shape[1], d=q.shape[3], dv=v.shape[3],
+                           scale=attrs["scale"], causal=bool(attrs.get("causal", 0)), window=attrs.get("window", 0),
+                           mask_shape=None if mask is None else mask.shape,
+                           mask_dtype="float32" if mask is None else str(mask.dtype), sinks=sinks is not None)
+        _BUILT[key] = _build(f)
+    placeholder = np.zeros(1, np.float32)
+    out = tvm.runtime.tensor(np.zeros(q.shape[:3] + v.shape[3:], np.float32))
+    args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]
+    _BUILT[key](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    return out.numpy()
+
+
+def _check(b=1, h=4, kvh=2, s=7, skv=None, d=16, dv=None, mask=None, sinks=None, seed=0, **attrs):
+    rng = np.random.default_rng(seed)
+    skv = skv or s
+    dv = dv or d
+    q = rng.standard_normal((b, h, s, d), np.float32)
+    k = rng.standard_normal((b, kvh, skv, d), np.float32)
+    v = rng.standard_normal((b, kvh, skv, dv), np.float32)
+    attrs = dict(num_heads=h, kv_heads=kvh, scale=d ** -0.5, **attrs)
+    inputs = [q, k, v, mask, sinks]
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    want = reference(types.SimpleNamespace(attrs=attrs), inputs, None)[0]
+    got = _run(q, k, v, mask, sinks, **{a: x for a, x in attrs.items() if a not in ("num_heads", "kv_heads")})
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    return got
+
+
+@pytest.mark.parametrize("s", [1, 5, 32, 33, 100])
+def test_causal_gqa(s):
+    _check(s=s, causal=1)
+
+
+def test_no_mask_mha_batch2():
+    _check(b=2, h=2, kvh=2, s=40)
+
+
+@pytest.mark.parametrize("window", [1, 16, 50])
+def test_sliding_window(window):         # 50: wider than the sequence
+    _check(s=45, causal=1, window=window)
+
+
+@pytest.mark.parametrize("s,skv", [(1, 1), (1, 70), (3, 70)])
+def test_decode_behind_cache(s, skv):
+    _check(s=s, skv=skv, causal=1, window=20)
+    _check(s=s, skv=skv, causal=1)
+
+
+def test_sinks_mqa():
+    sinks = np.random.default_rng(1).standard_normal(4).astype(np.float32)
+    _check(h=4, kvh=1, s=37, d=32, causal=1, window=16, sinks=sinks)
+
+
+def test_mla_shapes():                   # Dqk != Dv
+    _check(h=2, kvh=2, s=35, d=24, dv=16, causal=1)
+
+
+def test_float_mask_broadcast():
+    mask = np.random.default_rng(2).standard_normal((1, 1, 9, 9)).astype(np.float32)
+    mask[0, 0, 3, :] = -np.inf                                     # a row that sees nothing
+    got = _check(s=9, mask=mask)
+    assert not got[:, :, 3].any()
+
+
+def test_bool_mask_fully_masked_rows():
+    mask = np.random.default_rng(3).random((9, 40)) > 0.5
+    mask[4] = False
+    got = _check(s=9, skv=40, causal=1, mask=mask)
+    assert not got[:, :, 4].any()
+
+
+def test_fully_masked_row_with_sink_is_zero():
+    mask = np.ones((6, 6), bool)
+    mask[2] = False
+    got = _check(s=6, mask=mask, sinks=np.ones(4, np.float32))
+    assert not got[:, :, 2].any()
+
+
+def _pack(w, nb):
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k, n // nb, nb).transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("nb", [32, 16, 8])
+@pytest.mark.parametrize("gated", [False, True])
+def test_packed_gemm(nb, gated):
+    rng = np.random.default_rng(nb)
+    k, n = 40, 3 * nb
+    wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
+    f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0))
+    mb = tile_rows(nb)
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3}):
+        if m < 1:
+            continue
+        x = rng.standard_normal((m, k), np.float32)
+        out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        ws = [_pack(wg, nb)] + ([_pack(wu, nb)] if gated else [])
+        f(*[tvm.runtime.tensor(a) for a in [x] + ws], out)
+        g = x @ wg
+        want = g / (1 + np.exp(-g)) * (x @ wu) if gated else g
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
