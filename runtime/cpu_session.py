@@ -33,19 +33,21 @@ def _pack(w: np.ndarray, nb: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k, n // nb, nb).transpose(1, 0, 2))
 
 
+def _import_tvm(threads: Optional[int]):
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
+    import tvm
+    from tvm import relax  # noqa: F401
+    return tvm
+
+
 class CpuSession:
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
-        if threads is not None:
-            os.environ["TVM_NUM_THREADS"] = str(int(threads))
-        else:
-            os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
-        import tvm
-        from tvm import relax
-        from .session import signature_types
-
+        tvm = _import_tvm(threads)
         self.artifact = art
         self.entry = dict(entry)
-        self.signature = art.signature
         lib_path = art.path / entry.get("library", "cpu/model.so")
         meta_path = art.path / entry.get("meta", "cpu/model.json")
         try:
@@ -56,12 +58,31 @@ class CpuSession:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:
             raise ArtifactError(f"{art.path}: cannot load {lib_path.name}: {str(e).splitlines()[0]}") from None
+        self._bind(lib, meta, art.weights(), art.signature, f"{art.path}: weights.safetensors")
+
+    @classmethod
+    def from_executable(cls, executable: Any, meta: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                        signature: Mapping[str, Any], threads: Optional[int] = None) -> "CpuSession":
+        """A session over a build still in memory (`CpuTarget.build`), without writing an artifact."""
+        _import_tvm(threads)
+        self = cls.__new__(cls)
+        self.artifact, self.entry = None, {}
+        self._bind(executable, meta, weights, signature, "the weights")
+        return self
+
+    def _bind(self, lib: Any, meta: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+              signature: Mapping[str, Any], where: str) -> None:
+        """Start the Relax VM over `lib` (a loaded model.so or an executable) and bind the weights once."""
+        import tvm
+        from tvm import relax
+        from .session import signature_types
+
+        self.signature = signature
         self._vm = relax.VirtualMachine(lib, tvm.cpu())
         self._fn = self._vm[meta.get("function", "main")]
-        weights = art.weights()
         missing = [n for n in meta["params"] if n not in weights]
         if missing:
-            raise ArtifactError(f"{art.path}: weights.safetensors lacks {missing[0]!r} that cpu/model.so needs")
+            raise ArtifactError(f"{where} lacks {missing[0]!r} that the cpu build needs")
         packed = meta.get("packed", {})
         self._params = [tvm.runtime.tensor(_pack(weights[n], packed.get(n, 0))) for n in meta["params"]]
         self._tvm = tvm

@@ -42,7 +42,10 @@ class CpuTarget(Target):
     devices = {"cpu": HOST_CPU}
     default_device = "cpu"
 
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+    def build(self, graph: Graph, options: CompileOptions) -> tuple[Any, dict, str]:
+        """Lower, schedule and compile `graph`: (the Relax VM executable, its model.json metadata, mcpu).
+
+        `lower` writes the executable into an artifact; the ONNX backend (backend/cpu.py) runs it in memory."""
         try:
             import tvm
         except ImportError as e:  # pragma: no cover - tvm is a dependency
@@ -53,16 +56,21 @@ class CpuTarget(Target):
         if options.dtype not in ("f32",):
             raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
         mcpu = (options.extra or {}).get("mcpu") or (options.archs[0] if options.archs else host_mcpu())
-        t0 = time.perf_counter()
         lowered = lower_to_relax(graph, self.name)
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
         mod = schedule_module(lowered.mod, target)
         ex = tvm.compile(mod, target=target)
-        out_dir = Path(out_dir)
-        ex.export_library(str(out_dir / "model.so"))
         meta = {"function": "main", "inputs": lowered.inputs, "params": lowered.params,
                 "outputs": lowered.outputs, "symbols": lowered.symbols,
                 "packed": lowered.packed}
+        return ex, meta, mcpu
+
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        import tvm
+        t0 = time.perf_counter()
+        ex, meta, mcpu = self.build(graph, options)
+        out_dir = Path(out_dir)
+        ex.export_library(str(out_dir / "model.so"))
         (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
         return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
