@@ -93,7 +93,8 @@ class CpuSession:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self._in_types, feeds)
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
+        args = [tvm.runtime.tensor(np.require(feeds[n], requirements="C")) for n in self.input_names]
         try:
             out = self._fn(*args, *self._params)
         except Exception as e:

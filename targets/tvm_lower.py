@@ -14,6 +14,7 @@ Slice / Range see their operands symbolically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import numpy as np
@@ -227,11 +228,15 @@ class _Lowerer:
         return mlp.pack_block(v.const.shape[1])
 
     def lower_node(self, node: Node) -> None:
+        from . import lowering
         key = node.qualified_op
         fn = getattr(self, "op_" + key.replace("polyport::", "polyport_"), None)
+        if fn is None and (std := lowering.lookup(key)) is not None:
+            fn = functools.partial(std, self)      # the standard-op families in targets/lowering/
         if fn is None:
             raise errors.UnsupportedOpError(
                 f"node {node.name} ({key}): no lowering for this op in the {self.target_name} target")
+        lowering.check_dtypes(self, node)
         try:
             outs = fn(node)
         except errors.UnsupportedOpError as e:
@@ -295,12 +300,12 @@ class _Lowerer:
             r = self._pv_binary(node, lambda x, y: self.tirx.truncdiv(_pe(self, x), _pe(self, y)))
             if r is not None:
                 return r
-            return self.emit(self.relax.op.floor_divide(self.get(node.inputs[0]), self.get(node.inputs[1])))
+            return self.emit(self.relax.op.divide(self.get(node.inputs[0]), self.get(node.inputs[1])))
         return self._both(node, self.relax.op.divide)
 
     def op_Mod(self, node):
-        if node.attrs.get("fmod", 0):
-            raise self.unsupported(node, "fmod=1")
+        if node.attrs.get("fmod", 0):       # C fmod: the sign of the dividend (relax mod truncates)
+            return self.emit(self.relax.op.mod(self.get(node.inputs[0]), self.get(node.inputs[1])))
         r = self._pv_binary(node, lambda x, y: self.tirx.floormod(_pe(self, x), _pe(self, y)))
         if r is not None:
             return r
@@ -346,7 +351,12 @@ class _Lowerer:
         return self.emit(self.relax.op.nn.relu(x))
 
     def op_Pow(self, node):
-        return self._both(node, self.relax.op.power)
+        x, y = (self.get(v) for v in node.inputs)
+        dt = x.ty.dtype
+        if str(node.inputs[0].dtype) not in ("f16", "f32", "f64"):   # TVM's power is float only: exact in f64
+            p = self.relax.op.power(self.relax.op.astype(x, "float64"), self.relax.op.astype(y, "float64"))
+            return self.emit(self.relax.op.astype(p, dt))
+        return self.emit(self.relax.op.power(x, y if y.ty.dtype == dt else self.relax.op.astype(y, dt)))
 
     def op_And(self, node): return self._both(node, self.relax.op.logical_and)
     def op_Or(self, node): return self._both(node, self.relax.op.logical_or)
@@ -392,7 +402,8 @@ class _Lowerer:
         return self.emit(self.relax.op.permute_dims(x, perm))
 
     def op_Softmax(self, node):
-        return self.emit(self.relax.op.nn.softmax(self.get(node.inputs[0]), node.attrs.get("axis", -1)))
+        from .lowering.reduce import coerced_2d
+        return coerced_2d(self, node, self.relax.op.nn.softmax)
 
     def _out_shape(self, node, i=0):
         t = node.outputs[i].type

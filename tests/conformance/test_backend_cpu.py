@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 
-import onnx.backend.test
+# The cases are tiny and xdist runs one per core: TVM's own thread pool would only contend
+# (its workers spin after each call). Set before the cpu session first imports TVM.
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import onnx.backend.test  # noqa: E402
 import pytest
 
-import polyport.backend.cpu
+import polyport.backend.cpu  # noqa: E402
 
-from .harness import cpu_cases, load_exclusions
+from .harness import cpu_cases, load_exclusions  # noqa: E402
 
 pytestmark = pytest.mark.conformance
 
