@@ -618,9 +618,12 @@ class _Lowerer:
         if axis is None:
             raise self.unsupported(node, "axis must be a constant")
         x = self.get(node.inputs[0])
-        if node.attrs.get("reverse", 0):
-            raise self.unsupported(node, "reverse=1")
-        return self.emit(self.relax.op.cumsum(x, int(axis.reshape(-1)[0]), exclusive=bool(node.attrs.get("exclusive", 0))))
+        axis = int(axis.reshape(-1)[0])
+        rev = node.attrs.get("reverse", 0)
+        if rev:                       # a reversed scan is the scan of the flipped axis, flipped back
+            x = self.emit(self.relax.op.flip(x, axis))
+        y = self.emit(self.relax.op.cumsum(x, axis, exclusive=bool(node.attrs.get("exclusive", 0))))
+        return self.emit(self.relax.op.flip(y, axis)) if rev else y
 
     def op_TopK(self, node):
         k = self.known(node.inputs[1])

@@ -156,7 +156,7 @@ def global_pool(lw, node):
 
 # ---- normalisations --------------------------------------------------------------------------------
 def _per_channel(lw, v, rank):
-    return lw.relax.op.reshape(v, [1, -1] + [1] * (rank - 2))
+    return lw.relax.op.reshape(lw.bb.normalize(v), [1, -1] + [1] * (rank - 2))
 
 
 @lowers("BatchNormalization", dtypes=FLOAT)

@@ -46,7 +46,8 @@ def pad(lw, node):
             v = c
         value = np.asarray(v, dtype=object).reshape(-1)[0]
         value = float(value) if not isinstance(value, (bool, np.bool_)) else float(bool(value))
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "circular"}.get(mode)
+    # Relax's legalized pad gives zeros for "edge" in TVM 0.27: refused rather than wrong
+    mode = {"constant": "constant", "reflect": "reflect", "wrap": "circular"}.get(mode)
     if mode is None:
         raise lw.unsupported(node, f"mode {node.attrs.get('mode')}")
     return lw.emit(op.nn.pad(x, width, mode, value))
@@ -79,7 +80,7 @@ def one_hot(lw, node):
     axis = node.attrs.get("axis", -1) % (rank + 1)
     idx = lw.emit(op.astype(idx, "int64"))
     idx = lw.emit(op.where(op.less(idx, lw.relax.const(0, "int64")), op.add(idx, lw.relax.const(depth, "int64")), idx))
-    pos = op.reshape(op.arange(0, depth, 1, "int64"), [-1] + [1] * (rank - axis))
+    pos = op.reshape(lw.emit(op.arange(0, depth, 1, "int64")), [-1] + [1] * (rank - axis))
     hot = lw.emit(op.equal(op.expand_dims(idx, axis), pos))
     off = op.take(values, lw.relax.const(0, "int64"), axis=0)
     on = op.take(values, lw.relax.const(1, "int64"), axis=0)
@@ -112,7 +113,9 @@ def space_to_depth(lw, node):
     op = lw.relax.op
     x, b, n, c, h, w = _blocks(lw, node)
     hh, ww = (lw.simplify(lw.tirx.floordiv(d, b)) for d in (h, w))
-    y = op.permute_dims(op.reshape(x, [n, c, hh, b, ww, b]), [0, 3, 5, 1, 2, 4])
+    mode = node.attrs.get("mode", "DCR")
+    crd = (mode.decode() if isinstance(mode, bytes) else mode) == "CRD"
+    y = op.permute_dims(op.reshape(x, [n, c, hh, b, ww, b]), [0, 1, 3, 5, 2, 4] if crd else [0, 3, 5, 1, 2, 4])
     return lw.emit(op.reshape(y, [n, c * b * b, hh, ww]))
 
 
@@ -123,7 +126,7 @@ def eye_like(lw, node):
     x = lw.get(node.inputs[0])
     rows, cols = lw.shape(x)
     k = int(node.attrs.get("k", 0))
-    r = op.reshape(op.arange(0, rows, 1, "int64"), [-1, 1])
+    r = op.reshape(lw.emit(op.arange(0, rows, 1, "int64")), [-1, 1])
     c = op.arange(0, cols, 1, "int64")
     diag = op.equal(op.subtract(c, r), lw.relax.const(k, "int64"))
     return lw.emit(op.astype(diag, _dtype(node.outputs[0].type)))
