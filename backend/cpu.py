@@ -35,7 +35,7 @@ BUILD_OPERANDS: dict[str, tuple[int, ...]] = {
     **{op: (1,) for op in _REDUCTIONS},
     "Squeeze": (1,), "Unsqueeze": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "TopK": (1,), "CumSum": (1,),
     "CumProd": (1,), "Range": (0, 1, 2), "Tile": (1,), "OneHot": (1,), "Trilu": (1,), "Pad": (1, 2, 3),
-    "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,),
+    "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Resize": (1, 2, 3),
 }
 
 

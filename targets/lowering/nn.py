@@ -291,3 +291,58 @@ def nll_loss(lw, node):
 def softmax_cross_entropy(lw, node):
     logp = lw.emit(lw.relax.op.nn.log_softmax(lw.get(node.inputs[0]), 1))
     return [_nll(lw, node, logp, lw.get(node.inputs[1]), _opt(lw, node, 2)), logp]
+
+
+# ---- Resize ----------------------------------------------------------------------------------------
+def _const_floats(lw, node, i):
+    v = node.inputs[i] if len(node.inputs) > i else None
+    if v is None:
+        return None
+    if not v.is_constant:
+        raise lw.unsupported(node, f"its {v.name} input must be a constant")
+    return [float(f) for f in v.const.reshape(-1)]
+
+
+def _text(node, name, default):
+    v = node.attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@lowers("Resize", dtypes=FLOAT)
+def resize(lw, node):
+    """4-D NCHW, spatial dims only, through relax.image.resize2d (which maps coordinates by out/in)."""
+    x = lw.get(node.inputs[0])
+    dims = _static_dims(lw, node, x, "Resize")
+    if len(dims) != 4 or node.attrs.get("antialias", 0) \
+            or _text(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise lw.unsupported(node, "only 4-D inputs resized on H and W (no antialias or aspect policy)")
+    axes = [a % 4 for a in node.attrs.get("axes") or range(4)]
+    sizes, scales = _const_floats(lw, node, 3), _const_floats(lw, node, 2)
+    if sizes:           # per listed axis -> per dim (unlisted dims keep their size)
+        sizes = [sizes[axes.index(i)] if i in axes else d for i, d in enumerate(dims)]
+    if scales:
+        scales = [scales[axes.index(i)] if i in axes else 1.0 for i in range(4)]
+    if sizes:
+        out = [int(s) for s in sizes]
+    elif scales:
+        out = [int(d * s) for d, s in zip(dims, scales)]
+        # resize2d derives its scale from the sizes: only exact ones give ONNX's coordinates
+        if any(abs(d * s - o) > 1e-6 for d, s, o in zip(dims, scales, out)):
+            raise lw.unsupported(node, f"scales {scales} do not give whole output sizes")
+    else:
+        raise lw.unsupported(node, "neither scales nor sizes given")
+    if out[:2] != dims[:2]:
+        raise lw.unsupported(node, "resizing the batch or channel dim")
+    coord = _text(node, "coordinate_transformation_mode", "half_pixel")
+    roi = _const_floats(lw, node, 1) if coord == "tf_crop_and_resize" else None
+    if roi:             # [starts..., ends...] over the listed axes -> (start_h, start_w, end_h, end_w)
+        k = len(axes)
+        lo, hi = dict(zip(axes, roi[:k])), dict(zip(axes, roi[k:]))
+        roi = (lo.get(2, 0.0), lo.get(3, 0.0), hi.get(2, 1.0), hi.get(3, 1.0))
+    else:
+        roi = (0.0, 0.0, 0.0, 0.0)
+    method = {"nearest": "nearest_neighbor", "linear": "linear", "cubic": "cubic"}[_text(node, "mode", "nearest")]
+    rounding = _text(node, "nearest_mode", "round_prefer_floor") if method == "nearest_neighbor" else ""
+    return lw.emit(lw.relax.op.image.resize2d(
+        x, out[2:], roi, "NCHW", method, coord, rounding, float(node.attrs.get("cubic_coeff_a", -0.75)),
+        int(node.attrs.get("exclude_outside", 0)), float(node.attrs.get("extrapolation_value", 0.0))))
