@@ -46,7 +46,7 @@ def _tvm():
 
 
 def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
-    if t.dtype is None or t.dtype.numpy is None:
+    if t.dtype is None or t.dtype.numpy is None or t.dtype.name == "str":
         raise errors.UnsupportedOpError(f"cpu target: value of type {t} has no supported element type")
     return "bool" if t.dtype.name == "bool" else str(t.dtype.numpy)
 
@@ -606,6 +606,9 @@ class _Lowerer:
         axes = self._axes_attr_or_input(node)
         if axes is not None and not axes and node.attrs.get("noop_with_empty_axes", 0):
             return x
+        if x.ty.dtype == "bool":          # TVM has no max/min identity for bool: reduce it as int8
+            y = self.emit(fn(self.relax.op.astype(x, "int8"), axes or None, bool(node.attrs.get("keepdims", 1))))
+            return self.emit(self.relax.op.astype(y, "bool"))
         return self.emit(fn(x, axes or None, bool(node.attrs.get("keepdims", 1))))
 
     def op_ReduceSum(self, node): return self._reduce(node, self.relax.op.sum)

@@ -33,6 +33,8 @@ def classify(message: str) -> tuple[str, str]:
         op, why = m.group(1), m.group(2)[:160]
         group = "dtype" if re.search(r"\bdtype\b", why) else f"op form not supported: {op}"
         return group, f"{op}: {why}"
+    if "has no supported element type" in first:
+        return "dtype", first.split("cpu target: ", 1)[-1][:160]
     if "inputs need a known rank" in first:
         return "sequence / optional values", first.split(": ", 1)[-1][:160]
     if first.startswith("AssertionError") or "Not equal to tolerance" in first or "Mismatch" in first:
