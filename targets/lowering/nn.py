@@ -346,3 +346,20 @@ def resize(lw, node):
     return lw.emit(lw.relax.op.image.resize2d(
         x, out[2:], roi, "NCHW", method, coord, rounding, float(node.attrs.get("cubic_coeff_a", -0.75)),
         int(node.attrs.get("exclude_outside", 0)), float(node.attrs.get("extrapolation_value", 0.0))))
+
+
+@lowers("LRN", dtypes=FLOAT)
+def lrn(lw, node):
+    """x / (bias + alpha / size * sum of x^2 over a channel window) ^ beta; the windowed mean of x^2 is an
+    average pool over channels (zero-padded, padding counted: the sum over the window divided by size)."""
+    op = lw.relax.op
+    x = lw.get(node.inputs[0])
+    shape = lw.shape(x)
+    size = int(node.attrs["size"])
+    sq = lw.emit(op.reshape(lw.emit(op.square(x)), [shape[0], 1, shape[1], -1]))
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    pooled = lw.emit(op.nn.avg_pool2d(sq, (size, 1), (1, 1), (lo, 0, hi, 0), count_include_pad=True))
+    mean = lw.emit(op.reshape(pooled, shape))
+    a, b, k = (float(node.attrs.get(n, d)) for n, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    den = op.power(op.add(op.multiply(mean, const(lw, a, x)), const(lw, k, x)), const(lw, b, x))
+    return lw.emit(op.divide(x, den))
