@@ -6,10 +6,7 @@ from typing import Any, Callable, Sequence
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
-from ..frontend.onnx_import import import_onnx
-from ..ir.graph import Graph
-
-SessionFactory = Callable[[Graph], Any]  # graph -> object with input_names, output_names, run(dict) -> dict
+SessionFactory = Callable[[onnx.ModelProto], Any]  # model -> object with input_names, output_names, run(dict) -> dict
 
 
 class PolyportRep(BackendRep):
@@ -36,7 +33,7 @@ def make_backend(name: str, factory: SessionFactory, devices: Sequence[str] = ("
 
         @classmethod
         def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs) -> PolyportRep:
-            return PolyportRep(factory(import_onnx(model)))
+            return PolyportRep(factory(model))
 
         @classmethod
         def run_model(cls, model: onnx.ModelProto, inputs: Any, device: str = "CPU", **kwargs) -> list[Any]:

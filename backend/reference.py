@@ -2,10 +2,16 @@
 
 Usable as `onnx.backend.test.BackendTest(polyport.backend.reference, __name__)`.
 """
+from ..frontend.onnx_import import import_onnx
 from ..runtime.reference import ReferenceSession
 from ._common import make_backend
 
-ReferenceBackend = make_backend("ReferenceBackend", ReferenceSession)
+
+def reference_session(model) -> ReferenceSession:
+    return ReferenceSession(import_onnx(model))
+
+
+ReferenceBackend = make_backend("ReferenceBackend", reference_session)
 
 is_compatible = ReferenceBackend.is_compatible
 prepare = ReferenceBackend.prepare

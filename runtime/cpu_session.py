@@ -32,17 +32,30 @@ def _pack(w: np.ndarray, nb: int) -> np.ndarray:
     return w.reshape(k, n // nb, nb).transpose(1, 0, 2)
 
 
+def _import_tvm(threads: Optional[int]):
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
+    import tvm
+    return tvm
+
+
 class CpuSession(VmSession):
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
-        if threads is not None:
-            os.environ["TVM_NUM_THREADS"] = str(int(threads))
-        else:
-            os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
-        import tvm
-
+        tvm = _import_tvm(threads)
         self.entry = dict(entry)
         super().__init__(art, "cpu", entry.get("library", "cpu/model.so"), entry.get("meta", "cpu/model.json"),
                          tvm.cpu())
+
+    @classmethod
+    def from_executable(cls, executable: Any, meta: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                        signature: Mapping[str, Any], threads: Optional[int] = None) -> "CpuSession":
+        """A session over a build still in memory (`CpuTarget.build`), without writing an artifact."""
+        tvm = _import_tvm(threads)
+        self = cls.in_memory("cpu", executable, meta, weights, signature, tvm.cpu())
+        self.entry = {}
+        return self
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         return _pack(w, self.meta.get("packed", {}).get(name, 0))

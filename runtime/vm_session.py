@@ -53,25 +53,42 @@ class VmSession:
 
     def __init__(self, art: Artifact, target: str, library: str, meta: str, device: Any):
         import tvm
-        from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
-        from .session import signature_types
 
         self.artifact = art
-        self.target = target
-        self.signature = art.signature
-        self.device = device
         self.library = library
-        self.meta = info = read_meta(art, meta)
+        info = read_meta(art, meta)
         try:
             lib = tvm.runtime.load_module(str(art.path / library))
         except Exception as e:  # noqa: BLE001 - TVM raises its own types for a bad or foreign library
             raise ArtifactError(f"{art.path}: target {target}: cannot load {library}: {first_line(e)}") from None
+        self._start(target, lib, info, art.weights(), art.signature, device,
+                    f"{art.path}: weights.safetensors")
+
+    @classmethod
+    def in_memory(cls, target: str, executable: Any, meta: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                  signature: Mapping[str, Any], device: Any) -> "VmSession":
+        """A session over a build still in memory (no artifact written): the ONNX backend's path."""
+        self = cls.__new__(cls)
+        self.artifact, self.library = None, None
+        self._start(target, executable, dict(meta), weights, signature, device, "the weights")
+        return self
+
+    def _start(self, target: str, lib: Any, info: dict, weights: Mapping[str, np.ndarray],
+               signature: Mapping[str, Any], device: Any, where: str) -> None:
+        """Start the VM over `lib` (a loaded library or an executable) and bind the weights once."""
+        import tvm
+        from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
+        from .session import signature_types
+
+        self.target = target
+        self.signature = signature
+        self.device = device
+        self.meta = info
         self._vm = VirtualMachine(lib, device)
         self._fn = self._vm[info.get("function", "main")]
-        weights = art.weights()
         missing = [n for n in info["params"] if n not in weights]
         if missing:
-            raise ArtifactError(f"{art.path}: weights.safetensors lacks {missing[0]!r} that {library} needs")
+            raise ArtifactError(f"{where} lacks {missing[0]!r} that the {target} build needs")
         # Uploaded once: every run reuses these device tensors.
         self._params = [tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])), device=device)
                         for n in info["params"]]
@@ -87,7 +104,8 @@ class VmSession:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self._in_types, feeds)
         tensor = self._tvm.runtime.tensor
-        args = [tensor(np.ascontiguousarray(feeds[n]), device=self.device) for n in self.input_names]
+        # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
+        args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]
         try:
             out = self._fn(*args, *self._params)
             outs = [out] if len(self.output_names) == 1 else list(out)

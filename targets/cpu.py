@@ -8,6 +8,7 @@ weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,7 +17,7 @@ from .. import errors
 from ..ir.graph import Graph
 from .base import CompileOptions, Target, register_target
 from .devices import HOST_CPU, host_cpu_info
-from .vm_meta import write_model_meta
+from .vm_meta import model_meta
 
 GENERIC_MCPU = "x86-64-v3"
 
@@ -42,7 +43,10 @@ class CpuTarget(Target):
     devices = {"cpu": HOST_CPU}
     default_device = "cpu"
 
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+    def build(self, graph: Graph, options: CompileOptions) -> tuple[Any, dict, str]:
+        """Lower, schedule and compile `graph`: (the Relax VM executable, its model.json metadata, mcpu).
+
+        `lower` writes the executable into an artifact; the ONNX backend (backend/cpu.py) runs it in memory."""
         try:
             import tvm
         except ImportError as e:  # pragma: no cover - tvm is a dependency
@@ -55,14 +59,19 @@ class CpuTarget(Target):
         from .gpu_build import KNOWN_ARCHS
         cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
         mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
-        t0 = time.perf_counter()
         lowered = lower_to_relax(graph, self.name, kernels=(options.extra or {}).get("kernels", "cpu"))
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
         mod = schedule_module(lowered.mod, target)
         ex = tvm.compile(mod, target=target)
+        return ex, model_meta(lowered), mcpu
+
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        import tvm
+        t0 = time.perf_counter()
+        ex, meta, mcpu = self.build(graph, options)
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
-        write_model_meta(lowered, out_dir / "model.json")
+        (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
         return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
                 "compile_seconds": round(time.perf_counter() - t0, 2)}

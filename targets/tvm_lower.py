@@ -14,6 +14,7 @@ Slice / Range see their operands symbolically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import numpy as np
@@ -47,7 +48,7 @@ def _tvm():
 
 
 def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
-    if t.dtype is None or t.dtype.numpy is None:
+    if t.dtype is None or t.dtype.numpy is None or t.dtype.name == "str":
         raise errors.UnsupportedOpError(f"cpu target: value of type {t} has no supported element type")
     return "bool" if t.dtype.name == "bool" else str(t.dtype.numpy)
 
@@ -232,11 +233,15 @@ class _Lowerer:
         return mlp.pack_block(v.const.shape[1])
 
     def lower_node(self, node: Node) -> None:
+        from . import lowering
         key = node.qualified_op
         fn = getattr(self, "op_" + key.replace("polyport::", "polyport_"), None)
+        if fn is None and (std := lowering.lookup(key)) is not None:
+            fn = functools.partial(std, self)      # the standard-op families in targets/lowering/
         if fn is None:
             raise errors.UnsupportedOpError(
                 f"node {node.name} ({key}): no lowering for this op in the {self.target_name} target")
+        lowering.check_dtypes(self, node)
         try:
             outs = fn(node)
         except errors.UnsupportedOpError as e:
@@ -300,12 +305,12 @@ class _Lowerer:
             r = self._pv_binary(node, lambda x, y: self.tirx.truncdiv(_pe(self, x), _pe(self, y)))
             if r is not None:
                 return r
-            return self.emit(self.relax.op.floor_divide(self.get(node.inputs[0]), self.get(node.inputs[1])))
+            return self.emit(self.relax.op.divide(self.get(node.inputs[0]), self.get(node.inputs[1])))
         return self._both(node, self.relax.op.divide)
 
     def op_Mod(self, node):
-        if node.attrs.get("fmod", 0):
-            raise self.unsupported(node, "fmod=1")
+        if node.attrs.get("fmod", 0):       # C fmod: the sign of the dividend (relax mod truncates)
+            return self.emit(self.relax.op.mod(self.get(node.inputs[0]), self.get(node.inputs[1])))
         r = self._pv_binary(node, lambda x, y: self.tirx.floormod(_pe(self, x), _pe(self, y)))
         if r is not None:
             return r
@@ -351,7 +356,12 @@ class _Lowerer:
         return self.emit(self.relax.op.nn.relu(x))
 
     def op_Pow(self, node):
-        return self._both(node, self.relax.op.power)
+        x, y = (self.get(v) for v in node.inputs)
+        dt = x.ty.dtype
+        if str(node.inputs[0].dtype) not in ("f16", "f32", "f64"):   # TVM's power is float only: exact in f64
+            p = self.relax.op.power(self.relax.op.astype(x, "float64"), self.relax.op.astype(y, "float64"))
+            return self.emit(self.relax.op.astype(p, dt))
+        return self.emit(self.relax.op.power(x, y if y.ty.dtype == dt else self.relax.op.astype(y, dt)))
 
     def op_And(self, node): return self._both(node, self.relax.op.logical_and)
     def op_Or(self, node): return self._both(node, self.relax.op.logical_or)
@@ -397,7 +407,8 @@ class _Lowerer:
         return self.emit(self.relax.op.permute_dims(x, perm))
 
     def op_Softmax(self, node):
-        return self.emit(self.relax.op.nn.softmax(self.get(node.inputs[0]), node.attrs.get("axis", -1)))
+        from .lowering.reduce import coerced_2d
+        return coerced_2d(self, node, self.relax.op.nn.softmax)
 
     def _out_shape(self, node, i=0):
         t = node.outputs[i].type
@@ -600,6 +611,9 @@ class _Lowerer:
         axes = self._axes_attr_or_input(node)
         if axes is not None and not axes and node.attrs.get("noop_with_empty_axes", 0):
             return x
+        if x.ty.dtype == "bool":          # TVM has no max/min identity for bool: reduce it as int8
+            y = self.emit(fn(self.relax.op.astype(x, "int8"), axes or None, bool(node.attrs.get("keepdims", 1))))
+            return self.emit(self.relax.op.astype(y, "bool"))
         return self.emit(fn(x, axes or None, bool(node.attrs.get("keepdims", 1))))
 
     def op_ReduceSum(self, node): return self._reduce(node, self.relax.op.sum)
@@ -612,9 +626,12 @@ class _Lowerer:
         if axis is None:
             raise self.unsupported(node, "axis must be a constant")
         x = self.get(node.inputs[0])
-        if node.attrs.get("reverse", 0):
-            raise self.unsupported(node, "reverse=1")
-        return self.emit(self.relax.op.cumsum(x, int(axis.reshape(-1)[0]), exclusive=bool(node.attrs.get("exclusive", 0))))
+        axis = int(axis.reshape(-1)[0])
+        rev = node.attrs.get("reverse", 0)
+        if rev:                       # a reversed scan is the scan of the flipped axis, flipped back
+            x = self.emit(self.relax.op.flip(x, axis))
+        y = self.emit(self.relax.op.cumsum(x, axis, exclusive=bool(node.attrs.get("exclusive", 0))))
+        return self.emit(self.relax.op.flip(y, axis)) if rev else y
 
     def op_TopK(self, node):
         k = self.known(node.inputs[1])

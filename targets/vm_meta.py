@@ -5,9 +5,12 @@ import json
 from pathlib import Path
 
 
-def write_model_meta(lowered, path: Path) -> None:
+def model_meta(lowered) -> dict:
     """Input, weight-parameter and output names in the order the VM function takes / returns them;
     `packed`: weights the loader binds pre-packed as [N/NB, K, NB] (name -> NB)."""
-    meta = {"function": "main", "inputs": lowered.inputs, "params": lowered.params,
+    return {"function": "main", "inputs": lowered.inputs, "params": lowered.params,
             "outputs": lowered.outputs, "symbols": lowered.symbols, "packed": lowered.packed}
-    Path(path).write_text(json.dumps(meta, indent=1))
+
+
+def write_model_meta(lowered, path: Path) -> None:
+    Path(path).write_text(json.dumps(model_meta(lowered), indent=1))

@@ -21,38 +21,19 @@ import pytest
 
 import polyport.backend.reference
 
+from .harness import cpu_cases, load_exclusions
+
 pytestmark = pytest.mark.conformance
 
 XFAIL_FILE = os.path.join(os.path.dirname(__file__), "backend_reference_xfail.txt")
 
 
-def load_exclusions(path: str = XFAIL_FILE) -> dict[str, str]:
-    """`test_name_cpu  # reason` lines -> {name: reason}; blank and `#` lines are headers."""
-    out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, _, reason = line.partition("#")
-            out[name.strip()] = reason.strip()
-    return out
-
-
 def _make_backend_test() -> onnx.backend.test.BackendTest:
     bt = onnx.backend.test.BackendTest(polyport.backend.reference, __name__)
-    for name in load_exclusions():
+    for name in load_exclusions(XFAIL_FILE):
         bt.exclude(f"^{re.escape(name)}$")
     return bt
 
 
-def _cpu_cases(bt: onnx.backend.test.BackendTest) -> dict[str, type]:
-    cases = bt.test_cases
-    for cls in cases.values():
-        for attr in [a for a in vars(cls) if a.startswith("test_") and not a.endswith("_cpu")]:
-            delattr(cls, attr)   # only the CPU variants: polyport's backend has no CUDA device
-    return cases
-
-
 backend_test = _make_backend_test()
-globals().update(_cpu_cases(backend_test))
+globals().update(cpu_cases(backend_test))
