@@ -78,3 +78,12 @@ def test_hash_routing_clamped_activation():
     table[0] = [9, -1]                         # out of range: wraps to experts 1 and 7
     tokens = np.array([0, 1, 2, 3, 4, 4, 7, -1, 0], np.int64)
     _run(spec, len(tokens), table=table, tokens=tokens, x_scale=4.0)
+
+
+def test_streaming_tiles_for_experts_past_the_cache():
+    """An expert matrix above STREAM_BYTES takes tile_stream (rows walked in order, only real rows)."""
+    spec = moe.MoeSpec(hidden=128, experts=4, top_k=2, inter=(moe.STREAM_BYTES // (128 * 4)) + 8, out=128,
+                       scoring="sigmoid", renormalize=True)
+    assert spec.hidden * spec.inter * 4 > moe.STREAM_BYTES
+    for seq in (1, moe.RB + 1, 13):
+        _run(spec, seq, seed=seq)

@@ -28,6 +28,7 @@ from .mlp import activation, clamp_up
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
 PARALLEL_MIN_MACS = 1 << 22     # fewer multiply-adds per call (~0.2 ms): waking TVM's workers costs more
+STREAM_BYTES = 256 << 10        # an expert's gate matrix above this streams (tile_stream)
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -80,6 +81,10 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     VI, VO = _lanes(I), _lanes(Ho)
     if Ho % (2 * VO) == 0:
         VO = 2 * VO             # the down GEMM's accumulators: RB x 2 vectors, all independent
+    # Column blocks over a row-major [H, I] expert matrix stride through it (a TLB miss per row once it
+    # outgrows the cache: 4 ms per call at H=1024, I=512); past STREAM_BYTES walk it row by row instead.
+    stream = H * I * 4 > STREAM_BYTES
+    GW, DW = (I, Ho) if stream else (VI, VO)
 
     @T.macro
     def router_logits(n, x, rw, lg):
@@ -209,7 +214,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 ntiles[0] = ntiles[0] + 1
 
     @T.macro
-    def tile(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+    def tile_regs(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
         """Accumulators are RB x one or two vectors: with r unrolled they live in registers."""
         e = tile_e[j]
         p0 = tile_p[j]
@@ -244,17 +249,56 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                     dn[p0 + r, oc * VO + v] = d[r, v]
 
     @T.macro
+    def tile_stream(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+        """For experts too big for cache: walk each weight matrix once, row by row (contiguous, so the
+        prefetcher streams it), accumulating whole rows of g/u/d in L1; only the tile's nr real rows."""
+        e = tile_e[j]
+        p0 = tile_p[j]
+        nr = T.min(off[e + 1] - p0, T.int64(RB))
+        for r in range(nr):
+            for h in range(H):
+                xs[r, h] = T.Cast(f32, x[rows[p0 + r], h])
+            for i in range(I):
+                g[r, i] = T.float32(0)
+                u[r, i] = T.float32(0)
+            for o in range(Ho):
+                d[r, o] = T.float32(0)
+        for h in range(H):
+            for ic in range(I // VI):
+                for r in range(nr):
+                    for v in T.vectorized(VI):
+                        g[r, ic * VI + v] = g[r, ic * VI + v] + xs[r, h] * T.Cast(f32, wg[e, h, ic * VI + v])
+                        u[r, ic * VI + v] = u[r, ic * VI + v] + xs[r, h] * T.Cast(f32, wu[e, h, ic * VI + v])
+        for r in range(nr):
+            for ic in range(I // VI):
+                for v in T.vectorized(VI):
+                    hid[r, ic * VI + v] = activation(s.act, g[r, ic * VI + v], s.clamp) \
+                        * clamp_up(u[r, ic * VI + v], s.clamp) * pw[p0 + r]
+        for i in range(I):
+            for oc in range(Ho // VO):
+                for r in range(nr):
+                    for v in T.vectorized(VO):
+                        d[r, oc * VO + v] = d[r, oc * VO + v] + hid[r, i] * T.Cast(f32, wd[e, i, oc * VO + v])
+        for r in range(nr):
+            for oc in range(Ho // VO):
+                for v in T.vectorized(VO):
+                    dn[p0 + r, oc * VO + v] = d[r, oc * VO + v]
+
+    @T.macro
     def tiles(first, count, step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn):
         """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most RB, all
         of expert tile_e[j]) -> dn[p] = weight * expert(x[rows[p]]). The scratch is allocated once
         per call of this (inside a parallel loop, once per chunk: not per tile)."""
         xs = T.alloc_local((RB, H), f32)
         hid = T.alloc_local((RB, I), f32)
-        g = T.alloc_local((RB, VI), f32)
-        u = T.alloc_local((RB, VI), f32)
-        d = T.alloc_local((RB, VO), f32)
+        g = T.alloc_local((RB, GW), f32)
+        u = T.alloc_local((RB, GW), f32)
+        d = T.alloc_local((RB, DW), f32)
         for jj in range(count):
-            tile(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+            if stream:
+                tile_stream(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+            else:
+                tile_regs(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
 
     @T.macro
     def experts_and_combine(n, x, wg, wu, wd, idx, wt, y):
