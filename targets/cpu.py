@@ -8,7 +8,6 @@ weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +16,7 @@ from .. import errors
 from ..ir.graph import Graph
 from .base import CompileOptions, Target, register_target
 from .devices import HOST_CPU, host_cpu_info
-from .vm_meta import model_meta
+from .vm_meta import model_meta, write_model_meta
 
 GENERIC_MCPU = "x86-64-v3"
 
@@ -71,7 +70,7 @@ class CpuTarget(Target):
         ex, meta, mcpu = self.build(graph, options)
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
-        (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
+        write_model_meta(meta, out_dir / "model.json")
         return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
                 "compile_seconds": round(time.perf_counter() - t0, 2)}

@@ -19,7 +19,6 @@ from pathlib import Path
 from .. import errors
 from .base import register_target
 from .device_code import DeviceModule, library_bin_asm, library_bin_from_c, map_library_bin, parse_device_payload
-from .devices import DEVICES, TARGET_DEVICES
 from .gpu_build import GpuTarget
 
 
@@ -47,8 +46,6 @@ def fatbin(source: str, arch: str, nvcc: str) -> bytes:
 @register_target
 class CudaTarget(GpuTarget):
     name = "cuda"
-    devices = {d: DEVICES[d] for d in TARGET_DEVICES["cuda"]}
-    default_device = TARGET_DEVICES["cuda"][0]
     default_archs = ("sm_80", "sm_90")
     known_archs = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_100a", "sm_120")
 

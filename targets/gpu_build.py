@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Mapping
 from .. import errors
 from ..ir.graph import Graph
 from .base import CompileOptions, Target
-from .vm_meta import write_model_meta
+from .devices import DEVICES, TARGET_DEVICES
+from .vm_meta import model_meta, write_model_meta
 
 # Every arch a GPU target accepts, by target: a compile with targets of both families and a
 # mixed --arch list gives each target its own archs.
@@ -37,6 +38,8 @@ class GpuTarget(Target, abc.ABC):
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         KNOWN_ARCHS[cls.name] = cls.known_archs
+        cls.devices = {d: DEVICES[d] for d in TARGET_DEVICES[cls.name]}
+        cls.default_device = TARGET_DEVICES[cls.name][0]
 
     # ---- what each GPU target provides ------------------------------------------------------
     @abc.abstractmethod
@@ -90,7 +93,7 @@ class GpuTarget(Target, abc.ABC):
             (out_dir / arch).mkdir(parents=True, exist_ok=True)
             kernels[arch] = self.export(ex, target, out_dir / arch / "model.so")
             libraries[arch] = f"{self.name}/{arch}/model.so"
-        write_model_meta(lowered, out_dir / "model.json")
+        write_model_meta(model_meta(lowered), out_dir / "model.json")
         return {"archs": list(archs), "libraries": libraries, "meta": f"{self.name}/model.json",
                 "files": [f"{self.name}/model.json", *libraries.values()],
                 "toolchain": {"tvm": tvm.__version__, **toolchain}, "kernels": kernels,

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from .. import errors
 from .base import register_target
-from .devices import DEVICES, TARGET_DEVICES
 from .gpu_build import GpuTarget
 
 MIN_LLD = 19          # the first lld that links AMDGPU code object v6
@@ -102,8 +101,6 @@ def rocm_toolchain(lld: str, rocm_path: Path):
 @register_target
 class RocmTarget(GpuTarget):
     name = "rocm"
-    devices = {d: DEVICES[d] for d in TARGET_DEVICES["rocm"]}
-    default_device = TARGET_DEVICES["rocm"][0]
     default_archs = ("gfx90a", "gfx942")
     known_archs = ("gfx908", "gfx90a", "gfx940", "gfx941", "gfx942", "gfx1030", "gfx1100")
 

@@ -12,5 +12,5 @@ def model_meta(lowered) -> dict:
             "outputs": lowered.outputs, "symbols": lowered.symbols, "packed": lowered.packed}
 
 
-def write_model_meta(lowered, path: Path) -> None:
-    Path(path).write_text(json.dumps(model_meta(lowered), indent=1))
+def write_model_meta(meta: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(meta, indent=1))
