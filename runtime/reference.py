@@ -47,8 +47,8 @@ class ReferenceSession:
 
     def run(self, feeds: Mapping[str, Any], symbols: Optional[Mapping[str, int]] = None) -> dict[str, Any]:
         """Run on `feeds`; `symbols` binds dims no input defines on its own (a region cut from a graph)."""
+        bindings = {**(symbols or {}), **bind_inputs(self.graph, feeds)}     # first: it checks `feeds` itself
         feeds = {k: _as_array(x) for k, x in feeds.items()}
-        bindings = {**(symbols or {}), **bind_inputs(self.graph, feeds)}
         ctx = RunContext(bindings, self.graph.opset_imports.get("", 0))
         env: dict[Value, Any] = {v: v.const for v in self.graph.constants.values()}
         for v in self.graph.inputs:
@@ -93,9 +93,12 @@ def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any]) -> d
     Shared by the reference executor and every artifact session."""
     inputs = [_Spec(n, t) for n, t in specs]
     names = [v.name for v in inputs]
-    unknown = sorted(set(feeds) - set(names))
+    if not isinstance(feeds, Mapping):
+        raise errors.InputError(f"feeds must be a mapping of input name -> NumPy array (the model's inputs are "
+                                f"{names}), got {type(feeds).__name__}")
+    unknown = sorted(repr(k) for k in set(feeds) - set(names))
     if unknown:
-        raise errors.InputError(f"unknown input {unknown[0]!r}; the model's inputs are {names}")
+        raise errors.InputError(f"unknown input {unknown[0]}; the model's inputs are {names}")
     bindings: dict[str, int] = {}
     deferred = []
     for v in inputs:

@@ -5,7 +5,10 @@ weight-parameter and output names in call order, the graph's symbols) and a
 built library. `VmSession` reads the meta file, loads the library, binds the
 weights from the artifact's weights.safetensors once (on the session's
 device), checks feeds against the manifest's signature and returns outputs
-as NumPy arrays. What differs per target (which library, which device, how a
+as NumPy arrays. `run` is safe to call from many threads: each thread gets
+its own VirtualMachine (the Relax VM keeps its register frames in the VM
+object) over the one loaded library and the one set of uploaded weights.
+What differs per target (which library, which device, how a
 weight is laid out) is decided by the caller: runtime/cpu_session.py,
 runtime/gpu_session.py.
 
@@ -16,6 +19,7 @@ deployment or a GPU machine reached with a size limit needs.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Mapping
 
 import numpy as np
@@ -84,8 +88,9 @@ class VmSession:
         self.signature = signature
         self.device = device
         self.meta = info
-        self._vm = VirtualMachine(lib, device)
-        self._fn = self._vm[info.get("function", "main")]
+        self._lib = lib
+        self._local = threading.local()
+        self._local.fn = VirtualMachine(lib, device)[info.get("function", "main")]   # a bad library fails here
         missing = [n for n in info["params"] if n not in weights]
         if missing:
             raise ArtifactError(f"{where} lacks {missing[0]!r} that the {target} build needs")
@@ -101,16 +106,31 @@ class VmSession:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
         return w
 
+    def _function(self) -> Any:
+        """This thread's VM function: the VM's register frames must not be shared between threads."""
+        fn = getattr(self._local, "fn", None)
+        if fn is None:
+            from tvm.runtime.vm import VirtualMachine
+            fn = self._local.fn = VirtualMachine(self._lib, self.device)[self.meta.get("function", "main")]
+        return fn
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self._in_types, feeds)
         tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
         args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]
+        fn = self._function()
         try:
-            out = self._fn(*args, *self._params)
+            out = fn(*args, *self._params)
             outs = [out] if len(self.output_names) == 1 else list(out)
             # .numpy() copies to the host and waits for the device: run() returns only when the work is done,
             # so timing run() measures the whole call on every device.
             return {n: o.numpy() for n, o in zip(self.output_names, outs)}
         except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
+            self._local.fn = None
             raise errors.ExecutionError(f"{self.target}: the model failed at run time: {first_line(e)}") from e
+        except BaseException:
+            # Interrupted (KeyboardInterrupt) mid-call: this VM's frames may be left half-used; the next call on
+            # this thread starts a fresh VM over the same library and weights.
+            self._local.fn = None
+            raise
