@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from . import interrupts
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.types import TensorType
 from .passes.pipelines import run_pipeline
-from .runtime.artifact import ArtifactWriter
+from .runtime.artifact import ArtifactWriter, check_output, sha256
 from .runtime.cost import manifest_cost
 from .targets.base import CompileOptions, get_target
 
@@ -30,24 +31,43 @@ def signature(graph: Graph, name: str) -> dict:
 
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
-                  on_stage=None, progress: Progress = lambda msg: None) -> Path:
-    """Compile `model` for `targets` into the artifact directory `out` (added to it if it exists)."""
+                  on_stage=None, progress: Progress = lambda msg: None, replace: bool = False) -> Path:
+    """Compile `model` for `targets` into the artifact directory `out`.
+
+    An existing artifact of the same model keeps its other targets; one of another model is replaced only
+    with `replace` (see ArtifactWriter). Ctrl-C stops at the next step (interrupts.deferred) and leaves
+    neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
         target.check_options(options)
-    progress(f"importing {model}")
-    graph = import_onnx(model)
-    progress(f"running the {pipeline!r} pipeline")
-    run_pipeline(graph, pipeline, on_stage=on_stage)
-    weights = {v.name: v.const for v in graph.constants.values()}
-    name = Path(model).stem
-    with ArtifactWriter(out, signature(graph, name)) as writer:
-        writer.write_weights(weights)
-        writer.manifest["cost"] = manifest_cost(graph)       # FLOPs/bytes polynomials for the roofline (bench)
-        for target in lowerers:
-            progress(f"lowering for {target.name}")
-            entry = target.lower(graph, writer.target_dir(target.name), weights, options)
-            writer.add_target(target.name, entry)
-        progress(f"writing {out}")
-        return writer.commit()
+    check_output(out)                                      # so do output paths that would lose data
+    with interrupts.deferred() as checkpoint:
+        def step(message: str) -> None:
+            checkpoint()
+            progress(message)
+
+        def stage(name, graph) -> None:
+            checkpoint()
+            if on_stage is not None:
+                on_stage(name, graph)
+
+        step(f"importing {model}")
+        graph = import_onnx(model)
+        step(f"running the {pipeline!r} pipeline")
+        run_pipeline(graph, pipeline, on_stage=stage)
+        weights = {v.name: v.const for v in graph.constants.values()}
+        with ArtifactWriter(out, signature(graph, Path(model).stem), source=sha256(Path(model)),
+                            targets=[t.name for t in lowerers], replace=replace) as writer:
+            writer.write_weights(weights)
+            dropped = writer.existing()[1]
+            if dropped:
+                progress(f"replacing {out}, an artifact of another model: its {', '.join(dropped)} "
+                         "target(s) are dropped")
+            writer.manifest["cost"] = manifest_cost(graph)   # FLOPs/bytes polynomials for the roofline (bench)
+            for target in lowerers:
+                step(f"lowering for {target.name}")
+                entry = target.lower(graph, writer.target_dir(target.name), weights, options)
+                writer.add_target(target.name, entry)
+            step(f"writing {out}")
+            return writer.commit()
