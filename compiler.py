@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 from . import interrupts
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
+from .ir.index_inputs import index_ranges
 from .ir.types import TensorType
 from .passes.pipelines import run_pipeline
 from .runtime.artifact import ArtifactWriter, check_output, sha256
@@ -25,8 +26,12 @@ def signature(graph: Graph, name: str) -> dict:
         return {"name": v.name, "dtype": str(t.dtype),
                 "shape": None if t.shape is None else [None if d is None else str(d) for d in t.shape]}
     symbols = sorted({s for v in graph.inputs if isinstance(v.type, TensorType) for s in v.type.symbols})
-    return {"name": name, "inputs": [spec(v) for v in graph.inputs], "outputs": [spec(v) for v in graph.outputs],
-            "symbols": symbols}
+    inputs = [spec(v) for v in graph.inputs]
+    ranges = index_ranges(graph)
+    for s in inputs:
+        if s["name"] in ranges:
+            s["index_range"] = list(ranges[s["name"]])    # inclusive; every session checks feeds against it
+    return {"name": name, "inputs": inputs, "outputs": [spec(v) for v in graph.outputs], "symbols": symbols}
 
 
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,

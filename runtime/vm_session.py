@@ -82,7 +82,7 @@ class VmSession:
         """Start the VM over `lib` (a loaded library or an executable) and bind the weights once."""
         import tvm
         from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
-        from .session import signature_types
+        from .session import signature_index_ranges, signature_types
 
         self.target = target
         self.signature = signature
@@ -101,6 +101,7 @@ class VmSession:
         self.input_names: list[str] = list(info["inputs"])
         self.output_names: list[str] = list(info["outputs"])
         self._in_types = signature_types(self.signature["inputs"])
+        self._ranges = signature_index_ranges(self.signature["inputs"])
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
@@ -115,7 +116,7 @@ class VmSession:
         return fn
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self._in_types, feeds)
+        check_feeds(self._in_types, feeds, self._ranges)
         tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
         args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]
