@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import interrupts
+from . import diagnostics, interrupts
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.index_inputs import index_ranges
@@ -13,7 +13,8 @@ from .ir.types import TensorType
 from .passes.pipelines import run_pipeline
 from .runtime.artifact import ArtifactWriter, check_output, sha256
 from .runtime.cost import manifest_cost
-from .targets.base import CompileOptions, get_target
+from .errors import PolyportError
+from .targets.base import CompileOptions, Target, get_target, target_names
 
 Progress = Callable[[str], None]
 
@@ -34,18 +35,35 @@ def signature(graph: Graph, name: str) -> dict:
     return {"name": name, "inputs": inputs, "outputs": [spec(v) for v in graph.outputs], "symbols": symbols}
 
 
+def check_archs(archs: Sequence[str], lowerers: Sequence[Target]) -> None:
+    """Every --arch must name an architecture of one of the targets compiled (it would be ignored otherwise)."""
+    names = ", ".join(t.name for t in lowerers)
+    for arch in archs:
+        if any(arch in t.known_archs for t in lowerers):
+            continue
+        owner = next((n for n in target_names() if arch in get_target(n).known_archs), None)
+        if owner is not None:
+            raise PolyportError(f"--arch {arch} is a {owner} architecture; it does not apply to --target {names}")
+        known = "; ".join(f"{n}: {', '.join(get_target(n).known_archs)}" for n in target_names()
+                          if get_target(n).known_archs)
+        raise PolyportError(f"--arch {arch} is not an architecture of --target {names} (cpu builds for this "
+                            f"machine's CPU and takes no --arch; known: {known})")
+
+
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
                   on_stage=None, progress: Progress = lambda msg: None, replace: bool = False) -> Path:
     """Compile `model` for `targets` into the artifact directory `out`.
 
     An existing artifact of the same model keeps its other targets; one of another model is replaced only
-    with `replace` (see ArtifactWriter). Ctrl-C stops at the next step (interrupts.deferred) and leaves
+    with `replace` (see ArtifactWriter). Each target's warnings (Python and TVM's native ones) are reported
+    through `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
     neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
         target.check_options(options)
+    check_archs(options.archs, lowerers)
     check_output(out)                                      # so do output paths that would lose data
     with interrupts.deferred() as checkpoint:
         def step(message: str) -> None:
@@ -72,7 +90,10 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             writer.manifest["cost"] = manifest_cost(graph)   # FLOPs/bytes polynomials for the roofline (bench)
             for target in lowerers:
                 step(f"lowering for {target.name}")
-                entry = target.lower(graph, writer.target_dir(target.name), weights, options)
+                with diagnostics.captured() as found:
+                    entry = target.lower(graph, writer.target_dir(target.name), weights, options)
+                if found:
+                    progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)
             step(f"writing {out}")
             return writer.commit()

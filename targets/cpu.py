@@ -55,9 +55,7 @@ class CpuTarget(Target):
 
         if options.dtype not in ("f32",):
             raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
-        from .gpu_build import KNOWN_ARCHS
-        cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
-        mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
+        mcpu = (options.extra or {}).get("mcpu") or host_mcpu()
         lowered = lower_to_relax(graph, self.name, kernels=(options.extra or {}).get("kernels", "cpu"))
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
         mod = schedule_module(lowered.mod, target)
