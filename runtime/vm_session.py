@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import errors
 from .artifact import Artifact, ArtifactError
+from .memory import check_fits
 from .reference import check_feeds
 
 
@@ -131,6 +132,7 @@ class VmSession:
         self.output_names: list[str] = list(info["outputs"])
         self._in_types = signature_types(self.signature["inputs"])
         self._ranges = signature_index_ranges(self.signature["inputs"])
+        self._io_types = self._in_types + signature_types(self.signature["outputs"])
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
@@ -145,7 +147,7 @@ class VmSession:
         return fn
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self._in_types, feeds, self._ranges)
+        check_fits(self.target, self._io_types, check_feeds(self._in_types, feeds, self._ranges))
         tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
         args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]
