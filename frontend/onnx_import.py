@@ -107,6 +107,9 @@ class _Importer:
                 arr = array_from_tensor(t, self.base_dir)
             except dtypes.UnknownDType as e:
                 raise errors.ImportError_(f"{self.source}: initializer {t.name!r}: {e}") from None
+            except (ValueError, TypeError, KeyError) as e:      # onnx's decoder: bad dims, data size or dtype
+                raise errors.ImportError_(f"{self.source}: initializer {t.name!r} (dtype {t.data_type}, dims "
+                                          f"{list(t.dims)}) cannot be decoded: {type(e).__name__}: {e}") from None
             scope[t.name] = self._constant(g, t.name, arr)
         for t in gp.sparse_initializer:
             dense = onnx.numpy_helper.to_array(onnx.helper.make_tensor(
@@ -247,6 +250,13 @@ class _Importer:
             if not schema.min_input <= n_in <= schema.max_input:
                 raise errors.ImportError_(f"{where}: {n_in} inputs; {np_.op_type}-{schema.since_version} takes "
                                           f"{schema.min_input} to {schema.max_input}")
+            for a in np_.attribute:         # shape inference and folding read attributes as the schema types them
+                declared = schema.attributes.get(a.name)
+                if declared is not None and a.type != declared.type:
+                    raise errors.ImportError_(
+                        f"{where}: attribute {a.name!r} is {onnx.AttributeProto.AttributeType.Name(a.type)}, "
+                        f"{np_.op_type}-{schema.since_version} declares it "
+                        f"{onnx.AttributeProto.AttributeType.Name(declared.type)}")
             return
         if fused_import.converter_for(domain, np_.op_type) is not None:
             return  # com.microsoft fused ops import as polyport's (frontend/fused_import.py)
