@@ -42,7 +42,24 @@ def load_model_proto(path: str) -> onnx.ModelProto:
         raise errors.ImportError_(f"{path}: not a readable ONNX model (truncated or not ONNX: {e})") from e
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.output:
         raise errors.ImportError_(f"{path}: not an ONNX model (no IR version or graph outputs)")
+    bad = _undecodable_text(model)
+    if bad:
+        raise errors.ImportError_(f"{path}: corrupted: {bad} is not valid UTF-8 text")
     return model
+
+
+def _undecodable_text(msg) -> Optional[str]:
+    """The first string field (a name, op type, domain) that protobuf handed back as raw bytes, or None."""
+    for field, value in msg.ListFields():
+        if field.type == field.TYPE_STRING:
+            if any(not isinstance(v, str) for v in (value if field.is_repeated else [value])):
+                return f"a {msg.DESCRIPTOR.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            for sub in (value if field.is_repeated else [value]):
+                found = _undecodable_text(sub)
+                if found:
+                    return found
+    return None
 
 
 def import_onnx(model: Union[str, os.PathLike, onnx.ModelProto], *, fold_shapes: bool = True,
@@ -82,6 +99,11 @@ def _is_standard_op(np_: onnx.NodeProto, opsets: dict[str, int]) -> bool:
         return True
     except onnx.defs.SchemaError:
         return False
+
+
+# What shape inference and folding raise on inputs a valid model cannot have (an axis out of range, a
+# scalar that is empty, an attribute value of the wrong kind): the model is malformed, said in one line.
+_MALFORMED = (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError)
 
 
 class _Importer:
@@ -205,13 +227,20 @@ class _Importer:
             raise type(e)(f"{self.source}: {e}") from None
         except dtypes.UnknownDType as e:  # an output type polyport has no dtype for (e.g. Cast to INT2)
             raise errors.ImportError_(f"{where}: {e}") from None
+        except _MALFORMED as e:
+            raise errors.ImportError_(f"{where}: its inputs or attributes are malformed (type inference: "
+                                      f"{type(e).__name__}: {e})") from e
         for v, t in zip(outs, types):
             v.type = merge_types(t, declared.get(v.name), self.bindable)
         for name, v in zip(np_.output, outs):
             if name:
                 scope[name] = v
         g.append(node)
-        folded = fold(node, opsets, self.bindable) if fold_here else None
+        try:
+            folded = fold(node, opsets, self.bindable) if fold_here else None
+        except _MALFORMED as e:
+            raise errors.ImportError_(f"{where}: its inputs or attributes are malformed (constant folding: "
+                                      f"{type(e).__name__}: {e})") from e
         if folded is not None:
             materialise(g, node, folded)
 
