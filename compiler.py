@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .frontend.onnx_import import import_onnx
+from .ir.fused.moe import hash_id_bounds
 from .ir.graph import Graph
 from .ir.types import TensorType
 from .passes.pipelines import run_pipeline
@@ -24,7 +25,12 @@ def signature(graph: Graph, name: str) -> dict:
         return {"name": v.name, "dtype": str(t.dtype),
                 "shape": None if t.shape is None else [None if d is None else str(d) for d in t.shape]}
     symbols = sorted({s for v in graph.inputs if isinstance(v.type, TensorType) for s in v.type.symbols})
-    return {"name": name, "inputs": [spec(v) for v in graph.inputs], "outputs": [spec(v) for v in graph.outputs],
+    inputs = [spec(v) for v in graph.inputs]
+    bounds = hash_id_bounds(graph)
+    for s in inputs:
+        if s["name"] in bounds:
+            s["ids_below"] = bounds[s["name"]]     # sessions reject ids outside [0, n) at the feed check
+    return {"name": name, "inputs": inputs, "outputs": [spec(v) for v in graph.outputs],
             "symbols": symbols}
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.dtypes import BOOL
-from ..ir.ops import POLYPORT_DOMAIN, known_value
+from ..ir.ops import POLYPORT_DOMAIN, attrs_of, known_value
 from ..ir.types import TensorType
 from ._match_util import ints, is_last_axis, scalar
 from .attention_mask import BLOCKED, MaskPart, analyse, position_only
@@ -372,10 +372,10 @@ def _refine(graph: Graph, node: Node, masks: dict) -> tuple[bool, str]:
     """An Attention that arrived fused (ONNX Attention at import, after an exporter's repeat_kv and with a
     mask computed from positions): take K/V before the repeat, and prove the mask causal / banded."""
     q, k, v, mask, sinks = (list(node.inputs) + [None] * 2)[:5]
-    a, why = node.attrs, ""
+    a, why = attrs_of(node), ""
     if any(x.shape is None or len(x.shape) != 4 for x in (q, k, v)):
         return False, ""
-    causal, window, keep_mask = a.get("causal", 0), a.get("window", 0), mask is not None
+    causal, window, keep_mask = a["causal"], a["window"], mask is not None
     if mask is not None and not (causal or window) and position_only(mask):
         scores = Value("scores", TensorType(q.dtype, q.shape[:3] + k.shape[2:3]))
         proved = analyse([MaskPart("keep" if mask.dtype == BOOL else "add", mask)], scores, masks)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir import fused
 from ..ir.types import TensorType
 
 TRIAL_SYMBOL_VALUES = (1, 3, 8)
@@ -117,7 +117,7 @@ def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: S
                 except ValueError:
                     return False, f"operand %{v.name} is not computed from the region's inputs"
         args.append(vmap[id(v)] if v is not None else None)
-    after.set_outputs([fused_node(after, op_type, args, attrs, output.type)])
+    after.set_outputs([fused.build(after, op_type, args, attrs, output.type)])
     symbols = sorted({s for v in inputs if isinstance(v.type, TensorType) for s in v.type.symbols})
     rng = np.random.default_rng(seed)
     try:
@@ -138,17 +138,10 @@ def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: S
     return True, ""
 
 
-def fused_node(graph: Graph, op_type: str, inputs: Sequence[Optional[Value]], attrs: dict, out_type,
-               before: Optional[Node] = None) -> Value:
-    """Add one polyport op to `graph` and return its output."""
-    return graph.make_node(op_type, list(inputs), attrs=attrs, domain=POLYPORT_DOMAIN, types=[out_type],
-                           name=op_type, before=before).outputs[0]
-
-
 def replace_with_fused(output: Value, op_type: str, operands: Sequence[Optional[Value]], attrs: dict) -> Value:
     """Compute `output` with one fused node instead (the region left dead is removed by DCE)."""
     anchor = output.producer
-    new = fused_node(anchor.graph, op_type, operands, attrs, output.type, before=anchor)
+    new = fused.build(anchor.graph, op_type, operands, attrs, output.type, before=anchor)
     if output.is_graph_output:  # graph outputs keep their names
         new.name, output.name = output.name, new.name
     output.replace_all_uses_with(new)

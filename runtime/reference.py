@@ -9,6 +9,7 @@ from .. import errors
 from ..ir import dtypes, shape_value  # noqa: F401 - registers polyport::ShapeValue
 from ..ir.graph import Graph, Node, Value
 from ..ir.onnx_reference import StandardOpRunner
+from ..ir.fused.moe import check_hash_ids
 from ..ir.ops import RunContext, lookup
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
@@ -87,8 +88,10 @@ class _Spec(NamedTuple):
     type: Any
 
 
-def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any]) -> dict[str, int]:
+def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any],
+                id_bounds: Mapping[str, int] = {}) -> dict[str, int]:  # noqa: B006 - read only
     """Check feeds against (name, type) specs; return the symbols their shapes bind.
+    `id_bounds`: {input: n} for token-id inputs whose values must lie in [0, n) (MoE hash routing).
 
     Shared by the reference executor and every artifact session."""
     inputs = [_Spec(n, t) for n, t in specs]
@@ -110,6 +113,8 @@ def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any]) -> d
         if t.dtype is not None and t.dtype.numpy is not None and t.dtype.name != "str" and x.dtype != t.dtype.numpy:
             raise errors.InputError(f"input {v.name!r}: dtype {dtypes.from_numpy(x.dtype) if _known(x) else x.dtype} "
                                     f"given, the model expects {t.dtype} ({t})")
+        if v.name in id_bounds:
+            check_hash_ids(f"input {v.name!r}", x, id_bounds[v.name])
         if t.shape is None:
             continue
         if x.ndim != len(t.shape):

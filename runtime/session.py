@@ -50,3 +50,8 @@ def signature_types(specs: list[dict]) -> list[tuple[str, TensorType]]:
         shape = None if s["shape"] is None else tuple(None if d is None else parse(d) for d in s["shape"])
         out.append((s["name"], TensorType(dtypes.from_name(s["dtype"]), shape)))
     return out
+
+
+def id_bounds(signature: Mapping[str, Any]) -> dict[str, int]:
+    """{input: n} for the token-id inputs whose values must lie in [0, n) (the manifest's `ids_below`)."""
+    return {s["name"]: int(s["ids_below"]) for s in signature["inputs"] if "ids_below" in s}

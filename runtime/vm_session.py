@@ -78,7 +78,7 @@ class VmSession:
         """Start the VM over `lib` (a loaded library or an executable) and bind the weights once."""
         import tvm
         from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
-        from .session import signature_types
+        from .session import id_bounds, signature_types
 
         self.target = target
         self.signature = signature
@@ -96,13 +96,14 @@ class VmSession:
         self.input_names: list[str] = list(info["inputs"])
         self.output_names: list[str] = list(info["outputs"])
         self._in_types = signature_types(self.signature["inputs"])
+        self._id_bounds = id_bounds(self.signature)
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
         return w
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self._in_types, feeds)
+        check_feeds(self._in_types, feeds, self._id_bounds)
         tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
         args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]

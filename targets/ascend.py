@@ -39,7 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import PolyportError
 from ..ir.graph import Graph, Node, Value
 from ..ir.onnx_proto import node_to_proto
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir.fused.moe import RENORM_EPS
+from ..ir.ops import POLYPORT_DOMAIN, attrs_of
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
 from . import ascend_limits as L
@@ -328,8 +329,9 @@ class _Lowering:
     def lower_Rotary(self, node: Node) -> None:
         x, cos, sin = node.inputs
         d = x.shape[-1]
-        rd = node.attrs.get("rotary_dim", 0) or d
-        mode = "interleave" if node.attrs.get("interleaved", 0) else "half"
+        a = attrs_of(node)
+        rd = a["rotary_dim"] or d
+        mode = "interleave" if a["interleaved"] else "half"
         self.check(node, "RotaryPositionEmbedding", {"dtype": self.device_dtype(node, x, "RotaryPositionEmbedding"),
                                                      "head_dim": rd, "mode": mode})
         xn = self.get(x, self.compute)
@@ -358,8 +360,8 @@ class _Lowering:
         q, k, v = node.inputs[:3]
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         sinks = node.inputs[4] if len(node.inputs) > 4 else None
-        a = node.attrs
-        causal, window = bool(a.get("causal", 0)), int(a.get("window", 0))
+        a = attrs_of(node)
+        causal, window = bool(a["causal"]), a["window"]
         dqk, dv = q.shape[-1], v.shape[-1]
         if mask is not None and mask.dtype is not None and mask.dtype.name == "bool" and (causal or window):
             raise L.LimitError(f"node {node.name}: CANN FusedInferAttentionScore takes one atten_mask; a boolean "
@@ -511,7 +513,8 @@ class _Lowering:
         w = self.gate_up_weight(node, wg, wu, -1)
         h = self.emit("MatMul", [self.get(x, cd), w], [(self.fresh(f"{node.name}_gate_up"), cd,
                                                       xs[:-1] + [2 * inter])], note="gate|up projection")[0]
-        act = self.gated(node, h, xs[:-1], inter, node.attrs.get("activation", "silu"), node.attrs.get("clamp", 0.0))
+        a = attrs_of(node)
+        act = self.gated(node, h, xs[:-1], inter, a["activation"], a["clamp"])
         self.emit("MatMul", [act, self.get(wd, cd)], [self.out(node.outputs[0], cd)], note="down projection")
 
     # ---- MoE -> MoeGatingTopK -> MoeInitRoutingV2 -> GMM -> SwiGlu -> GMM -> MoeFinalizeRoutingV2 ------
@@ -519,10 +522,10 @@ class _Lowering:
         x, router_w, e_bias, wg, wu, wd = node.inputs[:6]
         hash_table = node.inputs[6] if len(node.inputs) > 6 else None
         token_ids = node.inputs[7] if len(node.inputs) > 7 else None
-        a = node.attrs
+        a = attrs_of(node)
         cd = self.compute
-        k, scoring = int(a["top_k"]), a.get("scoring", "softmax")
-        groups, topk_group = int(a.get("n_group", 1)), int(a.get("topk_group", 1))
+        k, scoring = a["top_k"], a["scoring"]
+        groups, topk_group = a["n_group"], a["topk_group"]
         e, hdim, inter = wg.shape[0], wg.shape[1], wg.shape[2]
         xs = _dims(x.shape)
         t = x.shape[0]
@@ -538,8 +541,7 @@ class _Lowering:
                         note="router in fp32")[0]
         logits = self.emit("MatMul", [x32, self.get(router_w, F32)],
                            [(self.fresh(f"{node.name}_router_logits"), F32, rows_t + [e])], note="router")[0]
-        renorm = int(a.get("renormalize", 0))
-        scaling = float(a.get("routed_scaling", 1.0))
+        renorm, scaling = a["renormalize"], a["routed_scaling"]
         gate_outs = [(self.fresh(f"{node.name}_topk_weights"), F32, rows_t + [k]),
                      (self.fresh(f"{node.name}_topk_ids"), TensorProto.INT32, rows_t + [k])]
         if hash_table is not None:
@@ -551,13 +553,13 @@ class _Lowering:
             table = self.const(np.asarray(hash_table.const).astype(np.int32), f"{node.name}_hash_table")
             w, idx = self.emit("MoeHashRoutingGate", [logits, ids, table], gate_outs,
                                {"k": k, "norm_type": scoring, "renorm": renorm,
-                                "routed_scaling_factor": scaling, "eps": 1e-20}, KERNEL_DOMAIN,
+                                "routed_scaling_factor": scaling, "eps": RENORM_EPS}, KERNEL_DOMAIN,
                                note="CANN has no token->expert table routing: polyport Ascend C kernel")
         elif scoring == "sqrtsoftplus":
             self.kernels.add("MoeGatingTopKSqrtSoftplus")
             w, idx = self.emit("MoeGatingTopKSqrtSoftplus", [logits, self.get(e_bias, F32)], gate_outs,
                                {"k": k, "k_group": topk_group, "group_count": groups, "group_select_mode": 1,
-                                "renorm": renorm, "routed_scaling_factor": scaling, "eps": 1e-20}, KERNEL_DOMAIN,
+                                "renorm": renorm, "routed_scaling_factor": scaling, "eps": RENORM_EPS}, KERNEL_DOMAIN,
                                note="MoeGatingTopK has norm_type softmax/sigmoid only: polyport Ascend C kernel")
         else:
             facts = {"dtype": "float32", "expert_count": e, "k": k, "group_count": groups, "norm_type": scoring}
@@ -576,7 +578,7 @@ class _Lowering:
                 w, idx = self.emit("MoeGatingTopK", [logits, self.get(e_bias, F32)], gate_outs,
                                    {"k": k, "k_group": topk_group, "group_count": groups, "group_select_mode": 1,
                                     "renorm": renorm, "norm_type": 0 if scoring == "softmax" else 1,
-                                    "out_flag": 0, "routed_scaling_factor": scaling, "eps": 1e-20}, CANN_DOMAIN)
+                                    "out_flag": 0, "routed_scaling_factor": scaling, "eps": RENORM_EPS}, CANN_DOMAIN)
         self.check(node, "MoeInitRoutingV2", {"expert_count": e, "dtype": _tname(cd)})
         tk = t * k
         rows_tk = [str(tk) if isinstance(tk, SymExpr) else tk]
@@ -593,7 +595,7 @@ class _Lowering:
         h = self.emit("GroupedMatmul", [ex, w_gu, counts],
                       [(self.fresh(f"{node.name}_gate_up"), cd, rows_tk + [2 * inter])], gmm_attrs, CANN_DOMAIN,
                       note="gate|up of every expert: weights [E, H, 2I]")[0]
-        act = self.gated(node, h, rows_tk, inter, a.get("activation", "silu"), a.get("clamp", 0.0))
+        act = self.gated(node, h, rows_tk, inter, a["activation"], a["clamp"])
         down = self.emit("GroupedMatmul", [act, self.get(wd, cd), counts],
                          [(self.fresh(f"{node.name}_down"), cd, rows_tk + [hdim])], gmm_attrs, CANN_DOMAIN,
                          note="down of every expert: weights [E, I, H]")[0]
@@ -623,7 +625,7 @@ class _Lowering:
         if renorm:
             s = self.emit("ReduceSum", [w, self.ints([-1], f"{node.name}_ax")],
                           [(self.fresh(f"{node.name}_wsum"), F32, rows + [1])], {"keepdims": 1})[0]
-            s = self.emit("Add", [s, self.const(np.asarray(1e-20, np.float32), f"{node.name}_eps")],
+            s = self.emit("Add", [s, self.const(np.asarray(RENORM_EPS, np.float32), f"{node.name}_eps")],
                           [(self.fresh(f"{node.name}_wsum_eps"), F32, rows + [1])])[0]
             w = self.emit("Div", [w, s], [(self.fresh(f"{node.name}_wn"), F32, rows + [k])])[0]
         w = self.emit("Mul", [w, self.const(np.asarray(scaling, np.float32), f"{node.name}_scaling")],

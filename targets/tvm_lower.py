@@ -20,7 +20,9 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import errors
+from ..ir.fused.moe import RENORM_EPS
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import attrs_of
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
 
@@ -651,8 +653,9 @@ class _Lowerer:
     def op_polyport_Rotary(self, node):
         from .kernels.cpu import rotary
         x, c, s = (self.get(v) for v in node.inputs)
-        return self.bb.emit_te(rotary.rotary, x, c, s, int(node.attrs.get("rotary_dim", 0)),
-                               bool(node.attrs.get("interleaved", 0)), primfunc_name_hint="rotary")
+        a = attrs_of(node)
+        return self.bb.emit_te(rotary.rotary, x, c, s, a["rotary_dim"], bool(a["interleaved"]),
+                               primfunc_name_hint="rotary")
 
     def _flatten2d(self, x):
         shape = self.shape(x)
@@ -677,7 +680,8 @@ class _Lowerer:
         from .kernels.cpu import mlp
         x, wg, wu, wd = (self.get(v) for v in node.inputs)
         x2, shape = self._flatten2d(x)
-        act, clamp = node.attrs.get("activation", "silu"), float(node.attrs.get("clamp", 0.0))
+        a = attrs_of(node)
+        act, clamp = a["activation"], a["clamp"]
         names = [v.name for v in node.inputs[1:4]]
         if all(n in self.packed for n in names):
             h = self._packed_gemm(x2, [wg, wu], "gated_mlp_gate_up_packed", act=act, clamp=clamp)
@@ -700,9 +704,9 @@ class _Lowerer:
     def _attention_portable(self, node, q, k, v, mask, sinks):
         """The TE compute (whole score rows, three reductions) for a target's own schedule."""
         from .kernels.portable import attention
-        a = node.attrs
-        kw = dict(num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), scale=float(a["scale"]),
-                  causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)))
+        a = attrs_of(node)
+        kw = dict(num_heads=a["num_heads"], kv_heads=a["kv_heads"], scale=a["scale"],
+                  causal=bool(a["causal"]), window=a["window"])
 
         def fn(q, k, v, *rest):
             it = iter(rest)
@@ -721,10 +725,10 @@ class _Lowerer:
         d, dv = self.as_int(qs[3]), self.as_int(vs[3])
         if d is None or dv is None:
             raise self.unsupported(node, "head dims must be static")
-        a = node.attrs
+        a = attrs_of(node)
         func = attention.attention_func(
-            num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
-            causal=bool(a.get("causal", 0)), window=int(a.get("window", 0)),
+            num_heads=a["num_heads"], kv_heads=a["kv_heads"], d=d, dv=dv, scale=a["scale"],
+            causal=bool(a["causal"]), window=a["window"],
             mask_shape=None if mask is None else [self.as_int(x) for x in self.shape(mask)],
             mask_dtype="float32" if mask is None else mask.ty.dtype, sinks=sinks is not None,
             sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype)
@@ -745,21 +749,20 @@ class _Lowerer:
         relax = self.relax
         ins = list(node.inputs) + [None] * (8 - len(node.inputs))
         x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
-        a = node.attrs
+        a = attrs_of(node)
         x2, shape = self._flatten2d(self.get(x))
         H, E = (self.as_int(d) for d in self.shape(self.get(router_w)))
         Ew, Hw, I = (self.as_int(d) for d in self.shape(self.get(wg)))
         Ho = self.as_int(self.shape(self.get(wd))[2])
         if None in (H, E, I, Ho) or (Ew, Hw) != (E, H):
             raise self.unsupported(node, "expert and router weights need static, matching shapes")
-        groups = int(a.get("n_group", 1))
+        groups = a["n_group"]
         if groups > 1 and E % groups:
             raise self.unsupported(node, f"{E} experts do not split into {groups} groups")
         spec = moe.MoeSpec(
-            hidden=H, experts=E, top_k=int(a["top_k"]), inter=I, out=Ho, scoring=a.get("scoring", "softmax"),
-            n_group=groups, topk_group=int(a.get("topk_group", 1)), renormalize=bool(a.get("renormalize", 0)),
-            scaling=float(a.get("routed_scaling", 1.0)), act=a.get("activation", "silu"),
-            clamp=float(a.get("clamp", 0.0)), x_dtype=x2.ty.dtype, w_dtype=self.get(wg).ty.dtype)
+            hidden=H, experts=E, top_k=a["top_k"], inter=I, out=Ho, scoring=a["scoring"],
+            n_group=groups, topk_group=a["topk_group"], renormalize=bool(a["renormalize"]),
+            scaling=a["routed_scaling"], act=a["activation"], clamp=a["clamp"], x_dtype=x2.ty.dtype, w_dtype=self.get(wg).ty.dtype)
         if spec.scoring not in moe.SCORINGS:
             raise self.unsupported(node, f"scoring {spec.scoring!r}")
         if hash_table is not None:
@@ -786,11 +789,11 @@ class _Lowerer:
         op = relax.op
         ins = list(node.inputs) + [None] * (8 - len(node.inputs))
         x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
-        a = node.attrs
+        a = attrs_of(node)
         x2, shape = self._flatten2d(self.get(x))
         x2f = x2 if x2.ty.dtype == "float32" else self.emit(op.astype(x2, "float32"))
         logits = self.emit(op.matmul(x2f, self.get(router_w)))
-        scoring = a.get("scoring", "softmax")
+        scoring = a["scoring"]
         if scoring == "softmax":
             scores = self.emit(op.nn.softmax(logits, -1))
         elif scoring == "sigmoid":
@@ -805,31 +808,29 @@ class _Lowerer:
         if hash_table is not None:
             table = self.get(hash_table)
             tid = self.emit(op.astype(op.reshape(self.get(token_ids), [-1]), "int64"))
-            # ids wrap modulo the table's rows, as the MoE reference does
-            tid = self.emit(op.floor_mod(tid, relax.const(self.as_int(self.shape(table)[0]), "int64")))
             idx = self.emit(op.astype(op.take(table, tid, axis=0), "int64"))
         else:
             choice = scores if e_bias is None else self.emit(op.add(scores, self.get(e_bias)))
-            groups = int(a.get("n_group", 1))
+            groups = a["n_group"]
             if groups > 1:
                 E = self.as_int(self.shape(choice)[1])
                 T = self.shape(choice)[0]
                 per = self.emit(op.reshape(choice, [T, groups, E // groups]))
                 gscore = self.emit(op.sum(op.topk(per, 2, -1, "values", True), [-1]))
-                kept = self.emit(op.topk(gscore, int(a.get("topk_group", 1)), -1, "values", True))
+                kept = self.emit(op.topk(gscore, a["topk_group"], -1, "values", True))
                 gmask = self.emit(op.greater_equal(gscore, op.min(kept, [-1], keepdims=True)))   # [T, G]
                 gmask = self.emit(op.reshape(op.broadcast_to(op.expand_dims(gmask, 2), [T, groups, E // groups]),
                                              [T, E]))
                 choice = self.emit(op.where(gmask, choice, relax.const(float("-inf"), "float32")))
-            idx = self.emit(op.topk(choice, int(a["top_k"]), -1, "indices", True, "int64"))
+            idx = self.emit(op.topk(choice, a["top_k"], -1, "indices", True, "int64"))
         w = self.emit(op.gather_elements(scores, idx, 1))
-        if a.get("renormalize", 0):
-            w = self.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(1e-20, "float32"))))
-        scale = float(a.get("routed_scaling", 1.0))
+        if a["renormalize"]:
+            w = self.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(RENORM_EPS, "float32"))))
+        scale = a["routed_scaling"]
         if scale != 1.0:
             w = self.emit(op.multiply(w, relax.const(scale, "float32")))
         y = self.bb.emit_te(moe.moe_experts, x2, idx, w, self.get(wg), self.get(wu), self.get(wd),
-                            a.get("activation", "silu"), float(a.get("clamp", 0.0)), primfunc_name_hint="moe_experts")
+                            a["activation"], a["clamp"], primfunc_name_hint="moe_experts")
         return self.emit(op.reshape(y, shape)) if len(shape) != 2 else y
 
 

@@ -344,8 +344,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             for t in range(n):
                 sc = T.alloc_local((E,), f32)
                 scores_of(lg, t, sc)
-                for k in range(K):      # negative / out-of-range ids and table entries wrap, never read out of bounds
-                    idx[t * K + k] = T.floormod(T.Cast("int64", table[T.floormod(tok[t], V), k]), E)
+                for k in range(K):      # ids are checked at the feeds, entries at import; the mod only guards memory
+                    idx[t * K + k] = T.Cast("int64", table[T.floormod(tok[t], V), k])
                 weights_of(sc, t, idx, wt)
             experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
         return moe_hash
