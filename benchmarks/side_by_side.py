@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     except Missing as e:
         print(f"side_by_side: error: {e}", file=sys.stderr)
         return 2
-    from polyport.runtime.cpu_session import usable_cpus
+    from polyport.devices import usable_cpus
     cpus = usable_cpus()                                          # both ORT and TVM get the CPUs we may use
     os.environ.setdefault("TVM_NUM_THREADS", str(cpus))         # TVM's default is half the cores
 

@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import __version__, errors
+from ..devices import DEVICES, TARGET_DEVICES
 from .inputs import generated_feeds
-from ..targets.devices import DEVICES, TARGET_DEVICES
 from . import roofline
 from .artifact import Artifact
 

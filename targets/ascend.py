@@ -36,19 +36,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..devices import ASCEND_910B3
 from ..errors import PolyportError
 from ..ir.graph import Graph, Node, Value
+from ..ir.onnx_export import ShapeValueWriter
 from ..ir.onnx_proto import node_to_proto
 from ..ir.fused.moe import RENORM_EPS
 from ..ir.ops import POLYPORT_DOMAIN, attrs_of
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
+from ..runtime.ascend_emulator import CANN_DOMAIN, KERNEL_DOMAIN
 from . import ascend_limits as L
 from .base import CompileOptions, Target, register_target
-from .devices import ASCEND_910B3
 
-CANN_DOMAIN = "com.huawei.cann"          # CANN built-in operators (ATC maps them by op type)
-KERNEL_DOMAIN = "polyport.ascendc"        # polyport's own Ascend C kernels (kernels/*.cpp)
 OPSET = 18                                # the newest default-domain opset ATC's ONNX parser accepts
 SOC = "Ascend910B3"
 NOT_RUN = ("generated and checked by polyport; NOT compiled with atc and NOT run on an Ascend device "
@@ -115,10 +115,8 @@ class _Lowering:
         self.const_names: dict[tuple[str, int], str] = {}
         self.used: set[str] = set()
         self.current: Optional[Node] = None
-        self.sym_cache: dict[str, str] = {}
         self.fia_mask: Optional[str] = None
-        from ..frontend.onnx_export import _Exporter
-        self.exporter = _Exporter(graph)
+        self.shape_values = ShapeValueWriter(graph)
 
     # ---- names, constants, casts ----------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -284,7 +282,7 @@ class _Lowering:
 
     def lower_ShapeValue(self, node: Node) -> None:
         inits: list = []
-        protos = self.exporter._shape_value(node, self.sym_cache, inits)
+        protos = self.shape_values.protos(node, inits)
         for t in inits:
             self.inits.append(t)
             self.used.add(t.name)

@@ -1,4 +1,4 @@
-"""The Target interface every code generator implements, and the devices it knows.
+"""The Target interface every code generator implements.
 
 A target lowers a fused graph into its own folder of the artifact and returns
 the manifest entry describing what it wrote (architectures, toolchain, files,
@@ -12,23 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from ..devices import DeviceSpec
 from ..errors import PolyportError
 from ..ir.graph import Graph
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSpec:
-    """What the roofline model needs to know about a device."""
-    name: str
-    peak_flops: Mapping[str, float]      # IR dtype name ("f32", "bf16", ...) -> FLOP/s
-    memory_bandwidth: float              # bytes/s
-    memory_bytes: int
-    notes: str = ""                      # where the numbers come from
-
-    def peak(self, dtype: str) -> float:
-        if dtype in self.peak_flops:
-            return self.peak_flops[dtype]
-        return self.peak_flops.get("f16" if dtype == "bf16" else "f32", min(self.peak_flops.values()))
 
 
 @dataclasses.dataclass

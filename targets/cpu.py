@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import errors
+from ..devices import HOST_CPU, host_cpu_info
 from ..ir.graph import Graph
 from .base import CompileOptions, Target, register_target
-from .devices import HOST_CPU, host_cpu_info
 from .vm_meta import model_meta, write_model_meta
 
 GENERIC_MCPU = "x86-64-v3"
