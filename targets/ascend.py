@@ -389,14 +389,13 @@ class _Lowering:
 
         qn, kn, vn = padded(q, dqk, "q"), padded(k, dqk, "k"), padded(v, dv, "v")
         pse = atten = ""
-        if mask is not None:
-            if mask.dtype.name == "bool":
-                atten = self.emit("Not", [self.get(mask)], [(self.fresh(f"{node.name}_atten_mask"),
-                                                            TensorProto.BOOL, _dims(mask.shape))],
-                                  note="FIA atten_mask: true = masked out")[0]
-            else:
-                pse = self.get(mask, cd)
-        elif sparse in (2, 3, 4) and self.fia_mask is not None:
+        if mask is not None and mask.dtype.name == "bool":      # (never with causal/window: refused above)
+            atten = self.emit("Not", [self.get(mask)], [(self.fresh(f"{node.name}_atten_mask"),
+                                                        TensorProto.BOOL, _dims(mask.shape))],
+                              note="FIA atten_mask: true = masked out")[0]
+        elif mask is not None:
+            pse = self.get(mask, cd)                              # a float mask adds to the scores
+        if sparse in (2, 3, 4) and self.fia_mask is not None:
             atten = self.fia_mask
         elif sparse in (2, 3, 4):
             # sparse_mode 2/3/4 take the fixed, compressed 2048 x 2048 upper-triangular mask (built once)
