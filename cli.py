@@ -75,8 +75,9 @@ def _one_line(text: str) -> str:
 def main(debug: bool) -> None:
     """polyport: one ONNX model in, artifacts for CPU, CUDA, ROCm and Ascend out.
 
-    Today: import (symbolic shapes, folded shape arithmetic), inspection and the
-    NumPy reference executor."""
+    inspect a model (import, passes, fusion counts), run it on the NumPy reference
+    executor or a compiled artifact, compile it for cpu, cuda, rocm and ascend (the
+    ascend part emulated on CPU), and bench or compare artifacts."""
     _Group.debug = debug
 
 

@@ -71,6 +71,6 @@ class CpuTarget(Target):
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
         write_model_meta(meta, out_dir / "model.json")
-        return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
+        return {"archs": ["x86_64"], "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
                 "compile_seconds": round(time.perf_counter() - t0, 2)}

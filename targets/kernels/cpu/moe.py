@@ -24,10 +24,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .mlp import activation, clamp_up
+from .parallel import PARALLEL_MIN_MACS
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
-PARALLEL_MIN_MACS = 1 << 22     # fewer multiply-adds per call (~0.2 ms): waking TVM's workers costs more
 STREAM_BYTES = 256 << 10        # an expert's gate matrix above this streams (tile_stream)
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
