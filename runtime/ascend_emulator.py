@@ -32,7 +32,7 @@ from ..ir.fused import moe
 NOTICE = ("ascend: emulated on CPU (no Ascend device): NumPy implementations of the CANN operators' documented "
           "contracts in float16; nothing was run on Ascend hardware")
 
-# The artifact's two custom ONNX domains (targets/ascend.py writes them; defined here, where they are read).
+# The artifact's two custom ONNX domains (targets/ascend/ writes them; defined here, where they are read).
 CANN_DOMAIN = "com.huawei.cann"          # CANN built-in operators (ATC maps them by op type)
 KERNEL_DOMAIN = "polyport.ascendc"        # polyport's own Ascend C kernels (kernels/*.cpp)
 F16 = np.float16
