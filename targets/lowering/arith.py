@@ -62,46 +62,6 @@ def neg(lw, node):
     return unary(lw, node, lw.relax.op.negative)
 
 
-@lowers("Sigmoid", dtypes=FLOAT_BF)
-def sigmoid(lw, node):
-    return unary(lw, node, lw.relax.op.sigmoid)
-
-
-@lowers("Cos", dtypes=FLOAT_BF)
-def cos(lw, node):
-    return unary(lw, node, lw.relax.op.cos)
-
-
-@lowers("Sin", dtypes=FLOAT_BF)
-def sin(lw, node):
-    return unary(lw, node, lw.relax.op.sin)
-
-
-@lowers("Exp", dtypes=FLOAT_BF)
-def exp(lw, node):
-    return unary(lw, node, lw.relax.op.exp)
-
-
-@lowers("Sqrt", dtypes=FLOAT_BF)
-def sqrt(lw, node):
-    return unary(lw, node, lw.relax.op.sqrt)
-
-
-@lowers("Tanh", dtypes=FLOAT_BF)
-def tanh(lw, node):
-    return unary(lw, node, lw.relax.op.tanh)
-
-
-@lowers("Not", dtypes=("bool",))
-def logical_not(lw, node):
-    return unary(lw, node, lw.relax.op.logical_not)
-
-
-@lowers("Erf", dtypes=FLOAT_BF)
-def erf(lw, node):
-    return unary(lw, node, lw.relax.op.erf)
-
-
 @lowers("Reciprocal", dtypes=NUMERIC_BF)
 def reciprocal(lw, node):
     x = lw.get(node.inputs[0])
@@ -124,45 +84,32 @@ def power(lw, node):
     return lw.emit(lw.relax.op.power(x, y if y.ty.dtype == dt else lw.relax.op.astype(y, dt)))
 
 
-@lowers("And", dtypes=("bool",))
-def logical_and(lw, node):
-    return lw.both(node, lw.relax.op.logical_and)
-
-
-@lowers("Or", dtypes=("bool",))
-def logical_or(lw, node):
-    return lw.both(node, lw.relax.op.logical_or)
-
-
-@lowers("Equal")
-def equal(lw, node):
-    return lw.both(node, lw.relax.op.equal)
-
-
-@lowers("Greater")
-def greater(lw, node):
-    return lw.both(node, lw.relax.op.greater)
-
-
-@lowers("GreaterOrEqual")
-def greater_or_equal(lw, node):
-    return lw.both(node, lw.relax.op.greater_equal)
-
-
-@lowers("Less")
-def less(lw, node):
-    return lw.both(node, lw.relax.op.less)
-
-
-@lowers("LessOrEqual")
-def less_or_equal(lw, node):
-    return lw.both(node, lw.relax.op.less_equal)
-
-
 @lowers("Where")
 def where(lw, node):
     c, a, b = (lw.get(v) for v in node.inputs)
     return lw.emit(lw.relax.op.where(c, a, b))
+
+
+# One Relax op each: unary (float math, logical not) and binary (logic, comparisons: any operand type).
+_UNARY = {"Sigmoid": ("sigmoid", FLOAT_BF), "Cos": ("cos", FLOAT_BF), "Sin": ("sin", FLOAT_BF),
+          "Exp": ("exp", FLOAT_BF), "Sqrt": ("sqrt", FLOAT_BF), "Tanh": ("tanh", FLOAT_BF),
+          "Erf": ("erf", FLOAT_BF), "Not": ("logical_not", ("bool",))}
+_BINARY = {"And": ("logical_and", ("bool",)), "Or": ("logical_or", ("bool",)), "Equal": ("equal", None),
+           "Greater": ("greater", None), "GreaterOrEqual": ("greater_equal", None), "Less": ("less", None),
+           "LessOrEqual": ("less_equal", None)}
+
+
+def _relax_op(name, binary):
+    def lower(lw, node):
+        fn = getattr(lw.relax.op, name)
+        return lw.both(node, fn) if binary else unary(lw, node, fn)
+    return lower
+
+
+for _op, (_name, _dtypes) in _UNARY.items():
+    lowers(_op, dtypes=_dtypes)(_relax_op(_name, False))
+for _op, (_name, _dtypes) in _BINARY.items():
+    lowers(_op, dtypes=_dtypes)(_relax_op(_name, True))
 
 
 def variadic(lw, node, relax_fn, pv_fn):

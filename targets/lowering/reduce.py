@@ -124,24 +124,8 @@ def _plain(lw, node, fn):
     return lw.emit(fn(x, axes or None, bool(node.attrs.get("keepdims", 1))))
 
 
-@lowers("ReduceSum")
-def reduce_sum(lw, node):
-    return _plain(lw, node, lw.relax.op.sum)
-
-
-@lowers("ReduceMax")
-def reduce_max(lw, node):
-    return _plain(lw, node, lw.relax.op.max)
-
-
-@lowers("ReduceMin")
-def reduce_min(lw, node):
-    return _plain(lw, node, lw.relax.op.min)
-
-
-@lowers("ReduceMean")
-def reduce_mean(lw, node):
-    return _plain(lw, node, lw.relax.op.mean)
+for _op, _name in {"ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceMean": "mean"}.items():
+    lowers(_op)(lambda lw, node, _name=_name: _plain(lw, node, getattr(lw.relax.op, _name)))
 
 
 @lowers("CumSum")
