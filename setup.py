@@ -25,6 +25,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3",
             "onnxruntime==1.31.1",
+            "hypothesis==6.155.2",
         ],
         "export": [
             "torch==2.13.0",
