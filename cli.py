@@ -81,7 +81,8 @@ def main(debug: bool) -> None:
 
 
 PASSES_OPTION = click.option("--passes", default="none", show_default=True, metavar="PIPELINE",
-                             help="Pass pipeline to run after import: none | canonicalize | default.")
+                             help="Pass pipeline to run after import: none | canonicalize | default | generate "
+                                  "(default, then the derived KV-cache prefill/decode programs).")
 EXPLAIN_OPTION = click.option("--explain", is_flag=True,
                               help="Print what each pass did and why near misses did not fuse (stderr).")
 DUMP_IR_OPTION = click.option("--dump-ir", type=click.Path(dir_okay=False), metavar="FILE",
@@ -104,10 +105,20 @@ def inspect(model: str, as_json: bool, passes: str, explain: bool, dump_ir: Opti
     from .ir.stats import graph_stats
     graph = _import(model, dump_ir, passes, explain)
     stats = graph_stats(graph)
+    programs = None
+    if passes == "generate":
+        from .passes.derive_generation import derive_generation
+        programs = derive_generation(graph)
     if as_json:
-        click.echo(json.dumps(stats, indent=2))
-    else:
-        click.echo(format_stats(stats, model))
+        click.echo(json.dumps({**stats, "generation": programs.manifest()} if programs else stats, indent=2))
+        return
+    click.echo(format_stats(stats, model))
+    if programs is not None:
+        from .ir.printer import format_graph
+        for program in (programs.prefill, programs.decode):
+            if program is not None:
+                click.echo(format_graph(program))
+        click.echo(programs.describe())
 
 
 def format_stats(stats: Mapping[str, Any], source: str) -> str:
