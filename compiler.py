@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.types import TensorType
+from .passes.derive_generation import derive_generation, generation_entry
 from .passes.pipelines import run_pipeline
 from .runtime.artifact import ArtifactWriter
 from .runtime.cost import manifest_cost
@@ -40,14 +41,21 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     graph = import_onnx(model)
     progress(f"running the {pipeline!r} pipeline")
     run_pipeline(graph, pipeline, on_stage=on_stage)
+    programs = derive_generation(graph)                     # before lowering: targets may rewrite the graph
+    for name in programs.uncached:
+        progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
     weights = {v.name: v.const for v in graph.constants.values()}
     name = Path(model).stem
     with ArtifactWriter(out, signature(graph, name)) as writer:
         writer.write_weights(weights)
         writer.manifest["cost"] = manifest_cost(graph)       # FLOPs/bytes polynomials for the roofline (bench)
+        writer.manifest["generation"] = generation_entry(graph, programs)
         for target in lowerers:
             progress(f"lowering for {target.name}")
             entry = target.lower(graph, writer.target_dir(target.name), weights, options)
+            if not programs.uncached:
+                entry.update(target.lower_generation(graph, programs, writer.target_dir(target.name), weights,
+                                                     options) or {})
             writer.add_target(target.name, entry)
         progress(f"writing {out}")
         return writer.commit()

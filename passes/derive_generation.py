@@ -83,6 +83,12 @@ class GenerationPrograms:
         return "\n".join(lines)
 
 
+def generation_entry(graph: Graph, programs: GenerationPrograms) -> dict:
+    """The manifest's `generation` entry: the layout plus the programs' batch (1 when the export's is static 1)."""
+    shape = graph.inputs[0].shape if graph.inputs else None
+    return {**programs.manifest(), "batch": shape[0] if shape and isinstance(shape[0], int) else None}
+
+
 def derive_generation(graph: Graph) -> GenerationPrograms:
     """The prefill and decode programs of a fused graph (the graph itself is left unchanged)."""
     attentions = [n for n in graph.nodes if _is(n, "Attention")]

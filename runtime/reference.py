@@ -183,7 +183,8 @@ class ReferenceGenerator(Generator):
     layer cannot be cached); `programs` come from passes/derive_generation.py."""
 
     def __init__(self, graph: Graph, programs):
-        self.generation = {**programs.manifest(), "batch": _static_batch(graph)}
+        from ..passes.derive_generation import generation_entry
+        self.generation = generation_entry(graph, programs)
         self._full = ReferenceSession(graph)
         self._programs = {name: ReferenceSession(g) for name, g in (("prefill", programs.prefill),
                                                                    ("decode", programs.decode)) if g is not None}
@@ -220,8 +221,3 @@ def new_cache_arrays(generation: Mapping[str, Any], batch: int, max_length: int)
             caches[tensor] = np.zeros((batch, layer["kv_heads"], layer["capacity"] or max_length, dim),
                                       dtypes.from_name(layer["dtype"]).numpy)
     return caches
-
-
-def _static_batch(graph: Graph) -> Optional[int]:
-    shape = graph.inputs[0].shape if graph.inputs else None
-    return shape[0] if shape and isinstance(shape[0], int) else None
