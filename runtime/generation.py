@@ -156,14 +156,16 @@ class GenerationState:
         return np.stack(rows).astype(np.float32)
 
 
-def generator_for(session) -> Generator:
-    """`session` itself when it can generate, else a recomputing wrapper around its `run`."""
-    return session if isinstance(session, Generator) else _Recompute(session)
+def generator_for(session, generation: Optional[dict] = None) -> Generator:
+    """`session` itself when it can generate, else a recomputing wrapper around its `run`
+    (`generation`: the artifact's manifest entry, for the vocab and the uncached layers)."""
+    return session if isinstance(session, Generator) else _Recompute(session, generation or {})
 
 
 class _Recompute(Generator):
-    def __init__(self, session):
+    def __init__(self, session, generation: dict):
         self.input_names, self.output_names, self.run = session.input_names, session.output_names, session.run
+        self.generation = generation
 
 
 # ---- inputs ------------------------------------------------------------------------------------
