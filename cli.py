@@ -342,6 +342,8 @@ def _stage_files(directory: str):
               help="Prompt token ids, int [seq] or [batch, seq].")
 @click.option("--prompt-ids", metavar="5,17,42", help="Prompt token ids, comma-separated.")
 @click.option("--prompt", metavar="TEXT", help="Prompt text (the artifact must hold a tokenizer: compile --tokenizer).")
+@click.option("--lengths", metavar="3,9,17", help="With a [batch, seq] --input-ids: each prompt's length "
+              "(right-padded rows).")
 @click.option("--max-new-tokens", type=int, required=True, metavar="N")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
@@ -349,7 +351,7 @@ def _stage_files(directory: str):
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [[...]], "ttft_ms": .., "tpot_ms": ..}.')
 def generate(artifact: str, target: Optional[str], input_ids: Optional[str], prompt_ids: Optional[str],
-             prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             prompt: Optional[str], lengths: Optional[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              seed: Optional[int], as_json: bool) -> None:
     """Generate tokens from a prompt with the KV cache, streaming them; then time to first token and decode speed."""
     from .runtime.generation import GenerationError, generator_for
@@ -357,6 +359,7 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
         raise click.UsageError("give exactly one of --input-ids FILE.npy, --prompt-ids 5,17,42, --prompt TEXT")
     if max_new_tokens < 0:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    lens = _int_list(lengths, "--lengths") if lengths is not None else None
     tokenizer = None
     if os.path.isdir(artifact):
         from .runtime.artifact import Artifact
@@ -378,10 +381,7 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
                                   f"tokenizer.json, or give --prompt-ids")
         ids = np.array([tokenizer.encode(prompt).ids], np.int64)
     elif prompt_ids is not None:
-        try:
-            ids = np.array([[int(t) for t in prompt_ids.split(",")]], np.int64)
-        except ValueError:
-            raise GenerationError(f"--prompt-ids {prompt_ids!r} is not a comma-separated list of integers") from None
+        ids = np.array([_int_list(prompt_ids, "--prompt-ids")], np.int64).reshape(1, -1)
     else:
         ids = load_npy(input_ids, f"--input-ids {input_ids}")
     times: list[float] = []
@@ -391,13 +391,16 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
     def on_token(tokens: np.ndarray) -> None:
         times.append(time.perf_counter())
         if stream:
+            if tokenizer is None:
+                click.echo(f"{tokens[0]} ", nl=False)
+                return
+            before = tokenizer.decode(shown)          # decode the whole text: pieces join differently alone
             shown.append(int(tokens[0]))
-            text = f"{tokens[0]} " if tokenizer is None else tokenizer.decode(shown[-1:])
-            click.echo(text, nl=False)
+            click.echo(tokenizer.decode(shown)[len(before):], nl=False)
 
     start = time.perf_counter()
     out = session.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           on_token=on_token)
+                           on_token=on_token, lengths=lens)
     ttft = (times[0] - start) * 1e3 if times else None
     tpot = (times[-1] - times[0]) * 1e3 / (len(times) - 1) if len(times) > 1 else None
     if as_json:
@@ -411,6 +414,13 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
     if ttft is not None:
         speed = f", decode {1e3 / tpot:.1f} tokens/s ({tpot:.2f} ms/token)" if tpot else ""
         click.echo(f"time to first token {ttft:.1f} ms{speed}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise errors.InputError(f"{option} {text!r} is not a comma-separated list of integers") from None
 
 
 def _tokenizer(art):
