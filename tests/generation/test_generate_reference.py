@@ -168,3 +168,16 @@ def test_bad_input_is_one_line_polyport_error(call, match):
     with pytest.raises(errors.PolyportError, match=match) as e:
         call(generator("llama_a"))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_a", "deepseek_v3_b"])
+def test_deepseek_v3_caches_the_latent_and_rope_key_only(name):
+    cfg = corpus()[name]["hf_config"]
+    layers = generator(name).generation["layers"]
+    per_token = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    assert len(layers) == cfg["num_hidden_layers"]
+    for layer in layers:
+        assert layer["kind"] == "mla" and layer["tensors"] == [f"{layer['name']}.kv"]
+        assert layer["bytes_per_token"] == per_token
+        naive = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * 4
+        assert layer["naive_ratio"] == round(naive / per_token, 3)
