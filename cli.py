@@ -3,6 +3,7 @@
     polyport inspect MODEL [--json] [--dump-ir FILE]
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
     polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
+    polyport bench ART --decode [--context N ...]   (time to first token, time per output token)
     polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
@@ -446,8 +447,11 @@ def _tokenizer(art):
               help="Estimate for this device only: h100 | h200 | mi300x | 910b3 | cpu.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the rows as JSON (read by `polyport report`).")
+@click.option("--decode", is_flag=True, help="Generation rows: time to first token and time per output token.")
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1), metavar="N",
+              help="With --decode: the context length (prompt, then tokens cached); repeat. Default: 128, 1024.")
 def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: int, warmup: int,
-          device: Optional[str], json_path: Optional[str]) -> None:
+          device: Optional[str], json_path: Optional[str], decode: bool, contexts: tuple[int, ...]) -> None:
     """Latency of ARTIFACT per target and length: measured where the device is here, else estimated.
 
     Measured rows time session.run (warm-up, then --runs runs: median, p90, IQR).
@@ -456,8 +460,11 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
     from .runtime import bench as benchmod
     if json_path is not None:
         _check_writable(json_path)
-    doc = benchmod.bench(artifact, list(targets) or None, list(seqs) or benchmod.DEFAULT_SEQS, runs=runs,
-                         warmup=warmup, device=device, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+    if contexts and not decode or decode and seqs:
+        raise click.UsageError("--context goes with --decode (and --seq without it)")
+    lengths = (list(contexts) or benchmod.DEFAULT_CONTEXTS) if decode else (list(seqs) or benchmod.DEFAULT_SEQS)
+    doc = benchmod.bench(artifact, list(targets) or None, lengths, runs=runs, warmup=warmup, device=device,
+                         progress=lambda msg: click.echo(f"polyport: {msg}", err=True), decode=decode)
     click.echo(benchmod.format_report([(os.path.basename(json_path or artifact.rstrip("/")), doc)]))
     if json_path is not None:
         benchmod.write_json(json_path, doc)
