@@ -8,9 +8,10 @@ weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from .. import errors
 from ..ir.graph import Graph
@@ -73,9 +74,24 @@ class CpuTarget(Target):
         ex = tvm.compile(mod, target=target)
         return ex, model_meta(lowered, functions), mcpu
 
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
-              programs: Any = None) -> dict:
-        """`programs`: the derived generation programs to build alongside `main` (see `build`)."""
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        """Build `main` and, when every attention can be cached, the derived `prefill` / `decode` in the
+        same library: one LLVM build. `lower_generation` (called next by compile) then finds them."""
+        from ..passes.derive_generation import derive_generation
+        programs = derive_generation(graph)
+        return self._write(graph, None if programs.uncached else programs, out_dir, weights, options)
+
+    def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
+                         options: CompileOptions) -> Optional[dict]:
+        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not)."""
+        entry = {}
+        meta = json.loads((Path(out_dir) / "model.json").read_text())
+        if not {"prefill", "decode"} <= set(meta.get("functions", {})):
+            entry = self._write(graph, programs, out_dir, weights, options)
+        return {**entry, "programs": ["prefill", "decode"]}
+
+    def _write(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
+               options: CompileOptions) -> dict:
         import tvm
         t0 = time.perf_counter()
         ex, meta, mcpu = self.build(graph, options, programs)
