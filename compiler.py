@@ -70,6 +70,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     for name in programs.uncached:
         progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
     weights = {v.name: v.const for v in graph.constants.values()}
+    weights.update(programs.added_constants())              # the programs share the rest with the graph
     name = Path(model).stem
     with ArtifactWriter(out, signature(graph, name)) as writer:
         writer.write_weights(weights)

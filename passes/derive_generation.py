@@ -68,6 +68,11 @@ class GenerationPrograms:
     vocab: int
     max_positions: Optional[int]
 
+    def added_constants(self) -> dict[str, np.ndarray]:
+        """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
+        return {v.name: v.const for p in (self.prefill, self.decode) if p is not None
+                for v in p.constants.values() if v.name.startswith(f"{p.name}.")}
+
     def manifest(self) -> dict:
         return {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
                 "vocab": self.vocab, "max_positions": self.max_positions,
@@ -314,7 +319,9 @@ def _node(g: Graph, op: str, inputs, *, attrs=None, domain: str = "", name: str 
 
 
 def _const(g: Graph, name: str, array) -> Value:
-    return g.add_constant(name, np.asarray(array))
+    """A constant the derivation adds, named after its program (`decode.axis`): the programs' constants
+    join the artifact's weights, so names must not collide across programs."""
+    return g.add_constant(f"{g.name}.{name}", np.asarray(array))
 
 
 def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Node],
