@@ -35,14 +35,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .. import __version__, errors
+from .. import __version__, errors, files
 from .inputs import generated_feeds
 from ..targets.devices import DEVICES, TARGET_DEVICES
 from . import roofline
@@ -269,24 +268,8 @@ def _measure_decode(art: Artifact, target: str, contexts: Sequence[int], runs: i
 # ---- JSON --------------------------------------------------------------------------------
 def write_json(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
     """Write `doc` atomically: the file is replaced only once the new one is complete."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise errors.PolyportError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with files.atomic_write(path) as f:
+        f.write((json.dumps(doc, indent=2) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -421,16 +404,9 @@ def plot(docs: Sequence[tuple[str, Mapping[str, Any]]], path: str) -> None:
         ax.set_title("measured median (error bar: IQR)" if kind == "measured"
                      else "estimated: roofline lower bound (not measured)")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with files.atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
 
