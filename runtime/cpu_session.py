@@ -14,6 +14,7 @@ import numpy as np
 
 from ..devices import usable_cpus
 from .artifact import Artifact
+from .generation import Generator
 from .vm_session import VmSession
 
 
@@ -34,7 +35,7 @@ def _import_tvm(threads: Optional[int]):
     return tvm
 
 
-class CpuSession(VmSession):
+class CpuSession(VmSession, Generator):
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
         tvm = _import_tvm(threads)
         self.entry = dict(entry)

@@ -52,6 +52,6 @@ def signature_types(specs: list[dict]) -> list[tuple[str, TensorType]]:
     return out
 
 
-def id_bounds(signature: Mapping[str, Any]) -> dict[str, int]:
-    """{input: n} for the token-id inputs whose values must lie in [0, n) (the manifest's `ids_below`)."""
-    return {s["name"]: int(s["ids_below"]) for s in signature["inputs"] if "ids_below" in s}
+def signature_index_ranges(specs: list[dict]) -> dict[str, tuple[int, int]]:
+    """The manifest's `index_range` of each index input (token ids), as {name: (lowest, highest)}."""
+    return {s["name"]: tuple(s["index_range"]) for s in specs if s.get("index_range") is not None}

@@ -14,7 +14,7 @@ from polyport.ir.ops import attrs_of, checked_attrs
 from polyport.ir.types import TensorType
 from polyport.passes.pipelines import run_pipeline
 from polyport.runtime.reference import check_feeds
-from polyport.runtime.session import id_bounds, signature_types
+from polyport.runtime.session import signature_index_ranges, signature_types
 from tests.real_models import model_path
 
 
@@ -56,13 +56,15 @@ def test_reference_rejects_hash_ids_outside_the_table(bad):
         fused.evaluate("MoE", ins + [np.array([0, 1, bad, 2, 0])], top_k=2)
 
 
-def test_compiled_sessions_check_hash_ids_at_the_feeds():
-    """The manifest records each token-id input's bound; every artifact session checks it before running."""
+@pytest.mark.parametrize("bad", [-1, 256])
+def test_compiled_sessions_check_hash_ids_at_the_feeds(bad):
+    """The manifest's index range of a token-id input covers MoE hash routing ([0, rows)), not only the
+    embedding Gather (which would take -256..255); every artifact session checks it before running."""
     graph = import_onnx(model_path("deepseek_v4_a"))
     run_pipeline(graph)
     sig = signature(graph, "m")
-    assert [s.get("ids_below") for s in sig["inputs"]] == [256]
-    specs, bounds = signature_types(sig["inputs"]), id_bounds(sig)
-    check_feeds(specs, {"input_ids": np.array([[0, 255]])}, bounds)
-    with pytest.raises(errors.InputError, match=r"input 'input_ids': token id 256 is outside .* \[0, 256\)"):
-        check_feeds(specs, {"input_ids": np.array([[0, 256]])}, bounds)
+    assert [s.get("index_range") for s in sig["inputs"]] == [[0, 255]]
+    specs, ranges = signature_types(sig["inputs"]), signature_index_ranges(sig["inputs"])
+    check_feeds(specs, {"input_ids": np.array([[0, 255]])}, ranges)
+    with pytest.raises(errors.InputError, match=rf"input 'input_ids': value {bad} .* outside the valid index range"):
+        check_feeds(specs, {"input_ids": np.array([[0, bad]])}, ranges)

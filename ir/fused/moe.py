@@ -18,7 +18,7 @@ output the graph adds (a target may fuse that add).
 import numpy as np
 
 from ... import errors
-from ..ops import POLYPORT_DOMAIN, AttrSpec, attrs_of, define, infers, reference
+from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ._util import ACTIVATIONS, f32, like, same_type, softmax
 from .mlp import gated
 
@@ -62,7 +62,7 @@ def select_top_k(choice: np.ndarray, top_k: int, n_group: int = 1, topk_group: i
 
 def hash_select(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """Expert indices table[token_ids] ([T, top_k]). Ids outside [0, vocab) are an input error
-    (compiled targets reject them when checking the feeds; see `hash_id_bounds`)."""
+    (compiled targets reject them when checking the feeds: ir/index_inputs.py)."""
     ids = np.asarray(token_ids).reshape(-1).astype(np.int64)
     check_hash_ids("token ids", ids, table.shape[0])
     return np.asarray(table)[ids].astype(np.int64)
@@ -83,7 +83,8 @@ def routing_weights(scores: np.ndarray, idx: np.ndarray, renormalize: bool, scal
     return (w * np.float32(scaling)).astype(np.float32)
 
 
-def route(logits: np.ndarray, attrs: dict, e_bias=None, hash_table=None, token_ids=None) -> tuple[np.ndarray, np.ndarray]:
+def route(logits: np.ndarray, attrs: dict, e_bias=None, hash_table=None,
+          token_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """(expert indices [T, k], weights [T, k]) for router logits [T, E]; `attrs` as `attrs_of` gives them."""
     scores = SCORING[attrs["scoring"]](f32(logits)).astype(np.float32)
     if hash_table is not None:
@@ -92,29 +93,6 @@ def route(logits: np.ndarray, attrs: dict, e_bias=None, hash_table=None, token_i
         choice = scores + f32(e_bias) if e_bias is not None else scores
         idx = select_top_k(choice, attrs["top_k"], attrs["n_group"], attrs["topk_group"])
     return idx, routing_weights(scores, idx, attrs["renormalize"], attrs["routed_scaling"])
-
-
-def hash_id_bounds(graph) -> dict[str, int]:
-    """{graph input: hash-table rows} for each input that hash-routed MoE nodes read as token ids
-    (through reshapes), so that sessions can reject ids outside [0, rows) before running."""
-    bounds: dict[str, int] = {}
-    inputs = {id(v) for v in graph.inputs}
-    for node in graph.nodes:
-        if node.domain != POLYPORT_DOMAIN or node.op_type != "MoE" or len(node.inputs) < 8:
-            continue
-        v = node.inputs[7]
-        while id(v) not in inputs and v.producer is not None and v.producer.op_type in RESHAPES:
-            v = v.producer.inputs[0]
-        if id(v) not in inputs:
-            raise errors.UnsupportedOpError(
-                f"node {node.name} (polyport::MoE): its hash-routing token ids %{node.inputs[7].name} are not a "
-                f"graph input (reshaped); their range cannot be checked")
-        rows = int(node.inputs[6].type.shape[0])
-        bounds[v.name] = min(rows, bounds.get(v.name, rows))
-    return bounds
-
-
-RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 
 
 @reference("MoE", domain="polyport")
