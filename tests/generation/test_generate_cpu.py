@@ -8,8 +8,10 @@ each alone, a sliding-window layer's ring keeps `window` slots. Default run: lla
 compile); the corpus x prompt lengths 1, 7, 40 is slow."""
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 
 import numpy as np
@@ -29,7 +31,9 @@ FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in MODELS for n in (1, 
 @functools.lru_cache(maxsize=None)
 def artifact(name: str) -> str:
     from polyport.compiler import compile_model
-    out = tempfile.mkdtemp(prefix=f"gencpu_{name}_") + "/art"
+    tmp = tempfile.mkdtemp(prefix=f"polyport_gen_cpu_{name}_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    out = f"{tmp}/art"
     compile_model(path_of(name), ["cpu"], out)
     return out
 
