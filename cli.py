@@ -3,6 +3,7 @@
     polyport inspect MODEL [--json] [--dump-ir FILE]
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
     polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
+    polyport bench ART --decode [--context N ...]   (time to first token, time per output token)
     polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
@@ -13,19 +14,18 @@ too. Files are written atomically: a failed command leaves no half-written file.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 import zipfile
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import click
 import numpy as np
 
 from . import __version__, errors
+from .files import atomic_write, check_writable
 
 EXIT_USER_ERROR = 2
 
@@ -188,7 +188,7 @@ def run(model: str, inputs: tuple[str, ...], seq: Optional[int], output: Optiona
         raise click.UsageError("give either --input NAME=FILE.npy ... or --seq N, not both")
     feeds = load_inputs(inputs)            # argument errors first, before a long import
     if output is not None:
-        _check_writable(output)
+        check_writable(output)
     if os.path.isdir(model):
         from .runtime.session import load, signature_types
         session = load(model, target or "cpu")
@@ -299,7 +299,10 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
 @click.option("--target", "-t", "targets", multiple=True, required=True, metavar="TARGET",
               help="cpu | cuda | rocm | ascend; repeat for several (added to an existing artifact).")
 @click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False), metavar="ART",
-              help="The artifact directory to write (replaced atomically).")
+              help="The artifact directory to write (replaced atomically; an artifact of the same model keeps "
+                   "its other targets).")
+@click.option("--replace", is_flag=True,
+              help="Replace an existing artifact of another model at ART (its other targets are dropped).")
 @click.option("--passes", default="default", show_default=True, metavar="PIPELINE",
               help="Pass pipeline to run before lowering.")
 @click.option("--arch", "archs", multiple=True, metavar="ARCH",
@@ -308,7 +311,7 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
               help="Write the IR as imported and after each pass into DIR.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False), metavar="tokenizer.json",
               help="Store this Hugging Face tokenizers file in the artifact (generate --prompt TEXT).")
-def compile_(model: str, targets: tuple[str, ...], out: str, passes: str, archs: tuple[str, ...],
+def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
              dump_ir: Optional[str], tokenizer: Optional[str]) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
@@ -316,7 +319,8 @@ def compile_(model: str, targets: tuple[str, ...], out: str, passes: str, archs:
     on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
     path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
-                         on_stage=on_stage, tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+                         on_stage=on_stage, tokenizer=tokenizer,
+                         progress=lambda msg: click.echo(f"polyport: {msg}", err=True), replace=replace)
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
 
 
@@ -446,8 +450,11 @@ def _tokenizer(art):
               help="Estimate for this device only: h100 | h200 | mi300x | 910b3 | cpu.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the rows as JSON (read by `polyport report`).")
+@click.option("--decode", is_flag=True, help="Generation rows: time to first token and time per output token.")
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1), metavar="N",
+              help="With --decode: the context length (prompt, then tokens cached); repeat. Default: 128, 1024.")
 def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: int, warmup: int,
-          device: Optional[str], json_path: Optional[str]) -> None:
+          device: Optional[str], json_path: Optional[str], decode: bool, contexts: tuple[int, ...]) -> None:
     """Latency of ARTIFACT per target and length: measured where the device is here, else estimated.
 
     Measured rows time session.run (warm-up, then --runs runs: median, p90, IQR).
@@ -455,9 +462,12 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
     Ascend emulator is never timed) are roofline lower bounds, labelled estimated."""
     from .runtime import bench as benchmod
     if json_path is not None:
-        _check_writable(json_path)
-    doc = benchmod.bench(artifact, list(targets) or None, list(seqs) or benchmod.DEFAULT_SEQS, runs=runs,
-                         warmup=warmup, device=device, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+        check_writable(json_path)
+    if contexts and not decode or decode and seqs:
+        raise click.UsageError("--context goes with --decode (and --seq without it)")
+    lengths = (list(contexts) or benchmod.DEFAULT_CONTEXTS) if decode else (list(seqs) or benchmod.DEFAULT_SEQS)
+    doc = benchmod.bench(artifact, list(targets) or None, lengths, runs=runs, warmup=warmup, device=device,
+                         progress=lambda msg: click.echo(f"polyport: {msg}", err=True), decode=decode)
     click.echo(benchmod.format_report([(os.path.basename(json_path or artifact.rstrip("/")), doc)]))
     if json_path is not None:
         benchmod.write_json(json_path, doc)
@@ -481,7 +491,7 @@ def report(ctx: click.Context, files: tuple[str, ...], plot_path: Optional[str],
         raise click.UsageError("--fail-if-slower PCT and --baseline FILE.json go together")
     if plot_path is not None:
         benchmod.require_matplotlib()
-        _check_writable(plot_path)
+        check_writable(plot_path)
     docs = [(os.path.basename(f), benchmod.read_json(f)) for f in files]
     click.echo(benchmod.format_report(docs))
     if plot_path is not None:
@@ -504,7 +514,7 @@ def _import(model: str, dump_ir: Optional[str], passes: str = "none", explain: b
     from .passes.manager import stage_dumper
     from .passes.pipelines import run_pipeline
     if dump_ir is not None:
-        _check_writable(dump_ir)
+        check_writable(dump_ir)
     graph = import_onnx(model)
     stages: list[str] = []
     pm = run_pipeline(graph, passes, on_stage=stage_dumper(stages) if dump_ir is not None else None)
@@ -514,47 +524,6 @@ def _import(model: str, dump_ir: Optional[str], passes: str = "none", explain: b
         with atomic_write(dump_ir) as f:
             f.write("\n".join(stages).encode())
     return graph
-
-
-def _check_writable(path: str) -> None:
-    """Fail before the work, not after it, when an output file cannot be written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise errors.PolyportError(f"cannot write {path}: it is a directory")
-    if not os.path.isdir(directory):
-        raise errors.PolyportError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise errors.PolyportError(f"cannot write {path}: directory {directory} is not writable")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str) -> Iterator[Any]:
-    """A binary file object whose content replaces `path` only if the block succeeds."""
-    _check_writable(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as e:
-        raise errors.PolyportError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise errors.PolyportError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def export_big(work_dir: Path, log) -> Path:
     key = hashlib.sha256(json.dumps(BIG_CONFIG, sort_keys=True).encode()).hexdigest()
     if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("config_sha256") == key:
         return path
+    from polyport.files import atomic_path
     sys.path.insert(0, str(EXAMPLES))
     try:
         import export_hf
@@ -102,10 +103,9 @@ def export_big(work_dir: Path, log) -> Path:
     params = sum(p.numel() for p in model.parameters())
     log(f"{BIG}: {params / 1e6:.1f}M parameters")
     wrapper = export_hf.LogitsOnly(model).eval()
-    tmp = path.with_name(f".{path.name}.tmp")
-    spec.path = tmp
-    info = export_hf.export_model(spec, wrapper, tmp, None, False)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        spec.path = Path(tmp)
+        info = export_hf.export_model(spec, wrapper, Path(tmp), None, False)
     stamp.write_text(json.dumps({"config_sha256": key, "parameters": params, "config": BIG_CONFIG, **info},
                                 indent=2))
     return path

@@ -44,6 +44,7 @@ class CacheLayer:
     v_head_dim: int
     capacity: Optional[int]   # ring slots (window); None: linear up to max_length
     dtype: str
+    naive_bytes_per_token: Optional[int] = None   # mla: K and V per head, what the absorbed layout saves
 
     @property
     def bytes_per_token(self) -> int:
@@ -51,8 +52,10 @@ class CacheLayer:
         return self.kv_heads * width * dtypes.from_name(self.dtype).itemsize_bits // 8
 
     def entry(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "capacity"}
         d["bytes_per_token"] = self.bytes_per_token
+        if self.naive_bytes_per_token:
+            d["naive_ratio"] = round(self.naive_bytes_per_token / self.bytes_per_token, 3)
         return d
 
 
@@ -65,6 +68,11 @@ class GenerationPrograms:
     vocab: int
     max_positions: Optional[int]
 
+    def added_constants(self) -> dict[str, np.ndarray]:
+        """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
+        return {v.name: v.const for p in (self.prefill, self.decode) if p is not None
+                for v in p.constants.values() if v.name.startswith(f"{p.name}.")}
+
     def manifest(self) -> dict:
         return {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
                 "vocab": self.vocab, "max_positions": self.max_positions,
@@ -75,9 +83,11 @@ class GenerationPrograms:
         lines = ["generation cache layout (bytes per token per layer):"]
         for layer in self.layers:
             cap = f"ring of {layer.capacity} positions" if layer.capacity else "up to max_length"
+            naive = (f" ({layer.naive_bytes_per_token / layer.bytes_per_token:.2f}x less than K/V per head: "
+                     f"{layer.naive_bytes_per_token} B)" if layer.naive_bytes_per_token else "")
             lines.append(f"  {layer.name} ({layer.node}): {layer.kind}, {layer.kv_heads} kv heads x "
                          f"{layer.head_dim}{'' if len(layer.tensors) == 1 else f'+{layer.v_head_dim}'} "
-                         f"{layer.dtype}, {cap}: {layer.bytes_per_token} B/token")
+                         f"{layer.dtype}, {cap}: {layer.bytes_per_token} B/token{naive}")
         for name in self.uncached:
             lines.append(f"  {name}: NOT cached (generation recomputes the whole sequence)")
         return "\n".join(lines)
@@ -101,11 +111,12 @@ def derive_generation(graph: Graph) -> GenerationPrograms:
         uncached = uncached or [n.name for n in attentions]   # positions [batch, step] need a batched arange
     if len(graph.inputs) != 1 or not attentions or any(True for n in graph.nodes for _ in n.subgraphs()):
         uncached = uncached or [n.name for n in attentions] or [graph.name]
-    layers = [_layer(i, n) for i, n in enumerate(attentions) if n.name not in uncached]
     if uncached:
         return GenerationPrograms(None, None, [], uncached, vocab, None)
-    return GenerationPrograms(_program(graph, "prefill", layers, ranges), _program(graph, "decode", layers, ranges),
-                              layers, [], vocab, None)
+    plans = {n.name: plan for n in attentions if (plan := mla_plan(n)) is not None}
+    layers = [_layer(i, n, plans.get(n.name)) for i, n in enumerate(attentions)]
+    return GenerationPrograms(_program(graph, "prefill", layers, ranges, plans),
+                              _program(graph, "decode", layers, ranges, plans), layers, [], vocab, None)
 
 
 def _is(node: Node, op: str) -> bool:
@@ -133,11 +144,15 @@ def _unfused_attention(graph: Graph) -> list[str]:
     return out
 
 
-def _layer(i: int, node: Node) -> CacheLayer:
+def _layer(i: int, node: Node, mla: Optional["MlaPlan"]) -> CacheLayer:
     q, k, v = node.inputs[:3]
     window = int(node.attrs.get("window", 0))
-    shared = k is v
     name = f"cache.{i}"
+    if mla is not None and not window:
+        naive = node.attrs["kv_heads"] * (k.shape[3] + v.shape[3]) * (k.dtype.itemsize_bits // 8)
+        return CacheLayer(name, node.name, "mla", [f"{name}.kv"], 1, mla.dc + mla.dr, mla.dc, None, str(k.dtype),
+                          naive)
+    shared = k is v
     kind = "shared_kv" if shared else ("window" if window else "mha")
     tensors = [f"{name}.kv"] if shared else [f"{name}.k", f"{name}.v"]
     return CacheLayer(name, node.name, kind, tensors, k.shape[1], k.shape[3], v.shape[3], window or None,
@@ -164,6 +179,110 @@ def _position_sources(graph: Graph) -> list[Node]:
             continue
         stack.extend(node.inputs)
     return found
+
+
+# ---- DeepSeek MLA: the absorbed layout --------------------------------------------------------
+
+@dataclasses.dataclass
+class MlaPlan:
+    """k_h = [c W_uk,h ; r], v_h = c W_uv,h with c the normalised latent [.., S, dc] and r the rotated
+    rope key [B, 1, S, dr] shared by all heads; W = [dc, H * (nope + dv)], per head [W_uk,h | W_uv,h]."""
+    latent: Value
+    rope: Value
+    w_uk: np.ndarray          # [H, nope, dc]: the absorbed query is q_nope @ w_uk
+    w_uv: np.ndarray          # [H, dc, dv]:   the output is attention over the latent @ w_uv
+    nope: int
+
+    @property
+    def dc(self) -> int:
+        return self.w_uk.shape[2]
+
+    @property
+    def dr(self) -> int:
+        return self.rope.shape[-1]
+
+
+_LAYOUT_OPS = {"Transpose", "Concat", "Expand", "Reshape", "Slice", "Split", "Unsqueeze", "Squeeze"}
+
+
+def mla_plan(node: Node) -> Optional[MlaPlan]:
+    """Recognise MLA by meaning: V is a slice of an up-projection of one latent, K is the other slice
+    plus one rope key shared by every head. Checked numerically on the region (random latents)."""
+    q, k, v = node.inputs[:3]
+    h, dqk, dv = node.attrs["num_heads"], k.shape[3], v.shape[3]
+    up = _through_layout(v, lambda n: n.op_type == "MatMul" and not n.domain and n.inputs[1].is_constant)
+    ropes = _leaves(k, lambda n: n.domain == POLYPORT_DOMAIN and n.op_type == "Rotary")
+    if up is None or len(ropes) != 1:
+        return None
+    latent, w = up.inputs[0], up.inputs[1].const
+    rope = ropes[0]
+    dr = rope.shape[-1] if rope.shape else None
+    if (w.ndim != 2 or not isinstance(dr, int) or dqk <= dr or w.shape[1] != h * (dqk - dr + dv)
+            or rope.shape[1] != 1 or latent.shape is None or latent.shape[-1] != w.shape[0]):
+        return None
+    nope = dqk - dr
+    per_head = w.reshape(w.shape[0], h, nope + dv)
+    plan = MlaPlan(latent, rope, np.ascontiguousarray(per_head[:, :, :nope].transpose(1, 2, 0)),
+                   np.ascontiguousarray(per_head[:, :, nope:].transpose(1, 0, 2)), nope)
+    return plan if _mla_holds(plan, k, v) else None
+
+
+def _through_layout(v: Value, want) -> Optional[Node]:
+    while v is not None and v.producer is not None:
+        node = v.producer
+        if want(node):
+            return node
+        if node.op_type not in _LAYOUT_OPS or node.domain:
+            return None
+        v = node.inputs[0]
+    return None
+
+
+def _leaves(v: Value, want) -> list[Value]:
+    """The values matching `want` that `v` is assembled from through layout ops only ([] if anything else)."""
+    found, stack, seen = [], [v], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x.const is not None:
+            continue
+        seen.add(id(x))
+        node = x.producer
+        if node is None:
+            continue
+        if want(node):
+            found.append(x)
+        elif node.op_type in _LAYOUT_OPS and not node.domain:
+            stack.extend(i for i in node.inputs if i is not None)
+        elif node.op_type == "MatMul" and not node.domain and node.inputs[1].is_constant:
+            continue                      # the up-projection: its slices are checked numerically
+        else:
+            return []
+    return found
+
+
+def _mla_holds(plan: MlaPlan, k: Value, v: Value) -> bool:
+    from ..runtime.reference import ReferenceSession
+    from .region import random_feeds, region_graph
+    inputs = [plan.latent, plan.rope]
+    try:
+        graphs = [region_graph(inputs, k), region_graph(inputs[:1], v)]
+        rng = np.random.default_rng(0)
+        binding = {s: 3 for x in inputs for s in x.type.symbols}
+        feeds = random_feeds(inputs, binding, rng)
+        got_k = ReferenceSession(graphs[0]).run(feeds, binding)[graphs[0].outputs[0].name]
+        got_v = ReferenceSession(graphs[1]).run({plan.latent.name: feeds[plan.latent.name]}, binding)[
+            graphs[1].outputs[0].name]
+    except Exception:  # noqa: BLE001 - a region that cannot be cut or run is not MLA
+        return False
+    c = feeds[plan.latent.name].reshape(got_k.shape[0], 1, got_k.shape[2], -1)      # [B, 1, S, dc]
+    want_nope = np.einsum("bxsc,hnc->bhsn", c, plan.w_uk)
+    want_k = np.concatenate([want_nope, np.broadcast_to(feeds[plan.rope.name], want_nope.shape[:3] + (plan.dr,))],
+                            axis=-1)
+    want_v = np.einsum("bxsc,hcd->bhsd", c, plan.w_uv)
+    scale = max(float(np.abs(want_k).max()), float(np.abs(want_v).max()))
+    return (got_k.shape == want_k.shape and got_v.shape == want_v.shape
+            and float(np.abs(got_k - want_k).max()) <= 1e-4 * scale
+            and float(np.abs(got_v - want_v).max()) <= 1e-4 * scale)
 
 
 # ---- building the programs ------------------------------------------------------------------
@@ -200,10 +319,13 @@ def _node(g: Graph, op: str, inputs, *, attrs=None, domain: str = "", name: str 
 
 
 def _const(g: Graph, name: str, array) -> Value:
-    return g.add_constant(name, np.asarray(array))
+    """A constant the derivation adds, named after its program (`decode.axis`): the programs' constants
+    join the artifact's weights, so names must not collide across programs."""
+    return g.add_constant(f"{g.name}.{name}", np.asarray(array))
 
 
-def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Node]) -> Graph:
+def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Node],
+             plans: dict[str, MlaPlan]) -> Graph:
     g, vmap = _clone(graph, kind)
     ids = g.inputs[0]
     ids.name = "input_ids"
@@ -231,6 +353,9 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
         layer = by_node.get(node.name) if _is(node, "Attention") else None
         if layer is None:
             continue
+        if layer.kind == "mla":
+            cache_outs.append(_mla(g, kind, node, layer, plans[node.name], vmap, past, n_new))
+            continue
         q, k, v = node.inputs[:3]
         sinks = node.inputs[4] if len(node.inputs) > 4 else None
         caches = []
@@ -257,6 +382,39 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
     g.remove_unused()
     g.sort()
     return g
+
+
+def _mla(g: Graph, kind: str, node: Node, layer: CacheLayer, plan: MlaPlan, vmap, past: Value,
+         n_new: Value) -> Value:
+    """Cache [c ; r] (dc + dr per token); decode in the absorbed form (prefill keeps the plain Attention:
+    decompressed K/V are cheaper over a long prompt)."""
+    batch = g.inputs[0].shape[0]
+    latent, rope = vmap[id(plan.latent)], vmap[id(plan.rope)]
+    if latent.shape is not None and len(latent.shape) == 3:
+        latent = _node(g, "Unsqueeze", [latent, _const(g, "axis", [1])], before=node)        # [B, 1, S, dc]
+    keys = _node(g, "Concat", [latent, rope], attrs={"axis": -1}, name="mla_keys", before=node)
+    cache = g.add_input(layer.tensors[0], TensorType(keys.dtype, (batch, 1, sym(CAPACITY), layer.head_dim)))
+    if kind == "decode":
+        q = node.inputs[0]
+        nope, total = plan.nope, q.shape[3]
+        q_nope = _node(g, "Slice", [q, _const(g, "s", [0]), _const(g, "e", [nope]), _const(g, "a", [-1])], before=node)
+        q_rope = _node(g, "Slice", [q, _const(g, "s", [nope]), _const(g, "e", [total]), _const(g, "a", [-1])],
+                       before=node)
+        w_uk = _const(g, f"{node.name}.w_uk", plan.w_uk.astype(q.dtype.numpy))
+        w_uv = _const(g, f"{node.name}.w_uv", plan.w_uv.astype(q.dtype.numpy))
+        q_abs = _node(g, "Concat", [_node(g, "MatMul", [q_nope, w_uk], before=node), q_rope], attrs={"axis": -1},
+                      name="absorbed_q", before=node)
+        out = _node(g, "CachedAttention", [q_abs, keys, latent, cache, cache, past], domain=POLYPORT_DOMAIN,
+                    name=f"{node.name}_absorbed", before=node,
+                    attrs={"num_heads": node.attrs["num_heads"], "kv_heads": 1, "scale": node.attrs["scale"],
+                           "window": 0, "ring": 0, "v_in_k": 1})
+        out = _node(g, "MatMul", [out, w_uv], before=node)
+        node.outputs[0].replace_all_uses_with(out)
+        g.remove(node)
+    upd = _node(g, "CacheUpdate", [cache, keys, past, n_new], attrs={"ring": 0}, domain=POLYPORT_DOMAIN,
+                name=f"{cache.name}_update")
+    upd.name = g.unique_name(f"{cache.name}.out")
+    return upd
 
 
 def _last_rows(g: Graph, logits: Value, n_new: Value) -> Value:

@@ -6,7 +6,7 @@ layers, vocab, uncached layers), `new_cache(batch, max_length)` and
 `Generator` (a mixin) builds `start` and `generate` on top of that, the same
 for every target. Where the derived programs are missing (a layer that cannot
 be cached, or a target without decode) generation recomputes the whole
-sequence through `run` each step, and says so on stderr once per start.
+sequence through `run` each step, and says so on stderr (once per session).
 
 Programs derived from an export with a static batch of 1 run each sequence of
 a batch on its own cache; programs with a symbolic batch run them together
@@ -94,7 +94,10 @@ class GenerationState:
         if not self.cached:
             why = (f"layers {', '.join(info['uncached'])} cannot be cached" if info.get("uncached")
                    else "this target has no decode programs")
-            print(f"polyport: warning: {why}; generation recomputes the whole sequence each step", file=sys.stderr)
+            if not getattr(session, "_warned_recompute", False):     # once per session, not per start
+                print(f"polyport: warning: {why}; generation recomputes the whole sequence each step",
+                      file=sys.stderr)
+                session._warned_recompute = True
             self.reserved_bytes = 0
             self.logits = self._recompute()
             return

@@ -110,3 +110,18 @@ def test_inspect_generate_prints_the_programs_and_the_cache_layout(cli):
     r = cli("inspect", MODELS / "mixtral_b.onnx", "--passes", "generate", "--json")
     layers = json.loads(r.stdout)["generation"]["layers"]
     assert [layer["bytes_per_token"] for layer in layers] == [128, 128]
+
+
+def test_bench_decode_estimates_weights_read_once_plus_the_cache(cli, artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    r = cli("bench", artifact, "--decode", "--context", "16", "--context", "64", "--target", "ascend",
+            "--json", out)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["seq"], row["phase"], row["kind"]) for row in rows} == {
+        (16, "ttft", "estimated"), (16, "tpot", "estimated"), (64, "ttft", "estimated"), (64, "tpot", "estimated")}
+    tpot = {row["seq"]: row["bytes"] for row in rows if row["phase"] == "tpot"}
+    assert tpot[64] - tpot[16] == 48 * 512              # llama_a: 2 layers x 256 B of K/V per token
+    assert "16 ttft" in r.stdout and "64 tpot" in r.stdout
+    r = cli("bench", artifact, "--context", "16")
+    assert r.exit_code == 2 and "--context goes with --decode" in r.stderr

@@ -142,6 +142,7 @@ def test_states_in_flight_own_their_caches():
 def test_an_uncached_layer_recomputes_with_one_warning(capfd):
     s = generator("deepseek_v4_b")                          # CSA/HCA compressed layers: no fused Attention
     assert s.generation["uncached"] and not s.generation["layers"]
+    s._warned_recompute = False                             # the warning comes once per session
     ids = prompt("deepseek_v4_b", 5, 3)
     g = s.start(ids[:, :5])
     err = capfd.readouterr().err.strip().splitlines()
@@ -168,3 +169,16 @@ def test_bad_input_is_one_line_polyport_error(call, match):
     with pytest.raises(errors.PolyportError, match=match) as e:
         call(generator("llama_a"))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_a", "deepseek_v3_b"])
+def test_deepseek_v3_caches_the_latent_and_rope_key_only(name):
+    cfg = corpus()[name]["hf_config"]
+    layers = generator(name).generation["layers"]
+    per_token = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    assert len(layers) == cfg["num_hidden_layers"]
+    for layer in layers:
+        assert layer["kind"] == "mla" and layer["tensors"] == [f"{layer['name']}.kv"]
+        assert layer["bytes_per_token"] == per_token
+        naive = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * 4
+        assert layer["naive_ratio"] == round(naive / per_token, 3)
