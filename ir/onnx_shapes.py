@@ -218,7 +218,7 @@ def _exact_div(a, b):
     if _same(a, b):
         return 1
     r = mod(a, b)
-    if r is None:
+    if r is None or isinstance(r, SymExpr):  # a remainder that depends on the symbols
         return None
     if r != 0:
         return False
@@ -226,11 +226,12 @@ def _exact_div(a, b):
 
 
 def _ceil_div(a, k: int):
-    """ceil(a / k) for an int k != 0; None where it is not a polynomial."""
-    if a is None:
+    """ceil(a / k) for an int k != 0, as (a + k - 1) // k (an atom where k does not divide a)."""
+    if a is None or k == 0:
         return None
-    q = floordiv(mul(a, -1), k)
-    return None if q is None else mul(q, -1)
+    if k < 0:
+        a, k = mul(a, -1), -k
+    return floordiv(add(a, k - 1), k)
 
 
 def _prod(dims) -> TypeDim:

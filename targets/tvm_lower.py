@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import errors
 from ..ir.graph import Graph, Node, Value
-from ..ir.symbolic import SymExpr
+from ..ir.symbolic import Atom, SymExpr
 from ..ir.types import TensorType
 
 # "cpu": hand-written, already scheduled cpu kernels; "portable": TE computes any target schedules
@@ -85,10 +85,15 @@ class _Lowerer:
             for mono, coeff in d.terms.items():
                 term = tirx.IntImm("int64", coeff)
                 for s in mono:
-                    term = term * self.sym(s)
+                    term = term * (self.atom(s) if isinstance(s, Atom) else self.sym(s))
                 total = total + term
             return self.simplify(total)
         raise errors.UnsupportedOpError(f"{self.target_name} target: unknown dim {d!r}")
+
+    def atom(self, a: Atom):
+        """`(x // k)`, `min(a, b)`, `max(a, b)` as the tirx expressions TVM's analyzer knows."""
+        x, y = (self.dim(v) for v in a.args)
+        return {"floordiv": self.tirx.floordiv, "min": self.tirx.min, "max": self.tirx.max}[a.kind](x, y)
 
     def simplify(self, e):
         if isinstance(e, int):
