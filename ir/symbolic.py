@@ -323,9 +323,24 @@ def _factor_bounds(f: Factor) -> tuple[int | None, int | None]:
         (None if ahi is None or bhi is None else max(ahi, bhi))
 
 
-def _lower(d: Dim) -> int | None:
-    """A lower bound of d: its interval bound, or that of d with each floor replaced by its
-    rational bounds ((x - k + 1) / k <= x // k <= x / k), which proves `8*(seq // 8) <= seq`."""
+def _lower(d: Dim, depth: int = 2) -> int | None:
+    """A lower bound of d: its interval bound; that of d with each floor replaced by its rational
+    bounds ((x - k + 1) / k <= x // k <= x / k), which proves `8*(seq // 8) <= seq`; or that of d with
+    a `+max(a, b)` / `-min(a, b)` term replaced by one side (max(a, b) >= a), which proves `x <= max(x, 1)`."""
+    lo = _lower_floors(d)
+    if not isinstance(d, SymExpr) or depth == 0:
+        return lo
+    for mono, c in d.terms.items():
+        if len(mono) == 1 and isinstance(mono[0], Atom) and (mono[0].kind, c > 0) in (("max", True), ("min", False)):
+            rest = sub(d, mul(SymExpr({mono: 1}), c))
+            for side in mono[0].args:
+                alt = _lower(add(rest, mul(side, c)), depth - 1)
+                if alt is not None and (lo is None or alt > lo):
+                    lo = alt
+    return lo
+
+
+def _lower_floors(d: Dim) -> int | None:
     lo, _ = bounds(d)
     if not isinstance(d, SymExpr):
         return lo
@@ -378,7 +393,7 @@ def dim_min(a: Dim, b: Dim) -> Dim:
         return a
     if provably_le(b, a):
         return b
-    return SymExpr({(Atom("min", tuple(sorted((a, b), key=str))),): 1})
+    return _extremum("min", a, b)
 
 
 def dim_max(a: Dim, b: Dim) -> Dim:
@@ -386,7 +401,14 @@ def dim_max(a: Dim, b: Dim) -> Dim:
         return b
     if provably_le(b, a):
         return a
-    return SymExpr({(Atom("max", tuple(sorted((a, b), key=str))),): 1})
+    return _extremum("max", a, b)
+
+
+def _extremum(kind: str, a: Dim, b: Dim) -> Dim:
+    """min/max atom with the common constant outside: max(x - 1, 0) + 1 == max(x, 1)."""
+    c = min(_terms(a).get((), 0), _terms(b).get((), 0))
+    a, b = sub(a, c), sub(b, c)
+    return add(SymExpr({(Atom(kind, tuple(sorted((a, b), key=str))),): 1}), c)
 
 
 _APPLY = {"floordiv": lambda a, b: a // b, "min": min, "max": max}

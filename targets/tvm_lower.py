@@ -269,7 +269,22 @@ class _Lowerer:
             if isinstance(o, np.ndarray):
                 self.pv[v] = o
             else:
-                self.env[v] = o
+                self.env[v] = self._with_ir_shape(o, v)
+
+    def _with_ir_shape(self, o, v: Value):
+        """Where Relax lost a tensor's shape or re-derived it in a form it cannot prove equal (a reshape to
+        `seq // 8`, `min(1, seq)` slice bounds), bind the shape the IR folded at import."""
+        ty = getattr(o, "ty", None)
+        t = v.type
+        if not isinstance(ty, self.relax.TensorType) \
+                or not isinstance(t, TensorType) or t.shape is None or any(d is None for d in t.shape):
+            return o
+        shape = [self.dim(d) for d in t.shape]
+        have = list(ty.shape.values) if hasattr(ty.shape, "values") else None
+        if have is not None and len(have) == len(shape) and all(
+                self.analyzer.can_prove_equal(a, b) for a, b in zip(have, shape)):
+            return o
+        return self.bb.match_cast(o, self.relax.TensorType(shape=shape, dtype=ty.dtype))
 
     # ---- shape-value propagation helpers -------------------------------------------------
     def _pv_binary(self, node: Node, f):
@@ -370,7 +385,11 @@ class _Lowerer:
 
     def op_And(self, node): return self._both(node, self.relax.op.logical_and)
     def op_Or(self, node): return self._both(node, self.relax.op.logical_or)
-    def op_Equal(self, node): return self._both(node, self.relax.op.equal)
+    def op_Equal(self, node):
+        if str(node.inputs[0].dtype) == "bool":  # TVM's LLVM codegen emits a float compare for bool == bool
+            op = self.relax.op
+            return self._both(node, lambda a, b: op.logical_not(op.logical_xor(a, b)))
+        return self._both(node, self.relax.op.equal)
     def op_Greater(self, node): return self._both(node, self.relax.op.greater)
     def op_GreaterOrEqual(self, node): return self._both(node, self.relax.op.greater_equal)
     def op_Less(self, node): return self._both(node, self.relax.op.less)

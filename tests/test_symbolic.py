@@ -78,3 +78,10 @@ def test_bounds_of_atoms_are_sound():
     assert s.dim_min(s.dim_min(seq, 16), 16) == s.dim_min(seq, 16)
     assert s.provably_le(s.dim_max(seq, 4), seq) is False
     assert (seq // 8).symbols == {"seq"}
+
+
+def test_extrema_simplify():
+    rate4 = seq // 4
+    assert s.dim_max(rate4 - 1, 0) + 1 == s.dim_max(rate4, 1)      # constants leave the atom
+    assert s.dim_min(rate4, s.dim_max(rate4 - 1, 0) + 1) == rate4   # x <= max(x, 1)
+    assert s.dim_max(seq, s.dim_min(seq, 4)) == seq
