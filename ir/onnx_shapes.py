@@ -30,7 +30,7 @@ from . import dtypes
 from .dtypes import BOOL, F32, I32, I64, DType
 from .graph import Node, Value
 from .ops import InferContext, infers
-from .symbolic import SymExpr, add, equal, floordiv, mod, mul, provably_le, sub
+from .symbolic import SymExpr, add, dim_max, dim_min, equal, floordiv, mod, mul, provably_le, sub
 from .types import TensorType, TypeDim
 
 _BIG = 2**31 - 1          # Slice sentinels at or above this mean "to the end"
@@ -200,15 +200,17 @@ def _clamp(x, lo, hi):
         return lo
     if _le(hi, x):
         return hi
-    if _le(lo, x) and _le(x, hi):
-        return x
+    if _le(lo, x):
+        return x if _le(x, hi) else dim_min(x, hi)
+    if _le(x, hi) and _le(lo, hi):
+        return dim_max(x, lo)
     return None
 
 
 def _max0(d):
-    if _le(0, d):
-        return d
-    return 0 if _le(d, 0) else None
+    if d is None:
+        return None
+    return dim_max(d, 0)
 
 
 def _exact_div(a, b):
