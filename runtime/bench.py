@@ -20,6 +20,15 @@ JSON written by `bench` (and read by `report`):
 
 Estimated rows have p90_ms = spread_ms = null and runs = 0, plus `bound`
 ("compute" | "memory"), `flops` and `bytes`.
+
+`bench --decode` (generation, runtime/generation.py) writes rows with a
+`phase`: "ttft" (time to first token: the prefill of `seq` = context tokens)
+and "tpot" (time per output token: one decode step with `seq` tokens cached).
+Measured: `start` timed for ttft, then one `append` per timed run. Estimated
+tpot: the weights one token reads (the cost at seq 1: MoE counts its active
+experts only) plus the whole cache (bytes per token x context, at most each
+layer's window), flops at seq 1; estimated ttft: the cache-less forward at
+seq = context (its LM head over every row: a slight over-count).
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from .artifact import Artifact
 
 SCHEMA = 1
 DEFAULT_SEQS = (1, 16, 128)
+DEFAULT_CONTEXTS = (128, 1024)
 ESTIMATED_TARGETS = ("cuda", "rocm", "ascend")
 ROW_KEYS = ("target", "device", "seq", "kind", "median_ms", "p90_ms", "spread_ms", "runs")
 
@@ -146,8 +156,10 @@ def plan(built: Sequence[str], targets: Optional[Sequence[str]], device: Optiona
 
 def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
           seqs: Sequence[int] = DEFAULT_SEQS, runs: int = 20, warmup: int = 3, device: Optional[str] = None,
-          loader: Optional[Loader] = None, progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Benchmark an artifact; returns the JSON document (see the module docstring)."""
+          loader: Optional[Loader] = None, progress: Callable[[str], None] = lambda msg: None,
+          decode: bool = False) -> dict[str, Any]:
+    """Benchmark an artifact; returns the JSON document (see the module docstring).
+    With `decode`, `seqs` are contexts and the rows are time to first token and time per output token."""
     if runs < 1 or warmup < 0:
         raise errors.PolyportError(f"bench: --runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})")
     if not seqs or any(s < 1 for s in seqs):
@@ -168,7 +180,8 @@ def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
                 notes.append(f"{t}: estimated only: {problem}")
     for target, kind, dev in plan(art.targets, targets, device):
         if kind == "measured":
-            rows.extend(_measure(art, target, seqs, runs, warmup, loader, progress))
+            measure = _measure_decode if decode else _measure
+            rows.extend(measure(art, target, seqs, runs, warmup, loader, progress))
             continue
         spec = DEVICES[dev]
         if not cost or "flops" not in cost:
@@ -179,10 +192,10 @@ def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
                 progress(note)
             continue
         for seq in seqs:
-            est = roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols))
-            rows.append({"target": target, "device": spec.name, "seq": int(seq), "kind": "estimated",
-                         "median_ms": est.latency_s * 1e3, "p90_ms": None, "spread_ms": None, "runs": 0,
-                         "bound": est.bound, "flops": est.flops, "bytes": est.bytes})
+            for phase, est in _estimates(cost, spec, seq, symbols, art.manifest.get("generation") if decode else None):
+                rows.append({"target": target, "device": spec.name, "seq": int(seq), "kind": "estimated",
+                             "median_ms": est.latency_s * 1e3, "p90_ms": None, "spread_ms": None, "runs": 0,
+                             "bound": est.bound, "flops": est.flops, "bytes": est.bytes, **phase})
     doc = {"schema": SCHEMA, "model": art.signature.get("name", Path(artifact).name), "artifact": str(artifact),
            "machine": machine_info(), "spread": "iqr", "runs": runs, "warmup": warmup, "rows": rows}
     if notes:
@@ -212,6 +225,44 @@ def _measure(art: Artifact, target: str, seqs: Sequence[int], runs: int, warmup:
         if getattr(session, "arch", None):
             row["arch"] = session.arch        # the library that ran (cuda: sm_XY, rocm: gfxNNN)
         rows.append(row)
+    return rows
+
+
+def _estimates(cost, spec, seq: int, symbols, generation: Optional[Mapping[str, Any]]):
+    """[(extra row keys, Estimate)]: one plain row, or the ttft and tpot rows of generation."""
+    if generation is None:
+        return [({}, roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols)))]
+    ttft = roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols))
+    step = roofline.estimate(cost, spec, roofline.bind(cost, 1, symbols))
+    cache = sum(int(layer["bytes_per_token"]) * min(seq, layer.get("capacity") or seq)
+                for layer in generation.get("layers", ()))
+    tpot = roofline.Estimate(spec.name, step.flops, step.bytes + cache, step.compute_s,
+                             (step.bytes + cache) / spec.memory_bandwidth)
+    return [({"phase": "ttft"}, ttft), ({"phase": "tpot"}, tpot)]
+
+
+def _measure_decode(art: Artifact, target: str, contexts: Sequence[int], runs: int, warmup: int,
+                    loader: Optional[Loader], progress) -> list[dict[str, Any]]:
+    from .generation import generator_for
+    if loader is None:
+        from .session import load as loader
+    progress(f"loading {target}")
+    session = generator_for(loader(str(art.path), target), art.manifest.get("generation"))
+    device = getattr(session, "device_name", None) or DEVICES[TARGET_DEVICES[target][0]].name
+    vocab = int((art.manifest.get("generation") or {}).get("vocab") or 2)
+    rows = []
+    for context in contexts:
+        ids = np.random.default_rng(context).integers(0, vocab, size=(1, context), dtype=np.int64)
+        progress(f"timing {target} generation at context {context}: {warmup} warm-up + {runs} runs")
+        budget = context + warmup + runs + 1
+        states = []
+        ttft = time_runs(lambda: states.append(session.start(ids, max_length=budget)), runs, warmup)
+        state = states[-1]
+        token = np.zeros(1, np.int64)
+        tpot = time_runs(lambda: state.append(token), runs, warmup)
+        for phase, times in (("ttft", ttft), ("tpot", tpot)):
+            rows.append({"target": target, "device": device, "seq": int(context), "kind": "measured",
+                         "phase": phase, **summarize(times)})
     return rows
 
 
@@ -264,6 +315,11 @@ def _ms(x: Optional[float]) -> str:
     return f"{x:.3f}" if x >= 1 else f"{x:.3g}"
 
 
+def _seq(r: Mapping[str, Any]) -> str:
+    """The seq cell: `128`, or `128 ttft` / `128 tpot` for generation rows (seq = the context)."""
+    return f"{r['seq']} {r['phase']}" if r.get("phase") else str(r["seq"])
+
+
 def _sort_key(r: Mapping[str, Any]):
     order = {t: i for i, t in enumerate(TARGET_DEVICES)}
     return (r["_model"], order.get(r["target"], 99), r["target"], r["seq"], r["device"], r["_file"])
@@ -297,7 +353,7 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     lines.append(f"measured (wall-clock median of session.run on {', '.join(machines)}; spread = IQR)")
     if measured:
         header = ["model", "target", "device", "seq", "median ms", "p90 ms", "spread ms", "runs"]
-        body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), _ms(r["p90_ms"]),
+        body = [[r["_model"], r["target"], r["device"], _seq(r), _ms(r["median_ms"]), _ms(r["p90_ms"]),
                  _ms(r["spread_ms"]), str(r["runs"])] + ([r["_file"]] if several else []) for r in measured]
         lines += text_table(header + (["file"] if several else []), body, right=(3, 4, 5, 6, 7))
     else:
@@ -307,7 +363,7 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
                  "spec sheet: a bound, not a measurement)")
     if estimated:
         header = ["model", "target", "device", "seq", "bound ms", "bound by", "GFLOP", "MB moved"]
-        body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), r.get("bound", "-"),
+        body = [[r["_model"], r["target"], r["device"], _seq(r), _ms(r["median_ms"]), r.get("bound", "-"),
                  f"{r['flops'] / 1e9:.4g}" if r.get("flops") is not None else "-",
                  f"{r['bytes'] / 1e6:.4g}" if r.get("bytes") is not None else "-"]
                 + ([r["_file"]] if several else []) for r in estimated]
@@ -325,13 +381,13 @@ def regressions(docs: Sequence[tuple[str, Mapping[str, Any]]], baseline: Mapping
     """Measured rows slower than the baseline's matching row by more than `pct` percent.
 
     Rows match on (model, target, device, seq). Returns (messages, rows compared)."""
-    base = {(str(baseline.get("model", "?")), r["target"], r["device"], r["seq"]): r
+    base = {(str(baseline.get("model", "?")), r["target"], r["device"], r["seq"], r.get("phase")): r
             for r in baseline["rows"] if r["kind"] == "measured"}
     found, compared = [], 0
     for r in labelled_rows(docs):
         if r["kind"] != "measured":
             continue
-        b = base.get((r["_model"], r["target"], r["device"], r["seq"]))
+        b = base.get((r["_model"], r["target"], r["device"], r["seq"], r.get("phase")))
         if b is None or not b["median_ms"]:
             continue
         compared += 1

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from .artifact import Artifact
+from .generation import Generator
 from .vm_session import VmSession
 
 
@@ -41,7 +42,7 @@ def _import_tvm(threads: Optional[int]):
     return tvm
 
 
-class CpuSession(VmSession):
+class CpuSession(VmSession, Generator):
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
         tvm = _import_tvm(threads)
         self.entry = dict(entry)

@@ -12,6 +12,7 @@ from ..ir.onnx_reference import StandardOpRunner
 from ..ir.ops import RunContext, lookup
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
+from .generation import Generator
 
 
 class ReferenceSession:
@@ -173,3 +174,50 @@ def _check_against_type(node: Node, v: Value, x: Any, bindings: dict[str, int]) 
         if want != n:
             raise AssertionError(f"node {node.name} ({node.qualified_op}): output {v.name} has shape "
                                  f"{list(x.shape)}, inferred {t} = {want} at bindings {bindings}")
+
+
+class ReferenceGenerator(Generator):
+    """The reference executor over the derived generation programs: the oracle for every target's decode.
+
+    `graph` is the fused cache-less graph (what `run` executes, and what generation recomputes when a
+    layer cannot be cached); `programs` come from passes/derive_generation.py."""
+
+    def __init__(self, graph: Graph, programs):
+        from ..passes.derive_generation import generation_entry
+        self.generation = generation_entry(graph, programs)
+        self._full = ReferenceSession(graph)
+        self._programs = {name: ReferenceSession(g) for name, g in (("prefill", programs.prefill),
+                                                                   ("decode", programs.decode)) if g is not None}
+        self.input_names, self.output_names = self._full.input_names, self._full.output_names
+
+    @classmethod
+    def from_model(cls, model, pipeline: str = "default") -> "ReferenceGenerator":
+        from ..frontend.onnx_import import import_onnx
+        from ..passes.derive_generation import derive_generation
+        from ..passes.pipelines import run_pipeline
+        graph = import_onnx(model)
+        run_pipeline(graph, pipeline)
+        return cls(graph, derive_generation(graph))
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return self._full.run(feeds)
+
+    def new_cache(self, batch: int, max_length: int) -> dict[str, np.ndarray]:
+        return new_cache_arrays(self.generation, batch, max_length)
+
+    def run_program(self, name: str, feeds: Mapping[str, np.ndarray], cache: dict[str, np.ndarray]) -> np.ndarray:
+        out = self._programs[name].run({**feeds, **cache})
+        for tensor in cache:
+            cache[tensor] = out[f"{tensor}.out"]
+        return out["logits"]
+
+
+def new_cache_arrays(generation: Mapping[str, Any], batch: int, max_length: int) -> dict[str, np.ndarray]:
+    """Zeroed per-layer cache buffers [batch, kv_heads, capacity, dim], in the programs' input order."""
+    caches = {}
+    for layer in generation["layers"]:
+        dims = (layer["head_dim"], layer["v_head_dim"])
+        for tensor, dim in zip(layer["tensors"], dims):
+            caches[tensor] = np.zeros((batch, layer["kv_heads"], layer["capacity"] or max_length, dim),
+                                      dtypes.from_name(layer["dtype"]).numpy)
+    return caches

@@ -96,6 +96,7 @@ class VmSession:
         self.input_names: list[str] = list(info["inputs"])
         self.output_names: list[str] = list(info["outputs"])
         self._in_types = signature_types(self.signature["inputs"])
+        self._bind_programs(weights, where)
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
@@ -114,3 +115,49 @@ class VmSession:
             return {n: o.numpy() for n, o in zip(self.output_names, outs)}
         except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
             raise errors.ExecutionError(f"{self.target}: the model failed at run time: {first_line(e)}") from e
+
+    # ---- generation: GEN_SPEC.md's session protocol over the library's prefill / decode ----------
+    def _bind_programs(self, weights: Mapping[str, np.ndarray], where: str) -> None:
+        """The VM functions `prefill` / `decode` (model.json's "functions") and their weights, each
+        bound once: shared with `main` where it uses them too."""
+        bound = dict(zip(self.meta["params"], self._params))
+        self._programs: dict[str, tuple[Any, list[str], list[Any]]] = {}
+        for name, f in self.meta.get("functions", {}).items():
+            missing = [n for n in f["params"] if n not in weights]
+            if missing:
+                raise ArtifactError(f"{where} lacks {missing[0]!r} that the {self.target} {name} program needs")
+            for n in f["params"]:
+                if n not in bound:
+                    bound[n] = self._tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])),
+                                                        device=self.device)
+            self._programs[name] = (self._vm[name], list(f["inputs"]), [bound[n] for n in f["params"]])
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        """The artifact's `generation` entry; no cache layers when this library has no programs (then
+        generation recomputes, with a warning)."""
+        info = dict((self.artifact.manifest.get("generation") if self.artifact is not None else None) or {})
+        if not {"prefill", "decode"} <= set(self._programs):
+            info["layers"] = []
+        return info
+
+    def new_cache(self, batch: int, max_length: int) -> dict[str, Any]:
+        """Zeroed device buffers per cache tensor, allocated once; `run_program` updates them in place."""
+        from .reference import new_cache_arrays
+        return {n: self._tvm.runtime.tensor(a, device=self.device)
+                for n, a in new_cache_arrays(self.generation, batch, max_length).items()}
+
+    def run_program(self, name: str, feeds: Mapping[str, np.ndarray], cache: dict[str, Any]) -> np.ndarray:
+        """Run `prefill` / `decode` over `cache` (written in place); the last positions' logits [batch, vocab]."""
+        fn, inputs, params = self._programs[name]
+        tensor = self._tvm.runtime.tensor
+        args = [cache[n] if n in cache else tensor(np.require(feeds[n], np.int64, "C"), device=self.device)
+                for n in inputs]
+        try:
+            out = fn(*args, *params)
+            logits = out[0].numpy()
+        except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
+            raise errors.ExecutionError(f"{self.target}: the {name} program failed at run time: {first_line(e)}") from e
+        for n, o in zip([n for n in inputs if n in cache], list(out)[1:]):
+            cache[n] = o          # the very buffer passed in (updated in place): no copy
+        return logits

@@ -54,7 +54,8 @@ def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu"):
+    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu", bb=None,
+                 packing: Optional[dict[str, int]] = None):
         import tvm
         import tvm.sym  # noqa: F401 - the arithmetic analyzer (tvm.arith before 0.27)
         from tvm import relax, tirx
@@ -68,7 +69,8 @@ class _Lowerer:
         self.syms: dict[str, Any] = {}
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
-        self.bb = relax.BlockBuilder()
+        self.bb = bb or relax.BlockBuilder()      # shared when several functions go into one module
+        self.packing = packing                   # weight name -> NB agreed by all of them (None: decide here)
 
     # ---- symbolic helpers --------------------------------------------------------------
     def sym(self, name: str):
@@ -158,7 +160,7 @@ class _Lowerer:
             f"node {node.name} ({node.qualified_op}): not supported by the {self.target_name} target: {why}")
 
     # ---- the function ----------------------------------------------------------------
-    def lower(self) -> Lowered:
+    def lower(self, func_name: str = "main") -> Lowered:
         relax = self.relax
         g = self.graph
         inputs = []
@@ -185,7 +187,7 @@ class _Lowerer:
                     self.env[v] = relax.const(np.ascontiguousarray(arr), str(arr.dtype))
                 continue
             shape = list(arr.shape)
-            nb = self._packable(v)
+            nb = self._packable(v) if self.packing is None else self.packing.get(name, 0)
             if nb:
                 self.packed[name] = nb
                 shape = [arr.shape[1] // nb, arr.shape[0], nb]
@@ -193,9 +195,10 @@ class _Lowerer:
             params.append(name)
             param_vars.append(rv)
             self.env[v] = rv
-        with self.bb.function("main", inputs + param_vars):
+        from .lowering.cache import in_place_order
+        with self.bb.function(func_name, inputs + param_vars):
             with self.bb.dataflow():
-                for node in g.nodes:
+                for node in in_place_order(g.nodes):
                     self.lower_node(node)
                 outs = []
                 for v in g.outputs:
@@ -868,6 +871,29 @@ def _pe(lw: _Lowerer, x):
 
 def _safe(name: str) -> str:
     return "w_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def lower_functions(graphs: dict[str, Graph], target_name: str = "cpu", kernels: str = "cpu") -> dict[str, Lowered]:
+    """Lower graphs that share weights (constants of the same name) into one IRModule, one Relax
+    function per graph name (every Lowered's `mod` is that module). The loader binds each weight
+    once, so a weight is pre-packed only where every graph using it can take it packed."""
+    import tvm.relax
+    bb = tvm.relax.BlockBuilder()
+    lowerers = {name: _Lowerer(g, target_name, kernels, bb=bb) for name, g in graphs.items()}
+    blocks: dict[str, set[int]] = {}
+    for lw in lowerers.values():
+        for wname, v in lw.graph.constants.items():
+            if v.uses:
+                blocks.setdefault(wname, set()).add(lw._packable(v))
+    packing = {w: nbs.pop() for w, nbs in blocks.items() if len(nbs) == 1 and 0 not in nbs}
+    out = {}
+    for name, lw in lowerers.items():
+        lw.packing = packing
+        out[name] = lw.lower(name)
+    mod = bb.get()
+    for lowered in out.values():
+        lowered.mod = mod
+    return out
 
 
 def lower_to_relax(graph: Graph, target_name: str = "cpu", kernels: str = "cpu") -> Lowered:
