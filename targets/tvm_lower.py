@@ -75,7 +75,9 @@ class _Lowerer:
     # ---- symbolic helpers --------------------------------------------------------------
     def sym(self, name: str):
         if name not in self.syms:
-            self.syms[name] = self.tirx.Var(name, "int64")
+            var = self.syms[name] = self.tirx.Var(name, "int64")
+            # a symbol is a tensor extent (>= 1): lets the analyzer prove slice bounds non-negative
+            self.analyzer.bind(var, self.tvm.ir.Range(1, 1 << 62))
         return self.syms[name]
 
     def dim(self, d):
@@ -594,7 +596,10 @@ class _Lowerer:
             n = shape[a]
             b.append(self._norm_index(s0, n))
             e.append(self._norm_index(e0, n))
-        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=False))
+        # Bounds normalised into [0, n] need no re-derivation by Relax, whose in-bounds canonicalisation
+        # otherwise leaves if_then_else in symbolic shapes (FuseOps cannot infer those; the GPU builds fail).
+        inbound = all(self.analyzer.can_prove(i >= 0) for i in b + e)
+        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=inbound))
 
     def _norm_index(self, v, n):
         iv = self.as_int(v)
