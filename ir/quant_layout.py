@@ -71,11 +71,16 @@ def dq_format(dtype) -> Optional[tuple[int, str]]:
 
 
 def from_dequantize_linear(q: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray],
-                           block_size: int) -> QuantWeight:
-    """W [K, N] = DequantizeLinear(q, scale [KB, N], zero [KB, N], axis=0, block_size)."""
+                           block_size: int, k_axis: int = 0) -> QuantWeight:
+    """W = DequantizeLinear(q, scale, zero) with blocks of `block_size` along W's axis `k_axis`:
+    W [K, N] with scale / zero [KB, N] (k_axis 0, a MatMul's B) or W [N, K] with [N, KB] (k_axis 1,
+    Gemm's B with transB)."""
     bits, fmt = _DQ_FORMATS[np.dtype(q.dtype)]
-    k, n = q.shape
-    qt = np.ascontiguousarray(np.asarray(q).T)                      # [N, K], still codes
+    if k_axis == 0:
+        q, scale = np.asarray(q).T, np.asarray(scale).T
+        zero = None if zero is None else np.asarray(zero).T
+    n, k = q.shape
+    qt = np.ascontiguousarray(q)                                    # [N, K], still codes
     if bits == 4:
         qw = pack_int4(qt.astype(np.int8))
     elif fmt == "fp8e4m3":
@@ -84,8 +89,10 @@ def from_dequantize_linear(q: np.ndarray, scale: np.ndarray, zero: Optional[np.n
         qw = qt
     z = None
     if zero is not None and np.any(np.asarray(zero).astype(np.float32) != 0):
-        z = np.ascontiguousarray(np.asarray(zero).astype(np.float32).T)
-    return QuantWeight(qw, np.ascontiguousarray(np.asarray(scale, np.float32).T), z, k, n, bits, block_size, fmt)
+        z = np.ascontiguousarray(np.asarray(zero).astype(np.float32))
+    if fmt == "uint" and z is None:
+        z = np.zeros(np.shape(scale), np.float32)                   # DequantizeLinear's default zero is 0
+    return QuantWeight(qw, np.ascontiguousarray(np.asarray(scale, np.float32)), z, k, n, bits, block_size, fmt)
 
 
 # ---- f32 -> symmetric per-group codes (polyport compile --quantize) ---------------------------------

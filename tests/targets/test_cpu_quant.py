@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 tvm = pytest.importorskip("tvm")
 
 import polyport.runtime.session as session  # noqa: E402
 from polyport.compiler import compile_model  # noqa: E402
+from polyport.frontend.onnx_import import import_onnx  # noqa: E402
 from polyport.ir.fused.quant import dequantize  # noqa: E402
 from polyport.ir.quant_layout import quantize  # noqa: E402
 from polyport.targets.kernels.cpu.quant_gemm import quant_dense_func  # noqa: E402
 from polyport.runtime.cpu_session import _pack  # noqa: E402
+from polyport.runtime.reference import ReferenceSession  # noqa: E402
 
-from ..quant_models import matmul_nbits  # noqa: E402
+from ..quant_models import dq_node_model, matmul_nbits  # noqa: E402
 from ..real_models import assert_logits_close, corpus, ort_run, token_ids  # noqa: E402
 
 
@@ -70,3 +73,15 @@ def test_matmul_nbits_model_on_cpu_matches_ort(tmp_path, name, block, symmetric)
         feeds = token_ids(seq, vocab=int(corpus()[name]["hf_config"]["vocab_size"]))
         got = sess.run(feeds)
         assert_logits_close(got[sess.output_names[0]], ort_run(path, feeds)[0])
+
+
+@pytest.mark.parametrize("kind", ["uint4", "int8", "fp8_gemm"])
+def test_dequantize_linear_model_on_cpu(tmp_path, kind):
+    """DequantizeLinear -> MatMul / Gemm models compiled for cpu match onnx.reference's reading of them."""
+    model = dq_node_model(kind)
+    path = tmp_path / "dq.onnx"
+    onnx.save(model, path)
+    sess = session.load(compile_model(path, ["cpu"], tmp_path / "art"), "cpu")
+    x = np.random.default_rng(5).standard_normal((13, 64)).astype(np.float32)
+    want = ReferenceSession(import_onnx(path)).run({"x": x})["y"]
+    assert_logits_close(sess.run({"x": x})["y"], want, rel=1e-5)
