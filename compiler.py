@@ -9,6 +9,7 @@ from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.types import TensorType
 from .passes.pipelines import run_pipeline
+from .passes.quantize_weights import WeightQuantization, quantize_weights
 from .runtime.artifact import ArtifactWriter
 from .runtime.cost import manifest_cost
 from .targets.base import CompileOptions, get_target
@@ -30,8 +31,10 @@ def signature(graph: Graph, name: str) -> dict:
 
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
+                  quantization: Optional[WeightQuantization] = None,
                   on_stage=None, progress: Progress = lambda msg: None) -> Path:
-    """Compile `model` for `targets` into the artifact directory `out` (added to it if it exists)."""
+    """Compile `model` for `targets` into the artifact directory `out` (added to it if it exists);
+    with `quantization`, its linear weights are stored and computed as quantized codes."""
     options = options or CompileOptions()
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
@@ -40,11 +43,19 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     graph = import_onnx(model)
     progress(f"running the {pipeline!r} pipeline")
     run_pipeline(graph, pipeline, on_stage=on_stage)
+    quant_entry = None
+    if quantization is not None:
+        progress(f"quantizing weights ({quantization.scheme}, groups of {quantization.group_size})")
+        quant_entry = quantize_weights(graph, quantization)
+        if on_stage is not None:
+            on_stage(f"quantize-{quantization.scheme}", graph)
     weights = {v.name: v.const for v in graph.constants.values()}
     name = Path(model).stem
     with ArtifactWriter(out, signature(graph, name)) as writer:
         writer.write_weights(weights)
         writer.manifest["cost"] = manifest_cost(graph)       # FLOPs/bytes polynomials for the roofline (bench)
+        if quant_entry is not None:
+            writer.manifest["quantization"] = quant_entry
         for target in lowerers:
             progress(f"lowering for {target.name}")
             entry = target.lower(graph, writer.target_dir(target.name), weights, options)

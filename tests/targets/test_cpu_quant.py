@@ -20,7 +20,7 @@ from polyport.runtime.cpu_session import _pack  # noqa: E402
 from polyport.runtime.reference import ReferenceSession  # noqa: E402
 
 from ..quant_models import dq_node_model, matmul_nbits  # noqa: E402
-from ..real_models import assert_logits_close, corpus, ort_run, token_ids  # noqa: E402
+from ..real_models import assert_logits_close, corpus, model_path, ort_run, token_ids  # noqa: E402
 
 
 @pytest.mark.parametrize("scheme,fmt,K,block,zeros", [
@@ -85,3 +85,37 @@ def test_dequantize_linear_model_on_cpu(tmp_path, kind):
     x = np.random.default_rng(5).standard_normal((13, 64)).astype(np.float32)
     want = ReferenceSession(import_onnx(path)).run({"x": x})["y"]
     assert_logits_close(sess.run({"x": x})["y"], want, rel=1e-5)
+
+
+def _quantized_reference(name, spec):
+    from polyport.passes.pipelines import run_pipeline
+    from polyport.passes.quantize_weights import quantize_weights
+    g = import_onnx(model_path(name))
+    run_pipeline(g)
+    quantize_weights(g, spec)
+    return ReferenceSession(g)
+
+
+@pytest.mark.parametrize("name,scheme,group", [
+    ("llama_a", "int4", 32),
+    pytest.param("qwen3_moe_a", "int8", 64, marks=pytest.mark.slow),
+    pytest.param("deepseek_v3_a", "fp8", 128, marks=pytest.mark.slow)])
+def test_compile_quantize_matches_reference_on_dequantized_weights(tmp_path, name, scheme, group):
+    from click.testing import CliRunner
+    from polyport.cli import main
+    from polyport.passes.quantize_weights import WeightQuantization
+    from polyport.runtime import safetensors
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art),
+                                    "--quantize", scheme, "--group-size", str(group)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == scheme and manifest["quantization"]["weights"] > 0
+    stored = safetensors.load(art / "weights.safetensors")
+    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8) and a.ndim == 2}
+    assert len(codes) == manifest["quantization"]["weights"]
+    ref = _quantized_reference(name, WeightQuantization(scheme, group))
+    sess = session.load(art, "cpu")
+    for seq in (1, 12):
+        feeds = token_ids(seq, vocab=int(corpus()[name]["hf_config"]["vocab_size"]))
+        assert_logits_close(sess.run(feeds)[sess.output_names[0]], ref.run(feeds)[ref.output_names[0]])
