@@ -9,6 +9,8 @@ from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.types import TensorType
 from .passes.pipelines import run_pipeline
+from .errors import PolyportError
+from .ir.quant_layout import FLOAT16
 from .passes.quantize_weights import WeightQuantization, quantize_weights
 from .runtime.artifact import ArtifactWriter
 from .runtime.cost import manifest_cost
@@ -36,6 +38,10 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     """Compile `model` for `targets` into the artifact directory `out` (added to it if it exists);
     with `quantization`, its linear weights are stored and computed as quantized codes."""
     options = options or CompileOptions()
+    if options.dtype in FLOAT16:          # 16-bit weights: every linear weight, the LM head included
+        if quantization is not None:
+            raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
+        quantization = WeightQuantization(options.dtype, lm_head=True)
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
         target.check_options(options)

@@ -16,7 +16,7 @@ import numpy as np
 class QuantWeight:
     """One weight in QuantMatMul's layout, with the attributes the op carries."""
     qweight: np.ndarray
-    scales: np.ndarray              # [N, KB] float32
+    scales: Optional[np.ndarray]    # [N, KB] float32; None for 16-bit weights
     zeros: Optional[np.ndarray]     # [N, KB] float32, or None (the format's default zero)
     K: int
     N: int
@@ -97,7 +97,16 @@ def from_dequantize_linear(q: np.ndarray, scale: np.ndarray, zero: Optional[np.n
 
 # ---- f32 -> symmetric per-group codes (polyport compile --quantize) ---------------------------------
 SCHEMES = ("int8", "int4", "fp8")
+FLOAT16 = ("bf16", "f16")
 FP8_MAX = 448.0
+
+
+def to_float16(w: np.ndarray, dtype: str) -> QuantWeight:
+    """W [K, N] stored as bf16 (uint16 bit patterns) or f16 [N, K], rounded to nearest even."""
+    wt = np.ascontiguousarray(np.asarray(w, dtype=np.float32).T)
+    n, k = wt.shape
+    q = wt.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bf16" else wt.astype(np.float16)
+    return QuantWeight(q, None, None, k, n, 16, k, dtype)
 
 
 def quantize(w: np.ndarray, scheme: str, group_size: int) -> QuantWeight:

@@ -1,4 +1,5 @@
-"""Weight-only quantization at compile time (`polyport compile --quantize int8|int4|fp8`).
+"""Weight-only quantization at compile time (`polyport compile --quantize int8|int4|fp8`), and 16-bit
+weights (`--dtype bf16|f16`: the same rewrite, the weights rounded to 16-bit floats, no scales).
 
 Every dense linear weight (a MatMul over a constant f32 [K, N] weight, and the three weights of a
 SiLU GatedMLP, which is then computed as three QuantMatMuls) becomes polyport::QuantMatMul over
@@ -19,7 +20,7 @@ import numpy as np
 from ..errors import PolyportError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import POLYPORT_DOMAIN
-from ..ir.quant_layout import SCHEMES, quantize
+from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, to_float16
 from ..ir.types import TensorType
 from ..ir.verifier import verify
 
@@ -28,14 +29,14 @@ GROUP_SIZES = (32, 64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuantization:
-    scheme: str                  # int8 | int4 | fp8
-    group_size: int = 32
+    scheme: str                  # int8 | int4 | fp8 | bf16 | f16
+    group_size: int = 32         # (not used by bf16 / f16)
     lm_head: bool = False
 
     def __post_init__(self):
-        if self.scheme not in SCHEMES:
+        if self.scheme not in SCHEMES + FLOAT16:
             raise PolyportError(f"--quantize {self.scheme}: unknown scheme; known: {', '.join(SCHEMES)}")
-        if self.group_size not in GROUP_SIZES:
+        if self.scheme in SCHEMES and self.group_size not in GROUP_SIZES:
             raise PolyportError(f"--group-size {self.group_size}: takes {', '.join(map(str, GROUP_SIZES))}")
 
 
@@ -69,16 +70,19 @@ class _Quantizer:
 
     def operands(self, w: Value) -> list[Value]:
         if id(w) not in self.codes:
-            qw = quantize(w.const, self.spec.scheme, self.spec.group_size)
+            scheme = self.spec.scheme
+            qw = to_float16(w.const, scheme) if scheme in FLOAT16 else quantize(w.const, scheme, self.spec.group_size)
             g = self.graph
-            self.codes[id(w)] = [g.add_constant(g.unique_name(f"{w.name}/q{self.spec.scheme}"), qw.qweight),
-                                 g.add_constant(g.unique_name(f"{w.name}/scales"), qw.scales), qw.attrs]
+            ops = [g.add_constant(g.unique_name(f"{w.name}/{scheme}"), qw.qweight)]
+            if qw.scales is not None:
+                ops.append(g.add_constant(g.unique_name(f"{w.name}/scales"), qw.scales))
+            self.codes[id(w)] = (ops, qw.attrs)
         return self.codes[id(w)]
 
     def qmatmul(self, x: Value, w: Value, before: Node, out: Optional[Value] = None) -> Value:
-        q, s, attrs = self.operands(w)
+        ops, attrs = self.operands(w)
         t = TensorType(x.dtype, None if x.type.shape is None else x.type.shape[:-1] + (attrs["N"],))
-        node = self.graph.make_node("QuantMatMul", [x, q, s], attrs=attrs, domain=POLYPORT_DOMAIN, types=[t],
+        node = self.graph.make_node("QuantMatMul", [x] + ops, attrs=attrs, domain=POLYPORT_DOMAIN, types=[t],
                                     name="QuantMatMul", before=before)
         y = node.outputs[0]
         if out is not None:
@@ -129,7 +133,11 @@ def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
             qz.counts["f32: MoE experts"] += 1
     graph.remove_unused()
     verify(graph)
-    return {"scheme": spec.scheme, "group_size": spec.group_size, "symmetric": True,
+    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "weights": len(qz.codes),
+             "layers": dict(sorted(qz.counts.items()))}
+    if spec.scheme in FLOAT16:
+        return {**entry, "format": f"{spec.scheme} weights [N, K] (bf16 as uint16 bit patterns), f32 activations "
+                                   "and accumulation"}
+    return {**entry, "group_size": spec.group_size, "symmetric": True,
             "format": {"int8": "int8 codes", "int4": "int4 codes, two per byte (low nibble: even k)",
-                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column",
-            "lm_head": spec.lm_head, "weights": len(qz.codes), "layers": dict(sorted(qz.counts.items()))}
+                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column"}

@@ -6,11 +6,13 @@ MatMul/Gemm, and `polyport compile --quantize` all become it, so targets lower o
 
 Weight layout (`qweight`, one row per output column n, K along the row):
   bits 4: uint8 [N, ceil(K/2)], element k in byte k // 2, low nibble for even k;
-  bits 8: [N, K] bytes: uint8 (format uint / fp8e4m3, the e4m3fn bit pattern) or int8 (format int).
+  bits 8: [N, K] bytes: uint8 (format uint / fp8e4m3, the e4m3fn bit pattern) or int8 (format int);
+  bits 16: [N, K] float16 (format f16) or uint16 (format bf16, the bfloat16 bit pattern): the weights
+  themselves (`polyport compile --dtype`), no scales or zeros (block_size = K).
 `scales` [N, KB] and optional `zeros` [N, KB] (float) hold one value per block of
 `block_size` consecutive k (KB = ceil(K / block_size)):
   W[n, k] = (decode(q[n, k]) - zero[n, k // block_size]) * scale[n, k // block_size]
-decode: `uint` unsigned integer, `int` two's-complement integer, `fp8e4m3` float8 e4m3fn.
+decode: `uint` unsigned integer, `int` two's-complement integer, `fp8e4m3` float8 e4m3fn, `f16`, `bf16`.
 Without `zeros` the zero is 2^(bits-1) for `uint` (MatMulNBits' default) and 0 otherwise.
 """
 from __future__ import annotations
@@ -22,14 +24,14 @@ from ..ops import AttrSpec, define, infers, reference
 from ..types import TensorType
 from ._util import f32, like
 
-FORMATS = ("uint", "int", "fp8e4m3")
+FORMATS = ("uint", "int", "fp8e4m3", "f16", "bf16")
 
-define("QuantMatMul", inputs=("x", "qweight", "scales", "zeros?", "bias?"), outputs=("y",),
+define("QuantMatMul", inputs=("x", "qweight", "scales?", "zeros?", "bias?"), outputs=("y",),
        attrs={"K": AttrSpec(int, doc="input features"),
               "N": AttrSpec(int, doc="output features"),
-              "bits": AttrSpec(int, doc="4 | 8"),
+              "bits": AttrSpec(int, doc="4 | 8 | 16"),
               "block_size": AttrSpec(int, doc="consecutive k sharing one scale (and zero)"),
-              "format": AttrSpec(str, "uint", doc="uint | int | fp8e4m3: how a stored code decodes")},
+              "format": AttrSpec(str, "uint", doc="uint | int | fp8e4m3 | f16 | bf16: how a stored code decodes")},
        doc="Linear layer over block-quantized weights, dequantized on the fly.")
 
 
@@ -51,6 +53,8 @@ def codes(qweight: np.ndarray, bits: int, fmt: str, k: int) -> np.ndarray:
         return c.astype(np.float32)
     if fmt == "fp8e4m3":
         return q.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    if fmt == "bf16":
+        return q.view(ml_dtypes.bfloat16).astype(np.float32)
     return q.astype(np.float32)
 
 
@@ -58,6 +62,8 @@ def dequantize(qweight, scales, zeros, *, K: int, bits: int, block_size: int, fo
                **_) -> np.ndarray:
     """The float32 weight [N, K] a QuantMatMul's stored operands mean."""
     c = codes(qweight, bits, format, K)
+    if scales is None:
+        return c
     if zeros is None:
         z = np.float32(2 ** (bits - 1) if format == "uint" else 0)
     else:
@@ -68,7 +74,8 @@ def dequantize(qweight, scales, zeros, *, K: int, bits: int, block_size: int, fo
 
 @reference("QuantMatMul", domain="polyport")
 def quant_matmul(node, inputs, ctx):
-    x, qweight, scales = inputs[:3]
+    x, qweight = inputs[:2]
+    scales = inputs[2] if len(inputs) > 2 else None
     zeros = inputs[3] if len(inputs) > 3 else None
     bias = inputs[4] if len(inputs) > 4 else None
     w = dequantize(qweight, scales, zeros, **node.attrs)

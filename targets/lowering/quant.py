@@ -59,16 +59,16 @@ def quant_matmul(lw, node):
         gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "quant_dense")     # opaque: FuseOps leaves it
         none = relax.const(np.zeros(1, np.float32))
         out = relax.TensorType(shape=[lw.shape(x2)[0], N], dtype=x2.ty.dtype)
-        y = lw.emit(relax.call_tir(gv, [x2, q, s, none if z is None else z, none if bias is None else bias], out))
+        y = lw.emit(relax.call_tir(gv, [x2, q, none if s is None else s, none if z is None else z,
+                                        none if bias is None else bias], out))
     else:
         from ..kernels.portable import quant
         attrs = {k: a[k] for k in ("K", "N", "bits", "block_size")}
 
-        def fn(x, q, s, *rest):
+        def fn(x, q, *rest):
             it = iter(rest)
-            zz = next(it) if z is not None else None
-            bb = next(it) if bias is not None else None
-            return quant.quant_matmul(x, q, s, zz, bb, format=a.get("format", "uint"), **attrs)
+            ss, zz, bb = (next(it) if t is not None else None for t in (s, z, bias))
+            return quant.quant_matmul(x, q, ss, zz, bb, format=a.get("format", "uint"), **attrs)
 
         y = lw.bb.emit_te(fn, *[t for t in (x2, q, s, z, bias) if t is not None], primfunc_name_hint="quant_matmul")
     return lw.emit(relax.op.reshape(y, shape[:-1] + [N])) if len(shape) != 2 else y

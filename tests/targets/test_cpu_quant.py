@@ -14,7 +14,7 @@ import polyport.runtime.session as session  # noqa: E402
 from polyport.compiler import compile_model  # noqa: E402
 from polyport.frontend.onnx_import import import_onnx  # noqa: E402
 from polyport.ir.fused.quant import dequantize  # noqa: E402
-from polyport.ir.quant_layout import quantize  # noqa: E402
+from polyport.ir.quant_layout import quantize, to_float16  # noqa: E402
 from polyport.targets.kernels.cpu.quant_gemm import quant_dense_func  # noqa: E402
 from polyport.runtime.cpu_session import _pack  # noqa: E402
 from polyport.runtime.reference import ReferenceSession  # noqa: E402
@@ -24,12 +24,14 @@ from ..real_models import assert_logits_close, corpus, model_path, ort_run, toke
 
 
 @pytest.mark.parametrize("scheme,fmt,K,block,zeros", [
-    ("int4", "uint", 80, 32, True), ("int4", "int", 64, 128, False), ("int8", "uint", 48, 16, True),
-    ("fp8", "fp8e4m3", 96, 64, False)])
+    ("int4", "uint", 80, 32, True), pytest.param("int4", "int", 64, 128, False, marks=pytest.mark.slow),
+    pytest.param("int8", "uint", 48, 16, True, marks=pytest.mark.slow), ("fp8", "fp8e4m3", 96, 64, False),
+    ("bf16", "bf16", 96, 96, False)])
 def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros):
     rng = np.random.default_rng(0)
     N, NB = 48, 16
-    q = quantize(rng.standard_normal((K, N)).astype(np.float32), scheme, block)
+    w32 = rng.standard_normal((K, N)).astype(np.float32)
+    q = to_float16(w32, scheme) if scheme == "bf16" else quantize(w32, scheme, block)
     if fmt == "uint":                       # MatMulNBits' unsigned codes with per-block zeros
         q.format = "uint"
         if q.bits == 8:
@@ -45,7 +47,8 @@ def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros):
     for m in (1, 7, 13):                     # below, at and past the row tile
         x = rng.standard_normal((m, K)).astype(np.float32)
         out = tvm.runtime.tensor(np.zeros((m, N), np.float32))
-        args = [x, _pack(q.qweight.T, NB), _pack(q.scales.T, NB), _pack(q.zeros.T, NB) if zeros else none, bias]
+        args = [x, _pack(q.qweight.T, NB), none if q.scales is None else _pack(q.scales.T, NB),
+                _pack(q.zeros.T, NB) if zeros else none, bias]
         ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
         want = x @ w.T + bias
         assert np.abs(out.numpy() - want).max() <= 1e-5 * np.abs(want).max()
@@ -96,25 +99,31 @@ def _quantized_reference(name, spec):
     return ReferenceSession(g)
 
 
-@pytest.mark.parametrize("name,scheme,group", [
-    ("llama_a", "int4", 32),
-    pytest.param("qwen3_moe_a", "int8", 64, marks=pytest.mark.slow),
-    pytest.param("deepseek_v3_a", "fp8", 128, marks=pytest.mark.slow)])
-def test_compile_quantize_matches_reference_on_dequantized_weights(tmp_path, name, scheme, group):
+@pytest.mark.parametrize("name,options", [
+    ("llama_a", ["--quantize", "int4", "--group-size", "32"]),
+    pytest.param("qwen3_moe_a", ["--quantize", "int8", "--group-size", "64"], marks=pytest.mark.slow),
+    pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128"], marks=pytest.mark.slow),
+    pytest.param("llama_a", ["--dtype", "bf16"], marks=pytest.mark.slow),
+    pytest.param("qwen3_moe_a", ["--dtype", "f16"], marks=pytest.mark.slow)])
+def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name, options):
+    """`--quantize` / `--dtype` artifacts against the reference executor running the same graph on the
+    dequantized (16-bit-rounded) weights: only the summation order differs, so fp32's 1e-4 holds."""
     from click.testing import CliRunner
     from polyport.cli import main
     from polyport.passes.quantize_weights import WeightQuantization
     from polyport.runtime import safetensors
     art = tmp_path / "art"
-    res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art),
-                                    "--quantize", scheme, "--group-size", str(group)])
+    res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art)] + options)
     assert res.exit_code == 0, res.output
+    opts = dict(zip(options[::2], options[1::2]))
+    scheme = opts.get("--quantize") or opts["--dtype"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["quantization"]["weights"] > 0
     stored = safetensors.load(art / "weights.safetensors")
-    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8) and a.ndim == 2}
+    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16) and a.ndim == 2}
     assert len(codes) == manifest["quantization"]["weights"]
-    ref = _quantized_reference(name, WeightQuantization(scheme, group))
+    spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts)
+    ref = _quantized_reference(name, spec)
     sess = session.load(art, "cpu")
     for seq in (1, 12):
         feeds = token_ids(seq, vocab=int(corpus()[name]["hf_config"]["vocab_size"]))

@@ -43,7 +43,10 @@ def _fp8_e4m3(b):
 
 def _code(b, bits: int, fmt: str, high: bool = False):
     """The decoded code (float32) of byte b; for 4 bits its low or high nibble. Signed int4 is
-    decoded as (nibble ^ 8) - 8, the `- 8` folded into the zero by the caller."""
+    decoded as (nibble ^ 8) - 8, the `- 8` folded into the zero by the caller. 16-bit weights:
+    f16 converts (F16C), bf16 is the top half of a float32."""
+    if fmt == "bf16":
+        return tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("uint32", b), tirx.const(16, "uint32")))
     if bits == 4:
         nib = tirx.shift_right(b, tirx.const(4, "uint8")) if high else tirx.bitwise_and(b, tirx.const(15, "uint8"))
         if fmt == "int":
@@ -56,14 +59,15 @@ def _code(b, bits: int, fmt: str, high: bool = False):
 
 def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, zeros: bool, bias: bool,
                      dtype: str = "float32"):
-    """PrimFunc qdense(x [M, K], q, scales [NO, KB, NB], zeros [NO, KB, NB] | [1], bias [NO * NB] | [1],
-    out [M, NO * NB])."""
+    """PrimFunc qdense(x [M, K], q, scales [NO, KB, NB] | [1] (16 bits), zeros [NO, KB, NB] | [1],
+    bias [NO * NB] | [1], out [M, NO * NB])."""
     K, NO, NB = k, no, nb
     KB = -(-K // block)
     MB = tile_rows(nb)
     per_byte = 2 if bits == 4 else 1
     KQ = K // per_byte
-    q_dtype = "int8" if (bits == 8 and fmt == "int") else "uint8"
+    q_dtype = {"int": "int8" if bits == 8 else "uint8", "f16": "float16", "bf16": "uint16"}.get(fmt, "uint8")
+    scaled = bits != 16                  # 16-bit weights are their own values: no scales, no zeros
     offset = tirx.const(8.0 if (bits == 4 and fmt == "int") else 0.0, "float32")   # signed int4: (n ^ 8) - 8
     zero = tirx.const(0.0, "float32")
     implied_zero = tirx.const(default_zero(bits, fmt), "float32")
@@ -75,15 +79,19 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
             acc[ii, ji] = zero
         for kb in range(T.int64(KB)):
             for ji in T.vectorized(T.int64(NB)):
-                sv[ji] = S[jo, kb, ji]
+                sv[ji] = S[jo, kb, ji] if scaled else T.float32(1)
                 if zeros:
                     zv[ji] = Z[jo, kb, ji] + offset
                 else:
                     zv[ji] = implied_zero + offset
             for kq in range(T.min(T.int64(block // per_byte), T.int64(KQ) - kb * T.int64(block // per_byte))):
                 kk = kb * T.int64(block // per_byte) + kq
-                for ji in T.vectorized(T.int64(NB)):
-                    w[0, ji] = (_code(Q[jo, kk, ji], bits, fmt) - zv[ji]) * sv[ji]
+                if scaled:
+                    for ji in T.vectorized(T.int64(NB)):
+                        w[0, ji] = (_code(Q[jo, kk, ji], bits, fmt) - zv[ji]) * sv[ji]
+                else:
+                    for ji in T.vectorized(T.int64(NB)):
+                        w[0, ji] = _code(Q[jo, kk, ji], bits, fmt)
                 if per_byte == 2:
                     for ji in T.vectorized(T.int64(NB)):
                         w[1, ji] = (_code(Q[jo, kk, ji], bits, fmt, high=True) - zv[ji]) * sv[ji]
@@ -121,7 +129,7 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
         M = T.int64()
         X = T.match_buffer(x_h, (M, K), dtype)
         Q = T.match_buffer(q_h, (NO, KQ, NB), q_dtype)
-        S = T.match_buffer(s_h, (NO, KB, NB), "float32")
+        S = T.match_buffer(s_h, (NO, KB, NB) if scaled else (1,), "float32")
         Z = T.match_buffer(z_h, (NO, KB, NB) if zeros else (1,), "float32")
         B = T.match_buffer(b_h, (NO * NB,) if bias else (1,), "float32")
         O = T.match_buffer(o_h, (M, NO * NB), dtype)

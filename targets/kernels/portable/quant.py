@@ -10,7 +10,7 @@ from ..cpu.quant_gemm import _code, default_zero
 
 def quant_matmul(x: te.Tensor, q: te.Tensor, s: te.Tensor, z, bias, *, K: int, N: int, bits: int,
                  block_size: int, format: str):
-    """x [M, K] -> y [M, N] = x @ dequantize(q, s, z)^T (+ bias)."""
+    """x [M, K] -> y [M, N] = x @ dequantize(q, s, z)^T (+ bias); s is None for 16-bit weights."""
     m = x.shape[0]
     offset = 8.0 if (bits == 4 and format == "int") else 0.0
     implied = default_zero(bits, format)
@@ -21,6 +21,8 @@ def quant_matmul(x: te.Tensor, q: te.Tensor, s: te.Tensor, z, bias, *, K: int, N
             code = tirx.Select(tirx.floormod(k, 2) == 0, _code(b, bits, format), _code(b, bits, format, high=True))
         else:
             code = _code(q[n, k], bits, format)
+        if bits == 16:
+            return code
         kb = tirx.floordiv(k, block_size)
         zero = (z[n, kb] if z is not None else tirx.const(implied, "float32")) + tirx.const(offset, "float32")
         return (code - zero) * s[n, kb]
