@@ -38,7 +38,10 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     """Compile `model` for `targets` into the artifact directory `out` (added to it if it exists);
     with `quantization`, its linear weights are stored and computed as quantized codes."""
     options = options or CompileOptions()
-    if options.dtype in FLOAT16:          # 16-bit weights: every linear weight, the LM head included
+    if "ascend" in targets and (quantization is not None or (options.dtype in FLOAT16 and len(targets) > 1)):
+        raise PolyportError("ascend: compile it on its own, without --quantize (its weights are converted by its "
+                            "own f16 lowering; CANN's antiquant matmuls are not planned yet)")
+    if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
         if quantization is not None:
             raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
         quantization = WeightQuantization(options.dtype, lm_head=True)

@@ -128,3 +128,17 @@ def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name,
     for seq in (1, 12):
         feeds = token_ids(seq, vocab=int(corpus()[name]["hf_config"]["vocab_size"]))
         assert_logits_close(sess.run(feeds)[sess.output_names[0]], ref.run(feeds)[ref.output_names[0]])
+
+
+@pytest.mark.parametrize("model", ["nbits", "fp8_gemm"])
+def test_portable_quant_matmul_matches_reference(tmp_path, model):
+    """The TE compute the GPU targets schedule with dlight, built for LLVM (weights as stored)."""
+    from polyport.targets.base import CompileOptions
+    from ..quant_models import nbits_node_model
+    path = tmp_path / "m.onnx"
+    onnx.save(nbits_node_model() if model == "nbits" else dq_node_model(model), path)
+    art = compile_model(path, ["cpu"], tmp_path / "art", options=CompileOptions(extra={"kernels": "portable"}))
+    assert json.loads((art / "cpu" / "model.json").read_text())["packed_rows"] == {}
+    x = np.random.default_rng(6).standard_normal((9, 64)).astype(np.float32)
+    want = ReferenceSession(import_onnx(path)).run({"x": x})["y"]
+    assert_logits_close(session.load(art, "cpu").run({"x": x})["y"], want, rel=1e-5)
