@@ -16,8 +16,7 @@ from .test_gpu_build import _device_module, _require
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target,kind", [("cuda", "cuda"), ("rocm", "hip")])
-@pytest.mark.parametrize("how", ["bf16", "int4"])
+@pytest.mark.parametrize("target,kind,how", [("cuda", "cuda", "int4"), ("rocm", "hip", "bf16")])
 def test_low_precision_llama_builds_quant_kernels(tmp_path, target, kind, how):
     _require(target)
     opts = dict(options=CompileOptions(dtype="bf16")) if how == "bf16" else \
