@@ -51,3 +51,15 @@ def test_lm_head_is_quantized_behind_the_option_and_a_tied_weight_never():
 def test_bad_quantization_options_are_one_clear_error(scheme, group):
     with pytest.raises(errors.PolyportError, match="--quantize int2|--group-size 48"):
         WeightQuantization(scheme, group)
+
+
+def test_cost_model_counts_quantized_weights_at_their_stored_bytes():
+    from polyport.runtime.cost import analyze, evaluate
+    g = _graph()
+    f32 = analyze(g)
+    quantize_weights(g, WeightQuantization("int4", 32))
+    q = analyze(g)
+    # the same GEMM FLOPs; the unfused GatedMLP adds its elementwise ops (< 1%)
+    flops = [evaluate(c.flops, {"seq": 128}) for c in (f32, q)]
+    assert not q.unknown and flops[0] <= flops[1] <= 1.01 * flops[0]
+    assert q.weight_bytes < f32.weight_bytes / 2
