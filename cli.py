@@ -311,16 +311,29 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
               help="Write the IR as imported and after each pass into DIR.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False), metavar="tokenizer.json",
               help="Store this Hugging Face tokenizers file in the artifact (generate --prompt TEXT).")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+              help="Store and compute linear weights as symmetric per-group codes (weight-only).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Consecutive input features sharing one --quantize scale.")
+@click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
+              help="Weight dtype (cpu: bf16/f16 weights, f32 activations and accumulation).")
 def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
-             dump_ir: Optional[str], tokenizer: Optional[str]) -> None:
+             dump_ir: Optional[str], tokenizer: Optional[str], quantize: Optional[str], group_size: str,
+             quantize_lm_head: bool, dtype: str) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
+    from .passes.quantize_weights import WeightQuantization
     from .targets.base import CompileOptions
+    if quantize_lm_head and quantize is None:
+        raise click.UsageError("--quantize-lm-head needs --quantize")
+    quant = WeightQuantization(quantize, int(group_size), quantize_lm_head) if quantize else None
     on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
-    path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
-                         on_stage=on_stage, tokenizer=tokenizer,
-                         progress=lambda msg: click.echo(f"polyport: {msg}", err=True), replace=replace)
+    path = compile_model(model, list(targets), out, pipeline=passes,
+                         options=CompileOptions(dtype=dtype, archs=archs), quantization=quant, on_stage=on_stage,
+                         tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True),
+                         replace=replace)
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
 
 

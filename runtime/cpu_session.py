@@ -59,6 +59,9 @@ class CpuSession(VmSession, Generator):
         return self
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
+        rows = self.meta.get("packed_rows", {}).get(name, 0)
+        if rows:            # a quantized operand [N, X]: its codes column-blocked, still codes
+            return _pack(w.T, rows)
         return _pack(w, self.meta.get("packed", {}).get(name, 0))
 
 
