@@ -59,8 +59,9 @@ def markdown(doc: dict) -> str:
     bw = doc["bandwidth_gbps"]
     lines += ["", f"Memory bandwidth in the same run (STREAM triad, {s['threads']} threads): "
                   f"{bw['median']:.1f} GB/s ({bw['min']:.1f}–{bw['max']:.1f})."]
-    lines += ["", "Decode (batch 1; roofline = bytes of a seq-1 forward from the artifact's cost model / the "
-                  "triad's bandwidth):"]
+    if doc["decode"]:
+        lines += ["", "Decode (batch 1; roofline = bytes of a seq-1 forward from the artifact's cost model / the "
+                      "triad's bandwidth):"]
     for model, d in doc["decode"].items():
         if "skip" in d:
             lines.append(f"- {model}: not measured: {d['skip']}")
