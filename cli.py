@@ -4,7 +4,7 @@
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
     polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
     polyport bench ART --decode [--context N ...]   (time to first token, time per output token)
-    polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
+    polyport report FILE.json ... [--plot FILE.png] [--baseline FILE.json [--fail-if-slower PCT]]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
 input, a bad argument) is printed as one line, `polyport: error: <message>`, on
@@ -492,26 +492,30 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw a bar chart (needs matplotlib).")
 @click.option("--fail-if-slower", "fail_pct", type=click.FloatRange(min=0), metavar="PCT",
-              help="Exit 1 if a measured row's median is more than PCT percent slower than in --baseline.")
+              help="With --baseline: exit 1 if a row is more than PCT percent worse than there (default 25): "
+                   "its ratio to ORT lower, or, for rows without one, its median slower.")
 @click.option("--baseline", type=click.Path(dir_okay=False), metavar="FILE.json",
-              help="The bench JSON to compare against (with --fail-if-slower).")
+              help="The bench JSON to compare against (e.g. benchmarks/baseline.json).")
 @click.pass_context
 def report(ctx: click.Context, files: tuple[str, ...], plot_path: Optional[str], fail_pct: Optional[float],
            baseline: Optional[str]) -> None:
     """Tables (measured and estimated apart) from `polyport bench --json` FILES; optional plot and gate."""
     from .runtime import bench as benchmod
-    if (fail_pct is None) != (baseline is None):
-        raise click.UsageError("--fail-if-slower PCT and --baseline FILE.json go together")
+    if fail_pct is not None and baseline is None:
+        raise click.UsageError("--fail-if-slower PCT needs --baseline FILE.json")
+    if baseline is not None and fail_pct is None:
+        fail_pct = benchmod.DEFAULT_FAIL_PCT
     if plot_path is not None:
         benchmod.require_matplotlib()
         check_writable(plot_path)
     docs = [(os.path.basename(f), benchmod.read_json(f)) for f in files]
+    base_doc = benchmod.read_json(baseline) if baseline is not None else None
     click.echo(benchmod.format_report(docs))
     if plot_path is not None:
-        benchmod.plot(docs, plot_path)
+        benchmod.plot(docs, plot_path, base_doc)
         click.echo(f"wrote {plot_path}")
-    if baseline is not None:
-        found, compared = benchmod.regressions(docs, benchmod.read_json(baseline), fail_pct)
+    if base_doc is not None:
+        found, compared = benchmod.regressions(docs, base_doc, fail_pct)
         if not compared:
             click.echo(f"regression check: no measured row matches one in {baseline} (nothing compared)", err=True)
         for message in found:
