@@ -4,7 +4,7 @@
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
     polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
     polyport bench ART --decode [--context N ...]   (time to first token, time per output token)
-    polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
+    polyport report FILE.json ... [--plot FILE.png] [--baseline FILE.json [--fail-if-slower PCT]]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
 input, a bad argument) is printed as one line, `polyport: error: <message>`, on
@@ -312,16 +312,29 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
               help="Write the IR as imported and after each pass into DIR.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False), metavar="tokenizer.json",
               help="Store this Hugging Face tokenizers file in the artifact (generate --prompt TEXT).")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+              help="Store and compute linear weights as symmetric per-group codes (weight-only).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Consecutive input features sharing one --quantize scale.")
+@click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
+              help="Weight dtype (cpu: bf16/f16 weights, f32 activations and accumulation).")
 def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
-             dump_ir: Optional[str], tokenizer: Optional[str]) -> None:
+             dump_ir: Optional[str], tokenizer: Optional[str], quantize: Optional[str], group_size: str,
+             quantize_lm_head: bool, dtype: str) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
+    from .passes.quantize_weights import WeightQuantization
     from .targets.base import CompileOptions
+    if quantize_lm_head and quantize is None:
+        raise click.UsageError("--quantize-lm-head needs --quantize")
+    quant = WeightQuantization(quantize, int(group_size), quantize_lm_head) if quantize else None
     on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
-    path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
-                         on_stage=on_stage, tokenizer=tokenizer,
-                         progress=lambda msg: click.echo(f"polyport: {msg}", err=True), replace=replace)
+    path = compile_model(model, list(targets), out, pipeline=passes,
+                         options=CompileOptions(dtype=dtype, archs=archs), quantization=quant, on_stage=on_stage,
+                         tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True),
+                         replace=replace)
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
 
 
@@ -480,26 +493,30 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw a bar chart (needs matplotlib).")
 @click.option("--fail-if-slower", "fail_pct", type=click.FloatRange(min=0), metavar="PCT",
-              help="Exit 1 if a measured row's median is more than PCT percent slower than in --baseline.")
+              help="With --baseline: exit 1 if a row is more than PCT percent worse than there (default 25): "
+                   "its ratio to ORT lower, or, for rows without one, its median slower.")
 @click.option("--baseline", type=click.Path(dir_okay=False), metavar="FILE.json",
-              help="The bench JSON to compare against (with --fail-if-slower).")
+              help="The bench JSON to compare against (e.g. benchmarks/baseline.json).")
 @click.pass_context
 def report(ctx: click.Context, files: tuple[str, ...], plot_path: Optional[str], fail_pct: Optional[float],
            baseline: Optional[str]) -> None:
     """Tables (measured and estimated apart) from `polyport bench --json` FILES; optional plot and gate."""
     from .runtime import bench as benchmod
-    if (fail_pct is None) != (baseline is None):
-        raise click.UsageError("--fail-if-slower PCT and --baseline FILE.json go together")
+    if fail_pct is not None and baseline is None:
+        raise click.UsageError("--fail-if-slower PCT needs --baseline FILE.json")
+    if baseline is not None and fail_pct is None:
+        fail_pct = benchmod.DEFAULT_FAIL_PCT
     if plot_path is not None:
         benchmod.require_matplotlib()
         check_writable(plot_path)
     docs = [(os.path.basename(f), benchmod.read_json(f)) for f in files]
+    base_doc = benchmod.read_json(baseline) if baseline is not None else None
     click.echo(benchmod.format_report(docs))
     if plot_path is not None:
-        benchmod.plot(docs, plot_path)
+        benchmod.plot(docs, plot_path, base_doc)
         click.echo(f"wrote {plot_path}")
-    if baseline is not None:
-        found, compared = benchmod.regressions(docs, benchmod.read_json(baseline), fail_pct)
+    if base_doc is not None:
+        found, compared = benchmod.regressions(docs, base_doc, fail_pct)
         if not compared:
             click.echo(f"regression check: no measured row matches one in {baseline} (nothing compared)", err=True)
         for message in found:

@@ -11,9 +11,11 @@ from .errors import PolyportError
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.index_inputs import index_ranges
+from .ir.quant_layout import FLOAT16
 from .ir.types import TensorType
 from .passes.derive_generation import derive_generation, generation_entry
 from .passes.pipelines import run_pipeline
+from .passes.quantize_weights import WeightQuantization, quantize_weights
 from .runtime.artifact import ArtifactWriter, check_output, sha256
 from .runtime.cost import manifest_cost
 from .runtime.reference import ReferenceGenerator
@@ -67,15 +69,24 @@ def reference_generator(model: str | os.PathLike, pipeline: str = "default") -> 
 
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
+                  quantization: Optional[WeightQuantization] = None,
                   on_stage=None, progress: Progress = lambda msg: None, replace: bool = False,
                   tokenizer: str | os.PathLike | None = None) -> Path:
     """Compile `model` for `targets` into the artifact directory `out`.
 
     An existing artifact of the same model keeps its other targets; one of another model is replaced only
-    with `replace` (see ArtifactWriter). `tokenizer` (a Hugging Face tokenizers JSON file) is stored for
+    with `replace` (see ArtifactWriter). With `quantization`, its linear weights are stored and computed
+    as quantized codes. `tokenizer` (a Hugging Face tokenizers JSON file) is stored for
     `generate --prompt`. Ctrl-C stops at the next step (interrupts.deferred) and leaves neither an
     artifact nor a temporary directory."""
     options = options or CompileOptions()
+    if "ascend" in targets and (quantization is not None or (options.dtype in FLOAT16 and len(targets) > 1)):
+        raise PolyportError("ascend: compile it on its own, without --quantize (its weights are converted by its "
+                            "own f16 lowering; CANN's antiquant matmuls are not planned yet)")
+    if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
+        if quantization is not None:
+            raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
+        quantization = WeightQuantization(options.dtype, lm_head=True)
     if tokenizer is not None:
         check_tokenizer(tokenizer)
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
@@ -96,6 +107,11 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
         graph = import_onnx(model)
         step(f"running the {pipeline!r} pipeline")
         run_pipeline(graph, pipeline, on_stage=stage)
+        quant_entry = None
+        if quantization is not None:
+            step(f"quantizing weights ({quantization.scheme}, groups of {quantization.group_size})")
+            quant_entry = quantize_weights(graph, quantization)
+            stage(f"quantize-{quantization.scheme}", graph)
         programs = derive_generation(graph)                 # before lowering: targets may rewrite the graph
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
@@ -110,6 +126,8 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                          "target(s) are dropped")
             writer.manifest["cost"] = manifest_cost(graph)   # FLOPs/bytes polynomials for the roofline (bench)
             writer.manifest["generation"] = generation_entry(graph, programs)
+            if quant_entry is not None:
+                writer.manifest["quantization"] = quant_entry
             if tokenizer is not None:
                 shutil.copyfile(tokenizer, writer.tmp / TOKENIZER)
                 writer.manifest["tokenizer"] = TOKENIZER

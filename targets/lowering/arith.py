@@ -84,6 +84,14 @@ def power(lw, node):
     return lw.emit(lw.relax.op.power(x, y if y.ty.dtype == dt else lw.relax.op.astype(y, dt)))
 
 
+@lowers("Equal")
+def equal(lw, node):
+    op = lw.relax.op
+    if str(node.inputs[0].dtype) == "bool":  # TVM's LLVM codegen emits a float compare for bool == bool
+        return lw.both(node, lambda a, b: op.logical_not(op.logical_xor(a, b)))
+    return lw.both(node, op.equal)
+
+
 @lowers("Where")
 def where(lw, node):
     c, a, b = (lw.get(v) for v in node.inputs)
@@ -94,7 +102,7 @@ def where(lw, node):
 _UNARY = {"Sigmoid": ("sigmoid", FLOAT_BF), "Cos": ("cos", FLOAT_BF), "Sin": ("sin", FLOAT_BF),
           "Exp": ("exp", FLOAT_BF), "Sqrt": ("sqrt", FLOAT_BF), "Tanh": ("tanh", FLOAT_BF),
           "Erf": ("erf", FLOAT_BF), "Not": ("logical_not", ("bool",))}
-_BINARY = {"And": ("logical_and", ("bool",)), "Or": ("logical_or", ("bool",)), "Equal": ("equal", None),
+_BINARY = {"And": ("logical_and", ("bool",)), "Or": ("logical_or", ("bool",)),
            "Greater": ("greater", None), "GreaterOrEqual": ("greater_equal", None), "Less": ("less", None),
            "LessOrEqual": ("less_equal", None)}
 

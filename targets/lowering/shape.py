@@ -211,7 +211,10 @@ def slice_op(lw, node):
         n = shape[a]
         b.append(norm_index(lw, s0, n))
         e.append(norm_index(lw, e0, n))
-    return lw.emit(lw.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=False))
+    # Bounds normalised into [0, n] need no re-derivation by Relax, whose in-bounds canonicalisation
+    # otherwise leaves if_then_else in symbolic shapes (FuseOps cannot infer those; the GPU builds fail).
+    inbound = all(lw.analyzer.can_prove(i >= 0) for i in b + e)
+    return lw.emit(lw.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=inbound))
 
 
 @lowers("Split")
