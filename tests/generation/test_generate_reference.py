@@ -140,7 +140,7 @@ def test_states_in_flight_own_their_caches():
 
 
 def test_an_uncached_layer_recomputes_with_one_warning(capfd):
-    s = generator("deepseek_v4_b")                          # CSA/HCA compressed layers: no fused Attention
+    s = generator("deepseek_v4_b")          # CSA/HCA: Attention over window + compressed keys, masked: uncached
     assert s.generation["uncached"] and not s.generation["layers"]
     s._warned_recompute = False                             # the warning comes once per session
     ids = prompt("deepseek_v4_b", 5, 3)
