@@ -395,8 +395,8 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
         session = reference_generator(artifact)
     if prompt is not None:
         if tokenizer is None:
-            raise GenerationError(f"--prompt needs a tokenizer in the artifact; compile with --tokenizer "
-                                  f"tokenizer.json, or give --prompt-ids")
+            raise GenerationError("--prompt needs a tokenizer in the artifact; compile with --tokenizer "
+                                  "tokenizer.json, or give --prompt-ids")
         ids = np.array([tokenizer.encode(prompt).ids], np.int64)
     elif prompt_ids is not None:
         ids = np.array([_int_list(prompt_ids, "--prompt-ids")], np.int64).reshape(1, -1)

@@ -66,7 +66,7 @@ class GenerationPrograms:
     layers: list[CacheLayer]
     uncached: list[str]
     vocab: int
-    max_positions: Optional[int]
+    max_positions: Optional[int]        # rows of a constant cos/sin table the positions index; None: no limit
 
     def added_constants(self) -> dict[str, np.ndarray]:
         """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
@@ -116,7 +116,8 @@ def derive_generation(graph: Graph) -> GenerationPrograms:
     plans = {n.name: plan for n in attentions if (plan := mla_plan(n)) is not None}
     layers = [_layer(i, n, plans.get(n.name)) for i, n in enumerate(attentions)]
     return GenerationPrograms(_program(graph, "prefill", layers, ranges, plans),
-                              _program(graph, "decode", layers, ranges, plans), layers, [], vocab, None)
+                              _program(graph, "decode", layers, ranges, plans), layers, [], vocab,
+                              _max_positions(ranges))
 
 
 def _is(node: Node, op: str) -> bool:
@@ -179,6 +180,23 @@ def _position_sources(graph: Graph) -> list[Node]:
             continue
         stack.extend(node.inputs)
     return found
+
+
+def _max_positions(ranges: list[Node]) -> Optional[int]:
+    """The rows of a constant cos/sin (or position embedding) table the positions index, if any:
+    exports that compute cos/sin from inv_freq state no limit (None)."""
+    stack, seen, rows = [r.outputs[0] for r in ranges], set(), []
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for user, i in v.uses:
+            if user.op_type == "Gather" and not user.domain and i == 1 and user.inputs[0].is_constant:
+                rows.append(user.inputs[0].const.shape[user.attrs.get("axis", 0)])
+            elif user.op_type not in ("Rotary", "Attention"):
+                stack.extend(user.outputs)
+    return min(rows) if rows else None
 
 
 # ---- DeepSeek MLA: the absorbed layout --------------------------------------------------------
