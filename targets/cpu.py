@@ -37,6 +37,10 @@ def host_mcpu() -> str:
     return name
 
 
+def _kernels(options: CompileOptions) -> str:
+    return (options.extra or {}).get("kernels", "cpu")
+
+
 @register_target
 class CpuTarget(Target):
     name = "cpu"
@@ -61,7 +65,7 @@ class CpuTarget(Target):
         from .gpu_build import KNOWN_ARCHS
         cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
         mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
-        kernels = (options.extra or {}).get("kernels", "cpu")
+        kernels = _kernels(options)
         derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
                                            ("decode", getattr(programs, "decode", None))) if g is not None}
         if derived:
@@ -78,12 +82,16 @@ class CpuTarget(Target):
         """Build `main` and, when every attention can be cached, the derived `prefill` / `decode` in the
         same library: one LLVM build. `lower_generation` (called next by compile) then finds them."""
         from ..passes.derive_generation import derive_generation
-        programs = derive_generation(graph)
-        return self._write(graph, None if programs.uncached else programs, out_dir, weights, options)
+        programs = derive_generation(graph) if _kernels(options) == "cpu" else None
+        return self._write(graph, None if programs is None or programs.uncached else programs, out_dir, weights,
+                           options)
 
     def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
                          options: CompileOptions) -> Optional[dict]:
-        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not)."""
+        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not).
+        None with the portable kernel set: the KV-cache ops have cpu kernels only."""
+        if _kernels(options) != "cpu":
+            return None
         entry = {}
         meta = json.loads((Path(out_dir) / "model.json").read_text())
         if not {"prefill", "decode"} <= set(meta.get("functions", {})):
