@@ -598,7 +598,8 @@ class _Lowerer:
             e.append(self._norm_index(e0, n))
         # Bounds normalised into [0, n] need no re-derivation by Relax, whose in-bounds canonicalisation
         # otherwise leaves if_then_else in symbolic shapes (FuseOps cannot infer those; the GPU builds fail).
-        inbound = all(self.analyzer.can_prove(i >= 0) for i in b + e)
+        inbound = all(self.analyzer.can_prove(i >= 0) for i in b) and \
+            all(self.analyzer.can_prove(j >= i) for i, j in zip(b, e))
         return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=inbound))
 
     def _norm_index(self, v, n):
