@@ -4,7 +4,7 @@
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
     polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
     polyport bench ART --decode [--context N ...]   (time to first token, time per output token)
-    polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
+    polyport report FILE.json ... [--plot FILE.png] [--baseline FILE.json [--fail-if-slower PCT]]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
 input, a bad argument) is printed as one line, `polyport: error: <message>`, on
@@ -14,19 +14,18 @@ too. Files are written atomically: a failed command leaves no half-written file.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 import zipfile
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import click
 import numpy as np
 
 from . import __version__, errors
+from .files import atomic_write, check_writable
 
 EXIT_USER_ERROR = 2
 
@@ -189,7 +188,7 @@ def run(model: str, inputs: tuple[str, ...], seq: Optional[int], output: Optiona
         raise click.UsageError("give either --input NAME=FILE.npy ... or --seq N, not both")
     feeds = load_inputs(inputs)            # argument errors first, before a long import
     if output is not None:
-        _check_writable(output)
+        check_writable(output)
     if os.path.isdir(model):
         from .runtime.session import load, signature_types
         session = load(model, target or "cpu")
@@ -300,7 +299,10 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
 @click.option("--target", "-t", "targets", multiple=True, required=True, metavar="TARGET",
               help="cpu | cuda | rocm | ascend; repeat for several (added to an existing artifact).")
 @click.option("--output", "-o", "out", required=True, type=click.Path(file_okay=False), metavar="ART",
-              help="The artifact directory to write (replaced atomically).")
+              help="The artifact directory to write (replaced atomically; an artifact of the same model keeps "
+                   "its other targets).")
+@click.option("--replace", is_flag=True,
+              help="Replace an existing artifact of another model at ART (its other targets are dropped).")
 @click.option("--passes", default="default", show_default=True, metavar="PIPELINE",
               help="Pass pipeline to run before lowering.")
 @click.option("--arch", "archs", multiple=True, metavar="ARCH",
@@ -309,15 +311,29 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
               help="Write the IR as imported and after each pass into DIR.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False), metavar="tokenizer.json",
               help="Store this Hugging Face tokenizers file in the artifact (generate --prompt TEXT).")
-def compile_(model: str, targets: tuple[str, ...], out: str, passes: str, archs: tuple[str, ...],
-             dump_ir: Optional[str], tokenizer: Optional[str]) -> None:
+@click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+              help="Store and compute linear weights as symmetric per-group codes (weight-only).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Consecutive input features sharing one --quantize scale.")
+@click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
+              help="Weight dtype (cpu: bf16/f16 weights, f32 activations and accumulation).")
+def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
+             dump_ir: Optional[str], tokenizer: Optional[str], quantize: Optional[str], group_size: str,
+             quantize_lm_head: bool, dtype: str) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
+    from .passes.quantize_weights import WeightQuantization
     from .targets.base import CompileOptions
+    if quantize_lm_head and quantize is None:
+        raise click.UsageError("--quantize-lm-head needs --quantize")
+    quant = WeightQuantization(quantize, int(group_size), quantize_lm_head) if quantize else None
     on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
-    path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
-                         on_stage=on_stage, tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+    path = compile_model(model, list(targets), out, pipeline=passes,
+                         options=CompileOptions(dtype=dtype, archs=archs), quantization=quant, on_stage=on_stage,
+                         tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True),
+                         replace=replace)
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
 
 
@@ -459,7 +475,7 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
     Ascend emulator is never timed) are roofline lower bounds, labelled estimated."""
     from .runtime import bench as benchmod
     if json_path is not None:
-        _check_writable(json_path)
+        check_writable(json_path)
     if contexts and not decode or decode and seqs:
         raise click.UsageError("--context goes with --decode (and --seq without it)")
     lengths = (list(contexts) or benchmod.DEFAULT_CONTEXTS) if decode else (list(seqs) or benchmod.DEFAULT_SEQS)
@@ -476,26 +492,30 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw a bar chart (needs matplotlib).")
 @click.option("--fail-if-slower", "fail_pct", type=click.FloatRange(min=0), metavar="PCT",
-              help="Exit 1 if a measured row's median is more than PCT percent slower than in --baseline.")
+              help="With --baseline: exit 1 if a row is more than PCT percent worse than there (default 25): "
+                   "its ratio to ORT lower, or, for rows without one, its median slower.")
 @click.option("--baseline", type=click.Path(dir_okay=False), metavar="FILE.json",
-              help="The bench JSON to compare against (with --fail-if-slower).")
+              help="The bench JSON to compare against (e.g. benchmarks/baseline.json).")
 @click.pass_context
 def report(ctx: click.Context, files: tuple[str, ...], plot_path: Optional[str], fail_pct: Optional[float],
            baseline: Optional[str]) -> None:
     """Tables (measured and estimated apart) from `polyport bench --json` FILES; optional plot and gate."""
     from .runtime import bench as benchmod
-    if (fail_pct is None) != (baseline is None):
-        raise click.UsageError("--fail-if-slower PCT and --baseline FILE.json go together")
+    if fail_pct is not None and baseline is None:
+        raise click.UsageError("--fail-if-slower PCT needs --baseline FILE.json")
+    if baseline is not None and fail_pct is None:
+        fail_pct = benchmod.DEFAULT_FAIL_PCT
     if plot_path is not None:
         benchmod.require_matplotlib()
-        _check_writable(plot_path)
+        check_writable(plot_path)
     docs = [(os.path.basename(f), benchmod.read_json(f)) for f in files]
+    base_doc = benchmod.read_json(baseline) if baseline is not None else None
     click.echo(benchmod.format_report(docs))
     if plot_path is not None:
-        benchmod.plot(docs, plot_path)
+        benchmod.plot(docs, plot_path, base_doc)
         click.echo(f"wrote {plot_path}")
-    if baseline is not None:
-        found, compared = benchmod.regressions(docs, benchmod.read_json(baseline), fail_pct)
+    if base_doc is not None:
+        found, compared = benchmod.regressions(docs, base_doc, fail_pct)
         if not compared:
             click.echo(f"regression check: no measured row matches one in {baseline} (nothing compared)", err=True)
         for message in found:
@@ -511,7 +531,7 @@ def _import(model: str, dump_ir: Optional[str], passes: str = "none", explain: b
     from .passes.manager import stage_dumper
     from .passes.pipelines import run_pipeline
     if dump_ir is not None:
-        _check_writable(dump_ir)
+        check_writable(dump_ir)
     graph = import_onnx(model)
     stages: list[str] = []
     pm = run_pipeline(graph, passes, on_stage=stage_dumper(stages) if dump_ir is not None else None)
@@ -521,47 +541,6 @@ def _import(model: str, dump_ir: Optional[str], passes: str = "none", explain: b
         with atomic_write(dump_ir) as f:
             f.write("\n".join(stages).encode())
     return graph
-
-
-def _check_writable(path: str) -> None:
-    """Fail before the work, not after it, when an output file cannot be written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise errors.PolyportError(f"cannot write {path}: it is a directory")
-    if not os.path.isdir(directory):
-        raise errors.PolyportError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise errors.PolyportError(f"cannot write {path}: directory {directory} is not writable")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str) -> Iterator[Any]:
-    """A binary file object whose content replaces `path` only if the block succeeds."""
-    _check_writable(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as e:
-        raise errors.PolyportError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise errors.PolyportError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":

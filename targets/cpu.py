@@ -56,8 +56,8 @@ class CpuTarget(Target):
         from .tvm_lower import lower_functions, lower_to_relax
         from .schedule_cpu import schedule_module
 
-        if options.dtype not in ("f32",):
-            raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
+        if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
+            raise errors.PolyportError(f"cpu target: dtype {options.dtype} is not supported (f32, bf16, f16)")
         from .gpu_build import KNOWN_ARCHS
         cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
         mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())

@@ -39,6 +39,7 @@ class Lowered:
     outputs: list[str]
     symbols: list[str]
     packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [N/NB, K, NB]
+    packed_rows: dict = dataclasses.field(default_factory=dict)   # quantized operand -> NB: [N, X] as [N/NB, X, NB]
 
 
 def _tvm():
@@ -176,8 +177,20 @@ class _Lowerer:
             self.env[v] = rv
         params, param_vars = [], []
         self.packed: dict[str, int] = {}
+        self.packed_rows: dict[str, int] = {}
+        from .lowering import quant
         for name, v in g.constants.items():
             arr = v.const
+            qnb = quant.param_layout(self, v)
+            if qnb is not None:       # quantized weight operands: parameters, codes bound as stored or column-blocked
+                shape = [arr.shape[0] // qnb, arr.shape[1], qnb] if qnb else list(arr.shape)
+                if qnb:
+                    self.packed_rows[name] = qnb
+                rv = relax.Var(_safe(name), relax.TensorType(shape=shape, dtype=str(arr.dtype)))
+                params.append(name)
+                param_vars.append(rv)
+                self.env[v] = rv
+                continue
             if arr.dtype.kind in "iu" and arr.size <= 4096:
                 self.pv[v] = np.array(arr.tolist(), dtype=object).reshape(arr.shape) if arr.ndim else \
                     np.array(int(arr), dtype=object).reshape(())
@@ -208,7 +221,7 @@ class _Lowerer:
             self.bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         mod = self.bb.get()
         return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms),
-                       dict(self.packed))
+                       dict(self.packed), dict(self.packed_rows))
 
     def _dense_operands(self, node: Node) -> bool:
         """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
