@@ -213,7 +213,8 @@ def slice_op(lw, node):
         e.append(norm_index(lw, e0, n))
     # Bounds normalised into [0, n] need no re-derivation by Relax, whose in-bounds canonicalisation
     # otherwise leaves if_then_else in symbolic shapes (FuseOps cannot infer those; the GPU builds fail).
-    inbound = all(lw.analyzer.can_prove(i >= 0) for i in b + e)
+    inbound = all(lw.analyzer.can_prove(i >= 0) for i in b) and \
+        all(lw.analyzer.can_prove(j >= i) for i, j in zip(b, e))
     return lw.emit(lw.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=inbound))
 
 
