@@ -132,7 +132,9 @@ def _trunc_div(x, y):
     if isinstance(x, int) and isinstance(y, int):
         q = abs(x) // abs(y)
         return q if (x >= 0) == (y >= 0) else -q
-    return symbolic.floordiv(x, y)   # symbols are positive: floor == trunc for a positive divisor
+    if isinstance(y, int) and y != 0 and symbolic.provably_le(0, x):   # floor == trunc for x >= 0
+        return symbolic.floordiv(x, y) if y > 0 else symbolic.mul(symbolic.floordiv(x, -y), -1)
+    return symbolic.floordiv(x, y) if isinstance(y, SymExpr) else None
 
 
 def _cmp(pred):

@@ -15,6 +15,9 @@ PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize", "quant-matmul", "fuse-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-moe", "fuse-gated-mlp",
                 "canonicalize"],
 }
+# `generate`: the default pipeline, then the KV-cache programs derived from it (passes/derive_generation.py);
+# `inspect --passes generate` prints them with each layer's cache layout.
+PIPELINES["generate"] = PIPELINES["default"]
 
 
 def run_pipeline(graph: Graph, name: str = "default", **manager_options) -> PassManager:

@@ -96,7 +96,9 @@ def nbytes(v: Optional[Value]) -> Optional[Dim]:
     if bits % 8 == 0:
         return mul(n, bits // 8)
     exact = floordiv(mul(n, bits), 8)
-    return exact if exact is not None else mul(n, -(-bits // 8))
+    if isinstance(exact, SymExpr) and not exact.is_polynomial:
+        return mul(n, -(-bits // 8))
+    return exact
 
 
 class _Unknown(Exception):

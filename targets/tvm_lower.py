@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import errors
 from ..ir.graph import Graph, Node, Value
-from ..ir.symbolic import SymExpr
+from ..ir.symbolic import Atom, SymExpr
 from ..ir.types import TensorType
 
 # "cpu": hand-written, already scheduled cpu kernels; "portable": TE computes any target schedules
@@ -55,7 +55,8 @@ def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu"):
+    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu", bb=None,
+                 packing: Optional[dict[str, int]] = None):
         import tvm
         import tvm.sym  # noqa: F401 - the arithmetic analyzer (tvm.arith before 0.27)
         from tvm import relax, tirx
@@ -69,12 +70,15 @@ class _Lowerer:
         self.syms: dict[str, Any] = {}
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
-        self.bb = relax.BlockBuilder()
+        self.bb = bb or relax.BlockBuilder()      # shared when several functions go into one module
+        self.packing = packing                   # weight name -> NB agreed by all of them (None: decide here)
 
     # ---- symbolic helpers --------------------------------------------------------------
     def sym(self, name: str):
         if name not in self.syms:
-            self.syms[name] = self.tirx.Var(name, "int64")
+            var = self.syms[name] = self.tirx.Var(name, "int64")
+            # a symbol is a tensor extent (>= 1): lets the analyzer prove slice bounds non-negative
+            self.analyzer.bind(var, self.tvm.ir.Range(1, 1 << 62))
         return self.syms[name]
 
     def dim(self, d):
@@ -86,10 +90,15 @@ class _Lowerer:
             for mono, coeff in d.terms.items():
                 term = tirx.IntImm("int64", coeff)
                 for s in mono:
-                    term = term * self.sym(s)
+                    term = term * (self.atom(s) if isinstance(s, Atom) else self.sym(s))
                 total = total + term
             return self.simplify(total)
         raise errors.UnsupportedOpError(f"{self.target_name} target: unknown dim {d!r}")
+
+    def atom(self, a: Atom):
+        """`(x // k)`, `min(a, b)`, `max(a, b)` as the tirx expressions TVM's analyzer knows."""
+        x, y = (self.dim(v) for v in a.args)
+        return {"floordiv": self.tirx.floordiv, "min": self.tirx.min, "max": self.tirx.max}[a.kind](x, y)
 
     def simplify(self, e):
         if isinstance(e, int):
@@ -154,7 +163,7 @@ class _Lowerer:
             f"node {node.name} ({node.qualified_op}): not supported by the {self.target_name} target: {why}")
 
     # ---- the function ----------------------------------------------------------------
-    def lower(self) -> Lowered:
+    def lower(self, func_name: str = "main") -> Lowered:
         relax = self.relax
         g = self.graph
         inputs = []
@@ -193,7 +202,7 @@ class _Lowerer:
                     self.env[v] = relax.const(np.ascontiguousarray(arr), str(arr.dtype))
                 continue
             shape = list(arr.shape)
-            nb = self._packable(v)
+            nb = self._packable(v) if self.packing is None else self.packing.get(name, 0)
             if nb:
                 self.packed[name] = nb
                 shape = [arr.shape[1] // nb, arr.shape[0], nb]
@@ -201,9 +210,10 @@ class _Lowerer:
             params.append(name)
             param_vars.append(rv)
             self.env[v] = rv
-        with self.bb.function("main", inputs + param_vars):
+        from .lowering.cache import in_place_order
+        with self.bb.function(func_name, inputs + param_vars):
             with self.bb.dataflow():
-                for node in g.nodes:
+                for node in in_place_order(g.nodes):
                     self.lower_node(node)
                 outs = []
                 for v in g.outputs:
@@ -277,7 +287,22 @@ class _Lowerer:
             if isinstance(o, np.ndarray):
                 self.pv[v] = o
             else:
-                self.env[v] = o
+                self.env[v] = self._with_ir_shape(o, v)
+
+    def _with_ir_shape(self, o, v: Value):
+        """Where Relax lost a tensor's shape or re-derived it in a form it cannot prove equal (a reshape to
+        `seq // 8`, `min(1, seq)` slice bounds), bind the shape the IR folded at import."""
+        ty = getattr(o, "ty", None)
+        t = v.type
+        if not isinstance(ty, self.relax.TensorType) \
+                or not isinstance(t, TensorType) or t.shape is None or any(d is None for d in t.shape):
+            return o
+        shape = [self.dim(d) for d in t.shape]
+        have = list(ty.shape.values) if hasattr(ty.shape, "values") else None
+        if have is not None and len(have) == len(shape) and all(
+                self.analyzer.can_prove_equal(a, b) for a, b in zip(have, shape)):
+            return o
+        return self.bb.match_cast(o, self.relax.TensorType(shape=shape, dtype=ty.dtype))
 
     # ---- shape-value propagation helpers -------------------------------------------------
     def _pv_binary(self, node: Node, f):
@@ -378,7 +403,11 @@ class _Lowerer:
 
     def op_And(self, node): return self._both(node, self.relax.op.logical_and)
     def op_Or(self, node): return self._both(node, self.relax.op.logical_or)
-    def op_Equal(self, node): return self._both(node, self.relax.op.equal)
+    def op_Equal(self, node):
+        if str(node.inputs[0].dtype) == "bool":  # TVM's LLVM codegen emits a float compare for bool == bool
+            op = self.relax.op
+            return self._both(node, lambda a, b: op.logical_not(op.logical_xor(a, b)))
+        return self._both(node, self.relax.op.equal)
     def op_Greater(self, node): return self._both(node, self.relax.op.greater)
     def op_GreaterOrEqual(self, node): return self._both(node, self.relax.op.greater_equal)
     def op_Less(self, node): return self._both(node, self.relax.op.less)
@@ -580,7 +609,10 @@ class _Lowerer:
             n = shape[a]
             b.append(self._norm_index(s0, n))
             e.append(self._norm_index(e0, n))
-        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=False))
+        # Bounds normalised into [0, n] need no re-derivation by Relax, whose in-bounds canonicalisation
+        # otherwise leaves if_then_else in symbolic shapes (FuseOps cannot infer those; the GPU builds fail).
+        inbound = all(self.analyzer.can_prove(i >= 0) for i in b + e)
+        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=inbound))
 
     def _norm_index(self, v, n):
         iv = self.as_int(v)
@@ -857,6 +889,29 @@ def _pe(lw: _Lowerer, x):
 
 def _safe(name: str) -> str:
     return "w_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def lower_functions(graphs: dict[str, Graph], target_name: str = "cpu", kernels: str = "cpu") -> dict[str, Lowered]:
+    """Lower graphs that share weights (constants of the same name) into one IRModule, one Relax
+    function per graph name (every Lowered's `mod` is that module). The loader binds each weight
+    once, so a weight is pre-packed only where every graph using it can take it packed."""
+    import tvm.relax
+    bb = tvm.relax.BlockBuilder()
+    lowerers = {name: _Lowerer(g, target_name, kernels, bb=bb) for name, g in graphs.items()}
+    blocks: dict[str, set[int]] = {}
+    for lw in lowerers.values():
+        for wname, v in lw.graph.constants.items():
+            if v.uses:
+                blocks.setdefault(wname, set()).add(lw._packable(v))
+    packing = {w: nbs.pop() for w, nbs in blocks.items() if len(nbs) == 1 and 0 not in nbs}
+    out = {}
+    for name, lw in lowerers.items():
+        lw.packing = packing
+        out[name] = lw.lower(name)
+    mod = bb.get()
+    for lowered in out.values():
+        lowered.mod = mod
+    return out
 
 
 def lower_to_relax(graph: Graph, target_name: str = "cpu", kernels: str = "cpu") -> Lowered:

@@ -43,3 +43,11 @@ def cli():
         return CliResult(result.exit_code, result.stdout, result.stderr, result.exception)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def llama_artifact(tmp_path_factory):
+    """llama_a (examples/models) compiled once for cpu and ascend: the artifact the reliability tests share."""
+    from polyport.compiler import compile_model
+    from .real_models import model_path
+    return compile_model(model_path("llama_a"), ["cpu", "ascend"], tmp_path_factory.mktemp("llama") / "art")

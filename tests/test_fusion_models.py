@@ -32,18 +32,12 @@ def _all_exports() -> dict[str, dict]:
 
 
 MODELS = _all_exports()
-# DeepSeek-V4's compressed attention layers (HCA / CSA: K/V extended by seq // rate
-# compressed entries, CSA with a data-dependent top-k block selection) are not
-# expressible as polyport::Attention yet: they stay unfused, and are counted apart.
-COMPRESSED = {"heavily_compressed_attention", "compressed_sparse_attention"}
-
-
 def expected(entry: dict) -> dict[str, int]:
     cfg = entry["hf_config"]
     layer_types = cfg.get("layer_types") or ["full_attention"] * entry["num_layers"]
     shared = 1 if cfg.get("n_shared_experts") else 0
     return {
-        "polyport::Attention": sum(t not in COMPRESSED for t in layer_types),
+        "polyport::Attention": len(layer_types),   # DeepSeek-V4's compressed layers included
         "polyport::MoE": entry["num_moe_layers"],
         "polyport::GatedMLP": entry["num_dense_layers"] + shared * entry["num_moe_layers"],
     }
