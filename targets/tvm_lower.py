@@ -203,7 +203,7 @@ class _Lowerer:
                 self.pv[v] = np.array(arr.tolist(), dtype=object).reshape(arr.shape) if arr.ndim else \
                     np.array(int(arr), dtype=object).reshape(())
                 continue
-            if arr.size <= SMALL_CONST or arr.dtype.kind not in "fc":
+            if arr.size <= SMALL_CONST or not (arr.dtype.kind in "fc" or str(arr.dtype) == "bfloat16"):
                 if arr.dtype.kind == "b":
                     self.env[v] = relax.const(np.asarray(arr, bool), "bool")
                 else:
