@@ -42,6 +42,9 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name or "polyport", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:     # `polyport` alone: the help, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
         except click.exceptions.UsageError as e:     # bad options or arguments: never a traceback
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             _fail(e.format_message() + hint)
@@ -191,6 +194,11 @@ def run(model: str, inputs: tuple[str, ...], seq: Optional[int], output: Optiona
     if output is not None:
         check_writable(output)
     if os.path.isdir(model):
+        given = [flag for flag, used in (("--passes", passes != "none"), ("--explain", explain),
+                                          ("--dump-ir", dump_ir is not None)) if used]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} applies to an ONNX model; {model} is a compiled artifact "
+                                   "(its passes ran when it was compiled: use them with `polyport compile`)")
         from .runtime.session import load, signature_types
         session = load(model, target or "cpu")
         specs = signature_types(session.signature["inputs"])

@@ -143,6 +143,9 @@ DEVICES: Mapping[str, DeviceSpec] = {
     "cpu": HOST_CPU,
 }
 
+# Every target, in the one order messages, help texts and listings use.
+TARGETS: tuple[str, ...] = ("cpu", "cuda", "rocm", "ascend")
+
 # The devices each target's estimated rows are given for (the first is the target's default).
 TARGET_DEVICES: Mapping[str, tuple[str, ...]] = {
     "cuda": ("h100", "h200"),

@@ -28,6 +28,7 @@ class Target(abc.ABC):
     name: ClassVar[str]
     devices: ClassVar[Mapping[str, DeviceSpec]]
     default_device: ClassVar[str]
+    known_archs: ClassVar[tuple[str, ...]] = ()     # what --arch may name for this target (none: it takes no --arch)
 
     @abc.abstractmethod
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
@@ -68,9 +69,10 @@ def get_target(name: str) -> Target:
     try:
         return _TARGETS[name]()
     except KeyError:
-        raise PolyportError(f"unknown target {name!r}; known: {', '.join(sorted(_TARGETS))}") from None
+        raise PolyportError(f"unknown target {name!r}; known: {', '.join(target_names())}") from None
 
 
 def target_names() -> list[str]:
     from . import registry  # noqa: F401
-    return sorted(_TARGETS)
+    from ..devices import TARGETS
+    return sorted(_TARGETS, key=lambda t: TARGETS.index(t) if t in TARGETS else len(TARGETS))

@@ -62,9 +62,7 @@ class CpuTarget(Target):
 
         if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
             raise errors.PolyportError(f"cpu target: dtype {options.dtype} is not supported (f32, bf16, f16)")
-        from .gpu_build import KNOWN_ARCHS
-        cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
-        mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
+        mcpu = (options.extra or {}).get("mcpu") or host_mcpu()
         kernels = _kernels(options)
         derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
                                            ("decode", getattr(programs, "decode", None))) if g is not None}

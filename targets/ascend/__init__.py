@@ -55,6 +55,7 @@ class AscendTarget(Target):
     name = "ascend"
     devices = {"910b3": ASCEND_910B3}
     default_device = "910b3"
+    known_archs = (SOC,)
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
         out_dir = Path(out_dir)
@@ -64,10 +65,7 @@ class AscendTarget(Target):
             raise L.LimitError(f"ascend: compute dtype {options.dtype} is not supported: CANN's fused LLM "
                                f"operators take float16/bfloat16 and polyport's Ascend lowering emits float16 "
                                f"({L.DOCS})")
-        archs = list(options.archs) or [SOC]
-        for arch in archs:
-            if arch != SOC:
-                raise PolyportError(f"ascend: unknown soc_version {arch!r}; known: {SOC}")
+        archs = [a for a in options.archs if a in self.known_archs] or [SOC]    # the others are other targets'
         low = Emitter(graph, compute)
         with warnings.catch_warnings(record=True):      # recorded in low.fallbacks; re-issued once below
             warnings.simplefilter("always", L.AscendFallbackWarning)
