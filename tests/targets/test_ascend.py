@@ -263,6 +263,7 @@ def _moe_graph(experts: int, k: int, n_group: int = 1, topk_group: int = 1, scor
 
 def _lower(graph, tmp_path, dtype="f32"):
     weights = {v.name: v.const for v in graph.constants.values()}
+    tmp_path.mkdir(parents=True, exist_ok=True)       # an artifact's parent directory must exist
     with ArtifactWriter(tmp_path / "art", signature(graph, graph.name)) as w:
         w.write_weights(weights)
         entry = get_target("ascend").lower(graph, w.target_dir("ascend"), weights, CompileOptions(dtype=dtype))
