@@ -24,7 +24,7 @@ import numpy as np
 from ..ir import dtypes
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import infer_node
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir.ops import POLYPORT_DOMAIN, attrs_of, checked_attrs
 from ..ir.symbolic import sym
 from ..ir.types import TensorType
 from ._match_util import ints
@@ -128,7 +128,7 @@ def _cacheable(node: Node) -> bool:
     ins = node.inputs
     mask = ins[3] if len(ins) > 3 else None
     shapes = [v.shape for v in ins[:3]]
-    return (bool(node.attrs.get("causal", 0)) and mask is None
+    return (bool(attrs_of(node)["causal"]) and mask is None
             and all(s is not None and len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int)
                     for s in shapes))
 
@@ -147,7 +147,7 @@ def _unfused_attention(graph: Graph) -> list[str]:
 
 def _layer(i: int, node: Node, mla: Optional["MlaPlan"]) -> CacheLayer:
     q, k, v = node.inputs[:3]
-    window = int(node.attrs.get("window", 0))
+    window = attrs_of(node)["window"]
     name = f"cache.{i}"
     if mla is not None and not window:
         naive = node.attrs["kv_heads"] * (k.shape[3] + v.shape[3]) * (k.dtype.itemsize_bits // 8)
@@ -330,6 +330,8 @@ def _clone(graph: Graph, name: str) -> tuple[Graph, dict[int, Value]]:
 
 
 def _node(g: Graph, op: str, inputs, *, attrs=None, domain: str = "", name: str = "", before=None) -> Value:
+    if domain == POLYPORT_DOMAIN:
+        attrs = checked_attrs(op, attrs or {}, where=name)
     node = g.make_node(op, inputs, attrs=attrs, domain=domain, name=name, before=before)
     for v, t in zip(node.outputs, infer_node(node, g.opset_imports)):
         v.type = t
@@ -386,7 +388,7 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
             out = _node(g, "CachedAttention", [q, k, v, cache_k, cache_v, past] + ([sinks] if sinks else []),
                         domain=POLYPORT_DOMAIN, name=f"{node.name}_cached", before=node,
                         attrs={"num_heads": node.attrs["num_heads"], "kv_heads": node.attrs["kv_heads"],
-                               "scale": node.attrs["scale"], "window": int(node.attrs.get("window", 0)),
+                               "scale": node.attrs["scale"], "window": attrs_of(node)["window"],
                                "ring": ring, "v_in_k": int(layer.kind == "shared_kv")})
             node.outputs[0].replace_all_uses_with(out)
             g.remove(node)

@@ -15,6 +15,7 @@ from .. import errors
 from ..ir import dtypes
 from ..ir.symbolic import parse
 from ..ir.types import TensorType
+from ..devices import TARGETS
 from .artifact import Artifact
 
 LOADERS = {
@@ -35,7 +36,7 @@ class Session(Protocol):
 def load(path: str | os.PathLike, target: str = "cpu", **options: Any) -> Session:
     """Open the artifact at `path` for `target`, checking the hashes of every file it uses."""
     if target not in LOADERS:
-        raise errors.PolyportError(f"unknown target {target!r}; known: {', '.join(LOADERS)}")
+        raise errors.PolyportError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     art = Artifact(path)
     entry = art.target_entry(target)
     art.verify(target)

@@ -43,7 +43,7 @@ from polyport.runtime.artifact import ArtifactWriter, read_manifest
 from polyport.runtime.reference import ReferenceSession
 from polyport.runtime.session import load
 from polyport.targets import ascend
-from polyport.targets.ascend_limits import AscendFallbackWarning, LimitError
+from polyport.targets.ascend.limits import AscendFallbackWarning, LimitError
 from polyport.targets.base import CompileOptions, get_target
 
 from ..real_models import BUNDLED, corpus, model_path

@@ -27,11 +27,6 @@ EXAMPLES = ROOT / "examples"
 CORPUS = json.loads((EXAMPLES / "models" / "corpus.json").read_text())["models"]
 
 DEFAULT = ["deepseek_v3_tiny", "llama_a"]
-XFAIL = {
-    "deepseek_v4_b": "its unfused compressed-KV attention (scores over seq + the seq // 8 compressed keys) reaches "
-                     "Relax with rank-only shapes (the IR's dims there are unknown, `?`), so node_slice_22 (Slice "
-                     "on those scores) cannot be lowered: UnsupportedOpError",
-}
 SEQS = (1, 12, 128, 300)
 
 
@@ -47,8 +42,6 @@ def _params():
         marks = []
         if name not in DEFAULT:
             marks.append(pytest.mark.slow)
-        if name in XFAIL:
-            marks.append(pytest.mark.xfail(reason=XFAIL[name], raises=errors.UnsupportedOpError, strict=True))
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 

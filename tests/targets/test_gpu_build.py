@@ -29,7 +29,8 @@ from polyport.targets.base import CompileOptions, get_target
 from polyport.targets.cuda import find_nvcc
 
 MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
-NAMED_EXPORTS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a"]
+NAMED_EXPORTS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a",
+                 pytest.param("deepseek_v4_d", marks=pytest.mark.slow)]   # V4's published layer pattern
 REQUIRED = os.environ.get("POLYPORT_REQUIRE_GPU_TOOLCHAINS") == "1"
 
 
