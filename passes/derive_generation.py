@@ -130,7 +130,8 @@ def _cacheable(node: Node) -> bool:
     shapes = [v.shape for v in ins[:3]]
     return (bool(attrs_of(node)["causal"]) and mask is None
             and all(s is not None and len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int)
-                    for s in shapes))
+                    for s in shapes)
+            and shapes[1][2] == shapes[0][2] and shapes[2][2] == shapes[0][2])   # K/V: the new tokens only
 
 
 def _unfused_attention(graph: Graph) -> list[str]:
