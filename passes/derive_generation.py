@@ -10,7 +10,8 @@ just what mixes tokens or depends on where a token sits:
   of every `Rotary`) becomes `past_len + arange(step)`;
 - the LM head runs on one row per sequence (the last real one).
 
-A layer whose Attention cannot be cached (an explicit mask input, not causal)
+A layer whose Attention cannot be cached (an explicit mask input, not causal, K/V
+that are not exactly the new tokens: DeepSeek V4's compressed layers)
 or a softmax over the sequence left unfused is listed in `uncached`; then no programs are derived and generation recomputes
 the whole sequence (the runtime warns).
 """
