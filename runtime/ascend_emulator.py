@@ -275,8 +275,9 @@ class AscendEmulatorSession:
         self._eval = ReferenceEvaluator(self.model, new_ops=_ops())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .memory import check_fits
         from .reference import check_feeds
-        check_feeds(self._specs, feeds, self._ranges)
+        check_fits("ascend", self._specs + self._out_specs, check_feeds(self._specs, feeds, self._ranges))
         try:
             outs = self._eval.run(None, {k: np.asarray(v) for k, v in feeds.items()})
         except errors.PolyportError:
