@@ -110,7 +110,10 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
     if scoring == "topk-softmax":
         w = b.op("Softmax", w, axis=-1)
     if renormalize:
-        w = b.op("Div", w, b.op("ReduceSum", w, b.ints(-1), keepdims=1))
+        total = b.op("ReduceSum", w, b.ints(-1), keepdims=1)
+        if renormalize == "clamp":          # Ernie 4.5: w / clamp(sum, min=norm_min)
+            total = b.op("Clip", total, b.const(f32(1e-12)))
+        w = b.op("Div", w, total)
     if scale != 1.0:
         w = b.op("Mul", w, b.const(f32(scale)))
 
@@ -226,6 +229,7 @@ VARIANTS = {
     "topk_then_softmax": (dict(scoring="topk-softmax", weights_from="topk", renormalize=False),
                           dict(renormalize=1), False, False),
     "top1": (dict(k=1, renormalize=False), dict(top_k=1), False, False),
+    "ernie_clamped_sum_e_bias": (dict(bias=True, renormalize="clamp"), dict(renormalize=1), True, False),
     "x_1_seq_h": (dict(x_rank=3, renormalize=True), dict(renormalize=1), False, False),
     "output_is_graph_output": (dict(residual=False, combine="scatter"), dict(renormalize=1), False, False),
 }
