@@ -249,6 +249,9 @@ class _Lowering:
         self.outputs = outs
 
     def standard(self, node: Node) -> None:
+        own = getattr(self, f"standard_{node.op_type}", None)    # opset > 18 ops CANN lacks, decomposed
+        if own is not None:
+            return own(node)
         if node.op_type not in CANN_ONNX_OPS:
             raise L.LimitError(f"node {node.name}: standard op {node.op_type} is not in CANN's ONNX operator "
                                f"support list (polyport's transcription, targets/ascend.py CANN_ONNX_OPS)")
@@ -472,29 +475,39 @@ class _Lowering:
         warnings.warn(msg, L.AscendFallbackWarning, stacklevel=2)
         self.fallbacks.append({"node": node.name, "cann_op": "SwiGlu", "limit": "activation silu",
                                "actual": activation, "fallback": "decomposed standard ops", "message": msg})
-        npd = helper.tensor_dtype_to_np_dtype(cd)
-        sh = rows + [inter]
-        if activation == "gelu":
-            t = self.emit("Div", [g, self.const(np.asarray(math.sqrt(2.0), npd), f"{node.name}_sqrt2")],
-                          [(self.fresh(f"{node.name}_gs"), cd, sh)])[0]
-            t = self.emit("Erf", [t], [(self.fresh(f"{node.name}_erf"), cd, sh)])[0]
-        elif activation == "gelu_tanh":
-            cube = self.emit("Mul", [g, g], [(self.fresh(f"{node.name}_g2"), cd, sh)])[0]
-            cube = self.emit("Mul", [cube, g], [(self.fresh(f"{node.name}_g3"), cd, sh)])[0]
-            cube = self.emit("Mul", [cube, self.const(np.asarray(0.044715, npd), f"{node.name}_c")],
-                             [(self.fresh(f"{node.name}_g3c"), cd, sh)])[0]
-            t = self.emit("Add", [g, cube], [(self.fresh(f"{node.name}_inner"), cd, sh)])[0]
-            t = self.emit("Mul", [t, self.const(np.asarray(0.7978845608028654, npd), f"{node.name}_k")],
-                          [(self.fresh(f"{node.name}_inner2"), cd, sh)])[0]
-            t = self.emit("Tanh", [t], [(self.fresh(f"{node.name}_tanh"), cd, sh)])[0]
-        else:
+        if activation not in ("gelu", "gelu_tanh"):
             raise PolyportError(f"node {node.name}: unknown activation {activation!r}")
-        t = self.emit("Add", [t, self.const(np.asarray(1.0, npd), f"{node.name}_one")],
-                      [(self.fresh(f"{node.name}_1p"), cd, sh)])[0]
-        t = self.emit("Mul", [t, g], [(self.fresh(f"{node.name}_gx"), cd, sh)])[0]
-        t = self.emit("Mul", [t, self.const(np.asarray(0.5, npd), f"{node.name}_half")],
-                      [(self.fresh(f"{node.name}_act"), cd, sh)])[0]
-        return self.emit("Mul", [t, u], [(self.fresh(f"{node.name}_gated"), cd, sh)])[0]
+        act = self.gelu(g, node.name, cd, rows + [inter], tanh=activation == "gelu_tanh")
+        return self.emit("Mul", [act, u], [(self.fresh(f"{node.name}_gated"), cd, rows + [inter])])[0]
+
+    def gelu(self, x: str, base: str, cd: int, sh, *, tanh: bool, out=None) -> str:
+        """GELU in opset-18 ops (CANN's list has no Gelu): 0.5 x (1 + erf(x / sqrt 2)), or the tanh form."""
+        npd = helper.tensor_dtype_to_np_dtype(cd)
+        if not tanh:
+            t = self.emit("Div", [x, self.const(np.asarray(math.sqrt(2.0), npd), f"{base}_sqrt2")],
+                          [(self.fresh(f"{base}_gs"), cd, sh)])[0]
+            t = self.emit("Erf", [t], [(self.fresh(f"{base}_erf"), cd, sh)])[0]
+        else:
+            cube = self.emit("Mul", [x, x], [(self.fresh(f"{base}_g2"), cd, sh)])[0]
+            cube = self.emit("Mul", [cube, x], [(self.fresh(f"{base}_g3"), cd, sh)])[0]
+            cube = self.emit("Mul", [cube, self.const(np.asarray(0.044715, npd), f"{base}_c")],
+                             [(self.fresh(f"{base}_g3c"), cd, sh)])[0]
+            t = self.emit("Add", [x, cube], [(self.fresh(f"{base}_inner"), cd, sh)])[0]
+            t = self.emit("Mul", [t, self.const(np.asarray(0.7978845608028654, npd), f"{base}_k")],
+                          [(self.fresh(f"{base}_inner2"), cd, sh)])[0]
+            t = self.emit("Tanh", [t], [(self.fresh(f"{base}_tanh"), cd, sh)])[0]
+        t = self.emit("Add", [t, self.const(np.asarray(1.0, npd), f"{base}_one")],
+                      [(self.fresh(f"{base}_1p"), cd, sh)])[0]
+        t = self.emit("Mul", [t, x], [(self.fresh(f"{base}_gx"), cd, sh)])[0]
+        return self.emit("Mul", [t, self.const(np.asarray(0.5, npd), f"{base}_half")],
+                         [out or (self.fresh(f"{base}_act"), cd, sh)])[0]
+
+    def standard_Gelu(self, node: Node) -> None:
+        """ONNX Gelu (opset 20; ATC takes opset 18): decomposed, computed in the compute dtype."""
+        approx = node.attrs.get("approximate", "none")
+        x = node.inputs[0]
+        out = self.out(node.outputs[0], self.compute)
+        self.gelu(self.get(x, self.compute), node.name, self.compute, out[2], tanh=approx == "tanh", out=out)
 
     def gate_up_weight(self, node: Node, wg: Value, wu: Value, axis: int) -> str:
         if wg.const is None or wu.const is None:

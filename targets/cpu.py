@@ -50,8 +50,9 @@ class CpuTarget(Target):
             import tvm
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
-        from .tvm_lower import lower_to_relax
+        from .build_errors import naming_the_node
         from .schedule_cpu import schedule_module
+        from .tvm_lower import lower_to_relax
 
         if options.dtype not in ("f32",):
             raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
@@ -60,8 +61,9 @@ class CpuTarget(Target):
         mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
         lowered = lower_to_relax(graph, self.name, kernels=(options.extra or {}).get("kernels", "cpu"))
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-        mod = schedule_module(lowered.mod, target)
-        ex = tvm.compile(mod, target=target)
+        with naming_the_node(lowered, self.name):
+            mod = schedule_module(lowered.mod, target)
+            ex = tvm.compile(mod, target=target)
         return ex, model_meta(lowered), mcpu
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:

@@ -39,6 +39,7 @@ class Lowered:
     outputs: list[str]
     symbols: list[str]
     packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [N/NB, K, NB]
+    origins: list = dataclasses.field(default_factory=list)   # (emitted Relax call, the node it lowers)
 
 
 def _tvm():
@@ -66,6 +67,8 @@ class _Lowerer:
             raise errors.PolyportError(f"unknown kernel set {kernels!r}; known: {', '.join(KERNEL_SETS)}")
         self.kernels = kernels
         self.syms: dict[str, Any] = {}
+        self.node: Optional[Node] = None        # the node being lowered (None: inputs, outputs)
+        self.origins: list = []                # (emitted Relax call, its node): names the node when TVM fails
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
         self.bb = relax.BlockBuilder()
@@ -111,7 +114,9 @@ class _Lowerer:
 
     # ---- values --------------------------------------------------------------------------
     def emit(self, expr):
-        return self.bb.emit(expr)
+        var = self.bb.emit(expr)
+        self.origins.append((self.bb.lookup_binding(var), self.node))
+        return var
 
     def get(self, v: Value):
         if v in self.env:
@@ -198,7 +203,7 @@ class _Lowerer:
             self.bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         mod = self.bb.get()
         return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms),
-                       dict(self.packed))
+                       dict(self.packed), self.origins)
 
     def _dense_operands(self, node: Node) -> bool:
         """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
@@ -234,6 +239,7 @@ class _Lowerer:
 
     def lower_node(self, node: Node) -> None:
         from . import lowering
+        self.node = node
         key = node.qualified_op
         fn = getattr(self, "op_" + key.replace("polyport::", "polyport_"), None)
         if fn is None and (std := lowering.lookup(key)) is not None:
@@ -531,7 +537,8 @@ class _Lowerer:
         value = np.zeros(1, np.float32) if value is None else np.asarray(value)
         shape = self._out_shape(node) or [self.simplify(_pe(self, d)) for d in self.ints(node.inputs[0], "shape", node)]
         fill = self.relax.const(value.reshape(()), "bool" if value.dtype == bool else str(value.dtype))
-        return self.emit(self.relax.op.full(shape, fill, str(value.dtype) if value.dtype != bool else "bool"))
+        # not R.full: TVM 0.27 legalizes it with a PrimType dtype where topi.full wants a string (TypeError)
+        return self.emit(self.relax.op.broadcast_to(fill, shape))
 
     def op_Range(self, node):
         start, limit, delta = (self.known(v) for v in node.inputs)
