@@ -25,6 +25,8 @@ from polyport.passes.manager import get_pass
 from polyport.passes.pipelines import PIPELINES, run_pipeline
 from polyport.runtime.reference import ReferenceSession
 
+from .. import families
+
 MODELS = pathlib.Path(os.environ.get("POLYPORT_MODELS") or
                       pathlib.Path(__file__).resolve().parents[2] / "examples" / "models")
 
@@ -448,7 +450,7 @@ def _real_models():
         for name, entry in entries:
             if (d / entry["file"]).exists():
                 tag = name if d == MODELS else f"{d.name}/{name}"
-                out.append(pytest.param((d / entry["file"], entry), id=tag))
+                out.append(pytest.param((d / entry["file"], entry), id=tag, marks=families.marks(name, "attention", skip_gap=True)))
     return out or [pytest.param(None, marks=pytest.mark.skip(reason=f"no corpus.json in {MODELS}"))]
 
 
