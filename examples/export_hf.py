@@ -265,6 +265,15 @@ def _specs() -> list[ModelSpec]:
             description="sliding-window (8) attention only, 8 heads sharing one K=V head, sinks; "
             "16 experts top-4: layer 0 hash-routed, layers 1-2 top-k routed",
         ),
+        ModelSpec(
+            "deepseek_v4", "d", "DeepseekV4Config", "DeepseekV4ForCausalLM",
+            # layer_types / mlp_layer_types left to DeepseekV4Config's defaults (the published pattern).
+            dict(dsv4, num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2),
+            moe=True, supports_sdpa=False, post_init=_deepseek_v4_post_init, export_patch="patched_deepseek_v4",
+            description="DeepseekV4Config's default layer pattern at 4 layers: HCA (rate 8), HCA, HCA, CSA "
+            "(rate 4, indexer top-4), sliding window 16 and sinks on every layer; 8 experts top-2: "
+            "layers 0-2 hash-routed, layer 3 top-k routed",
+        ),
     ]
     specs += _deployed_family_specs()
     return specs

@@ -16,7 +16,7 @@ from .. import errors
 from ..ir.graph import Graph, Node, Value
 from ..ir.onnx_proto import node_to_proto, tensor_from_array, type_to_proto
 from ..ir.ops import POLYPORT_DOMAIN
-from ..ir.symbolic import SymExpr
+from ..ir.symbolic import Atom, SymExpr
 from ..ir.types import TensorType
 
 DEFAULT_IR_VERSION = 10
@@ -85,25 +85,35 @@ class _Exporter:
                 sym_cache[s] = name
             return sym_cache[s]
 
-        parts = []
-        for i, d in enumerate(dims):
+        def fresh(hint: str) -> str:
+            return f"{out}__{hint}{len(protos)}_{len(inits)}"
+
+        def emit(op: str, inputs: list[str]) -> str:
+            name = fresh(op.lower())
+            protos.append(helper.make_node(op, inputs, [name]))
+            return name
+
+        def atom(a: Atom) -> str:
+            x, y = expr(a.args[0]), expr(a.args[1])
+            if a.kind == "floordiv":  # ONNX Div truncates; x - (x mod k) is a multiple of k
+                return emit("Div", [emit("Sub", [x, emit("Mod", [x, y])]), y])
+            return emit("Min" if a.kind == "min" else "Max", [x, y])
+
+        def expr(d) -> str:
             if isinstance(d, int):
-                parts.append(const(f"c{i}", [d]))
-                continue
+                return const(f"c{len(protos)}_{len(inits)}", [d])
             terms = []
-            for j, (mono, coeff) in enumerate(sorted(d.terms.items())):
-                acc = const(f"k{i}_{j}", [coeff])
-                for s in mono:
-                    name = f"{out}__m{i}_{j}_{s}_{len(protos)}"
-                    protos.append(helper.make_node("Mul", [acc, symbol(s)], [name]))
-                    acc = name
+            for mono, coeff in sorted(d.terms.items(), key=lambda t: str(t[0])):
+                acc = const(f"k{len(protos)}_{len(inits)}", [coeff])
+                for f in mono:
+                    acc = emit("Mul", [acc, atom(f) if isinstance(f, Atom) else symbol(f)])
                 terms.append(acc)
             total = terms[0]
-            for j, t in enumerate(terms[1:]):
-                name = f"{out}__a{i}_{j}"
-                protos.append(helper.make_node("Add", [total, t], [name]))
-                total = name
-            parts.append(total)
+            for t in terms[1:]:
+                total = emit("Add", [total, t])
+            return total
+
+        parts = [expr(d) for d in dims]
         if node.attrs.get("scalar"):
             protos.append(helper.make_node("Squeeze", [parts[0]], [out]))
         else:

@@ -8,7 +8,8 @@ its chain we run it on the reference executor at several lengths and compare
 the keep-pattern with `visible(s, skv, causal, window)`, the Attention op's own
 definition. Only an exact match becomes `causal` / `window`; anything else
 (anti-causal, a bias such as ALiBi, a per-head pattern) is refused with a
-reason. A mask that does depend on data (a padding mask) stays a mask operand.
+reason. A mask that does depend on data (a padding mask) stays a mask operand, and so does
+a position mask over keys that end in compressed entries (`seq // rate` of them).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 from ..ir.fused.attention import visible
 from ..ir.graph import Value
 from ..ir.ops import POLYPORT_DOMAIN
+from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
 from .region import region_graph, region_nodes
 
@@ -88,8 +90,18 @@ def _analyse(parts: list[MaskPart], scores: Value) -> MaskMeaning:
     try:
         meaning.causal, meaning.window = _causal_window(positional, scores)
     except _NotBanded as e:
-        return MaskMeaning(reason=str(e))
+        if data or len(positional) != 1 or not _compressed_keys(scores) or positional[0].outer_scale != 1.0:
+            return MaskMeaning(reason=str(e))
+        # Keys that end in compressed entries (DeepSeek-V4's HCA: `seq // rate` pooled blocks after the
+        # window): entry t is visible from query i when t < (i + 1) // rate, a pattern no band states.
+        meaning.operand = positional[0]
     return meaning
+
+
+def _compressed_keys(scores: Value) -> bool:
+    """Does the key length hold a floor division (`seq + (seq // 8)`: compressed entries appended)?"""
+    skv = scores.shape[-1] if scores.shape else None
+    return isinstance(skv, SymExpr) and not skv.is_polynomial
 
 
 class _NotBanded(Exception):

@@ -7,22 +7,24 @@
 
 Writing is atomic: everything goes into a sibling temporary directory that is
 renamed into place only when complete, so a failed compile never leaves a
-half-written artifact. Reading checks every hash the manifest lists for the
+half-written artifact, and a directory that is not an artifact is never
+replaced. Reading checks every hash the manifest lists for the
 files it is about to use and refuses a tampered or truncated artifact.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .. import __version__, errors
+from .. import __version__, errors, files
 from . import safetensors
 
 FORMAT_VERSION = 1
@@ -42,26 +44,53 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_output(path: str | os.PathLike) -> Path:
+    """The absolute artifact path for `-o path`, refused (one line, before any work) when writing it would
+    lose data (an existing directory that is not an artifact) or cannot succeed."""
+    shown = os.fspath(path)
+    path = Path(os.path.abspath(path))
+    cwd = Path.cwd()
+    if path == cwd or path in cwd.parents:
+        raise ArtifactError(f"cannot write {shown}: it is the current directory (or holds it); "
+                            "name a new directory for the artifact, e.g. -o ART")
+    files.check_writable(shown, directory_ok=True)
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise ArtifactError(f"{shown} exists and is not a polyport artifact (no {MANIFEST}); refusing to replace "
+                            "it: choose another -o directory, or remove it")
+    return path
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on `directory` (flock), held while an artifact in it is replaced."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class ArtifactWriter:
     """Build an artifact in a temporary directory; `commit()` moves it into place.
 
-    With an existing artifact at `path`, its weights and other targets' folders
-    are carried over, so targets can be added one compile at a time."""
+    An existing artifact of the same model (same signature, source file and
+    weights) keeps its other targets, so targets can be added one compile at a
+    time. One of another model is replaced only with `replace=True`, since its
+    targets not rebuilt (`targets`) would be lost. Commits into one directory are
+    serialised (flock): two compiles into the same path leave one complete
+    artifact holding both compiles' targets when they built the same model."""
 
-    def __init__(self, path: str | os.PathLike, signature: Mapping[str, Any]):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+    def __init__(self, path: str | os.PathLike, signature: Mapping[str, Any], *, source: Optional[str] = None,
+                 targets: Sequence[str] = (), replace: bool = False):
+        self.path = check_output(path)
+        self.targets = list(targets)
+        self.replace = replace
         self.manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "polyport_version": __version__,
                                          "model": dict(signature), "targets": {}, "files": {}}
-        if (self.path / MANIFEST).exists():
-            old = read_manifest(self.path)
-            if old["model"] == self.manifest["model"]:
-                for name in old["targets"]:
-                    shutil.copytree(self.path / name, self.tmp / name)
-                    self.manifest["targets"][name] = old["targets"][name]
-                if (self.path / WEIGHTS).exists():
-                    shutil.copy2(self.path / WEIGHTS, self.tmp / WEIGHTS)
+        if source is not None:
+            self.manifest["source_sha256"] = source
+        self.tmp = files.temp_dir_beside(self.path)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -71,8 +100,33 @@ class ArtifactWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def write_weights(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Write the weights; then refuse at once (before any lowering) to replace another model's artifact."""
         with open(self.tmp / WEIGHTS, "wb") as f:
             safetensors.save(tensors, f, {"producer": f"polyport {__version__}"})
+        self.existing()
+
+    def existing(self) -> tuple[list[str], list[str]]:
+        """(targets carried over from the artifact at `path`, targets of another model dropped with `replace`)."""
+        if not (self.path / MANIFEST).is_file():
+            check_output(self.path)                 # still not a foreign directory
+            return [], []
+        try:
+            old = read_manifest(self.path)
+            theirs = dict(old["targets"])
+            same = (old["model"] == self.manifest["model"]
+                    and old.get("source_sha256") == self.manifest.get("source_sha256")
+                    and (self.tmp / WEIGHTS).is_file()
+                    and old["files"].get(WEIGHTS) == sha256(self.tmp / WEIGHTS))
+        except (ArtifactError, KeyError, TypeError, AttributeError):
+            theirs, same = {}, False
+        others = sorted(t for t in theirs if t not in self.targets and t not in self.manifest["targets"])
+        if same:
+            return others, []
+        if not self.replace:
+            what = f"its {', '.join(others)} target(s) would be lost" if others else "it would be overwritten"
+            raise ArtifactError(f"{self.path} holds an artifact of another model ({old_name(self.path)}); {what}: "
+                                "pass --replace to replace it, or choose another -o directory")
+        return [], others
 
     def target_dir(self, target: str) -> Path:
         d = self.tmp / target
@@ -85,21 +139,36 @@ class ArtifactWriter:
         self.manifest["targets"][target] = dict(entry)
 
     def commit(self) -> Path:
-        files = {}
-        for p in sorted(self.tmp.rglob("*")):
-            if p.is_file():
-                files[p.relative_to(self.tmp).as_posix()] = sha256(p)
-        self.manifest["files"] = files
-        with open(self.tmp / MANIFEST, "w") as f:
-            json.dump(self.manifest, f, indent=2, sort_keys=True)
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _locked(self.path.parent):
+            carried, _ = self.existing()            # again: another compile may have committed meanwhile
+            if carried:
+                old = read_manifest(self.path)
+                for name in carried:
+                    shutil.copytree(self.path / name, self.tmp / name)
+                    self.manifest["targets"][name] = old["targets"][name]
+            digests = {}
+            for p in sorted(self.tmp.rglob("*")):
+                if p.is_file():
+                    digests[p.relative_to(self.tmp).as_posix()] = sha256(p)
+            self.manifest["files"] = digests
+            with open(self.tmp / MANIFEST, "w") as f:
+                json.dump(self.manifest, f, indent=2, sort_keys=True)
+            old_dir = None
+            if self.path.exists():
+                old_dir = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+                os.replace(self.path, old_dir)
+            os.replace(self.tmp, self.path)
+        if old_dir is not None:
+            shutil.rmtree(old_dir, ignore_errors=True)
         return self.path
+
+
+def old_name(path: Path) -> str:
+    """The model name an existing artifact's manifest records (for messages)."""
+    try:
+        return str(json.loads((path / MANIFEST).read_text())["model"]["name"])
+    except Exception:  # noqa: BLE001 - only for a message: any unreadable manifest reads the same
+        return "unreadable manifest"
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

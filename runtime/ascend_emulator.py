@@ -272,7 +272,7 @@ class AscendEmulatorSession:
         import onnx
         from onnx.reference import ReferenceEvaluator
 
-        from .session import signature_types
+        from .session import signature_index_ranges, signature_types
         folder = art.path / "ascend"
         self.entry = dict(entry)
         self.signature = art.signature
@@ -288,6 +288,7 @@ class AscendEmulatorSession:
                 raise errors.PolyportError(f"{art.path}: ascend op plan call {c['index']} ({c['name']}: {c['op']}) "
                                            f"does not match model.onnx node {n.name} ({n.op_type})")
         self._specs = signature_types(self.signature["inputs"])
+        self._ranges = signature_index_ranges(self.signature["inputs"])
         self._out_specs = signature_types(self.signature["outputs"])
         self.input_names = [s["name"] for s in self.signature["inputs"]]
         self.output_names = [s["name"] for s in self.signature["outputs"]]
@@ -295,7 +296,7 @@ class AscendEmulatorSession:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .reference import check_feeds
-        check_feeds(self._specs, feeds)
+        check_feeds(self._specs, feeds, self._ranges)
         try:
             outs = self._eval.run(None, {k: np.asarray(v) for k, v in feeds.items()})
         except errors.PolyportError:

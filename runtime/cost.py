@@ -3,7 +3,7 @@
 Counted per node, for the top-level graph (subgraph bodies of If/Loop/Scan are
 not counted: their trip counts are data):
 
-- MatMul: 2 * numel(out) * K; Gemm: 2 * M * N * K.
+- MatMul, QuantMatMul: 2 * numel(out) * K; Gemm: 2 * M * N * K.
 - Attention: 2 * B * H * S * Skv * (Dqk + Dv), halved when causal (the softmax
   is not counted; a sliding window is not subtracted).
 - MoE: tokens * top_k * 3 * H * I * 2 (the routed experts) + 2 * tokens * H * E
@@ -96,7 +96,9 @@ def nbytes(v: Optional[Value]) -> Optional[Dim]:
     if bits % 8 == 0:
         return mul(n, bits // 8)
     exact = floordiv(mul(n, bits), 8)
-    return exact if exact is not None else mul(n, -(-bits // 8))
+    if isinstance(exact, SymExpr) and not exact.is_polynomial:
+        return mul(n, -(-bits // 8))
+    return exact
 
 
 class _Unknown(Exception):
@@ -153,6 +155,8 @@ def _fused_flops(node: Node) -> Dim:
         routed = mul(mul(tokens, a["top_k"]), mul(mul(3, hidden), mul(inter, 2)))
         router = mul(2, mul(tokens, mul(hidden, experts)))
         return add(routed, router)
+    if op == "QuantMatMul":                  # dequantizing is not counted: the weight bytes are its cost
+        return mul(2, mul(_need(numel(node.outputs[0])), a["K"]))
     if op == "GatedMLP":
         x = _need(_shape(ins[0]))
         hidden, tokens = x[-1], _prod(x[:-1])

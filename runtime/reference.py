@@ -8,10 +8,12 @@ import numpy as np
 from .. import errors
 from ..ir import dtypes, shape_value  # noqa: F401 - registers polyport::ShapeValue
 from ..ir.graph import Graph, Node, Value
+from ..ir.index_inputs import index_ranges
 from ..ir.onnx_reference import StandardOpRunner
 from ..ir.ops import RunContext, lookup
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
+from .generation import Generator
 
 
 class ReferenceSession:
@@ -24,6 +26,7 @@ class ReferenceSession:
     def __init__(self, graph: Graph, *, check_types: bool = False):
         self.graph = graph
         self.check_types = check_types
+        self.index_ranges = index_ranges(graph)
         self._runners: dict[Node, Any] = {}
         for node in graph.nodes:
             self._runners[node] = self._runner(node)
@@ -47,8 +50,9 @@ class ReferenceSession:
 
     def run(self, feeds: Mapping[str, Any], symbols: Optional[Mapping[str, int]] = None) -> dict[str, Any]:
         """Run on `feeds`; `symbols` binds dims no input defines on its own (a region cut from a graph)."""
+        # first: it checks `feeds` itself
+        bindings = {**(symbols or {}), **bind_inputs(self.graph, feeds, self.index_ranges)}
         feeds = {k: _as_array(x) for k, x in feeds.items()}
-        bindings = {**(symbols or {}), **bind_inputs(self.graph, feeds)}
         ctx = RunContext(bindings, self.graph.opset_imports.get("", 0))
         env: dict[Value, Any] = {v: v.const for v in self.graph.constants.values()}
         for v in self.graph.inputs:
@@ -77,9 +81,10 @@ def run(graph: Graph, feeds: Mapping[str, Any]) -> dict[str, Any]:
     return ReferenceSession(graph).run(feeds)
 
 
-def bind_inputs(graph: Graph, feeds: Mapping[str, Any]) -> dict[str, int]:
-    """Check feeds against the graph inputs (names, dtypes, ranks, static dims) and bind symbols."""
-    return check_feeds([(v.name, v.type) for v in graph.inputs], feeds)
+def bind_inputs(graph: Graph, feeds: Mapping[str, Any],
+                ranges: Optional[Mapping[str, tuple[int, int]]] = None) -> dict[str, int]:
+    """Check feeds against the graph inputs (names, dtypes, ranks, static dims, index ranges); bind symbols."""
+    return check_feeds([(v.name, v.type) for v in graph.inputs], feeds, ranges)
 
 
 class _Spec(NamedTuple):
@@ -87,15 +92,20 @@ class _Spec(NamedTuple):
     type: Any
 
 
-def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any]) -> dict[str, int]:
-    """Check feeds against (name, type) specs; return the symbols their shapes bind.
+def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any],
+                ranges: Optional[Mapping[str, tuple[int, int]]] = None) -> dict[str, int]:
+    """Check feeds against (name, type) specs and index `ranges` (ir/index_inputs.py); return the symbols
+    their shapes bind.
 
     Shared by the reference executor and every artifact session."""
     inputs = [_Spec(n, t) for n, t in specs]
     names = [v.name for v in inputs]
-    unknown = sorted(set(feeds) - set(names))
+    if not isinstance(feeds, Mapping):
+        raise errors.InputError(f"feeds must be a mapping of input name -> NumPy array (the model's inputs are "
+                                f"{names}), got {type(feeds).__name__}")
+    unknown = sorted(repr(k) for k in set(feeds) - set(names))
     if unknown:
-        raise errors.InputError(f"unknown input {unknown[0]!r}; the model's inputs are {names}")
+        raise errors.InputError(f"unknown input {unknown[0]}; the model's inputs are {names}")
     bindings: dict[str, int] = {}
     deferred = []
     for v in inputs:
@@ -134,7 +144,20 @@ def check_feeds(specs: Sequence[tuple[str, Any]], feeds: Mapping[str, Any]) -> d
             continue
         if want != n:
             raise errors.InputError(f"input {v.name!r}: dim {axis} is {n}, the model expects {d} = {want}")
+    for name, (lo, hi) in (ranges or {}).items():
+        _check_range(name, _as_array(feeds[name]), lo, hi)
     return bindings
+
+
+def _check_range(name: str, x: np.ndarray, lo: int, hi: int) -> None:
+    """Index inputs must stay in [lo, hi]: a compiled Gather would wrap or read out of bounds."""
+    if x.size == 0:
+        return
+    bad = (x < lo) | (x > hi)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise errors.InputError(f"input {name!r}: value {x[at]} at {list(at)} is outside the valid index range "
+                                f"[{lo}, {hi}] (it indexes an axis of size {hi + 1})")
 
 
 def _as_array(x: Any) -> Any:
@@ -173,3 +196,50 @@ def _check_against_type(node: Node, v: Value, x: Any, bindings: dict[str, int]) 
         if want != n:
             raise AssertionError(f"node {node.name} ({node.qualified_op}): output {v.name} has shape "
                                  f"{list(x.shape)}, inferred {t} = {want} at bindings {bindings}")
+
+
+class ReferenceGenerator(Generator):
+    """The reference executor over the derived generation programs: the oracle for every target's decode.
+
+    `graph` is the fused cache-less graph (what `run` executes, and what generation recomputes when a
+    layer cannot be cached); `programs` come from passes/derive_generation.py."""
+
+    def __init__(self, graph: Graph, programs):
+        from ..passes.derive_generation import generation_entry
+        self.generation = generation_entry(graph, programs)
+        self._full = ReferenceSession(graph)
+        self._programs = {name: ReferenceSession(g) for name, g in (("prefill", programs.prefill),
+                                                                   ("decode", programs.decode)) if g is not None}
+        self.input_names, self.output_names = self._full.input_names, self._full.output_names
+
+    @classmethod
+    def from_model(cls, model, pipeline: str = "default") -> "ReferenceGenerator":
+        from ..frontend.onnx_import import import_onnx
+        from ..passes.derive_generation import derive_generation
+        from ..passes.pipelines import run_pipeline
+        graph = import_onnx(model)
+        run_pipeline(graph, pipeline)
+        return cls(graph, derive_generation(graph))
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return self._full.run(feeds)
+
+    def new_cache(self, batch: int, max_length: int) -> dict[str, np.ndarray]:
+        return new_cache_arrays(self.generation, batch, max_length)
+
+    def run_program(self, name: str, feeds: Mapping[str, np.ndarray], cache: dict[str, np.ndarray]) -> np.ndarray:
+        out = self._programs[name].run({**feeds, **cache})
+        for tensor in cache:
+            cache[tensor] = out[f"{tensor}.out"]
+        return out["logits"]
+
+
+def new_cache_arrays(generation: Mapping[str, Any], batch: int, max_length: int) -> dict[str, np.ndarray]:
+    """Zeroed per-layer cache buffers [batch, kv_heads, capacity, dim], in the programs' input order."""
+    caches = {}
+    for layer in generation["layers"]:
+        dims = (layer["head_dim"], layer["v_head_dim"])
+        for tensor, dim in zip(layer["tensors"], dims):
+            caches[tensor] = np.zeros((batch, layer["kv_heads"], layer["capacity"] or max_length, dim),
+                                      dtypes.from_name(layer["dtype"]).numpy)
+    return caches

@@ -50,3 +50,8 @@ def signature_types(specs: list[dict]) -> list[tuple[str, TensorType]]:
         shape = None if s["shape"] is None else tuple(None if d is None else parse(d) for d in s["shape"])
         out.append((s["name"], TensorType(dtypes.from_name(s["dtype"]), shape)))
     return out
+
+
+def signature_index_ranges(specs: list[dict]) -> dict[str, tuple[int, int]]:
+    """The manifest's `index_range` of each index input (token ids), as {name: (lowest, highest)}."""
+    return {s["name"]: tuple(s["index_range"]) for s in specs if s.get("index_range") is not None}

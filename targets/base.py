@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 from ..errors import PolyportError
 from ..ir.graph import Graph
@@ -49,6 +49,13 @@ class Target(abc.ABC):
 
         `weights` maps the graph's constant names to the arrays stored once in
         the artifact's weights.safetensors."""
+
+    def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
+                         options: CompileOptions) -> Optional[dict]:
+        """Lower the KV-cache prefill/decode programs (passes/derive_generation.py); called right after
+        `lower` for the same directory. Returns what to merge into this target's manifest entry, or None:
+        this target has no decode yet, and its sessions generate by recomputing the sequence."""
+        return None
 
     def check_options(self, options: CompileOptions) -> None:
         """Raise a PolyportError for options this target cannot honour (an unknown arch), before any work."""

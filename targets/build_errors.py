@@ -17,12 +17,13 @@ from ..ir.graph import Node
 
 @contextlib.contextmanager
 def naming_the_node(lowered: Any, target_name: str):
+    """`lowered`: the Lowered being built, or a list of them (the functions of one module)."""
     try:
         yield
     except errors.PolyportError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever TVM raised: one line, with the node
-        node = failing_node(lowered.origins)
+        node = failing_node([o for f in (lowered if isinstance(lowered, list) else [lowered]) for o in f.origins])
         where = f"node {node.name} ({node.qualified_op}): " if node is not None else ""
         text = str(e).strip().splitlines()
         raise errors.UnsupportedOpError(f"{where}the {target_name} target failed to build it: "

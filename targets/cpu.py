@@ -8,9 +8,10 @@ weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from .. import errors
 from ..ir.graph import Graph
@@ -42,9 +43,11 @@ class CpuTarget(Target):
     devices = {"cpu": HOST_CPU}
     default_device = "cpu"
 
-    def build(self, graph: Graph, options: CompileOptions) -> tuple[Any, dict, str]:
+    def build(self, graph: Graph, options: CompileOptions, programs: Any = None) -> tuple[Any, dict, str]:
         """Lower, schedule and compile `graph`: (the Relax VM executable, its model.json metadata, mcpu).
 
+        `programs` (passes/derive_generation.py's GenerationPrograms): its prefill and decode graphs
+        become the Relax functions `prefill` and `decode` of the same executable, sharing the weights.
         `lower` writes the executable into an artifact; the ONNX backend (backend/cpu.py) runs it in memory."""
         try:
             import tvm
@@ -52,24 +55,53 @@ class CpuTarget(Target):
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
         from .schedule_cpu import schedule_module
-        from .tvm_lower import lower_to_relax
+        from .tvm_lower import lower_functions, lower_to_relax
 
-        if options.dtype not in ("f32",):
-            raise errors.PolyportError(f"cpu target: compute dtype {options.dtype} is not supported (f32 only)")
+        if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
+            raise errors.PolyportError(f"cpu target: dtype {options.dtype} is not supported (f32, bf16, f16)")
         from .gpu_build import KNOWN_ARCHS
         cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
         mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
-        lowered = lower_to_relax(graph, self.name, kernels=(options.extra or {}).get("kernels", "cpu"))
+        kernels = (options.extra or {}).get("kernels", "cpu")
+        derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
+                                           ("decode", getattr(programs, "decode", None))) if g is not None}
+        if derived:
+            functions = lower_functions({"main": graph, **derived}, self.name, kernels=kernels)
+            lowered = functions.pop("main")
+        else:
+            lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-        with naming_the_node(lowered, self.name):
+        with naming_the_node([lowered, *(functions or {}).values()], self.name):
             mod = schedule_module(lowered.mod, target)
             ex = tvm.compile(mod, target=target)
-        return ex, model_meta(lowered), mcpu
+        return ex, model_meta(lowered, functions), mcpu
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        """Build `main` and, when every attention can be cached, the derived `prefill` / `decode` in the
+        same library: one LLVM build. `lower_generation` (called next by compile) then finds them."""
+        from ..passes.derive_generation import derive_generation
+        programs = derive_generation(graph)
+        return self._write(graph, None if programs.uncached else programs, out_dir, weights, options)
+
+    def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
+                         options: CompileOptions) -> Optional[dict]:
+        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not)."""
+        entry = {}
+        meta = json.loads((Path(out_dir) / "model.json").read_text())
+        if not {"prefill", "decode"} <= set(meta.get("functions", {})):
+            entry = self._write(graph, programs, out_dir, weights, options)
+        return {**entry, "programs": ["prefill", "decode"]}
+
+    def _write(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
+               options: CompileOptions) -> dict:
         import tvm
         t0 = time.perf_counter()
-        ex, meta, mcpu = self.build(graph, options)
+        ex, meta, mcpu = self.build(graph, options, programs)
+        for name, f in meta.get("functions", {}).items():
+            missing = [w for w in f["params"] if w not in weights]
+            if missing:
+                raise errors.PolyportError(f"cpu target: the {name} program uses weight {missing[0]!r} that the "
+                                           "artifact does not store")
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
         write_model_meta(meta, out_dir / "model.json")

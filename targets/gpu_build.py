@@ -75,8 +75,8 @@ class GpuTarget(Target, abc.ABC):
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
         archs = self.select_archs(options)
-        if options.dtype != "f32":
-            raise errors.PolyportError(f"{self.name} target: compute dtype {options.dtype} is not supported (f32 only)")
+        if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
+            raise errors.PolyportError(f"{self.name} target: dtype {options.dtype} is not supported (f32, bf16, f16)")
         toolchain = self.check_toolchain()
         import tvm
         from .build_errors import naming_the_node

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import errors
 from ..ir.graph import Graph, Node, Value
-from ..ir.symbolic import SymExpr
+from ..ir.symbolic import Atom, SymExpr
 from ..ir.types import TensorType
 
 # "cpu": hand-written, already scheduled cpu kernels; "portable": TE computes any target schedules
@@ -39,6 +39,7 @@ class Lowered:
     outputs: list[str]
     symbols: list[str]
     packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [N/NB, K, NB]
+    packed_rows: dict = dataclasses.field(default_factory=dict)   # quantized operand -> NB: [N, X] as [N/NB, X, NB]
     origins: list = dataclasses.field(default_factory=list)   # (emitted Relax call, the node it lowers)
 
 
@@ -55,7 +56,8 @@ def _dtype(t: TensorType, node: Optional[Node] = None) -> str:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu"):
+    def __init__(self, graph: Graph, target_name: str, kernels: str = "cpu", bb=None,
+                 packing: Optional[dict[str, int]] = None):
         import tvm
         import tvm.sym  # noqa: F401 - the arithmetic analyzer (tvm.arith before 0.27)
         from tvm import relax, tirx
@@ -71,12 +73,15 @@ class _Lowerer:
         self.origins: list = []                # (emitted Relax call, its node): names the node when TVM fails
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
-        self.bb = relax.BlockBuilder()
+        self.bb = bb or relax.BlockBuilder()      # shared when several functions go into one module
+        self.packing = packing                   # weight name -> NB agreed by all of them (None: decide here)
 
     # ---- symbolic helpers --------------------------------------------------------------
     def sym(self, name: str):
         if name not in self.syms:
-            self.syms[name] = self.tirx.Var(name, "int64")
+            var = self.syms[name] = self.tirx.Var(name, "int64")
+            # a symbol is a tensor extent (>= 1): lets the analyzer prove slice bounds non-negative
+            self.analyzer.bind(var, self.tvm.ir.Range(1, 1 << 62))
         return self.syms[name]
 
     def dim(self, d):
@@ -88,10 +93,15 @@ class _Lowerer:
             for mono, coeff in d.terms.items():
                 term = tirx.IntImm("int64", coeff)
                 for s in mono:
-                    term = term * self.sym(s)
+                    term = term * (self.atom(s) if isinstance(s, Atom) else self.sym(s))
                 total = total + term
             return self.simplify(total)
         raise errors.UnsupportedOpError(f"{self.target_name} target: unknown dim {d!r}")
+
+    def atom(self, a: Atom):
+        """`(x // k)`, `min(a, b)`, `max(a, b)` as the tirx expressions TVM's analyzer knows."""
+        x, y = (self.dim(v) for v in a.args)
+        return {"floordiv": self.tirx.floordiv, "min": self.tirx.min, "max": self.tirx.max}[a.kind](x, y)
 
     def simplify(self, e):
         if isinstance(e, int):
@@ -158,7 +168,7 @@ class _Lowerer:
             f"node {node.name} ({node.qualified_op}): not supported by the {self.target_name} target: {why}")
 
     # ---- the function ----------------------------------------------------------------
-    def lower(self) -> Lowered:
+    def lower(self, func_name: str = "main") -> Lowered:
         relax = self.relax
         g = self.graph
         inputs = []
@@ -172,8 +182,20 @@ class _Lowerer:
             self.env[v] = rv
         params, param_vars = [], []
         self.packed: dict[str, int] = {}
+        self.packed_rows: dict[str, int] = {}
+        from .lowering import quant
         for name, v in g.constants.items():
             arr = v.const
+            qnb = quant.param_layout(self, v)
+            if qnb is not None:       # quantized weight operands: parameters, codes bound as stored or column-blocked
+                shape = [arr.shape[0] // qnb, arr.shape[1], qnb] if qnb else list(arr.shape)
+                if qnb:
+                    self.packed_rows[name] = qnb
+                rv = relax.Var(_safe(name), relax.TensorType(shape=shape, dtype=str(arr.dtype)))
+                params.append(name)
+                param_vars.append(rv)
+                self.env[v] = rv
+                continue
             if arr.dtype.kind in "iu" and arr.size <= 4096:
                 self.pv[v] = np.array(arr.tolist(), dtype=object).reshape(arr.shape) if arr.ndim else \
                     np.array(int(arr), dtype=object).reshape(())
@@ -185,7 +207,7 @@ class _Lowerer:
                     self.env[v] = relax.const(np.ascontiguousarray(arr), str(arr.dtype))
                 continue
             shape = list(arr.shape)
-            nb = self._packable(v)
+            nb = self._packable(v) if self.packing is None else self.packing.get(name, 0)
             if nb:
                 self.packed[name] = nb
                 shape = [arr.shape[1] // nb, arr.shape[0], nb]
@@ -193,9 +215,10 @@ class _Lowerer:
             params.append(name)
             param_vars.append(rv)
             self.env[v] = rv
-        with self.bb.function("main", inputs + param_vars):
+        from .lowering.cache import in_place_order
+        with self.bb.function(func_name, inputs + param_vars):
             with self.bb.dataflow():
-                for node in g.nodes:
+                for node in in_place_order(g.nodes):
                     self.lower_node(node)
                 outs = []
                 for v in g.outputs:
@@ -203,7 +226,7 @@ class _Lowerer:
             self.bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         mod = self.bb.get()
         return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms),
-                       dict(self.packed), self.origins)
+                       dict(self.packed), dict(self.packed_rows), self.origins)
 
     def _dense_operands(self, node: Node) -> bool:
         """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
@@ -270,7 +293,22 @@ class _Lowerer:
             if isinstance(o, np.ndarray):
                 self.pv[v] = o
             else:
-                self.env[v] = o
+                self.env[v] = self._with_ir_shape(o, v)
+
+    def _with_ir_shape(self, o, v: Value):
+        """Where Relax lost a tensor's shape or re-derived it in a form it cannot prove equal (a reshape to
+        `seq // 8`, `min(1, seq)` slice bounds), bind the shape the IR folded at import."""
+        ty = getattr(o, "ty", None)
+        t = v.type
+        if not isinstance(ty, self.relax.TensorType) \
+                or not isinstance(t, TensorType) or t.shape is None or any(d is None for d in t.shape):
+            return o
+        shape = [self.dim(d) for d in t.shape]
+        have = list(ty.shape.values) if hasattr(ty.shape, "values") else None
+        if have is not None and len(have) == len(shape) and all(
+                self.analyzer.can_prove_equal(a, b) for a, b in zip(have, shape)):
+            return o
+        return self.bb.match_cast(o, self.relax.TensorType(shape=shape, dtype=ty.dtype))
 
     # ---- shape-value propagation helpers -------------------------------------------------
     def _pv_binary(self, node: Node, f):
@@ -371,7 +409,11 @@ class _Lowerer:
 
     def op_And(self, node): return self._both(node, self.relax.op.logical_and)
     def op_Or(self, node): return self._both(node, self.relax.op.logical_or)
-    def op_Equal(self, node): return self._both(node, self.relax.op.equal)
+    def op_Equal(self, node):
+        if str(node.inputs[0].dtype) == "bool":  # TVM's LLVM codegen emits a float compare for bool == bool
+            op = self.relax.op
+            return self._both(node, lambda a, b: op.logical_not(op.logical_xor(a, b)))
+        return self._both(node, self.relax.op.equal)
     def op_Greater(self, node): return self._both(node, self.relax.op.greater)
     def op_GreaterOrEqual(self, node): return self._both(node, self.relax.op.greater_equal)
     def op_Less(self, node): return self._both(node, self.relax.op.less)
@@ -574,7 +616,10 @@ class _Lowerer:
             n = shape[a]
             b.append(self._norm_index(s0, n))
             e.append(self._norm_index(e0, n))
-        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=False))
+        # Bounds normalised into [0, n] need no re-derivation by Relax, whose in-bounds canonicalisation
+        # otherwise leaves if_then_else in symbolic shapes (FuseOps cannot infer those; the GPU builds fail).
+        inbound = all(self.analyzer.can_prove(i >= 0) for i in b + e)
+        return self.emit(self.relax.op.strided_slice(x, axes, b, e, steps, assume_inbound=inbound))
 
     def _norm_index(self, v, n):
         iv = self.as_int(v)
@@ -851,6 +896,29 @@ def _pe(lw: _Lowerer, x):
 
 def _safe(name: str) -> str:
     return "w_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def lower_functions(graphs: dict[str, Graph], target_name: str = "cpu", kernels: str = "cpu") -> dict[str, Lowered]:
+    """Lower graphs that share weights (constants of the same name) into one IRModule, one Relax
+    function per graph name (every Lowered's `mod` is that module). The loader binds each weight
+    once, so a weight is pre-packed only where every graph using it can take it packed."""
+    import tvm.relax
+    bb = tvm.relax.BlockBuilder()
+    lowerers = {name: _Lowerer(g, target_name, kernels, bb=bb) for name, g in graphs.items()}
+    blocks: dict[str, set[int]] = {}
+    for lw in lowerers.values():
+        for wname, v in lw.graph.constants.items():
+            if v.uses:
+                blocks.setdefault(wname, set()).add(lw._packable(v))
+    packing = {w: nbs.pop() for w, nbs in blocks.items() if len(nbs) == 1 and 0 not in nbs}
+    out = {}
+    for name, lw in lowerers.items():
+        lw.packing = packing
+        out[name] = lw.lower(name)
+    mod = bb.get()
+    for lowered in out.values():
+        lowered.mod = mod
+    return out
 
 
 def lower_to_relax(graph: Graph, target_name: str = "cpu", kernels: str = "cpu") -> Lowered:

@@ -2,7 +2,7 @@
 layer reads as a few fused ops, and the fused graph still matches ONNX Runtime.
 
 Expected counts come from each model's Hugging Face config in corpus.json
-(tests/families.py): one Attention per softmax-attention layer, one MoE per MoE
+(tests/families.py): one Attention per attention layer, one MoE per MoE
 layer, one GatedMLP per gated dense MLP and per shared expert, no router
 TopK/Softmax/Sigmoid and no per-token gather of expert weights left outside the
 fused ops; where families.GAPS states a fusion gap, the count it states.

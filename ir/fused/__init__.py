@@ -4,4 +4,4 @@ Each module declares one op family once: schema, type inference and the NumPy
 reference that defines its meaning. References compute in fp32 and return the
 input's dtype. Importing this package registers them all.
 """
-from . import attention, mlp, moe, norm, rotary  # noqa: F401
+from . import attention, cache, mlp, moe, norm, quant, rotary  # noqa: F401

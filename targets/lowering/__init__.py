@@ -58,5 +58,5 @@ def check_dtypes(lw, node) -> None:
 
 
 def lookup(op: str) -> Optional[Lowering]:
-    from . import elementwise, nn, reduce, tensor  # noqa: F401 - each registers its lowerings
+    from . import cache, elementwise, nn, quant, reduce, tensor  # noqa: F401 - each registers its lowerings
     return LOWERINGS.get(op)

@@ -1,0 +1,43 @@
+"""Ctrl-C during a compile: always "interrupted", however deep inside TVM or a toolchain it lands.
+
+A KeyboardInterrupt raised while TVM has called back into Python (e.g.
+`nvcc.get_target_compute_version`) comes out as TVM's own error with a long
+traceback, or is dropped and the compile carries on. While `deferred()` is
+active, SIGINT is remembered as well as raised: an exception that escapes
+while an interrupt is pending is reported as that interrupt, and the
+`checkpoint` it yields (called between steps) raises one that was dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[Callable[[], None]]:
+    if threading.current_thread() is not threading.main_thread():    # signals reach the main thread only
+        yield lambda: None
+        return
+    pending: list[int] = []
+
+    def on_sigint(signum, frame):
+        pending.append(signum)
+        raise KeyboardInterrupt
+
+    def checkpoint() -> None:
+        if pending:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield checkpoint
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        if pending:
+            raise KeyboardInterrupt from e
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
