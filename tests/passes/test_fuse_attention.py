@@ -465,7 +465,9 @@ def expected_layers(entry: dict) -> list[dict]:
     cfg = entry["hf_config"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") or cfg["hidden_size"] // heads
-    scale = cfg.get("softmax_scale") or head_dim ** -0.5
+    # DeepSeek-V4: softmax_scale; Granite: attention_multiplier; Gemma: query_pre_attn_scalar ** -0.5
+    scale = cfg.get("softmax_scale") or cfg.get("attention_multiplier") or \
+        (cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5
     types = cfg.get("layer_types")
     out = []
     for i in range(cfg["num_hidden_layers"]):
