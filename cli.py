@@ -3,7 +3,8 @@
     polyport inspect MODEL [--json] [--dump-ir FILE]
     polyport run MODEL (--input NAME=FILE.npy ... | --seq N) [--output OUT.npz] [--dump-ir FILE]
     polyport bench ART [--target T ...] [--seq N ...] [--runs N] [--warmup N] [--device NAME] [--json FILE]
-    polyport report FILE.json ... [--plot FILE.png] [--fail-if-slower PCT --baseline FILE.json]
+    polyport bench ART --decode [--context N ...]   (time to first token, time per output token)
+    polyport report FILE.json ... [--plot FILE.png] [--baseline FILE.json [--fail-if-slower PCT]]
 
 Every failure the user can cause (a bad model file, an unsupported op, a wrong
 input, a bad argument) is printed as one line, `polyport: error: <message>`, on
@@ -77,13 +78,15 @@ def _one_line(text: str) -> str:
 def main(debug: bool) -> None:
     """polyport: one ONNX model in, artifacts for CPU, CUDA, ROCm and Ascend out.
 
-    Today: import (symbolic shapes, folded shape arithmetic), inspection and the
-    NumPy reference executor."""
+    inspect a model (import, passes, fusion counts), run it on the NumPy reference
+    executor or a compiled artifact, compile it for cpu, cuda, rocm and ascend (the
+    ascend part emulated on CPU), and bench or compare artifacts."""
     _Group.debug = debug
 
 
 PASSES_OPTION = click.option("--passes", default="none", show_default=True, metavar="PIPELINE",
-                             help="Pass pipeline to run after import: none | canonicalize | default.")
+                             help="Pass pipeline to run after import: none | canonicalize | default | generate "
+                                  "(default, then the derived KV-cache prefill/decode programs).")
 EXPLAIN_OPTION = click.option("--explain", is_flag=True,
                               help="Print what each pass did and why near misses did not fuse (stderr).")
 DUMP_IR_OPTION = click.option("--dump-ir", type=click.Path(dir_okay=False), metavar="FILE",
@@ -106,10 +109,20 @@ def inspect(model: str, as_json: bool, passes: str, explain: bool, dump_ir: Opti
     from .ir.stats import graph_stats
     graph = _import(model, dump_ir, passes, explain)
     stats = graph_stats(graph)
+    programs = None
+    if passes == "generate":
+        from .passes.derive_generation import derive_generation
+        programs = derive_generation(graph)
     if as_json:
-        click.echo(json.dumps(stats, indent=2))
-    else:
-        click.echo(format_stats(stats, model))
+        click.echo(json.dumps({**stats, "generation": programs.manifest()} if programs else stats, indent=2))
+        return
+    click.echo(format_stats(stats, model))
+    if programs is not None:
+        from .ir.printer import format_graph
+        for program in (programs.prefill, programs.decode):
+            if program is not None:
+                click.echo(format_graph(program))
+        click.echo(programs.describe())
 
 
 def format_stats(stats: Mapping[str, Any], source: str) -> str:
@@ -305,15 +318,30 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
               help="Device architectures for GPU targets (sm_80, sm_90, gfx90a, gfx942, ...).")
 @click.option("--dump-ir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write the IR as imported and after each pass into DIR.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), metavar="tokenizer.json",
+              help="Store this Hugging Face tokenizers file in the artifact (generate --prompt TEXT).")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), default=None,
+              help="Store and compute linear weights as symmetric per-group codes (weight-only).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Consecutive input features sharing one --quantize scale.")
+@click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
+              help="Weight dtype (cpu: bf16/f16 weights, f32 activations and accumulation).")
 def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
-             dump_ir: Optional[str]) -> None:
+             dump_ir: Optional[str], tokenizer: Optional[str], quantize: Optional[str], group_size: str,
+             quantize_lm_head: bool, dtype: str) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
+    from .passes.quantize_weights import WeightQuantization
     from .targets.base import CompileOptions
+    if quantize_lm_head and quantize is None:
+        raise click.UsageError("--quantize-lm-head needs --quantize")
+    quant = WeightQuantization(quantize, int(group_size), quantize_lm_head) if quantize else None
     on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
-    path = compile_model(model, list(targets), out, pipeline=passes, options=CompileOptions(archs=archs),
-                         on_stage=on_stage, progress=lambda msg: click.echo(f"polyport: {msg}", err=True),
+    path = compile_model(model, list(targets), out, pipeline=passes,
+                         options=CompileOptions(dtype=dtype, archs=archs), quantization=quant, on_stage=on_stage,
+                         tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True),
                          replace=replace)
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
 
@@ -331,6 +359,105 @@ def _stage_files(directory: str):
     return write
 
 
+# ---- generate (runtime/generation.py) -------------------------------------------------
+@main.command()
+@click.argument("artifact", type=click.Path())   # an artifact directory, or an ONNX file (reference executor)
+@click.option("--target", "-t", default=None, metavar="TARGET",
+              help="With an artifact directory: the target to run (default cpu).")
+@click.option("--input-ids", "input_ids", type=click.Path(dir_okay=False), metavar="FILE.npy",
+              help="Prompt token ids, int [seq] or [batch, seq].")
+@click.option("--prompt-ids", metavar="5,17,42", help="Prompt token ids, comma-separated.")
+@click.option("--prompt", metavar="TEXT", help="Prompt text (the artifact must hold a tokenizer: compile --tokenizer).")
+@click.option("--lengths", metavar="3,9,17", help="With a [batch, seq] --input-ids: each prompt's length "
+              "(right-padded rows).")
+@click.option("--max-new-tokens", type=int, required=True, metavar="N")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [[...]], "ttft_ms": .., "tpot_ms": ..}.')
+def generate(artifact: str, target: Optional[str], input_ids: Optional[str], prompt_ids: Optional[str],
+             prompt: Optional[str], lengths: Optional[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             seed: Optional[int], as_json: bool) -> None:
+    """Generate tokens from a prompt with the KV cache, streaming them; then time to first token and decode speed."""
+    from .runtime.generation import GenerationError, generator_for
+    if sum(x is not None for x in (input_ids, prompt_ids, prompt)) != 1:
+        raise click.UsageError("give exactly one of --input-ids FILE.npy, --prompt-ids 5,17,42, --prompt TEXT")
+    if max_new_tokens < 0:
+        raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    lens = _int_list(lengths, "--lengths") if lengths is not None else None
+    tokenizer = None
+    if os.path.isdir(artifact):
+        from .runtime.artifact import Artifact
+        from .runtime.session import load
+        art = Artifact(artifact)
+        tokenizer = _tokenizer(art) if prompt is not None or not as_json else None
+        session = generator_for(load(artifact, target or "cpu"), art.manifest.get("generation"))
+    else:
+        if target is not None:
+            raise click.UsageError("--target applies to a compiled artifact (a directory); "
+                                   "compile one with `polyport compile MODEL --target T -o ART`")
+        if not os.path.isfile(artifact):
+            raise errors.InputError(f"{artifact}: no such artifact directory or ONNX file")
+        from .compiler import reference_generator
+        session = reference_generator(artifact)
+    if prompt is not None:
+        if tokenizer is None:
+            raise GenerationError("--prompt needs a tokenizer in the artifact; compile with --tokenizer "
+                                  "tokenizer.json, or give --prompt-ids")
+        ids = np.array([tokenizer.encode(prompt).ids], np.int64)
+    elif prompt_ids is not None:
+        ids = np.array([_int_list(prompt_ids, "--prompt-ids")], np.int64).reshape(1, -1)
+    else:
+        ids = load_npy(input_ids, f"--input-ids {input_ids}")
+    times: list[float] = []
+    stream = not as_json and ids.ndim <= 2 and len(np.atleast_2d(ids)) == 1
+    shown: list[int] = []
+
+    def on_token(tokens: np.ndarray) -> None:
+        times.append(time.perf_counter())
+        if stream:
+            if tokenizer is None:
+                click.echo(f"{tokens[0]} ", nl=False)
+                return
+            before = tokenizer.decode(shown)          # decode the whole text: pieces join differently alone
+            shown.append(int(tokens[0]))
+            click.echo(tokenizer.decode(shown)[len(before):], nl=False)
+
+    start = time.perf_counter()
+    out = session.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           on_token=on_token, lengths=lens)
+    ttft = (times[0] - start) * 1e3 if times else None
+    tpot = (times[-1] - times[0]) * 1e3 / (len(times) - 1) if len(times) > 1 else None
+    if as_json:
+        click.echo(json.dumps({"tokens": out.tolist(), "ttft_ms": ttft, "tpot_ms": tpot}))
+        return
+    if stream:
+        click.echo()
+    else:
+        for row in out:
+            click.echo(" ".join(str(t) for t in row) if tokenizer is None else tokenizer.decode(row.tolist()))
+    if ttft is not None:
+        speed = f", decode {1e3 / tpot:.1f} tokens/s ({tpot:.2f} ms/token)" if tpot else ""
+        click.echo(f"time to first token {ttft:.1f} ms{speed}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise errors.InputError(f"{option} {text!r} is not a comma-separated list of integers") from None
+
+
+def _tokenizer(art):
+    """The artifact's tokenizer (compile --tokenizer), or None."""
+    rel = art.manifest.get("tokenizer")
+    if rel is None:
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(art.path / rel))
+
+
 # ---- bench and report (runtime/bench.py) ---------------------------------------------
 @main.command()
 @click.argument("artifact", type=click.Path(file_okay=False))
@@ -345,8 +472,11 @@ def _stage_files(directory: str):
               help="Estimate for this device only: h100 | h200 | mi300x | 910b3 | cpu.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the rows as JSON (read by `polyport report`).")
+@click.option("--decode", is_flag=True, help="Generation rows: time to first token and time per output token.")
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1), metavar="N",
+              help="With --decode: the context length (prompt, then tokens cached); repeat. Default: 128, 1024.")
 def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: int, warmup: int,
-          device: Optional[str], json_path: Optional[str]) -> None:
+          device: Optional[str], json_path: Optional[str], decode: bool, contexts: tuple[int, ...]) -> None:
     """Latency of ARTIFACT per target and length: measured where the device is here, else estimated.
 
     Measured rows time session.run (warm-up, then --runs runs: median, p90, IQR).
@@ -355,8 +485,11 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
     from .runtime import bench as benchmod
     if json_path is not None:
         check_writable(json_path)
-    doc = benchmod.bench(artifact, list(targets) or None, list(seqs) or benchmod.DEFAULT_SEQS, runs=runs,
-                         warmup=warmup, device=device, progress=lambda msg: click.echo(f"polyport: {msg}", err=True))
+    if contexts and not decode or decode and seqs:
+        raise click.UsageError("--context goes with --decode (and --seq without it)")
+    lengths = (list(contexts) or benchmod.DEFAULT_CONTEXTS) if decode else (list(seqs) or benchmod.DEFAULT_SEQS)
+    doc = benchmod.bench(artifact, list(targets) or None, lengths, runs=runs, warmup=warmup, device=device,
+                         progress=lambda msg: click.echo(f"polyport: {msg}", err=True), decode=decode)
     click.echo(benchmod.format_report([(os.path.basename(json_path or artifact.rstrip("/")), doc)]))
     if json_path is not None:
         benchmod.write_json(json_path, doc)
@@ -368,26 +501,30 @@ def bench(artifact: str, targets: tuple[str, ...], seqs: tuple[int, ...], runs: 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw a bar chart (needs matplotlib).")
 @click.option("--fail-if-slower", "fail_pct", type=click.FloatRange(min=0), metavar="PCT",
-              help="Exit 1 if a measured row's median is more than PCT percent slower than in --baseline.")
+              help="With --baseline: exit 1 if a row is more than PCT percent worse than there (default 25): "
+                   "its ratio to ORT lower, or, for rows without one, its median slower.")
 @click.option("--baseline", type=click.Path(dir_okay=False), metavar="FILE.json",
-              help="The bench JSON to compare against (with --fail-if-slower).")
+              help="The bench JSON to compare against (e.g. benchmarks/baseline.json).")
 @click.pass_context
 def report(ctx: click.Context, files: tuple[str, ...], plot_path: Optional[str], fail_pct: Optional[float],
            baseline: Optional[str]) -> None:
     """Tables (measured and estimated apart) from `polyport bench --json` FILES; optional plot and gate."""
     from .runtime import bench as benchmod
-    if (fail_pct is None) != (baseline is None):
-        raise click.UsageError("--fail-if-slower PCT and --baseline FILE.json go together")
+    if fail_pct is not None and baseline is None:
+        raise click.UsageError("--fail-if-slower PCT needs --baseline FILE.json")
+    if baseline is not None and fail_pct is None:
+        fail_pct = benchmod.DEFAULT_FAIL_PCT
     if plot_path is not None:
         benchmod.require_matplotlib()
         check_writable(plot_path)
     docs = [(os.path.basename(f), benchmod.read_json(f)) for f in files]
+    base_doc = benchmod.read_json(baseline) if baseline is not None else None
     click.echo(benchmod.format_report(docs))
     if plot_path is not None:
-        benchmod.plot(docs, plot_path)
+        benchmod.plot(docs, plot_path, base_doc)
         click.echo(f"wrote {plot_path}")
-    if baseline is not None:
-        found, compared = benchmod.regressions(docs, benchmod.read_json(baseline), fail_pct)
+    if base_doc is not None:
+        found, compared = benchmod.regressions(docs, base_doc, fail_pct)
         if not compared:
             click.echo(f"regression check: no measured row matches one in {baseline} (nothing compared)", err=True)
         for message in found:

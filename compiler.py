@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import diagnostics, interrupts
+from .errors import PolyportError
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
 from .ir.index_inputs import index_ranges
+from .ir.quant_layout import FLOAT16
 from .ir.types import TensorType
+from .passes.derive_generation import derive_generation, generation_entry
 from .passes.pipelines import run_pipeline
+from .passes.quantize_weights import WeightQuantization, quantize_weights
 from .runtime.artifact import ArtifactWriter, check_output, sha256
 from .runtime.cost import manifest_cost
-from .errors import PolyportError
+from .runtime.reference import ReferenceGenerator
 from .targets.base import CompileOptions, Target, get_target, target_names
 
 Progress = Callable[[str], None]
@@ -35,6 +40,33 @@ def signature(graph: Graph, name: str) -> dict:
     return {"name": name, "inputs": inputs, "outputs": [spec(v) for v in graph.outputs], "symbols": symbols}
 
 
+TOKENIZER = "tokenizer.json"
+
+
+def check_tokenizer(path: str | os.PathLike) -> None:
+    """A one-line error, before any work, for a tokenizer file the tokenizers package cannot read."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise PolyportError("--tokenizer needs the tokenizers package (pip install tokenizers)") from None
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions for any bad file
+        raise PolyportError(f"--tokenizer {path}: not a readable tokenizers JSON file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def reference_generator(model: str | os.PathLike, pipeline: str = "default") -> ReferenceGenerator:
+    """Generation on the reference executor for an ONNX model: import, passes, derived programs."""
+    graph = import_onnx(model)
+    run_pipeline(graph, pipeline)
+    programs = derive_generation(graph)
+    return ReferenceGenerator(graph, programs, generation_entry(graph, programs))
+
+
 def check_archs(archs: Sequence[str], lowerers: Sequence[Target]) -> None:
     """Every --arch must name an architecture of one of the targets compiled (it would be ignored otherwise)."""
     names = ", ".join(t.name for t in lowerers)
@@ -52,14 +84,27 @@ def check_archs(archs: Sequence[str], lowerers: Sequence[Target]) -> None:
 
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
-                  on_stage=None, progress: Progress = lambda msg: None, replace: bool = False) -> Path:
+                  quantization: Optional[WeightQuantization] = None,
+                  on_stage=None, progress: Progress = lambda msg: None, replace: bool = False,
+                  tokenizer: str | os.PathLike | None = None) -> Path:
     """Compile `model` for `targets` into the artifact directory `out`.
 
     An existing artifact of the same model keeps its other targets; one of another model is replaced only
-    with `replace` (see ArtifactWriter). Each target's warnings (Python and TVM's native ones) are reported
-    through `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
+    with `replace` (see ArtifactWriter). With `quantization`, its linear weights are stored and computed
+    as quantized codes. `tokenizer` (a Hugging Face tokenizers JSON file) is stored for
+    `generate --prompt`. Each target's warnings (Python and TVM's native ones) are reported through
+    `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
     neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
+    if "ascend" in targets and (quantization is not None or (options.dtype in FLOAT16 and len(targets) > 1)):
+        raise PolyportError("ascend: compile it on its own, without --quantize (its weights are converted by its "
+                            "own f16 lowering; CANN's antiquant matmuls are not planned yet)")
+    if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
+        if quantization is not None:
+            raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
+        quantization = WeightQuantization(options.dtype, lm_head=True)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
         target.check_options(options)
@@ -79,7 +124,16 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
         graph = import_onnx(model)
         step(f"running the {pipeline!r} pipeline")
         run_pipeline(graph, pipeline, on_stage=stage)
+        quant_entry = None
+        if quantization is not None:
+            step(f"quantizing weights ({quantization.scheme}, groups of {quantization.group_size})")
+            quant_entry = quantize_weights(graph, quantization)
+            stage(f"quantize-{quantization.scheme}", graph)
+        programs = derive_generation(graph)                 # before lowering: targets may rewrite the graph
+        for name in programs.uncached:
+            progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
         weights = {v.name: v.const for v in graph.constants.values()}
+        weights.update(programs.added_constants())          # the programs share the rest with the graph
         with ArtifactWriter(out, signature(graph, Path(model).stem), source=sha256(Path(model)),
                             targets=[t.name for t in lowerers], replace=replace) as writer:
             writer.write_weights(weights)
@@ -88,10 +142,19 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                 progress(f"replacing {out}, an artifact of another model: its {', '.join(dropped)} "
                          "target(s) are dropped")
             writer.manifest["cost"] = manifest_cost(graph)   # FLOPs/bytes polynomials for the roofline (bench)
+            writer.manifest["generation"] = generation_entry(graph, programs)
+            if quant_entry is not None:
+                writer.manifest["quantization"] = quant_entry
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, writer.tmp / TOKENIZER)
+                writer.manifest["tokenizer"] = TOKENIZER
             for target in lowerers:
                 step(f"lowering for {target.name}")
+                out_dir = writer.target_dir(target.name)
                 with diagnostics.captured() as found:
-                    entry = target.lower(graph, writer.target_dir(target.name), weights, options)
+                    entry = target.lower(graph, out_dir, weights, options)
+                    if not programs.uncached:
+                        entry.update(target.lower_generation(graph, programs, out_dir, weights, options) or {})
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

@@ -26,7 +26,7 @@ downloaded: what is missing is reported.
        max |polyport - ort| <= tol * max |ort|,  tol = 1e-3 (f32), 1e-2 (f16), 2e-2 (bf16)
    by the artifact's compute dtype (f16/bf16 round every layer's activations:
    2^-11 and 2^-8 unit roundoff, accumulated over a few layers).
-4. Timing: polyport and the peer interleaved (side_by_side.interleaved),
+4. Timing: polyport and the peer interleaved (`interleaved` below),
    median of --runs after --warmup. The peer is ORT's CUDA EP when it works,
    else ORT's CPU EP, and the table says which.
 
@@ -54,12 +54,54 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import CORPUS, EXAMPLES, interleaved, median  # noqa: E402
+from engines import CORPUS, EXAMPLES  # noqa: E402
 
 DEFAULT_SEQS = (1, 16, 128, 1024)
 TOLERANCES = {"f32": 1e-3, "f16": 1e-2, "bf16": 2e-2}      # x max |ORT CPU logit|
 QUICK = {"runs": 5, "warmup": 2, "budget_s": 420.0}
 RUN_SHARE = 0.25          # of --budget-s, kept from the compiles for the numerics checks and timing
+
+
+def median(xs):
+    import numpy as np
+    return float(np.median(np.asarray(xs))) * 1e3
+
+
+def interleaved(run_ort, run_pp, runs: int, warmup: int, gap_s: float, restore,
+                budget_s: float = float("inf"), min_runs: int = 3) -> tuple[list, list]:
+    """Alternate ORT and polyport runs with `gap_s` between them; return their timed durations.
+
+    Stops early once `budget_s` has passed and each side has `min_runs` timed runs (a 200M MoE model
+    at seq 128 takes ONNX Runtime ~30 s a run here)."""
+    t_ort, t_pp = [], []
+    start_all = time.perf_counter()
+
+    def one(fn, out):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if out is not None:
+            out.append(elapsed)
+        time.sleep(gap_s)
+
+    def pp(out):
+        one(run_pp, out)
+        restore()
+
+    for i in range(warmup + runs):
+        timed = i >= warmup
+        if i >= 1 and time.perf_counter() - start_all > budget_s:     # over budget:
+            if not timed:
+                continue                 # skip the remaining warm-up (one round always runs)
+            if len(t_ort) >= min_runs:
+                break                    # enough timed runs
+        if i % 2 == 0:
+            one(run_ort, t_ort if timed else None)
+            pp(t_pp if timed else None)
+        else:
+            pp(t_pp if timed else None)
+            one(run_ort, t_ort if timed else None)
+    return t_ort, t_pp
 
 
 def log(msg: str) -> None:
@@ -133,7 +175,7 @@ def _first_output(cmd: list[str], last: bool = False) -> str:
 def ort_sessions(path: Path, cuda_ep: bool) -> tuple[Any, Any, str]:
     """(CPU EP session, CUDA EP session or None, why the CUDA EP is absent: '' when present)."""
     import onnxruntime as ort
-    from polyport.runtime.cpu_session import usable_cpus
+    from polyport.devices import usable_cpus
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = usable_cpus()

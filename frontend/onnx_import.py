@@ -24,7 +24,7 @@ from ..ir.infer import infer_node, merge_types
 from ..ir.onnx_proto import array_from_tensor, attr_from_proto, type_from_proto
 from ..ir.ops import lookup
 from ..ir.types import TensorType
-from . import fused_import
+from . import fused_import, quant_import  # noqa: F401 - quant_import registers MatMulNBits
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training")

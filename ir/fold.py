@@ -23,6 +23,10 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
                      "Bernoulli", "Multinomial", "Dropout"}
 
 
+def _rank(v) -> int:
+    return len(v.type.shape) if isinstance(v.type, TensorType) and v.type.shape is not None else 0
+
+
 class Undecidable(Exception):
     """The result depends on the value of a symbol."""
 
@@ -34,6 +38,8 @@ def fold(node: Node, opsets: dict[str, int], bindable: frozenset[str]) -> Option
     appear in a folded result, since only those are known when it runs."""
     if node.domain != "" or node.op_type in _NONDETERMINISTIC or any(True for _ in node.subgraphs()):
         return None
+    if node.op_type == "DequantizeLinear" and _rank(node.inputs[0]) >= 2:
+        return None       # a quantized weight stays quantized (passes/quant_matmul.py), never an f32 copy
     if node.op_type == "Shape":
         return _fold_shape(node, bindable)
     if node.op_type == "Size":
@@ -126,7 +132,9 @@ def _trunc_div(x, y):
     if isinstance(x, int) and isinstance(y, int):
         q = abs(x) // abs(y)
         return q if (x >= 0) == (y >= 0) else -q
-    return symbolic.floordiv(x, y)   # symbols are positive: floor == trunc for a positive divisor
+    if isinstance(y, int) and y != 0 and symbolic.provably_le(0, x):   # floor == trunc for x >= 0
+        return symbolic.floordiv(x, y) if y > 0 else symbolic.mul(symbolic.floordiv(x, -y), -1)
+    return symbolic.floordiv(x, y) if isinstance(y, SymExpr) else None
 
 
 def _cmp(pred):

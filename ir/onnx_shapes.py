@@ -30,7 +30,7 @@ from . import dtypes
 from .dtypes import BOOL, F32, I32, I64, DType
 from .graph import Node, Value
 from .ops import InferContext, infers
-from .symbolic import SymExpr, add, equal, floordiv, mod, mul, provably_le, sub
+from .symbolic import SymExpr, add, dim_max, dim_min, equal, floordiv, mod, mul, provably_le, sub
 from .types import TensorType, TypeDim
 
 _BIG = 2**31 - 1          # Slice sentinels at or above this mean "to the end"
@@ -200,15 +200,17 @@ def _clamp(x, lo, hi):
         return lo
     if _le(hi, x):
         return hi
-    if _le(lo, x) and _le(x, hi):
-        return x
+    if _le(lo, x):
+        return x if _le(x, hi) else dim_min(x, hi)
+    if _le(x, hi) and _le(lo, hi):
+        return dim_max(x, lo)
     return None
 
 
 def _max0(d):
-    if _le(0, d):
-        return d
-    return 0 if _le(d, 0) else None
+    if d is None:
+        return None
+    return dim_max(d, 0)
 
 
 def _exact_div(a, b):
@@ -218,7 +220,7 @@ def _exact_div(a, b):
     if _same(a, b):
         return 1
     r = mod(a, b)
-    if r is None:
+    if r is None or isinstance(r, SymExpr):  # a remainder that depends on the symbols
         return None
     if r != 0:
         return False
@@ -226,11 +228,12 @@ def _exact_div(a, b):
 
 
 def _ceil_div(a, k: int):
-    """ceil(a / k) for an int k != 0; None where it is not a polynomial."""
-    if a is None:
+    """ceil(a / k) for an int k != 0, as (a + k - 1) // k (an atom where k does not divide a)."""
+    if a is None or k == 0:
         return None
-    q = floordiv(mul(a, -1), k)
-    return None if q is None else mul(q, -1)
+    if k < 0:
+        a, k = mul(a, -1), -k
+    return floordiv(add(a, k - 1), k)
 
 
 def _prod(dims) -> TypeDim:

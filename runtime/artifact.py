@@ -1,7 +1,8 @@
 """The deployable artifact: a directory every target shares.
 
     ART/manifest.json         format version, model signature (symbolic dims as text),
-                              per-target entries (architectures, toolchain), file hashes
+                              per-target entries (archs: the architectures built, a list
+                              in every target; toolchain), file hashes
     ART/weights.safetensors   the weights, shared by all targets
     ART/<target>/...          what each target's lowering wrote
 

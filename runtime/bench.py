@@ -19,7 +19,22 @@ JSON written by `bench` (and read by `report`):
                "median_ms", "p90_ms", "spread_ms", "runs", ...}]}
 
 Estimated rows have p90_ms = spread_ms = null and runs = 0, plus `bound`
-("compute" | "memory"), `flops` and `bytes`.
+("compute" | "memory"), `flops` and `bytes`. A row may name its own `model`
+(one document for several models: benchmarks/compare.py --bench-json). A
+measured row compared with ONNX Runtime (benchmarks/compare.py: each engine
+alone in its own process) also has `ort_ms` and `ratio_vs_ort` (ORT time /
+polyport time, the median of per-round ratios) with `ratio_min`/`ratio_max`;
+`report --baseline` gates such rows on the ratio, which holds across machines
+where absolute times do not.
+
+`bench --decode` (generation, runtime/generation.py) writes rows with a
+`phase`: "ttft" (time to first token: the prefill of `seq` = context tokens)
+and "tpot" (time per output token: one decode step with `seq` tokens cached).
+Measured: `start` timed for ttft, then one `append` per timed run. Estimated
+tpot: the weights one token reads (the cost at seq 1: MoE counts its active
+experts only) plus the whole cache (bytes per token x context, at most each
+layer's window), flops at seq 1; estimated ttft: the cache-less forward at
+seq = context (its LM head over every row: a slight over-count).
 """
 from __future__ import annotations
 
@@ -33,14 +48,16 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import __version__, errors, files
+from ..devices import DEVICES, TARGET_DEVICES, TARGETS
 from .inputs import generated_feeds
-from ..targets.devices import DEVICES, TARGET_DEVICES, TARGETS
 from . import roofline
 from .artifact import Artifact
 
 SCHEMA = 1
 DEFAULT_SEQS = (1, 16, 128)
+DEFAULT_CONTEXTS = (128, 1024)
 ESTIMATED_TARGETS = ("cuda", "rocm", "ascend")
+DEFAULT_FAIL_PCT = 25.0            # `report --baseline` without --fail-if-slower
 ROW_KEYS = ("target", "device", "seq", "kind", "median_ms", "p90_ms", "spread_ms", "runs")
 
 Loader = Callable[[str, str], Any]
@@ -145,8 +162,10 @@ def plan(built: Sequence[str], targets: Optional[Sequence[str]], device: Optiona
 
 def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
           seqs: Sequence[int] = DEFAULT_SEQS, runs: int = 20, warmup: int = 3, device: Optional[str] = None,
-          loader: Optional[Loader] = None, progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Benchmark an artifact; returns the JSON document (see the module docstring)."""
+          loader: Optional[Loader] = None, progress: Callable[[str], None] = lambda msg: None,
+          decode: bool = False) -> dict[str, Any]:
+    """Benchmark an artifact; returns the JSON document (see the module docstring).
+    With `decode`, `seqs` are contexts and the rows are time to first token and time per output token."""
     if runs < 1 or warmup < 0:
         raise errors.PolyportError(f"bench: --runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})")
     if not seqs or any(s < 1 for s in seqs):
@@ -167,7 +186,8 @@ def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
                 notes.append(f"{t}: estimated only: {problem}")
     for target, kind, dev in plan(art.targets, targets, device):
         if kind == "measured":
-            rows.extend(_measure(art, target, seqs, runs, warmup, loader, progress))
+            measure = _measure_decode if decode else _measure
+            rows.extend(measure(art, target, seqs, runs, warmup, loader, progress))
             continue
         spec = DEVICES[dev]
         if not cost or "flops" not in cost:
@@ -178,10 +198,10 @@ def bench(artifact: str | os.PathLike, targets: Optional[Sequence[str]] = None,
                 progress(note)
             continue
         for seq in seqs:
-            est = roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols))
-            rows.append({"target": target, "device": spec.name, "seq": int(seq), "kind": "estimated",
-                         "median_ms": est.latency_s * 1e3, "p90_ms": None, "spread_ms": None, "runs": 0,
-                         "bound": est.bound, "flops": est.flops, "bytes": est.bytes})
+            for phase, est in _estimates(cost, spec, seq, symbols, art.manifest.get("generation") if decode else None):
+                rows.append({"target": target, "device": spec.name, "seq": int(seq), "kind": "estimated",
+                             "median_ms": est.latency_s * 1e3, "p90_ms": None, "spread_ms": None, "runs": 0,
+                             "bound": est.bound, "flops": est.flops, "bytes": est.bytes, **phase})
     doc = {"schema": SCHEMA, "model": art.signature.get("name", Path(artifact).name), "artifact": str(artifact),
            "machine": machine_info(), "spread": "iqr", "runs": runs, "warmup": warmup, "rows": rows}
     if notes:
@@ -211,6 +231,50 @@ def _measure(art: Artifact, target: str, seqs: Sequence[int], runs: int, warmup:
         if getattr(session, "arch", None):
             row["arch"] = session.arch        # the library that ran (cuda: sm_XY, rocm: gfxNNN)
         rows.append(row)
+    return rows
+
+
+def tpot_bytes(cost: Mapping[str, Any], generation: Mapping[str, Any], context: int, symbols=None) -> int:
+    """Bytes one decode step reads at `context` cached tokens: the weights one token reads (the cost at
+    seq 1: MoE counts its active experts only) plus the whole cache (at most each layer's window)."""
+    cache = sum(int(layer["bytes_per_token"]) * min(context, layer.get("capacity") or context)
+                for layer in generation.get("layers", ()))
+    return roofline.total_bytes(cost, roofline.bind(cost, 1, symbols)) + cache
+
+
+def _estimates(cost, spec, seq: int, symbols, generation: Optional[Mapping[str, Any]]):
+    """[(extra row keys, Estimate)]: one plain row, or the ttft and tpot rows of generation."""
+    if generation is None:
+        return [({}, roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols)))]
+    ttft = roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols))
+    step = roofline.estimate(cost, spec, roofline.bind(cost, 1, symbols))
+    nbytes = tpot_bytes(cost, generation, seq, symbols)
+    tpot = roofline.Estimate(spec.name, step.flops, nbytes, step.compute_s, nbytes / spec.memory_bandwidth)
+    return [({"phase": "ttft"}, ttft), ({"phase": "tpot"}, tpot)]
+
+
+def _measure_decode(art: Artifact, target: str, contexts: Sequence[int], runs: int, warmup: int,
+                    loader: Optional[Loader], progress) -> list[dict[str, Any]]:
+    from .generation import generator_for
+    if loader is None:
+        from .session import load as loader
+    progress(f"loading {target}")
+    session = generator_for(loader(str(art.path), target), art.manifest.get("generation"))
+    device = getattr(session, "device_name", None) or DEVICES[TARGET_DEVICES[target][0]].name
+    vocab = int((art.manifest.get("generation") or {}).get("vocab") or 2)
+    rows = []
+    for context in contexts:
+        ids = np.random.default_rng(context).integers(0, vocab, size=(1, context), dtype=np.int64)
+        progress(f"timing {target} generation at context {context}: {warmup} warm-up + {runs} runs")
+        budget = context + warmup + runs + 1
+        states = []
+        ttft = time_runs(lambda: states.append(session.start(ids, max_length=budget)), runs, warmup)
+        state = states[-1]
+        token = np.zeros(1, np.int64)
+        tpot = time_runs(lambda: state.append(token), runs, warmup)
+        for phase, times in (("ttft", ttft), ("tpot", tpot)):
+            rows.append({"target": target, "device": device, "seq": int(context), "kind": "measured",
+                         "phase": phase, **summarize(times)})
     return rows
 
 
@@ -247,6 +311,11 @@ def _ms(x: Optional[float]) -> str:
     return f"{x:.3f}" if x >= 1 else f"{x:.3g}"
 
 
+def _seq(r: Mapping[str, Any]) -> str:
+    """The seq cell: `128`, or `128 ttft` / `128 tpot` for generation rows (seq = the context)."""
+    return f"{r['seq']} {r['phase']}" if r.get("phase") else str(r["seq"])
+
+
 def _sort_key(r: Mapping[str, Any]):
     order = {t: i for i, t in enumerate(TARGET_DEVICES)}
     return (r["_model"], order.get(r["target"], 99), r["target"], r["seq"], r["device"], r["_file"])
@@ -260,11 +329,17 @@ def text_table(header: list[str], body: list[list[str]], right: Iterable[int]) -
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
 
 
+def _vs_ort(r: Mapping[str, Any]) -> list[str]:
+    if "ratio_vs_ort" not in r:
+        return ["-", "-"]
+    return [_ms(r["ort_ms"]), f"{r['ratio_vs_ort']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"]
+
+
 def labelled_rows(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for label, doc in docs:
         for r in doc["rows"]:
-            out.append({**r, "_file": label, "_model": str(doc.get("model", "?"))})
+            out.append({**r, "_file": label, "_model": str(r.get("model", doc.get("model", "?")))})
     return sorted(out, key=_sort_key)
 
 
@@ -277,12 +352,16 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     estimated = [r for r in rows if r["kind"] == "estimated"]
     machines = sorted({f"{d.get('machine', {}).get('cpu', '?')} x{d.get('machine', {}).get('cpus', '?')}"
                        for _, d in docs})
-    lines.append(f"measured (wall-clock median of session.run on {', '.join(machines)}; spread = IQR)")
+    spreads = sorted({str(d.get("spread", "iqr")).replace("iqr", "IQR") for _, d in docs})
+    lines.append(f"measured (wall-clock median of session.run on {', '.join(machines)}; spread = {', '.join(spreads)})")
     if measured:
-        header = ["model", "target", "device", "seq", "median ms", "p90 ms", "spread ms", "runs"]
-        body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), _ms(r["p90_ms"]),
-                 _ms(r["spread_ms"]), str(r["runs"])] + ([r["_file"]] if several else []) for r in measured]
-        lines += text_table(header + (["file"] if several else []), body, right=(3, 4, 5, 6, 7))
+        vs_ort = any("ratio_vs_ort" in r for r in measured)
+        header = ["model", "target", "device", "seq", "median ms", "p90 ms", "spread ms", "runs"] \
+            + (["ORT ms", "ORT/polyport"] if vs_ort else [])
+        body = [[r["_model"], r["target"], r["device"], _seq(r), _ms(r["median_ms"]), _ms(r["p90_ms"]),
+                 _ms(r["spread_ms"]), str(r["runs"])] + (_vs_ort(r) if vs_ort else [])
+                + ([r["_file"]] if several else []) for r in measured]
+        lines += text_table(header + (["file"] if several else []), body, right=range(3, 10))
     else:
         lines.append("  (none)")
     lines.append("")
@@ -290,7 +369,7 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
                  "spec sheet: a bound, not a measurement)")
     if estimated:
         header = ["model", "target", "device", "seq", "bound ms", "bound by", "GFLOP", "MB moved"]
-        body = [[r["_model"], r["target"], r["device"], str(r["seq"]), _ms(r["median_ms"]), r.get("bound", "-"),
+        body = [[r["_model"], r["target"], r["device"], _seq(r), _ms(r["median_ms"]), r.get("bound", "-"),
                  f"{r['flops'] / 1e9:.4g}" if r.get("flops") is not None else "-",
                  f"{r['bytes'] / 1e6:.4g}" if r.get("bytes") is not None else "-"]
                 + ([r["_file"]] if several else []) for r in estimated]
@@ -305,16 +384,32 @@ def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 
 def regressions(docs: Sequence[tuple[str, Mapping[str, Any]]], baseline: Mapping[str, Any],
                 pct: float) -> tuple[list[str], int]:
-    """Measured rows slower than the baseline's matching row by more than `pct` percent.
+    """Measured rows worse than the baseline's matching row by more than `pct` percent.
 
-    Rows match on (model, target, device, seq). Returns (messages, rows compared)."""
-    base = {(str(baseline.get("model", "?")), r["target"], r["device"], r["seq"]): r
-            for r in baseline["rows"] if r["kind"] == "measured"}
+    Rows match on (model, target, device, seq, phase), or on (model, target, seq, phase) for rows
+    compared with ORT: their ratio (ORT / polyport) fails when it falls below baseline x (1 - pct/100),
+    on any machine; other rows fail when their median is more than pct% slower.
+    Returns (messages, rows compared)."""
+    base = {}
+    for r in labelled_rows([("baseline", baseline)]):
+        if r["kind"] == "measured":
+            base[(r["_model"], r["target"], r["device"], r["seq"], r.get("phase"))] = r
+            if "ratio_vs_ort" in r:
+                base[(r["_model"], r["target"], r["seq"], r.get("phase"))] = r
     found, compared = [], 0
     for r in labelled_rows(docs):
         if r["kind"] != "measured":
             continue
-        b = base.get((r["_model"], r["target"], r["device"], r["seq"]))
+        b = base.get((r["_model"], r["target"], r["seq"], r.get("phase"))) if "ratio_vs_ort" in r else None
+        if b is not None:
+            compared += 1
+            floor = b["ratio_vs_ort"] * (1.0 - pct / 100.0)
+            if r["ratio_vs_ort"] < floor:
+                change = (1.0 - r["ratio_vs_ort"] / b["ratio_vs_ort"]) * 100.0
+                found.append(f"{r['_model']} {r['target']} seq {r['seq']}: ORT/polyport {r['ratio_vs_ort']:.2f}x "
+                             f"vs baseline {b['ratio_vs_ort']:.2f}x (-{change:.1f}% > {pct:g}%) [{r['_file']}]")
+            continue
+        b = base.get((r["_model"], r["target"], r["device"], r["seq"], r.get("phase")))
         if b is None or not b["median_ms"]:
             continue
         compared += 1
@@ -325,27 +420,51 @@ def regressions(docs: Sequence[tuple[str, Mapping[str, Any]]], baseline: Mapping
     return found, compared
 
 
-def plot(docs: Sequence[tuple[str, Mapping[str, Any]]], path: str) -> None:
-    """Bar chart of medians: measured and estimated in separate panels (log scale)."""
+def plot(docs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
+         baseline: Optional[Mapping[str, Any]] = None) -> None:
+    """Bar charts of medians, measured and estimated in separate panels (log scale), and of the
+    ratios to ORT where rows have them (with the baseline's ratios marked)."""
     plt = require_matplotlib()
     rows = labelled_rows(docs)
     kinds = [k for k in ("measured", "estimated") if any(r["kind"] == k for r in rows)]
     if not kinds:
         raise errors.PolyportError("--plot: the bench files hold no rows")
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.5 * len(kinds)), squeeze=False)
+    ratios = [r for r in rows if "ratio_vs_ort" in r]
+    fig, axes = plt.subplots(len(kinds) + bool(ratios), 1, figsize=(10, 3.5 * (len(kinds) + bool(ratios))),
+                             squeeze=False)
+    if ratios:
+        ax = axes[-1, 0]
+        values = [r["ratio_vs_ort"] for r in ratios]
+        errs = [[v - r["ratio_min"] for v, r in zip(values, ratios)], [r["ratio_max"] - v for v, r in zip(values, ratios)]]
+        ax.bar(range(len(ratios)), values, yerr=errs, color="tab:green")
+        if baseline is not None:
+            base = {(r["_model"], r["target"], r["seq"]): r["ratio_vs_ort"]
+                    for r in labelled_rows([("baseline", baseline)]) if "ratio_vs_ort" in r}
+            marks = [(i, base[(r["_model"], r["target"], r["seq"])]) for i, r in enumerate(ratios)
+                     if (r["_model"], r["target"], r["seq"]) in base]
+            if marks:
+                ax.scatter([i for i, _ in marks], [v for _, v in marks], marker="_", s=400, color="black",
+                           label="baseline", zorder=3)
+                ax.legend(fontsize=7)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(ratios)))
+        ax.set_xticklabels([f"{r['_model']}\nseq {r['seq']}" for r in ratios], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ORT ms / polyport ms")
+        ax.set_title("cpu vs ONNX Runtime, engines alone (above 1: polyport faster; bar: min-max of rounds)")
     for ax, kind in zip(axes[:, 0], kinds):
         sel = [r for r in rows if r["kind"] == kind]
-        labels = [f"{r['target']}\n{r['device']}\nseq {r['seq']}" + (f"\n{r['_file']}" if len(docs) > 1 else "")
+        labels = [f"{r['_model']}\n{r['target']}\n{r['device']}\nseq {r['seq']}" + (f"\n{r['_file']}" if len(docs) > 1 else "")
                   for r in sel]
         values = [r["median_ms"] for r in sel]
         errs = [r["spread_ms"] or 0.0 for r in sel]
         ax.bar(range(len(sel)), values, yerr=errs if kind == "measured" else None,
                color="tab:blue" if kind == "measured" else "tab:gray", hatch=None if kind == "measured" else "//")
         ax.set_xticks(range(len(sel)))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=6 if len(sel) > 8 else 7, rotation=90 if len(sel) > 8 else 0)
         ax.set_yscale("log")
         ax.set_ylabel("ms")
-        ax.set_title("measured median (error bar: IQR)" if kind == "measured"
+        ax.set_title("measured median (error bar: spread)" if kind == "measured"
                      else "estimated: roofline lower bound (not measured)")
     fig.tight_layout()
     try:

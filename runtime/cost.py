@@ -3,7 +3,7 @@
 Counted per node, for the top-level graph (subgraph bodies of If/Loop/Scan are
 not counted: their trip counts are data):
 
-- MatMul: 2 * numel(out) * K; Gemm: 2 * M * N * K.
+- MatMul, QuantMatMul: 2 * numel(out) * K; Gemm: 2 * M * N * K.
 - Attention: 2 * B * H * S * Skv * (Dqk + Dv), halved when causal (the softmax
   is not counted; a sliding window is not subtracted).
 - MoE: tokens * top_k * 3 * H * I * 2 (the routed experts) + 2 * tokens * H * E
@@ -28,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import attrs_of
 from ..ir.symbolic import Dim, SymExpr, add, floordiv, mul, parse
 from ..ir.types import TensorType
 
@@ -96,7 +97,9 @@ def nbytes(v: Optional[Value]) -> Optional[Dim]:
     if bits % 8 == 0:
         return mul(n, bits // 8)
     exact = floordiv(mul(n, bits), 8)
-    return exact if exact is not None else mul(n, -(-bits // 8))
+    if isinstance(exact, SymExpr) and not exact.is_polynomial:
+        return mul(n, -(-bits // 8))
+    return exact
 
 
 class _Unknown(Exception):
@@ -134,14 +137,14 @@ def node_flops(node: Node) -> Dim:
 
 
 def _fused_flops(node: Node) -> Dim:
-    op, ins, a = node.op_type, node.inputs, node.attrs
+    op, ins, a = node.op_type, node.inputs, attrs_of(node)
     if op == "Attention":
         b, h, s, dqk = _need(_shape(ins[0]))
         skv = _need(_shape(ins[1]))[2]
         dv = _need(_shape(ins[2]))[3]
         per_pair = add(dqk, dv)
         flops = mul(mul(mul(mul(b, h), mul(s, skv)), per_pair), 2)
-        if a.get("causal", 0):
+        if a["causal"]:
             halved = floordiv(flops, 2)
             flops = halved if halved is not None else mul(mul(mul(b, h), mul(s, skv)), per_pair)
         return flops
@@ -153,6 +156,8 @@ def _fused_flops(node: Node) -> Dim:
         routed = mul(mul(tokens, a["top_k"]), mul(mul(3, hidden), mul(inter, 2)))
         router = mul(2, mul(tokens, mul(hidden, experts)))
         return add(routed, router)
+    if op == "QuantMatMul":                  # dequantizing is not counted: the weight bytes are its cost
+        return mul(2, mul(_need(numel(node.outputs[0])), a["K"]))
     if op == "GatedMLP":
         x = _need(_shape(ins[0]))
         hidden, tokens = x[-1], _prod(x[:-1])

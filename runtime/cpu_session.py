@@ -1,9 +1,21 @@
 """Loader for the cpu target: the Relax VM (runtime/vm_session.py) over `cpu/model.so` on tvm.cpu().
 
-What is CPU-only lives here: the thread count and the packed weight layout.
-`TVM_NUM_THREADS` is set to the CPU count this process may use before TVM
-starts its thread pool, unless the user set it (TVM defaults to half the
-hardware threads: 1 on 2 vCPUs).
+What is CPU-only lives here: the thread policy and the packed weight layout.
+
+Thread policy (TVM reads these from the environment when a thread's pool starts,
+on that thread's first parallel call), so that polyport shares a process with
+other thread pools (ONNX Runtime, NumPy/BLAS, a tokenizer) without hurting them:
+- `TVM_NUM_THREADS`: the CPUs this process may use, unless the user set it
+  (TVM defaults to half the hardware threads: 1 on 2 vCPUs).
+- `TVM_BIND_THREADS=0`, always: TVM otherwise sets the CPU affinity of the
+  calling thread (the caller's own thread, which threads started later
+  inherit) and pins its workers to cores, where a busy neighbour on that core
+  stalls them. Unpinned, the OS moves them.
+- `TVM_THREAD_POOL_SPIN_COUNT=10000`, unless the user set it: after each task
+  TVM's workers yield-spin for this many rounds before sleeping. TVM's default
+  (300000, ~150 ms) burned 60-80 ms of CPU after every call on a 2-vCPU
+  machine, taken from whatever ran next; 10000 burns ~2 ms (benchmarks/coexist.py)
+  and still covers the short serial gaps between kernels inside one run.
 """
 from __future__ import annotations
 
@@ -12,16 +24,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..devices import usable_cpus
 from .artifact import Artifact
+from .generation import Generator
 from .vm_session import VmSession
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), which thread pools should size to."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _pack(w: np.ndarray, nb: int) -> np.ndarray:
@@ -32,16 +38,22 @@ def _pack(w: np.ndarray, nb: int) -> np.ndarray:
     return w.reshape(k, n // nb, nb).transpose(1, 0, 2)
 
 
+THREAD_POOL_SPIN_COUNT = 10000
+
+
 def _import_tvm(threads: Optional[int]):
+    """TVM, with the thread policy above in the environment before any of its pools starts."""
     if threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(int(threads))
     else:
         os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
+    os.environ["TVM_BIND_THREADS"] = "0"
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(THREAD_POOL_SPIN_COUNT))
     import tvm
     return tvm
 
 
-class CpuSession(VmSession):
+class CpuSession(VmSession, Generator):
     def __init__(self, art: Artifact, entry: Mapping[str, Any], threads: Optional[int] = None):
         tvm = _import_tvm(threads)
         self.entry = dict(entry)
@@ -58,6 +70,9 @@ class CpuSession(VmSession):
         return self
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
+        rows = self.meta.get("packed_rows", {}).get(name, 0)
+        if rows:            # a quantized operand [N, X]: its codes column-blocked, still codes
+            return _pack(w.T, rows)
         return _pack(w, self.meta.get("packed", {}).get(name, 0))
 
 

@@ -13,6 +13,7 @@ from ..ir.onnx_reference import StandardOpRunner
 from ..ir.ops import RunContext, lookup
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
+from .generation import Generator
 
 
 class ReferenceSession:
@@ -195,3 +196,41 @@ def _check_against_type(node: Node, v: Value, x: Any, bindings: dict[str, int]) 
         if want != n:
             raise AssertionError(f"node {node.name} ({node.qualified_op}): output {v.name} has shape "
                                  f"{list(x.shape)}, inferred {t} = {want} at bindings {bindings}")
+
+
+class ReferenceGenerator(Generator):
+    """The reference executor over the derived generation programs: the oracle for every target's decode.
+
+    `graph` is the fused cache-less graph (what `run` executes, and what generation recomputes when a
+    layer cannot be cached); `programs` and their manifest entry `generation` come from
+    passes/derive_generation.py (`compiler.reference_generator` derives them: the runtime never does)."""
+
+    def __init__(self, graph: Graph, programs, generation: Mapping[str, Any]):
+        self.generation = generation
+        self._full = ReferenceSession(graph)
+        self._programs = {name: ReferenceSession(g) for name, g in (("prefill", programs.prefill),
+                                                                   ("decode", programs.decode)) if g is not None}
+        self.input_names, self.output_names = self._full.input_names, self._full.output_names
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return self._full.run(feeds)
+
+    def new_cache(self, batch: int, max_length: int) -> dict[str, np.ndarray]:
+        return new_cache_arrays(self.generation, batch, max_length)
+
+    def run_program(self, name: str, feeds: Mapping[str, np.ndarray], cache: dict[str, np.ndarray]) -> np.ndarray:
+        out = self._programs[name].run({**feeds, **cache})
+        for tensor in cache:
+            cache[tensor] = out[f"{tensor}.out"]
+        return out["logits"]
+
+
+def new_cache_arrays(generation: Mapping[str, Any], batch: int, max_length: int) -> dict[str, np.ndarray]:
+    """Zeroed per-layer cache buffers [batch, kv_heads, capacity, dim], in the programs' input order."""
+    caches = {}
+    for layer in generation["layers"]:
+        dims = (layer["head_dim"], layer["v_head_dim"])
+        for tensor, dim in zip(layer["tensors"], dims):
+            caches[tensor] = np.zeros((batch, layer["kv_heads"], layer["capacity"] or max_length, dim),
+                                      dtypes.from_name(layer["dtype"]).numpy)
+    return caches

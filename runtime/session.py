@@ -15,7 +15,7 @@ from .. import errors
 from ..ir import dtypes
 from ..ir.symbolic import parse
 from ..ir.types import TensorType
-from ..targets.devices import TARGETS
+from ..devices import TARGETS
 from .artifact import Artifact
 
 LOADERS = {

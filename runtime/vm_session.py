@@ -111,7 +111,6 @@ class VmSession:
                signature: Mapping[str, Any], device: Any, where: str) -> None:
         """Start the VM over `lib` (a loaded library or an executable) and bind the weights once."""
         import tvm
-        from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
         from .session import signature_index_ranges, signature_types
 
         self.target = target
@@ -120,7 +119,7 @@ class VmSession:
         self.meta = info
         self._lib = lib
         self._local = threading.local()
-        self._local.fn = VirtualMachine(lib, device)[info.get("function", "main")]   # a bad library fails here
+        self._function(info.get("function", "main"))      # a bad library fails here, at load time
         missing = [n for n in info["params"] if n not in weights]
         if missing:
             raise ArtifactError(f"{where} lacks {missing[0]!r} that the {target} build needs")
@@ -133,25 +132,33 @@ class VmSession:
         self._in_types = signature_types(self.signature["inputs"])
         self._ranges = signature_index_ranges(self.signature["inputs"])
         self._io_types = self._in_types + signature_types(self.signature["outputs"])
+        self._bind_programs(weights, where)
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
         return w
 
-    def _function(self) -> Any:
-        """This thread's VM function: the VM's register frames must not be shared between threads."""
-        fn = getattr(self._local, "fn", None)
-        if fn is None:
-            from tvm.runtime.vm import VirtualMachine
-            fn = self._local.fn = VirtualMachine(self._lib, self.device)[self.meta.get("function", "main")]
-        return fn
+    def _function(self, name: str) -> Any:
+        """This thread's VM function `name`: the VM's register frames must not be shared between threads."""
+        fns = getattr(self._local, "fns", None)
+        if fns is None:
+            from tvm.runtime.vm import VirtualMachine     # not tvm.relax: that needs the compiler library
+            fns = self._local.fns = {"": VirtualMachine(self._lib, self.device)}
+        if name not in fns:
+            fns[name] = fns[""][name]
+        return fns[name]
+
+    def _drop_vm(self) -> None:
+        """After a failed or interrupted call this thread's VM frames may be half-used: the next call on
+        this thread starts a fresh VM over the same library and weights."""
+        self._local.fns = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_fits(self.target, self._io_types, check_feeds(self._in_types, feeds, self._ranges))
         tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
         args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]
-        fn = self._function()
+        fn = self._function(self.meta.get("function", "main"))
         try:
             out = fn(*args, *self._params)
             outs = [out] if len(self.output_names) == 1 else list(out)
@@ -159,10 +166,59 @@ class VmSession:
             # so timing run() measures the whole call on every device.
             return {n: o.numpy() for n, o in zip(self.output_names, outs)}
         except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
-            self._local.fn = None
+            self._drop_vm()
             raise errors.ExecutionError(f"{self.target}: the model failed at run time: {first_line(e)}") from e
-        except BaseException:
-            # Interrupted (KeyboardInterrupt) mid-call: this VM's frames may be left half-used; the next call on
-            # this thread starts a fresh VM over the same library and weights.
-            self._local.fn = None
+        except BaseException:      # interrupted (KeyboardInterrupt) mid-call
+            self._drop_vm()
             raise
+
+    # ---- generation: GEN_SPEC.md's session protocol over the library's prefill / decode ----------
+    def _bind_programs(self, weights: Mapping[str, np.ndarray], where: str) -> None:
+        """The VM functions `prefill` / `decode` (model.json's "functions") and their weights, each
+        bound once: shared with `main` where it uses them too."""
+        bound = dict(zip(self.meta["params"], self._params))
+        self._programs: dict[str, tuple[list[str], list[Any]]] = {}
+        for name, f in self.meta.get("functions", {}).items():
+            missing = [n for n in f["params"] if n not in weights]
+            if missing:
+                raise ArtifactError(f"{where} lacks {missing[0]!r} that the {self.target} {name} program needs")
+            for n in f["params"]:
+                if n not in bound:
+                    bound[n] = self._tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])),
+                                                        device=self.device)
+            self._programs[name] = (list(f["inputs"]), [bound[n] for n in f["params"]])
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        """The artifact's `generation` entry; no cache layers when this library has no programs (then
+        generation recomputes, with a warning)."""
+        info = dict((self.artifact.manifest.get("generation") if self.artifact is not None else None) or {})
+        if not {"prefill", "decode"} <= set(self._programs):
+            info["layers"] = []
+        return info
+
+    def new_cache(self, batch: int, max_length: int) -> dict[str, Any]:
+        """Zeroed device buffers per cache tensor, allocated once; `run_program` updates them in place."""
+        from .reference import new_cache_arrays
+        return {n: self._tvm.runtime.tensor(a, device=self.device)
+                for n, a in new_cache_arrays(self.generation, batch, max_length).items()}
+
+    def run_program(self, name: str, feeds: Mapping[str, np.ndarray], cache: dict[str, Any]) -> np.ndarray:
+        """Run `prefill` / `decode` over `cache` (written in place); the last positions' logits [batch, vocab]."""
+        inputs, params = self._programs[name]
+        fn = self._function(name)
+        tensor = self._tvm.runtime.tensor
+        args = [cache[n] if n in cache else tensor(np.require(feeds[n], np.int64, "C"), device=self.device)
+                for n in inputs]
+        try:
+            out = fn(*args, *params)
+            logits = out[0].numpy()
+        except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
+            self._drop_vm()
+            raise errors.ExecutionError(f"{self.target}: the {name} program failed at run time: {first_line(e)}") from e
+        except BaseException:
+            self._drop_vm()
+            raise
+        for n, o in zip([n for n in inputs if n in cache], list(out)[1:]):
+            cache[n] = o          # the very buffer passed in (updated in place): no copy
+        return logits

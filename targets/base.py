@@ -1,4 +1,4 @@
-"""The Target interface every code generator implements, and the devices it knows.
+"""The Target interface every code generator implements.
 
 A target lowers a fused graph into its own folder of the artifact and returns
 the manifest entry describing what it wrote (architectures, toolchain, files,
@@ -10,25 +10,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
+from ..devices import DeviceSpec
 from ..errors import PolyportError
 from ..ir.graph import Graph
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSpec:
-    """What the roofline model needs to know about a device."""
-    name: str
-    peak_flops: Mapping[str, float]      # IR dtype name ("f32", "bf16", ...) -> FLOP/s
-    memory_bandwidth: float              # bytes/s
-    memory_bytes: int
-    notes: str = ""                      # where the numbers come from
-
-    def peak(self, dtype: str) -> float:
-        if dtype in self.peak_flops:
-            return self.peak_flops[dtype]
-        return self.peak_flops.get("f16" if dtype == "bf16" else "f32", min(self.peak_flops.values()))
 
 
 @dataclasses.dataclass
@@ -50,6 +36,13 @@ class Target(abc.ABC):
 
         `weights` maps the graph's constant names to the arrays stored once in
         the artifact's weights.safetensors."""
+
+    def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
+                         options: CompileOptions) -> Optional[dict]:
+        """Lower the KV-cache prefill/decode programs (passes/derive_generation.py); called right after
+        `lower` for the same directory. Returns what to merge into this target's manifest entry, or None:
+        this target has no decode yet, and its sessions generate by recomputing the sequence."""
+        return None
 
     def check_options(self, options: CompileOptions) -> None:
         """Raise a PolyportError for options this target cannot honour (an unknown arch), before any work."""
@@ -81,5 +74,5 @@ def get_target(name: str) -> Target:
 
 def target_names() -> list[str]:
     from . import registry  # noqa: F401
-    from .devices import TARGETS
+    from ..devices import TARGETS
     return sorted(_TARGETS, key=lambda t: TARGETS.index(t) if t in TARGETS else len(TARGETS))

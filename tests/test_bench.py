@@ -187,3 +187,37 @@ def test_bench_cli_with_patched_loader(art, monkeypatch, tmp_path, cli):
     assert "measured" in r.stdout and "estimated" in r.stdout
     r = cli("bench", path, "--target", "rocm", "--device", "h100")
     assert r.exit_code == 0 and "H100" in r.stdout and "MI300X" not in r.stdout
+
+
+def _ratio_doc(ratios):
+    """A compare.py --bench-json document: rows name their model and carry their ratio to ORT."""
+    rows = [{"model": m, "target": "cpu", "device": "some cpu", "seq": s, "kind": "measured", "median_ms": 1.0,
+             "p90_ms": None, "spread_ms": 0.1, "runs": 3, "ort_ms": r, "ratio_vs_ort": r, "ratio_min": r * 0.9,
+             "ratio_max": r * 1.1} for (m, s), r in ratios.items()]
+    rows.append({"model": "llama_a", "target": "cuda", "device": "NVIDIA H100 SXM", "seq": 128, "kind": "estimated",
+                 "median_ms": 0.01, "p90_ms": None, "spread_ms": None, "runs": 0})
+    return {"schema": 1, "model": "corpus", "machine": {}, "rows": rows}
+
+
+def test_report_baseline_gates_ratios_to_ort_at_25_percent(tmp_path, cli):
+    base = _write(tmp_path / "base.json", _ratio_doc({("llama_a", 128): 2.0, ("qwen3_moe_a", 128): 4.0}))
+    # absolute times differ (another machine); only the ratios count
+    ok = _write(tmp_path / "ok.json", _ratio_doc({("llama_a", 128): 1.55, ("qwen3_moe_a", 128): 4.4}))
+    r = cli("report", ok, "--baseline", base)
+    assert r.exit_code == 0, r.stderr
+    assert "2 measured row(s) within 25%" in r.stdout and "ORT/polyport" in r.stdout and "1.55x" in r.stdout
+    bad = _write(tmp_path / "bad.json", _ratio_doc({("llama_a", 128): 1.45, ("qwen3_moe_a", 128): 4.0}))
+    r = cli("report", bad, "--baseline", base)
+    assert r.exit_code == 1
+    assert "regression: llama_a cpu seq 128: ORT/polyport 1.45x vs baseline 2.00x" in r.stderr
+    assert "qwen3_moe_a" not in r.stderr
+    assert cli("report", bad, "--baseline", base, "--fail-if-slower", "30").exit_code == 0
+
+
+def test_report_plots_ratios_with_the_baseline(tmp_path, cli):
+    pytest.importorskip("matplotlib")
+    base = _write(tmp_path / "base.json", _ratio_doc({("llama_a", 128): 2.0}))
+    cur = _write(tmp_path / "cur.json", _ratio_doc({("llama_a", 128): 1.9}))
+    r = cli("report", cur, "--baseline", base, "--plot", tmp_path / "p.png")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

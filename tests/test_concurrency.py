@@ -78,8 +78,8 @@ def test_calls_overlap(llama_artifact):
     both_inside = threading.Barrier(2, timeout=30)
     real = sess._function
 
-    def function():
-        fn = real()
+    def function(name):
+        fn = real(name)
 
         def call(*args):
             both_inside.wait()          # raises BrokenBarrierError if the other call cannot get in
@@ -120,8 +120,8 @@ def test_interrupted_run_leaves_session_usable(llama_artifact):
     want = sess.run({"input_ids": ids})["logits"]
     real = sess._function
 
-    def interrupted():
-        fn = real()
+    def interrupted(name):
+        fn = real(name)
 
         def call(*args):
             fn(*args)                   # the VM was mid-use when Ctrl-C arrived

@@ -12,6 +12,7 @@ import polyport.ir.onnx_shapes  # noqa: F401  (registers the inference functions
 from polyport.errors import PolyportError
 from polyport.ir import dtypes, ops
 from polyport.ir.dtypes import BOOL, F32, I64
+from polyport.ir.symbolic import dim_max, dim_min
 from polyport.ir.graph import Graph
 from polyport.ir.ops import InferContext
 from polyport.ir.symbolic import sym
@@ -129,7 +130,8 @@ def test_range_over_seq(g):
     node = g.make_node("Range", [start, limit, one])
     assert shape_of(node, values={start: dims(past, scalar=True), limit: dims(past + seq, scalar=True)}) == (seq,)
     two = g.add_constant("two", np.array(2, np.int64))
-    assert shape_of(g.make_node("Range", [zero, limit, two]), values={limit: dims(seq, scalar=True)}) == (None,)
+    assert shape_of(g.make_node("Range", [zero, limit, two]), values={limit: dims(seq, scalar=True)}) \
+        == ((seq + 1) // 2,)
     assert shape_of(g.make_node("Range", [one, limit, one]), values={limit: dims(seq, scalar=True)}) == (seq - 1,)
 
 
@@ -157,14 +159,14 @@ def test_slice_symbolic(g):
     assert sl([0], [-1], [1]) == (1, seq - 1, 64)
     assert sl([0, 32], [INT64_MAX, 64], [1, 2]) == (1, seq, 32)
     assert sl([-1], [-INT64_MAX], [1], [-1]) == (1, seq, 64)        # reversal
-    assert sl([2], [INT64_MAX], [1]) == (1, None, 64)               # seq may be < 2
+    assert sl([2], [INT64_MAX], [1]) == (1, seq - dim_min(seq, 2), 64)  # seq may be < 2: max(seq - 2, 0)
     kv = g.add_input("kv", TensorType(F32, (1, past + seq, 64)))
     end = g.add_input("end", TensorType(I64, (1,)))
     node = g.make_node("Slice", [kv, g.add_constant("z", i64(0)), end, g.add_constant("a1", i64(1))])
     assert shape_of(node, values={end: dims(seq)}) == (1, seq, 64)
     cache = g.add_input("cache", TensorType(F32, (4096, 64)))
     node = g.make_node("Slice", [cache, g.add_constant("z2", i64(0)), end, g.add_constant("a0", i64(0))])
-    assert shape_of(node, values={end: dims(seq)}) == (None, 64)    # seq <= 4096 is not provable
+    assert shape_of(node, values={end: dims(seq)}) == (dim_min(seq, 4096), 64)  # seq <= 4096 is not provable
 
 
 def test_gather_on_seq_axis_and_embedding(g):
@@ -474,8 +476,8 @@ def test_symbolic_range_matches_arange():
             ev = [v.evaluate(env) if hasattr(v, "evaluate") else v for v in (lo, hi, got)]
             if got is not None:
                 assert len(np.arange(ev[0], ev[1], step)) == ev[2], (lo, hi, step, n)
-    # (3, seq): seq may be < 3, so the length is not a polynomial.
-    assert got is None
+    # (3, seq): seq may be < 3, so the length is max(seq - 3, 0), not a polynomial.
+    assert got == dim_max(seq, 3) - 3
 
 
 def test_maxpool_ceil_mode_drops_window_starting_in_padding():

@@ -25,6 +25,8 @@ from polyport.passes.manager import get_pass
 from polyport.passes.pipelines import PIPELINES, run_pipeline
 from polyport.runtime.reference import ReferenceSession
 
+from .. import families
+
 MODELS = pathlib.Path(os.environ.get("POLYPORT_MODELS") or
                       pathlib.Path(__file__).resolve().parents[2] / "examples" / "models")
 
@@ -448,31 +450,33 @@ def _real_models():
         for name, entry in entries:
             if (d / entry["file"]).exists():
                 tag = name if d == MODELS else f"{d.name}/{name}"
-                out.append(pytest.param((d / entry["file"], entry), id=tag))
+                out.append(pytest.param((d / entry["file"], entry), id=tag, marks=families.marks(name, "attention", skip_gap=True)))
     return out or [pytest.param(None, marks=pytest.mark.skip(reason=f"no corpus.json in {MODELS}"))]
 
 
-# DeepSeek-V4 compressed attention (HCA / CSA) appends seq // rate compressed KV entries: the KV length is
-# not a polynomial in seq, so region.equivalent cannot feed K/V and these layers stay unfused (with a note).
+# DeepSeek-V4 compressed attention (HCA / CSA) appends seq // rate compressed KV entries after the window's
+# keys: one Attention over both, its window / causal pattern and the compressed entries' visibility (by
+# position for HCA, the indexer's top-k for CSA) in the mask operand.
 COMPRESSED = ("heavily_compressed_attention", "compressed_sparse_attention")
 
 
-def expected_layers(entry: dict) -> list[dict | None]:
-    """Attention attributes per decoder layer, from the Hugging Face config (None: not fused yet)."""
+def expected_layers(entry: dict) -> list[dict]:
+    """Attention attributes per decoder layer, from the Hugging Face config ("mask": a mask operand)."""
     cfg = entry["hf_config"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") or cfg["hidden_size"] // heads
-    scale = cfg.get("softmax_scale") or head_dim ** -0.5
+    # DeepSeek-V4: softmax_scale; Granite: attention_multiplier; Gemma: query_pre_attn_scalar ** -0.5
+    scale = cfg.get("softmax_scale") or cfg.get("attention_multiplier") or \
+        (cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5
     types = cfg.get("layer_types")
     out = []
     for i in range(cfg["num_hidden_layers"]):
-        if types and types[i] in COMPRESSED:
-            out.append(None)
-            continue
+        compressed = bool(types) and types[i] in COMPRESSED
         sliding = types[i] == "sliding_attention" if types else \
             bool(cfg.get("sliding_window")) and cfg.get("use_sliding_window", True)
-        out.append({"num_heads": heads, "kv_heads": cfg.get("num_key_value_heads") or heads, "causal": 1,
-                    "window": cfg["sliding_window"] if sliding else 0, "scale": scale})
+        out.append({"num_heads": heads, "kv_heads": cfg.get("num_key_value_heads") or heads,
+                    "causal": int(not compressed), "window": cfg["sliding_window"] if sliding else 0,
+                    "scale": scale, "mask": compressed})
     return out
 
 
@@ -494,23 +498,21 @@ def fused_model(request):
 def test_real_export_one_attention_per_layer(fused_model):
     entry, graph, result, _, _, softmax_before = fused_model
     layers = expected_layers(entry)
-    want = [w for w in layers if w is not None]
     nodes = [n for n in graph.nodes if n.op_type == "Attention"]
     # fused from Softmax here, or imported fused (ONNX Attention at opset 23) and refined
-    assert len(nodes) == len(want) and sum(result.counts.values()) == len(want), result.notes
-    for node, w in zip(nodes, want):
+    assert len(nodes) == len(layers) and sum(result.counts.values()) == len(layers), result.notes
+    for node, w in zip(nodes, layers):
         assert attrs_of(node) == {k: w[k] for k in ("num_heads", "kv_heads", "causal", "window")}
         assert node.attrs["scale"] == pytest.approx(w["scale"], rel=1e-5)
-        assert len(node.inputs) < 4 or node.inputs[3] is None      # no mask operand left
-    unfused = len(layers) - len(want)
-    assert sum("not a polynomial in seq" in n for n in result.notes) == unfused, result.notes
-    # no other attention softmax left: what remains (routers, mHC mixing) does not feed a MatMul
+        has_mask = len(node.inputs) > 3 and node.inputs[3] is not None
+        assert has_mask == w["mask"], node                          # only compressed layers keep one
+    # no other attention softmax left: what remains (routers, mHC mixing, compressor pooling) feeds no MatMul
     left = [n for n in graph.nodes if n.op_type == "Softmax"]
     assert len(left) == softmax_before - result.counts["Attention"]
     feeds_matmul = [n for n in left for u in n.outputs[0].users
                     if u.op_type == "MatMul" or u.op_type == "Slice" and "MatMul" in
                     [w.op_type for w in u.outputs[0].users]]
-    assert len(feeds_matmul) == unfused
+    assert not feeds_matmul
 
 
 def test_real_export_operands(fused_model):

@@ -1,0 +1,273 @@
+"""Engines timed alone: polyport's cpu artifact and ONNX Runtime (CPU EP), each in its own process.
+
+A benchmark that runs two thread pools in one process measures their fight
+(TVM_NOTES.md: TVM's workers spin ~150 ms after a call and slow whatever runs
+next; ORT's spin too), and a gap between runs hides it. So here every
+measurement is a child process that loads ONE engine, warms it up, times its
+runs and exits; the driver starts the children one after another, never two at
+once, alternating the engines' order each round (A B, B A, A B, ...). Each
+engine gets the same threads (the CPUs this process may use). Results are the
+medians of each child's runs; across rounds the driver reports the median and
+the spread (min..max) of those medians and of the per-round ratios.
+
+Children (`python benchmarks/engines.py --child JSON`, one JSON line on stdout):
+- `prefill`: engine "polyport" or "ort" over one model at every (batch, seq);
+  a (batch, seq) the model cannot take (a batch fixed in the export) comes
+  back as a row with "skip" and the reason.
+- `triad`: STREAM triad a = b + 3c over three 64 MiB float32 arrays, a
+  parallel, vectorised TVM kernel on the same threads; GB/s counts 12 bytes
+  per element (read b, c; write a), as STREAM does.
+- `coexist`: coexist.py's measurement (thread pools sharing one process).
+- `decode`: time to first token (`s.start(prompt)`) and time per output token
+  (`g.append(token)` at a given context) through the cpu session's generation
+  API; without that API the child says so and the driver prints a skip.
+
+`compare.py` is the command line; `coexist.py` measures thread pools sharing
+one process (the opposite experiment, on purpose).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+CORPUS = ("llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a")
+ENGINES = ("polyport", "ort")
+TRIAD_ELEMENTS = 1 << 24            # 64 MiB per float32 array: far past any cache here
+
+
+class Skip(Exception):
+    """A row that cannot be measured, with the reason printed in its place."""
+
+
+# ---- artifacts (driver side) ---------------------------------------------------------------
+def corpus_path(name: str) -> Path:
+    """A corpus name (examples/models/NAME.onnx) or a path to an .onnx file."""
+    path = EXAMPLES / "models" / f"{name}.onnx" if name in CORPUS or not name.endswith(".onnx") else Path(name)
+    if not path.exists():
+        raise SystemExit(f"engines: error: {name}: no such model {path}")
+    return path
+
+
+def source_digest() -> str:
+    """sha256 over polyport's Python sources (tests, benchmarks and examples left out)."""
+    h = hashlib.sha256()
+    for f in sorted(REPO.rglob("*.py")):
+        rel = f.relative_to(REPO)
+        if rel.parts[0] in ("tests", "benchmarks", "examples"):
+            continue
+        h.update(str(rel).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
+                   targets: Sequence[str] = ("cpu",)) -> Path:
+    """The artifact for `onnx_path`, compiled into work_dir unless one from the same ONNX file, the same
+    polyport sources and the same targets is there (a changed kernel is never timed through a stale build)."""
+    from polyport.compiler import compile_model
+    from polyport.runtime.artifact import sha256
+    art = work_dir / "artifacts" / onnx_path.stem
+    stamp = art.with_name(art.name + ".source")
+    digest = f"{sha256(onnx_path)} {source_digest()} {','.join(targets)}"
+    if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return art
+    art.parent.mkdir(parents=True, exist_ok=True)
+    log(f"compiling {onnx_path.name} for {', '.join(targets)}")
+    t0 = time.perf_counter()
+    compile_model(onnx_path, list(targets), art, progress=lambda msg: None)
+    stamp.write_text(digest + "\n")
+    log(f"compiled {onnx_path.name} in {time.perf_counter() - t0:.1f} s")
+    return art
+
+
+# ---- inside a child ------------------------------------------------------------------------
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Wall-clock ms of `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def token_ids(onnx_path: str, batch: int, seq: int):
+    """input_ids [batch, seq] for an LLM export whose only input is input_ids [batch | 1, seq]."""
+    import numpy as np
+    import onnx
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    if [i.name for i in inputs] != ["input_ids"]:
+        raise Skip(f"{Path(onnx_path).name}: inputs {[i.name for i in inputs]}; this benchmark feeds input_ids only")
+    dims = inputs[0].type.tensor_type.shape.dim
+    fixed_batch = dims[0].dim_value if dims[0].HasField("dim_value") else None
+    if fixed_batch is not None and fixed_batch != batch:
+        raise Skip(f"the export fixes batch at {fixed_batch}")
+    return np.random.default_rng(0).integers(0, 100, size=(batch, seq), dtype=np.int64)
+
+
+def open_engine(engine: str, onnx_path: str, artifact: Optional[str], threads: int):
+    """(run(ids), session) for one engine, on `threads` threads."""
+    if engine == "ort":
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+        name = sess.get_outputs()[0].name
+        return (lambda ids: sess.run([name], {"input_ids": ids})[0]), sess
+    if engine == "polyport":
+        from polyport.runtime.session import load
+        sess = load(artifact, "cpu", threads=threads)
+        return (lambda ids: next(iter(sess.run({"input_ids": ids}).values()))), sess
+    raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+
+
+def child_prefill(spec: dict) -> dict:
+    run, _ = open_engine(spec["engine"], spec["onnx"], spec.get("artifact"), spec["threads"])
+    rows = []
+    for batch, seq in spec["shapes"]:
+        row = {"batch": batch, "seq": seq}
+        try:
+            ids = token_ids(spec["onnx"], batch, seq)
+            row["times_ms"] = time_calls(lambda: run(ids), spec["runs"], spec["warmup"])
+        except Skip as e:
+            row["skip"] = str(e)
+        rows.append(row)
+    return {"rows": rows}
+
+
+def child_triad(spec: dict) -> dict:
+    """GB/s of each timed STREAM-triad call (one TVM kernel, `threads` threads, 12 bytes per element)."""
+    os.environ["TVM_NUM_THREADS"] = str(spec["threads"])
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+    n, chunk = TRIAD_ELEMENTS, 1 << 14
+
+    @T.prim_func
+    def triad(a: T.Buffer((n,), "float32"), b: T.Buffer((n,), "float32"), c: T.Buffer((n,), "float32")):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "triad"})
+        for o in T.parallel(n // chunk):
+            for i in T.serial(chunk // 16):
+                for v in T.vectorized(16):
+                    a[o * chunk + i * 16 + v] = b[o * chunk + i * 16 + v] + T.float32(3.0) * c[o * chunk + i * 16 + v]
+
+    fn = tvm.compile(tvm.IRModule({"triad": triad}), target=tvm.target.Target({"kind": "llvm"}))["triad"]
+    a, b, c = (tvm.runtime.tensor(np.full(n, x, np.float32)) for x in (0.0, 1.0, 2.0))
+    times = time_calls(lambda: fn(a, b, c), spec["runs"], spec["warmup"])
+    if float(a.numpy()[n - 1]) != 7.0:
+        raise RuntimeError("triad kernel computed a wrong value")
+    return {"gbps": [12 * n / (t / 1e3) / 1e9 for t in times]}
+
+
+def child_decode(spec: dict) -> dict:
+    """TTFT (`s.start(prompt)`) and TPOT (`state.append(token)` at a context) through the cpu session's
+    generation API (runtime/generation.py), only where it runs the derived prefill/decode programs."""
+    import numpy as np
+    _, sess = open_engine("polyport", spec["onnx"], spec["artifact"], spec["threads"])
+    if not callable(getattr(sess, "start", None)):
+        return {"skip": "the cpu session has no start() (generation is not in this build)"}
+    rng = np.random.default_rng(0)
+    token = np.zeros(1, np.int64)
+    rows = []
+    for kind, length in [("ttft", p) for p in spec["prompts"]] + [("tpot", c) for c in spec["contexts"]]:
+        prompt = rng.integers(0, 100, size=(1, length), dtype=np.int64)
+        room = length + spec["steps"] + 2
+        row = {"kind": kind, "length": length}
+        try:
+            state = sess.start(prompt, max_length=room)
+            if not state.cached:
+                return {"skip": "the artifact has no decode programs for every layer (generation would recompute "
+                                "the whole sequence each step)"}
+            if kind == "ttft":
+                row["times_ms"] = time_calls(lambda: sess.start(prompt, max_length=room), spec["runs"], 1)
+            else:
+                row["times_ms"] = time_calls(lambda: state.append(token), spec["steps"], 1)
+        except Exception as e:  # noqa: BLE001 - one line per row; a context past the model's limit is expected
+            text = str(e).strip()
+            row["skip"] = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        rows.append(row)
+    return {"rows": rows}
+
+
+def child_coexist(spec: dict) -> dict:
+    from coexist import child_coexist as run
+    return run(spec)
+
+
+CHILDREN = {"prefill": child_prefill, "triad": child_triad, "decode": child_decode, "coexist": child_coexist}
+
+
+def child_main(arg: str) -> int:
+    spec = json.loads(arg)
+    out = CHILDREN[spec["kind"]](spec)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+# ---- the driver ----------------------------------------------------------------------------
+def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
+    """Run one child process to completion and return its JSON (the last line of its stdout)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{spec['kind']} child ({spec.get('engine', '')}) failed with status "
+                           f"{proc.returncode}:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def alternate(specs: Sequence[dict], rounds: int, log: Callable[[str], None]) -> list[list[dict]]:
+    """results[i][r]: spec i's result in round r; the specs' order reverses every other round."""
+    results: list[list[dict]] = [[] for _ in specs]
+    for r in range(rounds):
+        order = list(range(len(specs)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            log(f"round {r + 1}/{rounds}: {specs[i]['kind']} {specs[i].get('engine', '')} "
+                f"{Path(specs[i].get('onnx', '')).stem}".rstrip())
+            results[i].append(run_child(specs[i]))
+    return results
+
+
+def spread(values: Sequence[float]) -> dict:
+    """median, min and max of per-round values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def prefill_rows(model: str, rounds_by_engine: dict[str, list[dict]]) -> list[dict]:
+    """Per (batch, seq): each engine's per-round medians and the per-round ratio ORT / polyport."""
+    rows = []
+    first = rounds_by_engine["ort"][0]["rows"]
+    for k, shape in enumerate(first):
+        row = {"model": model, "batch": shape["batch"], "seq": shape["seq"]}
+        skips = {e: rr[0]["rows"][k].get("skip") for e, rr in rounds_by_engine.items()}
+        if any(skips.values()):
+            row["skip"] = "; ".join(sorted({s for s in skips.values() if s}))
+            rows.append(row)
+            continue
+        medians = {e: [statistics.median(r["rows"][k]["times_ms"]) for r in rr] for e, rr in rounds_by_engine.items()}
+        for e, m in medians.items():
+            row[f"{e}_ms"] = spread(m)
+        row["ratio"] = spread([o / p for o, p in zip(medians["ort"], medians["polyport"])])
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        sys.exit(child_main(sys.argv[2]))
+    print("engines.py is a library and the children's entry point; run benchmarks/compare.py", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,160 @@
+"""Weight-only quantization at compile time (`polyport compile --quantize int8|int4|fp8`), and 16-bit
+weights (`--dtype bf16|f16`: the same rewrite, the weights rounded to 16-bit floats, no scales).
+
+Every dense linear weight (a MatMul over a constant f32 [K, N] weight, and the three weights of a
+SiLU GatedMLP, which is then computed as three QuantMatMuls) becomes polyport::QuantMatMul over
+symmetric per-group codes (ir/quant_layout.py: int8, int4 two per byte, e4m3 with per-block scales;
+one scale per `group_size` consecutive k of an output column). The LM head (the MatMul producing a
+graph output) only with `lm_head`. With bf16 / f16 the fused MoE's router and expert weights are
+stored in that dtype too (its kernel converts them in registers). Left in f32, and counted: MoE
+expert weights under --quantize (the fused MoE kernel takes no codes yet), embeddings (a Gather's
+table), a weight also read by another op (a tied embedding), GatedMLPs with another activation or a clamp.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Optional
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import PolyportError
+from ..ir.graph import Graph, Node, Value
+from ..ir import fused
+from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, to_float16
+from ..ir.types import TensorType
+from ..ir.verifier import verify
+
+GROUP_SIZES = (32, 64, 128)
+FLOAT16_NUMPY = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantization:
+    scheme: str                  # int8 | int4 | fp8 | bf16 | f16
+    group_size: int = 32         # (not used by bf16 / f16)
+    lm_head: bool = False
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES + FLOAT16:
+            raise PolyportError(f"--quantize {self.scheme}: unknown scheme; known: {', '.join(SCHEMES)}")
+        if self.scheme in SCHEMES and self.group_size not in GROUP_SIZES:
+            raise PolyportError(f"--group-size {self.group_size}: takes {', '.join(map(str, GROUP_SIZES))}")
+
+
+def _weight(v: Optional[Value]) -> bool:
+    return v is not None and v.is_constant and v.const.ndim == 2 and v.const.dtype == np.float32
+
+
+def _only_matmul_weight(v: Value) -> bool:
+    return all(n.qualified_op in ("MatMul", "polyport::GatedMLP") and i >= 1 for n, i in v.uses) \
+        and not v.is_graph_output
+
+
+def _is_lm_head(node: Node) -> bool:
+    out = node.outputs[0]
+    if out.is_graph_output:
+        return True
+    users = out.users
+    return len(users) == 1 and users[0].op_type in ("Reshape", "Identity") and users[0].outputs[0].is_graph_output
+
+
+def _float_input(x: Value) -> bool:
+    return isinstance(x.type, TensorType) and x.dtype is not None and x.dtype.name in ("f32", "f16") \
+        and x.type.rank is not None and x.type.rank >= 1
+
+
+class _Quantizer:
+    def __init__(self, graph: Graph, spec: WeightQuantization):
+        self.graph, self.spec = graph, spec
+        self.codes: dict[int, list[Value]] = {}     # one quantized copy per weight, shared by its users
+        self.counts: collections.Counter = collections.Counter()
+
+    def operands(self, w: Value) -> list[Value]:
+        if id(w) not in self.codes:
+            scheme = self.spec.scheme
+            qw = to_float16(w.const, scheme) if scheme in FLOAT16 else quantize(w.const, scheme, self.spec.group_size)
+            g = self.graph
+            ops = [g.add_constant(g.unique_name(f"{w.name}/{scheme}"), qw.qweight)]
+            if qw.scales is not None:
+                ops.append(g.add_constant(g.unique_name(f"{w.name}/scales"), qw.scales))
+            self.codes[id(w)] = (ops, qw.attrs)
+        return self.codes[id(w)]
+
+    def qmatmul(self, x: Value, w: Value, before: Node, out: Optional[Value] = None) -> Value:
+        ops, attrs = self.operands(w)
+        t = TensorType(x.dtype, None if x.type.shape is None else x.type.shape[:-1] + (attrs["N"],))
+        y = fused.build(self.graph, "QuantMatMul", [x] + ops, attrs, t, before=before, name="QuantMatMul")
+        if out is not None:
+            if out.is_graph_output:
+                y.name, out.name = out.name, y.name
+            out.replace_all_uses_with(y)
+        return y
+
+    def matmul(self, node: Node) -> None:
+        x, w = node.inputs
+        if not (_weight(w) and _only_matmul_weight(w) and _float_input(x)):
+            if _weight(w):
+                self.counts["f32: MatMul weight also read elsewhere"] += 1
+            return
+        if _is_lm_head(node) and not self.spec.lm_head:
+            self.counts["f32: LM head"] += 1
+            return
+        self.qmatmul(x, w, node, out=node.outputs[0])
+        self.graph.remove(node)
+        self.counts["MatMul"] += 1
+
+    def gated_mlp(self, node: Node) -> None:
+        x, wg, wu, wd = node.inputs
+        a = node.attrs
+        if a.get("activation", "silu") != "silu" or a.get("clamp", 0.0) or \
+                not all(_weight(w) and _only_matmul_weight(w) for w in (wg, wu, wd)) or not _float_input(x):
+            self.counts["f32: GatedMLP (activation, clamp or shared weight)"] += 1
+            return
+        g = self.qmatmul(x, wg, node)
+        u = self.qmatmul(x, wu, node)
+        sig = self.graph.make_node("Sigmoid", [g], types=[g.type], before=node).outputs[0]
+        act = self.graph.make_node("Mul", [g, sig], types=[g.type], before=node).outputs[0]
+        h = self.graph.make_node("Mul", [act, u], types=[g.type], before=node).outputs[0]
+        self.qmatmul(h, wd, node, out=node.outputs[0])
+        self.graph.remove(node)
+        self.counts["GatedMLP"] += 1
+
+
+    def moe(self, node: Node) -> None:
+        """16-bit schemes: the router and expert weights in that dtype (the fused MoE kernel reads them and
+        converts in registers); quantized codes inside MoE are not supported yet."""
+        ws = [node.inputs[i] for i in (1, 3, 4, 5)]
+        if self.spec.scheme not in FLOAT16 or not all(
+                w is not None and w.is_constant and w.const.dtype == np.float32 and not w.is_graph_output
+                and all(n is node for n, _ in w.uses) for w in ws):
+            self.counts["f32: MoE experts"] += 1
+            return
+        dt = FLOAT16_NUMPY[self.spec.scheme]
+        for i, w in zip((1, 3, 4, 5), ws):
+            node.set_input(i, self.graph.add_constant(self.graph.unique_name(f"{w.name}/{self.spec.scheme}"),
+                                                      w.const.astype(dt)))
+        self.counts["MoE"] += 1
+
+
+def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
+    """Quantize `graph`'s linear weights in place; returns the manifest's `quantization` entry."""
+    qz = _Quantizer(graph, spec)
+    for node in list(graph.nodes):
+        if node.qualified_op == "MatMul":
+            qz.matmul(node)
+        elif node.qualified_op == "polyport::GatedMLP":
+            qz.gated_mlp(node)
+        elif node.qualified_op == "polyport::MoE":
+            qz.moe(node)
+    graph.remove_unused()
+    verify(graph)
+    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "weights": len(qz.codes),
+             "layers": dict(sorted(qz.counts.items()))}
+    if spec.scheme in FLOAT16:
+        return {**entry, "format": f"{spec.scheme} weights [N, K] (bf16 as uint16 bit patterns), f32 activations "
+                                   "and accumulation"}
+    return {**entry, "group_size": spec.group_size, "symmetric": True,
+            "format": {"int8": "int8 codes", "int4": "int4 codes, two per byte (low nibble: even k)",
+                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column"}

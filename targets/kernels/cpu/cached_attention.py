@@ -1,0 +1,201 @@
+"""Decode attention over a KV cache (`polyport::CachedAttention`) as one hand-scheduled TIR function.
+
+Few new queries (k, typically 1) per sequence attend over the cache [B, KV, C, D] (linear: slot =
+position; ring: slot = position % C) plus the k new keys. At batch 1 this is bandwidth bound, so:
+- one task streams a kv head's cache once for all GROUP query heads of that kv head (GQA/MQA by
+  indexing; K/V are never repeated), one query row at a time;
+- each query's visible keys are contiguous position ranges (cached [lo, past), new [jlo, i]), so
+  the loops visit exactly those keys and no mask is evaluated;
+- blocks of JB keys: q.k vectorised over D in VL lanes, online softmax (one rescale per block),
+  P.V vectorised over Dv;
+- when (batch x kv heads) is below the split target and the cache is long, the cached range is
+  split across tasks; each task writes a partial softmax state (max, denominator, accumulator)
+  and a final pass merges them (and the sink, which adds one logit and no value);
+- v_in_k: V is the first Dv channels of K (shared K=V, absorbed MLA): one buffer streamed.
+Tasks run on TVM's thread pool only when the work is big enough (parallel.py).
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from . import fastmath
+from .parallel import PARALLEL_MIN_MACS
+
+JB = 16                 # keys per online-softmax block: one rescale of the accumulators per block
+VL = 8                  # lanes of the q.k partial sums (one AVX2 vector)
+SPLIT_TASKS = 16        # split the cache until (batch x kv heads x splits) reaches this ...
+MIN_SPLIT_KEYS = 256    # ... while every split keeps at least this many cached keys
+MAX_SPLITS = SPLIT_TASKS
+
+
+def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, window: int,
+                          ring: bool, v_in_k: bool, sinks: bool, dtype: str = "float32",
+                          sinks_dtype: str = "float32"):
+    """PrimFunc cached_attention(q, k_new, v_new, cache_k, cache_v, past_len, sinks, out).
+
+    q [B, H, S, D], k_new [B, KV, S, D], v_new [B, KV, S, Dv], cache_k [B, KV, C, D],
+    cache_v [B, KV, C, Dv] (the cache before this step's update), past_len int64 [B],
+    sinks [H] (a one-element placeholder when absent), out [B, H, S, Dv]; B, S, C symbolic.
+    With v_in_k, v_new / cache_v are not read (the caller may pass placeholders of any shape)."""
+    H, KV, D, DV = num_heads, kv_heads, d, dv
+    G = H // KV
+    ninf = tirx.const(float("-inf"), "float32")
+    zero = tirx.const(0.0, "float32")
+    i64 = lambda x: tirx.IntImm("int64", x)  # noqa: E731
+    DVEC = D // VL * VL
+
+    def slot_of(j, C, cached):
+        """The buffer row of key j: ring cache slots wrap, linear slots and new keys do not."""
+        return tirx.floormod(j, C) if (cached and ring) else j
+
+    def cached_lo(past, i, C):
+        """The first cached position query i (at position past + i) may see."""
+        lo = i64(0)
+        if window:
+            lo = tirx.max(lo, past + i - i64(window - 1))
+        if ring:
+            lo = tirx.max(lo, past - C)
+        return lo
+
+    def new_lo(i):
+        """The first new key query i may see."""
+        return tirx.max(i64(0), i - i64(window - 1)) if window else i64(0)
+
+    @T.macro
+    def keys(KS, VS, qs, sc, acc, st, lanes, b, g, p0, n, C, cached):
+        """Online-softmax update of the G rows over the n keys at positions p0.. (cached: cache slots,
+        else rows of the new keys)."""
+        for jj in range(n):
+            slot = slot_of(p0 + jj, C, cached)
+            for r in range(T.int64(G)):
+                for l in T.vectorized(T.int64(VL)):
+                    lanes[l] = zero
+                for c8 in range(T.int64(D // VL)):
+                    for l in T.vectorized(T.int64(VL)):
+                        lanes[l] = lanes[l] + qs[r, c8 * T.int64(VL) + l] * T.Cast(
+                            "float32", KS[b, g, slot, c8 * T.int64(VL) + l])
+                sc[r, jj] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + \
+                    ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+                for c in range(T.int64(DVEC), T.int64(D)):
+                    sc[r, jj] = sc[r, jj] + qs[r, c] * T.Cast("float32", KS[b, g, slot, c])
+        for r in range(T.int64(G)):
+            st[1] = st[2 * r + 2]                      # running max of row r
+            for jj in range(n):
+                st[1] = T.max(st[1], sc[r, jj])
+            alpha = fastmath.exp(st[2 * r + 2] - st[1])  # exp(-inf) is exactly 0
+            st[2 * r + 3] = st[2 * r + 3] * alpha
+            for c in T.vectorized(T.int64(DV)):
+                acc[r, c] = acc[r, c] * alpha
+            for jj in range(n):
+                sc[r, jj] = fastmath.exp(sc[r, jj] - st[1])
+                st[2 * r + 3] = st[2 * r + 3] + sc[r, jj]
+            st[2 * r + 2] = st[1]
+        for jj in range(n):
+            slot = slot_of(p0 + jj, C, cached)
+            for r in range(T.int64(G)):
+                for c in T.vectorized(T.int64(DV)):
+                    acc[r, c] = acc[r, c] + sc[r, jj] * T.Cast("float32", VS[b, g, slot, c])
+
+    @T.macro
+    def task(Q, KN, VN, KC, VC, PL, PM, PA, S, C, ns, t):
+        """Task t = (b, g, split): for each new query, the partial state over its share of the keys."""
+        qs = T.alloc_buffer((G, D), "float32", scope="local")
+        acc = T.alloc_buffer((G, DV), "float32", scope="local")
+        sc = T.alloc_buffer((G, JB), "float32", scope="local")
+        st = T.alloc_buffer((2 * G + 2,), "float32", scope="local")   # [scratch, scratch, (m, l) per row]
+        lanes = T.alloc_buffer((VL,), "float32", scope="local")
+        sp = t % ns
+        bg = t // ns
+        b = bg // T.int64(KV)
+        g = bg % T.int64(KV)
+        past = PL[b]
+        for i in range(S):
+            lo = cached_lo(past, i, C)
+            chunk = (T.max(past - lo, T.int64(0)) + ns - T.int64(1)) // ns
+            c_lo = T.min(past, lo + sp * chunk)
+            c_hi = T.min(past, c_lo + chunk)
+            for r, c in T.grid(T.int64(G), T.int64(D)):
+                qs[r, c] = T.Cast("float32", Q[b, g * T.int64(G) + r, i, c]) * T.float32(scale)
+            for r, c in T.grid(T.int64(G), T.int64(DV)):
+                acc[r, c] = zero
+            for r in range(T.int64(G)):
+                st[2 * r + 2] = ninf
+                st[2 * r + 3] = zero
+            for kb in range((c_hi - c_lo + T.int64(JB - 1)) // T.int64(JB)):
+                keys(KC, KC if v_in_k else VC, qs, sc, acc, st, lanes, b, g, c_lo + kb * T.int64(JB),
+                     T.min(T.int64(JB), c_hi - c_lo - kb * T.int64(JB)), C, True)
+            if sp == ns - T.int64(1):
+                j_lo = new_lo(i)
+                for kb in range((i + T.int64(1) - j_lo + T.int64(JB - 1)) // T.int64(JB)):
+                    keys(KN, KN if v_in_k else VN, qs, sc, acc, st, lanes, b, g, j_lo + kb * T.int64(JB),
+                         T.min(T.int64(JB), i + T.int64(1) - j_lo - kb * T.int64(JB)), C, False)
+            for r in range(T.int64(G)):
+                PM[bg, sp, i, r, 0] = st[2 * r + 2]
+                PM[bg, sp, i, r, 1] = st[2 * r + 3]
+                for c in T.vectorized(T.int64(DV)):
+                    PA[bg, sp, i, r, c] = acc[r, c]
+
+    @T.macro
+    def merge(SK, PM, PA, O, S, ns, bh):
+        """out = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) + sink), over the ns partial states."""
+        tot = T.alloc_buffer((DV,), "float32", scope="local")
+        mm = T.alloc_buffer((2,), "float32", scope="local")     # overall max, denominator
+        b = bh // T.int64(H)
+        h = bh % T.int64(H)
+        bg = b * T.int64(KV) + h // T.int64(G)
+        r = h % T.int64(G)
+        for i in range(S):
+            mm[0] = T.Cast("float32", SK[h]) if sinks else ninf
+            for s in range(ns):
+                mm[0] = T.max(mm[0], PM[bg, s, i, r, 0])
+            m_use = T.Select(mm[0] == ninf, zero, mm[0])
+            mm[1] = fastmath.exp(T.Cast("float32", SK[h]) - m_use) if sinks else zero
+            for c in T.vectorized(T.int64(DV)):
+                tot[c] = zero
+            for s in range(ns):
+                w = fastmath.exp(PM[bg, s, i, r, 0] - m_use)
+                mm[1] = mm[1] + PM[bg, s, i, r, 1] * w
+                for c in T.vectorized(T.int64(DV)):
+                    tot[c] = tot[c] + PA[bg, s, i, r, c] * w
+            for c in T.vectorized(T.int64(DV)):
+                O[b, h, i, c] = T.Cast(dtype, T.Select(mm[1] > zero, tot[c] / mm[1], zero))
+
+    @T.prim_func(private=True)
+    def cached_attention(q_h: T.handle, kn_h: T.handle, vn_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                         pl_h: T.handle, s_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        S = T.int64()
+        C = T.int64()
+        VR = T.int64()
+        VC_ = T.int64()
+        Q = T.match_buffer(q_h, (B, H, S, D), dtype)
+        KN = T.match_buffer(kn_h, (B, KV, S, D), dtype)
+        VN = T.match_buffer(vn_h, (B, KV, VR, DV) if not v_in_k else (VR,), dtype)
+        KC = T.match_buffer(kc_h, (B, KV, C, D), dtype)
+        VC = T.match_buffer(vc_h, (B, KV, C, DV) if not v_in_k else (VC_,), dtype)
+        PL = T.match_buffer(pl_h, (B,), "int64")
+        SK = T.match_buffer(s_h, (H if sinks else 1,), sinks_dtype)
+        O = T.match_buffer(o_h, (B, H, S, DV), dtype)
+        st = T.alloc_buffer((2,), "int64", scope="local")        # longest past, splits
+        st[0] = T.int64(0)
+        for b in range(B):
+            st[0] = T.max(st[0], PL[b])
+        work = B * T.int64(H) * S * (st[0] + S) * T.int64(D + DV)
+        st[1] = T.int64(1)
+        if work >= T.int64(PARALLEL_MIN_MACS):
+            st[1] = T.max(T.int64(1), T.min(T.min(T.int64(MAX_SPLITS), st[0] // T.int64(MIN_SPLIT_KEYS)),
+                                            (T.int64(SPLIT_TASKS) + B * T.int64(KV) - T.int64(1)) // (B * T.int64(KV))))
+        PM = T.alloc_buffer((B * KV, MAX_SPLITS, S, G, 2), "float32")
+        PA = T.alloc_buffer((B * KV, MAX_SPLITS, S, G, DV), "float32")
+        if work >= T.int64(PARALLEL_MIN_MACS):
+            for t in T.parallel(B * T.int64(KV) * st[1]):
+                task(Q, KN, VN, KC, VC, PL, PM, PA, S, C, st[1], t)
+        else:
+            for t in range(B * T.int64(KV)):
+                task(Q, KN, VN, KC, VC, PL, PM, PA, S, C, T.int64(1), t)
+        for bh in range(B * T.int64(H)):
+            merge(SK, PM, PA, O, S, st[1], bh)
+
+    return cached_attention

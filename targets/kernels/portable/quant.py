@@ -1,0 +1,34 @@
+"""QuantMatMul as a TE compute over the stored layout (qweight [N, ceil(K/2) | K], scales/zeros [N, KB]):
+each weight is decoded where the reduction reads it. The GPU targets schedule it with dlight; the cpu
+target uses it only where its packed kernel (kernels/cpu/quant_gemm.py) does not apply."""
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from ..cpu.quant_gemm import _code, default_zero
+
+
+def quant_matmul(x: te.Tensor, q: te.Tensor, s: te.Tensor, z, bias, *, K: int, N: int, bits: int,
+                 block_size: int, format: str):
+    """x [M, K] -> y [M, N] = x @ dequantize(q, s, z)^T (+ bias); s is None for 16-bit weights."""
+    m = x.shape[0]
+    offset = 8.0 if (bits == 4 and format == "int") else 0.0
+    implied = default_zero(bits, format)
+
+    def weight(n, k):
+        if bits == 4:
+            b = q[n, tirx.floordiv(k, 2)]
+            code = tirx.Select(tirx.floormod(k, 2) == 0, _code(b, bits, format), _code(b, bits, format, high=True))
+        else:
+            code = _code(q[n, k], bits, format)
+        if bits == 16:
+            return code
+        kb = tirx.floordiv(k, block_size)
+        zero = (z[n, kb] if z is not None else tirx.const(implied, "float32")) + tirx.const(offset, "float32")
+        return (code - zero) * s[n, kb]
+
+    r = te.reduce_axis((0, K), name="k")
+    acc = te.compute((m, N), lambda i, n: te.sum(x[i, r].astype("float32") * weight(n, r), axis=r), name="qmatmul")
+    if bias is None:
+        return te.compute((m, N), lambda i, n: acc[i, n].astype(x.dtype), name="qmatmul_out")
+    return te.compute((m, N), lambda i, n: (acc[i, n] + bias[n].astype("float32")).astype(x.dtype), name="qmatmul_out")

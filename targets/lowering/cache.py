@@ -1,0 +1,82 @@
+"""The KV-cache ops of the derived generation programs (ir/fused/cache.py) for the cpu kernel set.
+
+`CacheUpdate` becomes `call_tir_inplace` into kernels/cpu/cache_update.py: its output IS the cache
+buffer the function received, so a decode step writes k rows per sequence and never copies a
+cache. Because that write is in place, every other reader of the cache (the step's
+`CachedAttention`, which attends over the cache before the update) must run first:
+`in_place_order` orders the nodes so. `CachedAttention` is one call_tir into
+kernels/cpu/cached_attention.py; with v_in_k it never reads v_new / cache_v (placeholders go in).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...ir.ops import attrs_of
+from . import lowers
+
+UPDATE = "polyport::CacheUpdate"
+
+
+def _i64(lw, v):
+    x = lw.get(v)
+    return x if x.ty.dtype == "int64" else lw.emit(lw.relax.op.astype(x, "int64"))
+
+
+def _static(lw, node, value, axis, what):
+    n = lw.as_int(lw.shape(lw.get(value))[axis])
+    if n is None:
+        raise lw.unsupported(node, f"its {what} must be static")
+    return n
+
+
+@lowers(UPDATE, dtypes=("f32",), kernels=("cpu",))     # the cpu kernel set only
+def cache_update(lw, node):
+    from ..kernels.cpu import cache_update as kernel
+    relax = lw.relax
+    cache, new = lw.get(node.inputs[0]), lw.get(node.inputs[1])
+    func = kernel.cache_update_func(kv_heads=_static(lw, node, node.inputs[0], 1, "kv heads"),
+                                    d=_static(lw, node, node.inputs[0], 3, "head dim"),
+                                    ring=bool(attrs_of(node)["ring"]), dtype=cache.ty.dtype)
+    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cache_update")      # opaque: FuseOps leaves it alone
+    args = [cache, new, _i64(lw, node.inputs[2]), _i64(lw, node.inputs[3])]
+    return lw.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
+
+
+@lowers("polyport::CachedAttention", dtypes=("f32",), kernels=("cpu",))
+def cached_attention(lw, node):
+    from ..kernels.cpu import cached_attention as kernel
+    relax = lw.relax
+    a = attrs_of(node)
+    q, kn, vn, kc, vc = (lw.get(v) for v in node.inputs[:5])
+    sinks = lw.get(node.inputs[6]) if len(node.inputs) > 6 and node.inputs[6] is not None else None
+    v_in_k = bool(a["v_in_k"])
+    d = _static(lw, node, node.inputs[0], 3, "query head dim")
+    dv = _static(lw, node, node.inputs[2], 3, "value head dim")
+    func = kernel.cached_attention_func(
+        num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
+        window=a["window"], ring=bool(a["ring"]), v_in_k=v_in_k, sinks=sinks is not None,
+        dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype)
+    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cached_attention")
+    placeholder = relax.const(np.zeros(1, np.float32))
+    args = [q, kn, placeholder if v_in_k else vn, kc, placeholder if v_in_k else vc, _i64(lw, node.inputs[5]),
+            placeholder if sinks is None else sinks]
+    out = relax.TensorType(shape=lw.shape(q)[:3] + [dv], dtype=q.ty.dtype)
+    return lw.emit(relax.call_tir(gv, args, out))
+
+
+def in_place_order(nodes):
+    """`nodes` (topologically sorted) with each CacheUpdate moved after every other reader of the
+    cache it overwrites."""
+    pending, done = [], set()
+    for node in nodes:
+        if node.qualified_op == UPDATE:
+            pending.append(node)
+        else:
+            yield node
+            done.add(id(node))
+        for upd in list(pending):
+            if all(id(user) in done or user is upd for user, _ in upd.inputs[0].uses):
+                pending.remove(upd)
+                done.add(id(upd))
+                yield upd
+    yield from pending

@@ -1,0 +1,76 @@
+"""polyport::QuantMatMul: the codes stay codes up to the kernel.
+
+With the cpu kernel set, a QuantMatMul whose N splits into vector-wide column blocks and whose K
+packs whole bytes runs kernels/cpu/quant_gemm.py over operands the loader binds column-blocked
+([N, X] stored, [N/NB, X, NB] bound: `packed_rows` in model.json); otherwise the TE compute of
+kernels/portable/quant.py reads them as stored. Either way the operands are parameters, never
+constants folded into the library.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...ir.ops import attrs_of
+from . import lowers
+from .dense import PACKED_WEIGHTS, flatten2d
+
+OP = "polyport::QuantMatMul"
+WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
+
+
+def _packed_nb(lw, node) -> int:
+    from ..kernels.cpu.quant_gemm import column_block
+    a = attrs_of(node)
+    per_byte = 2 if a["bits"] == 4 else 1
+    if lw.kernels not in PACKED_WEIGHTS or a["K"] % per_byte or a["block_size"] % per_byte:
+        return 0
+    return column_block(int(a["N"]))
+
+
+def param_layout(lw, v):
+    """For a constant used only as a QuantMatMul weight operand: NB to bind it column-blocked
+    (0: as stored). None for any other constant."""
+    if not v.uses or v.is_graph_output:
+        return None
+    nbs = set()
+    for node, i in v.uses:
+        if node.qualified_op != OP or i not in WEIGHT_OPERANDS or node.graph is not lw.graph:
+            return None
+        nbs.add(_packed_nb(lw, node))
+    return nbs.pop() if len(nbs) == 1 else 0
+
+
+@lowers(OP)
+def quant_matmul(lw, node):
+    relax = lw.relax
+    a = attrs_of(node)
+    x2, shape = flatten2d(lw, lw.get(node.inputs[0]))
+    if x2.ty.dtype not in ("float32", "float16"):
+        raise lw.unsupported(node, f"activations of dtype {x2.ty.dtype} (takes f32, f16)")
+    ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+    q, s, z, bias = (None if v is None else lw.get(v) for v in ins[1:5])
+    if bias is not None and bias.ty.dtype != "float32":
+        bias = lw.emit(relax.op.astype(bias, "float32"))
+    N = int(a["N"])
+    if lw.packed_rows.get(node.inputs[1].name):
+        from ..kernels.cpu import quant_gemm
+        no, _, nb = (lw.as_int(d) for d in lw.shape(q))
+        func = quant_gemm.quant_dense_func(int(a["K"]), no, nb, int(a["bits"]), int(a["block_size"]),
+                                           a["format"], z is not None, bias is not None,
+                                           dtype=x2.ty.dtype)
+        gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "quant_dense")     # opaque: FuseOps leaves it
+        none = relax.const(np.zeros(1, np.float32))
+        out = relax.TensorType(shape=[lw.shape(x2)[0], N], dtype=x2.ty.dtype)
+        y = lw.emit(relax.call_tir(gv, [x2, q, none if s is None else s, none if z is None else z,
+                                        none if bias is None else bias], out))
+    else:
+        from ..kernels.portable import quant
+        attrs = {k: a[k] for k in ("K", "N", "bits", "block_size")}
+
+        def fn(x, q, *rest):
+            it = iter(rest)
+            ss, zz, bb = (next(it) if t is not None else None for t in (s, z, bias))
+            return quant.quant_matmul(x, q, ss, zz, bb, format=a["format"], **attrs)
+
+        y = lw.bb.emit_te(fn, *[t for t in (x2, q, s, z, bias) if t is not None], primfunc_name_hint="quant_matmul")
+    return lw.emit(relax.op.reshape(y, shape[:-1] + [N])) if len(shape) != 2 else y

@@ -1,0 +1,36 @@
+"""Shared by the generation tests: one reference generator and one ORT session per model, per test run."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from polyport.tests.real_models import BUNDLED, MODELS
+
+
+def path_of(name: str):
+    return BUNDLED if name == "deepseek_v3_tiny" else MODELS / f"{name}.onnx"
+
+
+@functools.lru_cache(maxsize=None)
+def generator(name: str):
+    from polyport.compiler import reference_generator
+    return reference_generator(path_of(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _ort(name: str):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path_of(name)), so, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(name: str, ids: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's full cache-less forward: logits [1, seq, vocab] of every position."""
+    return _ort(name).run(None, {"input_ids": np.asarray(ids, np.int64).reshape(1, -1)})[0]
+
+
+def prompt(name: str, n: int, extra: int = 0, seed: int = 0) -> np.ndarray:
+    vocab = generator(name).generation["vocab"]
+    return np.random.default_rng(seed + n).integers(0, vocab, size=(1, n + extra), dtype=np.int64)

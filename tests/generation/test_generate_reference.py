@@ -1,0 +1,184 @@
+"""Generation on the reference executor over the derived programs, against ONNX Runtime's full forward.
+
+Teacher forcing is exact: ORT's cache-less forward over prompt + tokens gives
+every position's logits; `g.append(token)` one at a time must reproduce each
+row within 1e-4 x max|logit| (fp32). Default run: one model per cache layout
+at the length that exercises it; the full corpus x lengths 1, 7, 40 is slow."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polyport.tests.real_models import assert_logits_close, corpus
+
+from .conftest import generator, ort_logits, prompt
+
+STEPS = 24
+ALL_MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
+DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40), ("deepseek_v3_tiny", 1)]   # mha, window, shared K=V + sinks, MLA
+FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in ALL_MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
+
+
+def teacher_forced(name: str, n: int, steps: int = STEPS) -> None:
+    ids = prompt(name, n, steps)
+    want = ort_logits(name, ids)[0]
+    g = generator(name).start(ids[:, :n])
+    assert_logits_close(g.logits[0], want[n - 1])
+    for t in range(steps):
+        got = g.append(ids[:, n + t])                       # [batch] form: one token per sequence
+        assert_logits_close(got[0], want[n + t])
+    assert int(g.length[0]) == n + steps
+
+
+@pytest.mark.parametrize("name,n", DEFAULT + FULL)
+def test_teacher_forced_decode_matches_ort_full_forward(name, n):
+    teacher_forced(name, n)
+
+
+def ort_greedy(name: str, ids: np.ndarray, steps: int) -> tuple[list[int], list[float]]:
+    seq, tokens, margins = ids.copy(), [], []
+    for _ in range(steps):
+        last = ort_logits(name, seq)[0, -1]
+        top2 = np.sort(last)[-2:]
+        margins.append(float(top2[1] - top2[0]))
+        tokens.append(int(np.argmax(last)))
+        seq = np.concatenate([seq, [[tokens[-1]]]], axis=1)
+    return tokens, margins
+
+
+@pytest.mark.parametrize("name", ["llama_a", pytest.param("deepseek_v4_c", marks=pytest.mark.slow),
+                                  pytest.param("deepseek_v3_tiny", marks=pytest.mark.slow)])
+def test_greedy_generate_equals_the_ort_greedy_loop(name):
+    ids = prompt(name, 7)
+    got = generator(name).generate(ids, STEPS)
+    want, margins = ort_greedy(name, ids, STEPS)
+    assert got.dtype == np.int64 and got.shape == (1, STEPS)
+    for t, (a, b) in enumerate(zip(got[0].tolist(), want)):
+        if a != b:                       # allowed only after a near-tie; report where
+            assert min(margins[:t + 1]) < 1e-5, f"step {t}: {a} != {b} with top-1/top-2 margins {margins[:t + 1]}"
+            break
+
+
+@pytest.mark.parametrize("name", ["llama_a", pytest.param("mixtral_b", marks=pytest.mark.slow),
+                                  pytest.param("deepseek_v4_b", marks=pytest.mark.slow)])
+def test_a_batch_of_unequal_prompts_equals_each_alone(name):
+    s = generator(name)
+    lengths = [3, 9, 17]
+    ids = np.zeros((3, 17), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = prompt(name, n)[0]
+    together = s.generate(ids, 6, lengths=lengths)
+    alone = np.stack([s.generate(ids[b:b + 1, :n], 6)[0] for b, n in enumerate(lengths)])
+    np.testing.assert_array_equal(together, alone)
+    mask = (np.arange(17)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    np.testing.assert_array_equal(s.generate(ids, 6, attention_mask=mask), alone)
+
+
+def test_append_takes_several_tokens_at_once():
+    name, n = "llama_a", 7
+    ids = prompt(name, n, 5)
+    g = generator(name).start(ids[:, :n])
+    got = g.append(ids[:, n:])                              # [batch, k]
+    assert_logits_close(got[0], ort_logits(name, ids)[0, -1])
+
+
+def test_a_sliding_window_layer_holds_window_positions_after_3x_window_tokens():
+    s = generator("mixtral_b")                              # window 16 on every layer
+    window = 16
+    layers = s.generation["layers"]
+    assert {layer["kind"] for layer in layers} == {"window"} and {layer["capacity"] for layer in layers} == {window}
+    g = s.start(prompt("mixtral_b", 1), max_length=1024)
+    for t in range(3 * window):
+        g.append(np.array([t % 50]))
+    cache = g._caches[0]
+    assert all(a.shape[2] == window for a in cache.values())
+    assert g.reserved_bytes == sum(layer["bytes_per_token"] * window for layer in layers)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
+    s = generator("llama_a")
+    ids = prompt("llama_a", 5)
+    a = s.generate(ids, 8, temperature=0.8, top_k=5, seed=7)
+    np.testing.assert_array_equal(a, s.generate(ids, 8, temperature=0.8, top_k=5, seed=7))
+    g = s.start(ids)
+    allowed = set(np.argsort(-g.logits[0])[:1].tolist())
+    assert int(s.generate(ids, 1, temperature=1.0, top_k=1, seed=3)[0, 0]) in allowed
+
+
+def test_stop_tokens_end_generation_and_on_token_streams():
+    s = generator("llama_a")
+    ids = prompt("llama_a", 5)
+    full = s.generate(ids, 10)
+    stop = int(full[0, 3])
+    seen = []
+    out = s.generate(ids, 10, stop_tokens=(stop,), on_token=seen.append)
+    first = int(np.argmax(full[0] == stop))
+    np.testing.assert_array_equal(out[0], full[0, :first + 1])
+    assert [int(t[0]) for t in seen] == out[0].tolist()
+
+
+def test_an_interrupted_generation_leaves_the_session_usable():
+    s = generator("llama_a")
+    ids = prompt("llama_a", 5)
+    want = s.generate(ids, 6)
+
+    def interrupt(tokens):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        s.generate(ids, 6, on_token=interrupt)
+    np.testing.assert_array_equal(s.generate(ids, 6), want)
+
+
+def test_states_in_flight_own_their_caches():
+    s = generator("llama_a")
+    a_ids, b_ids = prompt("llama_a", 4, 1), prompt("llama_a", 9, 1)
+    a, b = s.start(a_ids[:, :4]), s.start(b_ids[:, :9])
+    la, lb = a.append(a_ids[:, 4]), b.append(b_ids[:, 9])
+    assert_logits_close(la[0], ort_logits("llama_a", a_ids)[0, -1])
+    assert_logits_close(lb[0], ort_logits("llama_a", b_ids)[0, -1])
+
+
+def test_an_uncached_layer_recomputes_with_one_warning(capfd):
+    s = generator("deepseek_v4_b")          # CSA/HCA: Attention over window + compressed keys, masked: uncached
+    assert s.generation["uncached"] and not s.generation["layers"]
+    s._warned_recompute = False                             # the warning comes once per session
+    ids = prompt("deepseek_v4_b", 5, 3)
+    g = s.start(ids[:, :5])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recomputes the whole sequence" in err[0] and s.generation["uncached"][0] in err[0]
+    for t in range(3):
+        got = g.append(ids[:, 5 + t])
+    assert_logits_close(got[0], ort_logits("deepseek_v4_b", ids)[0, -1])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s: s.generate(np.array([[1, 999]]), 2), r"token id 999 is outside \[0, 256\)"),
+    (lambda s: s.generate(np.zeros((1, 0), np.int64), 2), "empty prompt"),
+    (lambda s: s.generate(np.array([[1, 2]]), -1), "max_new_tokens must be an integer >= 0"),
+    (lambda s: s.generate(np.array([[1, 2]]), 5, max_length=4), "past max_length 4"),
+    (lambda s: s.generate(np.array([[1, 2], [3, 4]]), 2, lengths=[2, 3]), "lengths .* disagree"),
+    (lambda s: s.generate(np.array([[1, 2], [3, 4]]), 2, lengths=[2]), "lengths must be 2 integers"),
+    (lambda s: s.start(np.array([[1, 2]]), max_length=3).append(np.array([[1, 2]])), "past max_length 3"),
+    (lambda s: s.start(np.array([[1, 2]])).append(np.array([1.5])), "append takes int64 token ids"),
+    (lambda s: s.generate(np.array([[1, 2]]), 2, temperature=-1.0), "temperature must be >= 0"),
+    (lambda s: s.generate(np.array([[1, 2]]), 2, temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_input_is_one_line_polyport_error(call, match):
+    from polyport import errors
+    with pytest.raises(errors.PolyportError, match=match) as e:
+        call(generator("llama_a"))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_a", "deepseek_v3_b"])
+def test_deepseek_v3_caches_the_latent_and_rope_key_only(name):
+    cfg = corpus()[name]["hf_config"]
+    layers = generator(name).generation["layers"]
+    per_token = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    assert len(layers) == cfg["num_hidden_layers"]
+    for layer in layers:
+        assert layer["kind"] == "mla" and layer["tensors"] == [f"{layer['name']}.kv"]
+        assert layer["bytes_per_token"] == per_token
+        naive = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * 4
+        assert layer["naive_ratio"] == round(naive / per_token, 3)

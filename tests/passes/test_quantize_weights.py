@@ -1,0 +1,77 @@
+"""`--quantize`: which weights become QuantMatMul codes, and that the quantized graph stays close to f32."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polyport import errors
+from polyport.frontend.onnx_import import import_onnx
+from polyport.passes.pipelines import run_pipeline
+from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+from polyport.runtime.reference import ReferenceSession
+
+from ..real_models import model_path, token_ids
+
+
+def _graph(name="llama_a"):
+    g = import_onnx(model_path(name))
+    run_pipeline(g)
+    return g
+
+
+def _logits(g, seq=8):
+    return ReferenceSession(g).run(token_ids(seq))[g.outputs[0].name]
+
+
+@pytest.mark.parametrize("scheme,group,rel", [("int8", 32, 0.02), ("int4", 32, 0.3), ("int4", 128, 0.4),
+                                              ("fp8", 64, 0.15)])
+def test_quantized_llama_keeps_the_lm_head_and_stays_near_f32(scheme, group, rel):
+    g = _graph()
+    want = _logits(g)
+    entry = quantize_weights(g, WeightQuantization(scheme, group))
+    assert entry["scheme"] == scheme and entry["group_size"] == group
+    assert entry["layers"] == {"GatedMLP": 2, "MatMul": 8, "f32: LM head": 1}
+    ops = [n.qualified_op for n in g.nodes]
+    assert "polyport::GatedMLP" not in ops and ops.count("MatMul") == 1 and ops.count("polyport::QuantMatMul") == 14
+    codes = [n.inputs[1].const for n in g.nodes if n.qualified_op == "polyport::QuantMatMul"]
+    assert all(c.dtype == (np.int8 if scheme == "int8" else np.uint8) for c in codes)
+    got = _logits(g)
+    # random weights make low precision look harsh; these bounds only catch a broken scheme
+    assert np.abs(got - want).max() <= rel * np.abs(want).max()
+
+
+def test_lm_head_is_quantized_behind_the_option_and_a_tied_weight_never():
+    g = _graph()
+    entry = quantize_weights(g, WeightQuantization("int8", 32, lm_head=True))
+    assert entry["layers"].get("f32: LM head") is None and entry["layers"]["MatMul"] == 9
+    assert not any(n.qualified_op == "MatMul" for n in g.nodes)
+
+
+@pytest.mark.parametrize("scheme,group", [("int2", 32), ("int4", 48)])
+def test_bad_quantization_options_are_one_clear_error(scheme, group):
+    with pytest.raises(errors.PolyportError, match="--quantize int2|--group-size 48"):
+        WeightQuantization(scheme, group)
+
+
+def test_cost_model_counts_quantized_weights_at_their_stored_bytes():
+    from polyport.runtime.cost import analyze, evaluate
+    g = _graph()
+    f32 = analyze(g)
+    quantize_weights(g, WeightQuantization("int4", 32))
+    q = analyze(g)
+    # the same GEMM FLOPs; the unfused GatedMLP adds its elementwise ops (< 1%)
+    flops = [evaluate(c.flops, {"seq": 128}) for c in (f32, q)]
+    assert not q.unknown and flops[0] <= flops[1] <= 1.01 * flops[0]
+    assert q.weight_bytes < f32.weight_bytes / 2
+
+
+def test_16_bit_weights_reach_the_fused_moe_and_quantized_codes_do_not():
+    g = _graph("qwen3_moe_a")
+    want = _logits(g)
+    entry = quantize_weights(g, WeightQuantization("f16", lm_head=True))
+    assert entry["layers"]["MoE"] == 2
+    moe = [n for n in g.nodes if n.qualified_op == "polyport::MoE"]
+    assert all(n.inputs[i].const.dtype == np.float16 for n in moe for i in (1, 3, 4, 5))
+    assert np.abs(_logits(g) - want).max() <= 5e-3 * np.abs(want).max()
+    g = _graph("qwen3_moe_a")
+    assert quantize_weights(g, WeightQuantization("int8", 32))["layers"]["f32: MoE experts"] == 2

@@ -1,0 +1,55 @@
+"""benchmarks/engines.py: children that time one engine alone, the alternation and the ratios."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import engines  # noqa: E402
+
+LLAMA = str(ROOT / "examples" / "models" / "llama_a.onnx")
+
+
+def test_a_fixed_batch_is_skipped_with_its_reason():
+    assert engines.token_ids(LLAMA, 1, 16).shape == (1, 16)
+    with pytest.raises(engines.Skip, match="fixes batch at 1"):
+        engines.token_ids(LLAMA, 8, 16)
+
+
+def test_ratios_are_paired_per_round_and_skips_carry_through():
+    def child(times_by_shape):
+        return {"rows": [dict(batch=b, seq=s, **t) for (b, s), t in times_by_shape]}
+    ort = [child([((1, 16), {"times_ms": [4.0, 4.0, 9.0]}), ((8, 16), {"skip": "the export fixes batch at 1"})]),
+           child([((1, 16), {"times_ms": [6.0]}), ((8, 16), {"skip": "the export fixes batch at 1"})])]
+    pp = [child([((1, 16), {"times_ms": [2.0, 2.0, 1.0]}), ((8, 16), {"skip": "the export fixes batch at 1"})]),
+          child([((1, 16), {"times_ms": [1.0]}), ((8, 16), {"skip": "the export fixes batch at 1"})])]
+    rows = engines.prefill_rows("m", {"ort": ort, "polyport": pp})
+    assert rows[0]["ort_ms"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 2}
+    assert rows[0]["ratio"]["min"] == 2.0 and rows[0]["ratio"]["max"] == 6.0     # 4/2 and 6/1, not 6/2
+    assert rows[1] == {"model": "m", "batch": 8, "seq": 16, "skip": "the export fixes batch at 1"}
+
+
+def test_alternate_reverses_the_order_every_other_round(monkeypatch):
+    calls = []
+    monkeypatch.setattr(engines, "run_child", lambda spec: calls.append(spec["engine"]) or {"engine": spec["engine"]})
+    out = engines.alternate([{"kind": "prefill", "engine": "a"}, {"kind": "prefill", "engine": "b"}], 3, lambda m: None)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [r["engine"] for r in out[1]] == ["b", "b", "b"]
+
+
+def test_children_time_ort_and_the_triad_in_their_own_processes():
+    out = engines.run_child({"kind": "prefill", "engine": "ort", "onnx": LLAMA, "shapes": [[1, 4], [8, 4]],
+                             "runs": 2, "warmup": 1, "threads": 1})
+    assert len(out["rows"][0]["times_ms"]) == 2 and all(t > 0 for t in out["rows"][0]["times_ms"])
+    assert "fixes batch" in out["rows"][1]["skip"]
+    bw = engines.run_child({"kind": "triad", "threads": 1, "runs": 2, "warmup": 1})
+    assert len(bw["gbps"]) == 2 and all(0.1 < g < 10000 for g in bw["gbps"])
+
+
+def test_a_failing_child_reports_its_error():
+    with pytest.raises(RuntimeError, match="unknown engine"):
+        engines.run_child({"kind": "prefill", "engine": "nope", "onnx": LLAMA, "shapes": [[1, 4]],
+                           "runs": 1, "warmup": 0, "threads": 1})
