@@ -157,6 +157,10 @@ class _Importer:
         if parent is None:
             self.bindable = frozenset(s for v in g.inputs if isinstance(v.type, TensorType) for s in v.type.symbols)
         for np_ in gp.node:
+            again = [n for n in np_.output if n and n in scope and n not in outer]
+            if again:       # ONNX graphs are in SSA form: a second producer would silently replace the first
+                raise errors.ImportError_(f"{self.source}: node {np_.name or '?'} ({np_.op_type}): output "
+                                          f"{again[0]!r} is already defined in the graph (a value has one producer)")
             self._import_node(g, np_, scope, declared, fold_here=self.fold_shapes and parent is None)
         outputs = []
         for vi in gp.output:

@@ -78,8 +78,9 @@ def _mutate(kind: str, data: st.DataObject, folder: Path) -> Path:
         if node.input:
             node.input[data.draw(st.integers(0, len(node.input) - 1))] = "no_such_value"
     elif kind == "duplicated name":
-        other = nodes[data.draw(st.integers(0, len(nodes) - 1))]
-        if node.output and other.output and other is not node:
+        j = data.draw(st.integers(0, len(nodes) - 2))
+        other = nodes[j if j < nodes.index(node) else j + 1]
+        if node.output and other.output:
             node.output[0] = other.output[0]
     elif kind == "cycle":
         later = nodes[data.draw(st.integers(nodes.index(node), len(nodes) - 1))]
