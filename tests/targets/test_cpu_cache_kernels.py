@@ -61,7 +61,8 @@ def _check_attention(cfg, b, k, cap, pasts, seed):
     past = np.array(pasts, np.int64)
     sinks = rng.standard_normal(h).astype(np.float32) if has_sinks else None
     node = types.SimpleNamespace(attrs=dict(num_heads=h, kv_heads=kvh, scale=d ** -0.5, window=window, ring=ring,
-                                            v_in_k=v_in_k), name="attn", qualified_op="polyport::CachedAttention")
+                                            v_in_k=v_in_k), name="attn", domain="polyport",
+                                 op_type="CachedAttention", qualified_op="polyport::CachedAttention")
     want = reference(node, [q, kn, vn, ck, cv, past] + ([sinks] if has_sinks else []), None)[0]
     got = _attend(cfg, q, kn, vn, ck, cv, past, sinks)
     assert not np.isnan(got).any()
@@ -120,7 +121,8 @@ def test_cache_update_random(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
     cache = rng.standard_normal((b, 2, cap, 8), np.float32)
     new = rng.standard_normal((b, 2, k, 8), np.float32)
-    node = types.SimpleNamespace(attrs={"ring": ring}, name="upd", qualified_op="polyport::CacheUpdate")
+    node = types.SimpleNamespace(attrs={"ring": ring}, name="upd", domain="polyport", op_type="CacheUpdate",
+                                 qualified_op="polyport::CacheUpdate")
     want = update_reference(node, [cache, new, past, n_new], None)[0]
     np.testing.assert_array_equal(_update(cache, new, past, n_new, ring), want)
 
