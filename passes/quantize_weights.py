@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import PolyportError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir import fused
 from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, to_float16
 from ..ir.types import TensorType
 from ..ir.verifier import verify
@@ -85,9 +85,7 @@ class _Quantizer:
     def qmatmul(self, x: Value, w: Value, before: Node, out: Optional[Value] = None) -> Value:
         ops, attrs = self.operands(w)
         t = TensorType(x.dtype, None if x.type.shape is None else x.type.shape[:-1] + (attrs["N"],))
-        node = self.graph.make_node("QuantMatMul", [x] + ops, attrs=attrs, domain=POLYPORT_DOMAIN, types=[t],
-                                    name="QuantMatMul", before=before)
-        y = node.outputs[0]
+        y = fused.build(self.graph, "QuantMatMul", [x] + ops, attrs, t, before=before, name="QuantMatMul")
         if out is not None:
             if out.is_graph_output:
                 y.name, out.name = out.name, y.name
