@@ -30,9 +30,9 @@ def _converted_bytes(art: pathlib.Path, f32: dict) -> tuple[int, int]:
     """(bytes of the converted layers' codes and scales, bytes of the same layers in the f32 artifact)."""
     from polyport.runtime import safetensors
     stored = safetensors.load(art / "weights.safetensors")
-    codes = [n for n in stored if n.rsplit("/", 1)[0] in f32 and n not in f32 and not n.endswith("/scales")]
-    ours = sum(stored[n].nbytes for n in codes) + sum(a.nbytes for n, a in stored.items() if n.endswith("/scales"))
-    return ours, sum(f32[n.rsplit("/", 1)[0]].nbytes for n in codes)
+    derived = [n for n in stored if n not in f32 and n.rsplit("/", 1)[0] in f32]    # WEIGHT/<scheme|scales>_i
+    codes = [n for n in derived if stored[n].dtype != np.float32]
+    return sum(stored[n].nbytes for n in derived), sum(f32[n.rsplit("/", 1)[0]].nbytes for n in codes)
 
 
 def _logits(sess, ids):

@@ -31,7 +31,7 @@ def build(work: pathlib.Path, k: int, n: int) -> tuple[pathlib.Path, pathlib.Pat
     path = work / f"linear_{k}x{n}_int4_b32.onnx"
     art = work / f"{path.stem}_art"
     if not path.exists():
-        w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+        w = (np.random.default_rng(0).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", n])],

@@ -99,7 +99,7 @@ def _quantized_reference(name, spec):
 
 
 @pytest.mark.parametrize("name,options", [
-    ("llama_a", ["--quantize", "int4", "--group-size", "32"]),
+    pytest.param("llama_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
     pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128"], marks=pytest.mark.slow),
     pytest.param("qwen3_moe_a", ["--dtype", "bf16"], marks=pytest.mark.slow)])
 def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name, options):

@@ -5,7 +5,9 @@ bits 4 as Q[N/NB, K/2, NB] uint8 (one byte: codes k = 2 k2 (low nibble) and 2 k2
 bits 8 as Q[N/NB, K, NB]; scales (and zeros) as [N/NB, KB, NB] float32. Per k the kernel loads NB
 codes once, decodes them into NB float32 weights in registers (mask/shift, convert, subtract the
 zero, scale) and reuses them for a tile of MB token rows, as gemm.py does with f32 weights; the
-memory traffic per weight is its code (4 or 8 bits), never an f32 copy.
+memory traffic per weight is its code (4 or 8 bits), never an f32 copy of the weight. With more rows
+than one tile (prefill), each thread decodes one column block at a time into a K x NB f32 scratch
+(L2-sized) that all its row tiles then read, so decoding is paid once per block, not once per tile.
 """
 from __future__ import annotations
 
@@ -74,31 +76,51 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
     assert K % per_byte == 0 and block % per_byte == 0
 
     @T.macro
+    def block_params(S, Z, sv, zv, jo, kb):
+        for ji in T.vectorized(T.int64(NB)):
+            sv[ji] = S[jo, kb, ji] if scaled else T.float32(1)
+            if zeros:
+                zv[ji] = Z[jo, kb, ji] + offset
+            else:
+                zv[ji] = implied_zero + offset
+
+    @T.macro
+    def decode(Q, sv, zv, dst, row, jo, kk):
+        """dst[row + p, :] = the weights of k = kk * per_byte + p, p < per_byte, of column block jo."""
+        if scaled:
+            for ji in T.vectorized(T.int64(NB)):
+                dst[row, ji] = (_code(Q[jo, kk, ji], bits, fmt) - zv[ji]) * sv[ji]
+        else:
+            for ji in T.vectorized(T.int64(NB)):
+                dst[row, ji] = _code(Q[jo, kk, ji], bits, fmt)
+        if per_byte == 2:
+            for ji in T.vectorized(T.int64(NB)):
+                dst[row + 1, ji] = (_code(Q[jo, kk, ji], bits, fmt, high=True) - zv[ji]) * sv[ji]
+
+    @T.macro
     def accumulate(X, Q, S, Z, acc, w, sv, zv, row0, rows, jo):
+        """One row tile, decoding each k's weights into registers as it goes (few rows: decode once per tile)."""
         for ii, ji in T.grid(rows, T.int64(NB)):
             acc[ii, ji] = zero
         for kb in range(T.int64(KB)):
-            for ji in T.vectorized(T.int64(NB)):
-                sv[ji] = S[jo, kb, ji] if scaled else T.float32(1)
-                if zeros:
-                    zv[ji] = Z[jo, kb, ji] + offset
-                else:
-                    zv[ji] = implied_zero + offset
+            block_params(S, Z, sv, zv, jo, kb)
             for kq in range(T.min(T.int64(block // per_byte), T.int64(KQ) - kb * T.int64(block // per_byte))):
                 kk = kb * T.int64(block // per_byte) + kq
-                if scaled:
-                    for ji in T.vectorized(T.int64(NB)):
-                        w[0, ji] = (_code(Q[jo, kk, ji], bits, fmt) - zv[ji]) * sv[ji]
-                else:
-                    for ji in T.vectorized(T.int64(NB)):
-                        w[0, ji] = _code(Q[jo, kk, ji], bits, fmt)
-                if per_byte == 2:
-                    for ji in T.vectorized(T.int64(NB)):
-                        w[1, ji] = (_code(Q[jo, kk, ji], bits, fmt, high=True) - zv[ji]) * sv[ji]
+                decode(Q, sv, zv, w, T.int64(0), jo, kk)
                 for ii in T.unroll(rows):
                     for p in T.unroll(per_byte):
                         for ji in T.vectorized(T.int64(NB)):
                             acc[ii, ji] = acc[ii, ji] + T.Cast("float32", X[row0 + ii, kk * per_byte + p]) * w[p, ji]
+
+    @T.macro
+    def accumulate_decoded(X, wblk, acc, row0, rows):
+        """One row tile over a column block decoded once into wblk [K, NB] (many rows: decode once per block)."""
+        for ii, ji in T.grid(rows, T.int64(NB)):
+            acc[ii, ji] = zero
+        for kk in range(T.int64(K)):
+            for ii in T.unroll(rows):
+                for ji in T.vectorized(T.int64(NB)):
+                    acc[ii, ji] = acc[ii, ji] + T.Cast("float32", X[row0 + ii, kk]) * wblk[kk, ji]
 
     @T.macro
     def store(O, B, acc, row0, rows, jo):
@@ -116,12 +138,28 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
         w = T.alloc_buffer((per_byte, NB), "float32", scope="local")
         sv = T.alloc_buffer((NB,), "float32", scope="local")
         zv = T.alloc_buffer((NB,), "float32", scope="local")
-        for io in range(M // T.int64(MB)):
-            accumulate(X, Q, S, Z, acc, w, sv, zv, io * T.int64(MB), T.int64(MB), jo)
-            store(O, B, acc, io * T.int64(MB), T.int64(MB), jo)
-        for i in range(M // T.int64(MB) * T.int64(MB), M):
-            accumulate(X, Q, S, Z, acc, w, sv, zv, i, T.int64(1), jo)
-            store(O, B, acc, i, T.int64(1), jo)
+        if M > T.int64(MB):
+            # a column block's weights are decoded once into L2 (K x NB floats, per thread), then every row
+            # tile reads them: decoding per tile would repeat it M / MB times
+            wblk = T.alloc_buffer((K, NB), "float32")
+            for kb in range(T.int64(KB)):
+                block_params(S, Z, sv, zv, jo, kb)
+                for kq in range(T.min(T.int64(block // per_byte), T.int64(KQ) - kb * T.int64(block // per_byte))):
+                    decode(Q, sv, zv, wblk, (kb * T.int64(block // per_byte) + kq) * per_byte, jo,
+                           kb * T.int64(block // per_byte) + kq)
+            for io in range(M // T.int64(MB)):
+                accumulate_decoded(X, wblk, acc, io * T.int64(MB), T.int64(MB))
+                store(O, B, acc, io * T.int64(MB), T.int64(MB), jo)
+            for i in range(M // T.int64(MB) * T.int64(MB), M):
+                accumulate_decoded(X, wblk, acc, i, T.int64(1))
+                store(O, B, acc, i, T.int64(1), jo)
+        else:
+            for io in range(M // T.int64(MB)):
+                accumulate(X, Q, S, Z, acc, w, sv, zv, io * T.int64(MB), T.int64(MB), jo)
+                store(O, B, acc, io * T.int64(MB), T.int64(MB), jo)
+            for i in range(M // T.int64(MB) * T.int64(MB), M):
+                accumulate(X, Q, S, Z, acc, w, sv, zv, i, T.int64(1), jo)
+                store(O, B, acc, i, T.int64(1), jo)
 
     @T.prim_func(private=True)
     def qdense(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, b_h: T.handle, o_h: T.handle):
