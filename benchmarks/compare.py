@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda msg: print(f"compare: {msg}", file=sys.stderr, flush=True)    # noqa: E731
     from polyport.runtime import bench
-    from polyport.runtime.cpu_session import usable_cpus
+    from polyport.devices import usable_cpus
     args.threads = args.threads or usable_cpus()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

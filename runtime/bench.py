@@ -48,8 +48,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import __version__, errors, files
+from ..devices import DEVICES, TARGET_DEVICES, TARGETS
 from .inputs import generated_feeds
-from ..targets.devices import DEVICES, TARGET_DEVICES
 from . import roofline
 from .artifact import Artifact
 
@@ -146,7 +146,7 @@ def plan(built: Sequence[str], targets: Optional[Sequence[str]], device: Optiona
         wanted.append(dev_target)
     unknown = [t for t in wanted if t not in TARGET_DEVICES]
     if unknown:
-        raise errors.PolyportError(f"unknown target {unknown[0]!r}; known: {', '.join(TARGET_DEVICES)}")
+        raise errors.PolyportError(f"unknown target {unknown[0]!r}; known: {', '.join(TARGETS)}")
     out = []
     for t in wanted:
         measured = t in built and device_present(t)
