@@ -76,8 +76,8 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {model} | {r['kind']} | {r['length']} | {fmt_ms(r['ms'])} | {frac} |")
     if "coexist" in doc:
         c = doc["coexist"]
-        lines += ["", "Coexistence (one process, polyport's speed as a fraction of its speed alone; "
-                      "median over rounds, min–max):"]
+        lines += ["", f"Coexistence ({c['seq']} tokens, one process; each engine's speed as a fraction of its speed "
+                      "alone in that process; median over rounds, min–max):"]
         for name, v in c["fractions"].items():
             lines.append(f"- {name}: {v['median']:.0%} ({v['min']:.0%}–{v['max']:.0%})")
     return "\n".join(lines)
