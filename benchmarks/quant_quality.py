@@ -12,6 +12,7 @@ f32. Random-weight models make low precision look harsh.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import tempfile
 
@@ -48,7 +49,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["llama_a", "qwen3_moe_a", "deepseek_v3_a"])
     ap.add_argument("--work-dir", default=None)
     args = ap.parse_args()
-    work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="quant_quality_"))
+    work = pathlib.Path(args.work_dir or os.path.join(tempfile.gettempdir(), "polyport_quant_quality"))
+    work.mkdir(parents=True, exist_ok=True)
     from polyport.runtime import safetensors
     print("| model | scheme | logits err vs f32 (seq 16) | greedy agreement /24 | weights.safetensors bytes "
           "| converted layers: bytes (f32 bytes) |")

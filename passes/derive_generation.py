@@ -10,7 +10,8 @@ just what mixes tokens or depends on where a token sits:
   of every `Rotary`) becomes `past_len + arange(step)`;
 - the LM head runs on one row per sequence (the last real one).
 
-A layer whose Attention cannot be cached (an explicit mask input, not causal)
+A layer whose Attention cannot be cached (an explicit mask input, not causal, K/V
+that are not exactly the new tokens: DeepSeek V4's compressed layers)
 or a softmax over the sequence left unfused is listed in `uncached`; then no programs are derived and generation recomputes
 the whole sequence (the runtime warns).
 """
@@ -130,7 +131,8 @@ def _cacheable(node: Node) -> bool:
     shapes = [v.shape for v in ins[:3]]
     return (bool(attrs_of(node)["causal"]) and mask is None
             and all(s is not None and len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int)
-                    for s in shapes))
+                    for s in shapes)
+            and shapes[1][2] == shapes[0][2] and shapes[2][2] == shapes[0][2])   # K/V: the new tokens only
 
 
 def _unfused_attention(graph: Graph) -> list[str]:

@@ -291,15 +291,22 @@ def _scoring_after_topk(values: Value) -> tuple[str, int, Value]:
 
 
 def _is_sum_of(v: Value, w: Value) -> bool:
-    """v == ReduceSum(w, last axis, keepdims) (+ a tiny epsilon)."""
+    """v == ReduceSum(w, last axis, keepdims), guarded by a tiny epsilon: sum + eps, or
+    max(sum, eps) (Clip(min=eps) or Max; Ernie 4.5's `clamp(min=norm_min)`)."""
     node = v.producer
-    if node is not None and node.op_type == "Add" and not node.domain:
+    if node is not None and node.op_type in ("Add", "Max") and not node.domain and len(node.inputs) == 2:
         a, b = node.inputs
         eps = scalar_of(b) if const_of(b) is not None else scalar_of(a)
         inner = a if const_of(b) is not None else b
         if eps is None or abs(eps) > 1e-6:
             return False
         node = inner.producer
+    elif node is not None and node.op_type == "Clip" and not node.domain:
+        lo = scalar_of(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        hi = node.inputs[2] if len(node.inputs) > 2 else None
+        if lo is None or abs(lo) > 1e-6 or hi is not None:
+            return False
+        node = node.inputs[0].producer
     return (node is not None and node.op_type == "ReduceSum" and not node.domain and node.inputs[0] is w
             and node.attrs.get("keepdims", 1) == 1 and reduces_last_axis(node, _rank(w)))
 

@@ -55,4 +55,8 @@ def signature_types(specs: list[dict]) -> list[tuple[str, TensorType]]:
 
 def signature_index_ranges(specs: list[dict]) -> dict[str, tuple[int, int]]:
     """The manifest's `index_range` of each index input (token ids), as {name: (lowest, highest)}."""
-    return {s["name"]: tuple(s["index_range"]) for s in specs if s.get("index_range") is not None}
+    ranges = {s["name"]: s["index_range"] for s in specs if s.get("index_range") is not None}
+    for name, r in ranges.items():
+        if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and r[0] <= r[1]):
+            raise ValueError(f"index_range of {name!r} is {r!r}, not [lowest, highest]")
+    return {name: (lo, hi) for name, (lo, hi) in ranges.items()}

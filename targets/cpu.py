@@ -57,8 +57,9 @@ class CpuTarget(Target):
             import tvm
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
-        from .tvm_lower import lower_functions, lower_to_relax
+        from .build_errors import naming_the_node
         from .schedule_cpu import schedule_module
+        from .tvm_lower import lower_functions, lower_to_relax
 
         if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
             raise errors.PolyportError(f"cpu target: dtype {options.dtype} is not supported (f32, bf16, f16)")
@@ -72,8 +73,9 @@ class CpuTarget(Target):
         else:
             lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-        mod = schedule_module(lowered.mod, target)
-        ex = tvm.compile(mod, target=target)
+        with naming_the_node([lowered, *(functions or {}).values()], self.name):
+            mod = schedule_module(lowered.mod, target)
+            ex = tvm.compile(mod, target=target)
         return ex, model_meta(lowered, functions), mcpu
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:

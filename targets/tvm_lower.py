@@ -39,6 +39,7 @@ class Lowered:
     symbols: list[str]
     packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [N/NB, K, NB]
     packed_rows: dict = dataclasses.field(default_factory=dict)   # quantized operand -> NB: [N, X] as [N/NB, X, NB]
+    origins: list = dataclasses.field(default_factory=list)   # (emitted Relax call, the node it lowers)
 
 
 def _tvm():
@@ -61,6 +62,8 @@ class _Lowerer:
             raise errors.PolyportError(f"unknown kernel set {kernels!r}; known: {', '.join(KERNEL_SETS)}")
         self.kernels = kernels
         self.syms: dict[str, Any] = {}
+        self.node: Optional[Node] = None        # the node being lowered (None: inputs, outputs)
+        self.origins: list = []                # (emitted Relax call, its node): names the node when TVM fails
         self.env: dict[Value, Any] = {}        # Value -> relax expr
         self.pv: dict[Value, np.ndarray] = {}  # Value -> object array of PrimExpr/int (int tensors only)
         self.bb = bb or relax.BlockBuilder()      # shared when several functions go into one module
@@ -129,7 +132,9 @@ class _Lowerer:
 
     # ---- values --------------------------------------------------------------------------
     def emit(self, expr):
-        return self.bb.emit(expr)
+        var = self.bb.emit(expr)
+        self.origins.append((self.bb.lookup_binding(var), self.node))
+        return var
 
     def get(self, v: Value):
         if v in self.env:
@@ -229,9 +234,10 @@ class _Lowerer:
             self.bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         mod = self.bb.get()
         return Lowered(mod, [v.name for v in g.inputs], params, [v.name for v in g.outputs], sorted(self.syms),
-                       dict(self.packed), dict(self.packed_rows))
+                       dict(self.packed), dict(self.packed_rows), self.origins)
 
     def lower_node(self, node: Node) -> None:
+        self.node = node
         key = node.qualified_op
         fn = lowering.lookup(key, self.kernels)
         if fn is None:

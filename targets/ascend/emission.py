@@ -70,6 +70,7 @@ def tname(elem: int) -> str:
 
 
 LOWERINGS: dict[str, Callable[["Emitter", Node], None]] = {}     # fused op type -> its lowering
+DECOMPOSED: dict[str, Callable[["Emitter", Node], None]] = {}     # standard ops CANN's list lacks -> opset-18 ops
 
 
 def lowers(op_type: str):
@@ -77,6 +78,16 @@ def lowers(op_type: str):
     def deco(fn):
         assert op_type not in LOWERINGS, op_type
         LOWERINGS[op_type] = fn
+        return fn
+    return deco
+
+
+def decomposes(op_type: str):
+    """Register `fn(em, node)` as the opset-18 decomposition of the standard op `op_type` (newer than
+    ATC's opset, or missing from CANN's list)."""
+    def deco(fn):
+        assert op_type not in DECOMPOSED, op_type
+        DECOMPOSED[op_type] = fn
         return fn
     return deco
 
@@ -232,6 +243,9 @@ class Emitter:
         self.outputs = outs
 
     def standard(self, node: Node) -> None:
+        own = DECOMPOSED.get(node.op_type)
+        if own is not None:
+            return own(self, node)
         if node.op_type not in CANN_ONNX_OPS:
             raise L.LimitError(f"node {node.name}: standard op {node.op_type} is not in CANN's ONNX operator "
                                f"support list (polyport's transcription, targets/ascend/emission.py CANN_ONNX_OPS)")

@@ -11,7 +11,7 @@ from ...errors import PolyportError
 from ...ir.graph import Node, Value
 from ...ir.ops import attrs_of
 from . import limits as L
-from .emission import CANN_DOMAIN, dims, lowers, tname
+from .emission import CANN_DOMAIN, decomposes, dims, lowers, tname
 
 
 # ---- gated activations (SwiGlu, clamp and non-SiLU fallbacks) --------------------------------
@@ -42,29 +42,40 @@ def gated(em, node: Node, h: str, rows: list, inter: int, activation: str, clamp
     warnings.warn(msg, L.AscendFallbackWarning, stacklevel=2)
     em.fallbacks.append({"node": node.name, "cann_op": "SwiGlu", "limit": "activation silu",
                            "actual": activation, "fallback": "decomposed standard ops", "message": msg})
-    npd = helper.tensor_dtype_to_np_dtype(cd)
-    sh = rows + [inter]
-    if activation == "gelu":
-        t = em.emit("Div", [g, em.const(np.asarray(math.sqrt(2.0), npd), f"{node.name}_sqrt2")],
-                      [(em.fresh(f"{node.name}_gs"), cd, sh)])[0]
-        t = em.emit("Erf", [t], [(em.fresh(f"{node.name}_erf"), cd, sh)])[0]
-    elif activation == "gelu_tanh":
-        cube = em.emit("Mul", [g, g], [(em.fresh(f"{node.name}_g2"), cd, sh)])[0]
-        cube = em.emit("Mul", [cube, g], [(em.fresh(f"{node.name}_g3"), cd, sh)])[0]
-        cube = em.emit("Mul", [cube, em.const(np.asarray(0.044715, npd), f"{node.name}_c")],
-                         [(em.fresh(f"{node.name}_g3c"), cd, sh)])[0]
-        t = em.emit("Add", [g, cube], [(em.fresh(f"{node.name}_inner"), cd, sh)])[0]
-        t = em.emit("Mul", [t, em.const(np.asarray(0.7978845608028654, npd), f"{node.name}_k")],
-                      [(em.fresh(f"{node.name}_inner2"), cd, sh)])[0]
-        t = em.emit("Tanh", [t], [(em.fresh(f"{node.name}_tanh"), cd, sh)])[0]
-    else:
+    if activation not in ("gelu", "gelu_tanh"):
         raise PolyportError(f"node {node.name}: unknown activation {activation!r}")
-    t = em.emit("Add", [t, em.const(np.asarray(1.0, npd), f"{node.name}_one")],
-                  [(em.fresh(f"{node.name}_1p"), cd, sh)])[0]
-    t = em.emit("Mul", [t, g], [(em.fresh(f"{node.name}_gx"), cd, sh)])[0]
-    t = em.emit("Mul", [t, em.const(np.asarray(0.5, npd), f"{node.name}_half")],
-                  [(em.fresh(f"{node.name}_act"), cd, sh)])[0]
-    return em.emit("Mul", [t, u], [(em.fresh(f"{node.name}_gated"), cd, sh)])[0]
+    act = gelu(em, g, node.name, cd, rows + [inter], tanh=activation == "gelu_tanh")
+    return em.emit("Mul", [act, u], [(em.fresh(f"{node.name}_gated"), cd, rows + [inter])])[0]
+
+
+def gelu(em, x: str, base: str, cd: int, sh, *, tanh: bool, out=None) -> str:
+    """GELU in opset-18 ops (CANN's list has no Gelu): 0.5 x (1 + erf(x / sqrt 2)), or the tanh form."""
+    npd = helper.tensor_dtype_to_np_dtype(cd)
+    if not tanh:
+        t = em.emit("Div", [x, em.const(np.asarray(math.sqrt(2.0), npd), f"{base}_sqrt2")],
+                    [(em.fresh(f"{base}_gs"), cd, sh)])[0]
+        t = em.emit("Erf", [t], [(em.fresh(f"{base}_erf"), cd, sh)])[0]
+    else:
+        cube = em.emit("Mul", [x, x], [(em.fresh(f"{base}_g2"), cd, sh)])[0]
+        cube = em.emit("Mul", [cube, x], [(em.fresh(f"{base}_g3"), cd, sh)])[0]
+        cube = em.emit("Mul", [cube, em.const(np.asarray(0.044715, npd), f"{base}_c")],
+                       [(em.fresh(f"{base}_g3c"), cd, sh)])[0]
+        t = em.emit("Add", [x, cube], [(em.fresh(f"{base}_inner"), cd, sh)])[0]
+        t = em.emit("Mul", [t, em.const(np.asarray(0.7978845608028654, npd), f"{base}_k")],
+                    [(em.fresh(f"{base}_inner2"), cd, sh)])[0]
+        t = em.emit("Tanh", [t], [(em.fresh(f"{base}_tanh"), cd, sh)])[0]
+    t = em.emit("Add", [t, em.const(np.asarray(1.0, npd), f"{base}_one")], [(em.fresh(f"{base}_1p"), cd, sh)])[0]
+    t = em.emit("Mul", [t, x], [(em.fresh(f"{base}_gx"), cd, sh)])[0]
+    return em.emit("Mul", [t, em.const(np.asarray(0.5, npd), f"{base}_half")],
+                   [out or (em.fresh(f"{base}_act"), cd, sh)])[0]
+
+
+@decomposes("Gelu")
+def standard_gelu(em, node: Node) -> None:
+    """ONNX Gelu (opset 20; ATC takes opset 18): decomposed, computed in the compute dtype."""
+    out = em.out(node.outputs[0], em.compute)
+    gelu(em, em.get(node.inputs[0], em.compute), node.name, em.compute, out[2],
+         tanh=node.attrs.get("approximate", "none") == "tanh", out=out)
 
 
 def gate_up_weight(em, node: Node, wg: Value, wu: Value, axis: int) -> str:

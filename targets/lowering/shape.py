@@ -171,7 +171,8 @@ def constant_of_shape(lw, node):
     value = np.zeros(1, np.float32) if value is None else np.asarray(value)
     shape = out_shape(lw, node) or [lw.simplify(lw.prim(d)) for d in lw.ints(node.inputs[0], "shape", node)]
     fill = lw.relax.const(value.reshape(()), "bool" if value.dtype == bool else str(value.dtype))
-    return lw.emit(lw.relax.op.full(shape, fill, str(value.dtype) if value.dtype != bool else "bool"))
+    # not R.full: TVM 0.27 legalizes it with a PrimType dtype where topi.full wants a string (TypeError)
+    return lw.emit(lw.relax.op.broadcast_to(fill, shape))
 
 
 @lowers("Range")

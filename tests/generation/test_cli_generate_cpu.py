@@ -1,7 +1,7 @@
 """`polyport generate` and `bench --decode` on a compiled cpu artifact (its own prefill/decode in model.so).
 
-Slow: one cpu compile (about a minute). The numerics of cpu decode against ORT are in
-test_generate_cpu.py; here the command line over them must give what the reference gives."""
+Slow: it shares test_generate_cpu.py's llama_a compile (about a minute when run alone). The numerics
+of cpu decode against ORT are there; here the command line over them must give what the reference gives."""
 from __future__ import annotations
 
 import json
@@ -9,17 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from polyport.tests.real_models import MODELS
-
 from .conftest import generator
+from .test_generate_cpu import artifact
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cpu_artifact(tmp_path_factory):
-    from polyport.compiler import compile_model
-    return compile_model(MODELS / "mixtral_b.onnx", ["cpu"], tmp_path_factory.mktemp("cpu") / "art")
+def cpu_artifact():
+    return artifact("llama_a")
 
 
 def test_generate_on_cpu_equals_the_reference_without_recomputing(cli, cpu_artifact, tmp_path):
@@ -29,10 +27,10 @@ def test_generate_on_cpu_equals_the_reference_without_recomputing(cli, cpu_artif
         ids[b, :n] = np.random.default_rng(b).integers(0, 256, n)
     np.save(tmp_path / "ids.npy", ids)
     r = cli("generate", cpu_artifact, "--target", "cpu", "--input-ids", tmp_path / "ids.npy", "--lengths", "3,9,17",
-            "--max-new-tokens", "40", "--json")                     # 17 + 40 tokens: past the window of 16
+            "--max-new-tokens", "12", "--json")
     assert r.exit_code == 0, r.stderr
     assert "recomputes" not in r.stderr
-    want = generator("mixtral_b").generate(ids, 40, lengths=lengths)
+    want = generator("llama_a").generate(ids, 12, lengths=lengths)
     assert json.loads(r.stdout)["tokens"] == want.tolist()
 
 
