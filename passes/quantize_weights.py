@@ -20,8 +20,9 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import PolyportError
-from ..ir.graph import Graph, Node, Value
 from ..ir import fused
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import attrs_of
 from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, to_float16
 from ..ir.types import TensorType
 from ..ir.verifier import verify
@@ -107,8 +108,8 @@ class _Quantizer:
 
     def gated_mlp(self, node: Node) -> None:
         x, wg, wu, wd = node.inputs
-        a = node.attrs
-        if a.get("activation", "silu") != "silu" or a.get("clamp", 0.0) or \
+        a = attrs_of(node)
+        if a["activation"] != "silu" or a["clamp"] or \
                 not all(_weight(w) and _only_matmul_weight(w) for w in (wg, wu, wd)) or not _float_input(x):
             self.counts["f32: GatedMLP (activation, clamp or shared weight)"] += 1
             return

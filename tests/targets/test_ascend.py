@@ -268,6 +268,7 @@ def _moe_graph(experts: int, k: int, n_group: int = 1, topk_group: int = 1, scor
 
 
 def _lower(graph, tmp_path, dtype="f32"):
+    tmp_path.mkdir(parents=True, exist_ok=True)      # artifacts are written only into existing folders
     weights = {v.name: v.const for v in graph.constants.values()}
     tmp_path.mkdir(parents=True, exist_ok=True)       # an artifact's parent directory must exist
     with ArtifactWriter(tmp_path / "art", signature(graph, graph.name)) as w:

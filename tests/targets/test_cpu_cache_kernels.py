@@ -5,15 +5,13 @@ for linear and ring caches, windows, sinks, GQA / MQA and v_in_k; the split-cach
 partial softmax states; CacheUpdate in place (linear, ring, padded rows)."""
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 tvm = pytest.importorskip("tvm")
 
-from polyport.ir.fused.cache import cache_update as update_reference, cached_attention as reference  # noqa: E402
+from polyport.ir import fused  # noqa: E402
 from polyport.targets.kernels.cpu.cache_update import cache_update_func  # noqa: E402
 from polyport.targets.kernels.cpu.cached_attention import cached_attention_func  # noqa: E402
 
@@ -60,10 +58,8 @@ def _check_attention(cfg, b, k, cap, pasts, seed):
     cv = ck[..., :dv].copy() if v_in_k else rng.standard_normal((b, kvh, cap, dv), np.float32)
     past = np.array(pasts, np.int64)
     sinks = rng.standard_normal(h).astype(np.float32) if has_sinks else None
-    node = types.SimpleNamespace(attrs=dict(num_heads=h, kv_heads=kvh, scale=d ** -0.5, window=window, ring=ring,
-                                            v_in_k=v_in_k), name="attn", domain="polyport",
-                                 op_type="CachedAttention", qualified_op="polyport::CachedAttention")
-    want = reference(node, [q, kn, vn, ck, cv, past] + ([sinks] if has_sinks else []), None)[0]
+    want = fused.evaluate("CachedAttention", [q, kn, vn, ck, cv, past] + ([sinks] if has_sinks else []),
+                          num_heads=h, kv_heads=kvh, scale=d ** -0.5, window=window, ring=ring, v_in_k=v_in_k)
     got = _attend(cfg, q, kn, vn, ck, cv, past, sinks)
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -121,9 +117,7 @@ def test_cache_update_random(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
     cache = rng.standard_normal((b, 2, cap, 8), np.float32)
     new = rng.standard_normal((b, 2, k, 8), np.float32)
-    node = types.SimpleNamespace(attrs={"ring": ring}, name="upd", domain="polyport", op_type="CacheUpdate",
-                                 qualified_op="polyport::CacheUpdate")
-    want = update_reference(node, [cache, new, past, n_new], None)[0]
+    want = fused.evaluate("CacheUpdate", [cache, new, past, n_new], ring=ring)
     np.testing.assert_array_equal(_update(cache, new, past, n_new, ring), want)
 
 
