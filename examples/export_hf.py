@@ -53,7 +53,9 @@ Notes on the model set-up (why the script does what it does):
   rate).  That model is traced with the branch-free, value-identical forwards
   of ``examples/hf_export_patches.py``; the ONNX file is still checked against
   the unpatched ``transformers`` model.  ``deepseek_v4_a`` (sliding-window
-  attention only) needs no patch.
+  attention only) needs no patch.  DeepSeek-V2 computes RoPE in complex numbers,
+  which the exporter cannot lower: it is traced with the same product written on
+  real (re, im) pairs.
 * The exporter's per-node ``metadata_props`` (stack traces with absolute paths,
   FX dumps) are removed unless ``--keep-metadata``: the files are then
   byte-for-byte reproducible.
@@ -273,7 +275,97 @@ def _specs() -> list[ModelSpec]:
             "layers 0-2 hash-routed, layer 3 top-k routed",
         ),
     ]
+    specs += _deployed_family_specs()
     return specs
+
+
+def _deployed_family_specs() -> list[ModelSpec]:
+    """One tiny config per further decoder family that people deploy, MoE first.
+
+    Each config picks the family's distinctive features: routers (softmax / sigmoid /
+    grouped, shared experts, normalised or not), attention sinks, sliding windows,
+    qk-norm, no-RoPE layers, logit softcapping, biases, partial RoPE.
+    """
+    base = dict(COMMON, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    moe = dict(base, intermediate_size=64)
+    spec = ModelSpec
+    return [
+        # ---- MoE -----------------------------------------------------------
+        spec("qwen2_moe", "a", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+             dict(moe, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8,
+                  num_experts_per_tok=2, norm_topk_prob=False, qkv_bias=True),
+             moe=True, description="8 experts top-2 (unnormalised) + sigmoid-gated shared expert, q/k/v biases"),
+        spec("olmoe", "a", "OlmoeConfig", "OlmoeForCausalLM",
+             dict(moe, intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+             moe=True, description="8 experts top-2, q/k RMSNorm over all heads"),
+        spec("granitemoe", "a", "GraniteMoeConfig", "GraniteMoeForCausalLM",
+             dict(moe, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+                  logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.125),
+             moe=True, description="4 experts top-2 (softmax over the top-k logits), embedding / residual / "
+             "attention / logit multipliers"),
+        spec("phimoe", "a", "PhimoeConfig", "PhimoeForCausalLM",
+             dict(moe, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                  attention_bias=True, lm_head_bias=True),
+             moe=True, description="4 experts top-2 (sparsemixer router), sliding window 8, biases"),
+        spec("gpt_oss", "a", "GptOssConfig", "GptOssForCausalLM",
+             dict(moe, intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                  sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+             moe=True, description="4 experts top-2 (biased router, clamped SwiGLU experts), attention sinks, "
+             "sliding window 8 / full, q/k/v/o biases"),
+        spec("ernie4_5_moe", "a", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+             dict(moe, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+                  moe_layer_start_index=1, moe_layer_interval=1),
+             moe=True, description="8 experts top-2 (score-corrected softmax router) + 1 shared expert; layer 0 dense"),
+        spec("glm4_moe", "a", "Glm4MoeConfig", "Glm4MoeForCausalLM",
+             dict(moe, num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                  routed_scaling_factor=1.5, use_qk_norm=True, attention_bias=True, head_dim=16,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+             moe=True, description="8 experts top-2 (sigmoid, 2 groups / top-1 group) + shared expert, qk-norm, "
+             "partial RoPE, q/k/v biases; layer 0 dense"),
+        spec("hunyuan_v1_moe", "a", "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+             dict(moe, head_dim=16, num_experts=4, moe_topk=2),
+             moe=True, description="4 experts top-2 + shared MLP, q/k RMSNorm after RoPE"),
+        spec("deepseek_v2", "a", "DeepseekV2Config", "DeepseekV2ForCausalLM",
+             dict(moe, num_hidden_layers=2, num_key_value_heads=4, moe_intermediate_size=32, kv_lora_rank=32,
+                  q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, topk_method="greedy",
+                  n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False),
+             moe=True, export_patch="patched_deepseek_v2",
+             description="MLA (RoPE on interleaved pairs) 4 heads; 8 experts top-2 (greedy softmax) + shared; "
+             "layer 0 dense"),
+        # ---- dense ---------------------------------------------------------
+        spec("qwen3", "a", "Qwen3Config", "Qwen3ForCausalLM", dict(base, intermediate_size=128, head_dim=16),
+             description="q/k RMSNorm per head, GQA 2"),
+        spec("qwen2", "a", "Qwen2Config", "Qwen2ForCausalLM", dict(base, intermediate_size=128),
+             description="q/k/v biases, GQA 2"),
+        spec("mistral", "a", "MistralConfig", "MistralForCausalLM",
+             dict(base, intermediate_size=128, sliding_window=8), description="sliding window 8 on every layer"),
+        spec("gemma2", "a", "Gemma2Config", "Gemma2ForCausalLM",
+             dict(base, intermediate_size=128, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+             description="attention and final logit softcapping, sliding window 8 / full alternating, "
+             "GeGLU, sandwich norms"),
+        spec("gemma3", "a", "Gemma3TextConfig", "Gemma3ForCausalLM",
+             dict(base, intermediate_size=128, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "full_attention"]),
+             description="q/k RMSNorm, sliding window 8 / full, separate local RoPE base, GeGLU"),
+        spec("phi3", "a", "Phi3Config", "Phi3ForCausalLM", dict(base, intermediate_size=128, pad_token_id=0),
+             description="fused qkv and gate_up projections"),
+        spec("olmo2", "a", "Olmo2Config", "Olmo2ForCausalLM", dict(base, intermediate_size=128),
+             description="q/k RMSNorm over all heads, post-norms"),
+        spec("granite", "a", "GraniteConfig", "GraniteForCausalLM",
+             dict(base, intermediate_size=128, embedding_multiplier=2.0, logits_scaling=4.0,
+                  residual_multiplier=0.5, attention_multiplier=0.125),
+             description="embedding / residual / attention / logit multipliers"),
+        spec("smollm3", "a", "SmolLM3Config", "SmolLM3ForCausalLM",
+             dict(base, num_hidden_layers=4, intermediate_size=128, no_rope_layer_interval=2, pad_token_id=0),
+             description="every second layer without RoPE (NoPE)"),
+        spec("starcoder2", "a", "Starcoder2Config", "Starcoder2ForCausalLM",
+             dict(base, intermediate_size=128, sliding_window=8, use_bias=True),
+             description="LayerNorm, GELU MLP, biases everywhere, sliding window 8"),
+    ]
 
 
 def _bundled_spec(path: Path = BUNDLED_PATH) -> ModelSpec:
@@ -351,8 +443,9 @@ class LogitsOnly(torch.nn.Module):
 def layer_counts(model) -> dict[str, int]:
     """Decoder layers, and how many of them use an MoE vs a dense MLP block."""
     layers = model.model.layers
-    moe = sum(1 for layer in layers if hasattr(layer.mlp, "experts"))
-    hashed = sum(1 for layer in layers if getattr(layer.mlp, "is_hash", False))
+    blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in layers]  # GraniteMoe's name
+    moe = sum(1 for block in blocks if hasattr(block, "experts"))
+    hashed = sum(1 for block in blocks if getattr(block, "is_hash", False))
     out = {"num_layers": len(layers), "num_moe_layers": moe, "num_dense_layers": len(layers) - moe}
     if hashed:
         out["num_hash_moe_layers"] = hashed

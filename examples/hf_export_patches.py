@@ -160,3 +160,37 @@ def patched_deepseek_v4():
     finally:
         for cls, fn in saved.items():
             cls.forward = fn
+
+
+# ---- DeepSeek-V2: RoPE in complex numbers -> the same product in real pairs -------------------
+# The dynamo exporter has no ONNX lowering for complex tensors (torch.polar, view_as_complex).
+# The rotary embedding returns (cos, sin) stacked in a last axis of 2 instead of cos + i sin, and
+# apply_rotary_emb multiplies the interleaved (re, im) pairs of q and k by it: the same values.
+
+def _v2_rotary_forward(self, x, position_ids):
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+
+
+def _v2_apply_rotary_emb(xq, xk, freqs_cis):
+    cos, sin = freqs_cis.unsqueeze(1)[..., 0], freqs_cis.unsqueeze(1)[..., 1]   # [1, 1, seq, dim // 2]
+
+    def rotate(x):
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        re, im = pairs[..., 0], pairs[..., 1]
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+@contextlib.contextmanager
+def patched_deepseek_v2():
+    """Real-valued RoPE for the duration of the ``with`` block."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m2
+
+    saved = m2.DeepseekV2RotaryEmbedding.forward, m2.apply_rotary_emb
+    try:
+        m2.DeepseekV2RotaryEmbedding.forward, m2.apply_rotary_emb = _v2_rotary_forward, _v2_apply_rotary_emb
+        yield
+    finally:
+        m2.DeepseekV2RotaryEmbedding.forward, m2.apply_rotary_emb = saved

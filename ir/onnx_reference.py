@@ -3,6 +3,10 @@
 Each node gets a one-node ONNX model run by onnx's ReferenceEvaluator, built on
 first use for the input dtypes seen and cached on the node's runner. Values a
 subgraph body reads from enclosing scopes become extra inputs of that model.
+
+Where onnx.reference deviates from the ONNX specification on inputs real exports
+produce, polyport implements the op itself (`SPEC_IMPLEMENTATIONS`), checked
+against ONNX Runtime in tests/test_reference_executor.py.
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ class StandardOpRunner:
         self._cache: dict[tuple, ReferenceEvaluator] = {}
 
     def __call__(self, inputs: Sequence[Any], captured: Sequence[Any] = ()) -> list[Any]:
+        own = SPEC_IMPLEMENTATIONS.get(self.node.op_type) if self.node.domain in ("", "ai.onnx") else None
+        if own is not None:
+            return own(self.node.attrs, *inputs)
         key = tuple(_type_key(x) for x in inputs) + tuple(_type_key(x) for x in captured)
         ev = self._cache.get(key)
         if ev is None:
@@ -83,10 +90,11 @@ class StandardOpRunner:
         return list(ev.run(None, feeds))
 
     def _build(self, inputs, captured) -> ReferenceEvaluator:
+        from .onnx_export import export_subgraph
         from .onnx_proto import node_to_proto
         names = [f"in{i}" if v is not None else "" for i, v in enumerate(self.node.inputs)]
         outs = [f"out{i}" for i in range(len(self.node.outputs))]
-        proto = node_to_proto(self.node, names, outs, self.opsets)
+        proto = node_to_proto(self.node, names, outs, self.opsets, export_subgraph)
         g_inputs = [helper.make_value_info(f"in{i}", runtime_type(x, v.type))
                     for i, (x, v) in enumerate(zip(inputs, self.node.inputs)) if v is not None]
         g_inputs += [helper.make_value_info(v.name, runtime_type(x, v.type)) for v, x in zip(self.captures, captured)]
@@ -103,3 +111,23 @@ def _type_key(x: Any) -> Any:
     if isinstance(x, list):
         return ("seq", _type_key(x[0]) if x else None)
     return type(x).__name__
+
+
+def gather_elements(data: np.ndarray, indices: np.ndarray, axis: int = 0) -> np.ndarray:
+    """GatherElements as specified: out[i..] = data[i.. with i[axis] = indices[i..]], out.shape = indices.shape.
+
+    Along the other axes the indices may be shorter than the data (a top-k over a slice of
+    the experts' scores, exported by dynamo). onnx.reference and np.take_along_axis both
+    reject that; ONNX Runtime runs it."""
+    axis = axis % data.ndim
+    idx = indices.astype(np.int64)
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    grid = list(np.indices(idx.shape, sparse=True))
+    grid[axis] = idx
+    return data[tuple(grid)]
+
+
+# op_type -> fn(attrs, *inputs) -> outputs, for the ops onnx.reference gets wrong.
+SPEC_IMPLEMENTATIONS: dict[str, Any] = {
+    "GatherElements": lambda attrs, data, indices: [gather_elements(data, indices, attrs.get("axis", 0))],
+}

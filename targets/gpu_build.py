@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from .. import errors
+from ..devices import DEVICES, TARGET_DEVICES
 from ..ir.graph import Graph
 from .base import CompileOptions, Target
-from .devices import DEVICES, TARGET_DEVICES
 from .vm_meta import model_meta, write_model_meta
 
 # Every arch a GPU target accepts, by target: a compile with targets of both families and a
@@ -79,6 +79,7 @@ class GpuTarget(Target, abc.ABC):
             raise errors.PolyportError(f"{self.name} target: dtype {options.dtype} is not supported (f32, bf16, f16)")
         toolchain = self.check_toolchain()
         import tvm
+        from .build_errors import naming_the_node
         from .schedule_gpu import schedule_module
         from .tvm_lower import lower_to_relax
 
@@ -88,8 +89,9 @@ class GpuTarget(Target, abc.ABC):
         libraries, kernels = {}, {}
         for arch in archs:
             target = self.tvm_target(arch)
-            mod = schedule_module(lowered.mod, target, self.name, graph)
-            ex = self.build(mod, target)
+            with naming_the_node(lowered, self.name):
+                mod = schedule_module(lowered.mod, target, self.name, graph)
+                ex = self.build(mod, target)
             (out_dir / arch).mkdir(parents=True, exist_ok=True)
             kernels[arch] = self.export(ex, target, out_dir / arch / "model.so")
             libraries[arch] = f"{self.name}/{arch}/model.so"

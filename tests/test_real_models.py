@@ -9,13 +9,14 @@ from polyport.ir.symbolic import sym
 from polyport.ir.verifier import verify
 from polyport.runtime.reference import ReferenceSession
 
+from . import families
 from .real_models import assert_logits_close, corpus, model_path, ort_run, token_ids
 
 NAMES = sorted(corpus())
 LENGTHS = (7, 33)
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=families.params(NAMES, "reference"))
 def imported(request):
     name = request.param
     return name, import_onnx(model_path(name))

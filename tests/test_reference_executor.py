@@ -52,3 +52,25 @@ def test_an_unknown_element_type_is_an_import_error():
     m.graph.output[0].type.tensor_type.elem_type = 99   # no such TensorProto.DataType
     with pytest.raises(errors.ImportError_, match="element type 99"):
         polyport.import_onnx(m)
+
+
+@pytest.mark.parametrize("data_shape, indices, axis", [
+    ((4, 6), [[5, 0], [-1, 2]], 1),                  # shorter than the data along axis 0
+    ((1, 3, 8), [[[7, 1], [0, -8], [3, 3]]], -1),   # dynamo's top-k over routed experts' scores
+    ((5, 3), [[4, 0], [1, 2], [-5, 3]], 0),          # shorter along axis 1, gathering along 0
+    ((2, 3, 4), [[[1], [0]]], 1),                    # shorter along axes 0 and 2
+    ((3, 4), [[1, 2, -1, 0], [0, 0, 0, 0], [2, 2, 1, 1]], 0),   # same shape: onnx.reference agrees
+])
+def test_gather_elements_with_indices_shorter_than_the_data_matches_onnxruntime(data_shape, indices, axis):
+    """The spec sets the output shape to the indices' shape on every axis; onnx.reference raises
+    'all dimensions of index and self should be the same size' unless they match the data's."""
+    ort = pytest.importorskip("onnxruntime")
+    idx = np.array(indices, np.int64)
+    m = _model([helper.make_node("GatherElements", ["d", "i"], ["o"], axis=axis)],
+               [helper.make_tensor_value_info("d", TensorProto.FLOAT, list(data_shape)),
+                helper.make_tensor_value_info("i", TensorProto.INT64, list(idx.shape))],
+               [helper.make_tensor_value_info("o", TensorProto.FLOAT, list(idx.shape))])
+    feeds = {"d": np.random.default_rng(0).standard_normal(data_shape).astype(np.float32), "i": idx}
+    (want,) = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ReferenceSession(polyport.import_onnx(m), check_types=True).run(feeds)["o"]
+    np.testing.assert_array_equal(got, want)

@@ -25,6 +25,8 @@ from polyport.passes.manager import get_pass
 from polyport.passes.pipelines import PIPELINES, run_pipeline
 from polyport.runtime.reference import ReferenceSession
 
+from .. import families
+
 MODELS = pathlib.Path(os.environ.get("POLYPORT_MODELS") or
                       pathlib.Path(__file__).resolve().parents[2] / "examples" / "models")
 
@@ -448,7 +450,7 @@ def _real_models():
         for name, entry in entries:
             if (d / entry["file"]).exists():
                 tag = name if d == MODELS else f"{d.name}/{name}"
-                out.append(pytest.param((d / entry["file"], entry), id=tag))
+                out.append(pytest.param((d / entry["file"], entry), id=tag, marks=families.marks(name, "attention", skip_gap=True)))
     return out or [pytest.param(None, marks=pytest.mark.skip(reason=f"no corpus.json in {MODELS}"))]
 
 
@@ -463,7 +465,9 @@ def expected_layers(entry: dict) -> list[dict]:
     cfg = entry["hf_config"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") or cfg["hidden_size"] // heads
-    scale = cfg.get("softmax_scale") or head_dim ** -0.5
+    # DeepSeek-V4: softmax_scale; Granite: attention_multiplier; Gemma: query_pre_attn_scalar ** -0.5
+    scale = cfg.get("softmax_scale") or cfg.get("attention_multiplier") or \
+        (cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5
     types = cfg.get("layer_types")
     out = []
     for i in range(cfg["num_hidden_layers"]):

@@ -1,8 +1,8 @@
 """The ascend target: generated and checked here, numerics emulated on CPU, never run on Ascend.
 
 What these tests check:
-- every corpus export (five families, ten models) and the bundled deepseek_v3_tiny
-  compile for ascend; the emitted ONNX passes onnx.checker (full_check) at opset <= 18
+- every corpus export and the bundled deepseek_v3_tiny compile for ascend (the
+  families added to the first five run `slow` but for a representative few, tests/families.py); the emitted ONNX passes onnx.checker (full_check) at opset <= 18
   and holds only CANN_ONNX_OPS in the default domain plus the mapped CANN operators
   (and polyport's Ascend C kernels) in their declared custom domains; weights are fp16;
 - the op plan lists the graph's calls in order, with dtypes and symbolic shapes, and
@@ -11,16 +11,17 @@ What these tests check:
 - graphs that break a documented CANN limit raise the named error or warn and fall back.
 
 Tolerance: max |emulated - reference| <= 2e-2 * max |reference logit| on every
-position whose routing agrees. Justification: fp16 keeps 11 significant bits (unit
+position. Justification: fp16 keeps 11 significant bits (unit
 roundoff 4.9e-4); every op rounds its output to fp16 and these 2-4 layer models
 chain ~20-40 such roundings between the embedding and the logits, which gives a
 measured 0.9e-3 .. 1.9e-3 relative error on all models at 7 and 33 tokens. 2e-2 is
 ~10x that headroom, and still an order of magnitude below what a semantic mistake
 costs (wrong mask, rotary mode, head mapping or routing: 0.1 .. 1 relative).
-Positions where fp16 rounding flips a near-tied expert choice (the emulator's routing
-trace differs from the reference's) differ by O(0.1): the device would flip them too.
-Those positions (and, for a flip before the last MoE layer, every later position,
-which attends to it) are excluded, and at most a quarter of the positions may be.
+fp16 rounding may flip a near-tied expert choice (the device would flip it too, and a
+flip in an early layer changes every later position): the reference is run with the
+experts the emulator chose (its routing trace), weighted by the reference's own fp32
+scores, so every position is compared and the routing itself is still checked (a wrong
+choice would weigh an expert by a low score, and differ).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import pytest
 from polyport.compiler import compile_model, signature
 from polyport.frontend import import_onnx
 from polyport.ir import dtypes
+from polyport.ir.fused import moe as moe_fused
 from polyport.ir.graph import Graph
 from polyport.ir.symbolic import sym
 from polyport.ir.types import TensorType
@@ -43,13 +45,15 @@ from polyport.runtime.artifact import ArtifactWriter, read_manifest
 from polyport.runtime.reference import ReferenceSession
 from polyport.runtime.session import load
 from polyport.targets import ascend
-from polyport.targets.ascend_limits import AscendFallbackWarning, LimitError
+from polyport.targets.ascend.limits import AscendFallbackWarning, LimitError
 from polyport.targets.base import CompileOptions, get_target
 
+from .. import families
 from ..real_models import BUNDLED, corpus, model_path
 
 MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
 TOL = 2e-2
+_ROUTE = moe_fused.route          # the reference's routing, before a test forces the emulator's choices
 SEQS = (7, 33)
 
 
@@ -57,16 +61,23 @@ def _path(name):
     return BUNDLED if name == "deepseek_v3_tiny" else model_path(name)
 
 
+class _Built(dict):
+    """name -> artifact path, each model compiled on first use (slow models only when their tests run)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AscendFallbackWarning)   # MLA's v-padding fallback, checked below
+            art = self[name] = compile_model(_path(name), ["ascend"], self.root / name)
+        return art
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """name -> (artifact path, fused graph); compiled once per module."""
-    root = tmp_path_factory.mktemp("ascend")
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AscendFallbackWarning)   # MLA's v-padding fallback, checked below
-        for name in MODELS:
-            out[name] = compile_model(_path(name), ["ascend"], root / name)
-    return out
+    return _Built(tmp_path_factory.mktemp("ascend"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +98,7 @@ def test_families_present():
                                                          "qwen3_moe"}
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", families.params(MODELS, "ascend"))
 def test_emitted_onnx_is_checked_and_allowed(built, name):
     art = built[name]
     model = onnx.load(str(art / "ascend" / "model.onnx"))
@@ -130,7 +141,7 @@ CHAINS = {
 }
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", families.params(MODELS, "ascend"))
 def test_op_plan_covers_every_fused_op(built, fused, name):
     plan = json.loads((built[name] / "ascend" / "op_plan.json").read_text())
     calls = plan["calls"]
@@ -149,6 +160,12 @@ def test_op_plan_covers_every_fused_op(built, fused, name):
         n_fused += 1
         got = by_node.get(node.name)
         want = CHAINS[node.op_type]
+        if node.op_type == "GatedMLP" and node.attrs.get("activation", "silu") != "silu":
+            # CANN's SwiGlu is SiLU-only: a GeGLU is decomposed into standard ops, and the plan says so
+            fallbacks = read_manifest(built[name])["targets"]["ascend"]["fallbacks"]
+            assert got is None and any(f["node"] == node.name and f["cann_op"] == "SwiGlu"
+                                       for f in fallbacks), (node.name, got)
+            continue
         assert got is not None, f"{node.name} ({node.op_type}) has no CANN call in the plan"
         if want[0] == "GATE":
             assert got[0] in ("MoeGatingTopK", "MoeGatingTopKSqrtSoftplus", "MoeHashRoutingGate")
@@ -159,7 +176,7 @@ def test_op_plan_covers_every_fused_op(built, fused, name):
     text = json.dumps(calls)
     assert '"seq"' in text                       # symbolic dims kept as text
     fia = [c for c in calls if c["op"] == "FusedInferAttentionScore"]
-    assert fia and all(c["attributes"]["input_layout"] == "BNSD" and c["inputs"][0]["dtype"] == "float16"
+    assert len(fia) == sum(n.op_type == "Attention" for n in g.nodes) and all(c["attributes"]["input_layout"] == "BNSD" and c["inputs"][0]["dtype"] == "float16"
                        for c in fia)
 
 
@@ -181,42 +198,31 @@ def test_deepseek_v4_uses_polyport_kernels(built):
 
 
 def _compare(art, graph, seq, monkeypatch, seed=None):
-    """(max diff / max |ref| over agreeing positions, number of excluded positions)."""
-    from polyport.ir.fused import moe as moe_mod
-    ref_trace = []
-    orig = moe_mod.route
-
-    def route(*args, **kwargs):
-        idx, w = orig(*args, **kwargs)
-        ref_trace.append(np.sort(np.asarray(idx), -1))
-        return idx, w
-    monkeypatch.setattr(moe_mod, "route", route)
+    """max |emulated - reference| / max |reference|, the reference routed as the emulator routed."""
     emu_trace = []
     monkeypatch.setattr(ascend_emulator, "ROUTING_TRACE", emu_trace)
     feeds = {"input_ids": np.random.default_rng(seq if seed is None else seed).integers(0, 100, (1, seq))
              .astype(np.int64)}
-    want = ReferenceSession(graph).run(feeds)["logits"]
     got = load(art, target="ascend").run(feeds)["logits"]
+    forced = iter(emu_trace)
+
+    def route_as_emulated(logits, attrs, e_bias=None, hash_idx=None):
+        chosen = np.asarray(next(forced))       # the same experts; weights from the reference's fp32 scores
+        assert hash_idx is None or (np.sort(chosen, -1) == np.sort(hash_idx, -1)).all()
+        return _ROUTE(logits, attrs, e_bias, chosen)
+
+    monkeypatch.setattr(moe_fused, "route", route_as_emulated)
+    want = ReferenceSession(graph).run(feeds)["logits"]
+    assert next(forced, None) is None, "the emulator routed more MoE layers than the reference"
     assert got.dtype == np.float32 and got.shape == want.shape
-    keep = np.ones(seq, bool)
-    assert len(ref_trace) == len(emu_trace)
-    for layer, (r, e) in enumerate(zip(ref_trace, emu_trace)):
-        flipped = np.nonzero((r != np.sort(e, -1)).any(-1))[0]
-        if flipped.size:
-            if layer == len(ref_trace) - 1:
-                keep[flipped] = False
-            else:
-                keep[flipped.min():] = False
-    diff = np.abs(got - want)[0][keep]
-    return float(diff.max() / np.abs(want).max()), int((~keep).sum())
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", families.params(MODELS, "ascend"))
 def test_emulated_logits_match_reference(built, fused, name, monkeypatch):
     for seq in SEQS:
-        rel, excluded = _compare(built[name], fused(name), seq, monkeypatch)
+        rel = _compare(built[name], fused(name), seq, monkeypatch)
         assert rel <= TOL, f"{name} seq {seq}: max diff {rel:.3g} x max|logit| > {TOL}"
-        assert excluded <= seq // 4, f"{name} seq {seq}: {excluded} positions with flipped routing"
 
 
 def test_cli_run_says_emulated(built, cli):
@@ -263,6 +269,7 @@ def _moe_graph(experts: int, k: int, n_group: int = 1, topk_group: int = 1, scor
 
 def _lower(graph, tmp_path, dtype="f32"):
     weights = {v.name: v.const for v in graph.constants.values()}
+    tmp_path.mkdir(parents=True, exist_ok=True)       # an artifact's parent directory must exist
     with ArtifactWriter(tmp_path / "art", signature(graph, graph.name)) as w:
         w.write_weights(weights)
         entry = get_target("ascend").lower(graph, w.target_dir("ascend"), weights, CompileOptions(dtype=dtype))

@@ -1,4 +1,5 @@
-"""The cuda and rocm targets' builds: device code per architecture for the five named exports.
+"""The cuda and rocm targets' builds: device code per architecture for every corpus export
+(five named exports by default, the rest `slow`; known gaps are strict xfails in tests/families.py).
 
 What is checked (no GPU here): TVM reads each model.so's packed modules up to
 the device module, whose loader this CUDA/ROCm-less TVM lacks; and each arch's
@@ -9,7 +10,7 @@ descriptors are exactly those kernels. The kernel names come from the built
 module's own function table, never from a list written here. Not checked:
 numerics on a GPU.
 
-One compile per (model, target): the ten builds spread over xdist workers. Without
+One compile per (model, target): the builds spread over xdist workers. Without
 nvcc / cuobjdump, or without rocm-device-libs / lld >= 19, the target's tests
 skip and say which tool is missing; with POLYPORT_REQUIRE_GPU_TOOLCHAINS=1 (CI)
 they fail instead. scripts/install_gpu_toolchains.sh installs them.
@@ -28,9 +29,12 @@ from polyport.targets import device_code, rocm
 from polyport.targets.base import CompileOptions, get_target
 from polyport.targets.cuda import find_nvcc
 
+from .. import families
+from ..real_models import corpus
+
 MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
-NAMED_EXPORTS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a",
-                 pytest.param("deepseek_v4_d", marks=pytest.mark.slow)]   # V4's published layer pattern
+NAMED_EXPORTS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a"]   # run by default
+EXPORTS = sorted(corpus())
 REQUIRED = os.environ.get("POLYPORT_REQUIRE_GPU_TOOLCHAINS") == "1"
 
 
@@ -90,7 +94,8 @@ def _loads_up_to_the_device_runtime(path: Path, kind: str) -> None:
         tvm.runtime.load_module(str(path))
 
 
-@pytest.mark.parametrize("model", NAMED_EXPORTS)
+@pytest.mark.parametrize("model", families.params(EXPORTS, "cuda", default=NAMED_EXPORTS,
+                                                   raises=errors.UnsupportedOpError))
 def test_cuda_device_code_per_arch(model, tmp_path):
     out, entry = _build(model, "cuda", ("sm_80", "sm_90"), tmp_path)
     assert "nvcc" in entry["toolchain"]
@@ -103,7 +108,8 @@ def test_cuda_device_code_per_arch(model, tmp_path):
         assert sorted(listed[arch]) == sorted(dev.kernels) == entry["kernels"][arch]
 
 
-@pytest.mark.parametrize("model", NAMED_EXPORTS)
+@pytest.mark.parametrize("model", families.params(EXPORTS, "rocm", default=NAMED_EXPORTS,
+                                                   raises=errors.UnsupportedOpError))
 def test_rocm_device_code_per_arch(model, tmp_path):
     out, entry = _build(model, "rocm", ("gfx90a", "gfx942"), tmp_path)
     assert {"llvm", "lld"} <= set(entry["toolchain"])
