@@ -24,9 +24,6 @@ DEFAULT_ADDED = {"qwen2_moe_a", "gemma3_a"}
 # Families whose dense MLP is not gated (fc -> activation -> proj): no GatedMLP.
 UNGATED_MLP = {"starcoder2"}
 
-_GEMMA2_UNFUSED = ("its unfused soft-capped attention reaches Relax with rank-only shapes (the IR's dims of the "
-                   "masked scores are unknown, `?`): node_Softmax_349 cannot be lowered: UnsupportedOpError")
-
 # (export, check) -> reason; fusion checks: (layers that fuse, reason).
 GAPS: dict[tuple[str, str], object] = {
     ("phimoe_a", "moe"): (0, "PhiMoE's SparseMixer router picks each expert from its own masked softmax "
@@ -34,9 +31,6 @@ GAPS: dict[tuple[str, str], object] = {
                              "score vector cannot express it"),
     ("gpt_oss_a", "moe"): (0, "gpt-oss experts have a router bias, per-expert biases and the clamped "
                               "(up + 1) * gate * sigmoid(1.702 gate) activation: none of them is in polyport::MoE"),
-    ("gemma2_a", "cpu"): _GEMMA2_UNFUSED,
-    ("gemma2_a", "cuda"): _GEMMA2_UNFUSED,
-    ("gemma2_a", "rocm"): _GEMMA2_UNFUSED,
     ("gemma2_a", "attention"): (0, "Gemma 2 soft-caps the attention scores (tanh(s / 50) * 50 before the "
                                    "softmax); polyport::Attention has no softcap"),
 }
