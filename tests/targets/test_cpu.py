@@ -148,6 +148,38 @@ def test_unsupported_op_names_node_and_target():
         lower_to_relax(g, "cpu")
 
 
+def test_floor_division_dims_compile(tmp_path):
+    """Pooling windows of 4 tokens (DeepSeek-V4's compressor shape): `(seq // 4)` folds at import, the lowering
+    maps it to tirx.floordiv, and one build serves lengths with and without a remainder (and with no window)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, values):
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["n"], axis=0),
+             helper.make_node("Div", ["n", "four"], ["windows"]),
+             helper.make_node("Mul", ["windows", "four"], ["usable"]),
+             helper.make_node("Slice", ["x", "zero", "usable", "one"], ["head"]),
+             helper.make_node("Concat", ["batch", "windows", "four", "eight"], ["pooled_shape"], axis=0),
+             helper.make_node("Reshape", ["head", "pooled_shape"], ["pooled"]),
+             helper.make_node("ReduceSum", ["pooled", "two"], ["y"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [const("one", [1]), const("four", [4]), const("zero", [0]), const("two", [2]), const("batch", [1]),
+         const("eight", [8])])
+    path = tmp_path / "pool.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    art = compile_model(path, ["cpu"], tmp_path / "pool.art")
+    assert json.loads((art / "manifest.json").read_text())["model"]["outputs"][0]["shape"] == ["1", "(seq // 4)", "8"]
+    sess = session.load(art, "cpu")
+    for seq in (3, 8, 11):
+        x = np.random.default_rng(seq).standard_normal((1, seq, 8)).astype(np.float32)
+        want = x[:, : seq // 4 * 4].reshape(1, seq // 4, 4, 8).sum(2)
+        np.testing.assert_allclose(sess.run({"x": x})["y"], want, rtol=1e-5, atol=1e-6)
+
+
 def _one_node_model(path: Path, nodes, inputs, outputs) -> Path:
     import onnx
     from onnx import helper
