@@ -24,27 +24,13 @@ DEFAULT_ADDED = {"qwen2_moe_a", "gemma3_a"}
 # Families whose dense MLP is not gated (fc -> activation -> proj): no GatedMLP.
 UNGATED_MLP = {"starcoder2"}
 
-_V4_COMPRESSED = ("its unfused compressed-KV attention (scores over seq + the seq // 8 compressed keys) reaches "
-                  "Relax with rank-only shapes (the IR's dims there are unknown, `?`), which the lowering cannot "
-                  "take (cpu: node_slice_22, a Slice on those scores; cuda/rocm: node_Softmax_542): "
-                  "UnsupportedOpError")
-
-_GEMMA2_UNFUSED = ("its unfused soft-capped attention reaches Relax with rank-only shapes (the IR's dims of the "
-                   "masked scores are unknown, `?`): node_Softmax_349 cannot be lowered: UnsupportedOpError")
-
 # (export, check) -> reason; fusion checks: (layers that fuse, reason).
 GAPS: dict[tuple[str, str], object] = {
-    ("deepseek_v4_b", "cpu"): _V4_COMPRESSED,
-    ("deepseek_v4_b", "cuda"): _V4_COMPRESSED,
-    ("deepseek_v4_b", "rocm"): _V4_COMPRESSED,
     ("phimoe_a", "moe"): (0, "PhiMoE's SparseMixer router picks each expert from its own masked softmax "
                              "(a second softmax with the first choice masked out); polyport::MoE's top-k over one "
                              "score vector cannot express it"),
     ("gpt_oss_a", "moe"): (0, "gpt-oss experts have a router bias, per-expert biases and the clamped "
                               "(up + 1) * gate * sigmoid(1.702 gate) activation: none of them is in polyport::MoE"),
-    ("gemma2_a", "cpu"): _GEMMA2_UNFUSED,
-    ("gemma2_a", "cuda"): _GEMMA2_UNFUSED,
-    ("gemma2_a", "rocm"): _GEMMA2_UNFUSED,
     ("gemma2_a", "attention"): (0, "Gemma 2 soft-caps the attention scores (tanh(s / 50) * 50 before the "
                                    "softmax); polyport::Attention has no softcap"),
 }
