@@ -42,6 +42,9 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name or "polyport", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:     # `polyport` alone: the help, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
         except click.exceptions.UsageError as e:     # bad options or arguments: never a traceback
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             _fail(e.format_message() + hint)
@@ -75,8 +78,9 @@ def _one_line(text: str) -> str:
 def main(debug: bool) -> None:
     """polyport: one ONNX model in, artifacts for CPU, CUDA, ROCm and Ascend out.
 
-    Today: import (symbolic shapes, folded shape arithmetic), inspection and the
-    NumPy reference executor."""
+    inspect a model (import, passes, fusion counts), run it on the NumPy reference
+    executor or a compiled artifact, compile it for cpu, cuda, rocm and ascend (the
+    ascend part emulated on CPU), and bench or compare artifacts."""
     _Group.debug = debug
 
 
@@ -190,6 +194,11 @@ def run(model: str, inputs: tuple[str, ...], seq: Optional[int], output: Optiona
     if output is not None:
         check_writable(output)
     if os.path.isdir(model):
+        given = [flag for flag, used in (("--passes", passes != "none"), ("--explain", explain),
+                                          ("--dump-ir", dump_ir is not None)) if used]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} applies to an ONNX model; {model} is a compiled artifact "
+                                   "(its passes ran when it was compiled: use them with `polyport compile`)")
         from .runtime.session import load, signature_types
         session = load(model, target or "cpu")
         specs = signature_types(session.signature["inputs"])
@@ -390,12 +399,12 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
                                    "compile one with `polyport compile MODEL --target T -o ART`")
         if not os.path.isfile(artifact):
             raise errors.InputError(f"{artifact}: no such artifact directory or ONNX file")
-        from .runtime.reference import ReferenceGenerator
-        session = ReferenceGenerator.from_model(artifact)
+        from .compiler import reference_generator
+        session = reference_generator(artifact)
     if prompt is not None:
         if tokenizer is None:
-            raise GenerationError(f"--prompt needs a tokenizer in the artifact; compile with --tokenizer "
-                                  f"tokenizer.json, or give --prompt-ids")
+            raise GenerationError("--prompt needs a tokenizer in the artifact; compile with --tokenizer "
+                                  "tokenizer.json, or give --prompt-ids")
         ids = np.array([tokenizer.encode(prompt).ids], np.int64)
     elif prompt_ids is not None:
         ids = np.array([_int_list(prompt_ids, "--prompt-ids")], np.int64).reshape(1, -1)

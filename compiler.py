@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import interrupts
+from . import diagnostics, interrupts
 from .errors import PolyportError
 from .frontend.onnx_import import import_onnx
 from .ir.graph import Graph
@@ -18,7 +18,8 @@ from .passes.pipelines import run_pipeline
 from .passes.quantize_weights import WeightQuantization, quantize_weights
 from .runtime.artifact import ArtifactWriter, check_output, sha256
 from .runtime.cost import manifest_cost
-from .targets.base import CompileOptions, get_target
+from .runtime.reference import ReferenceGenerator
+from .targets.base import CompileOptions, Target, get_target, target_names
 
 Progress = Callable[[str], None]
 
@@ -58,6 +59,29 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def reference_generator(model: str | os.PathLike, pipeline: str = "default") -> ReferenceGenerator:
+    """Generation on the reference executor for an ONNX model: import, passes, derived programs."""
+    graph = import_onnx(model)
+    run_pipeline(graph, pipeline)
+    programs = derive_generation(graph)
+    return ReferenceGenerator(graph, programs, generation_entry(graph, programs))
+
+
+def check_archs(archs: Sequence[str], lowerers: Sequence[Target]) -> None:
+    """Every --arch must name an architecture of one of the targets compiled (it would be ignored otherwise)."""
+    names = ", ".join(t.name for t in lowerers)
+    for arch in archs:
+        if any(arch in t.known_archs for t in lowerers):
+            continue
+        owner = next((n for n in target_names() if arch in get_target(n).known_archs), None)
+        if owner is not None:
+            raise PolyportError(f"--arch {arch} is a {owner} architecture; it does not apply to --target {names}")
+        known = "; ".join(f"{n}: {', '.join(get_target(n).known_archs)}" for n in target_names()
+                          if get_target(n).known_archs)
+        raise PolyportError(f"--arch {arch} is not an architecture of --target {names} (cpu builds for this "
+                            f"machine's CPU and takes no --arch; known: {known})")
+
+
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
                   quantization: Optional[WeightQuantization] = None,
@@ -68,8 +92,9 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     An existing artifact of the same model keeps its other targets; one of another model is replaced only
     with `replace` (see ArtifactWriter). With `quantization`, its linear weights are stored and computed
     as quantized codes. `tokenizer` (a Hugging Face tokenizers JSON file) is stored for
-    `generate --prompt`. Ctrl-C stops at the next step (interrupts.deferred) and leaves neither an
-    artifact nor a temporary directory."""
+    `generate --prompt`. Each target's warnings (Python and TVM's native ones) are reported through
+    `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
+    neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
     if "ascend" in targets and (quantization is not None or (options.dtype in FLOAT16 and len(targets) > 1)):
         raise PolyportError("ascend: compile it on its own, without --quantize (its weights are converted by its "
@@ -83,6 +108,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
         target.check_options(options)
+    check_archs(options.archs, lowerers)
     check_output(out)                                      # so do output paths that would lose data
     with interrupts.deferred() as checkpoint:
         def step(message: str) -> None:
@@ -125,9 +151,12 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             for target in lowerers:
                 step(f"lowering for {target.name}")
                 out_dir = writer.target_dir(target.name)
-                entry = target.lower(graph, out_dir, weights, options)
-                if not programs.uncached:
-                    entry.update(target.lower_generation(graph, programs, out_dir, weights, options) or {})
+                with diagnostics.captured() as found:
+                    entry = target.lower(graph, out_dir, weights, options)
+                    if not programs.uncached:
+                        entry.update(target.lower_generation(graph, programs, out_dir, weights, options) or {})
+                if found:
+                    progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)
             step(f"writing {out}")
             return writer.commit()

@@ -27,5 +27,9 @@ class ExecutionError(PolyportError):
     """A node failed at run time (a malformed model, or inputs outside what it accepts)."""
 
 
+class ResourceError(PolyportError):
+    """A call that needs more memory than the machine has."""
+
+
 class ToolchainError(PolyportError):
     """A compiler, linker or library a target needs is missing from this machine."""

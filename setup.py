@@ -25,6 +25,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3",
             "onnxruntime==1.31.1",
+            "hypothesis==6.155.2",
             "matplotlib==3.11.2",       # `polyport report --plot` in CI's latency step
         ],
         "export": [

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
-    from polyport.runtime.cpu_session import usable_cpus
+    from polyport.devices import usable_cpus
     log = lambda msg: print(f"coexist: {msg}", file=sys.stderr, flush=True)    # noqa: E731
     onnx = engines.corpus_path(args.model)
     art = engines.compile_cached(onnx, args.work_dir, log)

@@ -60,8 +60,9 @@ def markdown(doc: dict) -> str:
     lines += ["", f"Memory bandwidth in the same run (STREAM triad, {s['threads']} threads): "
                   f"{bw['median']:.1f} GB/s ({bw['min']:.1f}–{bw['max']:.1f})."]
     if doc["decode"]:
-        lines += ["", "Decode (batch 1; roofline = bytes of a seq-1 forward from the artifact's cost model / the "
-                      "triad's bandwidth):"]
+        lines += ["", "Decode (batch 1; ttft = `start(prompt)`, tpot = one `append`; roofline fraction = (bytes "
+                      "one step reads: the weights a token uses + the cache, from the artifact's cost model) / the "
+                      "triad's bandwidth / tpot; above 100% the bytes stay in cache, as a tiny model's do):"]
     for model, d in doc["decode"].items():
         if "skip" in d:
             lines.append(f"- {model}: not measured: {d['skip']}")
@@ -90,9 +91,10 @@ def decode_part(art: Path, onnx: Path, args, bandwidth: dict, log) -> dict:
         log(f"{onnx.stem}: decode: {probe['skip']}")
         return probe
     results = [probe] + [engines.run_child(spec) for _ in range(args.rounds - 1)]
-    from polyport.runtime import roofline
     from polyport.runtime.artifact import Artifact
-    cost = Artifact(art).manifest.get("cost") or {}
+    from polyport.runtime.bench import tpot_bytes
+    manifest = Artifact(art).manifest
+    cost, generation = manifest.get("cost") or {}, manifest.get("generation") or {}
     rows = []
     for k, first in enumerate(probe["rows"]):
         row = {"kind": first["kind"], "length": first["length"]}
@@ -101,7 +103,7 @@ def decode_part(art: Path, onnx: Path, args, bandwidth: dict, log) -> dict:
         else:
             row["ms"] = engines.spread([statistics.median(r["rows"][k]["times_ms"]) for r in results])
             if first["kind"] == "tpot" and "bytes" in cost:
-                nbytes = roofline.total_bytes(cost, roofline.bind(cost, 1))
+                nbytes = tpot_bytes(cost, generation, first["length"])
                 row["roofline_fraction"] = nbytes / (bandwidth["median"] * 1e9) / (row["ms"]["median"] / 1e3)
         rows.append(row)
     return {"rows": rows}
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda msg: print(f"compare: {msg}", file=sys.stderr, flush=True)    # noqa: E731
     from polyport.runtime import bench
-    from polyport.runtime.cpu_session import usable_cpus
+    from polyport.devices import usable_cpus
     args.threads = args.threads or usable_cpus()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -175,7 +175,7 @@ def _first_output(cmd: list[str], last: bool = False) -> str:
 def ort_sessions(path: Path, cuda_ep: bool) -> tuple[Any, Any, str]:
     """(CPU EP session, CUDA EP session or None, why the CUDA EP is absent: '' when present)."""
     import onnxruntime as ort
-    from polyport.runtime.cpu_session import usable_cpus
+    from polyport.devices import usable_cpus
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = usable_cpus()

@@ -10,6 +10,7 @@ seq 1 and 12 (the project's fp32 tolerance is 1e-4).
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import tempfile
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=sorted(corpus()))
     ap.add_argument("--work-dir", default=None)
     args = ap.parse_args()
-    work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="quant_corpus_"))
+    work = pathlib.Path(args.work_dir or os.path.join(tempfile.gettempdir(), "polyport_quant_corpus"))
     work.mkdir(parents=True, exist_ok=True)
     print("| model | block | MatMulNBits | MatMul left | err seq 1 | err seq 12 | within 1e-4 |")
     print("|---|---|---|---|---|---|---|")

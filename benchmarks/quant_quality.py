@@ -5,11 +5,14 @@
 Per model and scheme (f32, bf16, f16, int8, int4/g32, int4/g128, fp8/g128): the logits error at seq 16,
 max |scheme - f32| / max |f32 logit|; greedy-token agreement over 24 tokens (f32's greedy continuation of
 an 8-token prompt fed to every scheme, teacher-forced: the share of the 24 positions whose argmax equals
-f32's); and the artifact's weights.safetensors bytes. Random-weight models make low precision look harsh.
+f32's); the artifact's weights.safetensors bytes (embeddings stay f32 in every scheme, the LM head in
+--quantize ones); and the bytes of the layers a scheme converts (codes + scales) against the same layers in
+f32. Random-weight models make low precision look harsh.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import tempfile
 
@@ -21,6 +24,15 @@ SCHEMES = [("f32", []), ("bf16", ["--dtype", "bf16"]), ("f16", ["--dtype", "f16"
            ("int4/g128", ["--quantize", "int4", "--group-size", "128"]),
            ("fp8/g128", ["--quantize", "fp8", "--group-size", "128"])]
 PROMPT, NEW = 8, 24
+
+
+def _converted_bytes(art: pathlib.Path, f32: dict) -> tuple[int, int]:
+    """(bytes of the converted layers' codes and scales, bytes of the same layers in the f32 artifact)."""
+    from polyport.runtime import safetensors
+    stored = safetensors.load(art / "weights.safetensors")
+    codes = [n for n in stored if n.rsplit("/", 1)[0] in f32 and n not in f32 and not n.endswith("/scales")]
+    ours = sum(stored[n].nbytes for n in codes) + sum(a.nbytes for n, a in stored.items() if n.endswith("/scales"))
+    return ours, sum(f32[n.rsplit("/", 1)[0]].nbytes for n in codes)
 
 
 def _logits(sess, ids):
@@ -37,9 +49,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["llama_a", "qwen3_moe_a", "deepseek_v3_a"])
     ap.add_argument("--work-dir", default=None)
     args = ap.parse_args()
-    work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="quant_quality_"))
-    print("| model | scheme | logits err vs f32 (seq 16) | greedy agreement /24 | weights.safetensors bytes |")
-    print("|---|---|---|---|---|")
+    work = pathlib.Path(args.work_dir or os.path.join(tempfile.gettempdir(), "polyport_quant_quality"))
+    work.mkdir(parents=True, exist_ok=True)
+    from polyport.runtime import safetensors
+    print("| model | scheme | logits err vs f32 (seq 16) | greedy agreement /24 | weights.safetensors bytes "
+          "| converted layers: bytes (f32 bytes) |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
         vocab = int(corpus()[name]["hf_config"]["vocab_size"])
         probe = token_ids(16, vocab=vocab)["input_ids"]
@@ -54,6 +69,7 @@ def main() -> None:
             sess = session.load(art, "cpu")
             if base is None:                      # f32: the reference logits and greedy continuation
                 base = _logits(sess, probe)
+                f32_weights = safetensors.load(art / "weights.safetensors")
                 ids = token_ids(PROMPT, vocab=vocab)["input_ids"]
                 for _ in range(NEW):
                     ids = np.concatenate([ids, [[int(np.argmax(_logits(sess, ids)[-1]))]]], axis=1)
@@ -62,7 +78,8 @@ def main() -> None:
             picks = np.argmax(_logits(sess, greedy[:, :-1])[PROMPT - 1:], axis=-1)
             agree = int(np.sum(picks == greedy[0, PROMPT:]))
             size = (art / "weights.safetensors").stat().st_size
-            print(f"| {name} | {label} | {err:.2e} | {agree}/{NEW} | {size:,} |", flush=True)
+            ours, theirs = _converted_bytes(art, f32_weights)
+            print(f"| {name} | {label} | {err:.2e} | {agree}/{NEW} | {size:,} | {ours:,} ({theirs:,}) |", flush=True)
 
 
 if __name__ == "__main__":

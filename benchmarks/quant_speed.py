@@ -82,7 +82,7 @@ def main() -> None:
     if a.child:
         engine, path, art, seq, runs = a.child
         return child(engine, path, art, int(seq), int(runs))
-    work = pathlib.Path(a.work_dir or tempfile.mkdtemp(prefix="quant_speed_"))
+    work = pathlib.Path(a.work_dir or os.path.join(tempfile.gettempdir(), "polyport_quant_speed"))
     work.mkdir(parents=True, exist_ok=True)
     path, art = build(work, a.k, a.n)
     print(f"| K x N | seq | ORT MatMulNBits ms | polyport ms | ORT / polyport |")

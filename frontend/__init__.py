@@ -1,5 +1,5 @@
-"""ONNX import (into the IR) and export (back to ONNX)."""
-from .onnx_export import export_onnx
+"""ONNX import (into the IR); export back to ONNX is the IR's own (`ir/onnx_export.py`)."""
+from ..ir.onnx_export import export_onnx
 from .onnx_import import import_onnx, load_model_proto
 
 __all__ = ["export_onnx", "import_onnx", "load_model_proto"]

@@ -52,7 +52,7 @@ from ..ir import dtypes
 from ..ir.fold import fold, materialise
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import infer_node, merge_types
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir.ops import POLYPORT_DOMAIN, checked_attrs
 from ..ir.types import TensorType, Type
 
 MS = "com.microsoft"
@@ -190,6 +190,8 @@ class Conversion:
             self._main_named = True
         else:
             node_name = g.unique_name(f"{self.name}/{tag or op_type}")
+        if domain == POLYPORT_DOMAIN:
+            attrs = checked_attrs(op_type, attrs or {}, where=self.source)
         node = Node(op_type, inputs, [out], attrs, domain, node_name)
         try:
             types = infer_node(node, self.opsets)

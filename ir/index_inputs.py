@@ -1,35 +1,40 @@
 """Graph inputs used as indices (token ids): the range a feed must keep to.
 
 A Gather index outside [-n, n) (n: the gathered axis's size) is an error in
-ONNX, but a compiled kernel may wrap it or read out of bounds. The compiler
+ONNX, and a MoE hash-routing token id outside [0, rows of the table) is one in
+polyport::MoE (ir/fused/moe.py), but a compiled kernel may wrap either or read
+out of bounds. The compiler
 records each such input's range in the manifest signature (`index_range`,
 inclusive), and every session checks feeds against it (runtime/reference.py
 `check_feeds`), so all targets refuse the same ids the same way.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from .graph import Graph, Value
+from .ops import POLYPORT_DOMAIN
+
+MOE_TOKEN_IDS = 7      # polyport::MoE's token_ids operand (the hash table is the one before it)
 
 # Ops that pass an integer tensor's values through unchanged (the ids reach a Gather through them).
 _SAME_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Expand", "Transpose"}
 
 
 def index_ranges(graph: Graph) -> dict[str, tuple[int, int]]:
-    """{input name: (lowest, highest) valid value} for every graph input that reaches Gather indices."""
+    """{input name: (lowest, highest) valid value} for every graph input that reaches Gather indices
+    or MoE hash-routing token ids."""
     ranges = {}
     for v in graph.inputs:
         if v.dtype is None or not v.dtype.is_integer:
             continue
-        size = _smallest_gathered_axis(v, set())
-        if size is not None:
-            ranges[v.name] = (-size, size - 1)
+        bounds = _index_bounds(v, set())
+        if bounds:
+            ranges[v.name] = (max(lo for lo, _ in bounds), min(hi for _, hi in bounds))
     return ranges
 
 
-def _smallest_gathered_axis(v: Value, seen: set) -> Optional[int]:
-    sizes = []
+def _index_bounds(v: Value, seen: set) -> list[tuple[int, int]]:
+    """The (lowest, highest) valid value of each index use `v` reaches."""
+    bounds = []
     for node, i in v.uses:
         if node in seen:
             continue
@@ -40,10 +45,12 @@ def _smallest_gathered_axis(v: Value, seen: set) -> Optional[int]:
                 axis = int(node.attrs.get("axis", 0))
                 dim = data[axis if axis >= 0 else axis + len(data)]
                 if isinstance(dim, int):
-                    sizes.append(dim)
+                    bounds.append((-dim, dim - 1))
+        elif node.domain == POLYPORT_DOMAIN and node.op_type == "MoE" and i == MOE_TOKEN_IDS:
+            rows = node.inputs[MOE_TOKEN_IDS - 1].shape[0]
+            if isinstance(rows, int):
+                bounds.append((0, rows - 1))
         elif node.domain == "" and node.op_type in _SAME_VALUES and i == 0:
             for out in node.outputs:
-                size = _smallest_gathered_axis(out, seen)
-                if size is not None:
-                    sizes.append(size)
-    return min(sizes, default=None)
+                bounds += _index_bounds(out, seen)
+    return bounds

@@ -69,7 +69,7 @@ def type_to_proto(t: Type, with_shape: bool = True) -> TypeProto:
 def array_from_tensor(t: TensorProto, base_dir: Optional[str] = None) -> np.ndarray:
     """A NumPy view of a TensorProto; external data is memory-mapped, not read."""
     if t.data_location == TensorProto.EXTERNAL:
-        from ..frontend.external_data import mmap_external
+        from .external_data import mmap_external
         return mmap_external(t, base_dir)
     return numpy_helper.to_array(t)
 
@@ -161,9 +161,8 @@ def schema_attr_types(op_type: str, domain: str, opset: int) -> dict[str, int]:
 
 # ---- nodes ---------------------------------------------------------------------------
 def node_to_proto(node, input_names, output_names, opsets: dict[str, int], export_graph=None) -> onnx.NodeProto:
-    """A NodeProto for `node` with the given value names (subgraphs exported as GraphProtos)."""
-    if export_graph is None:
-        from ..frontend.onnx_export import export_subgraph as export_graph
+    """A NodeProto for `node` with the given value names (subgraphs written by `export_graph`:
+    `onnx_export.export_subgraph`, which imports this module)."""
     types = schema_attr_types(node.op_type, node.domain, opsets.get(node.domain, 1))
     attrs = [attr_to_proto(k, v, export_graph, types.get(k)) for k, v in node.attrs.items()]
     proto = helper.make_node(node.op_type, list(input_names), list(output_names), name=node.name,

@@ -90,10 +90,11 @@ class StandardOpRunner:
         return list(ev.run(None, feeds))
 
     def _build(self, inputs, captured) -> ReferenceEvaluator:
+        from .onnx_export import export_subgraph
         from .onnx_proto import node_to_proto
         names = [f"in{i}" if v is not None else "" for i, v in enumerate(self.node.inputs)]
         outs = [f"out{i}" for i in range(len(self.node.outputs))]
-        proto = node_to_proto(self.node, names, outs, self.opsets)
+        proto = node_to_proto(self.node, names, outs, self.opsets, export_subgraph)
         g_inputs = [helper.make_value_info(f"in{i}", runtime_type(x, v.type))
                     for i, (x, v) in enumerate(zip(inputs, self.node.inputs)) if v is not None]
         g_inputs += [helper.make_value_info(v.name, runtime_type(x, v.type)) for v, x in zip(self.captures, captured)]

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .. import errors
 from .graph import Node, Value
 from .symbolic import Dim
 from .types import Type
@@ -29,6 +30,7 @@ class AttrSpec:
     kind: type                       # int, float, str, list, ...
     default: Any = None              # None: required
     doc: str = ""
+    choices: tuple = ()              # the values a str attribute may take (empty: any)
 
 
 @dataclasses.dataclass
@@ -89,8 +91,42 @@ def define(name: str, *, inputs: Sequence[str], outputs: Sequence[str], attrs: d
     return d
 
 
-def attr(node: Node, name: str, default: Any = None) -> Any:
-    return node.attrs.get(name, default)
+def checked_attrs(op_type: str, attrs: dict, *, where: str = "", domain: str = POLYPORT_DOMAIN) -> dict:
+    """`attrs` for a new `domain::op_type` node, checked against its schema: known names, required
+    ones present, kinds (ints widen to float; bools to int), choices. Defaults are not stored:
+    `attrs_of` supplies them, so a node says only what differs from the schema."""
+    d = lookup(domain, op_type)
+    what = f"{where + ': ' if where else ''}{domain}::{op_type}"
+    if d is None or not d.attrs and not d.inputs:
+        raise errors.UnsupportedOpError(f"{what}: no such op")
+    unknown = sorted(set(attrs) - set(d.attrs))
+    if unknown:
+        raise errors.PolyportError(f"{what}: unknown attribute {unknown[0]!r}; known: {', '.join(d.attrs)}")
+    out = {}
+    for name, spec in d.attrs.items():
+        if name not in attrs:
+            if spec.default is None:
+                raise errors.PolyportError(f"{what}: attribute {name!r} is required")
+            continue
+        v = attrs[name]
+        if spec.kind is float and isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            v = float(v)
+        elif spec.kind is int and isinstance(v, (bool, int, np.integer)):
+            v = int(v)
+        elif not isinstance(v, spec.kind):
+            raise errors.PolyportError(f"{what}: attribute {name!r} must be {spec.kind.__name__}, got {v!r}")
+        if spec.choices and v not in spec.choices:
+            raise errors.PolyportError(f"{what}: attribute {name!r} is {v!r}; one of {', '.join(spec.choices)}")
+        out[name] = v
+    return out
+
+
+def attrs_of(node: Node) -> dict:
+    """A polyport node's attributes with the schema's defaults filled in (the one place defaults are read)."""
+    d = lookup(node.domain, node.op_type)
+    full = {n: s.default for n, s in (d.attrs.items() if d else ()) if s.default is not None}
+    full.update(node.attrs)
+    return full
 
 
 @dataclasses.dataclass

@@ -103,8 +103,3 @@ def private(nodes: list[Node], root: Node) -> bool:
 def const_like(graph, name: str, array: np.ndarray) -> Value:
     """A new graph constant (for a weight the rewrite transposes, slices or makes up)."""
     return graph.add_constant(name, np.ascontiguousarray(array))
-
-
-def tolerance(v: Value) -> float:
-    """The relative tolerance for `equivalent` on a region computing in v's dtype."""
-    return 1e-4 if v.dtype is not None and v.dtype.name in ("f32", "f64") else 2e-2

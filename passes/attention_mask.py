@@ -23,6 +23,7 @@ from ..ir.graph import Value
 from ..ir.ops import POLYPORT_DOMAIN
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
+from .pattern import NoMatch
 from .region import region_graph, region_nodes
 
 BLOCKED = -1e4            # an additive entry at or below this hides its key (HF: finfo.min or -inf)
@@ -43,7 +44,6 @@ class MaskMeaning:
     causal: int = 0
     window: int = 0
     operand: Optional[MaskPart] = None   # the data-dependent mask handed to Attention
-    reason: str = ""                      # non-empty: these masks cannot be expressed
 
 
 def position_only(v: Value) -> bool:
@@ -58,16 +58,23 @@ def position_only(v: Value) -> bool:
 
 
 def analyse(parts: list[MaskPart], scores: Value, cache: Optional[dict] = None) -> MaskMeaning:
-    """Turn the masks met on the way from the scores to the softmax into Attention's terms.
+    """Turn the masks met on the way from the scores to the softmax into Attention's terms; raises NoMatch
+    where Attention cannot express them.
 
     `cache` (one dict per pass run) shares the result between layers that read the same mask."""
     key = (tuple((p.kind, id(p.value), p.outer_scale) for p in parts), tuple(map(str, scores.shape[-2:])))
     if cache is not None and key in cache:
-        return dataclasses.replace(cache[key])
-    meaning = _analyse(parts, scores)
-    if cache is not None:
-        cache[key] = dataclasses.replace(meaning)
-    return meaning
+        found = cache[key]
+    else:
+        try:
+            found = _analyse(parts, scores)
+        except NoMatch as e:
+            found = e
+        if cache is not None:
+            cache[key] = found
+    if isinstance(found, NoMatch):
+        raise NoMatch(str(found))
+    return dataclasses.replace(found)
 
 
 def _analyse(parts: list[MaskPart], scores: Value) -> MaskMeaning:
@@ -75,23 +82,23 @@ def _analyse(parts: list[MaskPart], scores: Value) -> MaskMeaning:
     positional = [p for p in parts if position_only(p.value)]
     meaning = MaskMeaning()
     if len(data) > 1:
-        return MaskMeaning(reason=f"{len(data)} data-dependent masks (Attention takes one)")
+        raise NoMatch(f"{len(data)} data-dependent masks (Attention takes one)")
     if data:
         part = data[0]
         if part.kind == "add" and part.outer_scale != 1.0:
-            return MaskMeaning(reason=f"mask %{part.value.name} is scaled together with the scores")
+            raise NoMatch(f"mask %{part.value.name} is scaled together with the scores")
         if part.kind == "add" and not (part.value.dtype and part.value.dtype.is_float):
-            return MaskMeaning(reason=f"additive mask %{part.value.name} is not a float tensor")
+            raise NoMatch(f"additive mask %{part.value.name} is not a float tensor")
         meaning.operand = part
     if not positional:
         return meaning
     if any(p.outer_scale <= 0 for p in positional):
-        return MaskMeaning(reason="a position mask is scaled by a non-positive factor")
+        raise NoMatch("a position mask is scaled by a non-positive factor")
     try:
         meaning.causal, meaning.window = _causal_window(positional, scores)
-    except _NotBanded as e:
+    except NoMatch:
         if data or len(positional) != 1 or not _compressed_keys(scores) or positional[0].outer_scale != 1.0:
-            return MaskMeaning(reason=str(e))
+            raise
         # Keys that end in compressed entries (DeepSeek-V4's HCA: `seq // rate` pooled blocks after the
         # window): entry t is visible from query i when t < (i + 1) // rate, a pattern no band states.
         meaning.operand = positional[0]
@@ -104,12 +111,8 @@ def _compressed_keys(scores: Value) -> bool:
     return isinstance(skv, SymExpr) and not skv.is_polynomial
 
 
-class _NotBanded(Exception):
-    pass
-
-
 def _causal_window(parts: list[MaskPart], scores: Value) -> tuple[int, int]:
-    """(causal, window) that the position masks implement together; raises _NotBanded otherwise."""
+    """(causal, window) that the position masks implement together; raises NoMatch otherwise."""
     runs = [_Runner(p) for p in parts]
     probes = sorted(set(PROBE_SEQS) | {c + d for r in runs for c in r.large_constants for d in (1, 2)})
     hypothesis: Optional[tuple[int, int]] = None
@@ -125,7 +128,7 @@ def _causal_window(parts: list[MaskPart], scores: Value) -> tuple[int, int]:
         if not np.array_equal(keep, want):
             rows = np.nonzero((keep != want).any(axis=1))[0]
             i = int(rows[0])
-            raise _NotBanded(f"position mask is not causal / sliding-window: at seq={n}, query {i} sees keys "
+            raise NoMatch(f"position mask is not causal / sliding-window: at seq={n}, query {i} sees keys "
                              f"{np.nonzero(keep[i])[0].tolist()[:8]}")
     return hypothesis
 
@@ -160,7 +163,7 @@ class _Runner:
                     self.large_constants.add(int(abs(x)))
 
     def keep(self, n: int, scores: Value) -> np.ndarray:
-        """[s, skv] bool at seq length n, the same for every batch and head (else _NotBanded)."""
+        """[s, skv] bool at seq length n, the same for every batch and head (else NoMatch)."""
         symbols = set(self.symbols) | set(scores.type.symbols)
         binding = {s: n for s in symbols}
         if self.session is None:
@@ -173,16 +176,16 @@ class _Runner:
         if self.part.kind == "add":
             keep = arr > BLOCKED
             if np.any(arr[keep] != 0):
-                raise _NotBanded(f"position mask %{self.part.value.name} adds non-zero values to visible keys "
+                raise NoMatch(f"position mask %{self.part.value.name} adds non-zero values to visible keys "
                                  f"(a bias, not a mask)")
         else:
             keep = arr.astype(bool) if self.part.kind == "keep" else ~arr.astype(bool)
         try:
             full = np.broadcast_to(keep, np.broadcast_shapes(keep.shape, (s, skv)))
         except ValueError:
-            raise _NotBanded(f"position mask %{self.part.value.name} {list(arr.shape)} does not broadcast to "
+            raise NoMatch(f"position mask %{self.part.value.name} {list(arr.shape)} does not broadcast to "
                              f"[{s}, {skv}]") from None
         flat = full.reshape(-1, s, skv)
         if not (flat == flat[0]).all():
-            raise _NotBanded(f"position mask %{self.part.value.name} differs across batch or heads")
+            raise NoMatch(f"position mask %{self.part.value.name} differs across batch or heads")
         return flat[0]

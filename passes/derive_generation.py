@@ -10,7 +10,8 @@ just what mixes tokens or depends on where a token sits:
   of every `Rotary`) becomes `past_len + arange(step)`;
 - the LM head runs on one row per sequence (the last real one).
 
-A layer whose Attention cannot be cached (an explicit mask input, not causal)
+A layer whose Attention cannot be cached (an explicit mask input, not causal, K/V
+that are not exactly the new tokens: DeepSeek V4's compressed layers)
 or a softmax over the sequence left unfused is listed in `uncached`; then no programs are derived and generation recomputes
 the whole sequence (the runtime warns).
 """
@@ -24,7 +25,7 @@ import numpy as np
 from ..ir import dtypes
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import infer_node
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir.ops import POLYPORT_DOMAIN, attrs_of, checked_attrs
 from ..ir.symbolic import sym
 from ..ir.types import TensorType
 from ._match_util import ints
@@ -66,7 +67,7 @@ class GenerationPrograms:
     layers: list[CacheLayer]
     uncached: list[str]
     vocab: int
-    max_positions: Optional[int]
+    max_positions: Optional[int]        # rows of a constant cos/sin table the positions index; None: no limit
 
     def added_constants(self) -> dict[str, np.ndarray]:
         """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
@@ -116,7 +117,8 @@ def derive_generation(graph: Graph) -> GenerationPrograms:
     plans = {n.name: plan for n in attentions if (plan := mla_plan(n)) is not None}
     layers = [_layer(i, n, plans.get(n.name)) for i, n in enumerate(attentions)]
     return GenerationPrograms(_program(graph, "prefill", layers, ranges, plans),
-                              _program(graph, "decode", layers, ranges, plans), layers, [], vocab, None)
+                              _program(graph, "decode", layers, ranges, plans), layers, [], vocab,
+                              _max_positions(ranges))
 
 
 def _is(node: Node, op: str) -> bool:
@@ -127,9 +129,10 @@ def _cacheable(node: Node) -> bool:
     ins = node.inputs
     mask = ins[3] if len(ins) > 3 else None
     shapes = [v.shape for v in ins[:3]]
-    return (bool(node.attrs.get("causal", 0)) and mask is None
+    return (bool(attrs_of(node)["causal"]) and mask is None
             and all(s is not None and len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int)
-                    for s in shapes))
+                    for s in shapes)
+            and shapes[1][2] == shapes[0][2] and shapes[2][2] == shapes[0][2])   # K/V: the new tokens only
 
 
 def _unfused_attention(graph: Graph) -> list[str]:
@@ -146,7 +149,7 @@ def _unfused_attention(graph: Graph) -> list[str]:
 
 def _layer(i: int, node: Node, mla: Optional["MlaPlan"]) -> CacheLayer:
     q, k, v = node.inputs[:3]
-    window = int(node.attrs.get("window", 0))
+    window = attrs_of(node)["window"]
     name = f"cache.{i}"
     if mla is not None and not window:
         naive = node.attrs["kv_heads"] * (k.shape[3] + v.shape[3]) * (k.dtype.itemsize_bits // 8)
@@ -179,6 +182,23 @@ def _position_sources(graph: Graph) -> list[Node]:
             continue
         stack.extend(node.inputs)
     return found
+
+
+def _max_positions(ranges: list[Node]) -> Optional[int]:
+    """The rows of a constant cos/sin (or position embedding) table the positions index, if any:
+    exports that compute cos/sin from inv_freq state no limit (None)."""
+    stack, seen, rows = [r.outputs[0] for r in ranges], set(), []
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for user, i in v.uses:
+            if user.op_type == "Gather" and not user.domain and i == 1 and user.inputs[0].is_constant:
+                rows.append(user.inputs[0].const.shape[user.attrs.get("axis", 0)])
+            elif user.op_type not in ("Rotary", "Attention"):
+                stack.extend(user.outputs)
+    return min(rows) if rows else None
 
 
 # ---- DeepSeek MLA: the absorbed layout --------------------------------------------------------
@@ -312,6 +332,8 @@ def _clone(graph: Graph, name: str) -> tuple[Graph, dict[int, Value]]:
 
 
 def _node(g: Graph, op: str, inputs, *, attrs=None, domain: str = "", name: str = "", before=None) -> Value:
+    if domain == POLYPORT_DOMAIN:
+        attrs = checked_attrs(op, attrs or {}, where=name)
     node = g.make_node(op, inputs, attrs=attrs, domain=domain, name=name, before=before)
     for v, t in zip(node.outputs, infer_node(node, g.opset_imports)):
         v.type = t
@@ -368,7 +390,7 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
             out = _node(g, "CachedAttention", [q, k, v, cache_k, cache_v, past] + ([sinks] if sinks else []),
                         domain=POLYPORT_DOMAIN, name=f"{node.name}_cached", before=node,
                         attrs={"num_heads": node.attrs["num_heads"], "kv_heads": node.attrs["kv_heads"],
-                               "scale": node.attrs["scale"], "window": int(node.attrs.get("window", 0)),
+                               "scale": node.attrs["scale"], "window": attrs_of(node)["window"],
                                "ring": ring, "v_in_k": int(layer.kind == "shared_kv")})
             node.outputs[0].replace_all_uses_with(out)
             g.remove(node)

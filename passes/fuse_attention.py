@@ -31,11 +31,12 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.dtypes import BOOL
-from ..ir.ops import POLYPORT_DOMAIN, known_value
+from ..ir.ops import POLYPORT_DOMAIN, attrs_of, known_value
 from ..ir.types import TensorType
 from ._match_util import ints, is_last_axis, scalar
 from .attention_mask import BLOCKED, MaskPart, analyse, position_only
 from .manager import PassResult, register_pass
+from .pattern import NoMatch
 from .region import equivalent, region_graph, replace_with_fused
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze")
@@ -73,13 +74,13 @@ class Operand:
 
 # ---- the pattern: from the Softmax out to the MatMul with v, and back to q @ k^T ------------------------
 
-def _output_matmul(sm: Node) -> tuple[Optional[Node], bool, str]:
-    """(the MatMul computing softmax(...) @ v, whether a sink column is sliced off, why not)."""
+def _output_matmul(sm: Node) -> tuple[Node, bool]:
+    """(the MatMul computing softmax(...) @ v, whether a sink column is sliced off); raises NoMatch."""
     p, sliced = sm.outputs[0], False
     for _ in range(4):
         users = p.users
         if p.is_graph_output:
-            return None, sliced, f"softmax output %{p.name} is a graph output"
+            raise NoMatch(f"softmax output %{p.name} is a graph output")
         guard = _nan_guard(p, users)
         if guard is not None:
             p = guard
@@ -92,10 +93,10 @@ def _output_matmul(sm: Node) -> tuple[Optional[Node], bool, str]:
             continue
         if len(users) == 1 and users[0].op_type == "MatMul" and users[0].inputs[0] is p \
                 and users[0].inputs[1] is not p:
-            return users[0], sliced, ""
+            return users[0], sliced
         break
     names = ", ".join(f"{u.op_type} ({u.name})" for u in users) or "nothing"
-    return None, sliced, f"softmax output %{p.name} is used by {names}, not only multiplied by v"
+    raise NoMatch(f"softmax output %{p.name} is used by {names}, not only multiplied by v")
 
 
 def _nan_guard(p: Value, users: list[Node]) -> Optional[Value]:
@@ -114,18 +115,18 @@ def _drops_last(node: Node, p: Value) -> bool:
         and is_last_axis(axes[0], p)
 
 
-def _scores(x: Value, sliced: bool) -> tuple[Optional[Scores], str]:
-    """Walk from the softmax input back to q @ k^T, collecting scale, masks and sinks."""
+def _scores(x: Value, sliced: bool) -> Scores:
+    """Walk from the softmax input back to q @ k^T, collecting scale, masks and sinks; raises NoMatch."""
     found = Scores(qk=None)
     outer = 1.0                       # scale factors met so far (applied after what comes next)
     for _ in range(32):
         node = x.producer
         if node is None or node.domain:
-            return None, f"scores %{x.name} are not computed by q @ k^T"
+            raise NoMatch(f"scores %{x.name} are not computed by q @ k^T")
         op, ins = node.op_type, node.inputs
         if op == "MatMul":
             found.qk = node
-            return found, ""
+            return found
         if op == "Sub" and ins[1].producer is not None and ins[1].producer.op_type == "ReduceMax" \
                 and ins[1].producer.inputs[0] is ins[0]:
             x = ins[0]
@@ -148,8 +149,8 @@ def _scores(x: Value, sliced: bool) -> tuple[Optional[Scores], str]:
         elif op == "Cast" and _float_cast(node):
             x = ins[0]
         else:
-            return None, f"scores pass through {op} ({node.name}), which is not a scale, mask or sink"
-    return None, "scores chain too long"
+            raise NoMatch(f"scores pass through {op} ({node.name}), which is not a scale, mask or sink")
+    raise NoMatch("scores chain too long")
 
 
 def _float_cast(node: Node) -> bool:
@@ -293,17 +294,17 @@ def _feed(graph: Graph, operands: list[Optional[Operand]], value_of, before: Nod
     return fed
 
 
-def _confirm(out: Value, operands: list[Optional[Operand]], attrs: dict) -> tuple[bool, str]:
+def _confirm(out: Value, operands: list[Optional[Operand]], attrs: dict) -> None:
     """`equivalent` on a scratch copy of the region, so that derived operands can be its inputs."""
     raws = list({id(o.raw): o.raw for o in operands if o is not None and o.raw.const is None}.values())
     try:
         g = region_graph(raws, out)
     except ValueError as e:
-        return False, str(e)
+        raise NoMatch(str(e)) from None
     mapped = dict(zip(map(id, raws), g.inputs))
     fed = _feed(g, operands, lambda r: mapped.get(id(r), r), g.nodes[0], rewire=True)
     inputs = list({id(v): v for v in fed if v is not None and v.const is None}.values())
-    return equivalent(inputs, g.outputs[0], "Attention", fed, attrs)
+    equivalent(inputs, g.outputs[0], "Attention", fed, attrs)
 
 
 def _rewrite(graph: Graph, out: Value, operands: list[Optional[Operand]], attrs: dict) -> None:
@@ -318,82 +319,95 @@ def _rewrite(graph: Graph, out: Value, operands: list[Optional[Operand]], attrs:
 
 # ---- the rule -----------------------------------------------------------------------------------
 
-def _fuse_one(graph: Graph, sm: Node, masks: dict) -> tuple[bool, str]:
+def _fuse_one(graph: Graph, sm: Node, masks: dict) -> None:
+    """Fuse the attention around softmax `sm`; raises NoMatch."""
     x = sm.inputs[0]
     if x.shape is None or len(x.shape) != 4 or not is_last_axis(sm.attrs.get("axis", -1), x):
-        return False, f"softmax over axis {sm.attrs.get('axis', -1)} of {x.type}: not the last axis of rank-4 scores"
-    pv, sliced, why = _output_matmul(sm)
-    if pv is None:
-        return False, why
-    sc, why = _scores(x, sliced)
-    if sc is None:
-        return False, why
+        raise NoMatch(f"softmax over axis {sm.attrs.get('axis', -1)} of {x.type}: not the last axis of rank-4 scores")
+    pv, sliced = _output_matmul(sm)
+    sc = _scores(x, sliced)
     if sliced and sc.sinks is None:
-        return False, "softmax output is sliced but no sink column was concatenated"
+        raise NoMatch("softmax output is sliced but no sink column was concatenated")
     q_side, kt_side = sc.qk.inputs
     scores = sc.qk.outputs[0]
     if scores.shape is None or len(scores.shape) != 4 or not isinstance(scores.shape[1], int) \
             or kt_side.shape is None or pv.outputs[0].shape is None:
-        return False, f"q @ k^T is {scores.type}, not [batch, heads, seq, seq] with static heads"
+        raise NoMatch(f"q @ k^T is {scores.type}, not [batch, heads, seq, seq] with static heads")
     b, heads, s, skv = scores.shape
     dqk, dv = kt_side.shape[-2], pv.outputs[0].shape[-1]
     qs = _layouts(q_side, (b, heads, s, dqk), heads)
     ks = _layouts(kt_side, (b, None, skv, dqk), heads)
     vs = _layouts(pv.inputs[1], (b, None, skv, dv), heads, scales=False)
     if not qs:
-        return False, f"no [batch, {heads}, seq, dim] q upstream of %{q_side.name} ({q_side.type})"
+        raise NoMatch(f"no [batch, {heads}, seq, dim] q upstream of %{q_side.name} ({q_side.type})")
     if not ks or not vs:
-        return False, f"no [batch, kv_heads, seq, dim] k/v upstream of %{kt_side.name} / %{pv.inputs[1].name}"
+        raise NoMatch(f"no [batch, kv_heads, seq, dim] k/v upstream of %{kt_side.name} / %{pv.inputs[1].name}")
     if any(None in o.raw.shape for o in (qs[0], ks[0], vs[0])):
         unknown = next(o.raw for o in (qs[0], ks[0], vs[0]) if None in o.raw.shape)
-        return False, (f"%{unknown.name} is {unknown.type}: a length that is not a polynomial in seq (e.g. "
-                       f"compressed KV appended) cannot be fed to the equivalence check")
+        raise NoMatch(f"%{unknown.name} is {unknown.type}: a length that is not a polynomial in seq (e.g. "
+                      f"compressed KV appended) cannot be fed to the equivalence check")
     meaning = analyse(sc.masks, scores, masks)
-    if meaning.reason:
-        return False, meaning.reason
     sinks = _sinks(sc, heads) if sc.sinks is not None else None
     if sc.sinks is not None and sinks is None:
-        return False, f"sink column %{sc.sinks.name} is not one constant logit per head"
+        raise NoMatch(f"sink column %{sc.sinks.name} is not one constant logit per head")
     part = meaning.operand
     mask = None if part is None else Operand(part.value, "Not" if part.kind == "block" else "")
-    why = "no candidate"
-    for q, k, v in itertools.islice(_combos(qs, ks, vs), MAX_TRIES):
-        attrs = {"num_heads": int(heads), "kv_heads": int(k.heads), "scale": float(sc.scale * q.scale * k.scale),
-                 "causal": meaning.causal, "window": meaning.window}
-        operands = [q, k, v, mask, sinks]
-        ok, why = _confirm(pv.outputs[0], operands, attrs)
-        if ok:
-            _rewrite(graph, pv.outputs[0], operands, attrs)
-            return True, ""
-    return False, f"not equivalent to Attention: {why}"
+    proposals = (([q, k, v, mask, sinks],
+                  {"num_heads": int(heads), "kv_heads": int(k.heads), "scale": float(sc.scale * q.scale * k.scale),
+                   "causal": meaning.causal, "window": meaning.window})
+                 for q, k, v in itertools.islice(_combos(qs, ks, vs), MAX_TRIES))
+    try:
+        _rewrite_first(graph, pv.outputs[0], proposals, "no candidate")
+    except NoMatch as e:
+        raise NoMatch(f"not equivalent to Attention: {e}") from None
 
 
-def _refine(graph: Graph, node: Node, masks: dict) -> tuple[bool, str]:
+def _rewrite_first(graph: Graph, out: Value, proposals, why: str = "") -> None:
+    """Rewrite `out` with the first (operands, attrs) proposal `_confirm` proves; raises NoMatch with why
+    the last one failed (`why` when there was none)."""
+    for operands, attrs in proposals:
+        try:
+            _confirm(out, operands, attrs)
+        except NoMatch as e:
+            why = str(e)
+            continue
+        _rewrite(graph, out, operands, attrs)
+        return
+    raise NoMatch(why)
+
+
+def _refine(graph: Graph, node: Node, masks: dict) -> bool:
     """An Attention that arrived fused (ONNX Attention at import, after an exporter's repeat_kv and with a
-    mask computed from positions): take K/V before the repeat, and prove the mask causal / banded."""
+    mask computed from positions): take K/V before the repeat, and prove the mask causal / banded.
+    False where there is nothing to refine; raises NoMatch for a refinement that does not hold."""
     q, k, v, mask, sinks = (list(node.inputs) + [None] * 2)[:5]
-    a, why = node.attrs, ""
+    a, why = attrs_of(node), ""
     if any(x.shape is None or len(x.shape) != 4 for x in (q, k, v)):
-        return False, ""
-    causal, window, keep_mask = a.get("causal", 0), a.get("window", 0), mask is not None
+        return False
+    causal, window, keep_mask = a["causal"], a["window"], mask is not None
     if mask is not None and not (causal or window) and position_only(mask):
         scores = Value("scores", TensorType(q.dtype, q.shape[:3] + k.shape[2:3]))
-        proved = analyse([MaskPart("keep" if mask.dtype == BOOL else "add", mask)], scores, masks)
-        why = proved.reason and f"mask %{mask.name}: {proved.reason}"
-        if not proved.reason:
+        try:
+            proved = analyse([MaskPart("keep" if mask.dtype == BOOL else "add", mask)], scores, masks)
             causal, window, keep_mask = proved.causal, proved.window, False
+        except NoMatch as e:
+            why = f"mask %{mask.name}: {e}"
     ks = _layouts(k, (k.shape[0], None) + k.shape[2:], a["num_heads"], False) + [Operand(k)]
     vs = _layouts(v, (v.shape[0], None) + v.shape[2:], a["num_heads"], False) + [Operand(v)]
-    for _, k2, v2 in itertools.islice(_combos([Operand(q)], ks, vs), MAX_TRIES):
-        if k2.heads >= a["kv_heads"] and keep_mask == (mask is not None):
-            break                                     # nothing to gain
-        attrs = dict(a, kv_heads=int(k2.heads), causal=causal, window=window)
-        operands = [Operand(q), k2, v2, Operand(mask) if keep_mask else None, sinks and Operand(sinks)]
-        ok, why = _confirm(node.outputs[0], operands, attrs)
-        if ok:
-            _rewrite(graph, node.outputs[0], operands, attrs)
-            return True, ""
-    return False, why and f"imported Attention: {why}"
+
+    def proposals():
+        for _, k2, v2 in itertools.islice(_combos([Operand(q)], ks, vs), MAX_TRIES):
+            if k2.heads >= a["kv_heads"] and keep_mask == (mask is not None):
+                return                                    # nothing to gain
+            yield ([Operand(q), k2, v2, Operand(mask) if keep_mask else None, sinks and Operand(sinks)],
+                   dict(a, kv_heads=int(k2.heads), causal=causal, window=window))
+    try:
+        _rewrite_first(graph, node.outputs[0], proposals(), why)
+    except NoMatch as e:
+        if str(e):
+            raise NoMatch(f"imported Attention: {e}") from None
+        return False
+    return True
 
 
 @register_pass("fuse-attention")
@@ -403,16 +417,15 @@ def fuse_attention(graph: Graph) -> PassResult:
     for node in graph.nodes:
         if node.graph is not graph or node.op_type not in ("Softmax", "Attention"):
             continue
-        if node.op_type == "Attention" and node.domain == POLYPORT_DOMAIN:
-            (ok, why), kind = _refine(graph, node, masks), "Attention refined"
-        elif node.op_type == "Softmax" and not node.domain:
-            (ok, why), kind = _fuse_one(graph, node, masks), "Attention"
-        else:
-            continue
-        if ok:
-            result.count(kind)
-        elif why:
-            result.notes.append(f"{node.name}: {why}")
+        try:
+            if node.op_type == "Attention" and node.domain == POLYPORT_DOMAIN:
+                if _refine(graph, node, masks):
+                    result.count("Attention refined")
+            elif node.op_type == "Softmax" and not node.domain:
+                _fuse_one(graph, node, masks)
+                result.count("Attention")
+        except NoMatch as e:
+            result.notes.append(f"{node.name}: {e}")
     if result.modified:
         graph.remove_unused()
     return result

@@ -22,8 +22,9 @@ from typing import Optional
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ._match_util import const_like, part_of, private, scalar, tolerance
+from ._match_util import const_like, part_of, private, scalar
 from .manager import PassResult, register_pass
+from .pattern import NoMatch
 from .region import equivalent, replace_with_fused
 
 ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Neg", "Sigmoid", "Erf", "Tanh", "Gelu"}
@@ -99,32 +100,32 @@ def _clamp(v: Value) -> tuple[Value, Optional[float], Optional[float], list[Node
     return v, lo, hi, nodes
 
 
-def _gated(h: Value) -> tuple[Optional[dict], str]:
-    """Read h = act(clamp(gate(x))) * clamp(up(x)): the proposal, or why not."""
+def _gated(h: Value) -> Optional[dict]:
+    """Read h = act(clamp(gate(x))) * clamp(up(x)): the proposal, None for no candidate; raises NoMatch."""
     mul = h.producer
     if mul is None or mul.op_type != "Mul" or mul.domain:
-        return None, ""
+        return None
     for a, u in (mul.inputs, mul.inputs[::-1]):
         act = _activation(a)
         if act is not None:
             break
     else:
-        return None, ""                      # not gated by an activation: not an MLP candidate
+        return None                          # not gated by an activation: not an MLP candidate
     g, name, act_nodes = act
     g, g_lo, g_hi, g_clip = _clamp(g)
     u, u_lo, u_hi, u_clip = _clamp(u)
     gate, up = _projection(g), _projection(u)
     if gate is None or up is None:
-        return None, "gate or up is not x @ W with a constant W and no bias (an MoE expert?)"
+        raise NoMatch("gate or up is not x @ W with a constant W and no bias (an MoE expert?)")
     if gate[0] is not up[0]:
-        return None, f"gate reads %{gate[0].name} but up reads %{up[0].name}"
+        raise NoMatch(f"gate reads %{gate[0].name} but up reads %{up[0].name}")
     if gate[1].shape != up[1].shape:
-        return None, f"gate weight {gate[1].shape} and up weight {up[1].shape} differ"
+        raise NoMatch(f"gate weight {gate[1].shape} and up weight {up[1].shape} differ")
     limit = g_hi or 0.0
     if (g_lo, g_hi, u_lo, u_hi) != ((None, None, None, None) if not limit else (None, limit, -limit, limit)):
-        return None, f"clamps gate to [{g_lo}, {g_hi}], up to [{u_lo}, {u_hi}]: not GatedMLP's (gate<=L, |up|<=L)"
+        raise NoMatch(f"clamps gate to [{g_lo}, {g_hi}], up to [{u_lo}, {u_hi}]: not GatedMLP's (gate<=L, |up|<=L)")
     nodes = [mul] + act_nodes + g_clip + u_clip + gate[2] + up[2]
-    return dict(x=gate[0], gate=gate, up=up, activation=name, clamp=limit, nodes=nodes), ""
+    return dict(x=gate[0], gate=gate, up=up, activation=name, clamp=limit, nodes=nodes)
 
 
 @register_pass("fuse-gated-mlp")
@@ -137,28 +138,35 @@ def fuse_gated_mlp(graph: Graph) -> PassResult:
         down = _projection(node.outputs[0])
         if down is None or down[0].producer is None or down[0].producer.op_type != "Mul":
             continue
-        p, why = _gated(down[0])
-        if p is None:
-            if why:
-                result.notes.append(f"{node.name}: gated product feeds a projection, but {why}")
-            continue
-        inter, wd = p["gate"][1].shape[1], down[1]
-        if wd.shape[0] != inter:
-            why = f"down weight {wd.shape} does not take the {inter} gated features"
-        elif not private(p["nodes"] + down[2], node):
-            why = "an intermediate value of the MLP is used outside it"
-        if why:
-            result.notes.append(f"{node.name}: {why}")
-            continue
-        weights = [proj[3] or const_like(graph, f"{node.name}_{kind}", proj[1])   # [in, out], as GatedMLP wants
-                   for kind, proj in (("w_gate", p["gate"]), ("w_up", p["up"]), ("w_down", down))]
-        attrs = {"activation": p["activation"]} | ({"clamp": p["clamp"]} if p["clamp"] else {})
-        x = p["x"]
-        ok, why = equivalent([x], node.outputs[0], "GatedMLP", [x, *weights], attrs, rtol=tolerance(x))
-        if not ok:
-            result.notes.append(f"{node.name}: not equivalent to GatedMLP{attrs}: {why}")
-            continue
-        replace_with_fused(node.outputs[0], "GatedMLP", [x, *weights], attrs)
-        result.count("GatedMLP")
+        try:
+            if _fuse(graph, node, down):
+                result.count("GatedMLP")
+        except NoMatch as e:
+            result.notes.append(f"{node.name}: {e}")
     graph.remove_unused()
     return result
+
+
+def _fuse(graph: Graph, node: Node, down) -> bool:
+    """Fuse the MLP whose down projection is `node` (False: no candidate); raises NoMatch."""
+    try:
+        p = _gated(down[0])
+    except NoMatch as e:
+        raise NoMatch(f"gated product feeds a projection, but {e}") from None
+    if p is None:
+        return False
+    inter, wd = p["gate"][1].shape[1], down[1]
+    if wd.shape[0] != inter:
+        raise NoMatch(f"down weight {wd.shape} does not take the {inter} gated features")
+    if not private(p["nodes"] + down[2], node):
+        raise NoMatch("an intermediate value of the MLP is used outside it")
+    weights = [proj[3] or const_like(graph, f"{node.name}_{kind}", proj[1])   # [in, out], as GatedMLP wants
+               for kind, proj in (("w_gate", p["gate"]), ("w_up", p["up"]), ("w_down", down))]
+    attrs = {"activation": p["activation"]} | ({"clamp": p["clamp"]} if p["clamp"] else {})
+    x = p["x"]
+    try:
+        equivalent([x], node.outputs[0], "GatedMLP", [x, *weights], attrs)
+    except NoMatch as e:
+        raise NoMatch(f"not equivalent to GatedMLP{attrs}: {e}") from None
+    replace_with_fused(node.outputs[0], "GatedMLP", [x, *weights], attrs)
+    return True

@@ -20,9 +20,9 @@ from typing import Optional
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ._match_util import const_like, ints, is_last_axis, last_dim, private, sole_user, tolerance
+from ._match_util import const_like, ints, is_last_axis, last_dim, private, sole_user
 from .manager import PassResult, register_pass
-from .pattern import AnyOf, Const, Var, ops, try_match
+from .pattern import AnyOf, Const, NoMatch, Var, match, ops
 from .region import equivalent, replace_with_fused
 
 x = Var("x")
@@ -50,21 +50,20 @@ def _roots(mean: Node):
                 yield u
 
 
-def _meaning(m) -> str:
-    """Why the match is not an RMSNorm over the last axis ("" when it is)."""
+def _meaning(m) -> None:
+    """Raises NoMatch unless the match is an RMSNorm over the last axis."""
     mean, xv, eps = m.node_of["mean"], m["x"], m.consts["eps"]
     axes = mean.attrs.get("axes")
     if axes is None and len(mean.inputs) > 1 and mean.inputs[1] is not None:
         axes = ints(mean.inputs[1])
     if axes is None or len(axes) != 1 or not is_last_axis(axes[0], xv):
-        return f"mean over axes {axes}, not the last axis only"
+        raise NoMatch(f"mean over axes {axes}, not the last axis only")
     if mean.attrs.get("keepdims", 1) != 1:
-        return "mean with keepdims=0"
+        raise NoMatch("mean with keepdims=0")
     if eps.size != 1:
-        return f"eps is not a scalar (shape {list(eps.shape)})"
+        raise NoMatch(f"eps is not a scalar (shape {list(eps.shape)})")
     if xv.dtype is None or not xv.dtype.is_float or last_dim(xv) is None:
-        return f"x is {xv.type}: not a float tensor with a static last axis"
-    return ""
+        raise NoMatch(f"x is {xv.type}: not a float tensor with a static last axis")
 
 
 def _weight(mul: Node, out: Value, hidden: int) -> Optional[Value]:
@@ -105,43 +104,50 @@ def fuse_rmsnorm(graph: Graph) -> PassResult:
     for mean in graph.nodes:
         if mean.graph is not graph or mean.op_type != "ReduceMean" or mean.domain or not _squares(mean):
             continue
-        m, why = None, "no x * rsqrt(mean(x^2) + eps) below it"
-        for root in _roots(mean):
-            m, reason = try_match(NORMALISED, root.outputs[0])
-            if m is not None and m.node_of["mean"] is mean:
-                break
-            m, why = None, reason or why
-        if m is None:
-            result.notes.append(f"{mean.name}: mean of a square, but {why}")
+        try:
+            _fuse(graph, mean, ones)
+        except NoMatch as e:
+            result.notes.append(f"{mean.name}: {e}")
             continue
-        why = _meaning(m)
-        if why:
-            result.notes.append(f"{mean.name}: {why}")
-            continue
-        xv, hidden = m["x"], last_dim(m["x"])
-        out, weight, nodes = _extend(root.outputs[0], hidden)
-        x_in, cast = xv, xv.producer
-        if cast is not None and cast.op_type == "Cast" and not cast.domain and cast.inputs[0].dtype == out.dtype \
-                and private(m.nodes + [cast], root):
-            x_in, nodes = cast.inputs[0], nodes + [cast]   # the norm computes in fp32 itself
-        if x_in.dtype != out.dtype:
-            result.notes.append(f"{mean.name}: output is {out.dtype}, input {x_in.dtype}; RMSNorm keeps the dtype")
-            continue
-        if not private(m.nodes + nodes, out.producer):
-            result.notes.append(f"{mean.name}: an intermediate value of the norm is used outside it")
-            continue
-        if weight is None:
-            key = (hidden, x_in.dtype.name)
-            if key not in ones:
-                ones[key] = const_like(graph, f"rms_ones_{hidden}", np.ones(hidden, x_in.dtype.numpy))
-            weight = ones[key]
-        attrs = {"epsilon": float(str(np.float32(m.consts["eps"].reshape(()))))}   # 1e-06, not 9.99e-07
-        region_in = [x_in] + ([weight] if weight.const is None else [])
-        ok, why = equivalent(region_in, out, "RMSNorm", [x_in, weight], attrs, rtol=tolerance(x_in))
-        if not ok:
-            result.notes.append(f"{mean.name}: not equivalent to RMSNorm: {why}")
-            continue
-        replace_with_fused(out, "RMSNorm", [x_in, weight], attrs)
         result.count("RMSNorm")
     graph.remove_unused()
     return result
+
+
+def _fuse(graph: Graph, mean: Node, ones: dict[tuple, Value]) -> None:
+    """Fuse the norm around `mean` (the ReduceMean of a square); raises NoMatch."""
+    m, root, why = None, None, "no x * rsqrt(mean(x^2) + eps) below it"
+    for root in _roots(mean):
+        try:
+            m = match(NORMALISED, root.outputs[0])
+        except NoMatch as e:
+            why = str(e) or why
+            continue
+        if m.node_of["mean"] is mean:
+            break
+        m = None
+    if m is None:
+        raise NoMatch(f"mean of a square, but {why}")
+    _meaning(m)
+    xv, hidden = m["x"], last_dim(m["x"])
+    out, weight, nodes = _extend(root.outputs[0], hidden)
+    x_in, cast = xv, xv.producer
+    if cast is not None and cast.op_type == "Cast" and not cast.domain and cast.inputs[0].dtype == out.dtype \
+            and private(m.nodes + [cast], root):
+        x_in, nodes = cast.inputs[0], nodes + [cast]   # the norm computes in fp32 itself
+    if x_in.dtype != out.dtype:
+        raise NoMatch(f"output is {out.dtype}, input {x_in.dtype}; RMSNorm keeps the dtype")
+    if not private(m.nodes + nodes, out.producer):
+        raise NoMatch("an intermediate value of the norm is used outside it")
+    if weight is None:
+        key = (hidden, x_in.dtype.name)
+        if key not in ones:
+            ones[key] = const_like(graph, f"rms_ones_{hidden}", np.ones(hidden, x_in.dtype.numpy))
+        weight = ones[key]
+    attrs = {"epsilon": float(str(np.float32(m.consts["eps"].reshape(()))))}   # 1e-06, not 9.99e-07
+    region_in = [x_in] + ([weight] if weight.const is None else [])
+    try:
+        equivalent(region_in, out, "RMSNorm", [x_in, weight], attrs)
+    except NoMatch as e:
+        raise NoMatch(f"not equivalent to RMSNorm: {e}") from None
+    replace_with_fused(out, "RMSNorm", [x_in, weight], attrs)

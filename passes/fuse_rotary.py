@@ -18,9 +18,9 @@ axis, the Concat/Unsqueeze axes are the last; then `equivalent` has the final wo
 from __future__ import annotations
 
 from ..ir.graph import Graph, Node, Value
-from ._match_util import Part, ints, is_last_axis, last_dim, part_of, private, rank, sole_user, tolerance
+from ._match_util import Part, ints, is_last_axis, last_dim, part_of, private, rank, sole_user
 from .manager import PassResult, register_pass
-from .pattern import AnyOf, Var, ops, try_match
+from .pattern import AnyOf, NoMatch, Var, match, ops
 from .region import equivalent, replace_with_fused
 
 x, cos, sin = Var("x"), Var("cos"), Var("sin")
@@ -57,27 +57,26 @@ def _candidate(node: Node):
     return None
 
 
-def _halves(m, xv: Value, interleaved: bool, stacked: bool) -> str:
-    """Why x1/x2 are not the halves (or the even/odd features) of x ("" when they are)."""
+def _halves(m, xv: Value, interleaved: bool, stacked: bool) -> None:
+    """Raises NoMatch unless x1/x2 are the halves (or the even/odd features) of x."""
     p1, p2, d = part_of(m["x1"]), part_of(m["x2"]), last_dim(xv)
     if d is None or d % 2 or p1.source is not xv or p2.source is not xv:
-        return f"the rotated parts are not two halves of %{xv.name} (last axis {d})"
+        raise NoMatch(f"the rotated parts are not two halves of %{xv.name} (last axis {d})")
     want = (range(0, d, 2), range(1, d, 2)) if interleaved else (range(0, d // 2), range(d // 2, d))
     if (p1.indices, p2.indices) != want:
         r1, r2 = p1.indices, p2.indices
-        return (f"rotate uses x1=x[{r1.start}:{r1.stop}:{r1.step}], x2=x[{r2.start}:{r2.stop}:{r2.step}]: "
-                f"not (-x2, x1) of the {'even/odd features' if interleaved else 'halves'} (swapped?)")
+        raise NoMatch(f"rotate uses x1=x[{r1.start}:{r1.stop}:{r1.step}], x2=x[{r2.start}:{r2.stop}:{r2.step}]: "
+                      f"not (-x2, x1) of the {'even/odd features' if interleaved else 'halves'} (swapped?)")
     cat = m.node_of["cat"]
     if not is_last_axis(cat.attrs.get("axis"), cat.outputs[0]):
-        return f"Concat on axis {cat.attrs.get('axis')}, not the last"
+        raise NoMatch(f"Concat on axis {cat.attrs.get('axis')}, not the last")
     if stacked:
         for u in (m.node_of["u1"], m.node_of["u2"]):
             axes = u.attrs.get("axes") or ints(u.inputs[1] if len(u.inputs) > 1 else None)
             if axes not in ([-1], [rank(m["x1"])]):
-                return f"{u.name} unsqueezes axes {axes}, not a new last axis"
+                raise NoMatch(f"{u.name} unsqueezes axes {axes}, not a new last axis")
         if m.node_of["flat"].outputs[0].shape != xv.shape:
-            return "the stacked pairs are not reshaped back to x's shape"
-    return ""
+            raise NoMatch("the stacked pairs are not reshaped back to x's shape")
 
 
 def _partial(xv: Value, out: Value):
@@ -92,22 +91,23 @@ def _partial(xv: Value, out: Value):
     return p.source, p.indices.stop, cat
 
 
-def _read(m, pattern) -> tuple[list[Value], list, dict, str]:
-    """(region inputs, Rotary operands, attributes, why not) for a match of ROPE or HALVES.
+def _read(m, pattern) -> tuple[list[Value], list, dict]:
+    """(region inputs, Rotary operands, attributes) for a match of ROPE or HALVES; raises NoMatch.
     An operand may be a pair (a, b): the rewrite's Concat(a, b) on the last axis."""
     if pattern is ROPE:
         xv, c, s = m["x"], m["cos"], m["sin"]
         if part_of(m["x1"]).source is c:              # Mul(cos, x) bound the other way round
             xv, c = c, xv
         layout = m.tags["layout"]
-        return [xv, c, s], [xv, c, s], {"interleaved": layout}, _halves(m, xv, bool(layout), stacked=bool(layout))
+        _halves(m, xv, bool(layout), stacked=bool(layout))
+        return [xv, c, s], [xv, c, s], {"interleaved": layout}
     xv, c, s = part_of(m["x1"]).source, m["cos"], m["sin"]
     deinterleave = part_of(m["x1"]).indices.step == 2
-    why = _halves(m, xv, deinterleave, stacked=False)
-    if not why and not all(v.shape and isinstance(v.shape[-1], int) for v in (c, s)):
-        why = "cos/sin have no static last axis"
+    _halves(m, xv, deinterleave, stacked=False)
+    if not all(v.shape and isinstance(v.shape[-1], int) for v in (c, s)):
+        raise NoMatch("cos/sin have no static last axis")
     x_in = (m["x1"], m["x2"]) if deinterleave else xv   # x[0::2], x[1::2]: Rotary reads their Concat
-    return [xv, c, s], [x_in, (c, c), (s, s)], {"interleaved": 0}, why
+    return [xv, c, s], [x_in, (c, c), (s, s)], {"interleaved": 0}
 
 
 @register_pass("fuse-rotary")
@@ -131,25 +131,26 @@ def fuse_rotary(graph: Graph) -> PassResult:
         pattern = _candidate(node) if node.graph is graph and live else None
         if pattern is None:
             continue
-        m, why = try_match(pattern, node.outputs[0])
-        if m is None:
-            result.notes.append(f"{node.name}: looks like RoPE, but {why}")
-            continue
-        inputs, operands, attrs, why = _read(m, pattern)
-        if not why and not private(m.nodes, node):
-            why = "an intermediate value of the rotation is used outside it"
-        if why:
-            result.notes.append(f"{node.name}: {why}")
-            continue
-        operands = [operand(v, node) for v in operands]
-        out, halves = node.outputs[0], [m["x1"].producer, m["x2"].producer]
-        partial = _partial(operands[0], out) if operands[0] is inputs[0] else None
-        if partial is not None and private(m.nodes + halves + [inputs[0].producer, partial[2]], partial[2]):
-            inputs[0], attrs["rotary_dim"], cat = partial
-            out, operands[0] = cat.outputs[0], inputs[0]
-        ok, why = equivalent(inputs, out, "Rotary", operands, attrs, rtol=tolerance(inputs[0]))
-        if not ok:
-            result.notes.append(f"{node.name}: not equivalent to Rotary{attrs}: {why}")
+        try:
+            try:
+                m = match(pattern, node.outputs[0])
+            except NoMatch as e:
+                raise NoMatch(f"looks like RoPE, but {e}") from None
+            inputs, operands, attrs = _read(m, pattern)
+            if not private(m.nodes, node):
+                raise NoMatch("an intermediate value of the rotation is used outside it")
+            operands = [operand(v, node) for v in operands]
+            out, halves = node.outputs[0], [m["x1"].producer, m["x2"].producer]
+            partial = _partial(operands[0], out) if operands[0] is inputs[0] else None
+            if partial is not None and private(m.nodes + halves + [inputs[0].producer, partial[2]], partial[2]):
+                inputs[0], attrs["rotary_dim"], cat = partial
+                out, operands[0] = cat.outputs[0], inputs[0]
+            try:
+                equivalent(inputs, out, "Rotary", operands, attrs)
+            except NoMatch as e:
+                raise NoMatch(f"not equivalent to Rotary{attrs}: {e}") from None
+        except NoMatch as e:
+            result.notes.append(f"{node.name}: {e}")
             continue
         replace_with_fused(out, "Rotary", operands, attrs)
         result.count("Rotary")

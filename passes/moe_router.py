@@ -11,7 +11,7 @@ A router, whatever chain the exporter wrote for it, is
 `analyze_router(selection, idx)` starts at the selected expert indices (a TopK's
 index output, or a constant-table lookup) and walks back to the logits and
 forward to the routing weights the combine reads. It returns a `Router`, or
-raises `NotMoE` with the reason. The scoring function is identified by what it
+raises `NoMatch` with the reason. The scoring function is identified by what it
 computes (the logits -> scores region run on random logits), not by its spelling:
 torch writes softplus as Where(x > 20, x, Softplus(x)), others write Log(1 + Exp).
 The whole block is checked against polyport::MoE afterwards (fuse_moe.py); this
@@ -28,16 +28,14 @@ from ..ir import dtypes
 from ..ir.fused.moe import SCORING
 from ..ir.graph import Node, Value
 from ..ir.ops import known_value
+from .pattern import NoMatch
+from .region import tolerance
 
 # Ops that only reshape a tensor of expert indices (or routing weights) without changing its values.
 INDEX_SHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity"})
 
 _MASK_FILL_MAX = -1e30       # a group mask must push unselected experts below every real score
 _MAX_SCORING_NODES = 24      # logits -> scores is a handful of elementwise ops, never a whole network
-
-
-class NotMoE(Exception):
-    """The candidate is not an MoE block polyport::MoE can express; the message says why."""
 
 
 @dataclasses.dataclass
@@ -93,16 +91,6 @@ def is_float(arr: np.ndarray) -> bool:
         return dtypes.from_numpy(arr.dtype).is_float
     except dtypes.UnknownDType:
         return False
-
-
-def tolerance(dtype) -> float:
-    """Relative tolerance for comparing a region with its fused form: 1e-4 in fp32, looser in half precision."""
-    import ml_dtypes
-    try:
-        eps = float(ml_dtypes.finfo(dtype.numpy if hasattr(dtype, "numpy") else dtype).eps)
-    except (TypeError, ValueError):
-        return 1e-4
-    return max(1e-4, 8 * eps)
 
 
 def axis_is_last(node: Node, rank: Optional[int], default: int = -1) -> bool:
@@ -168,9 +156,9 @@ def selection_candidates(nodes) -> list[tuple[Node, Value]]:
 # ---- the analysis ----------------------------------------------------------------------------
 
 def analyze_router(selection: Node, idx: Value) -> Router:
-    """Read the router whose expert choice is `idx` (output of `selection`). Raises NotMoE."""
+    """Read the router whose expert choice is `idx` (output of `selection`). Raises NoMatch."""
     if idx.shape is None or not idx.shape or not isinstance(idx.shape[-1], int):
-        raise NotMoE(f"%{idx.name}: the number of selected experts is not static")
+        raise NoMatch(f"%{idx.name}: the number of selected experts is not static")
     top_k = int(idx.shape[-1])
 
     # Routing weights: the scores of the chosen experts (GatherElements), or the TopK's own values.
@@ -178,12 +166,12 @@ def analyze_router(selection: Node, idx: Value) -> Router:
     if gathers:
         scores = gathers[0].inputs[0]
         if any(g.inputs[0] is not scores or not axis_is_last(g, _rank(scores), 0) for g in gathers):
-            raise NotMoE(f"%{idx.name}: the routing weights are gathered from different tensors or axes")
+            raise NoMatch(f"%{idx.name}: the routing weights are gathered from different tensors or axes")
         w0 = gathers[0].outputs[0]
     elif selection.op_type == "TopK":
         scores, w0 = selection.inputs[0], selection.outputs[0]
     else:
-        raise NotMoE(f"%{idx.name}: no routing weights are gathered with the selected experts")
+        raise NoMatch(f"%{idx.name}: no routing weights are gathered with the selected experts")
 
     logits, x, router_w, router_w_value = _find_logits(scores)
     num_experts = router_w.shape[1]
@@ -202,9 +190,9 @@ def analyze_router(selection: Node, idx: Value) -> Router:
     else:
         table = selection.inputs[0]
         if table.const.shape[1] != top_k:
-            raise NotMoE(f"hash table %{table.name} {table.const.shape} does not hold {top_k} experts per token")
+            raise NoMatch(f"hash table %{table.name} {table.const.shape} does not hold {top_k} experts per token")
         if table.const.min() < 0 or table.const.max() >= num_experts:
-            raise NotMoE(f"hash table %{table.name} names experts outside 0..{num_experts - 1}")
+            raise NoMatch(f"hash table %{table.name} names experts outside 0..{num_experts - 1}")
         router.hash_table, router.token_ids = table, table_lookup(selection)
     return router
 
@@ -220,20 +208,20 @@ def _find_logits(scores: Value) -> tuple[Value, Value, np.ndarray, Optional[Valu
         seen.add(id(v))
         node = v.producer
         if node is None:
-            raise NotMoE(f"%{scores.name}: the scores depend on graph input %{v.name}, not on a router projection")
+            raise NoMatch(f"%{scores.name}: the scores depend on graph input %{v.name}, not on a router projection")
         proj = _router_projection(node)
         if proj is not None:
             found.append((v, proj))
             continue
         if len(seen) > _MAX_SCORING_NODES:
-            raise NotMoE(f"%{scores.name}: no router projection (x @ W with a constant W) within "
+            raise NoMatch(f"%{scores.name}: no router projection (x @ W with a constant W) within "
                          f"{_MAX_SCORING_NODES} ops of the scores")
         stack.extend(i for i in node.inputs if i is not None)
     if len({id(v) for v, _ in found}) != 1:
-        raise NotMoE(f"%{scores.name}: the scores are not a function of one router projection")
+        raise NoMatch(f"%{scores.name}: the scores are not a function of one router projection")
     logits, (x, w, w_value) = found[0]
     if x.shape is None or w.shape[0] != x.shape[-1]:
-        raise NotMoE(f"%{logits.name}: router weight {w.shape} does not match the hidden size of %{x.name}")
+        raise NoMatch(f"%{logits.name}: router weight {w.shape} does not match the hidden size of %{x.name}")
     return logits, x, w, w_value
 
 
@@ -267,11 +255,11 @@ def identify_scoring(logits: Value, scores: Value) -> str:
 
     num_experts = logits.shape[-1]
     if scores.shape != logits.shape or not isinstance(num_experts, int):
-        raise NotMoE(f"%{scores.name}: the scores do not have the logits' shape")
+        raise NoMatch(f"%{scores.name}: the scores do not have the logits' shape")
     try:
         region = region_graph([logits], scores)
     except (ValueError, AssertionError) as e:
-        raise NotMoE(f"%{scores.name}: the scores are not a function of the logits alone ({e})") from None
+        raise NoMatch(f"%{scores.name}: the scores are not a function of the logits alone ({e})") from None
     symbols = {s: 3 for s in logits.type.symbols}
     shape = tuple(d if isinstance(d, int) else d.evaluate(symbols) for d in logits.shape)
     rng = np.random.default_rng(0)
@@ -280,14 +268,14 @@ def identify_scoring(logits: Value, scores: Value) -> str:
     try:
         got = ReferenceSession(region).run({region.inputs[0].name: z}, symbols)[region.outputs[0].name]
     except Exception as e:  # noqa: BLE001 - a region that cannot run is no scoring function
-        raise NotMoE(f"%{scores.name}: cannot evaluate the scoring ({type(e).__name__}: {e})") from None
+        raise NoMatch(f"%{scores.name}: cannot evaluate the scoring ({type(e).__name__}: {e})") from None
     zf, rtol = z.astype(np.float64), tolerance(logits.dtype)
     for name, fn in SCORING.items():
         want = fn(zf)
         if np.allclose(got.astype(np.float64), want, rtol=rtol, atol=rtol * 1e-2 * float(np.abs(want).max())):
             return name
     ops = sorted({n.op_type for n in region.nodes})
-    raise NotMoE(f"%{scores.name}: the scoring ({', '.join(ops)}) is not softmax, sigmoid or sqrt(softplus)")
+    raise NoMatch(f"%{scores.name}: the scoring ({', '.join(ops)}) is not softmax, sigmoid or sqrt(softplus)")
 
 
 def _scoring_after_topk(values: Value) -> tuple[str, int, Value]:
@@ -298,7 +286,7 @@ def _scoring_after_topk(values: Value) -> tuple[str, int, Value]:
         return "softmax", 1, user.outputs[0]
     if user is not None and user.op_type == "Sigmoid" and not user.domain:
         return "sigmoid", 0, user.outputs[0]
-    raise NotMoE(f"%{values.name}: top-k of the raw logits, but the chosen logits are not scored by a softmax "
+    raise NoMatch(f"%{values.name}: top-k of the raw logits, but the chosen logits are not scored by a softmax "
                  "or a sigmoid")
 
 
@@ -346,13 +334,13 @@ def _weight_chain(w: Value) -> tuple[Value, int, float]:
 def _read_topk_selection(topk: Node, router: Router, num_experts: int) -> None:
     """Bias, group limits and k of a top-k selection; fills `router` in place."""
     if not topk.attrs.get("largest", 1):
-        raise NotMoE(f"{topk.name}: selects the smallest scores")
+        raise NoMatch(f"{topk.name}: selects the smallest scores")
     choice = topk.inputs[0]
     if not axis_is_last(topk, _rank(choice)):
-        raise NotMoE(f"{topk.name}: selects along axis {topk.attrs.get('axis')}, not over the experts")
+        raise NoMatch(f"{topk.name}: selects along axis {topk.attrs.get('axis')}, not over the experts")
     k = const_of(topk.inputs[1])
     if k is None or int(k.reshape(-1)[0]) != router.top_k:
-        raise NotMoE(f"{topk.name}: k is not the constant {router.top_k}")
+        raise NoMatch(f"{topk.name}: k is not the constant {router.top_k}")
     if choice is router.scores or choice is router.logits:
         return
     # Group-limited routing: Where(group_mask, choice, -inf) (or the mask negated and the operands swapped).
@@ -363,7 +351,7 @@ def _read_topk_selection(topk: Node, router: Router, num_experts: int) -> None:
             fill = scalar_of(where.inputs[fill_slot])
             if fill is not None and const_of(where.inputs[keep_slot]) is None:
                 if fill > _MASK_FILL_MAX:
-                    raise NotMoE(f"{where.name}: unselected groups are filled with {fill}, not -inf; "
+                    raise NoMatch(f"{where.name}: unselected groups are filled with {fill}, not -inf; "
                                  "polyport::MoE excludes them outright")
                 masked, choice = where, where.inputs[keep_slot]
                 break
@@ -377,7 +365,7 @@ def _read_topk_selection(topk: Node, router: Router, num_experts: int) -> None:
                         and arr.size == num_experts:
                     bias = b
         if bias is None:
-            raise NotMoE(f"{topk.name}: selects on %{choice.name}, which is neither the scores nor scores + a "
+            raise NoMatch(f"{topk.name}: selects on %{choice.name}, which is neither the scores nor scores + a "
                          "constant per-expert bias")
         router.e_bias = bias
     if masked is not None:
@@ -396,20 +384,20 @@ def _group_limits(choice: Value, num_experts: int) -> tuple[int, int]:
         group_score = _group_score(out)
         ranks = [u for u in group_score.users if u.op_type == "TopK" and not u.domain]
         if len(ranks) != 1 or not ranks[0].attrs.get("largest", 1) or const_of(ranks[0].inputs[1]) is None:
-            raise NotMoE(f"%{group_score.name}: the groups are not ranked by one top-k")
+            raise NoMatch(f"%{group_score.name}: the groups are not ranked by one top-k")
         return groups, int(const_of(ranks[0].inputs[1]).reshape(-1)[0])
-    raise NotMoE(f"%{choice.name}: masked selection, but no reshape of the choice into [groups, experts/group]")
+    raise NoMatch(f"%{choice.name}: masked selection, but no reshape of the choice into [groups, experts/group]")
 
 
 def _group_score(grouped: Value) -> Value:
     """The per-group score: the sum of each group's best two choices (the only rule polyport::MoE has)."""
     for user in grouped.users:
         if user.op_type in ("ReduceMax", "ArgMax"):
-            raise NotMoE(f"{user.name}: groups are ranked by their best expert (DeepSeek-V2 style); "
+            raise NoMatch(f"{user.name}: groups are ranked by their best expert (DeepSeek-V2 style); "
                          "polyport::MoE ranks them by the sum of their best two")
         if user.op_type == "TopK" and const_of(user.inputs[1]) is not None \
                 and int(const_of(user.inputs[1]).reshape(-1)[0]) == 2:
             total = _only_user(user.outputs[0])
             if total is not None and total.op_type == "ReduceSum" and reduces_last_axis(total, _rank(grouped)):
                 return total.outputs[0]
-    raise NotMoE(f"%{grouped.name}: the group score is not the sum of the best two experts per group")
+    raise NoMatch(f"%{grouped.name}: the group score is not the sum of the best two experts per group")

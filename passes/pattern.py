@@ -10,6 +10,10 @@ value everywhere), `Const` a constant (a number matches a constant whose
 elements all equal it), `AnyOf` tries alternatives, `Maybe(op, p)` matches
 `op(p)` or `p` itself (an optional Cast, say). A failed match keeps the
 reason, so a pass can say why a near miss did not fuse.
+
+`NoMatch` is the one way every fusion reports a near miss: pattern, meaning
+check and numeric proof (`region.equivalent`) all raise it with the reason,
+and the pass records `str(e)` for `--explain`.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ from ..ir.graph import Node, Value
 from ..ir.ops import known_value
 
 COMMUTATIVE = {"Add", "Mul", "And", "Or", "Equal", "Max", "Min", "Sum"}
+
+
+class NoMatch(Exception):
+    """A candidate that does not fuse (a near miss); the message says why."""
 
 
 class Pattern:
@@ -174,9 +182,9 @@ class Match:
         return True
 
 
-def try_match(pattern: Pattern, value: Value) -> tuple[Optional[Match], str]:
-    """(the match, "") rooted at `value`, or (None, why it failed)."""
+def match(pattern: Pattern, value: Value) -> Match:
+    """The match rooted at `value`; raises NoMatch with why it failed."""
     m = Match()
     if pattern.match(value, m):
-        return m, ""
-    return None, m.reason
+        return m
+    raise NoMatch(m.reason)

@@ -8,28 +8,27 @@ f32 copy of the weight exists at any point.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ..ir.graph import Graph, Node
 from ..ir.quant_layout import QuantWeight, dq_format, from_dequantize_linear
 from ..ir.types import TensorType
 from .manager import PassResult, register_pass
+from .pattern import NoMatch
 from .region import replace_with_fused
 
 
-def _weight(dq: Node, k_axis: int) -> tuple[Optional[QuantWeight], str]:
-    """The DequantizeLinear's weight in QuantMatMul's layout, or (None, why not)."""
+def _weight(dq: Node, k_axis: int) -> QuantWeight:
+    """The DequantizeLinear's weight in QuantMatMul's layout; raises NoMatch."""
     q, scale = dq.inputs[0], dq.inputs[1]
     zero = dq.inputs[2] if len(dq.inputs) > 2 else None
     if not (q.is_constant and scale.is_constant and (zero is None or zero.is_constant)):
-        return None, "weight, scale or zero point is not a constant"
+        raise NoMatch("weight, scale or zero point is not a constant")
     if q.const.ndim != 2 or dq_format(q.const.dtype) is None:
-        return None, f"weight of dtype {q.const.dtype} / rank {q.const.ndim} (takes 2-D int4, uint4, int8, uint8, e4m3fn)"
+        raise NoMatch(f"weight of dtype {q.const.dtype} / rank {q.const.ndim} (takes 2-D int4, uint4, int8, uint8, e4m3fn)")
     k = q.const.shape[k_axis]
     if dq_format(q.const.dtype)[0] == 4 and k % 2:
-        return None, f"int4 weight with odd K={k}"
+        raise NoMatch(f"int4 weight with odd K={k}")
     axis = dq.attrs.get("axis", 1) % 2
     block = int(dq.attrs.get("block_size", 0))
     s = np.asarray(scale.const, np.float32)
@@ -42,8 +41,8 @@ def _weight(dq: Node, k_axis: int) -> tuple[Optional[QuantWeight], str]:
         s = np.broadcast_to(s.reshape(-1), shape[1 - k_axis]).reshape(shape)
         z = None if z is None else np.broadcast_to(z.reshape(-1), shape[1 - k_axis]).reshape(shape)
     else:
-        return None, f"scale of shape {list(s.shape)} with axis={axis}, block_size={block}"
-    return from_dequantize_linear(q.const, s, z, block, k_axis), ""
+        raise NoMatch(f"scale of shape {list(s.shape)} with axis={axis}, block_size={block}")
+    return from_dequantize_linear(q.const, s, z, block, k_axis)
 
 
 def _gemm_ok(node: Node) -> bool:
@@ -63,12 +62,12 @@ def quant_matmul(graph: Graph) -> PassResult:
         dq = node.inputs[1].producer if node.inputs[1] is not None else None
         if dq is None or dq.qualified_op != "DequantizeLinear":
             continue
-        if node.op_type == "Gemm" and not _gemm_ok(node):
-            result.notes.append(f"{node.name}: Gemm with transA, transB=0, alpha or beta != 1 stays as is")
-            continue
-        qw, why = _weight(dq, 1 if node.op_type == "Gemm" else 0)
-        if qw is None:
-            result.notes.append(f"{node.name}: {why}")
+        try:
+            if node.op_type == "Gemm" and not _gemm_ok(node):
+                raise NoMatch("Gemm with transA, transB=0, alpha or beta != 1 stays as is")
+            qw = _weight(dq, 1 if node.op_type == "Gemm" else 0)
+        except NoMatch as e:
+            result.notes.append(f"{node.name}: {e}")
             continue
         x = node.inputs[0]
         if not isinstance(x.type, TensorType) or x.type.rank is None or x.type.rank < 1 or x.dtype is None \

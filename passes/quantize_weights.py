@@ -5,9 +5,10 @@ Every dense linear weight (a MatMul over a constant f32 [K, N] weight, and the t
 SiLU GatedMLP, which is then computed as three QuantMatMuls) becomes polyport::QuantMatMul over
 symmetric per-group codes (ir/quant_layout.py: int8, int4 two per byte, e4m3 with per-block scales;
 one scale per `group_size` consecutive k of an output column). The LM head (the MatMul producing a
-graph output) only with `lm_head`. Left in f32, and counted: MoE expert weights (the fused MoE
-kernel takes f32 experts), embeddings (a Gather's table), a weight also read by another op
-(a tied embedding), GatedMLPs with another activation or a clamp.
+graph output) only with `lm_head`. With bf16 / f16 the fused MoE's router and expert weights are
+stored in that dtype too (its kernel converts them in registers). Left in f32, and counted: MoE
+expert weights under --quantize (the fused MoE kernel takes no codes yet), embeddings (a Gather's
+table), a weight also read by another op (a tied embedding), GatedMLPs with another activation or a clamp.
 """
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ import collections
 import dataclasses
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import PolyportError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import POLYPORT_DOMAIN
+from ..ir import fused
 from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, to_float16
 from ..ir.types import TensorType
 from ..ir.verifier import verify
 
 GROUP_SIZES = (32, 64, 128)
+FLOAT16_NUMPY = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +85,7 @@ class _Quantizer:
     def qmatmul(self, x: Value, w: Value, before: Node, out: Optional[Value] = None) -> Value:
         ops, attrs = self.operands(w)
         t = TensorType(x.dtype, None if x.type.shape is None else x.type.shape[:-1] + (attrs["N"],))
-        node = self.graph.make_node("QuantMatMul", [x] + ops, attrs=attrs, domain=POLYPORT_DOMAIN, types=[t],
-                                    name="QuantMatMul", before=before)
-        y = node.outputs[0]
+        y = fused.build(self.graph, "QuantMatMul", [x] + ops, attrs, t, before=before, name="QuantMatMul")
         if out is not None:
             if out.is_graph_output:
                 y.name, out.name = out.name, y.name
@@ -121,6 +122,22 @@ class _Quantizer:
         self.counts["GatedMLP"] += 1
 
 
+    def moe(self, node: Node) -> None:
+        """16-bit schemes: the router and expert weights in that dtype (the fused MoE kernel reads them and
+        converts in registers); quantized codes inside MoE are not supported yet."""
+        ws = [node.inputs[i] for i in (1, 3, 4, 5)]
+        if self.spec.scheme not in FLOAT16 or not all(
+                w is not None and w.is_constant and w.const.dtype == np.float32 and not w.is_graph_output
+                and all(n is node for n, _ in w.uses) for w in ws):
+            self.counts["f32: MoE experts"] += 1
+            return
+        dt = FLOAT16_NUMPY[self.spec.scheme]
+        for i, w in zip((1, 3, 4, 5), ws):
+            node.set_input(i, self.graph.add_constant(self.graph.unique_name(f"{w.name}/{self.spec.scheme}"),
+                                                      w.const.astype(dt)))
+        self.counts["MoE"] += 1
+
+
 def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
     """Quantize `graph`'s linear weights in place; returns the manifest's `quantization` entry."""
     qz = _Quantizer(graph, spec)
@@ -130,7 +147,7 @@ def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
         elif node.qualified_op == "polyport::GatedMLP":
             qz.gated_mlp(node)
         elif node.qualified_op == "polyport::MoE":
-            qz.counts["f32: MoE experts"] += 1
+            qz.moe(node)
     graph.remove_unused()
     verify(graph)
     entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "weights": len(qz.codes),

@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..ir import fused
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import POLYPORT_DOMAIN
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
+from .pattern import NoMatch
 
 TRIAL_SYMBOL_VALUES = (1, 3, 8)
 # Where a region's shapes hold floor divisions (`seq // 8`: compressed attention), short lengths give
@@ -100,17 +101,17 @@ def random_feeds(values: Sequence[Value], symbols: dict[str, int], rng: np.rando
 
 
 def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: Sequence[Optional[Value]],
-               attrs: dict, *, rtol: float = 1e-4, seed: int = 0,
-               int_high: dict[str, int] | None = None) -> tuple[bool, str]:
-    """Does `op_type(*operands, **attrs)` compute what the region `inputs -> output` computes?
+               attrs: dict, *, seed: int = 0, int_high: dict[str, int] | None = None) -> None:
+    """Check that `op_type(*operands, **attrs)` computes what the region `inputs -> output` computes,
+    within `tolerance(output.dtype)`; raises NoMatch saying how it differs.
 
     Operands are region inputs, constants, or values computed from them (a rewrite's
-    own small prelude, say a Concat; its nodes are copied along). Returns (ok, reason)."""
+    own small prelude, say a Concat; its nodes are copied along)."""
     from ..runtime.reference import ReferenceSession
     try:
         before = region_graph(inputs, output)
     except ValueError as e:
-        return False, str(e)
+        raise NoMatch(str(e)) from None
     after = Graph("fused")
     after.opset_imports.update(before.opset_imports)
     vmap = {id(v): after.add_input(v.name, v.type) for v in inputs}
@@ -125,11 +126,12 @@ def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: S
                         raise ValueError(v.name)
                     copy_region(after, vmap, inputs, v)
                 except ValueError:
-                    return False, f"operand %{v.name} is not computed from the region's inputs"
+                    raise NoMatch(f"operand %{v.name} is not computed from the region's inputs") from None
         args.append(vmap[id(v)] if v is not None else None)
-    after.set_outputs([fused_node(after, op_type, args, attrs, output.type)])
+    after.set_outputs([fused.build(after, op_type, args, attrs, output.type)])
     symbols = sorted({s for v in inputs if isinstance(v.type, TensorType) for s in v.type.symbols})
     rng = np.random.default_rng(seed)
+    rtol = tolerance(output.dtype)
     try:
         run_before, run_after = ReferenceSession(before), ReferenceSession(after)
         for n in _trial_values([*inputs, output]):
@@ -138,29 +140,37 @@ def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: S
             want = run_before.run(feeds, binding)[before.outputs[0].name]
             got = run_after.run(feeds, binding)[after.outputs[0].name]
             if got.shape != want.shape:
-                return False, f"shape {got.shape} != {want.shape} at {binding}"
+                raise NoMatch(f"shape {got.shape} != {want.shape} at {binding}")
             if not want.size:
                 continue
             scale = max(float(np.abs(want).max()), 1e-6)
             err = float(np.abs(got.astype(np.float64) - want).max())
             if not err <= rtol * scale:
-                return False, f"differs by {err:.3g} (max |out| {scale:.3g}) at {binding}"
+                raise NoMatch(f"differs by {err:.3g} (max |out| {scale:.3g}, tolerance {rtol:g}) at {binding}")
+    except NoMatch:
+        raise
     except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not equivalent
-        return False, f"{type(e).__name__}: {e}"
-    return True, ""
+        raise NoMatch(f"{type(e).__name__}: {e}") from None
 
 
-def fused_node(graph: Graph, op_type: str, inputs: Sequence[Optional[Value]], attrs: dict, out_type,
-               before: Optional[Node] = None) -> Value:
-    """Add one polyport op to `graph` and return its output."""
-    return graph.make_node(op_type, list(inputs), attrs=attrs, domain=POLYPORT_DOMAIN, types=[out_type],
-                           name=op_type, before=before).outputs[0]
+def tolerance(dtype) -> float:
+    """How far (x max |output|) a fused op may be from the region it replaces, per dtype: 1e-4 in fp32 and
+    fp64; in narrower floats 8 units of their roundoff and at least 2e-2 (the region rounds after every op,
+    the fused op once): f16 2e-2, bf16 6.25e-2."""
+    if dtype is None or dtype.name in ("f32", "f64"):
+        return 1e-4
+    import ml_dtypes
+    try:
+        eps = float(ml_dtypes.finfo(dtype.numpy).eps)
+    except (TypeError, ValueError):
+        eps = 0.0
+    return max(2e-2, 8 * eps)
 
 
 def replace_with_fused(output: Value, op_type: str, operands: Sequence[Optional[Value]], attrs: dict) -> Value:
     """Compute `output` with one fused node instead (the region left dead is removed by DCE)."""
     anchor = output.producer
-    new = fused_node(anchor.graph, op_type, operands, attrs, output.type, before=anchor)
+    new = fused.build(anchor.graph, op_type, operands, attrs, output.type, before=anchor)
     if output.is_graph_output:  # graph outputs keep their names
         new.name, output.name = output.name, new.name
     output.replace_all_uses_with(new)

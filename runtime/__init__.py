@@ -1,1 +1,2 @@
-"""Run-time side: the reference executor (and later the artifact runtime)."""
+"""Run-time side: the reference executor and the artifact runtime (`session.load`: one loader per
+target, none of which imports the compiler), plus bench and the roofline model."""

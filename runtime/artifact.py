@@ -1,7 +1,8 @@
 """The deployable artifact: a directory every target shares.
 
     ART/manifest.json         format version, model signature (symbolic dims as text),
-                              per-target entries (architectures, toolchain), file hashes
+                              per-target entries (archs: the architectures built, a list
+                              in every target; toolchain), file hashes
     ART/weights.safetensors   the weights, shared by all targets
     ART/<target>/...          what each target's lowering wrote
 
@@ -19,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -103,6 +104,8 @@ class ArtifactWriter:
         """Write the weights; then refuse at once (before any lowering) to replace another model's artifact."""
         with open(self.tmp / WEIGHTS, "wb") as f:
             safetensors.save(tensors, f, {"producer": f"polyport {__version__}"})
+        # what loading checks the file against: weights of another model, even re-hashed, are refused
+        self.manifest["weights"] = {n: [str(np.asarray(w).dtype), list(np.shape(w))] for n, w in tensors.items()}
         self.existing()
 
     def existing(self) -> tuple[list[str], list[str]]:
@@ -171,6 +174,13 @@ def old_name(path: Path) -> str:
         return "unreadable manifest"
 
 
+def _entry_paths(entry: Mapping[str, Any]) -> list[Any]:
+    """The files (relative to the artifact) a target entry tells its loader to open."""
+    paths = [entry[k] for k in ("library", "meta") if k in entry]
+    libraries = entry.get("libraries", {})
+    return paths + list(libraries.values() if isinstance(libraries, dict) else [libraries])
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     mf = path / MANIFEST
@@ -180,9 +190,27 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mf}: unreadable manifest ({e})") from None
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{mf}: artifact format version {version!r}; this polyport reads {FORMAT_VERSION}")
+    for key, kind in (("model", dict), ("targets", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{mf}: malformed manifest ({key!r} is missing or not an object); "
+                                "recompile the artifact")
+    model = manifest["model"]
+    if not all(isinstance(model.get(k), list) and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                                      for s in model[k]) for k in ("inputs", "outputs")):
+        raise ArtifactError(f"{mf}: malformed manifest (model inputs/outputs); recompile the artifact")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()) or \
+            not all(isinstance(e, dict) for e in manifest["targets"].values()):
+        raise ArtifactError(f"{mf}: malformed manifest (files or target entries); recompile the artifact")
+    from .session import signature_index_ranges, signature_types      # session imports this module
+    try:
+        signature_types(model["inputs"] + model["outputs"])
+        signature_index_ranges(model["inputs"])
+    except Exception as e:  # noqa: BLE001 - any malformed spec (wrong types, unknown dtype, bad dim text)
+        raise ArtifactError(f"{mf}: malformed manifest (model signature: {type(e).__name__}: {e}); "
+                            "recompile the artifact") from None
     return manifest
 
 
@@ -192,6 +220,29 @@ class Artifact:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        for rel in self.manifest["files"]:
+            self._inside(rel)
+        for name, entry in self.manifest["targets"].items():
+            for rel in _entry_paths(entry):
+                self._inside(rel)
+                if rel not in self.manifest["files"]:
+                    raise ArtifactError(f"{self.path}: target {name} loads {rel!r}, which the manifest does not "
+                                        "hash; recompile the artifact")
+
+    def _inside(self, rel: Any) -> Path:
+        """`rel` as a path inside the artifact: one that leaves it (absolute, `..`, a symlink out) is refused
+        before anything is read from it (a library is native code: loading it runs it)."""
+        if not isinstance(rel, str) or not rel:
+            raise ArtifactError(f"{self.path}: malformed manifest: {rel!r} is not a file path; recompile the artifact")
+        parts = PurePosixPath(rel).parts
+        if parts[0] == "/" or ".." in parts:
+            raise ArtifactError(f"{self.path}: the manifest names {rel!r}, outside the artifact directory; "
+                                "refusing to load it")
+        full = self.path / rel
+        if not full.resolve().is_relative_to(self.path.resolve()):
+            raise ArtifactError(f"{self.path}: {rel} is a link leading outside the artifact directory "
+                                f"(to {full.resolve()}); refusing to load it")
+        return full
 
     @property
     def targets(self) -> list[str]:
@@ -214,7 +265,7 @@ class Artifact:
             top = rel.split("/", 1)[0]
             if target is not None and "/" in rel and top != target:
                 continue
-            p = self.path / rel
+            p = self._inside(rel)
             if not p.is_file():
                 raise ArtifactError(f"{self.path}: file {rel} listed in the manifest is missing")
             if sha256(p) != digest:
@@ -222,7 +273,17 @@ class Artifact:
                                     "(tampered with or truncated); recompile the artifact")
 
     def weights(self) -> dict[str, np.ndarray]:
+        """The weights, refused when their names, dtypes or shapes differ from what the compile recorded."""
         try:
-            return safetensors.load(self.path / WEIGHTS)
+            tensors = safetensors.load(self._inside(WEIGHTS))
         except safetensors.SafetensorsError as e:
             raise ArtifactError(str(e)) from None
+        want = self.manifest.get("weights")
+        if isinstance(want, dict):
+            got = {n: [str(w.dtype), list(w.shape)] for n, w in tensors.items()}
+            for name in sorted(set(want) | set(got)):
+                if want.get(name) != got.get(name):
+                    raise ArtifactError(f"{self.path}: {WEIGHTS} holds {name!r} as {got.get(name) or 'nothing'}, the "
+                                        f"compiled model expects {want.get(name) or 'no such weight'} (weights of "
+                                        "another model?); recompile the artifact")
+        return tensors

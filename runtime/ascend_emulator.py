@@ -27,12 +27,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import errors
+from ..ir.fused import moe
 
 NOTICE = ("ascend: emulated on CPU (no Ascend device): NumPy implementations of the CANN operators' documented "
           "contracts in float16; nothing was run on Ascend hardware")
 
-CANN_DOMAIN = "com.huawei.cann"
-KERNEL_DOMAIN = "polyport.ascendc"
+# The artifact's two custom ONNX domains (targets/ascend/ writes them; defined here, where they are read).
+CANN_DOMAIN = "com.huawei.cann"          # CANN built-in operators (ATC maps them by op type)
+KERNEL_DOMAIN = "polyport.ascendc"        # polyport's own Ascend C kernels (kernels/*.cpp)
 F16 = np.float16
 
 # Tests set this to a list to record every routing decision (expert ids [T, k], in call order).
@@ -48,40 +50,21 @@ def _f32(x):
     return np.asarray(x).astype(np.float32)
 
 
-def _softmax(x, axis=-1):
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+NORM_TYPES = {0: "softmax", 1: "sigmoid", 2: "sqrtsoftplus"}   # the CANN ops' norm_type codes
 
 
 def _score(logits, norm):
-    z = _f32(logits)
-    if norm in (0, "softmax"):
-        return _softmax(z, -1)
-    if norm in (1, "sigmoid"):
-        return 1.0 / (1.0 + np.exp(-z))
-    if norm in (2, "sqrtsoftplus"):
-        return np.sqrt(np.logaddexp(0.0, z))
-    raise errors.ExecutionError(f"unknown norm_type {norm!r}")
+    name = NORM_TYPES.get(norm, norm)
+    if name not in moe.SCORING:
+        raise errors.ExecutionError(f"unknown norm_type {norm!r}")
+    return moe.SCORING[name](_f32(logits)).astype(np.float32)
 
 
 def _topk_gate(scores, bias, k, group_count, k_group, group_select_mode, renorm, scaling, eps):
-    choice = scores + _f32(bias) if bias is not None else scores.copy()
-    t, e = choice.shape
-    if group_count > 1:
-        per = choice.reshape(t, group_count, e // group_count)
-        gs = np.sort(per, axis=-1)[..., -2:].sum(-1) if group_select_mode == 1 else per.max(-1)
-        keep = np.argsort(-gs, axis=-1, kind="stable")[:, :k_group]
-        gmask = np.zeros((t, group_count), bool)
-        np.put_along_axis(gmask, keep, True, axis=-1)
-        choice = np.where(np.repeat(gmask, e // group_count, axis=-1), choice, -np.inf)
-    idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
+    choice = scores + _f32(bias) if bias is not None else scores
+    idx = moe.select_top_k(choice, k, group_count, k_group, "top2" if group_select_mode == 1 else "max")
     _trace(idx)
-    w = np.take_along_axis(scores, idx, axis=-1)
-    if renorm:
-        w = w / (w.sum(-1, keepdims=True) + np.float32(eps))
-    return (w * np.float32(scaling)).astype(np.float32), idx.astype(np.int32)
+    return moe.routing_weights(scores, idx, renorm, scaling, eps), idx.astype(np.int32)
 
 
 def _ops():
@@ -178,12 +161,9 @@ def _ops():
         def _run(self, x, token_ids, table, k=1, norm_type="softmax", renorm=0, routed_scaling_factor=1.0,
                  eps=1e-20):
             scores = _score(x, norm_type)
-            idx = table[token_ids.reshape(-1)].astype(np.int64)
+            idx = moe.hash_select(table, token_ids)
             _trace(idx)
-            w = np.take_along_axis(scores, idx, axis=-1)
-            if renorm:
-                w = w / (w.sum(-1, keepdims=True) + np.float32(eps))
-            return ((w * np.float32(routed_scaling_factor)).astype(np.float32), idx.astype(np.int32))
+            return moe.routing_weights(scores, idx, renorm, routed_scaling_factor, eps), idx.astype(np.int32)
 
     class MoeInitRoutingV2(OpRun):
         op_domain = CANN_DOMAIN
@@ -295,8 +275,9 @@ class AscendEmulatorSession:
         self._eval = ReferenceEvaluator(self.model, new_ops=_ops())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .memory import check_fits
         from .reference import check_feeds
-        check_feeds(self._specs, feeds, self._ranges)
+        check_fits("ascend", self._specs + self._out_specs, check_feeds(self._specs, feeds, self._ranges))
         try:
             outs = self._eval.run(None, {k: np.asarray(v) for k, v in feeds.items()})
         except errors.PolyportError:

@@ -48,8 +48,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import __version__, errors, files
+from ..devices import DEVICES, TARGET_DEVICES, TARGETS
 from .inputs import generated_feeds
-from ..targets.devices import DEVICES, TARGET_DEVICES
 from . import roofline
 from .artifact import Artifact
 
@@ -146,7 +146,7 @@ def plan(built: Sequence[str], targets: Optional[Sequence[str]], device: Optiona
         wanted.append(dev_target)
     unknown = [t for t in wanted if t not in TARGET_DEVICES]
     if unknown:
-        raise errors.PolyportError(f"unknown target {unknown[0]!r}; known: {', '.join(TARGET_DEVICES)}")
+        raise errors.PolyportError(f"unknown target {unknown[0]!r}; known: {', '.join(TARGETS)}")
     out = []
     for t in wanted:
         measured = t in built and device_present(t)
@@ -234,16 +234,22 @@ def _measure(art: Artifact, target: str, seqs: Sequence[int], runs: int, warmup:
     return rows
 
 
+def tpot_bytes(cost: Mapping[str, Any], generation: Mapping[str, Any], context: int, symbols=None) -> int:
+    """Bytes one decode step reads at `context` cached tokens: the weights one token reads (the cost at
+    seq 1: MoE counts its active experts only) plus the whole cache (at most each layer's window)."""
+    cache = sum(int(layer["bytes_per_token"]) * min(context, layer.get("capacity") or context)
+                for layer in generation.get("layers", ()))
+    return roofline.total_bytes(cost, roofline.bind(cost, 1, symbols)) + cache
+
+
 def _estimates(cost, spec, seq: int, symbols, generation: Optional[Mapping[str, Any]]):
     """[(extra row keys, Estimate)]: one plain row, or the ttft and tpot rows of generation."""
     if generation is None:
         return [({}, roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols)))]
     ttft = roofline.estimate(cost, spec, roofline.bind(cost, seq, symbols))
     step = roofline.estimate(cost, spec, roofline.bind(cost, 1, symbols))
-    cache = sum(int(layer["bytes_per_token"]) * min(seq, layer.get("capacity") or seq)
-                for layer in generation.get("layers", ()))
-    tpot = roofline.Estimate(spec.name, step.flops, step.bytes + cache, step.compute_s,
-                             (step.bytes + cache) / spec.memory_bandwidth)
+    nbytes = tpot_bytes(cost, generation, seq, symbols)
+    tpot = roofline.Estimate(spec.name, step.flops, nbytes, step.compute_s, nbytes / spec.memory_bandwidth)
     return [({"phase": "ttft"}, ttft), ({"phase": "tpot"}, tpot)]
 
 

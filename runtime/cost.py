@@ -28,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import attrs_of
 from ..ir.symbolic import Dim, SymExpr, add, floordiv, mul, parse
 from ..ir.types import TensorType
 
@@ -136,14 +137,14 @@ def node_flops(node: Node) -> Dim:
 
 
 def _fused_flops(node: Node) -> Dim:
-    op, ins, a = node.op_type, node.inputs, node.attrs
+    op, ins, a = node.op_type, node.inputs, attrs_of(node)
     if op == "Attention":
         b, h, s, dqk = _need(_shape(ins[0]))
         skv = _need(_shape(ins[1]))[2]
         dv = _need(_shape(ins[2]))[3]
         per_pair = add(dqk, dv)
         flops = mul(mul(mul(mul(b, h), mul(s, skv)), per_pair), 2)
-        if a.get("causal", 0):
+        if a["causal"]:
             halved = floordiv(flops, 2)
             flops = halved if halved is not None else mul(mul(mul(b, h), mul(s, skv)), per_pair)
         return flops

@@ -24,17 +24,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..devices import usable_cpus
 from .artifact import Artifact
 from .generation import Generator
 from .vm_session import VmSession
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), which thread pools should size to."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _pack(w: np.ndarray, nb: int) -> np.ndarray:

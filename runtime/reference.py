@@ -202,24 +202,15 @@ class ReferenceGenerator(Generator):
     """The reference executor over the derived generation programs: the oracle for every target's decode.
 
     `graph` is the fused cache-less graph (what `run` executes, and what generation recomputes when a
-    layer cannot be cached); `programs` come from passes/derive_generation.py."""
+    layer cannot be cached); `programs` and their manifest entry `generation` come from
+    passes/derive_generation.py (`compiler.reference_generator` derives them: the runtime never does)."""
 
-    def __init__(self, graph: Graph, programs):
-        from ..passes.derive_generation import generation_entry
-        self.generation = generation_entry(graph, programs)
+    def __init__(self, graph: Graph, programs, generation: Mapping[str, Any]):
+        self.generation = generation
         self._full = ReferenceSession(graph)
         self._programs = {name: ReferenceSession(g) for name, g in (("prefill", programs.prefill),
                                                                    ("decode", programs.decode)) if g is not None}
         self.input_names, self.output_names = self._full.input_names, self._full.output_names
-
-    @classmethod
-    def from_model(cls, model, pipeline: str = "default") -> "ReferenceGenerator":
-        from ..frontend.onnx_import import import_onnx
-        from ..passes.derive_generation import derive_generation
-        from ..passes.pipelines import run_pipeline
-        graph = import_onnx(model)
-        run_pipeline(graph, pipeline)
-        return cls(graph, derive_generation(graph))
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         return self._full.run(feeds)

@@ -3,7 +3,7 @@
     latency >= max(flops / peak_flops(dtype), bytes / memory_bandwidth)
 
 from the artifact's cost (runtime/cost.py, stored in the manifest under "cost")
-and a DeviceSpec (targets/devices.py). Nothing else is added: no kernel launch
+and a DeviceSpec (devices.py). Nothing else is added: no kernel launch
 overhead, no host work, no efficiency factor. A real run is slower; how much
 slower is what the report shows next to measured rows.
 """
@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from .. import errors
-from ..targets.base import DeviceSpec
+from ..devices import DeviceSpec
 from .cost import evaluate
 
 

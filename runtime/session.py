@@ -15,6 +15,7 @@ from .. import errors
 from ..ir import dtypes
 from ..ir.symbolic import parse
 from ..ir.types import TensorType
+from ..devices import TARGETS
 from .artifact import Artifact
 
 LOADERS = {
@@ -35,7 +36,7 @@ class Session(Protocol):
 def load(path: str | os.PathLike, target: str = "cpu", **options: Any) -> Session:
     """Open the artifact at `path` for `target`, checking the hashes of every file it uses."""
     if target not in LOADERS:
-        raise errors.PolyportError(f"unknown target {target!r}; known: {', '.join(LOADERS)}")
+        raise errors.PolyportError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     art = Artifact(path)
     entry = art.target_entry(target)
     art.verify(target)
@@ -54,4 +55,8 @@ def signature_types(specs: list[dict]) -> list[tuple[str, TensorType]]:
 
 def signature_index_ranges(specs: list[dict]) -> dict[str, tuple[int, int]]:
     """The manifest's `index_range` of each index input (token ids), as {name: (lowest, highest)}."""
-    return {s["name"]: tuple(s["index_range"]) for s in specs if s.get("index_range") is not None}
+    ranges = {s["name"]: s["index_range"] for s in specs if s.get("index_range") is not None}
+    for name, r in ranges.items():
+        if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and r[0] <= r[1]):
+            raise ValueError(f"index_range of {name!r} is {r!r}, not [lowest, highest]")
+    return {name: (lo, hi) for name, (lo, hi) in ranges.items()}

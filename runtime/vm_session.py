@@ -19,6 +19,7 @@ deployment or a GPU machine reached with a size limit needs.
 from __future__ import annotations
 
 import json
+import struct
 import threading
 from typing import Any, Mapping
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from .. import errors
 from .artifact import Artifact, ArtifactError
+from .memory import check_fits
 from .reference import check_feeds
 
 
@@ -40,6 +42,33 @@ def read_meta(art: Artifact, rel: str) -> dict[str, Any]:
     if missing:
         raise ArtifactError(f"{art.path}: {rel} lacks {', '.join(missing)}; recompile the artifact")
     return meta
+
+
+def check_library(art: Artifact, rel: str) -> None:
+    """Refuse a shared library the dynamic loader would crash on (SIGBUS on a truncated file): the ELF
+    header, program headers and section headers must lie within the file, and so must each loaded segment."""
+    path = art.path / rel
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{art.path}: cannot read {rel}: {e.strerror or e}") from None
+    why = None
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        why = "not a 64-bit little-endian ELF shared library"
+    else:
+        phoff, shoff = struct.unpack_from("<QQ", data, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+        if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data) or phentsize < 56:
+            why = "its headers run past the end of the file"
+        else:
+            for i in range(phnum):
+                kind, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+                if kind == 1 and offset + filesz > len(data):          # PT_LOAD
+                    why = "a loadable segment runs past the end of the file"
+                    break
+    if why:
+        raise ArtifactError(f"{art.path}: cannot load {rel}: {why} (truncated or not a library); "
+                            "recompile the artifact")
 
 
 def first_line(e: BaseException) -> str:
@@ -61,6 +90,7 @@ class VmSession:
         self.artifact = art
         self.library = library
         info = read_meta(art, meta)
+        check_library(art, library)
         try:
             lib = tvm.runtime.load_module(str(art.path / library))
         except Exception as e:  # noqa: BLE001 - TVM raises its own types for a bad or foreign library
@@ -101,6 +131,7 @@ class VmSession:
         self.output_names: list[str] = list(info["outputs"])
         self._in_types = signature_types(self.signature["inputs"])
         self._ranges = signature_index_ranges(self.signature["inputs"])
+        self._io_types = self._in_types + signature_types(self.signature["outputs"])
         self._bind_programs(weights, where)
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
@@ -123,7 +154,7 @@ class VmSession:
         self._local.fns = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self._in_types, feeds, self._ranges)
+        check_fits(self.target, self._io_types, check_feeds(self._in_types, feeds, self._ranges))
         tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
         args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]

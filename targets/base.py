@@ -1,4 +1,4 @@
-"""The Target interface every code generator implements, and the devices it knows.
+"""The Target interface every code generator implements.
 
 A target lowers a fused graph into its own folder of the artifact and returns
 the manifest entry describing what it wrote (architectures, toolchain, files,
@@ -12,23 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional
 
+from ..devices import DeviceSpec
 from ..errors import PolyportError
 from ..ir.graph import Graph
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSpec:
-    """What the roofline model needs to know about a device."""
-    name: str
-    peak_flops: Mapping[str, float]      # IR dtype name ("f32", "bf16", ...) -> FLOP/s
-    memory_bandwidth: float              # bytes/s
-    memory_bytes: int
-    notes: str = ""                      # where the numbers come from
-
-    def peak(self, dtype: str) -> float:
-        if dtype in self.peak_flops:
-            return self.peak_flops[dtype]
-        return self.peak_flops.get("f16" if dtype == "bf16" else "f32", min(self.peak_flops.values()))
 
 
 @dataclasses.dataclass
@@ -42,6 +28,7 @@ class Target(abc.ABC):
     name: ClassVar[str]
     devices: ClassVar[Mapping[str, DeviceSpec]]
     default_device: ClassVar[str]
+    known_archs: ClassVar[tuple[str, ...]] = ()     # what --arch may name for this target (none: it takes no --arch)
 
     @abc.abstractmethod
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
@@ -82,9 +69,10 @@ def get_target(name: str) -> Target:
     try:
         return _TARGETS[name]()
     except KeyError:
-        raise PolyportError(f"unknown target {name!r}; known: {', '.join(sorted(_TARGETS))}") from None
+        raise PolyportError(f"unknown target {name!r}; known: {', '.join(target_names())}") from None
 
 
 def target_names() -> list[str]:
     from . import registry  # noqa: F401
-    return sorted(_TARGETS)
+    from ..devices import TARGETS
+    return sorted(_TARGETS, key=lambda t: TARGETS.index(t) if t in TARGETS else len(TARGETS))

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .. import errors
+from ..devices import HOST_CPU, host_cpu_info
 from ..ir.graph import Graph
 from .base import CompileOptions, Target, register_target
-from .devices import HOST_CPU, host_cpu_info
 from .vm_meta import model_meta, write_model_meta
 
 GENERIC_MCPU = "x86-64-v3"
@@ -35,6 +35,10 @@ def host_mcpu() -> str:
     if not name or name == "generic":
         return GENERIC_MCPU
     return name
+
+
+def _kernels(options: CompileOptions) -> str:
+    return (options.extra or {}).get("kernels", "cpu")
 
 
 @register_target
@@ -59,10 +63,8 @@ class CpuTarget(Target):
 
         if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
             raise errors.PolyportError(f"cpu target: dtype {options.dtype} is not supported (f32, bf16, f16)")
-        from .gpu_build import KNOWN_ARCHS
-        cpu_archs = [a for a in options.archs if not any(a in archs for archs in KNOWN_ARCHS.values())]
-        mcpu = (options.extra or {}).get("mcpu") or (cpu_archs[0] if cpu_archs else host_mcpu())
-        kernels = (options.extra or {}).get("kernels", "cpu")
+        mcpu = (options.extra or {}).get("mcpu") or host_mcpu()
+        kernels = _kernels(options)
         derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
                                            ("decode", getattr(programs, "decode", None))) if g is not None}
         if derived:
@@ -80,12 +82,16 @@ class CpuTarget(Target):
         """Build `main` and, when every attention can be cached, the derived `prefill` / `decode` in the
         same library: one LLVM build. `lower_generation` (called next by compile) then finds them."""
         from ..passes.derive_generation import derive_generation
-        programs = derive_generation(graph)
-        return self._write(graph, None if programs.uncached else programs, out_dir, weights, options)
+        programs = derive_generation(graph) if _kernels(options) == "cpu" else None
+        return self._write(graph, None if programs is None or programs.uncached else programs, out_dir, weights,
+                           options)
 
     def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
                          options: CompileOptions) -> Optional[dict]:
-        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not)."""
+        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not).
+        None with the portable kernel set: the KV-cache ops have cpu kernels only."""
+        if _kernels(options) != "cpu":
+            return None
         entry = {}
         meta = json.loads((Path(out_dir) / "model.json").read_text())
         if not {"prefill", "decode"} <= set(meta.get("functions", {})):
@@ -105,6 +111,6 @@ class CpuTarget(Target):
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
         write_model_meta(meta, out_dir / "model.json")
-        return {"arch": "x86_64", "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
+        return {"archs": ["x86_64"], "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
                 "compile_seconds": round(time.perf_counter() - t0, 2)}

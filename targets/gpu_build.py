@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from .. import errors
+from ..devices import DEVICES, TARGET_DEVICES
 from ..ir.graph import Graph
 from .base import CompileOptions, Target
-from .devices import DEVICES, TARGET_DEVICES
 from .vm_meta import model_meta, write_model_meta
 
 # Every arch a GPU target accepts, by target: a compile with targets of both families and a

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import logging
 
+from .kernels.cpu.parallel import BUILD_TIME_ROWS, PARALLEL_MIN_MACS
+
 log = logging.getLogger(__name__)
 
 NB, MB = 32, 4
-# Loops are parallelised only where one row of work is at least this many multiply-adds:
-# below it, waking TVM's workers costs more than the work (the corpus' tiny models).
-PARALLEL_MIN_MACS = 1 << 16
 
 
 def _sch(func):
@@ -62,7 +61,7 @@ def _gemm(sch, name: str) -> bool:
     sch.vectorize(ji)
     sch.unroll(ii)
     kk = _static(sch.get(k).extent)
-    big = n is None or kk is None or n * kk >= PARALLEL_MIN_MACS
+    big = n is None or kk is None or n * kk * BUILD_TIME_ROWS >= PARALLEL_MIN_MACS
     if big:
         sch.parallel(jo)
     sch.decompose_reduction(blk, k)

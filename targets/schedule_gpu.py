@@ -32,7 +32,13 @@ def _legalize_and_fuse():
 
 def _is_scheduled(func) -> bool:
     attrs = func.attrs
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+    return (attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])) \
+        or _launches_threads(func)
+
+
+def _launches_threads(func) -> bool:
+    """Legalized with GPU threads already bound (topi's GPU ScatterElements): nothing for dlight to do."""
+    return 'T.launch_thread("threadIdx.' in func.script()
 
 
 def _block_names(func) -> list[str]:

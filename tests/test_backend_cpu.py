@@ -60,3 +60,12 @@ def test_opset12_softmax_coerces_to_2d():
     (y,) = backend.run_model(m, [x])
     e = np.exp(x.reshape(2, 12) - x.reshape(2, 12).max(1, keepdims=True))
     np.testing.assert_allclose(y, (e / e.sum(1, keepdims=True)).reshape(2, 3, 4), rtol=1e-5)
+
+
+def test_bool_equal():
+    """TVM's LLVM codegen compares i1 as a float (module verification fails); Equal on bool is lowered as not-xor."""
+    m = _model([helper.make_node("Equal", ["a", "b"], ["c"])],
+               [_vi("a", TensorProto.BOOL, [4]), _vi("b", TensorProto.BOOL, [4])], [_vi("c", TensorProto.BOOL, [4])])
+    a, b = np.array([True, True, False, False]), np.array([True, False, True, False])
+    (c,) = backend.run_model(m, [a, b])
+    np.testing.assert_array_equal(c, a == b)

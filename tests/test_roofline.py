@@ -9,8 +9,7 @@ from polyport.ir.symbolic import parse, sym
 from polyport.ir.types import TensorType
 from polyport.runtime import roofline
 from polyport.runtime.cost import analyze, graph_cost
-from polyport.targets.base import DeviceSpec
-from polyport.targets.devices import DEVICES, TARGET_DEVICES
+from polyport.devices import DEVICES, TARGET_DEVICES, DeviceSpec
 
 SEQ = sym("seq")
 F32 = dtypes.F32

@@ -14,7 +14,7 @@ outputs zeros (as the ONNX Attention errata specify), never NaN.
 import numpy as np
 
 from ... import errors
-from ..ops import AttrSpec, define, infers, reference
+from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..types import TensorType
 from ._util import f32, like
 
@@ -59,14 +59,14 @@ def attention(node, inputs, ctx):
     q, k, v = (f32(x) for x in inputs[:3])
     mask = inputs[3] if len(inputs) > 3 else None
     sinks = inputs[4] if len(inputs) > 4 else None
-    a = node.attrs
+    a = attrs_of(node)
     group = a["num_heads"] // a["kv_heads"]
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
     scores = q @ np.swapaxes(k, -1, -2) * np.float32(a["scale"])
     s, skv = scores.shape[-2:]
     neg = np.float32(-np.inf)
-    scores = np.where(visible(s, skv, bool(a.get("causal", 0)), a.get("window", 0)), scores, neg)
+    scores = np.where(visible(s, skv, bool(a["causal"]), a["window"]), scores, neg)
     if mask is not None:
         scores = np.where(mask, scores, neg) if mask.dtype == np.bool_ else scores + f32(mask)
     if sinks is not None:

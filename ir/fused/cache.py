@@ -9,7 +9,7 @@ last C positions survive and memory is bounded by the window.
 import numpy as np
 
 from ... import errors
-from ..ops import AttrSpec, define, infers, reference
+from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..types import TensorType
 from ._util import f32, like
 
@@ -64,7 +64,7 @@ def _slots(positions: np.ndarray, capacity: int, ring: bool) -> np.ndarray:
 @reference("CacheUpdate", domain="polyport")
 def cache_update(node, inputs, ctx):
     cache, new, past_len, n_new = inputs
-    ring = bool(node.attrs.get("ring", 0))
+    ring = bool(attrs_of(node)["ring"])
     out = np.array(cache, copy=True)
     cap = cache.shape[2]
     for b in range(cache.shape[0]):
@@ -81,8 +81,8 @@ def cache_update(node, inputs, ctx):
 def cached_attention(node, inputs, ctx):
     q, k_new, v_new, cache_k, cache_v, past_len = (inputs[i] for i in range(6))
     sinks = inputs[6] if len(inputs) > 6 else None
-    a = node.attrs
-    ring, window = bool(a.get("ring", 0)), a.get("window", 0)
+    a = attrs_of(node)
+    ring, window = bool(a["ring"]), a["window"]
     group = a["num_heads"] // a["kv_heads"]
     dv = v_new.shape[-1]
     cap, k = cache_k.shape[2], q.shape[2]
@@ -92,7 +92,7 @@ def cached_attention(node, inputs, ctx):
         held = held_positions(past, cap, ring)
         slots = _slots(held, cap, ring)
         keys = np.concatenate([f32(cache_k[b][:, slots]), f32(k_new[b])], axis=1)      # [KVH, n, Dqk]
-        if a.get("v_in_k", 0):
+        if a["v_in_k"]:
             values = keys[..., :dv]
         else:
             values = np.concatenate([f32(cache_v[b][:, slots]), f32(v_new[b])], axis=1)

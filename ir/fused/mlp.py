@@ -6,12 +6,12 @@ style SwiGLU limit) the gate is clamped from above and the up projection to
 """
 import numpy as np
 
-from ..ops import AttrSpec, define, infers, reference
+from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..types import TensorType
 from ._util import ACTIVATIONS, f32, like
 
 define("GatedMLP", inputs=("x", "w_gate", "w_up", "w_down"), outputs=("y",),
-       attrs={"activation": AttrSpec(str, "silu", doc="silu | gelu | gelu_tanh"),
+       attrs={"activation": AttrSpec(str, "silu", choices=tuple(ACTIVATIONS)),
               "clamp": AttrSpec(float, 0.0, doc="SwiGLU limit; 0: none")},
        doc="Gated feed-forward block.")
 
@@ -34,5 +34,6 @@ def gated(gate: np.ndarray, up: np.ndarray, activation: str, clamp: float) -> np
 def gated_mlp(node, inputs, ctx):
     x, wg, wu, wd = inputs
     xf = f32(x)
-    h = gated(xf @ f32(wg), xf @ f32(wu), node.attrs.get("activation", "silu"), node.attrs.get("clamp", 0.0))
+    a = attrs_of(node)
+    h = gated(xf @ f32(wg), xf @ f32(wu), a["activation"], a["clamp"])
     return [like(h @ f32(wd), x)]

@@ -7,7 +7,7 @@ repeated twice; interleaved: each frequency repeated in place). The first
 """
 import numpy as np
 
-from ..ops import AttrSpec, define, infers, reference
+from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ._util import f32, like, same_type
 
 define("Rotary", inputs=("x", "cos", "sin"), outputs=("y",),
@@ -35,9 +35,10 @@ def rotate(x: np.ndarray, interleaved: bool) -> np.ndarray:
 def rotary(node, inputs, ctx):
     x, cos, sin = inputs
     xf = f32(x)
-    rd = node.attrs.get("rotary_dim", 0) or x.shape[-1]
+    a = attrs_of(node)
+    rd = a["rotary_dim"] or x.shape[-1]
     rot, rest = xf[..., :rd], xf[..., rd:]
-    y = rot * f32(cos) + rotate(rot, bool(node.attrs.get("interleaved", 0))) * f32(sin)
+    y = rot * f32(cos) + rotate(rot, bool(a["interleaved"])) * f32(sin)
     if rest.shape[-1]:
         y = np.concatenate([y, np.broadcast_to(rest, y.shape[:-1] + rest.shape[-1:])], axis=-1)
     return [like(y, x)]

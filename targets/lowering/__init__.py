@@ -1,11 +1,15 @@
-"""Lowerings of standard ONNX ops to Relax, one module per op family.
+"""Lowerings to Relax: one table per kernel set, filled by one module per op family.
 
-`_Lowerer.lower_node` (targets/tvm_lower.py) looks an op up here when it has no
-`op_<Name>` method of its own. A lowering is `fn(lw, node)` with `lw` the
-`_Lowerer` (values, shapes, the BlockBuilder); it returns the output exprs
-(or known shape arrays) like an `op_` method. `@lowers(..., dtypes=...)` names the
-element types a lowering implements with ONNX's semantics; any other dtype is
-refused with an error naming the node, op and dtype.
+`_Lowerer.lower_node` (targets/tvm_lower.py) looks every op up here, standard and
+fused alike, in the table of the Target's kernel set. A lowering is `fn(lw, node)`
+with `lw` the `_Lowerer` (values, dims, shape propagation, the BlockBuilder); it
+returns the output exprs (or known shape arrays). `@lowers(..., dtypes=...)` names
+the element types a lowering implements with ONNX's (or the fused op's) semantics;
+any other dtype is refused with an error naming the node, op and dtype.
+`kernels=` registers a lowering for some kernel sets only (default: all of them):
+
+- "cpu": hand-written, already scheduled cpu kernels; dense weights bound pre-packed;
+- "portable": TE computes any target schedules (the GPU targets, with dlight).
 """
 from __future__ import annotations
 
@@ -22,13 +26,18 @@ ANY = NUMERIC + ("bool",)
 # element types any cpu-target node may touch (bf16 only where an op's lowering lists it); the rest
 # (fp8/fp6/fp4, 2/4-bit ints, complex, strings) have no LLVM arithmetic or DLPack transfer in TVM 0.27
 CPU_DTYPES = frozenset(ANY + ("bf16",))
+FLOAT_BF = FLOAT + ("bf16",)
+NUMERIC_BF = NUMERIC + ("bf16",)
 
+KERNEL_SETS = ("cpu", "portable")
 Lowering = Callable[..., object]
-LOWERINGS: dict[str, Lowering] = {}
+LOWERINGS: dict[str, dict[str, Lowering]] = {k: {} for k in KERNEL_SETS}   # kernel set -> op -> lowering
 
 
-def lowers(*ops: str, dtypes: Optional[tuple[str, ...]] = None, operand: int = 0):
-    """Register `fn` for `ops`; with `dtypes`, input `operand` must have one of those element types."""
+def lowers(*ops: str, dtypes: Optional[tuple[str, ...]] = None, operand: int = 0,
+           kernels: tuple[str, ...] = KERNEL_SETS):
+    """Register `fn` for `ops` in the tables of `kernels`; with `dtypes`, input `operand` must have one
+    of those element types."""
     def deco(fn: Lowering) -> Lowering:
         def checked(lw, node):
             if dtypes is not None:
@@ -37,9 +46,10 @@ def lowers(*ops: str, dtypes: Optional[tuple[str, ...]] = None, operand: int = 0
                     raise lw.unsupported(node, f"dtype {dt} is not supported (this lowering takes "
                                                f"{', '.join(dtypes)})")
             return fn(lw, node)
-        for op in ops:
-            assert op not in LOWERINGS, op
-            LOWERINGS[op] = checked
+        for k in kernels:
+            for op in ops:
+                assert op not in LOWERINGS[k], (k, op)
+                LOWERINGS[k][op] = checked
         return fn
     return deco
 
@@ -57,6 +67,7 @@ def check_dtypes(lw, node) -> None:
             raise lw.unsupported(node, f"dtype {dt} (of {v.name}) is not supported by the {lw.target_name} target")
 
 
-def lookup(op: str) -> Optional[Lowering]:
-    from . import cache, elementwise, nn, quant, reduce, tensor  # noqa: F401 - each registers its lowerings
-    return LOWERINGS.get(op)
+def lookup(op: str, kernels: str = "cpu") -> Optional[Lowering]:
+    """The lowering of `op` (e.g. "Add", "polyport::MoE") in kernel set `kernels`."""
+    from . import arith, cache, dense, elementwise, fused, nn, quant, reduce, shape, tensor  # noqa: F401
+    return LOWERINGS[kernels].get(op)

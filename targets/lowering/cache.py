@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.ops import attrs_of
 from . import lowers
 
 UPDATE = "polyport::CacheUpdate"
-
-
-def _cpu_only(lw, node):
-    if lw.kernels != "cpu":
-        raise lw.unsupported(node, f"the {lw.kernels} kernel set has no KV-cache kernels (cpu only)")
 
 
 def _i64(lw, v):
@@ -33,34 +29,32 @@ def _static(lw, node, value, axis, what):
     return n
 
 
-@lowers(UPDATE, dtypes=("f32",))
+@lowers(UPDATE, dtypes=("f32",), kernels=("cpu",))     # the cpu kernel set only
 def cache_update(lw, node):
     from ..kernels.cpu import cache_update as kernel
-    _cpu_only(lw, node)
     relax = lw.relax
     cache, new = lw.get(node.inputs[0]), lw.get(node.inputs[1])
     func = kernel.cache_update_func(kv_heads=_static(lw, node, node.inputs[0], 1, "kv heads"),
                                     d=_static(lw, node, node.inputs[0], 3, "head dim"),
-                                    ring=bool(node.attrs.get("ring", 0)), dtype=cache.ty.dtype)
+                                    ring=bool(attrs_of(node)["ring"]), dtype=cache.ty.dtype)
     gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cache_update")      # opaque: FuseOps leaves it alone
     args = [cache, new, _i64(lw, node.inputs[2]), _i64(lw, node.inputs[3])]
     return lw.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
 
 
-@lowers("polyport::CachedAttention", dtypes=("f32",))
+@lowers("polyport::CachedAttention", dtypes=("f32",), kernels=("cpu",))
 def cached_attention(lw, node):
     from ..kernels.cpu import cached_attention as kernel
-    _cpu_only(lw, node)
     relax = lw.relax
-    a = node.attrs
+    a = attrs_of(node)
     q, kn, vn, kc, vc = (lw.get(v) for v in node.inputs[:5])
     sinks = lw.get(node.inputs[6]) if len(node.inputs) > 6 and node.inputs[6] is not None else None
-    v_in_k = bool(a.get("v_in_k", 0))
+    v_in_k = bool(a["v_in_k"])
     d = _static(lw, node, node.inputs[0], 3, "query head dim")
     dv = _static(lw, node, node.inputs[2], 3, "value head dim")
     func = kernel.cached_attention_func(
         num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
-        window=int(a.get("window", 0)), ring=bool(a.get("ring", 0)), v_in_k=v_in_k, sinks=sinks is not None,
+        window=a["window"], ring=bool(a["ring"]), v_in_k=v_in_k, sinks=sinks is not None,
         dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype)
     gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cached_attention")
     placeholder = relax.const(np.zeros(1, np.float32))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.ops import attrs_of
 from . import lowers
+from .dense import PACKED_WEIGHTS, flatten2d
 
 OP = "polyport::QuantMatMul"
 WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
@@ -18,9 +20,9 @@ WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
 
 def _packed_nb(lw, node) -> int:
     from ..kernels.cpu.quant_gemm import column_block
-    a = node.attrs
+    a = attrs_of(node)
     per_byte = 2 if a["bits"] == 4 else 1
-    if lw.kernels != "cpu" or a["K"] % per_byte or a["block_size"] % per_byte:
+    if lw.kernels not in PACKED_WEIGHTS or a["K"] % per_byte or a["block_size"] % per_byte:
         return 0
     return column_block(int(a["N"]))
 
@@ -41,8 +43,8 @@ def param_layout(lw, v):
 @lowers(OP)
 def quant_matmul(lw, node):
     relax = lw.relax
-    a = node.attrs
-    x2, shape = lw._flatten2d(lw.get(node.inputs[0]))
+    a = attrs_of(node)
+    x2, shape = flatten2d(lw, lw.get(node.inputs[0]))
     if x2.ty.dtype not in ("float32", "float16"):
         raise lw.unsupported(node, f"activations of dtype {x2.ty.dtype} (takes f32, f16)")
     ins = list(node.inputs) + [None] * (5 - len(node.inputs))
@@ -54,7 +56,7 @@ def quant_matmul(lw, node):
         from ..kernels.cpu import quant_gemm
         no, _, nb = (lw.as_int(d) for d in lw.shape(q))
         func = quant_gemm.quant_dense_func(int(a["K"]), no, nb, int(a["bits"]), int(a["block_size"]),
-                                           a.get("format", "uint"), z is not None, bias is not None,
+                                           a["format"], z is not None, bias is not None,
                                            dtype=x2.ty.dtype)
         gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "quant_dense")     # opaque: FuseOps leaves it
         none = relax.const(np.zeros(1, np.float32))
@@ -68,7 +70,7 @@ def quant_matmul(lw, node):
         def fn(x, q, *rest):
             it = iter(rest)
             ss, zz, bb = (next(it) if t is not None else None for t in (s, z, bias))
-            return quant.quant_matmul(x, q, ss, zz, bb, format=a.get("format", "uint"), **attrs)
+            return quant.quant_matmul(x, q, ss, zz, bb, format=a["format"], **attrs)
 
         y = lw.bb.emit_te(fn, *[t for t in (x2, q, s, z, bias) if t is not None], primfunc_name_hint="quant_matmul")
     return lw.emit(relax.op.reshape(y, shape[:-1] + [N])) if len(shape) != 2 else y

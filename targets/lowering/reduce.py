@@ -1,17 +1,21 @@
 """Reductions, ArgMax/ArgMin and the softmax family (LogSoftmax, Hardmax; Softmax's opset < 13 form)."""
 from __future__ import annotations
 
-from . import FLOAT, NUMERIC, lowers
+from . import FLOAT, FLOAT_BF, NUMERIC, lowers
 from .elementwise import const
 
 
-def _axes(lw, node):
-    return lw._axes_attr_or_input(node)
+def axes_attr_or_input(lw, node):
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return [lw.as_int(a) for a in lw.ints(node.inputs[1], "axes", node)]
+    return None
 
 
 def _reduce(lw, node, x, fn):
     """Apply `fn(x, axes, keepdims)` with ONNX's axes rules (empty axes: all, or identity with noop_with_empty_axes)."""
-    axes = _axes(lw, node)
+    axes = axes_attr_or_input(lw, node)
     if axes is not None and not axes and node.attrs.get("noop_with_empty_axes", 0):
         return None
     return fn(x, axes or None, bool(node.attrs.get("keepdims", 1)))
@@ -51,7 +55,7 @@ def _log_sum_exp(lw, node, x):
     m = lw.emit(op.where(op.isfinite(m), m, op.zeros_like(m)))
     s = lw.emit(_reduce(lw, node, op.exp(op.subtract(x, m)), op.sum))
     keep = bool(node.attrs.get("keepdims", 1))
-    axes = _axes(lw, node)
+    axes = axes_attr_or_input(lw, node)
     mk = m if keep else lw.emit(op.squeeze(m, axes) if axes else op.reshape(m, []))
     return lw.emit(op.add(op.log(s), mk))
 
@@ -106,3 +110,49 @@ def hardmax(lw, node):
         pos = lw.emit(op.reshape(lw.emit(op.arange(0, shape[axis], 1, "int64")), [-1] + [1] * (len(shape) - axis - 1)))
         return op.astype(op.equal(pos, idx), x.ty.dtype)
     return coerced_2d(lw, node, fn)
+
+
+def _plain(lw, node, fn):
+    """ReduceSum/Max/Min/Mean: one Relax reduction (bool through int8)."""
+    x = lw.get(node.inputs[0])
+    axes = axes_attr_or_input(lw, node)
+    if axes is not None and not axes and node.attrs.get("noop_with_empty_axes", 0):
+        return x
+    if x.ty.dtype == "bool":          # TVM has no max/min identity for bool: reduce it as int8
+        y = lw.emit(fn(lw.relax.op.astype(x, "int8"), axes or None, bool(node.attrs.get("keepdims", 1))))
+        return lw.emit(lw.relax.op.astype(y, "bool"))
+    return lw.emit(fn(x, axes or None, bool(node.attrs.get("keepdims", 1))))
+
+
+for _op, _name in {"ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceMean": "mean"}.items():
+    lowers(_op)(lambda lw, node, _name=_name: _plain(lw, node, getattr(lw.relax.op, _name)))
+
+
+@lowers("CumSum")
+def cum_sum(lw, node):
+    axis = lw.known(node.inputs[1])
+    if axis is None:
+        raise lw.unsupported(node, "axis must be a constant")
+    x = lw.get(node.inputs[0])
+    axis = int(axis.reshape(-1)[0])
+    rev = node.attrs.get("reverse", 0)
+    if rev:                       # a reversed scan is the scan of the flipped axis, flipped back
+        x = lw.emit(lw.relax.op.flip(x, axis))
+    y = lw.emit(lw.relax.op.cumsum(x, axis, exclusive=bool(node.attrs.get("exclusive", 0))))
+    return lw.emit(lw.relax.op.flip(y, axis)) if rev else y
+
+
+@lowers("TopK")
+def top_k(lw, node):
+    k = lw.known(node.inputs[1])
+    if k is None or lw.as_int(k.reshape(-1)[0]) is None:
+        raise lw.unsupported(node, "k must be a constant")
+    x = lw.get(node.inputs[0])
+    tup = lw.emit(lw.relax.op.topk(x, lw.as_int(k.reshape(-1)[0]), node.attrs.get("axis", -1), "both",
+                                       bool(node.attrs.get("largest", 1)), "int64"))
+    return [lw.emit(lw.relax.TupleGetItem(tup, 0)), lw.emit(lw.relax.TupleGetItem(tup, 1))]
+
+
+@lowers("Softmax", dtypes=FLOAT_BF)
+def softmax(lw, node):
+    return coerced_2d(lw, node, lw.relax.op.nn.softmax)

@@ -14,8 +14,8 @@ def path_of(name: str):
 
 @functools.lru_cache(maxsize=None)
 def generator(name: str):
-    from polyport.runtime.reference import ReferenceGenerator
-    return ReferenceGenerator.from_model(path_of(name))
+    from polyport.compiler import reference_generator
+    return reference_generator(path_of(name))
 
 
 @functools.lru_cache(maxsize=None)

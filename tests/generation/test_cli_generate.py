@@ -125,3 +125,11 @@ def test_bench_decode_estimates_weights_read_once_plus_the_cache(cli, artifact, 
     assert "16 ttft" in r.stdout and "64 tpot" in r.stdout
     r = cli("bench", artifact, "--context", "16")
     assert r.exit_code == 2 and "--context goes with --decode" in r.stderr
+
+
+def test_compile_names_the_layers_it_cannot_cache_and_the_manifest_records_them(cli, tmp_path):
+    out = tmp_path / "v4b"
+    r = cli("compile", MODELS / "deepseek_v4_b.onnx", "-t", "ascend", "-o", out)   # CSA/HCA layers stay unfused
+    assert r.exit_code == 0, r.stderr
+    uncached = json.loads((out / "manifest.json").read_text())["generation"]["uncached"]
+    assert uncached and all(f"generation: {name} cannot be cached" in r.stderr for name in uncached)

@@ -109,3 +109,13 @@ def test_a_sliding_window_layer_runs_in_a_ring_of_window_slots():
     teacher_forced("mixtral_b", 40)                       # 40 + 24 tokens: the ring wraps four times
     g = s.start(prompt("mixtral_b", 3 * 16), max_length=1024)
     assert all(t.shape[2] == 16 for t in g._caches[0].values())
+
+
+@pytest.mark.slow
+def test_several_tokens_per_step_over_a_ring():
+    """k > 1 new rows over a ring: each step's update (in place) runs after its attention read the ring."""
+    ids = prompt("mixtral_b", 20, 12)
+    want = ort_logits("mixtral_b", ids)[0]
+    g = session("mixtral_b").start(ids[:, :20])
+    for t in range(20, 32, 4):
+        assert_logits_close(g.append(ids[:, t:t + 4])[0], want[t + 3])

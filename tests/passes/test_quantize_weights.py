@@ -63,3 +63,15 @@ def test_cost_model_counts_quantized_weights_at_their_stored_bytes():
     flops = [evaluate(c.flops, {"seq": 128}) for c in (f32, q)]
     assert not q.unknown and flops[0] <= flops[1] <= 1.01 * flops[0]
     assert q.weight_bytes < f32.weight_bytes / 2
+
+
+def test_16_bit_weights_reach_the_fused_moe_and_quantized_codes_do_not():
+    g = _graph("qwen3_moe_a")
+    want = _logits(g)
+    entry = quantize_weights(g, WeightQuantization("f16", lm_head=True))
+    assert entry["layers"]["MoE"] == 2
+    moe = [n for n in g.nodes if n.qualified_op == "polyport::MoE"]
+    assert all(n.inputs[i].const.dtype == np.float16 for n in moe for i in (1, 3, 4, 5))
+    assert np.abs(_logits(g) - want).max() <= 5e-3 * np.abs(want).max()
+    g = _graph("qwen3_moe_a")
+    assert quantize_weights(g, WeightQuantization("int8", 32))["layers"]["f32: MoE experts"] == 2

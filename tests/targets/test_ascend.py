@@ -45,7 +45,7 @@ from polyport.runtime.artifact import ArtifactWriter, read_manifest
 from polyport.runtime.reference import ReferenceSession
 from polyport.runtime.session import load
 from polyport.targets import ascend
-from polyport.targets.ascend_limits import AscendFallbackWarning, LimitError
+from polyport.targets.ascend.limits import AscendFallbackWarning, LimitError
 from polyport.targets.base import CompileOptions, get_target
 
 from .. import families
@@ -206,10 +206,13 @@ def _compare(art, graph, seq, monkeypatch, seed=None):
     got = load(art, target="ascend").run(feeds)["logits"]
     forced = iter(emu_trace)
 
-    def route_as_emulated(logits, attrs, e_bias=None, hash_idx=None):
-        chosen = np.asarray(next(forced))       # the same experts; weights from the reference's fp32 scores
-        assert hash_idx is None or (np.sort(chosen, -1) == np.sort(hash_idx, -1)).all()
-        return _ROUTE(logits, attrs, e_bias, chosen)
+    def route_as_emulated(logits, attrs, e_bias=None, hash_table=None, token_ids=None):
+        chosen = np.asarray(next(forced)).astype(np.int64)   # the same experts, weighed by fp32 scores
+        if hash_table is not None:                           # a fixed table: nothing for fp16 to flip
+            idx, _ = _ROUTE(logits, attrs, e_bias, hash_table, token_ids)
+            assert (np.sort(idx, -1) == np.sort(chosen, -1)).all()
+        scores = moe_fused.SCORING[attrs["scoring"]](logits.astype(np.float32)).astype(np.float32)
+        return chosen, moe_fused.routing_weights(scores, chosen, attrs["renormalize"], attrs["routed_scaling"])
 
     monkeypatch.setattr(moe_fused, "route", route_as_emulated)
     want = ReferenceSession(graph).run(feeds)["logits"]
@@ -269,6 +272,7 @@ def _moe_graph(experts: int, k: int, n_group: int = 1, topk_group: int = 1, scor
 
 def _lower(graph, tmp_path, dtype="f32"):
     weights = {v.name: v.const for v in graph.constants.values()}
+    tmp_path.mkdir(parents=True, exist_ok=True)       # an artifact's parent directory must exist
     with ArtifactWriter(tmp_path / "art", signature(graph, graph.name)) as w:
         w.write_weights(weights)
         entry = get_target("ascend").lower(graph, w.target_dir("ascend"), weights, CompileOptions(dtype=dtype))

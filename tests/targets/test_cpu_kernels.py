@@ -6,14 +6,12 @@ rows that see no key (zeros, never NaN). The packed dense / gate-up GEMMs agains
 token counts around the register tile (whole tiles, tails, one row) and each column block."""
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from polyport.ir.fused.attention import attention as reference  # noqa: E402
+from polyport.ir import fused  # noqa: E402
 from polyport.targets.kernels.cpu.attention import attention_func  # noqa: E402
 from polyport.targets.kernels.cpu.gemm import dense_packed_func, tile_rows  # noqa: E402
 
@@ -52,7 +50,7 @@ def _check(b=1, h=4, kvh=2, s=7, skv=None, d=16, dv=None, mask=None, sinks=None,
     inputs = [q, k, v, mask, sinks]
     while inputs and inputs[-1] is None:
         inputs.pop()
-    want = reference(types.SimpleNamespace(attrs=attrs), inputs, None)[0]
+    want = fused.evaluate("Attention", inputs, **attrs)
     got = _run(q, k, v, mask, sinks, **{a: x for a, x in attrs.items() if a not in ("num_heads", "kv_heads")})
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -1,1 +1,1 @@
-"""Ascend C kernel templates (rendered by targets/ascend.py)."""
+"""Ascend C kernel templates (rendered by targets/ascend/kernels.py)."""

@@ -24,10 +24,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .mlp import activation, clamp_up
+from .parallel import PARALLEL_MIN_MACS
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
-PARALLEL_MIN_MACS = 1 << 22     # fewer multiply-adds per call (~0.2 ms): waking TVM's workers costs more
 STREAM_BYTES = 256 << 10        # an expert's gate matrix above this streams (tile_stream)
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
@@ -344,8 +344,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             for t in range(n):
                 sc = T.alloc_local((E,), f32)
                 scores_of(lg, t, sc)
-                for k in range(K):      # negative / out-of-range ids and table entries wrap, never read out of bounds
-                    idx[t * K + k] = T.floormod(T.Cast("int64", table[T.floormod(tok[t], V), k]), E)
+                for k in range(K):      # ids are checked at the feeds, entries at import; the mod only guards memory
+                    idx[t * K + k] = T.Cast("int64", table[T.floormod(tok[t], V), k])
                 weights_of(sc, t, idx, wt)
             experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
         return moe_hash

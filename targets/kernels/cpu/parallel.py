@@ -8,3 +8,5 @@ multiply-adds, is about a millisecond of one core (PARALLEL_MIN_MACS); the kerne
 depends on the sequence length test this at run time and keep a serial copy of the loop.
 """
 PARALLEL_MIN_MACS = 1 << 23
+# A schedule chosen at build time cannot see the row count: it assumes the one the threshold was measured at.
+BUILD_TIME_ROWS = 128

@@ -7,7 +7,7 @@ import numpy as np
 from onnx import TensorProto, numpy_helper
 
 from .. import errors
-from ..ir import dtypes
+from . import dtypes
 
 
 def mmap_external(t: TensorProto, base_dir: str | None) -> np.ndarray:

@@ -18,7 +18,7 @@ import dataclasses
 import warnings
 from typing import Any, Optional
 
-from ..errors import PolyportError
+from ...errors import PolyportError
 
 DOCS = "CANN aclnn API reference (Atlas A2), transcribed, not verified against a toolkit"
 

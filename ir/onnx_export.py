@@ -13,11 +13,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import errors
-from ..ir.graph import Graph, Node, Value
-from ..ir.onnx_proto import node_to_proto, tensor_from_array, type_to_proto
-from ..ir.ops import POLYPORT_DOMAIN
-from ..ir.symbolic import Atom, SymExpr
-from ..ir.types import TensorType
+from .graph import Graph, Node, Value
+from .onnx_proto import node_to_proto, tensor_from_array, type_to_proto
+from .ops import POLYPORT_DOMAIN
+from .symbolic import Atom, SymExpr
+from .types import TensorType
 
 DEFAULT_IR_VERSION = 10
 
@@ -43,15 +43,14 @@ def export_subgraph(graph: Graph) -> onnx.GraphProto:
 class _Exporter:
     def __init__(self, root: Graph):
         self.root = root
-        self._symbol_sources = _symbol_sources(root)
 
     def graph_proto(self, g: Graph) -> onnx.GraphProto:
         nodes: list[onnx.NodeProto] = []
         initializers = [tensor_from_array(v.const, v.name) for v in g.constants.values()]
-        sym_cache: dict[str, str] = {}
+        shape_values = ShapeValueWriter(self.root)
         for node in g.nodes:
             if node.domain == POLYPORT_DOMAIN and node.op_type == "ShapeValue":
-                nodes.extend(self._shape_value(node, sym_cache, initializers))
+                nodes.extend(shape_values.protos(node, initializers))
                 continue
             names = [v.name if v is not None else "" for v in node.inputs]
             nodes.append(node_to_proto(node, names, [v.name for v in node.outputs], g.opset_imports,
@@ -64,7 +63,18 @@ class _Exporter:
             [helper.make_value_info(v.name, type_to_proto(v.type)) for v in g.outputs],
             initializers, value_info=value_info)
 
-    def _shape_value(self, node: Node, sym_cache: dict[str, str], inits: list) -> list[onnx.NodeProto]:
+
+class ShapeValueWriter:
+    """Writes `polyport::ShapeValue` nodes as ONNX shape arithmetic, reading each symbol off the graph input
+    that defines it. One per emitted graph: it emits each symbol's Shape node once and reuses it."""
+
+    def __init__(self, root: Graph):
+        self._symbol_sources = _symbol_sources(root)
+        self._cache: dict[str, str] = {}
+
+    def protos(self, node: Node, inits: list) -> list[onnx.NodeProto]:
+        """The NodeProtos computing `node`'s output (its constants appended to `inits`)."""
+        sym_cache = self._cache
         out = node.outputs[0].name
         dims = node.attrs["dims"]
         protos: list[onnx.NodeProto] = []

@@ -7,14 +7,38 @@ reach), vector rates for f32 where the matrix unit does not take f32 (NVIDIA:
 f32 is "tf32" on tensor cores, which changes numerics, so f32 here is the
 CUDA-core rate). Targets refer to these: `DEVICES["h200"]`, and
 `TARGET_DEVICES["cuda"]` lists the devices a target's estimates are given for.
+
+A neutral module: the compiler (targets) and the runtime (bench, roofline, the
+cpu session's thread count) both read it, and it imports neither.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
-from ..runtime.cpu_session import usable_cpus
-from .base import DeviceSpec
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What the roofline model needs to know about a device."""
+    name: str
+    peak_flops: Mapping[str, float]      # IR dtype name ("f32", "bf16", ...) -> FLOP/s
+    memory_bandwidth: float              # bytes/s
+    memory_bytes: int
+    notes: str = ""                      # where the numbers come from
+
+    def peak(self, dtype: str) -> float:
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]
+        return self.peak_flops.get("f16" if dtype == "bf16" else "f32", min(self.peak_flops.values()))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), which thread pools should size to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 
 T = 1e12
 G = 1e9
@@ -118,6 +142,9 @@ DEVICES: Mapping[str, DeviceSpec] = {
     "910b3": ASCEND_910B3,
     "cpu": HOST_CPU,
 }
+
+# Every target, in the one order messages, help texts and listings use.
+TARGETS: tuple[str, ...] = ("cpu", "cuda", "rocm", "ascend")
 
 # The devices each target's estimated rows are given for (the first is the target's default).
 TARGET_DEVICES: Mapping[str, tuple[str, ...]] = {

@@ -1,0 +1,122 @@
+"""The ascend target: what an Ascend (CANN) deployment consumes, checked against CANN's limits.
+
+The package: emission.py (the walk, names, the op plan, standard ops), one module per fused
+op (norm, rotary, attention, mlp, moe), limits.py (CANN's documented limits), kernels.py
+(polyport's Ascend C kernels and atc.sh).
+
+No CANN toolkit exists where polyport is built: everything here is GENERATED AND
+CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
+
+    model.onnx      opset 18 (what ATC accepts), fp16 weights; standard ops only from
+                    CANN_ONNX_OPS; each fused op a node (or a chain of nodes) in the custom
+                    domain CANN_DOMAIN named after the CANN operator it maps to:
+                      Attention -> FusedInferAttentionScore (BNSD, sparse_mode, pre/next_tokens;
+                                   sinks via its softmax_lse output: out * sigmoid(lse - sink))
+                      MoE       -> MoeGatingTopK -> MoeInitRoutingV2 -> GroupedMatmul (gate|up)
+                                   -> SwiGlu -> GroupedMatmul (down) -> MoeFinalizeRoutingV2
+                      RMSNorm   -> RmsNorm
+                      Rotary    -> RotaryPositionEmbedding (mode half / interleave)
+                      GatedMLP  -> MatMul (gate|up concatenated) -> SwiGlu -> MatMul
+                    and the ops CANN lacks in KERNEL_DOMAIN (polyport's Ascend C kernels).
+    op_plan.json    every call in order: op, domain, kind, attributes, input/output dtypes and
+                    shapes (symbolic dims as text), the IR node it came from
+    atc.sh          the atc command line (generated, not run)
+    kernels/        msopgen op descriptions (JSON) and Ascend C sources for polyport's kernels
+
+Rotary maps to aclnnRotaryPositionEmbedding (one tensor, mode 0 half / 1 interleave),
+not aclnnApplyRotaryPosEmb: the latter rotates q and k together in place in BSND
+layout, while the IR's Rotary is per tensor in BNSD.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import onnx
+from onnx import helper
+
+from ...devices import ASCEND_910B3
+from ...errors import PolyportError
+from ...ir.graph import Graph
+from ..base import CompileOptions, Target, register_target
+from . import limits as L
+from . import attention, mlp, moe, norm, rotary  # noqa: F401 - each registers its fused op's lowering
+from .emission import (CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, POLYPORT_KERNELS,
+                       SOC, Emitter, dims, tname)
+from .kernels import atc_script, write_kernels
+
+
+
+@register_target
+class AscendTarget(Target):
+    name = "ascend"
+    devices = {"910b3": ASCEND_910B3}
+    default_device = "910b3"
+    known_archs = (SOC,)
+
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+        out_dir = Path(out_dir)
+        if options.dtype in ("f32", "f16"):
+            compute = F16
+        else:
+            raise L.LimitError(f"ascend: compute dtype {options.dtype} is not supported: CANN's fused LLM "
+                               f"operators take float16/bfloat16 and polyport's Ascend lowering emits float16 "
+                               f"({L.DOCS})")
+        archs = [a for a in options.archs if a in self.known_archs] or [SOC]    # the others are other targets'
+        low = Emitter(graph, compute)
+        with warnings.catch_warnings(record=True):      # recorded in low.fallbacks; re-issued once below
+            warnings.simplefilter("always", L.AscendFallbackWarning)
+            low.run()
+        for fb in low.fallbacks:      # re-issued outside the catch so callers see them
+            warnings.warn(fb["message"], L.AscendFallbackWarning, stacklevel=2)
+        inputs = [helper.make_tensor_value_info(v.name, v.type.dtype.onnx, dims(v.type.shape)) for v in graph.inputs]
+        gp = helper.make_graph(low.nodes, graph.name or "main", inputs, low.outputs, low.inits)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CANN_DOMAIN, 1)]
+        if low.kernels:
+            opsets.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+        model = helper.make_model(gp, opset_imports=opsets, producer_name="polyport", ir_version=8)
+        model.doc_string = f"polyport ascend lowering for {SOC}; {NOT_RUN}"
+        check_model(model)
+        onnx.save(model, str(out_dir / "model.onnx"))
+        plan = {"soc_version": SOC, "compute_dtype": tname(compute), "status": NOT_RUN,
+                "note": "calls in execution order; shapes use the model's symbolic dims as text",
+                "calls": low.plan}
+        (out_dir / "op_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        (out_dir / "atc.sh").write_text(atc_script(graph, graph.inputs, low.kernels))
+        kernel_files = write_kernels(out_dir, low.kernels)
+        cann_calls = sorted({c["op"] for c in low.plan if c["kind"] == "cann_operator"})
+        return {
+            "archs": archs,
+            "device": ASCEND_910B3.name,
+            "status": NOT_RUN,
+            "runtime": "emulated on CPU (no Ascend device): runtime/ascend_emulator.py runs model.onnx's op plan "
+                       "with NumPy implementations of each CANN operator's documented contract in float16",
+            "toolchain": {"cann": None, "atc": "not run (no CANN toolkit here)", "onnx_opset": OPSET},
+            "compute_dtype": tname(compute),
+            "files": ["model.onnx", "op_plan.json", "atc.sh"] + kernel_files,
+            "cann_operators": cann_calls,
+            "custom_kernels": sorted(low.kernels),
+            "fallbacks": low.fallbacks,
+            "checked": ["onnx.checker.check_model (full_check) at opset 18",
+                        "standard ops within CANN_ONNX_OPS (transcribed allow-list)",
+                        "every fused node against targets/ascend/limits.py (transcribed, unverified limits)"],
+            "not_checked": ["atc compilation", "execution or numerics on an Ascend device",
+                            "the Ascend C kernels' compilation (no ccec/bisheng compiler here)"],
+        }
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker at opset <= 18, and only allowed ops in each domain."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise PolyportError(f"ascend: the emitted ONNX model fails onnx.checker: {e}") from None
+    for n in model.graph.node:
+        ok = (n.op_type in CANN_ONNX_OPS if n.domain in ("", "ai.onnx") else
+              n.op_type in CANN_OPS if n.domain == CANN_DOMAIN else
+              n.op_type in POLYPORT_KERNELS if n.domain == KERNEL_DOMAIN else False)
+        if not ok:
+            raise PolyportError(f"ascend: emitted node {n.name} ({n.domain}::{n.op_type}) is not an allowed op")

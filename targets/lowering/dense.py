@@ -1,0 +1,83 @@
+"""MatMul, and the dense-weight layout the cpu kernel set binds: [K, N] pre-packed as [N/NB, K, NB]."""
+from __future__ import annotations
+
+from ...ir.graph import Node, Value
+from ...ir.types import TensorType
+import numpy as np
+
+from . import lowers
+
+PACKED_WEIGHTS = ("cpu",)      # the kernel sets whose dense lowerings read [K, N] weights as [N/NB, K, NB]
+
+
+@lowers("MatMul")
+def matmul(lw, node):
+    a, b = (lw.get(v) for v in node.inputs)
+    if dense_operands(node):
+        from ..kernels.cpu import mlp          # dense layer with constant weights: the scheduled GEMM kernel
+        x2, shape = flatten2d(lw, a)
+        if node.inputs[1].name in lw.packed:
+            y = packed_gemm(lw, x2, [b], "dense_packed")
+            n = lw.shape(b)[0] * lw.shape(b)[2]
+        else:
+            y = lw.bb.emit_te(mlp.matmul, x2, b, primfunc_name_hint="dense")
+            n = lw.shape(b)[-1]
+        out = shape[:-1] + [lw.simplify(n)]
+        return lw.emit(lw.relax.op.reshape(y, out)) if len(shape) != 2 else y
+    return lw.emit(lw.relax.op.matmul(a, b))
+
+
+def flatten2d(lw, x):
+    shape = lw.shape(x)
+    if len(shape) == 2:
+        return x, shape
+    m = 1
+    for d in shape[:-1]:
+        m = m * d
+    return lw.emit(lw.relax.op.reshape(x, [lw.simplify(m), shape[-1]])), shape
+
+
+def packed_gemm(lw, x2, ws, name: str, **gate):
+    """x2 [M, K] times pre-packed weights [N/NB, K, NB] (one: dense; two: GatedMLP's gate and up,
+    `gate` = act / clamp) through kernels/cpu/gemm.py."""
+    from ..kernels.cpu import gemm
+    no, kdim, nb = (lw.as_int(d) for d in lw.shape(ws[0]))
+    func = gemm.dense_packed_func(kdim, no, nb, dtype=x2.ty.dtype, gated=len(ws) == 2, **gate)
+    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)      # opaque: FuseOps leaves it alone
+    out = lw.relax.TensorType(shape=[lw.shape(x2)[0], lw.simplify(no * nb)], dtype=x2.ty.dtype)
+    return lw.emit(lw.relax.call_tir(gv, [x2] + list(ws), out))
+
+
+def dense_operands(node: Node) -> bool:
+    """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
+    bt, at = node.inputs[1].type, node.inputs[0].type
+    return (node.inputs[1].is_constant and isinstance(bt, TensorType) and bt.rank == 2
+            and isinstance(at, TensorType) and at.rank is not None and at.rank >= 2
+            and at.dtype == bt.dtype and str(at.dtype) == "f32" and node.inputs[0] is not node.inputs[1])
+
+
+def gated_packable(node: Node) -> bool:
+    """A GatedMLP whose three weights are distinct f32 2-D constants with N divisible by the same NB."""
+    from ..kernels.cpu import mlp
+    ws = node.inputs[1:4]
+    if not all(w is not None and w.is_constant and w.const.ndim == 2 and w.const.dtype == np.float32 for w in ws):
+        return False
+    if len({id(w) for w in ws}) != 3 or str(node.inputs[0].dtype) != "f32":
+        return False
+    nbs = {mlp.pack_block(ws[0].const.shape[1]), mlp.pack_block(ws[1].const.shape[1])}
+    return len(nbs) == 1 and 0 not in nbs and mlp.pack_block(ws[2].const.shape[1]) > 0
+
+
+def packable(lw, v: Value) -> int:
+    """NB if every use of weight `v` is as the B operand of a dense MatMul (then it is bound pre-packed)."""
+    from ..kernels.cpu import mlp
+    if lw.kernels not in PACKED_WEIGHTS or v.is_graph_output or v.const.ndim != 2 or not v.uses:
+        return 0
+    for node, i in v.uses:
+        if node.graph is not lw.graph:
+            return 0
+        if node.qualified_op == "polyport::GatedMLP" and i in (1, 2, 3) and gated_packable(node):
+            continue
+        if node.qualified_op != "MatMul" or i != 1 or not dense_operands(node):
+            return 0
+    return mlp.pack_block(v.const.shape[1])

@@ -1,0 +1,192 @@
+"""polyport's fused ops, per kernel set: "cpu" (hand-written, scheduled kernels in kernels/cpu/) and
+"portable" (TE computes in kernels/portable/ that the GPU targets schedule; RMSNorm, Rotary and
+GatedMLP share the TE computes of kernels/cpu/ in both sets). Meaning: ir/fused/."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ...ir.fused.moe import RENORM_EPS
+from ...ir.ops import attrs_of
+from . import FLOAT_BF, lowers
+from .dense import flatten2d, packed_gemm
+
+
+@lowers("polyport::RMSNorm", dtypes=FLOAT_BF)
+def rms_norm(lw, node):
+    from ..kernels.cpu import norm
+    x, w = (lw.get(v) for v in node.inputs)
+    return lw.bb.emit_te(norm.rms_norm, x, w, float(node.attrs["epsilon"]), primfunc_name_hint="rms_norm")
+
+
+@lowers("polyport::Rotary", dtypes=FLOAT_BF)
+def rotary(lw, node):
+    from ..kernels.cpu import rotary
+    x, c, s = (lw.get(v) for v in node.inputs)
+    a = attrs_of(node)
+    return lw.bb.emit_te(rotary.rotary, x, c, s, a["rotary_dim"], bool(a["interleaved"]),
+                           primfunc_name_hint="rotary")
+
+
+@lowers("polyport::GatedMLP", dtypes=FLOAT_BF)
+def gated_mlp(lw, node):
+    from ..kernels.cpu import mlp
+    x, wg, wu, wd = (lw.get(v) for v in node.inputs)
+    x2, shape = flatten2d(lw, x)
+    a = attrs_of(node)
+    act, clamp = a["activation"], a["clamp"]
+    names = [v.name for v in node.inputs[1:4]]
+    if all(n in lw.packed for n in names):
+        h = packed_gemm(lw, x2, [wg, wu], "gated_mlp_gate_up_packed", act=act, clamp=clamp)
+        y = packed_gemm(lw, h, [wd], "gated_mlp_down_packed")
+        out_shape = shape[:-1] + [lw.simplify(lw.shape(wd)[0] * lw.shape(wd)[2])]
+    else:
+        h = lw.bb.emit_te(mlp.gate_up, x2, wg, wu, act, clamp, primfunc_name_hint="gated_mlp_gate_up")
+        y = lw.bb.emit_te(mlp.matmul, h, wd, primfunc_name_hint="gated_mlp_down")
+        out_shape = shape[:-1] + [lw.shape(wd)[-1]]
+    return lw.emit(lw.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
+
+
+def _attention_operands(lw, node):
+    """q, k, v, mask (or None), sinks (or None)."""
+    ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+    return [None if v is None else lw.get(v) for v in ins[:5]]
+
+
+@lowers("polyport::Attention", dtypes=FLOAT_BF, kernels=("portable",))
+def attention_portable(lw, node):
+    """The TE compute (whole score rows, three reductions) for a target's own schedule."""
+    from ..kernels.portable import attention
+    q, k, v, mask, sinks = _attention_operands(lw, node)
+    a = attrs_of(node)
+    kw = dict(num_heads=a["num_heads"], kv_heads=a["kv_heads"], scale=a["scale"],
+              causal=bool(a["causal"]), window=a["window"])
+
+    def fn(q, k, v, *rest):
+        it = iter(rest)
+        m = next(it) if mask is not None else None
+        s = next(it) if sinks is not None else None
+        return attention.attention(q, k, v, m, s, **kw)
+
+    return lw.bb.emit_te(fn, *[x for x in (q, k, v, mask, sinks) if x is not None],
+                           primfunc_name_hint="attention")
+
+
+@lowers("polyport::Attention", dtypes=FLOAT_BF, kernels=("cpu",))
+def attention_cpu(lw, node):
+    """One call_tir into the hand-scheduled cpu kernel (visible key blocks only, online softmax)."""
+    from ..kernels.cpu import attention
+    q, k, v, mask, sinks = _attention_operands(lw, node)
+    relax = lw.relax
+    qs, vs = lw.shape(q), lw.shape(v)
+    d, dv = lw.as_int(qs[3]), lw.as_int(vs[3])
+    if d is None or dv is None:
+        raise lw.unsupported(node, "head dims must be static")
+    a = attrs_of(node)
+    func = attention.attention_func(
+        num_heads=a["num_heads"], kv_heads=a["kv_heads"], d=d, dv=dv, scale=a["scale"],
+        causal=bool(a["causal"]), window=a["window"],
+        mask_shape=None if mask is None else [lw.as_int(x) for x in lw.shape(mask)],
+        mask_dtype="float32" if mask is None else mask.ty.dtype, sinks=sinks is not None,
+        sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype)
+    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "attention")   # opaque: FuseOps leaves it alone
+    placeholder = relax.const(np.zeros(1, np.float32))                   # absent mask / sinks
+    args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]
+    out = relax.TensorType(shape=qs[:3] + [vs[3]], dtype=q.ty.dtype)
+    return lw.emit(relax.call_tir(gv, args, out))
+
+
+@lowers("polyport::MoE", dtypes=FLOAT_BF, kernels=("cpu",))
+def moe_cpu(lw, node):
+    """One call_tir into the fused cpu MoE kernel (routing, expert grouping, GEMMs, combine)."""
+    from ..kernels.cpu import moe
+    relax = lw.relax
+    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+    a = attrs_of(node)
+    x2, shape = flatten2d(lw, lw.get(x))
+    H, E = (lw.as_int(d) for d in lw.shape(lw.get(router_w)))
+    Ew, Hw, I = (lw.as_int(d) for d in lw.shape(lw.get(wg)))
+    Ho = lw.as_int(lw.shape(lw.get(wd))[2])
+    if None in (H, E, I, Ho) or (Ew, Hw) != (E, H):
+        raise lw.unsupported(node, "expert and router weights need static, matching shapes")
+    groups = a["n_group"]
+    if groups > 1 and E % groups:
+        raise lw.unsupported(node, f"{E} experts do not split into {groups} groups")
+    spec = moe.MoeSpec(
+        hidden=H, experts=E, top_k=a["top_k"], inter=I, out=Ho, scoring=a["scoring"],
+        n_group=groups, topk_group=a["topk_group"], renormalize=bool(a["renormalize"]),
+        scaling=a["routed_scaling"], act=a["activation"], clamp=a["clamp"], x_dtype=x2.ty.dtype,
+        w_dtype=lw.get(wg).ty.dtype)
+    if spec.scoring not in moe.SCORINGS:
+        raise lw.unsupported(node, f"scoring {spec.scoring!r}")
+    if hash_table is not None:
+        table = lw.get(hash_table)
+        spec = dataclasses.replace(spec, hash_vocab=lw.as_int(lw.shape(table)[0]), table_dtype=table.ty.dtype)
+        tid = lw.emit(relax.op.reshape(lw.get(token_ids), [-1]))
+        if tid.ty.dtype != "int64":
+            tid = lw.emit(relax.op.astype(tid, "int64"))
+        args = [x2, lw.get(router_w), table, tid]
+    else:
+        bias = lw.get(e_bias) if e_bias is not None else relax.const(np.zeros(E, np.float32))  # + 0: exact
+        if bias.ty.dtype != "float32":
+            bias = lw.emit(relax.op.astype(bias, "float32"))
+        args = [x2, lw.get(router_w), bias]
+    gv = lw.bb.add_func(moe.moe_func(spec), "moe")
+    y = lw.emit(relax.call_tir(gv, relax.Tuple(args + [lw.get(wg), lw.get(wu), lw.get(wd)]),
+                                 relax.TensorType([lw.shape(x2)[0], Ho], x2.ty.dtype)))
+    return lw.emit(relax.op.reshape(y, shape[:-1] + [Ho])) if len(shape) != 2 else y
+
+
+@lowers("polyport::MoE", dtypes=FLOAT_BF, kernels=("portable",))
+def moe_portable(lw, node):
+    """Routing as Relax ops, then the TE expert compute (only the chosen experts, weights read in place)."""
+    from ..kernels.portable import moe
+    relax = lw.relax
+    op = relax.op
+    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+    a = attrs_of(node)
+    x2, shape = flatten2d(lw, lw.get(x))
+    x2f = x2 if x2.ty.dtype == "float32" else lw.emit(op.astype(x2, "float32"))
+    logits = lw.emit(op.matmul(x2f, lw.get(router_w)))
+    scoring = a["scoring"]
+    if scoring == "softmax":
+        scores = lw.emit(op.nn.softmax(logits, -1))
+    elif scoring == "sigmoid":
+        scores = lw.emit(op.sigmoid(logits))
+    elif scoring == "sqrtsoftplus":
+        big = relax.const(20.0, "float32")
+        sp = lw.emit(op.where(op.greater(logits, big), logits,
+                                op.log(op.add(op.exp(op.minimum(logits, big)), relax.const(1.0, "float32")))))
+        scores = lw.emit(op.sqrt(sp))
+    else:
+        raise lw.unsupported(node, f"scoring {scoring!r}")
+    if hash_table is not None:
+        table = lw.get(hash_table)
+        tid = lw.emit(op.astype(op.reshape(lw.get(token_ids), [-1]), "int64"))
+        idx = lw.emit(op.astype(op.take(table, tid, axis=0), "int64"))
+    else:
+        choice = scores if e_bias is None else lw.emit(op.add(scores, lw.get(e_bias)))
+        groups = a["n_group"]
+        if groups > 1:
+            E = lw.as_int(lw.shape(choice)[1])
+            T = lw.shape(choice)[0]
+            per = lw.emit(op.reshape(choice, [T, groups, E // groups]))
+            gscore = lw.emit(op.sum(op.topk(per, 2, -1, "values", True), [-1]))
+            kept = lw.emit(op.topk(gscore, a["topk_group"], -1, "values", True))
+            gmask = lw.emit(op.greater_equal(gscore, op.min(kept, [-1], keepdims=True)))   # [T, G]
+            gmask = lw.emit(op.reshape(op.broadcast_to(op.expand_dims(gmask, 2), [T, groups, E // groups]),
+                                         [T, E]))
+            choice = lw.emit(op.where(gmask, choice, relax.const(float("-inf"), "float32")))
+        idx = lw.emit(op.topk(choice, a["top_k"], -1, "indices", True, "int64"))
+    w = lw.emit(op.gather_elements(scores, idx, 1))
+    if a["renormalize"]:
+        w = lw.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(RENORM_EPS, "float32"))))
+    scale = a["routed_scaling"]
+    if scale != 1.0:
+        w = lw.emit(op.multiply(w, relax.const(scale, "float32")))
+    y = lw.bb.emit_te(moe.moe_experts, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd),
+                        a["activation"], a["clamp"], primfunc_name_hint="moe_experts")
+    return lw.emit(op.reshape(y, shape)) if len(shape) != 2 else y
