@@ -206,10 +206,13 @@ def _compare(art, graph, seq, monkeypatch, seed=None):
     got = load(art, target="ascend").run(feeds)["logits"]
     forced = iter(emu_trace)
 
-    def route_as_emulated(logits, attrs, e_bias=None, hash_idx=None):
-        chosen = np.asarray(next(forced))       # the same experts; weights from the reference's fp32 scores
-        assert hash_idx is None or (np.sort(chosen, -1) == np.sort(hash_idx, -1)).all()
-        return _ROUTE(logits, attrs, e_bias, chosen)
+    def route_as_emulated(logits, attrs, e_bias=None, hash_table=None, token_ids=None):
+        chosen = np.asarray(next(forced)).astype(np.int64)   # the same experts, weighed by fp32 scores
+        if hash_table is not None:                           # a fixed table: nothing for fp16 to flip
+            idx, _ = _ROUTE(logits, attrs, e_bias, hash_table, token_ids)
+            assert (np.sort(idx, -1) == np.sort(chosen, -1)).all()
+        scores = moe_fused.SCORING[attrs["scoring"]](logits.astype(np.float32)).astype(np.float32)
+        return chosen, moe_fused.routing_weights(scores, chosen, attrs["renormalize"], attrs["routed_scaling"])
 
     monkeypatch.setattr(moe_fused, "route", route_as_emulated)
     want = ReferenceSession(graph).run(feeds)["logits"]
