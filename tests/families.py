@@ -24,16 +24,11 @@ DEFAULT_ADDED = {"qwen2_moe_a", "gemma3_a"}
 # Families whose dense MLP is not gated (fc -> activation -> proj): no GatedMLP.
 UNGATED_MLP = {"starcoder2"}
 
-_SCATTER_ON_GPU = ("its unfused SparseMixer router keeps a ScatterElements, whose TIR kernel (scatter_elements) "
-                   "no GPU schedule rule (dlight) applies to: UnsupportedOpError naming the kernel")
-
 # (export, check) -> reason; fusion checks: (layers that fuse, reason).
 GAPS: dict[tuple[str, str], object] = {
     ("phimoe_a", "moe"): (0, "PhiMoE's SparseMixer router picks each expert from its own masked softmax "
                              "(a second softmax with the first choice masked out); polyport::MoE's top-k over one "
                              "score vector cannot express it"),
-    ("phimoe_a", "cuda"): _SCATTER_ON_GPU,
-    ("phimoe_a", "rocm"): _SCATTER_ON_GPU,
     ("gpt_oss_a", "moe"): (0, "gpt-oss experts have a router bias, per-expert biases and the clamped "
                               "(up + 1) * gate * sigmoid(1.702 gate) activation: none of them is in polyport::MoE"),
     ("gemma2_a", "attention"): (0, "Gemma 2 soft-caps the attention scores (tanh(s / 50) * 50 before the "
