@@ -152,9 +152,8 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                 step(f"lowering for {target.name}")
                 out_dir = writer.target_dir(target.name)
                 with diagnostics.captured() as found:
-                    entry = target.lower(graph, out_dir, weights, options)
-                    if not programs.uncached:
-                        entry.update(target.lower_generation(graph, programs, out_dir, weights, options) or {})
+                    entry = target.lower(graph, out_dir, weights, options,
+                                         programs=None if programs.uncached else programs)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

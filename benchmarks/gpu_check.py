@@ -223,6 +223,7 @@ def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], 
     """`polyport compile` in a subprocess (a hung compile cannot eat the budget); returns its seconds."""
     from polyport.runtime.artifact import sha256
     art = artifact_dir(onnx_path, work_dir, target)
+    art.parent.mkdir(parents=True, exist_ok=True)       # compile writes into an existing folder only
     cmd = [sys.executable, "-m", "polyport.cli", "compile", str(onnx_path), "--target", target, "-o", str(art)]
     for a in archs:
         cmd += ["--arch", a]

@@ -103,14 +103,16 @@ def generation_entry(graph: Graph, programs: GenerationPrograms) -> dict:
 def derive_generation(graph: Graph) -> GenerationPrograms:
     """The prefill and decode programs of a fused graph (the graph itself is left unchanged)."""
     attentions = [n for n in graph.nodes if _is(n, "Attention")]
-    ids = graph.inputs[0]
     vocab = _vocab(graph)
+    if len(graph.inputs) != 1:        # the programs feed token ids only
+        return GenerationPrograms(None, None, [], [n.name for n in attentions] or [graph.name], vocab, None)
+    ids = graph.inputs[0]
     uncached = [n.name for n in attentions if not _cacheable(n)] + _unfused_attention(graph)
     ranges = _position_sources(graph)
     batch = ids.shape[0] if ids.shape else None
     if ranges and batch != 1:
         uncached = uncached or [n.name for n in attentions]   # positions [batch, step] need a batched arange
-    if len(graph.inputs) != 1 or not attentions or any(True for n in graph.nodes for _ in n.subgraphs()):
+    if not attentions or any(True for n in graph.nodes for _ in n.subgraphs()):
         uncached = uncached or [n.name for n in attentions] or [graph.name]
     if uncached:
         return GenerationPrograms(None, None, [], uncached, vocab, None)
@@ -163,7 +165,7 @@ def _layer(i: int, node: Node, mla: Optional["MlaPlan"]) -> CacheLayer:
 
 
 def _vocab(graph: Graph) -> int:
-    shape = graph.outputs[0].shape
+    shape = graph.outputs[0].shape if graph.outputs else None
     return int(shape[-1]) if shape and isinstance(shape[-1], int) else 0
 
 

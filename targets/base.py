@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping
 
 from ..devices import DeviceSpec
 from ..errors import PolyportError
@@ -31,18 +31,16 @@ class Target(abc.ABC):
     known_archs: ClassVar[tuple[str, ...]] = ()     # what --arch may name for this target (none: it takes no --arch)
 
     @abc.abstractmethod
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
+              programs: Any = None) -> dict:
         """Write this target's files into `out_dir`; return its manifest entry.
 
         `weights` maps the graph's constant names to the arrays stored once in
-        the artifact's weights.safetensors."""
-
-    def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
-                         options: CompileOptions) -> Optional[dict]:
-        """Lower the KV-cache prefill/decode programs (passes/derive_generation.py); called right after
-        `lower` for the same directory. Returns what to merge into this target's manifest entry, or None:
-        this target has no decode yet, and its sessions generate by recomputing the sequence."""
-        return None
+        the artifact's weights.safetensors. `programs` (passes/derive_generation.py),
+        given when every attention can be cached: a target that can decode builds its
+        prefill and decode beside the cache-less program and lists them in the entry
+        (`"programs": ["prefill", "decode"]`); one that cannot ignores them, and its
+        sessions generate by recomputing the sequence."""
 
     def check_options(self, options: CompileOptions) -> None:
         """Raise a PolyportError for options this target cannot honour (an unknown arch), before any work."""

@@ -8,10 +8,9 @@ weights.safetensors and are bound at load time.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from .. import errors
 from ..devices import HOST_CPU, host_cpu_info
@@ -78,25 +77,14 @@ class CpuTarget(Target):
             ex = tvm.compile(mod, target=target)
         return ex, model_meta(lowered, functions), mcpu
 
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
-        """Build `main` and, when every attention can be cached, the derived `prefill` / `decode` in the
-        same library: one LLVM build. `lower_generation` (called next by compile) then finds them."""
-        from ..passes.derive_generation import derive_generation
-        programs = derive_generation(graph) if _kernels(options) == "cpu" else None
-        return self._write(graph, None if programs is None or programs.uncached else programs, out_dir, weights,
-                           options)
-
-    def lower_generation(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
-                         options: CompileOptions) -> Optional[dict]:
-        """The programs `lower` built into model.so (rebuilt with these `programs` when it did not).
-        None with the portable kernel set: the KV-cache ops have cpu kernels only."""
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
+              programs: Any = None) -> dict:
+        """Build `main` and the derived `prefill` / `decode` (cpu kernel set only: the KV-cache ops have
+        cpu kernels only) into one library: one LLVM build, the weights shared."""
         if _kernels(options) != "cpu":
-            return None
-        entry = {}
-        meta = json.loads((Path(out_dir) / "model.json").read_text())
-        if not {"prefill", "decode"} <= set(meta.get("functions", {})):
-            entry = self._write(graph, programs, out_dir, weights, options)
-        return {**entry, "programs": ["prefill", "decode"]}
+            programs = None
+        entry = self._write(graph, programs, out_dir, weights, options)
+        return {**entry, "programs": ["prefill", "decode"]} if programs is not None else entry
 
     def _write(self, graph: Graph, programs: Any, out_dir: Path, weights: Mapping[str, Any],
                options: CompileOptions) -> dict:

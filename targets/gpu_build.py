@@ -73,7 +73,8 @@ class GpuTarget(Target, abc.ABC):
     def check_options(self, options: CompileOptions) -> None:
         self.select_archs(options)
 
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
+              programs: Any = None) -> dict:
         archs = self.select_archs(options)
         if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
             raise errors.PolyportError(f"{self.name} target: dtype {options.dtype} is not supported (f32, bf16, f16)")

@@ -57,7 +57,8 @@ class AscendTarget(Target):
     default_device = "910b3"
     known_archs = (SOC,)
 
-    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions) -> dict:
+    def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
+              programs: Any = None) -> dict:
         out_dir = Path(out_dir)
         if options.dtype in ("f32", "f16"):
             compute = F16
