@@ -10,7 +10,7 @@ README.md's family table is rendered from this module and corpus.json
 holds exactly that table), so the table says what the tests assert.
 
 The five families of the first corpus run by default; of the families added since, only
-DEFAULT_ADDED does: the rest of them are `slow`.
+DEFAULT_ADDED does: the rest of them are `slow`, and their TVM builds (cpu, cuda, rocm) `corpus`.
 """
 from __future__ import annotations
 
@@ -71,10 +71,20 @@ def is_default(name: str) -> bool:
     return name not in entries or entries[name]["family"] in FIRST_FAMILIES or name in DEFAULT_ADDED
 
 
+# Checks that build the export with TVM: minutes per export on 2 cores.
+BUILD_CHECKS = {"cpu", "cuda", "rocm"}
+
+
 def marks(name: str, check: str, *, default=None, raises=None, skip_gap: bool = False) -> list:
-    """`slow` unless run by default (`is_default`, or membership of `default` where given); where GAPS
-    lists (name, check), a strict xfail (or a skip, for a fixture several tests share: some may pass)."""
-    out = [pytest.mark.slow] if (not is_default(name) if default is None else name not in default) else []
+    """`slow` unless run by default (`is_default`, or membership of `default` where given), or `corpus`
+    for the TVM builds of the families added since the first five (the whole matrix takes hours on
+    2 cores: CI runs the first families' builds, `pytest -m corpus` the rest); where GAPS lists
+    (name, check), a strict xfail (or a skip, for a fixture several tests share: some may pass)."""
+    out = []
+    if not is_default(name) if default is None else name not in default:
+        entry = corpus().get(name)
+        added = entry is not None and entry["family"] not in FIRST_FAMILIES
+        out.append(pytest.mark.corpus if check in BUILD_CHECKS and added else pytest.mark.slow)
     reason = gap(name, check)
     if reason is not None:
         reason = reason if isinstance(reason, str) else reason[1]
