@@ -1,4 +1,4 @@
-"""Derive KV-cache prefill and decode programs from a cache-less fused graph (GEN_SPEC.md).
+"""Derive KV-cache prefill and decode programs from a cache-less fused graph.
 
 Everything upstream of a `polyport::Attention` in a decoder layer is per token,
 so the derived programs run the export's graph on the new tokens only and change

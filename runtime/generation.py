@@ -1,4 +1,4 @@
-"""Text generation over any session that implements the generation protocol (GEN_SPEC.md).
+"""Text generation over any session that implements the generation protocol below.
 
 A session that can generate provides `generation` (the manifest's entry: cache
 layers, vocab, uncached layers), `new_cache(batch, max_length)` and

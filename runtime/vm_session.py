@@ -172,7 +172,7 @@ class VmSession:
             self._drop_vm()
             raise
 
-    # ---- generation: GEN_SPEC.md's session protocol over the library's prefill / decode ----------
+    # ---- generation: runtime/generation.py's session protocol over the library's prefill / decode --
     def _bind_programs(self, weights: Mapping[str, np.ndarray], where: str) -> None:
         """The VM functions `prefill` / `decode` (model.json's "functions") and their weights, each
         bound once: shared with `main` where it uses them too."""
