@@ -278,9 +278,12 @@ class _Lowerer:
             return o
         shape = [self.dim(d) for d in t.shape]
         have = list(ty.shape.values) if hasattr(ty.shape, "values") else None
-        if have is not None and len(have) == len(shape) and all(
-                self.analyzer.can_prove_equal(a, b) for a, b in zip(have, shape)):
-            return o
+        if have is not None:
+            if len(have) != len(shape) or any(self.as_int(a) is not None and self.as_int(b) is not None
+                                              and self.as_int(a) != self.as_int(b) for a, b in zip(have, shape)):
+                return o      # a static disagreement (a 0-d value held as [1]) no cast can fix
+            if all(self.analyzer.can_prove_equal(a, b) for a, b in zip(have, shape)):
+                return o
         return self.bb.match_cast(o, self.relax.TensorType(shape=shape, dtype=ty.dtype))
 
     # ---- shape-value propagation helpers -------------------------------------------------

@@ -231,5 +231,4 @@ def clip(lw, node):
 
 @lowers("CastLike", dtypes=ANY + ("bf16",))
 def cast_like(lw, node):
-    from ..tvm_lower import _dtype
-    return lw.emit(lw.relax.op.astype(_x(lw, node), _dtype(node.outputs[0].type)))
+    return lw.emit(lw.relax.op.astype(_x(lw, node), lw.tvm_dtype(node.outputs[0].type)))

@@ -55,7 +55,19 @@ def pad(lw, node):
 
 @lowers("Tile", dtypes=ANY)
 def tile(lw, node):
-    return lw.emit(lw.relax.op.tile(lw.get(node.inputs[0]), _known_ints(lw, node, 1, "repeats")))
+    """x [d0, d1, ..] -> [r0, d0, r1, d1, ..] by broadcast -> [r0*d0, r1*d1, ..]. Not R.tile: TVM 0.27's
+    LLVM build of topi.tile returns garbage (NaNs) for every AVX-512 mcpu tried (x86-64-v4,
+    skylake-avx512, sapphirerapids, znver4); broadcast and reshape compute the same without it."""
+    op = lw.relax.op
+    x = lw.get(node.inputs[0])
+    reps = [lw.simplify(lw.prim(r)) for r in _known_ints(lw, node, 1, "repeats")]
+    dims = lw.shape(x)
+    if len(reps) != len(dims):
+        raise lw.unsupported(node, f"{len(reps)} repeats for a rank-{len(dims)} input")
+    one = lw.simplify(1)
+    spread = lw.emit(op.reshape(x, [e for d in dims for e in (one, d)]))
+    spread = lw.emit(op.broadcast_to(spread, [e for r, d in zip(reps, dims) for e in (r, d)]))
+    return lw.emit(op.reshape(spread, [lw.simplify(r * d) for r, d in zip(reps, dims)]))
 
 
 @lowers("Trilu", dtypes=ANY)
@@ -121,7 +133,6 @@ def space_to_depth(lw, node):
 
 @lowers("EyeLike", dtypes=ANY)
 def eye_like(lw, node):
-    from ..tvm_lower import _dtype
     op = lw.relax.op
     x = lw.get(node.inputs[0])
     rows, cols = lw.shape(x)
@@ -129,7 +140,7 @@ def eye_like(lw, node):
     r = op.reshape(lw.emit(op.arange(0, rows, 1, "int64")), [-1, 1])
     c = op.arange(0, cols, 1, "int64")
     diag = op.equal(op.subtract(c, r), lw.relax.const(k, "int64"))
-    return lw.emit(op.astype(diag, _dtype(node.outputs[0].type)))
+    return lw.emit(op.astype(diag, lw.tvm_dtype(node.outputs[0].type)))
 
 
 @lowers("Einsum", dtypes=NUMERIC)
@@ -187,11 +198,10 @@ def _per_axis(lw, node, i, x_rank, dtype="float32"):
 
 @lowers("DequantizeLinear", dtypes=("i8", "u8", "i16", "u16", "i32"))
 def dequantize(lw, node):
-    from ..tvm_lower import _dtype
     op = lw.relax.op
     x = lw.get(node.inputs[0])
     r = len(lw.shape(x))
-    out = _dtype(node.outputs[0].type)
+    out = lw.tvm_dtype(node.outputs[0].type)
     xf = op.astype(x, "float32")
     if _has(node, 2):
         xf = op.subtract(xf, _per_axis(lw, node, 2, r))
@@ -204,9 +214,8 @@ _QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "ui
 
 @lowers("QuantizeLinear", dtypes=FLOAT)
 def quantize(lw, node):
-    from ..tvm_lower import _dtype
     op = lw.relax.op
-    out = _dtype(node.outputs[0].type)
+    out = lw.tvm_dtype(node.outputs[0].type)
     if out not in _QRANGE:
         raise lw.unsupported(node, f"output dtype {node.outputs[0].dtype}")
     x = lw.get(node.inputs[0])
