@@ -14,6 +14,7 @@ too. Files are written atomically: a failed command leaves no half-written file.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ class _Group(click.Group):
         _Group.debug = False
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        interrupted = False
         try:
             rv = super().main(args, prog_name or "polyport", complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:     # `polyport` alone: the help, as click prints it
@@ -57,6 +59,11 @@ class _Group(click.Group):
                 raise
             _fail(str(e))
         except click.Abort:
+            interrupted = True
+        if interrupted:
+            # The interrupted frames (a TVM BlockBuilder mid-function) are freed now, so whatever TVM logs
+            # as they go comes before the last line, not after it at exit.
+            gc.collect()
             click.echo("polyport: interrupted", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)   # click returns an int for --help / --version

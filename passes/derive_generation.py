@@ -109,6 +109,7 @@ def derive_generation(graph: Graph) -> GenerationPrograms:
     ids = graph.inputs[0]
     uncached = [n.name for n in attentions if not _cacheable(n)] + _unfused_attention(graph)
     ranges = _position_sources(graph)
+    uncached += _other_positions(graph, ranges)
     batch = ids.shape[0] if ids.shape else None
     if ranges and batch != 1:
         uncached = uncached or [n.name for n in attentions]   # positions [batch, step] need a batched arange
@@ -179,11 +180,26 @@ def _position_sources(graph: Graph) -> list[Node]:
             continue
         seen.add(id(v))
         node = v.producer
-        if node.op_type == "Range" and not node.domain and ints(node.inputs[0]) == [0] and ints(node.inputs[2]) == [1]:
+        if _arange(node):
             found.append(node)
             continue
         stack.extend(node.inputs)
     return found
+
+
+def _arange(node: Node) -> bool:
+    return node.op_type == "Range" and not node.domain and ints(node.inputs[0]) == [0] and ints(node.inputs[2]) == [1]
+
+
+def _other_positions(graph: Graph, ranges: list[Node]) -> list[str]:
+    """Position vectors over the sequence that feed no fused `Rotary` (DeepSeek-V2's complex RoPE is
+    left unfused): decode cannot move them to `past_len + arange(step)`, so those models recompute."""
+    seq = graph.inputs[0].type.symbols if isinstance(graph.inputs[0].type, TensorType) else frozenset()
+
+    def over_seq(node: Node) -> bool:
+        shape = node.outputs[0].shape
+        return bool(shape) and (shape[0] is None or not isinstance(shape[0], int) and bool(shape[0].symbols & seq))
+    return [n.name for n in graph.nodes if _arange(n) and n not in ranges and over_seq(n)]
 
 
 def _max_positions(ranges: list[Node]) -> Optional[int]:

@@ -152,6 +152,13 @@ def test_an_uncached_layer_recomputes_with_one_warning(capfd):
     assert_logits_close(got[0], ort_logits("deepseek_v4_b", ids)[0, -1])
 
 
+def test_positions_outside_a_fused_rotary_are_not_cached():
+    """DeepSeek-V2's complex RoPE stays unfused: its arange over the sequence cannot become
+    past_len + arange(step), so the model is uncached (recomputes) instead of decoding wrong positions."""
+    s = generator("deepseek_v2_a")
+    assert not s.generation["layers"] and any("arange" in n for n in s.generation["uncached"])
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda s: s.generate(np.array([[1, 999]]), 2), r"token id 999 is outside \[0, 256\)"),
     (lambda s: s.generate(np.zeros((1, 0), np.int64), 2), "empty prompt"),
