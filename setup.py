@@ -27,7 +27,9 @@ setup(
             "onnxruntime==1.31.1",
             "hypothesis==6.155.2",
             "matplotlib==3.11.2",       # `polyport report --plot` in CI's latency step
+            "tokenizers==0.23.3",       # compile --tokenizer / generate --prompt
         ],
+        "tokenizer": ["tokenizers==0.23.3"],   # compile --tokenizer / generate --prompt TEXT
         "export": [
             "torch==2.13.0",
             "transformers==5.23.0",
