@@ -79,13 +79,13 @@ def test_tvm_alone_pins_the_caller_but_not_under_polyports_policy(tmp_path):
 
 @needs_two_cpus
 def test_workers_stop_spinning_soon_after_a_call(tmp_path):
-    """TVM's default spin (~150 ms of sched_yield per worker) burns tens of ms of CPU after every call."""
+    """TVM's default spin (~150 ms of sched_yield per worker) burned 60-80 ms of CPU after every call on
+    a busy machine (on an idle one it can burn next to nothing, so the default is not compared here):
+    under polyport's policy the workers burn at most a few ms."""
     import polyport
     pp = str(Path(polyport.__file__).parent.parent)
-    default = probe(tmp_path, "")
     policy = probe(tmp_path, POLICY.format(pp=pp))
     assert policy["burned_ms"] < 15, policy
-    assert default["burned_ms"] > policy["burned_ms"], (default, policy)
 
 
 @pytest.mark.slow
