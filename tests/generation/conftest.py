@@ -34,3 +34,15 @@ def ort_logits(name: str, ids: np.ndarray) -> np.ndarray:
 def prompt(name: str, n: int, extra: int = 0, seed: int = 0) -> np.ndarray:
     vocab = generator(name).generation["vocab"]
     return np.random.default_rng(seed + n).integers(0, vocab, size=(1, n + extra), dtype=np.int64)
+
+
+def assert_unequal_prompts_batch_like_alone(s, name: str, lengths=(3, 9, 17), steps: int = 6) -> np.ndarray:
+    """`s.generate` over a right-padded batch of prompts of `lengths` equals each prompt generated
+    alone; returns the ids and the tokens generated alone."""
+    ids = np.zeros((len(lengths), max(lengths)), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = prompt(name, n)[0]
+    together = s.generate(ids, steps, lengths=list(lengths))
+    alone = np.stack([s.generate(ids[b:b + 1, :n], steps)[0] for b, n in enumerate(lengths)])
+    np.testing.assert_array_equal(together, alone)
+    return ids, alone

@@ -20,7 +20,7 @@ import pytest
 import polyport
 from polyport.tests.real_models import assert_logits_close
 
-from .conftest import ort_logits, path_of, prompt
+from .conftest import assert_unequal_prompts_batch_like_alone, ort_logits, path_of, prompt
 
 STEPS = 24
 MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny"]
@@ -91,14 +91,7 @@ def test_decode_updates_the_cache_buffers_in_place():
 
 @pytest.mark.parametrize("name", ["llama_a", pytest.param("mixtral_b", marks=pytest.mark.slow)])
 def test_a_batch_of_unequal_prompts_equals_each_alone(name):
-    s = session(name)
-    lengths = [3, 9, 17]
-    ids = np.zeros((3, 17), np.int64)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = prompt(name, n)[0]
-    together = s.generate(ids, 6, lengths=lengths)
-    alone = np.stack([s.generate(ids[b:b + 1, :n], 6)[0] for b, n in enumerate(lengths)])
-    np.testing.assert_array_equal(together, alone)
+    assert_unequal_prompts_batch_like_alone(session(name), name)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 from polyport.tests.real_models import assert_logits_close, corpus
 
-from .conftest import generator, ort_logits, prompt
+from .conftest import assert_unequal_prompts_batch_like_alone, generator, ort_logits, prompt
 
 STEPS = 24
 ALL_MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
@@ -64,12 +64,7 @@ def test_greedy_generate_equals_the_ort_greedy_loop(name):
 def test_a_batch_of_unequal_prompts_equals_each_alone(name):
     s = generator(name)
     lengths = [3, 9, 17]
-    ids = np.zeros((3, 17), np.int64)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = prompt(name, n)[0]
-    together = s.generate(ids, 6, lengths=lengths)
-    alone = np.stack([s.generate(ids[b:b + 1, :n], 6)[0] for b, n in enumerate(lengths)])
-    np.testing.assert_array_equal(together, alone)
+    ids, alone = assert_unequal_prompts_batch_like_alone(s, name, lengths)
     mask = (np.arange(17)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
     np.testing.assert_array_equal(s.generate(ids, 6, attention_mask=mask), alone)
 
