@@ -409,7 +409,7 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
                         domain=POLYPORT_DOMAIN, name=f"{node.name}_cached", before=node,
                         attrs={"num_heads": node.attrs["num_heads"], "kv_heads": node.attrs["kv_heads"],
                                "scale": node.attrs["scale"], "window": attrs_of(node)["window"],
-                               "ring": ring, "v_in_k": int(layer.kind == "shared_kv")})
+                               "softcap": attrs_of(node)["softcap"], "ring": ring, "v_in_k": int(layer.kind == "shared_kv")})
             node.outputs[0].replace_all_uses_with(out)
             g.remove(node)
         for cache, new in zip(caches, (k, v)):
@@ -447,7 +447,7 @@ def _mla(g: Graph, kind: str, node: Node, layer: CacheLayer, plan: MlaPlan, vmap
         out = _node(g, "CachedAttention", [q_abs, keys, latent, cache, cache, past], domain=POLYPORT_DOMAIN,
                     name=f"{node.name}_absorbed", before=node,
                     attrs={"num_heads": node.attrs["num_heads"], "kv_heads": 1, "scale": node.attrs["scale"],
-                           "window": 0, "ring": 0, "v_in_k": 1})
+                           "softcap": attrs_of(node)["softcap"], "window": 0, "ring": 0, "v_in_k": 1})
         out = _node(g, "MatMul", [out, w_uv], before=node)
         node.outputs[0].replace_all_uses_with(out)
         g.remove(node)

@@ -9,6 +9,7 @@ Between q @ k^T and the Softmax it accepts, in any order:
   mask    Add of a float mask; Where(keep, scores, -inf) or Where(block, -inf, scores)
   sinks   Concat([scores, per-head sink], last axis) before the Softmax, Slice dropping it after
   shift   Sub(scores, ReduceMax(scores)): softmax does not see it
+  softcap c * Tanh(scores * s / c) (Gemma 2), inside every mask and sink: `softcap` = c
 
 Masks computed from positions alone become `causal` / `window`, proved by
 running them (attention_mask.py); a data-dependent mask stays an operand.
@@ -40,7 +41,7 @@ from .pattern import NoMatch
 from .region import equivalent, region_graph, replace_with_fused
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze")
-SCORE_OPS = ("Add", "Sub", "Mul", "Div", "Where", "Concat", "Cast", "MatMul")
+SCORE_OPS = ("Add", "Sub", "Mul", "Div", "Where", "Concat", "Cast", "Tanh", "MatMul")
 MAX_TRIES = 6   # equivalence checks per softmax
 IDENTITY = (0, 1, 2, 3)
 PERMS = sorted(itertools.permutations(range(4)), key=lambda p: sum(a > b for a, b in itertools.combinations(p, 2)))
@@ -54,6 +55,7 @@ class Scores:
     masks: list[MaskPart] = dataclasses.field(default_factory=list)
     sinks: Optional[Value] = None
     sink_scale: float = 1.0
+    softcap: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,13 @@ def _scores(x: Value, sliced: bool) -> Scores:
         if op == "MatMul":
             found.qk = node
             return found
-        if op == "Sub" and ins[1].producer is not None and ins[1].producer.op_type == "ReduceMax" \
+        if found.softcap and op not in ("Mul", "Div", "Cast"):
+            raise NoMatch(f"{op} ({node.name}) inside the soft-cap's tanh: only a scale may sit there")
+        if op == "Tanh":
+            if found.scale <= 0:
+                raise NoMatch(f"Tanh ({node.name}) is scaled by {found.scale:g} after it: not a soft-cap")
+            found.softcap, x = found.scale, ins[0]     # c * tanh(s / c): scale keeps c, the inner 1/c cancels it
+        elif op == "Sub" and ins[1].producer is not None and ins[1].producer.op_type == "ReduceMax" \
                 and ins[1].producer.inputs[0] is ins[0]:
             x = ins[0]
         elif op == "Concat" and sliced and found.sinks is None and len(ins) == 2 \
@@ -354,7 +362,7 @@ def _fuse_one(graph: Graph, sm: Node, masks: dict) -> None:
     mask = None if part is None else Operand(part.value, "Not" if part.kind == "block" else "")
     proposals = (([q, k, v, mask, sinks],
                   {"num_heads": int(heads), "kv_heads": int(k.heads), "scale": float(sc.scale * q.scale * k.scale),
-                   "causal": meaning.causal, "window": meaning.window})
+                   "causal": meaning.causal, "window": meaning.window, "softcap": float(sc.softcap)})
                  for q, k, v in itertools.islice(_combos(qs, ks, vs), MAX_TRIES))
     try:
         _rewrite_first(graph, pv.outputs[0], proposals, "no candidate")
@@ -412,7 +420,7 @@ def _refine(graph: Graph, node: Node, masks: dict) -> bool:
 
 @register_pass("fuse-attention")
 def fuse_attention(graph: Graph) -> PassResult:
-    """softmax(q @ k^T * scale + mask) @ v -> polyport::Attention (GQA/MQA, causal, window, sinks)."""
+    """softmax(q @ k^T * scale + mask) @ v -> polyport::Attention (GQA/MQA, causal, window, softcap, sinks)."""
     result, masks = PassResult(), {}
     for node in graph.nodes:
         if node.graph is not graph or node.op_type not in ("Softmax", "Attention"):

@@ -6,7 +6,8 @@ h reads kv head h // (num_heads / kv_heads): MHA, GQA and MQA without repeating
 K/V. Query i sits at position i + Skv - S (a KV cache precedes it); with
 `causal` it sees keys j <= that position, with `window` > 0 only the last
 `window` of them (sliding window). `mask` is additive (float) or a keep-mask
-(bool), broadcast to [B, num_heads, S, Skv]. `sinks` ([num_heads]) adds one
+(bool), broadcast to [B, num_heads, S, Skv]. With `softcap` c > 0 the scaled
+scores are soft-capped, c * tanh(s / c), before any mask applies (Gemma 2). `sinks` ([num_heads]) adds one
 per-head logit to each softmax denominator that attends to nothing
 (attention sinks, DeepSeek-V4 / gpt-oss). A query that may see no key at all
 outputs zeros (as the ONNX Attention errata specify), never NaN.
@@ -21,8 +22,9 @@ from ._util import f32, like
 define("Attention", inputs=("q", "k", "v", "mask?", "sinks?"), outputs=("out",),
        attrs={"num_heads": AttrSpec(int), "kv_heads": AttrSpec(int),
               "scale": AttrSpec(float, doc="multiplies q @ k^T"),
-              "causal": AttrSpec(int, 0), "window": AttrSpec(int, 0, doc="sliding window; 0: unlimited")},
-       doc="Scaled dot-product attention with GQA, causal/window masks, explicit masks and sinks.")
+              "causal": AttrSpec(int, 0), "window": AttrSpec(int, 0, doc="sliding window; 0: unlimited"),
+              "softcap": AttrSpec(float, 0.0, doc="c * tanh(scores / c) before masking; 0: none")},
+       doc="Scaled dot-product attention with GQA, causal/window masks, explicit masks, softcap and sinks.")
 
 
 @infers("Attention", domain="polyport")
@@ -40,6 +42,14 @@ def _infer(node, ctx):
     if q.shape is not None and v.shape is not None:
         shape = q.shape[:3] + v.shape[3:]
     return [TensorType(q.dtype, shape)]
+
+
+def soft_cap(scores: np.ndarray, softcap: float) -> np.ndarray:
+    """c * tanh(scores / c) (logit soft-capping, Gemma 2); scores as they are for c == 0."""
+    if not softcap:
+        return scores
+    c = np.float32(softcap)
+    return (np.tanh(scores / c) * c).astype(np.float32)
 
 
 def visible(s: int, skv: int, causal: bool, window: int) -> np.ndarray:
@@ -63,7 +73,7 @@ def attention(node, inputs, ctx):
     group = a["num_heads"] // a["kv_heads"]
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
-    scores = q @ np.swapaxes(k, -1, -2) * np.float32(a["scale"])
+    scores = soft_cap(q @ np.swapaxes(k, -1, -2) * np.float32(a["scale"]), a["softcap"])
     s, skv = scores.shape[-2:]
     neg = np.float32(-np.inf)
     scores = np.where(visible(s, skv, bool(a["causal"]), a["window"]), scores, neg)

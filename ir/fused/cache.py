@@ -12,6 +12,7 @@ from ... import errors
 from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..types import TensorType
 from ._util import f32, like
+from .attention import soft_cap
 
 define("CacheUpdate", inputs=("cache", "new", "past_len", "n_new"), outputs=("cache_out",),
        attrs={"ring": AttrSpec(int, 0, doc="1: position p lives in slot p % capacity")},
@@ -22,6 +23,7 @@ define("CachedAttention", inputs=("q", "k_new", "v_new", "cache_k", "cache_v", "
        attrs={"num_heads": AttrSpec(int), "kv_heads": AttrSpec(int),
               "scale": AttrSpec(float, doc="multiplies q @ k^T"),
               "window": AttrSpec(int, 0, doc="sliding window; 0: unlimited"),
+              "softcap": AttrSpec(float, 0.0, doc="c * tanh(scores / c) before masking; 0: none"),
               "ring": AttrSpec(int, 0, doc="the caches are rings (position p in slot p % capacity)"),
               "v_in_k": AttrSpec(int, 0, doc="1: V is the first Dv channels of K (shared K=V, absorbed MLA)")},
        doc="Causal attention of k new queries over the cache (before this step's update) and the k new keys.")
@@ -102,7 +104,7 @@ def cached_attention(node, inputs, ctx):
         if window:
             keep &= key_pos[None, :] > query_pos[:, None] - window
         keys, values = np.repeat(keys, group, axis=0), np.repeat(values, group, axis=0)
-        scores = f32(q[b]) @ np.swapaxes(keys, -1, -2) * np.float32(a["scale"])       # [H, k, n]
+        scores = soft_cap(f32(q[b]) @ np.swapaxes(keys, -1, -2) * np.float32(a["scale"]), a["softcap"])  # [H, k, n]
         scores = np.where(keep, scores, np.float32(-np.inf))
         if sinks is not None:
             sink = np.broadcast_to(f32(sinks).reshape(-1, 1, 1), scores.shape[:-1] + (1,))

@@ -1,7 +1,14 @@
 """Attention -> CANN FusedInferAttentionScore (BNSD; causal/window as sparse_mode with pre/next_tokens;
-sinks through its softmax_lse output: out * sigmoid(lse - sink))."""
+sinks through its softmax_lse output: out * sigmoid(lse - sink)).
+
+FusedInferAttentionScore has no logit soft-capping, and none of CANN's fused attention operators
+applies a function to the scores before the mask: a `softcap` node is decomposed into standard
+ops instead (the limit's fallback): q @ k^T per kv head group (GQA by folding the group into the
+query rows, never repeating K/V), scale, c * tanh(s / c), the position and explicit masks, an
+fp32 softmax with the sink in its denominator, and P @ v."""
 from __future__ import annotations
 
+import numpy as np
 from onnx import TensorProto, helper
 
 from ...ir.graph import Node, Value
@@ -19,10 +26,6 @@ def attention(em, node: Node) -> None:
     a = attrs_of(node)
     causal, window = bool(a["causal"]), a["window"]
     dqk, dv = q.shape[-1], v.shape[-1]
-    if mask is not None and mask.dtype is not None and mask.dtype.name == "bool" and (causal or window):
-        raise L.LimitError(f"node {node.name}: CANN FusedInferAttentionScore takes one atten_mask; a boolean "
-                           "mask combined with causal/window masking is not lowered (sparse_mode 0 needs the "
-                           "full combined mask)")
     if causal:
         sparse, pre, nxt = (4, window - 1, 0) if window else (3, INT_MAX, 0)
     else:
@@ -30,10 +33,15 @@ def attention(em, node: Node) -> None:
     d = max(dqk, dv) if isinstance(dqk, int) and isinstance(dv, int) else dqk
     facts = {"dtype": em.device_dtype(node, q, L.FIA), "input_layout": "BNSD", "head_dim": d,
              "num_heads": a["num_heads"], "num_key_value_heads": a["kv_heads"], "sparse_mode": sparse,
-             "value_head_dim_equals_qk_head_dim": dqk == dv}
+             "value_head_dim_equals_qk_head_dim": dqk == dv, "softcap": a["softcap"]}
     if isinstance(q.shape[0], int):
         facts["batch"] = q.shape[0]
-    em.check(node, L.FIA, facts)
+    if "softcap" in em.check(node, L.FIA, facts):
+        return decomposed(em, node)
+    if mask is not None and mask.dtype is not None and mask.dtype.name == "bool" and (causal or window):
+        raise L.LimitError(f"node {node.name}: CANN FusedInferAttentionScore takes one atten_mask; a boolean "
+                           "mask combined with causal/window masking is not lowered (sparse_mode 0 needs the "
+                           "full combined mask)")
     cd = em.compute
 
     def padded(val: Value, have: int, tag: str) -> str:
@@ -100,3 +108,72 @@ def attention(em, node: Node) -> None:
         em.nodes[-1].output[0] = final[0]
         em.plan[-1]["outputs"][0]["name"] = final[0]
         em.elem[final[0]], em.shape[final[0]] = cd, final[2]
+
+
+# ---- Attention with soft-capped scores -> standard ops ---------------------------------------
+def decomposed(em, node: Node) -> None:
+    """out = softmax(mask(c * tanh(q k^T * scale / c))) v in opset-18 ops; scores and softmax in fp32."""
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    sinks = node.inputs[4] if len(node.inputs) > 4 else None
+    a = attrs_of(node)
+    h, kvh = a["num_heads"], a["kv_heads"]
+    qs, ks, vs = dims(q.shape), dims(k.shape), dims(v.shape)
+    b, s, skv = qs[0], qs[2], ks[2]
+    rows = [b, kvh, None, skv]                 # [B, KV, G*S, Skv]: the group folded into the query rows
+    four = [b, h, s, skv]
+    cd, n = em.compute, node.name
+    i64 = TensorProto.INT64
+
+    def op(kind, ins, elem, shape, attrs=None, note=""):
+        return em.emit(kind, ins, [(em.fresh(f"{n}_{kind.lower()}"), elem, shape)], attrs, note=note)[0]
+
+    def scalar(x, base):
+        return em.const(np.asarray(x, np.float32), f"{n}_{base}")
+
+    qg = op("Reshape", [em.get(q, cd), em.ints([0, kvh, -1, qs[3]], f"{n}_qg")], cd, [b, kvh, None, qs[3]],
+            note="query heads of one kv head as rows: K/V are not repeated")
+    kt = op("Transpose", [em.get(k, cd)], cd, [b, kvh, ks[3], skv], {"perm": [0, 1, 3, 2]})
+    sc = op("MatMul", [qg, kt], cd, rows)
+    sc = op("Reshape", [op("Cast", [sc], F32, rows, {"to": F32}), em.ints([0, h, -1, 0], f"{n}_heads")], F32, four,
+            note="scores, mask and softmax in fp32")
+    sc = op("Mul", [sc, scalar(a["scale"], "scale")], F32, four)
+    c = a["softcap"]
+    sc = op("Mul", [op("Tanh", [op("Mul", [sc, scalar(1.0 / c, "inv_cap")], F32, four)], F32, four),
+                    scalar(c, "cap")], F32, four, note=f"logit soft-capping: {c:g} * tanh(s / {c:g})")
+    ninf = scalar(-np.inf, "ninf")
+    if a["causal"] or a["window"]:
+        qlen = op("Shape", [em.get(q)], i64, [1], {"start": 2, "end": 3})
+        klen = op("Shape", [em.get(k)], i64, [1], {"start": 2, "end": 3})
+        zero, one = em.ints(0, f"{n}_zero"), em.ints(1, f"{n}_one")
+        i = op("Range", [zero, op("Squeeze", [qlen], i64, []), one], i64, [s])
+        j = op("Range", [zero, op("Squeeze", [klen], i64, []), one], i64, [skv])
+        pos = op("Add", [op("Unsqueeze", [i, em.ints([1], f"{n}_ax1")], i64, [s, 1]),
+                         op("Sub", [klen, qlen], i64, [1])], i64, [s, 1], note="query i sits at i + Skv - S")
+        keep = op("LessOrEqual", [j, pos], TensorProto.BOOL, [s, skv]) if a["causal"] else None
+        if a["window"]:
+            near = op("Greater", [j, op("Sub", [pos, em.ints(a["window"], f"{n}_window")], i64, [s, 1])],
+                      TensorProto.BOOL, [s, skv])
+            keep = near if keep is None else op("And", [keep, near], TensorProto.BOOL, [s, skv])
+        sc = op("Where", [keep, sc, ninf], F32, four)
+    if mask is not None and mask.dtype.name == "bool":
+        sc = op("Where", [em.get(mask), sc, ninf], F32, four)
+    elif mask is not None:
+        sc = op("Add", [sc, em.get(mask, F32)], F32, four)
+    axes, col = em.ints([-1], f"{n}_last"), [b, h, s, 1]
+    m = op("ReduceMax", [sc, axes], F32, col, {"keepdims": 1})
+    sink = None
+    if sinks is not None:
+        sink = op("Reshape", [em.get(sinks, F32), em.ints([1, h, 1, 1], f"{n}_sink_shape")], F32, [1, h, 1, 1])
+        m = op("Max", [m, sink], F32, col)
+    m = op("Where", [op("Equal", [m, ninf], TensorProto.BOOL, col), scalar(0.0, "zero_f"), m], F32, col,
+           note="a query that sees nothing: exp stays 0, the output 0")
+    e = op("Exp", [op("Sub", [sc, m], F32, four)], F32, four)
+    den = op("ReduceSum", [e, axes], F32, col, {"keepdims": 1})
+    if sink is not None:
+        den = op("Add", [den, op("Exp", [op("Sub", [sink, m], F32, col)], F32, col)], F32, col,
+                 note="attention sinks: one more logit in the denominator")
+    p = op("Div", [e, op("Max", [den, scalar(1e-30, "tiny")], F32, col)], F32, four)
+    pg = op("Reshape", [op("Cast", [p], cd, four, {"to": cd}), em.ints([0, kvh, -1, 0], f"{n}_pg")], cd, rows)
+    y = op("MatMul", [pg, em.get(v, cd)], cd, [b, kvh, None, vs[3]])
+    em.emit("Reshape", [y, em.ints([0, h, -1, 0], f"{n}_out_heads")], [em.out(node.outputs[0], cd)])

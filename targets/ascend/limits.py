@@ -82,6 +82,9 @@ LIMITS: dict[str, list[Limit]] = {
         # polyport pads v with zeros and slices the output (standard Pad/Slice) when they differ.
         Limit("value_head_dim_equals_qk_head_dim", FIA, "in", (True,), FIA_SRC,
               fallback="v zero-padded to the query/key head dim (Pad), output sliced back (Slice)"),
+        # no parameter applies a function to the scores before the mask (Gemma 2's tanh soft-capping)
+        Limit("softcap", FIA, "in", (0.0,), FIA_SRC,
+              fallback="decomposed attention (MatMul, Tanh, masks, fp32 softmax with sinks, MatMul)"),
     ],
     GATING: [
         Limit("dtype", GATING, "in", ("float16", "bfloat16", "float32"), GATING_SRC),

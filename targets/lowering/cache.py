@@ -54,7 +54,7 @@ def cached_attention(lw, node):
     dv = _static(lw, node, node.inputs[2], 3, "value head dim")
     func = kernel.cached_attention_func(
         num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
-        window=a["window"], ring=bool(a["ring"]), v_in_k=v_in_k, sinks=sinks is not None,
+        window=a["window"], ring=bool(a["ring"]), v_in_k=v_in_k, sinks=sinks is not None, softcap=a["softcap"],
         dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype)
     gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cached_attention")
     placeholder = relax.const(np.zeros(1, np.float32))

@@ -61,7 +61,7 @@ def attention_portable(lw, node):
     q, k, v, mask, sinks = _attention_operands(lw, node)
     a = attrs_of(node)
     kw = dict(num_heads=a["num_heads"], kv_heads=a["kv_heads"], scale=a["scale"],
-              causal=bool(a["causal"]), window=a["window"])
+              causal=bool(a["causal"]), window=a["window"], softcap=a["softcap"])
 
     def fn(q, k, v, *rest):
         it = iter(rest)
@@ -89,7 +89,7 @@ def attention_cpu(lw, node):
         causal=bool(a["causal"]), window=a["window"],
         mask_shape=None if mask is None else [lw.as_int(x) for x in lw.shape(mask)],
         mask_dtype="float32" if mask is None else mask.ty.dtype, sinks=sinks is not None,
-        sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype)
+        sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype, softcap=a["softcap"])
     gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "attention")   # opaque: FuseOps leaves it alone
     placeholder = relax.const(np.zeros(1, np.float32))                   # absent mask / sinks
     args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]

@@ -23,7 +23,7 @@ from polyport.tests.real_models import assert_logits_close
 from .conftest import assert_unequal_prompts_batch_like_alone, ort_logits, path_of, prompt
 
 STEPS = 24
-MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny"]
+MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny", "gemma2_a"]
 DEFAULT = [("llama_a", 7)]
 FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
 

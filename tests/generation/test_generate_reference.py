@@ -15,7 +15,8 @@ from .conftest import assert_unequal_prompts_batch_like_alone, generator, ort_lo
 
 STEPS = 24
 ALL_MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
-DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40), ("deepseek_v3_tiny", 1)]   # mha, window, shared K=V + sinks, MLA
+# mha, window, shared K=V + sinks, MLA, soft-capped scores over a ring
+DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40), ("deepseek_v3_tiny", 1), ("gemma2_a", 40)]
 FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in ALL_MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
 
 

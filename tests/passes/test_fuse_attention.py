@@ -287,6 +287,24 @@ def test_sinks_concatenated_and_sliced_off():
     np.testing.assert_array_equal(node.inputs[4].const, sink.reshape(H))
 
 
+@pytest.mark.parametrize("cap,post", [(50.0, 50.0), (2.0, 1.0)])
+def test_soft_capped_scores(cap, post):
+    """Gemma 2: (tanh(q k^T * scale / c) * c) + mask; the factor after the tanh is the cap (c = 1 when it is
+    absent), the factors before it the scale times c."""
+    b = Builder()
+    q, k, v = b.qkv(kv_heads=2)
+    s = b.op("Div", b.op("Mul", b.scores(q, b.repeat_kv(k, 2, H)), b.const(0.35)), b.const(cap))
+    s = b.op("Tanh", s)
+    s = b.op("Mul", s, b.const(post)) if post != 1.0 else s
+    s = b.op("Add", s, b.additive(b.causal_keep(q, window=3)))
+    g = b.graph(b.op("MatMul", b.op("Softmax", s, axis=-1), b.repeat_kv(v, 2, H)))
+    assert fuse(g).counts == {"Attention": 1}
+    node = the_attention(g)
+    assert attrs_of(node) == {"num_heads": H, "kv_heads": 2, "causal": 1, "window": 3}
+    assert node.attrs["softcap"] == pytest.approx(post)
+    assert node.attrs["scale"] == pytest.approx(0.35 / cap * post, rel=1e-6)
+
+
 def test_mla_dqk_differs_from_dv():
     """DeepSeek-V3 MLA: q/k head dim 24 (nope 16 + rope 8 by Concat), v head dim 16."""
     b = Builder()
@@ -430,9 +448,19 @@ def test_mismatched_heads():
 def test_scores_through_a_nonlinearity():
     def build(b):
         q, k, v = b.qkv()
-        s = b.op("Tanh", b.op("Mul", b.scores(q, k), b.const(0.35)))
+        s = b.op("Sigmoid", b.op("Mul", b.scores(q, k), b.const(0.35)))
         return b.op("MatMul", b.op("Softmax", b.op("Add", s, b.additive(b.causal_keep(q))), axis=-1), v)
-    near_miss(build, "scores pass through Tanh")
+    near_miss(build, "scores pass through Sigmoid")
+
+
+def test_mask_inside_the_soft_cap():
+    """tanh(s + mask) is no soft-cap of the scores: a -inf mask would become -c, a visible logit."""
+    def build(b):
+        q, k, v = b.qkv()
+        s = b.op("Add", b.op("Mul", b.scores(q, k), b.const(0.35)), b.additive(b.causal_keep(q)))
+        s = b.op("Mul", b.op("Tanh", b.op("Div", s, b.const(5.0))), b.const(5.0))
+        return b.op("MatMul", b.op("Softmax", s, axis=-1), v)
+    near_miss(build, "inside the soft-cap's tanh")
 
 
 # ---- (c) real exports -----------------------------------------------------------------------------
@@ -476,7 +504,7 @@ def expected_layers(entry: dict) -> list[dict]:
             bool(cfg.get("sliding_window")) and cfg.get("use_sliding_window", True)
         out.append({"num_heads": heads, "kv_heads": cfg.get("num_key_value_heads") or heads,
                     "causal": int(not compressed), "window": cfg["sliding_window"] if sliding else 0,
-                    "scale": scale, "mask": compressed})
+                    "scale": scale, "mask": compressed, "softcap": cfg.get("attn_logit_softcapping") or 0.0})
     return out
 
 
@@ -504,6 +532,7 @@ def test_real_export_one_attention_per_layer(fused_model):
     for node, w in zip(nodes, layers):
         assert attrs_of(node) == {k: w[k] for k in ("num_heads", "kv_heads", "causal", "window")}
         assert node.attrs["scale"] == pytest.approx(w["scale"], rel=1e-5)
+        assert node.attrs.get("softcap", 0.0) == pytest.approx(w["softcap"])      # Gemma 2's tanh soft-cap
         has_mask = len(node.inputs) > 3 and node.inputs[3] is not None
         assert has_mask == w["mask"], node                          # only compressed layers keep one
     # no other attention softmax left: what remains (routers, mHC mixing, compressor pooling) feeds no MatMul

@@ -1,8 +1,8 @@
 """The cpu target's KV-cache kernels against the IR's references (ir/fused/cache.py).
 
 Decode attention at random runtime shapes (batch, new queries 1..8, capacity, per-row past_len)
-for linear and ring caches, windows, sinks, GQA / MQA and v_in_k; the split-cache path that merges
-partial softmax states; CacheUpdate in place (linear, ring, padded rows)."""
+for linear and ring caches, windows, sinks, soft-capping, GQA / MQA and v_in_k; the split-cache path
+that merges partial softmax states; CacheUpdate in place (linear, ring, padded rows)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,13 +18,14 @@ from polyport.targets.kernels.cpu.cached_attention import cached_attention_func 
 _BUILT: dict = {}
 PLACEHOLDER = np.zeros(1, np.float32)
 
-# (num_heads, kv_heads, d, dv, window, ring, v_in_k, sinks): the static configurations drawn from
+# (num_heads, kv_heads, d, dv, window, ring, v_in_k, sinks, softcap): the static configurations drawn from
 CONFIGS = [
-    (4, 2, 16, 16, 0, 0, 0, 0),       # GQA, linear
-    (4, 1, 24, 16, 0, 0, 1, 0),       # MQA, V inside K (absorbed MLA / shared K=V), D not a lane multiple
-    (2, 2, 8, 8, 6, 1, 0, 0),         # sliding window over a ring
-    (4, 4, 16, 16, 5, 0, 0, 1),       # window over a linear cache, sinks
-    (4, 1, 16, 8, 7, 1, 1, 1),        # ring + v_in_k + sinks (DeepSeek V4's shared K=V)
+    (4, 2, 16, 16, 0, 0, 0, 0, 0.0),       # GQA, linear
+    (4, 1, 24, 16, 0, 0, 1, 0, 0.0),       # MQA, V inside K (absorbed MLA / shared K=V), D not a lane multiple
+    (2, 2, 8, 8, 6, 1, 0, 0, 0.0),         # sliding window over a ring
+    (4, 4, 16, 16, 5, 0, 0, 1, 0.0),       # window over a linear cache, sinks
+    (4, 1, 16, 8, 7, 1, 1, 1, 0.0),        # ring + v_in_k + sinks (DeepSeek V4's shared K=V)
+    (4, 2, 16, 16, 6, 1, 0, 0, 1.5),       # soft-capped scores over a ring (Gemma 2)
 ]
 
 
@@ -37,10 +38,10 @@ def _compiled(key, make):
 
 
 def _attend(cfg, q, kn, vn, ck, cv, past, sinks):
-    h, kvh, d, dv, window, ring, v_in_k, has_sinks = cfg
+    h, kvh, d, dv, window, ring, v_in_k, has_sinks, softcap = cfg
     fn = _compiled(("attn",) + cfg, lambda: cached_attention_func(
         num_heads=h, kv_heads=kvh, d=d, dv=dv, scale=d ** -0.5, window=window, ring=bool(ring),
-        v_in_k=bool(v_in_k), sinks=bool(has_sinks)))
+        v_in_k=bool(v_in_k), sinks=bool(has_sinks), softcap=softcap))
     out = tvm.runtime.tensor(np.zeros(q.shape[:3] + (dv,), np.float32))
     args = [q, kn, PLACEHOLDER if v_in_k else vn, ck, PLACEHOLDER if v_in_k else cv, past,
             sinks if has_sinks else PLACEHOLDER]
@@ -49,7 +50,7 @@ def _attend(cfg, q, kn, vn, ck, cv, past, sinks):
 
 
 def _check_attention(cfg, b, k, cap, pasts, seed):
-    h, kvh, d, dv, window, ring, v_in_k, has_sinks = cfg
+    h, kvh, d, dv, window, ring, v_in_k, has_sinks, softcap = cfg
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, h, k, d), np.float32)
     kn = rng.standard_normal((b, kvh, k, d), np.float32)
@@ -59,7 +60,8 @@ def _check_attention(cfg, b, k, cap, pasts, seed):
     past = np.array(pasts, np.int64)
     sinks = rng.standard_normal(h).astype(np.float32) if has_sinks else None
     want = fused.evaluate("CachedAttention", [q, kn, vn, ck, cv, past] + ([sinks] if has_sinks else []),
-                          num_heads=h, kv_heads=kvh, scale=d ** -0.5, window=window, ring=ring, v_in_k=v_in_k)
+                          num_heads=h, kv_heads=kvh, scale=d ** -0.5, window=window, ring=ring, v_in_k=v_in_k,
+                          softcap=softcap)
     got = _attend(cfg, q, kn, vn, ck, cv, past, sinks)
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -90,7 +92,7 @@ def test_cached_attention_each_config(cfg):
 
 def test_split_cache_merges_partial_states():
     """A long cache over one kv head: the cached range splits across tasks (run in parallel)."""
-    cfg = (16, 1, 256, 256, 0, 0, 0, 1)      # past the parallel threshold: 4 and 3 splits
+    cfg = (16, 1, 256, 256, 0, 0, 0, 1, 0.0)      # past the parallel threshold: 4 and 3 splits
     _check_attention(cfg, 1, 1, 1100, [1090], seed=3)
     _check_attention(cfg, 2, 2, 1100, [1000, 600], seed=4)
 

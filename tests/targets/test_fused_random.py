@@ -5,7 +5,7 @@ targets schedule, built here for LLVM ("portable"), and the ascend target's CANN
 run by the emulator ("ascend"). Reference: `ir.fused.evaluate` (ir/fused/*.py).
 
 hypothesis draws each configuration: a static part (head counts and GQA ratio, head dims,
-windows, causal, masks, sinks, activations, scoring functions, groups, top-k up to E, hash
+windows, causal, masks, sinks, soft-capping, activations, scoring functions, groups, top-k up to E, hash
 tables) and a dynamic part (sequence length, KV-cache length behind the queries, weights,
 inputs, biases, token ids). A TVM build depends only on the static part (weights are parameters
 or inputs, the sequence is symbolic), so the TVM implementations draw their static part from a
@@ -186,7 +186,8 @@ def attention_static(draw):
     mask = draw.choice((["none", "float", "bool"] if not causal else ["none", "float"]))
     return dict(kv_heads=kvh, group=draw.choice([1, 2, 4]), d=d, dv=draw.choice([d, 8]),
                 causal=int(causal), window=draw.choice([0, 1, 3]) if causal else 0, mask=mask,
-                sinks=draw.boolean(), past=draw.choice([0, 3]), batch=draw.choice([1, 2]))
+                sinks=draw.boolean(), past=draw.choice([0, 3]), batch=draw.choice([1, 2]),
+                softcap=draw.choice([0.0, 2.0]))
 
 
 def attention_case(cfg, seq, rng) -> Case:
@@ -201,7 +202,7 @@ def attention_case(cfg, seq, rng) -> Case:
         mask = rng.random((1, 1, seq, skv)) < 0.8
     sinks = _half(rng, (h,)) if cfg["sinks"] else None
     attrs = {"num_heads": h, "kv_heads": kvh, "scale": float(np.float16(d ** -0.5)), "causal": cfg["causal"],
-             "window": cfg["window"]}
+             "window": cfg["window"], "softcap": cfg["softcap"]}
     SKV = S + past
     shapes = [(b, h, S, d), (b, kvh, SKV, d), (b, kvh, SKV, dv), (1, 1, S, SKV), (h,)]
     operands = [q, k, v, mask, sinks]

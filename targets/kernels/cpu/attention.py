@@ -7,6 +7,7 @@
   bounds from the row's position); the two partial edge blocks are masked by select.
 - Online softmax per row (running max m, denominator l, accumulator acc[Dv]): no
   [S, Skv] intermediate; exp is fastmath.exp (vectorised, exact 0 for -inf).
+- `softcap` c: each score becomes c * tanh(s / c) before any mask (fastmath.tanh).
 - A sink starts the row as one extra logit (m = sink, l = 1) that adds no value.
 - A query that sees no key (l == 0) outputs zeros.
 (batch, head) tasks run in parallel when the work is big enough (parallel.py).
@@ -24,7 +25,7 @@ JB = 32     # keys per block: four AVX2 float32 vectors, so the q.k FMAs have in
 
 def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, causal: bool, window: int,
                    mask_shape=None, mask_dtype: str = "float32", sinks: bool = False, sinks_dtype: str = "float32",
-                   dtype: str = "float32"):
+                   dtype: str = "float32", softcap: float = 0.0):
     """The PrimFunc attention(q, k, v, mask, sinks, out) for these static sizes and options.
 
     q [B, H, S, D], k [B, KV, Skv, D], v [B, KV, Skv, Dv] (B, S, Skv symbolic). `mask_shape`: the
@@ -57,6 +58,7 @@ def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: flo
         return total
 
     def score(M, s, b, h, i, j, lo, hi, skv):
+        s = fastmath.soft_cap(s, softcap)
         keep = tirx.all(j >= lo, j < hi)
         if has_mask:
             idx = [b, h, i, tirx.min(j, skv - 1)][4 - len(mshape):]

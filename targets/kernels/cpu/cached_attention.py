@@ -11,6 +11,7 @@ position; ring: slot = position % C) plus the k new keys. At batch 1 this is ban
 - when (batch x kv heads) is below the split target and the cache is long, the cached range is
   split across tasks; each task writes a partial softmax state (max, denominator, accumulator)
   and a final pass merges them (and the sink, which adds one logit and no value);
+- softcap c: each score is c * tanh(s / c) (the keys visited are the visible ones, so no mask follows);
 - v_in_k: V is the first Dv channels of K (shared K=V, absorbed MLA): one buffer streamed.
 Tasks run on TVM's thread pool only when the work is big enough (parallel.py).
 """
@@ -31,7 +32,7 @@ MAX_SPLITS = SPLIT_TASKS
 
 def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, window: int,
                           ring: bool, v_in_k: bool, sinks: bool, dtype: str = "float32",
-                          sinks_dtype: str = "float32"):
+                          sinks_dtype: str = "float32", softcap: float = 0.0):
     """PrimFunc cached_attention(q, k_new, v_new, cache_k, cache_v, past_len, sinks, out).
 
     q [B, H, S, D], k_new [B, KV, S, D], v_new [B, KV, S, Dv], cache_k [B, KV, C, D],
@@ -44,6 +45,7 @@ def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, sca
     zero = tirx.const(0.0, "float32")
     i64 = lambda x: tirx.IntImm("int64", x)  # noqa: E731
     DVEC = D // VL * VL
+    capped = softcap > 0       # a Python bool: TVMScript resolves the branch while parsing
 
     def slot_of(j, C, cached):
         """The buffer row of key j: ring cache slots wrap, linear slots and new keys do not."""
@@ -79,6 +81,8 @@ def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, sca
                     ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
                 for c in range(T.int64(DVEC), T.int64(D)):
                     sc[r, jj] = sc[r, jj] + qs[r, c] * T.Cast("float32", KS[b, g, slot, c])
+                if capped:
+                    sc[r, jj] = fastmath.soft_cap(sc[r, jj], softcap)
         for r in range(T.int64(G)):
             st[1] = st[2 * r + 2]                      # running max of row r
             for jj in range(n):

@@ -1,5 +1,6 @@
 """Attention in BHSD layout: GQA by indexing kv head h // group (K/V never repeated),
-causal / sliding-window masks from positions, optional explicit mask and per-head sinks.
+causal / sliding-window masks from positions, optional explicit mask, logit soft-capping and
+per-head sinks.
 A query that sees no key outputs zeros."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def _mask_at(mask: te.Tensor, b, h, i, j):
 
 
 def attention(q: te.Tensor, k: te.Tensor, v: te.Tensor, mask, sinks, *, num_heads: int, kv_heads: int,
-              scale: float, causal: bool, window: int):
+              scale: float, causal: bool, window: int, softcap: float = 0.0):
     B, H, S, D = q.shape
     Skv = k.shape[2]
     Dv = v.shape[3]
@@ -29,6 +30,9 @@ def attention(q: te.Tensor, k: te.Tensor, v: te.Tensor, mask, sinks, *, num_head
 
     def masked(b, h, i, j):
         s = raw[b, h, i, j] * tirx.const(scale, "float32")
+        if softcap:      # c * tanh(s / c), before any mask
+            c = tirx.const(softcap, "float32")
+            s = c * tirx.tanh(s / c)
         pos = i + (Skv - S)
         keep = tirx.const(True, "bool")
         if causal:
