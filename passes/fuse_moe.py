@@ -7,8 +7,10 @@ expert indices, follow
   Gather by the indices) and the batched MatMuls they feed: a fused gate_up
   projection split in two (Split or Slices) or separate gate and up
   projections, the SwiGLU (the gate is the half that goes through the
-  activation, optionally clamped), and the down projection, which reads what
-  the others computed;
+  activation, optionally clamped, its sigmoid maybe scaled by alpha; the up half
+  maybe offset: gpt-oss's (up + 1) * g * sigmoid(1.702 g)), and the down
+  projection, which reads what the others computed; per-expert biases [E, out]
+  gathered by the same indices and added to a projection's output (gpt-oss);
 - from the down projection, the combine: the expert outputs weighted by the
   routing weights and summed per token (ReduceSum over k, a scatter-add, ...),
   up to the first value with the hidden states' shape that depends on the
@@ -17,9 +19,9 @@ expert indices, follow
   exporter's flatten). A shared expert's add stays outside.
 
 "Every expert computes the same function" is checked in code: the expert index
-may select only the SwiGLU weight tensors and the routing weights, and feed no
-other computation (a per-expert bias, scale or activation switch would make the
-experts differ in a way polyport::MoE cannot express). The router's values may
+may select only the SwiGLU weight tensors, their biases and the routing weights,
+and feed no other computation (a per-expert scale or activation switch would make
+the experts differ in a way polyport::MoE cannot express). The router's values may
 not be used outside the block (router logits feeding an auxiliary loss, say).
 Then the proposal is checked numerically against the region it replaces
 (`equivalent`) before the rewrite. Every candidate that does not fuse leaves
@@ -37,6 +39,7 @@ from ..ir import dtypes
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import TensorType
 from .manager import PassResult, register_pass
+from ..ir.fused.moe import MOE_INPUTS
 from .moe_router import (INDEX_SHAPE_OPS, Router, analyze_router, const_of, is_float, scalar_of,
                          selection_candidates)
 from .pattern import NoMatch
@@ -44,6 +47,7 @@ from .region import equivalent, region_nodes, replace_with_fused
 
 ACTIVATION_OPS = {"Sigmoid": "silu", "Erf": "gelu", "Tanh": "gelu_tanh"}   # the op that gives the gate away
 _ELEMENTWISE = frozenset({"Mul", "Div", "Add", "Sub", "Pow"})
+_RESHAPES = ("Squeeze", "Unsqueeze", "Reshape")
 _SHAPE_AND_SUM = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "ReduceSum"})
 
 
@@ -68,6 +72,11 @@ class Experts:
     activation: str
     clamp: float
     down: Projection
+    alpha: float = 1.0            # silu's sigmoid slope
+    up_offset: float = 0.0
+    b_gate: Optional[np.ndarray] = None     # [E, I]
+    b_up: Optional[np.ndarray] = None       # [E, I]
+    b_down: Optional[np.ndarray] = None     # [E, H]
 
 
 @dataclasses.dataclass
@@ -78,7 +87,10 @@ class MoEBlock:
     output: Value                 # the combined routed output
 
     def attrs(self) -> dict:
-        return {**self.router.attrs(), "activation": self.experts.activation, "clamp": float(self.experts.clamp)}
+        e = self.experts
+        extra = {k: float(v) for k, v, default in (("alpha", e.alpha, 1.0), ("up_offset", e.up_offset, 0.0))
+                 if v != default}
+        return {**self.router.attrs(), "activation": e.activation, "clamp": float(e.clamp), **extra}
 
 
 # ---- the pass --------------------------------------------------------------------------------
@@ -165,9 +177,16 @@ def _operands(block: MoEBlock, make_const) -> list[Optional[Value]]:
     stem = _stem(r)
     router_w = r.router_w_value if r.router_w_value is not None else make_const(f"{stem}.router_w", r.router_w)
     ops = [r.x, router_w, r.e_bias, make_const(f"{stem}.w_gate", e.w_gate), make_const(f"{stem}.w_up", e.w_up),
-           make_const(f"{stem}.w_down", e.w_down)]
-    if r.hash_table is not None:
-        ops += [r.hash_table, r.token_ids]
+           make_const(f"{stem}.w_down", e.w_down), r.hash_table, r.token_ids]
+    if r.router_b is not None:
+        b = r.router_b if r.router_b.shape == (r.num_experts,) else \
+            make_const(f"{stem}.router_b", const_of(r.router_b).reshape(r.num_experts))
+        ops += [b]
+    for name, arr in (("b_gate", e.b_gate), ("b_up", e.b_up), ("b_down", e.b_down)):
+        if arr is not None:
+            ops += [None] * (MOE_INPUTS.index(name) - len(ops)) + [make_const(f"{stem}.{name}", arr)]
+    while ops[-1] is None:
+        ops.pop()
     return ops
 
 
@@ -199,6 +218,10 @@ def _describe(block: MoEBlock) -> str:
     words += [f"groups {a['topk_group']}/{a['n_group']}"] * (a["n_group"] > 1) + ["renormalize"] * a["renormalize"]
     words += [f"scale {a['routed_scaling']:g}"] * (a["routed_scaling"] != 1.0)
     words += [f"clamp {a['clamp']:g}"] * (a["clamp"] != 0.0)
+    words += [f"alpha {a['alpha']:g}" for _ in range("alpha" in a)]
+    words += [f"up + {a['up_offset']:g}" for _ in range("up_offset" in a)]
+    words += ["router bias"] * (r.router_b is not None) + ["expert biases"] * (block.experts.b_down is not None
+                                                                              or block.experts.b_gate is not None)
     return f"({', '.join(words)})"
 
 
@@ -239,9 +262,10 @@ def _selects_expert_weights(idx: Value) -> bool:
                for v in _index_values(idx) for user, slot in v.uses for w in [_weight_gather(user, slot)])
 
 
-def _expert_gathers(router: Router) -> list[Node]:
-    """The gathers of expert weight matrices by the selected indices; anything else the index feeds is a reason."""
-    num_experts, found = router.num_experts, []
+def _expert_gathers(router: Router) -> tuple[list[Node], list[Node]]:
+    """(the gathers of expert weight matrices, of expert bias rows [E, out]) by the selected indices;
+    anything else the index feeds is a reason."""
+    num_experts, found, biases = router.num_experts, [], []
     for v in _index_values(router.indices):
         if v.is_graph_output:
             raise NoMatch(f"the expert index %{v.name} is also a graph output")
@@ -251,13 +275,15 @@ def _expert_gathers(router: Router) -> list[Node]:
             data = _weight_gather(user, slot)
             if data is not None and data.shape[0] == num_experts and data.ndim == 3:
                 found.append(user)
+            elif data is not None and data.shape[0] == num_experts and data.ndim == 2:
+                biases.append(user)
             elif data is not None:
                 raise NoMatch(f"the expert index also selects %{user.inputs[0].name} {list(data.shape)}, a "
                              "per-expert tensor besides the SwiGLU weights (a bias or scale polyport::MoE lacks)")
             else:
                 raise NoMatch(f"the expert index also feeds {_node_text(user)}: the experts would not all "
                              "compute the same function of their weights")
-    return found
+    return found, biases
 
 
 def _projection(gather: Node) -> Projection:
@@ -282,8 +308,10 @@ def _swaps_last_two(perm, rank: int) -> bool:
 
 
 def _read_experts(router: Router, stop: set[int]) -> Experts:
-    gathers = _expert_gathers(router)
+    gathers, bias_gathers = _expert_gathers(router)
     projections = [_projection(g) for g in gathers]
+    biases = _biases(bias_gathers, projections)
+    adds = {id(add) for add, _ in biases.values()}
     if len(projections) not in (2, 3):
         raise NoMatch(f"the selected experts use {len(projections)} weight tensors; SwiGLU experts have a fused "
                      "gate_up and a down projection, or gate, up and down")
@@ -293,31 +321,72 @@ def _read_experts(router: Router, stop: set[int]) -> Experts:
     down = downs[0]
     ups = [p for p in projections if p is not down]
     if len(ups) == 1:
-        parts = [(v, ups[0], cols) for v, cols in _split_parts(ups[0])]
+        parts = [(v, ups[0], cols) for v, cols in _split_parts(ups[0], adds)]
     else:
         parts = [(p.out, p, np.arange(p.weights.shape[2])) for p in ups]
     gates = [(part, act) for part in parts for act in [_gate_activation(part[0])] if act is not None]
     if len(gates) != 1 or len(parts) != 2:
         raise NoMatch("cannot tell the experts' gate from their up projection (expected exactly one half to go "
                      "through a SiLU/GELU activation)")
-    (gate_value, gate_proj, gate_cols), (activation, clamp) = gates[0]
-    _, up_proj, up_cols = next(p for p in parts if p[0] is not gate_value)
+    (gate_value, gate_proj, gate_cols), (activation, clamp, alpha) = gates[0]
+    up_value, up_proj, up_cols = next(p for p in parts if p[0] is not gate_value)
     w_gate = np.ascontiguousarray(gate_proj.weights[:, :, gate_cols])
     w_up = np.ascontiguousarray(up_proj.weights[:, :, up_cols])
     w_down = np.ascontiguousarray(down.weights)
+
+    def bias(proj, cols):
+        b = biases.get(id(proj))
+        return None if b is None else np.ascontiguousarray(b[1][:, cols])
     e, h = router.num_experts, router.x.shape[-1]
     inter = w_gate.shape[2]
     if w_up.shape != (e, h, inter) or w_down.shape != (e, inter, h):
         raise NoMatch(f"expert weights do not fit SwiGLU experts of width {inter} over hidden size {h}: "
                      f"gate {list(w_gate.shape)}, up {list(w_up.shape)}, down {list(w_down.shape)}")
-    return Experts(w_gate, w_up, w_down, activation, clamp, down)
+    b_gate, b_up = bias(gate_proj, gate_cols), bias(up_proj, up_cols)
+    b_down = bias(down, np.arange(w_down.shape[2]))
+    if (b_gate is None) != (b_up is None):
+        b_gate = np.zeros(w_gate.shape[::2], w_gate.dtype) if b_gate is None else b_gate
+        b_up = np.zeros(w_up.shape[::2], w_up.dtype) if b_up is None else b_up
+    return Experts(w_gate, w_up, w_down, activation, clamp, down, alpha, _up_offset(up_value, clamp), b_gate, b_up,
+                   b_down)
 
 
-def _split_parts(proj: Projection) -> list[tuple[Value, np.ndarray]]:
-    """(value, columns of the projection's output) for each part a fused gate_up projection is split into."""
+def _biases(gathers: list[Node], projections: list[Projection]) -> dict[int, tuple[Node, np.ndarray]]:
+    """id(projection) -> (the Add, the bias rows [E, out]) for each gathered expert bias added to a projection's
+    output (after reshapes); raises NoMatch for a per-expert tensor used any other way."""
+    out = {}
+    for g in gathers:
+        data = const_of(g.inputs[0])
+        add = _only_user(g.outputs[0])
+        other = None if add is None or add.op_type != "Add" or add.domain else \
+            add.inputs[1] if add.inputs[0] is g.outputs[0] else add.inputs[0]
+        while other is not None and other.producer is not None and other.producer.op_type in _RESHAPES:
+            other = other.producer.inputs[0]
+        proj = next((p for p in projections if other is p.out and p.weights.shape[2] == data.shape[1]), None)
+        if proj is None or id(proj) in out:
+            raise NoMatch(f"the expert index also selects %{g.inputs[0].name} {list(data.shape)}, a per-expert "
+                          "tensor that is not a bias added to one projection's output")
+        out[id(proj)] = (add, data)
+    return out
+
+
+def _up_offset(up: Value, clamp: float) -> float:
+    """The constant the up half is offset by before its product with the gate (gpt-oss: up + 1), else 0."""
+    v = up
+    while (user := _only_user(v)) is not None and (user.op_type in _RESHAPES or user.op_type == "Clip" and clamp):
+        v = user.outputs[0]
+    if user is not None and user.op_type == "Add" and not user.domain:
+        c = scalar_of(user.inputs[1] if user.inputs[0] is v else user.inputs[0])
+        return 0.0 if c is None else c
+    return 0.0
+
+
+def _split_parts(proj: Projection, adds: set[int] = frozenset()) -> list[tuple[Value, np.ndarray]]:
+    """(value, columns of the projection's output) for each part a fused gate_up projection is split into
+    (past reshapes and the bias Add among `adds`)."""
     out_size = proj.weights.shape[2]
     v = proj.out
-    while (user := _only_user(v)) is not None and user.op_type in ("Squeeze", "Unsqueeze", "Reshape") \
+    while (user := _only_user(v)) is not None and (user.op_type in _RESHAPES or id(user) in adds) \
             and v.shape is not None and out_size in v.shape:
         v = user.outputs[0]
     users = v.users
@@ -358,8 +427,9 @@ def _slice_columns(node: Node, v: Value, out_size: int) -> np.ndarray:
     raise NoMatch(f"{node.name}: does not slice the projection's output")
 
 
-def _gate_activation(v: Value) -> Optional[tuple[str, float]]:
-    """(activation, clamp) if `v` goes through an activation before its product with the up half."""
+def _gate_activation(v: Value) -> Optional[tuple[str, float, float]]:
+    """(activation, clamp, alpha) if `v` goes through an activation before its product with the up half
+    (alpha: a scalar multiplying the gate on its way into the sigmoid, gpt-oss's 1.702)."""
     clamp = 0.0
     while (user := _only_user(v)) is not None and user.op_type in ("Squeeze", "Unsqueeze", "Reshape"):
         v = user.outputs[0]
@@ -378,11 +448,20 @@ def _gate_activation(v: Value) -> Optional[tuple[str, float]]:
         for value in frontier:
             for u in value.users:
                 if u.op_type in ACTIVATION_OPS and not u.domain:
-                    return ACTIVATION_OPS[u.op_type], float(clamp)
+                    return ACTIVATION_OPS[u.op_type], float(clamp), _slope(u, v)
                 if u.op_type in _ELEMENTWISE and not u.domain:
                     nxt.append(u.outputs[0])
         frontier = nxt
     return None
+
+
+def _slope(act: Node, gate: Value) -> float:
+    """alpha where the sigmoid reads alpha * gate (SiLU with a slope), else 1."""
+    p = act.inputs[0].producer
+    if act.op_type == "Sigmoid" and p is not None and p.op_type == "Mul" and not p.domain and gate in p.inputs:
+        c = scalar_of(p.inputs[1] if p.inputs[0] is gate else p.inputs[0])
+        return 1.0 if c is None else c
+    return 1.0
 
 
 # ---- combine and region ----------------------------------------------------------------------

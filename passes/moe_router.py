@@ -2,14 +2,16 @@
 
 A router, whatever chain the exporter wrote for it, is
 
-    logits  = x @ W                        (MatMul, or Gemm with W transposed)
+    logits  = x @ W (+ b)                  (MatMul, or Gemm with W transposed and maybe a bias)
     scores  = softmax | sigmoid | sqrt(softplus) (logits)
     idx     = top_k(scores + e_bias)       (optionally limited to the best groups)
               or table[token_ids]          (hash routing: a fixed token -> experts table)
     weights = scores[idx]                  (optionally renormalised, then scaled)
 
 `analyze_router(selection, idx)` starts at the selected expert indices (a TopK's
-index output, or a constant-table lookup) and walks back to the logits and
+index output, a constant-table lookup, or PhiMoE's SparseMixer: the Concat of an
+ArgMax of the logits and an ArgMax of the logits with that choice scattered to
+-inf) and walks back to the logits and
 forward to the routing weights the combine reads. It returns a `Router`, or
 raises `NoMatch` with the reason. The scoring function is identified by what it
 computes (the logits -> scores region run on random logits), not by its spelling:
@@ -57,15 +59,19 @@ class Router:
     hash_table: Optional[Value] = None
     token_ids: Optional[Value] = None
     weight_gathers: tuple[Node, ...] = ()   # GatherElements(scores, idx) nodes
+    router_b: Optional[Value] = None        # the Gemm's constant bias [E] (gpt-oss)
+    routing: str = "topk"                   # or "sparsemixer" (PhiMoE)
+    jitter_eps: float = 0.0
 
     @property
     def num_experts(self) -> int:
         return int(self.router_w.shape[1])
 
     def attrs(self) -> dict:
+        extra = {"routing": self.routing, "jitter_eps": float(self.jitter_eps)} if self.routing != "topk" else {}
         return {"top_k": self.top_k, "scoring": self.scoring, "n_group": self.n_group,
                 "topk_group": self.topk_group, "renormalize": self.renormalize,
-                "routed_scaling": float(self.routed_scaling)}
+                "routed_scaling": float(self.routed_scaling), **extra}
 
 
 # ---- small helpers ---------------------------------------------------------------------------
@@ -143,14 +149,25 @@ def table_lookup(node: Node) -> Optional[Value]:
 
 
 def selection_candidates(nodes) -> list[tuple[Node, Value]]:
-    """(node, expert indices) for each TopK and each constant-table lookup, in graph order."""
+    """(node, expert indices) for each TopK, each constant-table lookup and each Concat of two ArgMaxes
+    (SparseMixer), in graph order."""
     out = []
     for node in nodes:
         if node.op_type == "TopK" and not node.domain:
             out.append((node, node.outputs[1]))
-        elif table_lookup(node) is not None:
+        elif table_lookup(node) is not None or _argmax_pair(node) is not None:
             out.append((node, node.outputs[0]))
     return out
+
+
+def _argmax_pair(node: Node) -> Optional[tuple[Node, Node]]:
+    """The two keepdims ArgMax nodes over the last axis a Concat joins along the last axis, else None."""
+    if node.op_type != "Concat" or node.domain or len(node.inputs) != 2:
+        return None
+    prods = [v.producer for v in node.inputs]
+    ok = all(p is not None and p.op_type == "ArgMax" and not p.domain and p.attrs.get("keepdims", 1) == 1
+             and not p.attrs.get("select_last_index", 0) and axis_is_last(p, _rank(p.inputs[0]), 0) for p in prods)
+    return tuple(prods) if ok and axis_is_last(node, _rank(node.outputs[0]), 0) else None
 
 
 # ---- the analysis ----------------------------------------------------------------------------
@@ -160,6 +177,8 @@ def analyze_router(selection: Node, idx: Value) -> Router:
     if idx.shape is None or not idx.shape or not isinstance(idx.shape[-1], int):
         raise NoMatch(f"%{idx.name}: the number of selected experts is not static")
     top_k = int(idx.shape[-1])
+    if _argmax_pair(selection) is not None:
+        return _sparsemixer(selection, idx)
 
     # Routing weights: the scores of the chosen experts (GatherElements), or the TopK's own values.
     gathers = tuple(u for u, i in idx.uses if u.op_type == "GatherElements" and i == 1 and not u.domain)
@@ -173,7 +192,7 @@ def analyze_router(selection: Node, idx: Value) -> Router:
     else:
         raise NoMatch(f"%{idx.name}: no routing weights are gathered with the selected experts")
 
-    logits, x, router_w, router_w_value = _find_logits(scores)
+    logits, x, router_w, router_w_value, router_b = _find_logits(scores)
     num_experts = router_w.shape[1]
     if logits is scores:            # top-k of the raw logits, scored afterwards (scoring is monotone)
         scoring, renormalize, w0 = _scoring_after_topk(w0)
@@ -183,7 +202,8 @@ def analyze_router(selection: Node, idx: Value) -> Router:
     weights, renorm, scale = _weight_chain(w0)
     router = Router(x=x, logits=logits, router_w=router_w, router_w_value=router_w_value, scores=scores,
                     scoring=scoring, indices=idx, weights=weights, top_k=top_k,
-                    renormalize=max(renormalize, renorm), routed_scaling=scale, weight_gathers=gathers)
+                    renormalize=max(renormalize, renorm), routed_scaling=scale, weight_gathers=gathers,
+                    router_b=router_b)
 
     if selection.op_type == "TopK":
         _read_topk_selection(selection, router, num_experts)
@@ -197,8 +217,55 @@ def analyze_router(selection: Node, idx: Value) -> Router:
     return router
 
 
-def _find_logits(scores: Value) -> tuple[Value, Value, np.ndarray, Optional[Value]]:
-    """Walk back from the scores to the router projection. Returns (logits, x, W [H, E], W's value)."""
+def _sparsemixer(concat: Node, idx: Value) -> Router:
+    """PhiMoE's SparseMixer: idx = [argmax(z), argmax(scatter(z, first, -inf))], the weights the Concat of each
+    pick's probability in its masked softmax (GatherElements by that pick). jitter_eps is read off the
+    threshold the masks compare with (2 * jitter_eps); the block's check proves the rest."""
+    first, second = _argmax_pair(concat)
+    logits = first.inputs[0]
+    scatter = second.inputs[0].producer
+    if scatter is None or scatter.op_type != "ScatterElements" or scatter.inputs[0] is not logits \
+            or scatter.inputs[1] is not first.outputs[0]:
+        raise NoMatch(f"{concat.name}: the second ArgMax is not over the logits with the first choice removed")
+    gathers = []
+    for pick in (first, second):
+        g = [u for u, i in pick.outputs[0].uses if u.op_type == "GatherElements" and i == 1 and not u.domain]
+        if len(g) != 1:
+            raise NoMatch(f"{pick.name}: no one routing weight is gathered at this pick")
+        gathers.append(g[0])
+    joins = {id(u): u for u, _ in gathers[0].outputs[0].uses if u.op_type == "Concat" and not u.domain
+             and [v.producer for v in u.inputs] == gathers}
+    if len(joins) != 1:
+        raise NoMatch(f"{concat.name}: the two picks' weights are not concatenated in pick order")
+    thresholds = {scalar_of(u.inputs[1]) for u in _downstream(logits, "Greater") if const_of(u.inputs[1]) is not None}
+    if len(thresholds) != 1 or None in thresholds:
+        raise NoMatch(f"{concat.name}: the masks do not compare with one constant threshold (2 * jitter_eps)")
+    x_logits, x, router_w, router_w_value, router_b = _find_logits(logits)
+    weights, renorm, scale = _weight_chain(next(iter(joins.values())).outputs[0])
+    if renorm:
+        raise NoMatch(f"{concat.name}: SparseMixer weights renormalised afterwards")
+    return Router(x=x, logits=x_logits, router_w=router_w, router_w_value=router_w_value, scores=logits,
+                  scoring="softmax", indices=idx, weights=weights, top_k=2, routed_scaling=scale,
+                  router_b=router_b, routing="sparsemixer", jitter_eps=thresholds.pop() / 2)
+
+
+def _downstream(v: Value, op: str, depth: int = 4) -> list[Node]:
+    """The `op` nodes within `depth` elementwise steps downstream of v."""
+    found, frontier = [], [v]
+    for _ in range(depth):
+        nxt = []
+        for value in frontier:
+            for u in value.users:
+                if u.op_type == op and not u.domain:
+                    found.append(u)
+                elif not u.domain and u.op_type in ("Abs", "Max", "Sub", "Div"):
+                    nxt.append(u.outputs[0])
+        frontier = nxt
+    return found
+
+
+def _find_logits(scores: Value) -> tuple[Value, Value, np.ndarray, Optional[Value], Optional[Value]]:
+    """Walk back from the scores to the router projection. Returns (logits, x, W [H, E], W's value, bias)."""
     seen: set[int] = set()
     stack, found = [scores], []
     while stack:
@@ -219,14 +286,15 @@ def _find_logits(scores: Value) -> tuple[Value, Value, np.ndarray, Optional[Valu
         stack.extend(i for i in node.inputs if i is not None)
     if len({id(v) for v, _ in found}) != 1:
         raise NoMatch(f"%{scores.name}: the scores are not a function of one router projection")
-    logits, (x, w, w_value) = found[0]
+    logits, (x, w, w_value, bias) = found[0]
     if x.shape is None or w.shape[0] != x.shape[-1]:
         raise NoMatch(f"%{logits.name}: router weight {w.shape} does not match the hidden size of %{x.name}")
-    return logits, x, w, w_value
+    return logits, x, w, w_value, bias
 
 
-def _router_projection(node: Node) -> Optional[tuple[Value, np.ndarray, Optional[Value]]]:
-    """(x, W as [H, E], the constant holding W as is) if `node` is x @ W with a constant 2-D W."""
+def _router_projection(node: Node) -> Optional[tuple[Value, np.ndarray, Optional[Value], Optional[Value]]]:
+    """(x, W as [H, E], the constant holding W as is, a bias [E] or None) if `node` is x @ W (+ b) with a
+    constant 2-D W (and constant b)."""
     if node.domain or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
     a, b = node.inputs[0], node.inputs[1]
@@ -234,18 +302,22 @@ def _router_projection(node: Node) -> Optional[tuple[Value, np.ndarray, Optional
     if w is None or w.ndim != 2 or a.const is not None or not is_float(w):
         return None
     if node.op_type == "MatMul":
-        return a, w, b
+        return a, w, b, None
     if node.attrs.get("transA", 0):
         return None
     c = node.inputs[2] if len(node.inputs) > 2 else None
-    if c is not None and (const_of(c) is None or np.any(const_of(c) * node.attrs.get("beta", 1.0) != 0)):
-        return None                                   # a router bias: not part of polyport::MoE
+    bias = None
+    if c is not None and (const_of(c) is None or const_of(c).size != w.shape[0 if node.attrs.get("transB", 0) else 1]
+                          or node.attrs.get("beta", 1.0) != 1.0):
+        return None                                   # not one constant bias per expert
+    if c is not None and np.any(const_of(c) != 0):
+        bias = c
     alpha = float(node.attrs.get("alpha", 1.0))
     w = w.T if node.attrs.get("transB", 0) else w
     if alpha != 1.0:
         w = w * np.asarray(alpha, w.dtype)
     same = b if not node.attrs.get("transB", 0) and alpha == 1.0 else None
-    return a, np.ascontiguousarray(w), same
+    return a, np.ascontiguousarray(w), same, bias
 
 
 def identify_scoring(logits: Value, scores: Value) -> str:

@@ -183,7 +183,8 @@ def _ops():
     class GroupedMatmul(OpRun):
         op_domain = CANN_DOMAIN
 
-        def _run(self, x, weight, group_list, split_item=3, group_type=0, group_list_type=0, act_type=0):
+        def _run(self, x, weight, group_list, bias=None, split_item=3, group_type=0, group_list_type=0,
+                 act_type=0):
             ends = np.asarray(group_list, np.int64)
             if group_list_type == 1:
                 ends = np.cumsum(ends)
@@ -192,6 +193,8 @@ def _ops():
             for e, end in enumerate(ends):
                 if end > start:
                     out[start:end] = _f32(x[start:end]) @ _f32(weight[e])      # fp32 accumulation
+                    if bias is not None:                                        # one bias row per group
+                        out[start:end] += _f32(bias[e])
                 start = end
             return (out.astype(x.dtype),)
 

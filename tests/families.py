@@ -26,11 +26,6 @@ UNGATED_MLP = {"starcoder2"}
 
 # (export, check) -> reason; fusion checks: (layers that fuse, reason).
 GAPS: dict[tuple[str, str], object] = {
-    ("phimoe_a", "moe"): (0, "PhiMoE's SparseMixer router picks each expert from its own masked softmax "
-                             "(a second softmax with the first choice masked out); polyport::MoE's top-k over one "
-                             "score vector cannot express it"),
-    ("gpt_oss_a", "moe"): (0, "gpt-oss experts have a router bias, per-expert biases and the clamped "
-                              "(up + 1) * gate * sigmoid(1.702 gate) activation: none of them is in polyport::MoE"),
 }
 
 CHECKS = ("reference", "attention", "moe", "cpu", "ascend", "cuda", "rocm")

@@ -19,7 +19,7 @@ from tests.real_models import model_path
 
 
 @pytest.mark.parametrize("attrs,message", [
-    ({"top_k": 2, "routing": "x"}, "unknown attribute 'routing'"),
+    ({"top_k": 2, "expert_choice": "x"}, "unknown attribute 'expert_choice'"),
     ({"scoring": "softmax"}, "attribute 'top_k' is required"),
     ({"top_k": 2, "scoring": "relu"}, "'scoring' is 'relu'; one of softmax, sigmoid, sqrtsoftplus"),
     ({"top_k": "2"}, "attribute 'top_k' must be int"),

@@ -23,11 +23,15 @@ def _infer(node, ctx):
     return [TensorType(x.dtype, None if x.shape is None else x.shape[:-1] + (out,))]
 
 
-def gated(gate: np.ndarray, up: np.ndarray, activation: str, clamp: float) -> np.ndarray:
+def gated(gate: np.ndarray, up: np.ndarray, activation: str, clamp: float, alpha: float = 1.0,
+          up_offset: float = 0.0) -> np.ndarray:
+    """act(gate) * (up + up_offset), both halves clamped first when `clamp` > 0; `alpha` is SiLU's
+    sigmoid slope, g * sigmoid(alpha * g) (gpt-oss: alpha 1.702, up_offset 1)."""
     if clamp:
         gate = np.minimum(gate, clamp)
         up = np.clip(up, -clamp, clamp)
-    return ACTIVATIONS[activation](gate) * up
+    act = gate / (1.0 + np.exp(-np.float32(alpha) * gate)) if alpha != 1.0 else ACTIVATIONS[activation](gate)
+    return act * (up + np.float32(up_offset)) if up_offset else act * up
 
 
 @reference("GatedMLP", domain="polyport")

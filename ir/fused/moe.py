@@ -2,15 +2,25 @@
 
 x: [..., H]; router_w: [H, E]; e_bias: [E] (selection only); w_gate, w_up:
 [E, H, I]; w_down: [E, I, H]; hash_table: [vocab, top_k] int and token_ids
-(x's leading shape) for hash routing, which replaces the top-k selection.
+(x's leading shape) for hash routing, which replaces the top-k selection;
+router_b: [E], b_gate, b_up: [E, I], b_down: [E, H]: biases (gpt-oss).
 
-    logits  = x @ router_w
+    logits  = x @ router_w (+ router_b)
     scores  = softmax | sigmoid | sqrt(softplus) (logits)
     choice  = scores + e_bias                          (selection only)
     n_group > 1: keep the topk_group groups whose best-two choice sum is largest
     idx     = top_k(choice)  or  hash_table[token_ids]  (ids outside [0, vocab): an input error)
     w       = scores[idx]; renormalize: w /= sum(w); w *= routed_scaling
-    y       = sum_k w_k * GatedMLP(x; w_gate[idx_k], w_up[idx_k], w_down[idx_k])
+    routing "sparsemixer" (PhiMoE, inference form; top_k 2, scores unused): idx_1 = argmax(logits),
+              w_1 = its probability in a softmax over the logits within 2 * jitter_eps (relative) of the
+              max; idx_2, w_2 the same over the logits with idx_1 removed; w *= routed_scaling
+    g, u    = x @ w_gate[e] (+ b_gate[e]), x @ w_up[e] (+ b_up[e])       for e = idx_k
+    clamp:    g = min(g, clamp), u = clip(u, -clamp, clamp)
+    h       = act(g) * (u + up_offset)        silu with `alpha`: g * sigmoid(alpha * g)
+    y       = sum_k w_k * (h @ w_down[e] (+ b_down[e]))
+
+gpt-oss keeps gate and up interleaved in one [E, H, 2I] tensor (gate = columns 0::2):
+fuse-moe splits the constant into w_gate / w_up, so the op needs no layout attribute.
 
 Shared experts are not part of this op: they stay a GatedMLP beside it, whose
 output the graph adds (a target may fuse that add).
@@ -28,20 +38,42 @@ SCORING = {
     "sqrtsoftplus": lambda z: np.sqrt(np.logaddexp(0.0, z)),
 }
 
-define("MoE", inputs=("x", "router_w", "e_bias?", "w_gate", "w_up", "w_down", "hash_table?", "token_ids?"),
+define("MoE", inputs=("x", "router_w", "e_bias?", "w_gate", "w_up", "w_down", "hash_table?", "token_ids?",
+                     "router_b?", "b_gate?", "b_up?", "b_down?"),
        outputs=("y",),
        attrs={"top_k": AttrSpec(int), "scoring": AttrSpec(str, "softmax", choices=tuple(SCORING)),
               "n_group": AttrSpec(int, 1), "topk_group": AttrSpec(int, 1),
               "renormalize": AttrSpec(int, 0), "routed_scaling": AttrSpec(float, 1.0),
-              "activation": AttrSpec(str, "silu", choices=tuple(ACTIVATIONS)), "clamp": AttrSpec(float, 0.0)},
+              "activation": AttrSpec(str, "silu", choices=tuple(ACTIVATIONS)), "clamp": AttrSpec(float, 0.0),
+              "alpha": AttrSpec(float, 1.0, doc="silu's sigmoid slope: g * sigmoid(alpha * g)"),
+              "up_offset": AttrSpec(float, 0.0, doc="added to the up half before the product"),
+              "routing": AttrSpec(str, "topk", choices=("topk", "sparsemixer")),
+              "jitter_eps": AttrSpec(float, 0.0, doc="sparsemixer: the relative band kept in each softmax is 2x this")},
        doc="Mixture-of-experts feed-forward with SwiGLU experts.")
 
+MOE_INPUTS = ("x", "router_w", "e_bias", "w_gate", "w_up", "w_down", "hash_table", "token_ids", "router_b", "b_gate",
+              "b_up", "b_down")
 RENORM_EPS = 1e-20     # keeps renormalisation finite when every selected weight is 0
 
 
 @infers("MoE", domain="polyport")
 def _infer(node, ctx):
+    a = attrs_of(node)
+    if a["alpha"] != 1.0 and a["activation"] != "silu":
+        raise errors.PolyportError(f"node {node.name} (polyport::MoE): alpha {a['alpha']:g} applies to silu only, "
+                                   f"not {a['activation']}")
+    if a["routing"] == "sparsemixer" and (a["top_k"] != 2 or a["n_group"] != 1 or a["renormalize"]
+                                          or any(operand(node.inputs, n) is not None
+                                                 for n in ("e_bias", "hash_table"))):
+        raise errors.PolyportError(f"node {node.name} (polyport::MoE): sparsemixer routing picks top_k=2 experts "
+                                   "with no groups, renormalisation, selection bias or hash table")
     return same_type(node)
+
+
+def operand(inputs, name: str):
+    """MoE's operand `name` from a node's inputs (None where absent)."""
+    i = MOE_INPUTS.index(name)
+    return inputs[i] if len(inputs) > i else None
 
 
 def select_top_k(choice: np.ndarray, top_k: int, n_group: int = 1, topk_group: int = 1,
@@ -86,6 +118,9 @@ def routing_weights(scores: np.ndarray, idx: np.ndarray, renormalize: bool, scal
 def route(logits: np.ndarray, attrs: dict, e_bias=None, hash_table=None,
           token_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """(expert indices [T, k], weights [T, k]) for router logits [T, E]; `attrs` as `attrs_of` gives them."""
+    if attrs["routing"] == "sparsemixer":
+        idx, w = sparsemixer(f32(logits), attrs["jitter_eps"])
+        return idx, (w * np.float32(attrs["routed_scaling"])).astype(np.float32)
     scores = SCORING[attrs["scoring"]](f32(logits)).astype(np.float32)
     if hash_table is not None:
         idx = hash_select(hash_table, token_ids)
@@ -95,18 +130,44 @@ def route(logits: np.ndarray, attrs: dict, e_bias=None, hash_table=None,
     return idx, routing_weights(scores, idx, attrs["renormalize"], attrs["routed_scaling"])
 
 
+def sparsemixer(logits: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """PhiMoE's router at inference (transformers' `sparsemixer`, training=False): (indices [T, 2], weights
+    [T, 2]). Each pick is the argmax (ties to the lower expert) of the logits left, weighed by its softmax
+    over the logits within 2 * jitter_eps of that max, relative to max(|logit|, max)."""
+    z = f32(logits)
+    left = z.copy()
+    idx = np.zeros(z.shape[:-1] + (2,), np.int64)
+    w = np.zeros(z.shape[:-1] + (2,), np.float32)
+    rows = np.arange(z.shape[0])
+    for k in range(2):
+        i = np.argmax(left, axis=-1)
+        m = left[rows, i][:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):      # 0 / 0 is NaN: not masked, as in torch
+            masked = (m - z) / np.maximum(np.abs(z), m) > np.float32(2 * jitter_eps)
+        p = softmax(np.where(masked, np.float32(-np.inf), left), -1)
+        idx[:, k], w[:, k] = i, p[rows, i]
+        left[rows, i] = -np.inf
+    return idx, w
+
+
 @reference("MoE", domain="polyport")
 def moe(node, inputs, ctx):
     x, router_w, e_bias, wg, wu, wd = inputs[:6]
-    hash_table = inputs[6] if len(inputs) > 6 else None
-    token_ids = inputs[7] if len(inputs) > 7 else None
+    hash_table, token_ids, router_b, bg, bu, bd = (operand(inputs, n) for n in MOE_INPUTS[6:])
     a = attrs_of(node)
     h = x.shape[-1]
     xf = f32(x).reshape(-1, h)
-    idx, w = route(xf @ f32(router_w), a, e_bias, hash_table, token_ids)
-    y = np.zeros_like(xf)
+    logits = xf @ f32(router_w)
+    if router_b is not None:
+        logits = logits + f32(router_b)
+    idx, w = route(logits, a, e_bias, hash_table, token_ids)
+    y = np.zeros((xf.shape[0], wd.shape[-1]), np.float32)
+
+    def biased(v, b, e):
+        return v if b is None else v + f32(b[e])
     for e in np.unique(idx):               # group tokens by expert: each expert runs once
         tok, slot = np.nonzero(idx == e)
-        hid = gated(xf[tok] @ f32(wg[e]), xf[tok] @ f32(wu[e]), a["activation"], a["clamp"])
-        np.add.at(y, tok, (hid @ f32(wd[e])) * w[tok, slot, None])
-    return [like(y.reshape(x.shape), x)]
+        hid = gated(biased(xf[tok] @ f32(wg[e]), bg, e), biased(xf[tok] @ f32(wu[e]), bu, e), a["activation"],
+                    a["clamp"], a["alpha"], a["up_offset"])
+        np.add.at(y, tok, biased(hid @ f32(wd[e]), bd, e) * w[tok, slot, None])
+    return [like(y.reshape(x.shape[:-1] + (wd.shape[-1],)), x)]

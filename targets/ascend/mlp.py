@@ -15,10 +15,11 @@ from .emission import CANN_DOMAIN, decomposes, dims, lowers, tname
 
 
 # ---- gated activations (SwiGlu, clamp and non-SiLU fallbacks) --------------------------------
-def gated(em, node: Node, h: str, rows: list, inter: int, activation: str, clamp: float) -> str:
+def gated(em, node: Node, h: str, rows: list, inter: int, activation: str, clamp: float, alpha: float = 1.0,
+          up_offset: float = 0.0) -> str:
     cd = em.compute
     em.check(node, "SwiGlu", {"dtype": tname(cd), "split_dim_even": True})
-    if not clamp and activation == "silu":
+    if not clamp and activation == "silu" and alpha == 1.0 and not up_offset:
         return em.emit("SwiGlu", [h], [(em.fresh(f"{node.name}_swiglu"), cd, rows + [inter])],
                          {"dim": -1}, CANN_DOMAIN)[0]
     split = em.ints([inter, inter], f"{node.name}_split")
@@ -32,6 +33,12 @@ def gated(em, node: Node, h: str, rows: list, inter: int, activation: str, clamp
                       note="SwiGLU limit: CANN's SwiGlu has no clamp")[0]
         u = em.emit("Clip", [u, nc, c], [(em.fresh(f"{node.name}_up_clamped"), cd, rows + [inter])],
                       note="SwiGLU limit: CANN's SwiGlu has no clamp")[0]
+    if up_offset:
+        npd = helper.tensor_dtype_to_np_dtype(cd)
+        u = em.emit("Add", [u, em.const(np.asarray(up_offset, npd), f"{node.name}_up_offset")],
+                    [(em.fresh(f"{node.name}_up_plus"), cd, rows + [inter])], note="the up half's offset (gpt-oss)")[0]
+    if activation == "silu" and alpha != 1.0:
+        return sloped_silu(em, node, g, u, rows + [inter], alpha)
     if activation == "silu":
         both = em.emit("Concat", [g, u], [(em.fresh(f"{node.name}_gate_up"), cd, rows + [2 * inter])],
                          {"axis": -1})[0]
@@ -46,6 +53,22 @@ def gated(em, node: Node, h: str, rows: list, inter: int, activation: str, clamp
         raise PolyportError(f"node {node.name}: unknown activation {activation!r}")
     act = gelu(em, g, node.name, cd, rows + [inter], tanh=activation == "gelu_tanh")
     return em.emit("Mul", [act, u], [(em.fresh(f"{node.name}_gated"), cd, rows + [inter])])[0]
+
+
+def sloped_silu(em, node: Node, g: str, u: str, sh: list, alpha: float) -> str:
+    """g * sigmoid(alpha g) * u (gpt-oss's alpha 1.702) in standard ops: SwiGlu's slope is 1."""
+    cd = em.compute
+    npd = helper.tensor_dtype_to_np_dtype(cd)
+    msg = (f"node {node.name}: CANN SwiGlu is g * sigmoid(g) * u, not g * sigmoid({alpha:g} g) * u; "
+           "used fallback: decomposed standard ops (Mul, Sigmoid)")
+    warnings.warn(msg, L.AscendFallbackWarning, stacklevel=3)
+    em.fallbacks.append({"node": node.name, "cann_op": "SwiGlu", "limit": "sigmoid slope 1", "actual": alpha,
+                         "fallback": "decomposed standard ops", "message": msg})
+    z = em.emit("Mul", [g, em.const(np.asarray(alpha, npd), f"{node.name}_alpha")],
+                [(em.fresh(f"{node.name}_gate_scaled"), cd, sh)])[0]
+    z = em.emit("Sigmoid", [z], [(em.fresh(f"{node.name}_gate_sigmoid"), cd, sh)])[0]
+    z = em.emit("Mul", [g, z], [(em.fresh(f"{node.name}_glu"), cd, sh)])[0]
+    return em.emit("Mul", [z, u], [(em.fresh(f"{node.name}_gated"), cd, sh)])[0]
 
 
 def gelu(em, x: str, base: str, cd: int, sh, *, tanh: bool, out=None) -> str:

@@ -1,11 +1,18 @@
 """MoE -> MoeGatingTopK (or a polyport kernel: sqrt-softplus scoring, hash routing; or decomposed gating)
--> MoeInitRoutingV2 -> GroupedMatmul (gate|up) -> SwiGlu -> GroupedMatmul (down) -> MoeFinalizeRoutingV2."""
+-> MoeInitRoutingV2 -> GroupedMatmul (gate|up) -> SwiGlu -> GroupedMatmul (down) -> MoeFinalizeRoutingV2.
+
+gpt-oss's biases map onto the operators' own bias inputs: the router bias is added to the logits
+before the gating, the gate|up bias is GroupedMatmul's per-group bias, the down bias is
+MoeFinalizeRoutingV2's per-expert bias (added before the routing weight scales a row). Its
+activation (sigmoid slope alpha, up + 1) is no SwiGlu: decomposed into standard ops. PhiMoE's
+SparseMixer routing (two argmax picks, each weighed by its own masked softmax) has no CANN gating
+operator either: decomposed into standard ops (ArgMax, ReduceMax, Where, Exp, ReduceSum) in fp32."""
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto
 
-from ...ir.fused.moe import RENORM_EPS
+from ...ir.fused.moe import MOE_INPUTS, RENORM_EPS
 from ...ir.graph import Node
 from ...ir.ops import attrs_of
 from ...ir.symbolic import SymExpr
@@ -17,9 +24,8 @@ from .mlp import gate_up_weight, gated
 # ---- MoE -> MoeGatingTopK -> MoeInitRoutingV2 -> GMM -> SwiGlu -> GMM -> MoeFinalizeRoutingV2 ------
 @lowers("MoE")
 def moe(em, node: Node) -> None:
-    x, router_w, e_bias, wg, wu, wd = node.inputs[:6]
-    hash_table = node.inputs[6] if len(node.inputs) > 6 else None
-    token_ids = node.inputs[7] if len(node.inputs) > 7 else None
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids, router_b, b_gate, b_up, b_down = \
+        (list(node.inputs) + [None] * len(MOE_INPUTS))[:len(MOE_INPUTS)]
     a = attrs_of(node)
     cd = em.compute
     k, scoring = a["top_k"], a["scoring"]
@@ -39,10 +45,15 @@ def moe(em, node: Node) -> None:
                     note="router in fp32")[0]
     logits = em.emit("MatMul", [x32, em.get(router_w, F32)],
                        [(em.fresh(f"{node.name}_router_logits"), F32, rows_t + [e])], note="router")[0]
+    if router_b is not None:
+        logits = em.emit("Add", [logits, em.get(router_b, F32)],
+                         [(em.fresh(f"{node.name}_router_logits_biased"), F32, rows_t + [e])], note="router bias")[0]
     renorm, scaling = a["renormalize"], a["routed_scaling"]
     gate_outs = [(em.fresh(f"{node.name}_topk_weights"), F32, rows_t + [k]),
                  (em.fresh(f"{node.name}_topk_ids"), TensorProto.INT32, rows_t + [k])]
-    if hash_table is not None:
+    if a["routing"] == "sparsemixer":
+        w, idx = sparsemixer_gating(em, node, logits, rows_t, e, a["jitter_eps"], scaling)
+    elif hash_table is not None:
         em.kernels.add("MoeHashRoutingGate")
         ids = em.get(token_ids)
         if len(token_ids.shape) != 1:
@@ -90,17 +101,23 @@ def moe(em, node: Node) -> None:
     em.check(node, "GroupedMatmul", {"group_count": e, "dtype": tname(cd), "k_dim": hdim, "n_dim": 2 * inter})
     w_gu = gate_up_weight(em, node, wg, wu, -1)
     gmm_attrs = {"split_item": 3, "group_type": 0, "group_list_type": 0, "act_type": 0}
-    h = em.emit("GroupedMatmul", [ex, w_gu, counts],
+    gu_bias = []
+    if b_gate is not None or b_down is not None:
+        bg, bu = (np.zeros((e, inter), np.float32) if b is None else np.asarray(b.const, np.float32)
+                  for b in (b_gate, b_up))
+        gu_bias = [em.const(np.concatenate([bg, bu], -1).astype(tname(cd)), f"{node.name}_b_gate_up")]
+    h = em.emit("GroupedMatmul", [ex, w_gu, counts] + gu_bias,
                   [(em.fresh(f"{node.name}_gate_up"), cd, rows_tk + [2 * inter])], gmm_attrs, CANN_DOMAIN,
                   note="gate|up of every expert: weights [E, H, 2I]")[0]
-    act = gated(em, node, h, rows_tk, inter, a["activation"], a["clamp"])
+    act = gated(em, node, h, rows_tk, inter, a["activation"], a["clamp"], a["alpha"], a["up_offset"])
     down = em.emit("GroupedMatmul", [act, em.get(wd, cd), counts],
                      [(em.fresh(f"{node.name}_down"), cd, rows_tk + [hdim])], gmm_attrs, CANN_DOMAIN,
                      note="down of every expert: weights [E, I, H]")[0]
     scales = em.emit("Cast", [w], [(em.fresh(f"{node.name}_scales"), cd, rows_t + [k])], {"to": cd})[0]
     final = em.out(node.outputs[0], cd)
     fin_out = final if len(xs) == 2 else (em.fresh(f"{node.name}_y2d"), cd, rows_t + [hdim])
-    y = em.emit("MoeFinalizeRoutingV2", [down, row_idx, "", "", "", scales, idx], [fin_out],
+    down_bias = em.get(b_down, cd) if b_down is not None else ""
+    y = em.emit("MoeFinalizeRoutingV2", [down, row_idx, "", "", down_bias, scales, idx], [fin_out],
                   {"drop_pad_mode": 0}, CANN_DOMAIN)[0]
     if len(xs) != 2:
         shp = em.emit("Shape", [em.get(x, cd)], [(em.fresh(f"{node.name}_xshape"), TensorProto.INT64,
@@ -131,4 +148,40 @@ def decomposed_gating(em, node, logits, e_bias, rows, e, k, scoring, renorm, sca
                   [(em.fresh(f"{node.name}_topk_weights"), F32, rows + [k])])[0]
     idx = em.emit("Cast", [idx64], [(em.fresh(f"{node.name}_topk_ids"), TensorProto.INT32, rows + [k])],
                     {"to": TensorProto.INT32})[0]
+    return w, idx
+
+
+def sparsemixer_gating(em, node, logits, rows, e, jitter_eps, scaling):
+    """PhiMoE's two picks in opset-18 ops, as ir/fused/moe.py `sparsemixer` defines them: each the first argmax
+    of the logits left, weighed by 1 / sum exp(z - max) over the logits left within (max - z) <= 2 eps
+    max(|z|, max). Returns (weights f32 [T, 2], ids int32 [T, 2])."""
+    n, sh, col = node.name, rows + [e], rows + [1]
+    boolean, i64 = TensorProto.BOOL, TensorProto.INT64
+
+    def op(kind, ins, elem, shape, attrs=None, note=""):
+        return em.emit(kind, ins, [(em.fresh(f"{n}_{kind.lower()}"), elem, shape)], attrs, note=note)[0]
+
+    def f(x, base):
+        return em.const(np.asarray(x, np.float32), f"{n}_{base}")
+
+    experts = em.ints(np.arange(e), f"{n}_experts")
+    axes = em.ints([-1], f"{n}_last")
+    absz = op("Abs", [logits], F32, sh)
+    left, picks, weights = logits, [], []
+    for k in range(2):
+        i = op("ArgMax", [left], i64, col, {"axis": -1, "keepdims": 1},
+               note="sparsemixer (decomposed: CANN has no such gating)" if k == 0 else "")
+        m = op("ReduceMax", [left, axes], F32, col, {"keepdims": 1})
+        band = op("LessOrEqual", [op("Sub", [m, logits], F32, sh),
+                                  op("Mul", [op("Max", [absz, m], F32, sh), f(2 * jitter_eps, "band")], F32, sh)],
+                  boolean, sh)
+        ex = op("Where", [band, op("Exp", [op("Sub", [left, m], F32, sh)], F32, sh), f(0.0, "zero")], F32, sh)
+        den = op("ReduceSum", [ex, axes], F32, col, {"keepdims": 1})
+        picks.append(i)
+        weights.append(op("Div", [f(scaling, "scaling"), den], F32, col))
+        if k == 0:
+            left = op("Where", [op("Equal", [experts, i], boolean, sh), f(-np.inf, "ninf"), left], F32, sh)
+    w = em.emit("Concat", weights, [(em.fresh(f"{n}_topk_weights"), F32, rows + [2])], {"axis": -1})[0]
+    idx = op("Cast", [em.emit("Concat", picks, [(em.fresh(f"{n}_picks"), i64, rows + [2])], {"axis": -1})[0]],
+             TensorProto.INT32, rows + [2], {"to": TensorProto.INT32})
     return w, idx

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from ...ir.fused.moe import RENORM_EPS
+from ...ir.fused.moe import MOE_INPUTS, RENORM_EPS
 from ...ir.ops import attrs_of
 from . import FLOAT_BF, lowers
 from .dense import flatten2d, packed_gemm
@@ -102,8 +102,8 @@ def moe_cpu(lw, node):
     """One call_tir into the fused cpu MoE kernel (routing, expert grouping, GEMMs, combine)."""
     from ..kernels.cpu import moe
     relax = lw.relax
-    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
-    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+    ins = list(node.inputs) + [None] * (len(MOE_INPUTS) - len(node.inputs))
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids, router_b, b_gate, b_up, b_down = ins
     a = attrs_of(node)
     x2, shape = flatten2d(lw, lw.get(x))
     H, E = (lw.as_int(d) for d in lw.shape(lw.get(router_w)))
@@ -117,8 +117,9 @@ def moe_cpu(lw, node):
     spec = moe.MoeSpec(
         hidden=H, experts=E, top_k=a["top_k"], inter=I, out=Ho, scoring=a["scoring"],
         n_group=groups, topk_group=a["topk_group"], renormalize=bool(a["renormalize"]),
-        scaling=a["routed_scaling"], act=a["activation"], clamp=a["clamp"], x_dtype=x2.ty.dtype,
-        w_dtype=lw.get(wg).ty.dtype)
+        scaling=a["routed_scaling"], act=a["activation"], clamp=a["clamp"], alpha=a["alpha"],
+        up_offset=a["up_offset"], router_bias=router_b is not None, routing=a["routing"], jitter_eps=a["jitter_eps"],
+        biases=any(b is not None for b in (b_gate, b_up, b_down)), x_dtype=x2.ty.dtype, w_dtype=lw.get(wg).ty.dtype)
     if spec.scoring not in moe.SCORINGS:
         raise lw.unsupported(node, f"scoring {spec.scoring!r}")
     if hash_table is not None:
@@ -134,9 +135,42 @@ def moe_cpu(lw, node):
             bias = lw.emit(relax.op.astype(bias, "float32"))
         args = [x2, lw.get(router_w), bias]
     gv = lw.bb.add_func(moe.moe_func(spec), "moe")
-    y = lw.emit(relax.call_tir(gv, relax.Tuple(args + [lw.get(wg), lw.get(wu), lw.get(wd)]),
+    biases = [_f32_or_zeros(lw, router_b, (1,))] + \
+        [_f32_or_zeros(lw, b, shp if spec.biases else (1,)) for b, shp in ((b_gate, (E, I)), (b_up, (E, I)),
+                                                                             (b_down, (E, Ho)))]
+    y = lw.emit(relax.call_tir(gv, relax.Tuple(args + [lw.get(wg), lw.get(wu), lw.get(wd)] + biases),
                                  relax.TensorType([lw.shape(x2)[0], Ho], x2.ty.dtype)))
     return lw.emit(relax.op.reshape(y, shape[:-1] + [Ho])) if len(shape) != 2 else y
+
+
+def _sparsemixer(lw, z, jitter_eps: float):
+    """PhiMoE's two picks as Relax ops (ir/fused/moe.py `sparsemixer`): each pick the argmax of the logits
+    left, its weight 1 / sum exp(z - max) over the logits left within the band (max - z) <= 2 eps
+    max(|z|, max)."""
+    relax = lw.relax
+    op = relax.op
+    E = lw.as_int(lw.shape(z)[1])
+    experts = relax.const(np.arange(E, dtype=np.int64))
+    ninf, zero = relax.const(float("-inf"), "float32"), relax.const(0.0, "float32")
+    left, picks, weights = z, [], []
+    for _ in range(2):
+        i = lw.emit(op.argmax(left, -1, keepdims=True))
+        m = lw.emit(op.max(left, [-1], keepdims=True))
+        band = op.less_equal(op.subtract(m, z), op.multiply(relax.const(2 * jitter_eps, "float32"),
+                                                            op.maximum(op.abs(z), m)))
+        den = lw.emit(op.sum(op.where(band, op.exp(op.subtract(left, m)), zero), [-1], keepdims=True))
+        picks.append(i)
+        weights.append(lw.emit(op.divide(relax.const(1.0, "float32"), den)))
+        left = lw.emit(op.where(op.equal(experts, i), ninf, left))
+    return lw.emit(op.concat(picks, -1)), lw.emit(op.concat(weights, -1))
+
+
+def _f32_or_zeros(lw, v, shape):
+    """Operand `v` as f32, or zeros of `shape` where the node has none (a bias the kernel adds as 0)."""
+    if v is None:
+        return lw.relax.const(np.zeros(shape, np.float32))
+    x = lw.get(v)
+    return x if x.ty.dtype == "float32" else lw.emit(lw.relax.op.astype(x, "float32"))
 
 
 @lowers("polyport::MoE", dtypes=FLOAT_BF, kernels=("portable",))
@@ -145,12 +179,14 @@ def moe_portable(lw, node):
     from ..kernels.portable import moe
     relax = lw.relax
     op = relax.op
-    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
-    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+    ins = list(node.inputs) + [None] * (len(MOE_INPUTS) - len(node.inputs))
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids, router_b, b_gate, b_up, b_down = ins
     a = attrs_of(node)
     x2, shape = flatten2d(lw, lw.get(x))
     x2f = x2 if x2.ty.dtype == "float32" else lw.emit(op.astype(x2, "float32"))
     logits = lw.emit(op.matmul(x2f, lw.get(router_w)))
+    if router_b is not None:
+        logits = lw.emit(op.add(logits, _f32_or_zeros(lw, router_b, None)))
     scoring = a["scoring"]
     if scoring == "softmax":
         scores = lw.emit(op.nn.softmax(logits, -1))
@@ -163,7 +199,9 @@ def moe_portable(lw, node):
         scores = lw.emit(op.sqrt(sp))
     else:
         raise lw.unsupported(node, f"scoring {scoring!r}")
-    if hash_table is not None:
+    if a["routing"] == "sparsemixer":
+        idx, w = _sparsemixer(lw, logits, a["jitter_eps"])
+    elif hash_table is not None:
         table = lw.get(hash_table)
         tid = lw.emit(op.astype(op.reshape(lw.get(token_ids), [-1]), "int64"))
         idx = lw.emit(op.astype(op.take(table, tid, axis=0), "int64"))
@@ -181,12 +219,22 @@ def moe_portable(lw, node):
                                          [T, E]))
             choice = lw.emit(op.where(gmask, choice, relax.const(float("-inf"), "float32")))
         idx = lw.emit(op.topk(choice, a["top_k"], -1, "indices", True, "int64"))
-    w = lw.emit(op.gather_elements(scores, idx, 1))
+    if a["routing"] != "sparsemixer":
+        w = lw.emit(op.gather_elements(scores, idx, 1))
     if a["renormalize"]:
         w = lw.emit(op.divide(w, op.add(op.sum(w, [-1], keepdims=True), relax.const(RENORM_EPS, "float32"))))
     scale = a["routed_scaling"]
     if scale != 1.0:
         w = lw.emit(op.multiply(w, relax.const(scale, "float32")))
-    y = lw.bb.emit_te(moe.moe_experts, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd),
-                        a["activation"], a["clamp"], primfunc_name_hint="moe_experts")
-    return lw.emit(op.reshape(y, shape)) if len(shape) != 2 else y
+    E, I, Ho = (lw.as_int(d) for d in (lw.shape(lw.get(wg))[0], lw.shape(lw.get(wg))[2], lw.shape(lw.get(wd))[2]))
+    biased = any(b is not None for b in (b_gate, b_up, b_down))
+    biases = [_f32_or_zeros(lw, b, shp) for b, shp in ((b_gate, (E, I)), (b_up, (E, I)), (b_down, (E, Ho)))] \
+        if biased else []
+    kw = dict(act=a["activation"], clamp=a["clamp"], alpha=a["alpha"], up_offset=a["up_offset"])
+
+    def fn(x2, idx, w, wg, wu, wd, *b):
+        return moe.moe_experts(x2, idx, w, wg, wu, wd, *(b or (None, None, None)), **kw)
+
+    y = lw.bb.emit_te(fn, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd), *biases, primfunc_name_hint="moe_experts")
+    out_shape = shape[:-1] + [lw.shape(lw.get(wd))[2]]
+    return lw.emit(op.reshape(y, out_shape)) if len(shape) != 2 else y

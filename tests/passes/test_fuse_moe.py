@@ -63,16 +63,19 @@ def _filled(b: _Builder, like: str, value: float, dtype=TensorProto.FLOAT) -> st
 
 def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=True, scale=1.0, clamp=0.0,
               hash_routing=False, weights_from="gather", experts="split", combine="reducesum",
-              x_rank=2, residual=True, near_miss=None, seed=0) -> onnx.ModelProto:
+              x_rank=2, residual=True, near_miss=None, seed=0, biases=False, alpha=1.0, up_offset=0.0
+              ) -> onnx.ModelProto:
     """One routed MoE block over x [seq, H] (or [1, seq, H]), written the way the exporter writes it.
 
-    out = x + moe(x), or moe(x) itself without `residual`."""
+    out = x + moe(x), or moe(x) itself without `residual`. `biases`: a router (Gemm) bias and per-expert
+    biases on every projection (gpt-oss); `alpha`, `up_offset`: up_offset + up times gate * sigmoid(alpha gate)."""
     rng = np.random.default_rng(seed)
     b = _Builder()
     f32 = np.float32
     router_w = rng.standard_normal((E, H)).astype(f32) * 0.5
     if x_rank == 2:                     # the exporter's flatten, then F.linear as Gemm
-        logits = b.op("Gemm", "x", b.const(router_w), transB=1)
+        router_b = [b.const((rng.standard_normal(E) * 0.5).astype(f32))] if biases else []
+        logits = b.op("Gemm", "x", b.const(router_w), *router_b, transB=1)
     else:                               # a router over [1, seq, H]; the experts flatten x themselves
         logits = b.op("MatMul", "x", b.const(router_w.T.copy()))
     if scoring == "softmax":
@@ -127,7 +130,11 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
 
     def linear(weights, v):             # F.linear per (token, expert): W[e] [out, in] @ v
         picked = b.op("GatherND", b.const(weights), rows)
-        return b.op("Squeeze", b.op("MatMul", picked, b.op("Unsqueeze", v, b.ints(-1))), b.ints(-1))
+        y = b.op("Squeeze", b.op("MatMul", picked, b.op("Unsqueeze", v, b.ints(-1))), b.ints(-1))
+        if biases:                      # gpt-oss: bias[e] gathered by the same rows
+            y = b.op("Add", y, b.op("GatherND", b.const((rng.standard_normal(weights.shape[:2]) * 0.3).astype(f32)),
+                                    rows))
+        return y
 
     if experts in ("split", "interleaved"):
         h = linear((rng.standard_normal((E, 2 * I, H)) * 0.3).astype(f32), xs)
@@ -144,13 +151,16 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
         gate = b.op("Clip", gate, "", b.const(f32(clamp)))
         up_limit = 3.0 if near_miss == "up_clamp_mismatch" else clamp
         up = b.op("Clip", up, b.const(f32(-up_limit)), b.const(f32(up_limit)))
-    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    slope = gate if alpha == 1.0 else b.op("Mul", gate, b.const(f32(alpha)))
+    if up_offset:
+        up = b.op("Add", up, b.const(f32(up_offset)))
+    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", slope)), up)
     if near_miss == "expert_switch":    # expert 0 uses another activation
         is0 = b.op("Unsqueeze", b.op("Equal", flat, b.ints(0)), b.ints(-1))
         act = b.op("Where", is0, b.op("Mul", b.op("Tanh", gate), up), act)
     out = linear((rng.standard_normal((E, H, I)) * 0.3).astype(f32), act)
-    if near_miss == "per_expert_bias":
-        out = b.op("Add", out, b.op("Gather", b.const(rng.standard_normal((E, H)).astype(f32)), flat, axis=0))
+    if near_miss == "per_expert_scale":
+        out = b.op("Mul", out, b.op("Gather", b.const(rng.standard_normal((E, H)).astype(f32)), flat, axis=0))
     out = b.op("Mul", out, b.op("Unsqueeze", b.op("Reshape", w, b.ints(-1)), b.ints(-1)))
     if combine == "reducesum":
         y = b.op("ReduceSum", b.op("Reshape", out, b.ints(-1, k, H)), b.ints(1), keepdims=0)
@@ -234,6 +244,9 @@ VARIANTS = {
     "ernie_clamped_sum_e_bias": (dict(bias=True, renormalize="clamp"), dict(renormalize=1), True, False),
     "x_1_seq_h": (dict(x_rank=3, renormalize=True), dict(renormalize=1), False, False),
     "output_is_graph_output": (dict(residual=False, combine="scatter"), dict(renormalize=1), False, False),
+    "gpt_oss": (dict(scoring="topk-softmax", weights_from="topk", renormalize=False, experts="interleaved",
+                     biases=True, clamp=7.0, alpha=1.702, up_offset=1.0),
+                dict(renormalize=1, clamp=7.0, alpha=pytest.approx(1.702), up_offset=1.0), False, False),
 }
 
 
@@ -251,6 +264,9 @@ def test_fuses_hand_built_block(variant):
     assert moe.inputs[3].shape == (E, H, I) and moe.inputs[4].shape == (E, H, I) and moe.inputs[5].shape == (E, I, H)
     if has_hash:
         assert moe.inputs[6].shape == (32, 2) and moe.inputs[7] is graph.inputs[1]
+    elif kwargs.get("biases"):      # router_b, b_gate, b_up, b_down after two absent hash operands
+        assert list(moe.inputs[6:8]) == [None, None]
+        assert [v.shape for v in moe.inputs[8:]] == [(E,), (E, I), (E, I), (E, H)]
     else:
         assert len(moe.inputs) == 6
     left = {n.op_type for n in graph.nodes}
@@ -296,7 +312,7 @@ NEAR_MISSES = {
     # name: (builder kwargs, words the note must contain)
     "scores_output": (dict(near_miss="scores_output"), "router scores"),
     "expert_switch": (dict(near_miss="expert_switch"), "same function"),
-    "per_expert_bias": (dict(near_miss="per_expert_bias"), "per-expert tensor"),
+    "per_expert_scale": (dict(near_miss="per_expert_scale"), "not a bias added"),
     "group_max": (dict(scoring="sigmoid", bias=True, groups=(4, 2), near_miss="group_max"), "best two"),
     "fill_zero": (dict(scoring="sigmoid", bias=True, groups=(4, 2), near_miss="fill_zero"), "not -inf"),
     "up_clamp_mismatch": (dict(clamp=7.0, near_miss="up_clamp_mismatch"), "does not compute"),

@@ -166,6 +166,11 @@ def test_op_plan_covers_every_fused_op(built, fused, name):
             assert got is None and any(f["node"] == node.name and f["cann_op"] == "SwiGlu"
                                        for f in fallbacks), (node.name, got)
             continue
+        if node.op_type == "MoE" and node.attrs.get("alpha", 1.0) != 1.0:
+            # gpt-oss's g * sigmoid(1.702 g) is no SwiGlu: decomposed between the GroupedMatmuls, and the plan says so
+            fallbacks = read_manifest(built[name])["targets"]["ascend"]["fallbacks"]
+            assert any(f["node"] == node.name and f["cann_op"] == "SwiGlu" for f in fallbacks), node.name
+            want = [op for op in want if op != "SwiGlu"]
         if node.op_type == "Attention" and node.attrs.get("softcap", 0.0):
             # FusedInferAttentionScore has no soft-cap: Gemma 2's attention is decomposed, and the plan says so
             fallbacks = read_manifest(built[name])["targets"]["ascend"]["fallbacks"]
@@ -173,7 +178,9 @@ def test_op_plan_covers_every_fused_op(built, fused, name):
                                        for f in fallbacks), (node.name, got)
             continue
         assert got is not None, f"{node.name} ({node.op_type}) has no CANN call in the plan"
-        if want[0] == "GATE":
+        if want[0] == "GATE" and node.attrs.get("routing") == "sparsemixer":
+            want = want[1:]             # PhiMoE's gating has no CANN operator: standard ops (note in the plan)
+        elif want[0] == "GATE":
             assert got[0] in ("MoeGatingTopK", "MoeGatingTopKSqrtSoftplus", "MoeHashRoutingGate")
             got = got[1:]
             want = want[1:]
@@ -213,6 +220,8 @@ def _compare(art, graph, seq, monkeypatch, seed=None):
     forced = iter(emu_trace)
 
     def route_as_emulated(logits, attrs, e_bias=None, hash_table=None, token_ids=None):
+        if attrs["routing"] == "sparsemixer":                # decomposed into standard ops: nothing traced
+            return _ROUTE(logits, attrs, e_bias, hash_table, token_ids)
         chosen = np.asarray(next(forced)).astype(np.int64)   # the same experts, weighed by fp32 scores
         if hash_table is not None:                           # a fixed table: nothing for fp16 to flip
             idx, _ = _ROUTE(logits, attrs, e_bias, hash_table, token_ids)

@@ -6,8 +6,8 @@ run by the emulator ("ascend"). Reference: `ir.fused.evaluate` (ir/fused/*.py).
 
 hypothesis draws each configuration: a static part (head counts and GQA ratio, head dims,
 windows, causal, masks, sinks, soft-capping, activations, scoring functions, groups, top-k up to E, hash
-tables) and a dynamic part (sequence length, KV-cache length behind the queries, weights,
-inputs, biases, token ids). A TVM build depends only on the static part (weights are parameters
+tables, gpt-oss's biases and activation, PhiMoE's sparsemixer routing) and a dynamic part (sequence
+length, KV-cache length behind the queries, weights, inputs, biases, token ids). A TVM build depends only on the static part (weights are parameters
 or inputs, the sequence is symbolic), so the TVM implementations draw their static part from a
 small pool and reuse each build across examples; the emulator has no build and draws it freely.
 Inputs are fp16-representable so the emulator (fp16 storage, fp32 router) sees the same routing.
@@ -221,7 +221,9 @@ def moe_static(draw):
                 n_group=groups, topk_group=draw.integer(1, groups), renormalize=draw.choice([0, 1]),
                 routed_scaling=draw.choice([1.0, 2.5]), bias=not hashed and draw.boolean(),
                 hash_vocab=draw.choice([3, 7]) if hashed else 0,
-                activation=draw.choice(["silu", "gelu"]), clamp=draw.choice([0.0, 1.0]))
+                activation=draw.choice(["silu", "gelu"]), clamp=draw.choice([0.0, 1.0]),
+                biases=draw.boolean(),       # gpt-oss: router and expert biases, sigmoid slope, up + 1
+                mixer=draw.choice([0.0, 0.0, 0.3]))   # > 0: PhiMoE's sparsemixer routing with this jitter_eps
 
 
 def moe_case(cfg, seq, rng) -> Case:
@@ -235,13 +237,23 @@ def moe_case(cfg, seq, rng) -> Case:
     wd = _half(rng, (e, i, h), 0.3)
     attrs = {a: cfg[a] for a in ("top_k", "scoring", "n_group", "topk_group", "renormalize", "routed_scaling",
                                  "activation", "clamp")}
-    operands = [x, rw, bias, wg, wu, wd]
-    shapes = [(S, h), (h, e), (e,), (e, h, i), (e, h, i), (e, i, h)]
+    if cfg["mixer"]:      # two picks from the logits alone: no selection bias, groups, renormalisation, table
+        attrs.update(routing="sparsemixer", jitter_eps=cfg["mixer"], top_k=2, n_group=1, topk_group=1, renormalize=0)
+        bias, v = None, 0
+    operands = [x, rw, bias, wg, wu, wd, None, None]
+    shapes = [(S, h), (h, e), (e,), (e, h, i), (e, h, i), (e, i, h), None, None]
     if v:
         table = np.stack([rng.permutation(e)[:k] for _ in range(v)]).astype(np.int64)
-        operands += [table, rng.integers(0, v, seq).astype(np.int64)]
-        shapes += [(v, k), (S,)]
-    return Case("MoE", attrs, operands, shapes, {0, 1, 2, 7}, (S, h))
+        operands[6:8] = [table, rng.integers(0, v, seq).astype(np.int64)]
+        shapes[6:8] = [(v, k), (S,)]
+    if cfg["biases"]:
+        attrs.update(up_offset=1.0, alpha=1.702 if cfg["activation"] == "silu" else 1.0)
+        operands += [_half(rng, (e,), 0.5), _half(rng, (e, i), 0.3), _half(rng, (e, i), 0.3), _half(rng, (e, h), 0.3)]
+        shapes += [(e,), (e, i), (e, i), (e, h)]
+    while operands[-1] is None:
+        operands.pop()
+        shapes.pop()
+    return Case("MoE", attrs, operands, shapes, {0, 1, 2, 7, 8}, (S, h))
 
 
 OPS = {"RMSNorm": (rmsnorm_static, rmsnorm_case), "Rotary": (rotary_static, rotary_case),

@@ -9,11 +9,11 @@ from tvm import te, tirx
 from . import fastmath
 
 
-def activation(name: str, g, clamp: float):
+def activation(name: str, g, clamp: float, alpha: float = 1.0):
     if clamp:
         g = tirx.min(g, tirx.const(clamp, "float32"))
-    if name == "silu":
-        return g / (tirx.const(1.0, "float32") + fastmath.exp(-g))     # vectorises (tirx.exp: libm per lane)
+    if name == "silu":      # g * sigmoid(alpha g); fastmath.exp vectorises (tirx.exp: libm per lane)
+        return g / (tirx.const(1.0, "float32") + fastmath.exp(-g if alpha == 1.0 else tirx.const(-alpha, "float32") * g))
     if name == "gelu":
         return tirx.const(0.5, "float32") * g * (tirx.const(1.0, "float32") + tirx.erf(g * tirx.const(1 / math.sqrt(2.0), "float32")))
     if name == "gelu_tanh":
@@ -22,10 +22,10 @@ def activation(name: str, g, clamp: float):
     raise ValueError(f"activation {name!r}")
 
 
-def clamp_up(u, clamp: float):
+def clamp_up(u, clamp: float, offset: float = 0.0):
     if clamp:
-        return tirx.max(tirx.min(u, tirx.const(clamp, "float32")), tirx.const(-clamp, "float32"))
-    return u
+        u = tirx.max(tirx.min(u, tirx.const(clamp, "float32")), tirx.const(-clamp, "float32"))
+    return u + tirx.const(offset, "float32") if offset else u
 
 
 def gate_up(x: te.Tensor, wg: te.Tensor, wu: te.Tensor, act: str, clamp: float):

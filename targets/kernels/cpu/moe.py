@@ -3,14 +3,14 @@
 One call per MoE node (the routing used to be a dozen Relax ops, each a VM call and an allocation,
 which cost more than the expert math on small models):
 
-1. route, per token: router logits (x @ router_w), scoring, optional group-limited selection,
+1. route, per token: router logits (x @ router_w, plus the router bias), scoring, optional group-limited selection,
    top-k (ties to the lower expert, as the reference's stable argsort) or the hash table, routing
    weights (renormalised, scaled). Meaning: ir/fused/moe.py.
 2. group the (token, slot) pairs by expert (counts -> offsets -> a stable counting sort) and cut
    each expert's rows into tiles of at most RB rows;
 3. per tile (in parallel when the work is big enough): gate/up GEMM over the tile's gathered token
-   rows reading that expert's weights in place, activation, scaled by the routing weight, down GEMM;
-   every weight vector load serves RB rows;
+   rows reading that expert's weights in place (plus its gate/up biases), activation, scaled by the
+   routing weight, down GEMM (plus the weighted down bias); every weight vector load serves RB rows;
 4. combine: each token sums its top_k rows (an inverse permutation instead of a racy scatter-add).
 
 The kernel carries its own loop schedule (parallel, vectorised over the contiguous output axis) and
@@ -49,6 +49,12 @@ class MoeSpec:
     scaling: float = 1.0
     act: str = "silu"
     clamp: float = 0.0
+    alpha: float = 1.0
+    up_offset: float = 0.0
+    router_bias: bool = False   # router_b [E] added to the logits
+    routing: str = "topk"       # or "sparsemixer" (PhiMoE: K = 2, weights from masked softmaxes of the logits)
+    jitter_eps: float = 0.0
+    biases: bool = False        # b_gate, b_up [E, I] and b_down [E, Ho] (zeros where the node has none)
     hash_vocab: int = 0      # > 0: hash routing over a [hash_vocab, K] table
     x_dtype: str = "float32"
     w_dtype: str = "float32"
@@ -70,7 +76,9 @@ def _vec(n: int):
 
 def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     """The PrimFunc: (x [T, H], router_w [H, E], e_bias [E] | (hash_table [V, K], token_ids [T]),
-    w_gate [E, H, I], w_up [E, H, I], w_down [E, I, Ho], y [T, Ho]) -> writes y."""
+    w_gate [E, H, I], w_up [E, H, I], w_down [E, I, Ho], router_b [E], b_gate [E, I], b_up [E, I],
+    b_down [E, Ho], y [T, Ho]) -> writes y. The biases are one-element placeholders where the spec
+    has none (`router_bias`, `biases`)."""
     H, E, K, I, Ho = s.hidden, s.experts, s.top_k, s.inter, s.out
     G, GS = s.n_group, s.experts // max(s.n_group, 1)
     V = max(s.hash_vocab, 1)
@@ -86,8 +94,25 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     stream = H * I * 4 > STREAM_BYTES
     GW, DW = (I, Ho) if stream else (VI, VO)
 
+    RB_SHAPE, BI_SHAPE, BO_SHAPE = ((E,) if s.router_bias else (1,)), ((E, I) if s.biases else (1,)), \
+        ((E, Ho) if s.biases else (1,))
+
+    def act(gv, uv, e, i, bg, bu):
+        """act(g + b_gate) * (clamp(u + b_up) + up_offset) of one element."""
+        if s.biases:
+            gv, uv = gv + bg[e, i], uv + bu[e, i]
+        return activation(s.act, gv, s.clamp, s.alpha) * clamp_up(uv, s.clamp, s.up_offset)
+
+    def logit(v, rb, e):
+        """A router logit plus the router bias."""
+        return v + rb[e] if s.router_bias else v
+
+    def down_biased(dv, e, o, w, bd):
+        """One output element of an expert's down GEMM (rows already weighted by w) plus w * b_down."""
+        return dv + w * bd[e, o] if s.biases else dv
+
     @T.macro
-    def router_logits(n, x, rw, lg):
+    def router_logits(n, x, rw, rb, lg):
         """lg = x @ router_w, RB tokens at a time (RB independent accumulator chains)."""
         for tb in range((n + (RB - 1)) // RB):
             acc = T.alloc_local((RB, E), f32)
@@ -100,7 +125,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                         acc[r, e] = acc[r, e] + T.Cast(f32, x[T.min(tb * RB + r, n - 1), h]) * T.Cast(f32, rw[h, e])
             for r in range(T.min(n - tb * RB, RB)):
                 for e in loop_e(E):
-                    lg[tb * RB + r, e] = acc[r, e]
+                    lg[tb * RB + r, e] = logit(acc[r, e], rb, e)
 
     @T.macro
     def scores_of(lg, t, sc):
@@ -176,6 +201,31 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             idx[t * K + k] = at[0]
 
     @T.macro
+    def sparsemixer(lg, t, idx, wt):
+        """idx[t, :], wt[t, :] = PhiMoE's two picks: each the first argmax of the logits left, weighed by
+        1 / sum exp(z - max) over the logits left with (max - z) <= 2 eps max(|z|, max) (the reference's
+        division, multiplied out: 0 / 0 keeps a logit there too)."""
+        left = T.alloc_local((E,), f32)
+        st = T.alloc_local((2,), f32)           # max, denominator
+        at = T.alloc_local((1,), "int64")
+        for e in range(E):
+            left[e] = lg[t, e]
+        for k in range(2):
+            at[0] = T.int64(0)
+            st[0] = left[0]
+            for e in range(1, E):
+                if left[e] > st[0]:
+                    st[0] = left[e]
+                    at[0] = T.int64(e)
+            st[1] = T.float32(0)
+            for e in range(E):
+                st[1] = st[1] + T.Select(st[0] - lg[t, e] <= T.float32(2 * s.jitter_eps) * T.max(T.abs(lg[t, e]), st[0]),
+                                         T.exp(left[e] - st[0]), T.float32(0))
+            idx[t * K + k] = at[0]
+            wt[t * K + k] = T.float32(s.scaling) / st[1]
+            left[at[0]] = T.float32(NEG_INF)
+
+    @T.macro
     def weights_of(sc, t, idx, wt):
         """wt[t, :] = scores at the chosen experts, renormalised and scaled."""
         tot = T.alloc_local((1,), f32)
@@ -214,7 +264,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 ntiles[0] = ntiles[0] + 1
 
     @T.macro
-    def tile_regs(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+    def tile_regs(j, x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
         """Accumulators are RB x one or two vectors: with r unrolled they live in registers."""
         e = tile_e[j]
         p0 = tile_p[j]
@@ -234,8 +284,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                         u[r, v] = u[r, v] + xs[r, h] * T.Cast(f32, wu[e, h, ic * VI + v])
             for r in T.unroll(RB):
                 for v in T.vectorized(VI):
-                    hid[r, ic * VI + v] = activation(s.act, g[r, v], s.clamp) * clamp_up(u[r, v], s.clamp) \
-                        * pw[p0 + T.min(r, nr - 1)]
+                    hid[r, ic * VI + v] = act(g[r, v], u[r, v], e, ic * VI + v, bg, bu) * pw[p0 + T.min(r, nr - 1)]
         for oc in range(Ho // VO):
             for r in T.unroll(RB):
                 for v in T.vectorized(VO):
@@ -246,10 +295,10 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                         d[r, v] = d[r, v] + hid[r, i] * T.Cast(f32, wd[e, i, oc * VO + v])
             for r in range(nr):
                 for v in T.vectorized(VO):
-                    dn[p0 + r, oc * VO + v] = d[r, v]
+                    dn[p0 + r, oc * VO + v] = down_biased(d[r, v], e, oc * VO + v, pw[p0 + r], bd)
 
     @T.macro
-    def tile_stream(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+    def tile_stream(j, x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
         """For experts too big for cache: walk each weight matrix once, row by row (contiguous, so the
         prefetcher streams it), accumulating whole rows of g/u/d in L1; only the tile's nr real rows."""
         e = tile_e[j]
@@ -272,8 +321,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         for r in range(nr):
             for ic in range(I // VI):
                 for v in T.vectorized(VI):
-                    hid[r, ic * VI + v] = activation(s.act, g[r, ic * VI + v], s.clamp) \
-                        * clamp_up(u[r, ic * VI + v], s.clamp) * pw[p0 + r]
+                    hid[r, ic * VI + v] = act(g[r, ic * VI + v], u[r, ic * VI + v], e, ic * VI + v, bg, bu) \
+                        * pw[p0 + r]
         for i in range(I):
             for oc in range(Ho // VO):
                 for r in range(nr):
@@ -282,10 +331,10 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         for r in range(nr):
             for oc in range(Ho // VO):
                 for v in T.vectorized(VO):
-                    dn[p0 + r, oc * VO + v] = d[r, oc * VO + v]
+                    dn[p0 + r, oc * VO + v] = down_biased(d[r, oc * VO + v], e, oc * VO + v, pw[p0 + r], bd)
 
     @T.macro
-    def tiles(first, count, step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn):
+    def tiles(first, count, step, x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn):
         """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most RB, all
         of expert tile_e[j]) -> dn[p] = weight * expert(x[rows[p]]). The scratch is allocated once
         per call of this (inside a parallel loop, once per chunk: not per tile)."""
@@ -296,12 +345,14 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         d = T.alloc_local((RB, DW), f32)
         for jj in range(count):
             if stream:
-                tile_stream(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+                tile_stream(first + jj * step, x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn, xs, hid,
+                            g, u, d)
             else:
-                tile_regs(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+                tile_regs(first + jj * step, x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn, xs, hid,
+                          g, u, d)
 
     @T.macro
-    def experts_and_combine(n, x, wg, wu, wd, idx, wt, y):
+    def experts_and_combine(n, x, wg, wu, wd, bg, bu, bd, idx, wt, y):
         off = T.alloc_buffer((E + 1,), "int64")
         rows = T.alloc_buffer((n * K,), "int64")
         pw = T.alloc_buffer((n * K,), f32)
@@ -314,9 +365,9 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         if n * (K * macs_per_row) >= PARALLEL_MIN_MACS:     # interleaved chunks balance the experts' tails
             for c in T.parallel(T.min(ntiles[0], CHUNKS)):
                 tiles(c, (ntiles[0] - c + T.min(ntiles[0], CHUNKS) - 1) // T.min(ntiles[0], CHUNKS),
-                      T.min(ntiles[0], CHUNKS), x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+                      T.min(ntiles[0], CHUNKS), x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn)
         else:
-            tiles(0, ntiles[0], 1, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+            tiles(0, ntiles[0], 1, x, wg, wu, wd, bg, bu, bd, off, rows, pw, tile_e, tile_p, dn)
         for t in range(n):
             acc = T.alloc_local((Ho,), f32)
             for o in loop_o(Ho):
@@ -331,7 +382,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         @T.prim_func(private=True)
         def moe_hash(x_h: T.handle, rw: T.Buffer((H, E), wdt), table: T.Buffer((V, K), tdt), tok_h: T.handle,
                      wg: T.Buffer((E, H, I), wdt), wu: T.Buffer((E, H, I), wdt), wd: T.Buffer((E, I, Ho), wdt),
-                     y_h: T.handle):
+                     rb: T.Buffer(RB_SHAPE, f32), bg: T.Buffer(BI_SHAPE, f32), bu: T.Buffer(BI_SHAPE, f32),
+                     bd: T.Buffer(BO_SHAPE, f32), y_h: T.handle):
             T.func_attr({"op_pattern": 8, "tirx.noalias": True})
             n = T.int64()
             x = T.match_buffer(x_h, (n, H), xdt)
@@ -340,20 +392,21 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             idx = T.alloc_buffer((n * K,), "int64")
             wt = T.alloc_buffer((n * K,), f32)
             lg = T.alloc_buffer((n, E), f32)
-            router_logits(n, x, rw, lg)
+            router_logits(n, x, rw, rb, lg)
             for t in range(n):
                 sc = T.alloc_local((E,), f32)
                 scores_of(lg, t, sc)
                 for k in range(K):      # ids are checked at the feeds, entries at import; the mod only guards memory
                     idx[t * K + k] = T.Cast("int64", table[T.floormod(tok[t], V), k])
                 weights_of(sc, t, idx, wt)
-            experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
+            experts_and_combine(n, x, wg, wu, wd, bg, bu, bd, idx, wt, y)
         return moe_hash
 
     @T.prim_func(private=True)
     def moe_topk(x_h: T.handle, rw: T.Buffer((H, E), wdt), bias: T.Buffer((E,), "float32"),
                  wg: T.Buffer((E, H, I), wdt), wu: T.Buffer((E, H, I), wdt), wd: T.Buffer((E, I, Ho), wdt),
-                 y_h: T.handle):
+                 rb: T.Buffer(RB_SHAPE, f32), bg: T.Buffer(BI_SHAPE, f32), bu: T.Buffer(BI_SHAPE, f32),
+                 bd: T.Buffer(BO_SHAPE, f32), y_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(x_h, (n, H), xdt)
@@ -361,11 +414,14 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         idx = T.alloc_buffer((n * K,), "int64")
         wt = T.alloc_buffer((n * K,), f32)
         lg = T.alloc_buffer((n, E), f32)
-        router_logits(n, x, rw, lg)
+        router_logits(n, x, rw, rb, lg)
         for t in range(n):
-            sc = T.alloc_local((E,), f32)
-            scores_of(lg, t, sc)
-            select_topk(sc, bias, t, idx)
-            weights_of(sc, t, idx, wt)
-        experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
+            if s.routing == "sparsemixer":
+                sparsemixer(lg, t, idx, wt)
+            else:
+                sc = T.alloc_local((E,), f32)
+                scores_of(lg, t, sc)
+                select_topk(sc, bias, t, idx)
+                weights_of(sc, t, idx, wt)
+        experts_and_combine(n, x, wg, wu, wd, bg, bu, bd, idx, wt, y)
     return moe_topk
