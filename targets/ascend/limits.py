@@ -65,6 +65,9 @@ class Limit:
 
 FIA = "FusedInferAttentionScore"
 FIA_SRC = "aclnnFusedInferAttentionScoreV2 (constraints: query/key/value shapes, numHeads, numKeyValueHeads)"
+FIA_PAGED_SRC = "aclnnFusedInferAttentionScoreV2 (blockTable / blockSize; the IncreFlashAttention branch)"
+FIA_MLA_SRC = "aclnnFusedInferAttentionScoreV2/V3 (queryRope / keyRope: the MLA path)"
+SCATTER_SRC = "aclnnScatterPaKvCache (CANN 8.3; ops-transformer attention/scatter_pa_kv_cache)"
 GATING = "MoeGatingTopK"
 GATING_SRC = "aclnnMoeGatingTopK (constraints on x [N, E], k, kGroup, groupCount)"
 
@@ -82,6 +85,26 @@ LIMITS: dict[str, list[Limit]] = {
         # polyport pads v with zeros and slices the output (standard Pad/Slice) when they differ.
         Limit("value_head_dim_equals_qk_head_dim", FIA, "in", (True,), FIA_SRC,
               fallback="v zero-padded to the query/key head dim (Pad), output sliced back (Slice)"),
+        # paged KV (blockTable): blockSize a multiple of 16 for float16/bfloat16, at most 512; the query heads
+        # per kv head of the incremental (IncreFlashAttention) branch at most 64. Transcribed, unverified.
+        Limit("block_size", FIA, "multiple_of", 16, FIA_PAGED_SRC),
+        Limit("block_size", FIA, "max", 512, FIA_PAGED_SRC),
+        Limit("kv_heads_ratio", FIA, "max", 64, FIA_PAGED_SRC),
+        # MLA (queryRope / keyRope): the latent (query/key/value) dim 512 and the rope dim 64, DeepSeek's sizes,
+        # as vLLM-Ascend's mla_v1 and cann-recipes-infer's DeepSeek-R1 call it. Transcribed, unverified.
+        Limit("mla_latent_dim", FIA, "in", (512,), FIA_MLA_SRC,
+              fallback="one [latent ; rope] key per token (Concat of the two caches), FIA without queryRope/keyRope, "
+                       "output sliced to the latent"),
+        Limit("mla_rope_dim", FIA, "in", (64,), FIA_MLA_SRC,
+              fallback="one [latent ; rope] key per token (Concat of the two caches), FIA without queryRope/keyRope, "
+                       "output sliced to the latent"),
+    ],
+    # Verified against ops-transformer attention/scatter_pa_kv_cache/README.md and the CANN 8.3 aclnn page
+    # (hiascend.com .../83RC1/API/aolapi/context/aclnnScatterPaKvCache.md): key/value float16, bfloat16 or int8
+    # on Atlas A2; caches 4-D; "Norm" = caches [num_blocks, block_size, num_head, head_size], slotMapping [tokens].
+    "ScatterPaKvCache": [
+        Limit("dtype", "ScatterPaKvCache", "in", DEVICE_FLOAT_DTYPES + ("int8",), SCATTER_SRC),
+        Limit("cache_mode", "ScatterPaKvCache", "in", ("Norm", "PA_NZ"), SCATTER_SRC),
     ],
     GATING: [
         Limit("dtype", GATING, "in", ("float16", "bfloat16", "float32"), GATING_SRC),
