@@ -143,7 +143,7 @@ def test_mla_decodes_the_absorbed_latent_cache():
     assert caches == {f"cache.{i}.kv.{p}": d for i in range(len(s.generation["layers"]))
                       for p, d in (("nope", dc), ("rope", dr))}
     # the corpus' small latent takes FIA's fallback (one [latent ; rope] key); DeepSeek's 512 + 64 the MLA path
-    assert any(f["program"] == "decode" and "mla_latent_dim" in f["limit"] for f in entry["fallbacks"])
+    assert any(f.get("program") == "decode" and "mla_latent_dim" in f["limit"] for f in entry["fallbacks"])
 
 
 def test_fia_mla_path_equals_one_concatenated_key():
