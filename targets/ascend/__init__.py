@@ -73,7 +73,7 @@ class AscendTarget(Target):
         with warnings.catch_warnings(record=True):      # recorded in the fallbacks; re-issued once below
             warnings.simplefilter("always", L.AscendFallbackWarning)
             low.run()
-            if programs is not None:
+            if getattr(programs, "decode", None) is not None:     # None: some layer cannot be cached
                 derived = write_programs(programs, out_dir, compute)
         fallbacks = low.fallbacks + (derived["fallbacks"] if derived else [])
         for fb in fallbacks:          # re-issued outside the catch so callers see them
