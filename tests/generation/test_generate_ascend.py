@@ -11,6 +11,7 @@ corpus model's decode plan is `corpus`."""
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import json
 import shutil
@@ -27,6 +28,7 @@ from polyport.ir.fused import moe as moe_fused
 from polyport.passes.region import tolerance
 from polyport.runtime import ascend_emulator
 from polyport.targets.ascend import CANN_DOMAIN, CANN_OPS, CANN_ONNX_OPS
+from polyport.targets.ascend import limits as L
 from polyport.targets.ascend.limits import AscendFallbackWarning, LimitError, check
 from polyport.tests.real_models import corpus
 
@@ -65,25 +67,28 @@ def assert_close(got: np.ndarray, want: np.ndarray, where: str) -> None:
 
 
 def routed_as_emulated(monkeypatch):
-    """`reference(step)` runs a reference step with the experts the emulator chose since the last one."""
+    """`reference(step)` runs a reference step with the experts the emulator chose since the last one (in
+    `chunks` steps of its own: each MoE layer's choices concatenated)."""
     trace: list = []
     monkeypatch.setattr(ascend_emulator, "ROUTING_TRACE", trace)
 
-    def reference(step):
+    def reference(step, chunks: int = 1):
+        layers = len(trace) // chunks
+        forced = [np.concatenate(trace[i::layers]) for i in range(layers)]
         with monkeypatch.context() as m:
-            m.setattr(moe_fused, "route", routing_as_emulated(iter(list(trace))))
+            m.setattr(moe_fused, "route", routing_as_emulated(iter(forced)))
             out = step()
         trace.clear()
         return out
     return reference
 
 
-def teacher_forced(name: str, n: int, monkeypatch, steps: int = STEPS) -> None:
+def teacher_forced(name: str, n: int, monkeypatch, steps: int = STEPS, s=None) -> None:
     """fp16 may flip a near-tied expert choice (a device would flip it too): each reference step runs with
     the experts the emulator chose in that step, weighed by its own fp32 scores (tests/targets/test_ascend.py)."""
     reference = routed_as_emulated(monkeypatch)
     ids = prompt(name, n, steps)
-    g = session(name).start(ids[:, :n])
+    g = (s or session(name)).start(ids[:, :n])
     assert g.cached, "the ascend session recomputes instead of decoding through its cache"
     want = reference(lambda: generator(name).start(ids[:, :n]))
     assert_close(g.logits, want.logits, f"{name} prefill of {n}")
@@ -142,6 +147,15 @@ def test_the_caches_are_written_where_the_block_table_says():
     assert not k[first, 5].any() and cache.arrays["cache.0.k"][first, 5].any()    # the step's row, in a new array
 
 
+def test_cli_generate_decodes_on_the_emulator(cli):
+    r = cli("generate", artifact("llama_a"), "--target", "ascend", "--prompt-ids", "5,17,42", "--max-new-tokens",
+            "6", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "emulated on CPU (no Ascend device)" in r.stderr and "recomputes" not in r.stderr
+    want = session("llama_a").generate(np.array([[5, 17, 42]]), 6)
+    assert json.loads(r.stdout)["tokens"] == want.tolist()
+
+
 @pytest.mark.slow
 def test_a_sliding_window_layer_lives_in_a_ring_of_blocks(monkeypatch):
     s = session("mixtral_b")                                           # window 16 on every layer
@@ -149,12 +163,18 @@ def test_a_sliding_window_layer_lives_in_a_ring_of_blocks(monkeypatch):
     assert set(layout["groups"]) == {"window16"} and layout["groups"]["window16"]["ring_blocks"] == 2
     g = s.start(prompt("mixtral_b", 3 * 16), max_length=4096)
     assert all(a.shape[0] == 2 + 1 for a in g._caches[0].arrays.values())    # the ring + scratch, not 4096 / 128
+    # a prompt longer than the ring (its oldest rows go to the scratch block), then one append longer than
+    # a step may write before it reads (ring slots - window + 1): the session runs it as several steps
+    slack = g._caches[0].max_step
+    assert slack == 2 * layout["block_size"] - 16 + 1
     reference = routed_as_emulated(monkeypatch)
-    ids = prompt("mixtral_b", 20, 160)           # one append of 160 > the ring's slack: run as several steps
-    g = s.start(ids[:, :20])
-    want = reference(lambda: generator("mixtral_b").start(ids[:, :20]))
-    got = g.append(ids[:, 20:])
-    assert_close(got, reference(lambda: want.append(ids[:, 20:])), "160 tokens appended at once over a ring")
+    n = 2 * layout["block_size"] + 20
+    ids = prompt("mixtral_b", n, slack + 19)
+    g = s.start(ids[:, :n])
+    want = reference(lambda: generator("mixtral_b").start(ids[:, :n]))
+    assert_close(g.logits, want.logits, "a prompt longer than the ring")
+    got = g.append(ids[:, n:])
+    assert_close(got, reference(lambda: want.append(ids[:, n:]), chunks=2), f"{slack + 19} tokens appended at once")
 
 
 @pytest.mark.slow
@@ -168,6 +188,24 @@ def test_mla_decodes_the_absorbed_latent_cache():
                       for p, d in (("nope", dc), ("rope", dr))}
     # the corpus' small latent takes FIA's fallback (one [latent ; rope] key); DeepSeek's 512 + 64 the MLA path
     assert any(f.get("program") == "decode" and "mla_latent_dim" in f["limit"] for f in entry["fallbacks"])
+
+
+@pytest.mark.slow
+def test_mla_through_fia_query_rope_and_split_caches(tmp_path, monkeypatch):
+    """FIA's MLA path (queryRope / keyRope over the .nope / .rope caches) is taken at DeepSeek's 512 + 64
+    only; widened to deepseek_v3_a's small dims, its decode still matches the reference."""
+    from polyport.compiler import compile_model
+    layer = generator("deepseek_v3_a").generation["layers"][0]
+    dims = {"mla_latent_dim": layer["v_head_dim"], "mla_rope_dim": layer["head_dim"] - layer["v_head_dim"]}
+    monkeypatch.setitem(L.LIMITS, L.FIA, [dataclasses.replace(lim, value=(dims[lim.name],)) if lim.name in dims
+                                          else lim for lim in L.LIMITS[L.FIA]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AscendFallbackWarning)      # the main program's v padding
+        art = compile_model(path_of("deepseek_v3_a"), ["ascend"], tmp_path / "art")
+    plan = json.loads((art / "ascend" / "decode.op_plan.json").read_text())["calls"]
+    fia = [c for c in plan if c["op"] == "FusedInferAttentionScore"]
+    assert fia and all(len(c["inputs"]) == 10 and c["inputs"][9]["name"].endswith(".rope.out_bsh") for c in fia)
+    teacher_forced("deepseek_v3_a", 7, monkeypatch, steps=8, s=polyport.load(art, target="ascend"))
 
 
 def test_fia_mla_path_equals_one_concatenated_key():
