@@ -85,9 +85,10 @@ LIMITS: dict[str, list[Limit]] = {
         # polyport pads v with zeros and slices the output (standard Pad/Slice) when they differ.
         Limit("value_head_dim_equals_qk_head_dim", FIA, "in", (True,), FIA_SRC,
               fallback="v zero-padded to the query/key head dim (Pad), output sliced back (Slice)"),
-        # paged KV (blockTable): blockSize a multiple of 16 for float16/bfloat16, at most 512; the query heads
-        # per kv head of the incremental (IncreFlashAttention) branch at most 64. Transcribed, unverified.
-        Limit("block_size", FIA, "multiple_of", 16, FIA_PAGED_SRC),
+        # paged KV (blockTable): blockSize a multiple of 16 (verified: CANN 9.0 ATB PagedAttention constraints,
+        # hiascend.com .../API/ascendtb/ascendtb_01_0198.html, "block_size % 16 == 0, recommended 128"); at most
+        # 512, and at most 64 query heads per kv head in the incremental branch: transcribed, unverified.
+        Limit("block_size", FIA, "multiple_of", 16, "ATB PagedAttention constraints (CANN 9.0): block_size % 16 == 0"),
         Limit("block_size", FIA, "max", 512, FIA_PAGED_SRC),
         Limit("kv_heads_ratio", FIA, "max", 64, FIA_PAGED_SRC),
         # MLA (queryRope / keyRope): the latent (query/key/value) dim 512 and the rope dim 64, DeepSeek's sizes,
