@@ -1,8 +1,9 @@
 """The ascend target: what an Ascend (CANN) deployment consumes, checked against CANN's limits.
 
 The package: emission.py (the walk, names, the op plan, standard ops), one module per fused
-op (norm, rotary, attention, mlp, moe), limits.py (CANN's documented limits), kernels.py
-(polyport's Ascend C kernels and atc.sh).
+op (norm, rotary, attention, mlp, moe; cache: the KV-cache ops of the derived programs),
+programs.py (the prefill/decode programs over paged caches), limits.py (CANN's documented
+limits), kernels.py (polyport's Ascend C kernels and atc.sh).
 
 No CANN toolkit exists where polyport is built: everything here is GENERATED AND
 CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
@@ -20,7 +21,12 @@ CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
                     and the ops CANN lacks in KERNEL_DOMAIN (polyport's Ascend C kernels).
     op_plan.json    every call in order: op, domain, kind, attributes, input/output dtypes and
                     shapes (symbolic dims as text), the IR node it came from
-    atc.sh          the atc command line (generated, not run)
+    atc.sh          the atc command lines (generated, not run)
+    prefill.onnx, decode.onnx (+ .op_plan.json)   when every attention can be cached: the derived
+                    programs, the KV caches paged graph inputs/outputs (programs.py):
+                      CacheUpdate     -> ScatterPaKvCache (K and V; MLA latent and rope key) or ScatterND
+                      CachedAttention -> FusedInferAttentionScore (blockTable, actualSeqLengthsKv;
+                                         queryRope/keyRope for MLA at 512 + 64)
     kernels/        msopgen op descriptions (JSON) and Ascend C sources for polyport's kernels
 
 Rotary maps to aclnnRotaryPositionEmbedding (one tensor, mode 0 half / 1 interleave),
@@ -39,7 +45,6 @@ import onnx
 from onnx import helper
 
 from ...devices import ASCEND_910B3
-from ...errors import PolyportError
 from ...ir.graph import Graph
 from ..base import CompileOptions, Target, register_target
 from . import limits as L
@@ -92,7 +97,7 @@ class AscendTarget(Target):
                 "calls": low.plan}
         (out_dir / "op_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         models = [("model", model)] + (derived["models"] if derived else [])
-        (out_dir / "atc.sh").write_text(atc_script(models, low.kernels))
+        (out_dir / "atc.sh").write_text(atc_script(models))
         kernel_files = write_kernels(out_dir, low.kernels)
         cann_calls = {c["op"] for c in low.plan if c["kind"] == "cann_operator"} | set(derived["cann"] if derived else ())
         files = ["model.onnx", "op_plan.json", "atc.sh"]
@@ -114,7 +119,8 @@ class AscendTarget(Target):
             "fallbacks": fallbacks,
             "checked": ["onnx.checker.check_model (full_check) at opset 18",
                         "standard ops within CANN_ONNX_OPS (transcribed allow-list)",
-                        "every fused node against targets/ascend/limits.py (transcribed, unverified limits)"],
+                        "every fused node against targets/ascend/limits.py (transcribed, unverified limits)"]
+                       + (["the same for prefill.onnx and decode.onnx"] if derived else []),
             "not_checked": ["atc compilation", "execution or numerics on an Ascend device",
                             "the Ascend C kernels' compilation (no ccec/bisheng compiler here)"],
             **generation,

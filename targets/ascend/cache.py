@@ -61,6 +61,7 @@ def _rows(em, node: Node, v: Value, tag: str) -> str:
 
 @lowers("CacheUpdate")
 def cache_update(em, node: Node) -> None:
+    _paged(em, node)
     write_layer(em, node.inputs[0].name)
 
 
@@ -70,7 +71,6 @@ def write_layer(em, tensor: str) -> None:
     layer = paged.layer[tensor]
     updates = [paged.updates[t] for t in layer.tensors]
     node = updates[0]
-    _paged(em, node)
     em.done.update(updates)
     em.current = node
     cd = em.compute

@@ -54,7 +54,7 @@ def write_kernels(out: Path, ops: set[str]) -> list[str]:
     return files
 
 
-def atc_script(models: list, kernels: set[str]) -> str:
+def atc_script(models: list) -> str:
     """The atc command of each (stem, ModelProto): model.onnx, and prefill.onnx / decode.onnx when derived."""
     lines = [
         "#!/bin/sh",
