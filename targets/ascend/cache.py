@@ -11,10 +11,12 @@ through actual_seq_lengths_kv = past_len + step, with the same causal band).
   torch_npu's npu_scatter_pa_kv_cache / vLLM-Ascend's reshape_and_cache.
 - MLA: the same operator with key = the normalised latent and value = the rotated rope key into the
   `.nope` / `.rope` caches (vLLM-Ascend mla_v1.py: `_npu_reshape_and_cache(key=kv_c_normed, value=k_pe,
-  key_cache=kv_cache[0], value_cache=kv_cache[1])`). CANN's fused KvRmsNormRopeCache (RMSNorm + RoPE +
-  scatter, torch_npu.npu_kv_rmsnorm_rope_cache) is not used: ops-transformer's README lists it for neither
-  Atlas A2 nor A3 in the version read, and its RMSNorm is fixed to 512 channels; the chain stays RmsNorm ->
-  RotaryPositionEmbedding -> ScatterPaKvCache. The MLA prologue (MlaProlog) is not planned: it fuses the
+  key_cache=kv_cache[0], value_cache=kv_cache[1])`; ScatterPaKvCache's "Norm" mode lets k_head_size and
+  v_head_size differ). CANN's fused KvRmsNormRopeCache (RMSNorm + RoPE + scatter,
+  torch_npu.npu_kv_rmsnorm_rope_cache) is not used: the CANN 8.3 and 9.0 aclnn pages
+  (aclnnKvRmsNormRopeCache) list it for neither Atlas A2 nor A3 (Atlas 350 only), and torch_npu documents
+  it for kv of 576 = 512 (RMSNorm) + 64 (RoPE) only; the chain stays RmsNorm -> RotaryPositionEmbedding ->
+  ScatterPaKvCache. The MLA prologue (MlaProlog) is not planned: it fuses the
   query/latent projections at DeepSeek-V3's sizes (hidden 7168, q_lora 1536) only.
 - One shared K=V cache (DeepSeek V4): ONNX ScatterND over the cache viewed as [slots, kv_heads, dim] (ATC
   maps it to ScatterNdUpdate, the operator behind torch_npu.npu_scatter_nd_update_).
