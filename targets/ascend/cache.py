@@ -24,8 +24,9 @@ through actual_seq_lengths_kv = past_len + step, with the same causal band).
   [num_blocks, block_size, kv_heads * dim], blockTable, blockSize and actualSeqLengthsKv (the signature of the
   CANN 8.x aclnn reference; vLLM-Ascend calls it the same way for decode, BNSD query + paged BSH caches,
   `pre_tokens=sliding_window` for windows). MLA decodes absorbed: query = the absorbed latent query, key =
-  value = the latent cache, query_rope / key_rope = the rope parts (vLLM-Ascend mla_v1 / torchair_mla), when
-  the dims are DeepSeek's 512 + 64; other dims fall back to one [latent ; rope] key (limits.py).
+  value = the latent cache, query_rope / key_rope = the rope parts (vLLM-Ascend mla_v1 / torchair_mla;
+  queryRopeOptional / keyRopeOptional are inputs of aclnnFusedInferAttentionScoreV3), when the dims are
+  DeepSeek's 512 + 64; other dims fall back to one [latent ; rope] key (limits.py).
 """
 from __future__ import annotations
 
@@ -192,6 +193,8 @@ def cached_attention(em, node: Node) -> None:
                    "pre_tokens": pre, "next_tokens": nxt, "inner_precise": 0, "block_size": bs,
                    "softmax_lse_flag": int(sinks is not None)}, CANN_DOMAIN,
                   note="decode attention over the paged caches (block_table, actual_seq_lengths_kv)")
+    if query_rope:
+        em.plan[-1]["aclnn"] = "aclnnFusedInferAttentionScoreV3"      # queryRope / keyRope are V3's inputs
     final = em.out(node.outputs[0], cd)
     y = res[0]
     if d_out != dv:

@@ -66,7 +66,8 @@ class Limit:
 FIA = "FusedInferAttentionScore"
 FIA_SRC = "aclnnFusedInferAttentionScoreV2 (constraints: query/key/value shapes, numHeads, numKeyValueHeads)"
 FIA_PAGED_SRC = "aclnnFusedInferAttentionScoreV2 (blockTable / blockSize; the IncreFlashAttention branch)"
-FIA_MLA_SRC = "aclnnFusedInferAttentionScoreV2/V3 (queryRope / keyRope: the MLA path)"
+FIA_MLA_SRC = ("aclnnFusedInferAttentionScoreV3 (queryRopeOptional / keyRopeOptional, new in V3 per the CANN 8.2/8.3 "
+               "aclnn pages; the 512 + 64 dims transcribed)")
 SCATTER_SRC = "aclnnScatterPaKvCache (CANN 8.3; ops-transformer attention/scatter_pa_kv_cache)"
 GATING = "MoeGatingTopK"
 GATING_SRC = "aclnnMoeGatingTopK (constraints on x [N, E], k, kGroup, groupCount)"

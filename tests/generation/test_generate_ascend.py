@@ -208,7 +208,8 @@ def test_mla_through_fia_query_rope_and_split_caches(tmp_path, monkeypatch):
         art = compile_model(path_of("deepseek_v3_a"), ["ascend"], tmp_path / "art")
     plan = json.loads((art / "ascend" / "decode.op_plan.json").read_text())["calls"]
     fia = [c for c in plan if c["op"] == "FusedInferAttentionScore"]
-    assert fia and all(len(c["inputs"]) == 10 and c["inputs"][9]["name"].endswith(".rope.out_bsh") for c in fia)
+    assert fia and all(len(c["inputs"]) == 10 and c["inputs"][9]["name"].endswith(".rope.out_bsh")
+                       and c["aclnn"] == "aclnnFusedInferAttentionScoreV3" for c in fia)
     teacher_forced("deepseek_v3_a", 7, monkeypatch, steps=8, s=polyport.load(art, target="ascend"))
 
 
