@@ -158,7 +158,7 @@ def cached_attention(em, node: Node) -> None:
     if layer.kind == "mla":
         nope, rope = paged.written[cache_k.name]
         dc, dr = layer.v_head_dim, layer.head_dim - layer.v_head_dim
-        if em.check(node, L.FIA, {**facts, "head_dim": dc, "mla_latent_dim": dc, "mla_rope_dim": dr}):
+        if em.check(node, L.FIA, {**facts, "head_dim": dc, "mla_dims": (dc, dr)}):
             both = em.emit("Concat", [nope, rope], [(em.fresh(f"{node.name}_latent_rope"), cd,
                                                      em.shape[nope][:3] + [dc + dr])], {"axis": -1},
                            note="MLA fallback: one [latent ; rope] key per token")[0]

@@ -92,12 +92,9 @@ LIMITS: dict[str, list[Limit]] = {
         Limit("block_size", FIA, "multiple_of", 16, "ATB PagedAttention constraints (CANN 9.0): block_size % 16 == 0"),
         Limit("block_size", FIA, "max", 512, FIA_PAGED_SRC),
         Limit("kv_heads_ratio", FIA, "max", 64, FIA_PAGED_SRC),
-        # MLA (queryRope / keyRope): the latent (query/key/value) dim 512 and the rope dim 64, DeepSeek's sizes,
+        # MLA (queryRope / keyRope): (latent dim, rope dim) = (512, 64), DeepSeek's sizes,
         # as vLLM-Ascend's mla_v1 and cann-recipes-infer's DeepSeek-R1 call it. Transcribed, unverified.
-        Limit("mla_latent_dim", FIA, "in", (512,), FIA_MLA_SRC,
-              fallback="one [latent ; rope] key per token (Concat of the two caches), FIA without queryRope/keyRope, "
-                       "output sliced to the latent"),
-        Limit("mla_rope_dim", FIA, "in", (64,), FIA_MLA_SRC,
+        Limit("mla_dims", FIA, "in", ((512, 64),), FIA_MLA_SRC,
               fallback="one [latent ; rope] key per token (Concat of the two caches), FIA without queryRope/keyRope, "
                        "output sliced to the latent"),
     ],

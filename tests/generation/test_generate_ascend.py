@@ -191,7 +191,7 @@ def test_mla_decodes_the_absorbed_latent_cache():
     assert caches == {f"cache.{i}.kv.{p}": d for i in range(len(s.generation["layers"]))
                       for p, d in (("nope", dc), ("rope", dr))}
     # the corpus' small latent takes FIA's fallback (one [latent ; rope] key); DeepSeek's 512 + 64 the MLA path
-    assert any(f.get("program") == "decode" and "mla_latent_dim" in f["limit"] for f in entry["fallbacks"])
+    assert any(f.get("program") == "decode" and "mla_dims" in f["limit"] for f in entry["fallbacks"])
 
 
 @pytest.mark.slow
@@ -200,8 +200,8 @@ def test_mla_through_fia_query_rope_and_split_caches(tmp_path, monkeypatch):
     only; widened to deepseek_v3_a's small dims, its decode still matches the reference."""
     from polyport.compiler import compile_model
     layer = generator("deepseek_v3_a").generation["layers"][0]
-    dims = {"mla_latent_dim": layer["v_head_dim"], "mla_rope_dim": layer["head_dim"] - layer["v_head_dim"]}
-    monkeypatch.setitem(L.LIMITS, L.FIA, [dataclasses.replace(lim, value=(dims[lim.name],)) if lim.name in dims
+    dims = (layer["v_head_dim"], layer["head_dim"] - layer["v_head_dim"])
+    monkeypatch.setitem(L.LIMITS, L.FIA, [dataclasses.replace(lim, value=(dims,)) if lim.name == "mla_dims"
                                           else lim for lim in L.LIMITS[L.FIA]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AscendFallbackWarning)      # the main program's v padding
