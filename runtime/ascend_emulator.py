@@ -1,13 +1,17 @@
 """The ascend "runtime": EMULATED ON CPU, there is no Ascend device here.
 
 `load(art, entry, target="ascend")` opens the artifact's `ascend/model.onnx` and
-`ascend/op_plan.json`, checks that the plan lists exactly the graph's calls in
-order, and returns a session that runs them on NumPy:
+`ascend/op_plan.json` (and, when compiled, the derived `prefill` / `decode`
+programs with theirs), checks that each plan lists exactly its graph's calls in
+order, and returns a session that runs them on NumPy (and generates through the
+programs over paged KV caches: runtime/ascend_paged.py):
 
-- each CANN operator (FusedInferAttentionScore, MoeGatingTopK, MoeInitRoutingV2,
-  GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2, RmsNorm, RotaryPositionEmbedding)
-  and each polyport Ascend C kernel by a NumPy implementation of its documented
-  contract (as polyport transcribed it; not verified on a device);
+- each CANN operator (FusedInferAttentionScore, with block tables, actual KV
+  lengths and the MLA rope inputs; ScatterPaKvCache, MoeGatingTopK,
+  MoeInitRoutingV2, GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2, RmsNorm,
+  RotaryPositionEmbedding) and each polyport Ascend C kernel by a NumPy
+  implementation of its documented contract (as polyport transcribed it; not
+  verified on a device);
 - the standard ONNX ops by onnx's reference implementations, with the cube-unit
   ones (MatMul) and the reductions (ReduceSum, ReduceMean, Softmax) computed in
   fp32 and rounded to the storage dtype, as the device accumulates;
