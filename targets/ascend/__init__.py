@@ -8,7 +8,8 @@ limits), kernels.py (polyport's Ascend C kernels and atc.sh).
 No CANN toolkit exists where polyport is built: everything here is GENERATED AND
 CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
 
-    model.onnx      opset 18 (what ATC accepts), fp16 weights; standard ops only from
+    model.onnx      opset 18 (what ATC accepts), fp16 weights (in weights.bin, shared with the
+                    programs: weights.py); standard ops only from
                     CANN_ONNX_OPS; each fused op a node (or a chain of nodes) in the custom
                     domain CANN_DOMAIN named after the CANN operator it maps to:
                       Attention -> FusedInferAttentionScore (BNSD, sparse_mode, pre/next_tokens;
@@ -41,7 +42,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-import onnx
 from onnx import helper
 
 from ...devices import ASCEND_910B3
@@ -53,6 +53,7 @@ from .emission import (CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN,
                        SOC, Emitter, check_model, dims, tname)
 from .kernels import atc_script, write_kernels
 from .programs import write_programs
+from .weights import save_sharing_weights
 
 
 
@@ -91,19 +92,19 @@ class AscendTarget(Target):
         model = helper.make_model(gp, opset_imports=opsets, producer_name="polyport", ir_version=8)
         model.doc_string = f"polyport ascend lowering for {SOC}; {NOT_RUN}"
         check_model(model)
-        onnx.save(model, str(out_dir / "model.onnx"))
         plan = {"soc_version": SOC, "compute_dtype": tname(compute), "status": NOT_RUN,
                 "note": "calls in execution order; shapes use the model's symbolic dims as text",
                 "calls": low.plan}
         (out_dir / "op_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         models = [("model", model)] + (derived["models"] if derived else [])
         (out_dir / "atc.sh").write_text(atc_script(models))
+        model_files = save_sharing_weights(models, out_dir)
         kernel_files = write_kernels(out_dir, low.kernels)
         cann_calls = {c["op"] for c in low.plan if c["kind"] == "cann_operator"} | set(derived["cann"] if derived else ())
-        files = ["model.onnx", "op_plan.json", "atc.sh"]
+        files = model_files + ["op_plan.json", "atc.sh"]
         generation = {}
         if derived:
-            files += [f"{name}{ext}" for name, _ in derived["models"] for ext in (".onnx", ".op_plan.json")]
+            files += [f"{name}.op_plan.json" for name, _ in derived["models"]]
             generation = {"programs": [name for name, _ in derived["models"]], "paged_cache": derived["layout"]}
         return {
             "archs": archs,

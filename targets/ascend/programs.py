@@ -33,7 +33,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import onnx
 from onnx import TensorProto, helper
 
 from ...errors import PolyportError
@@ -90,14 +89,14 @@ class Paged:
 
 
 def write_programs(programs, out_dir: Path, compute: int) -> dict:
-    """Emit `prefill.onnx` / `decode.onnx` and their op plans: {layout, models [(name, ModelProto)], cann
+    """Emit the prefill / decode models (the caller saves them: weights.py) and write their op plans: {layout,
+    models [(name, ModelProto)], cann
     (the CANN operators called), fallbacks (limits broken, with what was emitted instead)}."""
     layout = paged_layout(programs.layers)
     models, cann, fallbacks = [], set(), []
     for name in PROGRAMS:
         model, plan, fell = emit_program(getattr(programs, name), programs.layers, layout, compute)
         check_model(model)
-        onnx.save(model, str(Path(out_dir) / f"{name}.onnx"))
         doc = {"soc_version": SOC, "compute_dtype": tname(compute), "status": NOT_RUN, "program": name,
                "paged_cache": layout, "note": "calls in execution order; shapes use symbolic dims as text",
                "calls": plan}

@@ -14,6 +14,7 @@ import atexit
 import dataclasses
 import functools
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -126,6 +127,17 @@ def test_programs_are_atc_ready_onnx_carrying_paged_caches():
     assert fia and all(c["inputs"][7]["name"] == "block_table.linear" and c["inputs"][1]["name"].endswith(".out_bsh")
                        and c["inputs"][6]["name"] == "actual_seq_lengths_kv" and c["attributes"]["block_size"] ==
                        layout["block_size"] for c in fia)
+    external = {}                                 # the three models' weights, stored once in weights.bin
+    for stem in ("model", "prefill", "decode"):
+        for t in onnx.load(f"{art}/ascend/{stem}.onnx", load_external_data=False).graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                ref = {e.key: e.value for e in t.external_data}
+                assert ref["location"] == "weights.bin"
+                external[stem, t.name] = (int(ref["offset"]), int(ref["length"]))
+    stored = set(external.values())
+    assert sum(n for _, n in stored) <= os.path.getsize(f"{art}/ascend/weights.bin") < sum(
+        n for _, n in external.values()) / 2
+    assert "ascend/weights.bin" in json.loads(open(f"{art}/manifest.json").read())["files"]
     atc = open(f"{art}/ascend/atc.sh").read()
     assert "--model=decode.onnx" in atc and "--model=prefill.onnx" in atc
     assert "NOT compiled with atc" in atc
