@@ -122,4 +122,70 @@ def sink_gate(em, node: Node, y: str, lse: str, sinks: Value, rows: list, final)
     em.emit("Mul", [y, gate16], [final])
 
 
+# ---- Attention with soft-capped scores -> standard ops ---------------------------------------
+def decomposed(em, node: Node) -> None:
+    """out = softmax(mask(c * tanh(q k^T * scale / c))) v in opset-18 ops; scores and softmax in fp32."""
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    sinks = node.inputs[4] if len(node.inputs) > 4 else None
+    a = attrs_of(node)
+    h, kvh = a["num_heads"], a["kv_heads"]
+    qs, ks, vs = dims(q.shape), dims(k.shape), dims(v.shape)
+    b, s, skv = qs[0], qs[2], ks[2]
+    rows = [b, kvh, None, skv]                 # [B, KV, G*S, Skv]: the group folded into the query rows
+    four = [b, h, s, skv]
+    cd, n = em.compute, node.name
+    i64 = TensorProto.INT64
 
+    def op(kind, ins, elem, shape, attrs=None, note=""):
+        return em.emit(kind, ins, [(em.fresh(f"{n}_{kind.lower()}"), elem, shape)], attrs, note=note)[0]
+
+    def scalar(x, base):
+        return em.const(np.asarray(x, np.float32), f"{n}_{base}")
+
+    qg = op("Reshape", [em.get(q, cd), em.ints([0, kvh, -1, qs[3]], f"{n}_qg")], cd, [b, kvh, None, qs[3]],
+            note="query heads of one kv head as rows: K/V are not repeated")
+    kt = op("Transpose", [em.get(k, cd)], cd, [b, kvh, ks[3], skv], {"perm": [0, 1, 3, 2]})
+    sc = op("MatMul", [qg, kt], cd, rows)
+    sc = op("Reshape", [op("Cast", [sc], F32, rows, {"to": F32}), em.ints([0, h, -1, 0], f"{n}_heads")], F32, four,
+            note="scores, mask and softmax in fp32")
+    sc = op("Mul", [sc, scalar(a["scale"], "scale")], F32, four)
+    c = a["softcap"]
+    sc = op("Mul", [op("Tanh", [op("Mul", [sc, scalar(1.0 / c, "inv_cap")], F32, four)], F32, four),
+                    scalar(c, "cap")], F32, four, note=f"logit soft-capping: {c:g} * tanh(s / {c:g})")
+    ninf = scalar(-np.inf, "ninf")
+    if a["causal"] or a["window"]:
+        qlen = op("Shape", [em.get(q)], i64, [1], {"start": 2, "end": 3})
+        klen = op("Shape", [em.get(k)], i64, [1], {"start": 2, "end": 3})
+        zero, one = em.ints(0, f"{n}_zero"), em.ints(1, f"{n}_one")
+        i = op("Range", [zero, op("Squeeze", [qlen], i64, []), one], i64, [s])
+        j = op("Range", [zero, op("Squeeze", [klen], i64, []), one], i64, [skv])
+        pos = op("Add", [op("Unsqueeze", [i, em.ints([1], f"{n}_ax1")], i64, [s, 1]),
+                         op("Sub", [klen, qlen], i64, [1])], i64, [s, 1], note="query i sits at i + Skv - S")
+        keep = op("LessOrEqual", [j, pos], TensorProto.BOOL, [s, skv]) if a["causal"] else None
+        if a["window"]:
+            near = op("Greater", [j, op("Sub", [pos, em.ints(a["window"], f"{n}_window")], i64, [s, 1])],
+                      TensorProto.BOOL, [s, skv])
+            keep = near if keep is None else op("And", [keep, near], TensorProto.BOOL, [s, skv])
+        sc = op("Where", [keep, sc, ninf], F32, four)
+    if mask is not None and mask.dtype.name == "bool":
+        sc = op("Where", [em.get(mask), sc, ninf], F32, four)
+    elif mask is not None:
+        sc = op("Add", [sc, em.get(mask, F32)], F32, four)
+    axes, col = em.ints([-1], f"{n}_last"), [b, h, s, 1]
+    m = op("ReduceMax", [sc, axes], F32, col, {"keepdims": 1})
+    sink = None
+    if sinks is not None:
+        sink = op("Reshape", [em.get(sinks, F32), em.ints([1, h, 1, 1], f"{n}_sink_shape")], F32, [1, h, 1, 1])
+        m = op("Max", [m, sink], F32, col)
+    m = op("Where", [op("Equal", [m, ninf], TensorProto.BOOL, col), scalar(0.0, "zero_f"), m], F32, col,
+           note="a query that sees nothing: exp stays 0, the output 0")
+    e = op("Exp", [op("Sub", [sc, m], F32, four)], F32, four)
+    den = op("ReduceSum", [e, axes], F32, col, {"keepdims": 1})
+    if sink is not None:
+        den = op("Add", [den, op("Exp", [op("Sub", [sink, m], F32, col)], F32, col)], F32, col,
+                 note="attention sinks: one more logit in the denominator")
+    p = op("Div", [e, op("Max", [den, scalar(1e-30, "tiny")], F32, col)], F32, four)
+    pg = op("Reshape", [op("Cast", [p], cd, four, {"to": cd}), em.ints([0, kvh, -1, 0], f"{n}_pg")], cd, rows)
+    y = op("MatMul", [pg, em.get(v, cd)], cd, [b, kvh, None, vs[3]])
+    em.emit("Reshape", [y, em.ints([0, h, -1, 0], f"{n}_out_heads")], [em.out(node.outputs[0], cd)])
