@@ -26,7 +26,7 @@ ONNX Runtime departs from a schema's text, the converter's docstring says which
 behaviour it follows.
 
     op                                   imports as                  errors (UnsupportedOpError)
-    Attention (ai.onnx 23-25)            Attention (+Concat cache)   softcap, qk_matmul_output
+    Attention (ai.onnx 23-25)            Attention (+Concat cache)   qk_matmul_output
     RMSNormalization (ai.onnx 23)        RMSNorm                     stash_type != 1
     RotaryEmbedding (ai.onnx 23)         Rotary
     SimplifiedLayerNormalization         RMSNorm (+inv_std_var)      stash_type != 1
@@ -34,7 +34,7 @@ behaviour it follows.
     com.microsoft RotaryEmbedding        Rotary                      is_packed_batching, scale != 1
     com.microsoft MultiHeadAttention     Attention (+Concat cache)   packed QKV/KV, shared buffer,
                                                                      cache_indirection, qk, causal cross
-    com.microsoft GroupQueryAttention    [RMSNorm,] [Rotary,] Attn   past_key/past_value, softcap, qk_output,
+    com.microsoft GroupQueryAttention    [RMSNorm,] [Rotary,] Attn   past_key/past_value, qk_output,
                                                                      quantized cache, sliding_window_cache
     com.microsoft MoE                    MoE                         ungated/relu/gelu experts, biases,
                                                                      alpha != 1 / beta != 0, sparse mixer,
@@ -382,9 +382,7 @@ def onnx_attention(c: Conversion):
     keep-mask. nonpad_kv_seqlen masks keys j >= nonpad_kv_seqlen[b]; a mask
     shorter than the keys is padded with False / -inf."""
     q, k, v, mask, past_k, past_v, nonpad = (c.inp(i) for i in range(7))
-    softcap = float(c.attr("softcap", 0.0))
-    if softcap:
-        raise c.unsupported(f"attribute softcap={softcap:g}", "polyport::Attention has no logit soft-capping")
+    softcap = float(c.attr("softcap", 0.0))        # as polyport's: on the scaled scores, before every mask
     if c.used(3):
         raise c.unsupported(f"output qk_matmul_output (qk_matmul_output_mode={c.attr('qk_matmul_output_mode', 0)})",
                             "polyport::Attention does not expose its attention scores")
@@ -463,6 +461,8 @@ def onnx_attention(c: Conversion):
     attrs = {"num_heads": int(heads), "kv_heads": kv_heads, "scale": float(scale), "causal": causal}
     if window:
         attrs["window"] = window
+    if softcap > 0:
+        attrs["softcap"] = softcap
     if rq == 3:
         y4 = c.fused("Attention", [q4, k_all, v_all, mask], attrs)
         y = _merge_heads(c, y4, c.outputs[0])
@@ -775,9 +775,7 @@ def ms_group_query_attention(c: Conversion):
         raise c.unsupported("quantized KV cache (k_scale/v_scale, k_quant_type/v_quant_type, kv_cache_bit_width)")
     if c.attr("sliding_window_cache", 0):
         raise c.unsupported("attribute sliding_window_cache=1", "window-sized KV buffers need a past")
-    softcap = float(c.attr("softcap", 0.0))
-    if softcap:
-        raise c.unsupported(f"attribute softcap={softcap:g}", "polyport::Attention has no logit soft-capping")
+    softcap = float(c.attr("softcap", 0.0))        # ONNX Runtime caps the scaled scores before masking too
     if c.attr("qk_output", 0) or c.used(3):
         raise c.unsupported(f"output output_qk (qk_output={c.attr('qk_output', 0)})",
                             "polyport::Attention does not expose its scores")
@@ -836,7 +834,7 @@ def ms_group_query_attention(c: Conversion):
     if not scale:
         scale = 1.0 / math.sqrt(hs)
     attrs = {"num_heads": heads, "kv_heads": kv_heads, "scale": float(scale), "causal": causal,
-             "window": window if window > 0 else 0}
+             "window": window if window > 0 else 0, **({"softcap": softcap} if softcap > 0 else {})}
     y4 = c.fused("Attention", [q4, k4, v4, mask, sinks], attrs)
     present = [_identity_to(c, k4, 1), _identity_to(c, v4, 2)]
     return [_merge_heads(c, y4, c.outputs[0])] + present + [None]

@@ -330,12 +330,11 @@ def test_onnx_attention_fully_masked_row(rng):
 
 
 @pytest.mark.parametrize("attrs,outputs", [
-    ({"softcap": 30.0}, ["y"]),
     ({"qk_matmul_output_mode": 3}, ["y", "", "", "qk"]),
 ])
 def test_onnx_attention_polyport_cannot_express_stays_standard(rng, attrs, outputs):
-    """Softcap and the qk output have no polyport::Attention form: the node stays a standard
-    Attention (not fused), which the reference executor runs as ONNX defines it."""
+    """The qk output has no polyport::Attention form: the node stays a standard Attention (not
+    fused), which the reference executor runs as ONNX defines it."""
     feeds = {"q": rand(rng, 1, 2, 3, 8), "k": rand(rng, 1, 2, 3, 8), "v": rand(rng, 1, 2, 3, 8)}
     n = oh.make_node("Attention", ["q", "k", "v"], outputs, name="attn9", **attrs)
     model = make_model([n], feeds, [o for o in outputs if o], ms=False)
@@ -512,6 +511,22 @@ def test_ms_group_query_attention(rng, case):
     check(model, feeds, ["Attention"], [f"{MS}::GroupQueryAttention"])
 
 
+def test_ms_group_query_attention_softcap(rng):
+    """softcap: c * tanh(scores / c) on the scaled scores, before the causal mask (polyport's `softcap`)."""
+    feeds = _gqa_feeds(rng)
+    graph = check(_gqa(feeds, softcap=1.5), feeds, ["Attention"], [f"{MS}::GroupQueryAttention"])
+    assert [n.attrs["softcap"] for n in graph.nodes if n.op_type == "Attention"] == [1.5]
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_onnx_attention_softcap(rng, causal):
+    feeds = {"q": rand(rng, 1, 2, 3, 8), "k": rand(rng, 1, 2, 5, 8), "v": rand(rng, 1, 2, 5, 8),
+             "m": rand(rng, 1, 1, 3, 5)}
+    n = oh.make_node("Attention", ["q", "k", "v", "m"], ["y"], name="attn", softcap=2.0, is_causal=causal)
+    graph = check(make_model([n], feeds, ["y"], ms=False), feeds, ["Attention"], ["Attention"])
+    assert [n.attrs["softcap"] for n in graph.nodes if n.op_type == "Attention"] == [2.0]
+
+
 @pytest.mark.parametrize("interleaved", [0, 1])
 @pytest.mark.parametrize("rotary_dim", [32, 16])
 def test_ms_group_query_attention_rotary(rng, interleaved, rotary_dim):
@@ -568,7 +583,6 @@ def test_ms_group_query_attention_qk_norm(rng):
 
 @pytest.mark.parametrize("case,fragment", [
     ("past", "past_key/past_value"),
-    ("softcap", "softcap=50"),
     ("qk_output", "qk_output=1"),
     ("quantized", "quantized KV cache"),
 ])
@@ -581,9 +595,7 @@ def test_ms_group_query_attention_errors(rng, case, fragment):
                          ["y", "present_k", "present_v"], name="gqa", domain=MS, num_heads=4, kv_num_heads=2)
         model = make_model([n], feeds, ["y", "present_k", "present_v"])
     else:
-        if case == "softcap":
-            attrs = {"softcap": 50.0}
-        elif case == "qk_output":
+        if case == "qk_output":
             attrs = {"qk_output": 1}
         else:
             attrs = {"k_quant_type": "PER_TENSOR"}
