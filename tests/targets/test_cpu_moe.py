@@ -1,7 +1,10 @@
 """The cpu target's fused MoE kernel (targets/kernels/cpu/moe.py) against the MoE reference, on the
 routing edge cases the expert grouping must survive: experts with no tokens, every token on one
-expert, top_k == E, group-limited top-k, hash routing."""
+expert, top_k == E, group-limited top-k, hash routing; gpt-oss's biases and activation on both tile
+paths; PhiMoE's sparsemixer routing (with all-zero logits, where the reference divides 0 by 0)."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -12,6 +15,13 @@ from polyport.ir import fused  # noqa: E402
 from polyport.targets.kernels.cpu import moe  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
+def _built(spec: moe.MoeSpec):
+    """One build per spec (the token count is symbolic): tests over several lengths share it."""
+    func = moe.moe_func(spec).with_attr("global_symbol", "moe")
+    return tvm.compile(tvm.IRModule({"moe": func}), target=tvm.target.Target({"kind": "llvm"}))
+
+
 def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0):
     rng = np.random.default_rng(seed)
     H, E, I, Ho = spec.hidden, spec.experts, spec.inter, spec.out
@@ -19,18 +29,26 @@ def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, toke
     rw = (rng.standard_normal((H, E)) * 0.3).astype(np.float32)
     wg, wu = ((rng.standard_normal((E, H, I)) * 0.1).astype(np.float32) for _ in range(2))
     wd = (rng.standard_normal((E, I, Ho)) * 0.1).astype(np.float32)
+    if spec.routing == "sparsemixer" and x_scale == 0:
+        rw = np.zeros_like(rw)                                   # every logit 0: the band test is 0 / 0
     bias = np.zeros(E, np.float32) if bias is None else bias
     attrs = dict(top_k=spec.top_k, scoring=spec.scoring, n_group=spec.n_group, topk_group=spec.topk_group,
                  renormalize=int(spec.renormalize), routed_scaling=spec.scaling, activation=spec.act,
-                 clamp=spec.clamp)
+                 clamp=spec.clamp, alpha=spec.alpha, up_offset=spec.up_offset, routing=spec.routing,
+                 jitter_eps=spec.jitter_eps)
+    one = np.zeros(1, np.float32)
+    rb = (rng.standard_normal(E) * 0.5).astype(np.float32) if spec.router_bias else None
+    bgud = [(rng.standard_normal(shape) * 0.3).astype(np.float32) for shape in ((E, I), (E, I), (E, Ho))] \
+        if spec.biases else [None] * 3
+    extras = [one if b is None else b for b in [rb] + bgud]
     if spec.hash_vocab:
-        args = [x, rw, table, tokens, wg, wu, wd]
-        want = fused.evaluate("MoE", [x, rw, None, wg, wu, wd, table, tokens], **attrs)
+        args = [x, rw, table, tokens, wg, wu, wd] + extras
+        want = fused.evaluate("MoE", [x, rw, None, wg, wu, wd, table, tokens, rb] + bgud, **attrs)
     else:
-        args = [x, rw, bias, wg, wu, wd]
-        want = fused.evaluate("MoE", [x, rw, bias, wg, wu, wd], **attrs)
-    func = moe.moe_func(spec).with_attr("global_symbol", "moe")
-    lib = tvm.compile(tvm.IRModule({"moe": func}), target=tvm.target.Target({"kind": "llvm"}))
+        args = [x, rw, bias, wg, wu, wd] + extras
+        want = fused.evaluate("MoE", [x, rw, None if spec.routing == "sparsemixer" else bias, wg, wu, wd, None,
+                                      None, rb] + bgud, **attrs)
+    lib = _built(spec)
     y = tvm.runtime.tensor(np.zeros((seq, Ho), np.float32))
     lib["moe"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
     got = y.numpy()
@@ -82,3 +100,21 @@ def test_streaming_tiles_for_experts_past_the_cache():
     assert spec.hidden * spec.inter * 4 > moe.STREAM_BYTES
     for seq in (1, moe.RB + 1, 13):
         _run(spec, seq, seed=seq)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gpt_oss_biases_and_activation(stream):
+    """Router bias, per-expert gate/up/down biases, g * sigmoid(1.702 g) * (clamp(up) + 1), in registers
+    and streamed."""
+    inter = (moe.STREAM_BYTES // (64 * 4)) + 8 if stream else 12
+    spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=inter, out=64, renormalize=True, clamp=0.5,
+                       alpha=1.702, up_offset=1.0, router_bias=True, biases=True)
+    _run(spec, 9, x_scale=2.0)
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 0.0])
+def test_sparsemixer_routing(x_scale):
+    spec = moe.MoeSpec(hidden=16, experts=8, top_k=2, inter=8, out=16, routing="sparsemixer", jitter_eps=0.3,
+                       scaling=1.5)
+    for seq in (1, 11):
+        _run(spec, seq, seed=seq, x_scale=x_scale)
