@@ -36,8 +36,7 @@ behaviour it follows.
                                                                      cache_indirection, qk, causal cross
     com.microsoft GroupQueryAttention    [RMSNorm,] [Rotary,] Attn   past_key/past_value, qk_output,
                                                                      quantized cache, sliding_window_cache
-    com.microsoft MoE                    MoE                         ungated/relu/gelu experts, biases,
-                                                                     alpha != 1 / beta != 0, sparse mixer,
+    com.microsoft MoE                    MoE                         ungated/relu/gelu experts, sparse mixer,
                                                                      router_probs not input @ W
 """
 from __future__ import annotations
@@ -878,25 +877,22 @@ def ms_moe(c: Conversion):
 
     Experts must be gated SiLU MLPs: activation_type "swiglu" (fc1 holding gate
     and up, interleaved rows for swiglu_fusion=1, halves for 2, or fc1 + fc3 for
-    0) with activation_alpha=1, activation_beta=0 and an optional swiglu_limit
-    (polyport's clamp), or "silu" with fc3 (gate = fc1, up = fc3). Weights are
-    [E, out, in] and are transposed to polyport's [E, in, out]. The router
-    weight is found upstream: router_probs must be input @ W."""
+    0) with its activation_alpha (polyport's alpha: g * sigmoid(alpha g)),
+    activation_beta (polyport's up_offset) and an optional swiglu_limit
+    (polyport's clamp), or "silu" with fc3 (gate = fc1, up = fc3); expert biases
+    are split like their weights (gpt-oss). Weights are [E, out, in] and are
+    transposed to polyport's [E, in, out]. The router weight is found upstream:
+    router_probs must be input @ W."""
     x, logits, fc1, fc1_b, fc2, fc2_b, fc3, fc3_b = (c.inp(i) for i in range(8))
-    for i, name in ((3, "fc1_experts_bias"), (5, "fc2_experts_bias"), (7, "fc3_experts_bias")):
-        if c.inp(i) is not None:
-            raise c.unsupported(f"input {name}", "polyport::MoE experts have no biases")
+    if (fc1_b is None) != (fc3_b is None) and fc3 is not None:
+        raise c.unsupported("a bias on one of fc1 / fc3 only", "polyport::MoE biases both gate and up or neither")
     if c.attr("use_sparse_mixer", 0):
-        raise c.unsupported("attribute use_sparse_mixer=1", "polyport::MoE routes by softmax top-k")
+        raise c.unsupported("attribute use_sparse_mixer=1", "ONNX Runtime 1.31's result differs from polyport's "
+                            "sparsemixer routing (PhiMoE's, as transformers defines it): not mapped")
     act = c.attr("activation_type", "relu")
     clamp = 0.0
     if act == "swiglu":
         alpha, beta = float(c.attr("activation_alpha", 1.0)), float(c.attr("activation_beta", 0.0))
-        if alpha != 1.0:
-            raise c.unsupported(f"attribute activation_alpha={alpha:g}",
-                                "polyport::MoE's SwiGLU is g * sigmoid(g) (alpha 1)")
-        if beta != 0.0:
-            raise c.unsupported(f"attribute activation_beta={beta:g}", "polyport::MoE's SwiGLU has no up offset")
         if "swiglu_limit" in c.attrs:
             clamp = float(c.attr("swiglu_limit"))
             if clamp <= 0:
@@ -906,12 +902,11 @@ def ms_moe(c: Conversion):
             if fc3 is not None:
                 raise c.unsupported(f"fc3_experts_weights with swiglu_fusion={fusion}")
             rows = c.static(fc1, 1, "fc1_experts_weights dim 1")
-            if fusion == 1:
-                gate = c.slice(fc1, [0], [rows], [1], [2], tag="fc1_gate")
-                up = c.slice(fc1, [1], [rows], [1], [2], tag="fc1_up")
-            else:
-                gate = c.slice(fc1, [0], [rows // 2], [1], tag="fc1_gate")
-                up = c.slice(fc1, [rows // 2], [rows], [1], tag="fc1_up")
+            halves = [([0], [rows], [1], [2]), ([1], [rows], [1], [2])] if fusion == 1 else \
+                [([0], [rows // 2], [1]), ([rows // 2], [rows], [1])]
+            gate, up = (c.slice(fc1, *h, tag=f"fc1_{t}") for h, t in zip(halves, ("gate", "up")))
+            if fc1_b is not None:
+                fc1_b, fc3_b = (c.slice(fc1_b, *h, tag=f"fc1_bias_{t}") for h, t in zip(halves, ("gate", "up")))
         elif fusion == 0:
             if fc3 is None:
                 raise c.unsupported("activation_type 'swiglu' with swiglu_fusion=0 and no fc3_experts_weights")
@@ -919,6 +914,7 @@ def ms_moe(c: Conversion):
         else:
             raise c.unsupported(f"attribute swiglu_fusion={fusion}")
     elif act == "silu":
+        alpha, beta = 1.0, 0.0
         if fc3 is None:
             raise c.unsupported("activation_type 'silu' without fc3_experts_weights (ungated experts)",
                                 "polyport::MoE experts are gated MLPs")
@@ -937,5 +933,11 @@ def ms_moe(c: Conversion):
     w_up = c.transpose(up, [0, 2, 1], "w_up")
     w_down = c.transpose(fc2, [0, 2, 1], "w_down")
     attrs = {"top_k": int(c.attr("k", 1)), "scoring": "softmax",
-             "renormalize": int(bool(c.attr("normalize_routing_weights", 0))), "activation": "silu", "clamp": clamp}
-    return [c.fused("MoE", [x, router_w, None, w_gate, w_up, w_down], attrs, out=c.outputs[0])]
+             "renormalize": int(bool(c.attr("normalize_routing_weights", 0))), "activation": "silu", "clamp": clamp,
+             **({"alpha": alpha} if alpha != 1.0 else {}), **({"up_offset": beta} if beta else {}),}
+    biases = [None, fc1_b, fc3_b, fc2_b] if fc1_b is not None or fc2_b is not None else []
+    if biases and fc1_b is None:         # a down bias alone: gate and up get zeros
+        zeros = np.zeros((c.static(fc1, 0, "experts"), c.static(w_gate, 2, "inter")), np.float32)
+        biases[1:3] = [c.const(zeros, "b_gate"), c.const(zeros, "b_up")]
+    return [c.fused("MoE", [x, router_w, None, w_gate, w_up, w_down, None, None] + biases if biases else
+                    [x, router_w, None, w_gate, w_up, w_down], attrs, out=c.outputs[0])]

@@ -692,27 +692,43 @@ def test_ms_moe_fc3_gated(rng, act, fusion):
     check(model, feeds, ["MoE"], [f"{MS}::MoE"], oracle=oracle)
 
 
+@pytest.mark.parametrize("fusion", [1, 2])
+def test_ms_moe_gpt_oss_swiglu_with_biases(rng, fusion):
+    """gpt-oss: activation_alpha 1.702, activation_beta 1 (up + 1), swiglu_limit 7, fc1/fc2 biases -> polyport::MoE's
+    alpha, up_offset, clamp and expert biases. ONNX Runtime's CPU kernel runs the interleaved form (the oracle for
+    the halves)."""
+    gate, up = rand(rng, E_, I_, H_, scale=0.3), rand(rng, E_, I_, H_, scale=0.3)
+    bg, bu, b2 = rand(rng, E_, I_), rand(rng, E_, I_), rand(rng, E_, H_)
+    attrs = dict(activation_alpha=1.702, activation_beta=1.0, swiglu_limit=7.0, normalize_routing_weights=1)
+    b1_interleaved = _interleaved(bg[..., None], bu[..., None])[..., 0]
+    fc1, b1 = (np.concatenate([gate, up], 1), np.concatenate([bg, bu], 1)) if fusion == 2 else \
+        (_interleaved(gate, up), b1_interleaved)
+    models, shared = [], {"router_w": rand(rng, H_, E_), "fc2": rand(rng, E_, H_, I_, scale=0.3)}
+    for f, w, b in ((fusion, fc1, b1), (1, _interleaved(gate, up), b1_interleaved)):
+        model, feeds, _ = _moe_model(rng, fusion=f, inits={"fc1": w, "b1": b, "b2": b2, **shared}, **attrs)
+        ins = model.graph.node[-1].input          # x, logits, fc1, fc1_bias, fc2, fc2_bias
+        ins[3] = "b1"
+        ins.append("b2")
+        models.append((model, feeds))
+    (model, feeds), (oracle, _) = models
+    graph = check(model, feeds, ["MoE"], [f"{MS}::MoE"], oracle=oracle)
+    (moe,) = [n for n in graph.nodes if n.op_type == "MoE"]
+    assert moe.attrs["alpha"] == pytest.approx(1.702) and moe.attrs["up_offset"] == 1.0 and len(moe.inputs) == 12
+
+
 @pytest.mark.parametrize("case,fragment", [
-    ("gpt_oss_alpha", "activation_alpha=1.702"),
     ("relu", "activation_type='relu'"),
     ("ungated_silu", "activation_type 'silu' without fc3_experts_weights"),
-    ("bias", "fc1_experts_bias"),
     ("sparse_mixer", "use_sparse_mixer=1"),
     ("router_input", "router_probs"),
 ])
 def test_ms_moe_errors(rng, case, fragment):
-    if case == "gpt_oss_alpha":
-        model, _, _ = _moe_model(rng, activation_alpha=1.702, activation_beta=1.0, swiglu_limit=7.0)
-    elif case == "relu":
+    if case == "relu":
         model, _, _ = _moe_model(rng, act="relu")
     elif case == "ungated_silu":
         model, _, _ = _moe_model(rng, act="silu")
     elif case == "sparse_mixer":
         model, _, _ = _moe_model(rng, use_sparse_mixer=1)
-    elif case == "bias":
-        model, _, _ = _moe_model(rng)
-        model.graph.initializer.append(onnx.numpy_helper.from_array(rand(rng, E_, 2 * I_), "b1"))
-        model.graph.node[-1].input[3] = "b1"
     else:   # router_probs fed as a graph input: no router weight to give polyport::MoE
         feeds = {"x": rand(rng, T_, H_), "logits": rand(rng, T_, E_)}
         n = oh.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], name="moe", domain=MS, k=2,
