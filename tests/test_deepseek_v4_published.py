@@ -49,6 +49,14 @@ def test_every_layer_fuses(fused):
         # window keys, then seq // rate compressed entries: a dim folded once at import
         assert kv.shape[2] == parse(f"seq + (seq // {rate})"), kv.type
         assert mask.shape[-2:] == (parse("seq"), kv.shape[2])
+    # the compressed side: one KVCompress per HCA layer (rate 8), two per CSA layer (its keys and its
+    # indexer's, overlapping windows of rate 4), and the CSA layer's indexer mask ends its attention mask
+    comp = [n for n in fused.nodes if n.op_type == "KVCompress"]
+    assert [(n.attrs["rate"], n.attrs["overlap"]) for n in comp] == [(hca, 0)] * 3 + [(csa, 1)] * 2
+    (indexer,) = [n for n in fused.nodes if n.op_type == "SparseIndexer"]
+    assert indexer.attrs["rate"] == csa and indexer.attrs["top_k"] == cfg["index_topk"]
+    assert indexer.outputs[0] in attn[3].inputs[3].producer.inputs
+    assert not [n for n in fused.nodes if n.op_type in ("TopK", "ScatterElements")]
     hashed = [len(n.inputs) > 6 and n.inputs[6] is not None for n in moe]   # hash_table operand
     assert hashed == [t == "hash_moe" for t in MLP_PATTERN]
 
