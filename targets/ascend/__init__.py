@@ -43,7 +43,7 @@ from ...errors import PolyportError
 from ...ir.graph import Graph
 from ..base import CompileOptions, Target, register_target
 from . import limits as L
-from . import attention, mlp, moe, norm, rotary  # noqa: F401 - each registers its fused op's lowering
+from . import attention, compress, mlp, moe, norm, rotary  # noqa: F401 - each registers its fused op's lowering
 from .emission import (CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, POLYPORT_KERNELS,
                        SOC, Emitter, dims, tname)
 from .kernels import atc_script, write_kernels
