@@ -1,7 +1,7 @@
 """The ascend target: what an Ascend (CANN) deployment consumes, checked against CANN's limits.
 
 The package: emission.py (the walk, names, the op plan, standard ops), one module per fused
-op (norm, rotary, attention, mlp, moe), limits.py (CANN's documented limits), kernels.py
+op (norm, rotary, attention, compress, mlp, moe), limits.py (CANN's documented limits), kernels.py
 (polyport's Ascend C kernels and atc.sh).
 
 No CANN toolkit exists where polyport is built: everything here is GENERATED AND
@@ -17,6 +17,7 @@ CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
                       RMSNorm   -> RmsNorm
                       Rotary    -> RotaryPositionEmbedding (mode half / interleave)
                       GatedMLP  -> MatMul (gate|up concatenated) -> SwiGlu -> MatMul
+                      KVCompress, SparseIndexer -> fp32 chains of standard ops (ascend/compress.py)
                     and the ops CANN lacks in KERNEL_DOMAIN (polyport's Ascend C kernels).
     op_plan.json    every call in order: op, domain, kind, attributes, input/output dtypes and
                     shapes (symbolic dims as text), the IR node it came from
