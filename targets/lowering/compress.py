@@ -17,6 +17,12 @@ def _f32(lw, x):
     return x if x.ty.dtype == "float32" else lw.emit(lw.relax.op.astype(x, "float32"))
 
 
+def _slice(lw, x, axis: int, begin, end):
+    """x[begin:end] on `axis`, bounds known to lie within it (no clamping if_then_else left in symbolic
+    shapes: the GPU builds' FuseOps cannot infer it)."""
+    return lw.emit(lw.relax.op.strided_slice(x, [axis], [begin], [end], assume_inbound=True))
+
+
 def _stored(lw, x, dtype: str):
     return x if dtype == "float32" else lw.emit(lw.relax.op.astype(x, dtype))
 
@@ -34,7 +40,7 @@ def kv_compress(lw, node):
     t = lw.dim(node.outputs[0].type.shape[1])           # seq // rate, folded at import
 
     def windows(x):                                      # [B, S, C] -> [B, T, rate, C], the partial window dropped
-        x = lw.emit(op.strided_slice(x, [1], [0], [lw.simplify(t * rate)]))
+        x = _slice(lw, x, 1, 0, lw.simplify(t * rate))
         return lw.emit(op.reshape(x, [b, t, rate, c]))
 
     kv4, g4 = windows(kv), lw.emit(op.add(windows(gate), bias))
@@ -42,12 +48,12 @@ def kv_compress(lw, node):
         d = c // 2
 
         def previous(x, fill: float):                   # window w-1's first half at w; window 0: `fill`
-            first = lw.emit(op.strided_slice(x, [3], [0], [d]))
+            first = _slice(lw, x, 3, 0, d)
             padded = lw.emit(op.nn.pad(first, [0, 0, 1, 0, 0, 0, 0, 0], "constant", fill))
-            return lw.emit(op.strided_slice(padded, [1], [0], [t]))
+            return _slice(lw, padded, 1, 0, t)
 
         def slots(x, fill: float):
-            return lw.emit(op.concat([previous(x, fill), lw.emit(op.strided_slice(x, [3], [d], [c]))], axis=2))
+            return lw.emit(op.concat([previous(x, fill), _slice(lw, x, 3, d, c)], axis=2))
 
         kv4, g4 = slots(kv4, 0.0), slots(g4, NEG_INF)
     pooled = lw.emit(op.sum(op.multiply(kv4, lw.emit(op.nn.softmax(g4, axis=2))), axis=[2]))
