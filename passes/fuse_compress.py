@@ -88,10 +88,7 @@ def _position_bias(gate: Value, scores: Value, rate: int, c: int) -> Value:
 
 
 def _fuse_compress(softmax: Node) -> None:
-    axis = softmax.attrs.get("axis", -1)
     scores = softmax.inputs[0]
-    if rank(scores) != 4 or axis not in (2, -2):
-        raise NoMatch("not a softmax over axis 2 of a rank-4 tensor")
     users = softmax.outputs[0].users
     if len(users) != 1 or users[0].op_type != "Mul":
         raise NoMatch("its result is not multiplied by the pooled values")
@@ -235,6 +232,8 @@ def fuse_compress(graph: Graph) -> PassResult:
     for node in list(graph.nodes):
         if node.graph is not graph or node.domain or node.op_type not in ("Softmax", "TopK"):
             continue
+        if node.op_type == "Softmax" and (rank(node.inputs[0]) != 4 or node.attrs.get("axis", -1) not in (2, -2)):
+            continue                    # not a pooling over the slots of a window: no note
         try:
             if node.op_type == "Softmax":
                 _fuse_compress(node)

@@ -13,7 +13,7 @@ from .manager import PassManager
 PIPELINES: dict[str, list[str]] = {
     "none": [],
     "canonicalize": ["canonicalize"],
-    "default": ["canonicalize", "quant-matmul", "fuse-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-compress", "fuse-moe", "fuse-gated-mlp",
+    "default": ["canonicalize", "quant-matmul", "fuse-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-moe", "fuse-compress", "fuse-gated-mlp",
                 "canonicalize"],
 }
 # `generate`: the default pipeline, then the KV-cache programs derived from it (passes/derive_generation.py);

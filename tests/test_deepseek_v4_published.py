@@ -3,7 +3,9 @@
 Four layers: heavily compressed attention (HCA, rate 8) in layers 0-2, compressed sparse
 attention (CSA, rate 4, indexer top-4) in layer 3, the sliding window and sinks on every
 layer; hash-routed MoE in layers 0-2, top-k routed in layer 3; mHC residual mixing. Each
-layer kind must import, fuse, and compile for cpu matching ONNX Runtime. The corpus-wide tests
+layer kind must import, fuse (the compressors into KVCompress, the CSA indexer into SparseIndexer,
+each compressed layer's attention over window + compressed entries into Attention), and compile
+for cpu matching ONNX Runtime. The corpus-wide tests
 cover the rest for this export too: reference vs ONNX Runtime and re-export (test_real_models.py),
 fused graph vs ONNX Runtime (test_fusion_models.py), the ascend emulation (targets/test_ascend.py),
 the cuda / rocm builds (targets/test_gpu_build.py, slow).
