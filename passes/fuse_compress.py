@@ -144,6 +144,21 @@ def _layout_root(v: Value, ok) -> Optional[Value]:
     return None
 
 
+def _between(first: Node, last: Node) -> list[Node]:
+    """The nodes on the paths from `first` to `last` (the scores' chain from the relu to the TopK: only
+    its multipliers are the scale and the head weights)."""
+    before_last = {id(n) for n in _below(last.inputs[0])}
+    found, frontier, seen = [], [first], set()
+    while frontier:
+        node = frontier.pop()
+        for user in (u for o in node.outputs for u in o.users):
+            if id(user) in before_last and id(user) not in seen:
+                seen.add(id(user))
+                found.append(user)
+                frontier.append(user)
+    return found
+
+
 def _window_rate(t) -> Optional[int]:
     """k in a length `seq // k`."""
     if isinstance(t, SymExpr) and len(t.terms) == 1:
@@ -191,9 +206,7 @@ def _fuse_indexer(topk: Node) -> None:
     if rate is None:
         raise NoMatch("the keys are not [B, seq // rate, Dq] behind layout ops")
     scale, weights, seq = 1.0, None, q.shape[1]
-    for node in _below(topk.inputs[0]):
-        if node is relu:
-            break
+    for node in _between(relu, topk):
         if node.op_type != "Mul" or node.domain:
             continue
         for a in node.inputs:
