@@ -85,7 +85,7 @@ def copy_region(g: Graph, vmap: dict[int, Value], inputs: Sequence[Value], outpu
 
 
 def random_feeds(values: Sequence[Value], symbols: dict[str, int], rng: np.random.Generator,
-                 int_high: dict | None = None, unknown: int = 3) -> dict[str, np.ndarray]:
+                 int_high: dict[str, int | SymExpr] | None = None, unknown: int = 3) -> dict[str, np.ndarray]:
     """Random inputs; an unknown dim (None: a length import could not express, like seq // 8) is `unknown`
     everywhere, so unknown dims that must agree do (a region that needs them to differ fails to run: no fusion)."""
     feeds = {}
@@ -103,7 +103,7 @@ def random_feeds(values: Sequence[Value], symbols: dict[str, int], rng: np.rando
 
 
 def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: Sequence[Optional[Value]],
-               attrs: dict, *, seed: int = 0, int_high: dict | None = None) -> None:
+               attrs: dict, *, seed: int = 0, int_high: dict[str, int | SymExpr] | None = None) -> None:
     """Check that `op_type(*operands, **attrs)` computes what the region `inputs -> output` computes,
     within `tolerance(output.dtype)`; raises NoMatch saying how it differs.
 
