@@ -73,10 +73,8 @@ def _infer_indexer(node, ctx):
     return [TensorType(q.dtype, shape)]
 
 
-def pool_windows(kv: np.ndarray, gate: np.ndarray, bias: np.ndarray, rate: int, overlap: bool,
-                 prior_kv=None, prior_gate=None) -> np.ndarray:
-    """The pooled entries [B, S // rate, D] of fp32 kv / gate [B, S, C] (prior_*: [B, rate, D], the
-    first half of the window before the first one, for CSA; absent: that window carries zero weight)."""
+def pool_windows(kv: np.ndarray, gate: np.ndarray, bias: np.ndarray, rate: int, overlap: bool) -> np.ndarray:
+    """The pooled entries [B, S // rate, D] of fp32 kv / gate [B, S, C]."""
     b, s, c = kv.shape
     t = s // rate
     kv = kv[:, :t * rate].reshape(b, t, rate, c)
@@ -85,9 +83,7 @@ def pool_windows(kv: np.ndarray, gate: np.ndarray, bias: np.ndarray, rate: int, 
         d = c // 2
         prev_kv = np.zeros((b, t, rate, d), np.float32)
         prev_gate = np.full((b, t, rate, d), -np.inf, np.float32)
-        prev_kv[:, 1:], prev_gate[:, 1:] = kv[:, :-1, :, :d], gate[:, :-1, :, :d]
-        if prior_kv is not None and t:
-            prev_kv[:, 0], prev_gate[:, 0] = prior_kv, prior_gate
+        prev_kv[:, 1:], prev_gate[:, 1:] = kv[:, :-1, :, :d], gate[:, :-1, :, :d]    # window 0: zero weight
         kv = np.concatenate([prev_kv, kv[..., d:]], axis=2)
         gate = np.concatenate([prev_gate, gate[..., d:]], axis=2)
     return np.sum(kv * softmax(gate, axis=2), axis=2)
