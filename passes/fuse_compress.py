@@ -232,7 +232,8 @@ def _fuse_indexer(topk: Node) -> None:
     attrs = {"top_k": k_const[0], "rate": rate, "scale": float(scale)}
     operands = [q, k, weights, positions]
     try:
-        equivalent(operands, out, "SparseIndexer", operands, attrs, int_high={positions.name: seq})   # positions inside the sequence
+        # positions drawn inside the sequence, as the export's own positions are
+        equivalent(operands, out, "SparseIndexer", operands, attrs, int_high={positions.name: seq})
     except NoMatch as e:
         raise NoMatch(f"not equivalent to SparseIndexer {attrs}: {e}") from None
     replace_with_fused(out, "SparseIndexer", operands, attrs)

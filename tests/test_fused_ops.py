@@ -81,7 +81,8 @@ def test_kv_compress_pools_complete_windows():
         return infer_node(out.producer, {"": 18})[0]
 
     assert inferred(np.zeros((4, 8), np.float32), "ok", rate=4, overlap=1).shape == (1, parse("seq // 4"), 4)
-    with pytest.raises(errors.PolyportError, match=r"node bad\S* \(polyport::KVCompress\): position_bias is f32\[3, 8\], expected \[4, 8\]"):
+    want = r"node bad\S* \(polyport::KVCompress\): position_bias is f32\[3, 8\], expected \[4, 8\]"
+    with pytest.raises(errors.PolyportError, match=want):
         inferred(np.zeros((3, 8), np.float32), "bad", rate=4)
     x = np.arange(2 * 9 * 2, dtype=np.float32).reshape(2, 9, 2)
     zero = np.zeros((4, 2), np.float32)

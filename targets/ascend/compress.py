@@ -45,7 +45,8 @@ def kv_compress(em, node: Node) -> None:
     rate, overlap = a["rate"], bool(a["overlap"])
     kv, gate = (em.get(v, F32) for v in node.inputs[:2])
     b, _, c = dims(node.inputs[0].shape)
-    bias = e("Cast", [em.get(node.inputs[2], em.compute)], F32, [rate, c], {"to": F32}, tag="bias")  # stored as weights are
+    # stored in the compute dtype as every weight is
+    bias = e("Cast", [em.get(node.inputs[2], em.compute)], F32, [rate, c], {"to": F32}, tag="bias")
     out_shape = dims(node.outputs[0].shape)
     t = out_shape[1]
     whole = e("Mul", [e("Div", [e.length(kv, 1, "seq"), e.ints([rate], "rate")], I64, [1], tag="windows"),

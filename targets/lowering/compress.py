@@ -81,7 +81,8 @@ def sparse_indexer(lw, node):
     ready = lw.emit(op.floor_divide(op.add(pos, relax.const(1, "int64")), relax.const(rate, "int64")))
     valid = lw.emit(op.less(entry, op.expand_dims(ready, [1, 3])))                          # [B|1, 1, S, T]
     scores = lw.emit(op.where(valid, scores, neg))
-    padded = lw.emit(op.nn.pad(scores, [0, 0, 0, 0, 0, 0, 0, top_k], "constant", NEG_INF))  # top_k exists when T < top_k
+    # top_k columns of -inf: top_k entries exist even when T < top_k
+    padded = lw.emit(op.nn.pad(scores, [0, 0, 0, 0, 0, 0, 0, top_k], "constant", NEG_INF))
     idx = lw.emit(op.topk(padded, top_k, -1, "indices", True, "int64"))                     # [B, 1, S, top_k]
     hit = lw.emit(op.astype(op.equal(op.expand_dims(idx, 4), entry), "int32"))             # [B, 1, S, top_k, T]
     keep = lw.emit(op.logical_and(op.greater(op.max(hit, axis=[3]), relax.const(0, "int32")), valid))
