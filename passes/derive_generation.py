@@ -409,7 +409,8 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
                         domain=POLYPORT_DOMAIN, name=f"{node.name}_cached", before=node,
                         attrs={"num_heads": node.attrs["num_heads"], "kv_heads": node.attrs["kv_heads"],
                                "scale": node.attrs["scale"], "window": attrs_of(node)["window"],
-                               "softcap": attrs_of(node)["softcap"], "ring": ring, "v_in_k": int(layer.kind == "shared_kv")})
+                               "softcap": attrs_of(node)["softcap"], "ring": ring,
+                               "v_in_k": int(layer.kind == "shared_kv")})
             node.outputs[0].replace_all_uses_with(out)
             g.remove(node)
         for cache, new in zip(caches, (k, v)):

@@ -195,8 +195,8 @@ def test_op_plan_covers_every_fused_op(built, fused, name):
     text = json.dumps(calls)
     assert '"seq"' in text                       # symbolic dims kept as text
     fia = [c for c in calls if c["op"] == "FusedInferAttentionScore"]
-    assert len(fia) == sum(n.op_type == "Attention" and not n.attrs.get("softcap") for n in g.nodes) and all(c["attributes"]["input_layout"] == "BNSD" and c["inputs"][0]["dtype"] == "float16"
-                       for c in fia)
+    assert len(fia) == sum(n.op_type == "Attention" and not n.attrs.get("softcap") for n in g.nodes) \
+        and all(c["attributes"]["input_layout"] == "BNSD" and c["inputs"][0]["dtype"] == "float16" for c in fia)
 
 
 def test_deepseek_v4_uses_polyport_kernels(built):

@@ -5,11 +5,12 @@ targets schedule, built here for LLVM ("portable"), and the ascend target's CANN
 run by the emulator ("ascend"). Reference: `ir.fused.evaluate` (ir/fused/*.py).
 
 hypothesis draws each configuration: a static part (head counts and GQA ratio, head dims,
-windows, causal, masks, sinks, soft-capping, activations, scoring functions, groups, top-k up to E, hash
-tables, gpt-oss's biases and activation, PhiMoE's sparsemixer routing) and a dynamic part (sequence
-length, KV-cache length behind the queries, weights, inputs, biases, token ids). A TVM build depends only on the static part (weights are parameters
-or inputs, the sequence is symbolic), so the TVM implementations draw their static part from a
-small pool and reuse each build across examples; the emulator has no build and draws it freely.
+windows, causal, masks, sinks, soft-capping, activations, scoring functions, groups, top-k up to
+E, hash tables, gpt-oss's biases and activation, PhiMoE's sparsemixer routing) and a dynamic part
+(sequence length, KV-cache length behind the queries, weights, inputs, biases, token ids). A TVM
+build depends only on the static part (weights are parameters or inputs, the sequence is
+symbolic), so the TVM implementations draw their static part from a small pool and reuse each
+build across examples; the emulator has no build and draws it freely.
 Inputs are fp16-representable so the emulator (fp16 storage, fp32 router) sees the same routing.
 
 Tolerances (x max |reference|): cpu and portable 1e-4 (fp32, the project's rule);

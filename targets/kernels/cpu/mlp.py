@@ -13,7 +13,8 @@ def activation(name: str, g, clamp: float, alpha: float = 1.0):
     if clamp:
         g = tirx.min(g, tirx.const(clamp, "float32"))
     if name == "silu":      # g * sigmoid(alpha g); fastmath.exp vectorises (tirx.exp: libm per lane)
-        return g / (tirx.const(1.0, "float32") + fastmath.exp(-g if alpha == 1.0 else tirx.const(-alpha, "float32") * g))
+        z = -g if alpha == 1.0 else tirx.const(-alpha, "float32") * g
+        return g / (tirx.const(1.0, "float32") + fastmath.exp(z))
     if name == "gelu":
         return tirx.const(0.5, "float32") * g * (tirx.const(1.0, "float32") + tirx.erf(g * tirx.const(1 / math.sqrt(2.0), "float32")))
     if name == "gelu_tanh":

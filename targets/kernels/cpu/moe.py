@@ -219,8 +219,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                     at[0] = T.int64(e)
             st[1] = T.float32(0)
             for e in range(E):
-                st[1] = st[1] + T.Select(st[0] - lg[t, e] <= T.float32(2 * s.jitter_eps) * T.max(T.abs(lg[t, e]), st[0]),
-                                         T.exp(left[e] - st[0]), T.float32(0))
+                band = st[0] - lg[t, e] <= T.float32(2 * s.jitter_eps) * T.max(T.abs(lg[t, e]), st[0])
+                st[1] = st[1] + T.Select(band, T.exp(left[e] - st[0]), T.float32(0))
             idx[t * K + k] = at[0]
             wt[t * K + k] = T.float32(s.scaling) / st[1]
             left[at[0]] = T.float32(NEG_INF)
