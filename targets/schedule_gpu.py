@@ -9,8 +9,9 @@ cpu target checks; a schedule only reorders and binds their loops.
 What is checked here: every kernel ends up bound to GPU threads (TVM's memory
 verifier refuses an unbound one, with a message that names no model node; this
 module names the kernel and its blocks instead). What is not: GPU numerics and
-speed, which need a GPU. The schedules are dlight's generic ones; no
-attention- or MoE-specific GPU schedule exists yet.
+speed, which need a GPU. The schedules are dlight's generic ones, except for the
+KV-cache kernels of the generation programs (kernels/portable/cached_attention.py,
+cache_update.py), which bind their own loops and are marked scheduled.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _block_names(func) -> list[str]:
 
 
 # primfunc_name_hint of each fused-op kernel (targets/tvm_lower.py) -> the IR op it lowers
-KERNEL_OPS = {"attention": "polyport::Attention", "moe_experts": "polyport::MoE", "rms_norm": "polyport::RMSNorm",
+KERNEL_OPS = {"cached_attention": "polyport::CachedAttention", "cache_update": "polyport::CacheUpdate",
+              "attention": "polyport::Attention", "moe_experts": "polyport::MoE", "rms_norm": "polyport::RMSNorm",
               "rotary": "polyport::Rotary", "gated_mlp": "polyport::GatedMLP", "dense": "MatMul"}
 
 
