@@ -7,8 +7,11 @@ model.so embeds device code for THAT arch — for cuda an nvcc fatbin whose sm_X
 (cuobjdump), exactly the kernels the built module calls, plus compute_XX PTX;
 for rocm an HSACO whose amdhsa.target is the arch and whose `.kd` kernel
 descriptors are exactly those kernels. The kernel names come from the built
-module's own function table, never from a list written here. Not checked:
-numerics on a GPU.
+module's own function table, never from a list written here. A model whose
+attention can be cached also carries the derived prefill/decode programs
+(manifest `programs`, model.json `functions`) and the decode kernels in each
+arch's device code. Not checked: numerics on a GPU (the kernels' numerics are
+checked on the CPU: test_cache_kernels.py, generation/test_generate_portable.py).
 
 One compile per (model, target): the builds spread over xdist workers. Without
 nvcc / cuobjdump, or without rocm-device-libs / lld >= 19, the target's tests
@@ -73,7 +76,25 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
     assert set(entry["files"]) <= set(manifest["files"])               # hashed like every artifact file
     meta = json.loads((out / entry["meta"]).read_text())
     assert meta["packed"] == {} and meta["inputs"] == [i["name"] for i in manifest["model"]["inputs"]]
+    _check_programs(manifest, entry, meta)
     return out, entry
+
+
+# the decode kernels (kernels/portable/cached_attention.py, cache_update.py) as the device code names them
+DECODE_KERNELS = {"cached_attention_partial_kernel", "cached_attention_merge_kernel", "cache_update_kernel"}
+
+
+def _check_programs(manifest: dict, entry: dict, meta: dict) -> None:
+    """A model whose every attention can be cached has prefill and decode in every arch's library, with the
+    decode kernels in its device code; one that cannot has neither (its GPU session recomputes)."""
+    generation = manifest["generation"]
+    if generation["uncached"] or not generation["layers"]:
+        assert "programs" not in entry and "functions" not in meta
+        return
+    assert entry["programs"] == ["prefill", "decode"]
+    assert set(meta["functions"]) == {"prefill", "decode"}
+    for arch, names in entry["kernels"].items():
+        assert DECODE_KERNELS <= set(names), f"{arch}: no decode kernels among {sorted(names)}"
 
 
 def _device_module(path: Path, kind: str) -> device_code.DeviceModule:
