@@ -3,15 +3,15 @@
 The module is legalized and fused the way TVM's own GPU pipelines do it, then
 every PrimFunc is scheduled with `tvm.s_tir.dlight`'s GPU rules (Matmul, GEMV,
 Reduction, GeneralReduction, Fallback: the first rule that applies wins). The
-fused-op kernels are the TE computes in targets/kernels/cpu, whose numerics the
-cpu target checks; a schedule only reorders and binds their loops.
+fused-op kernels are the portable kernel set (targets/kernels/portable), whose
+numerics the cpu target checks; a schedule only reorders and binds their loops.
 
 What is checked here: every kernel ends up bound to GPU threads (TVM's memory
 verifier refuses an unbound one, with a message that names no model node; this
 module names the kernel and its blocks instead). What is not: GPU numerics and
 speed, which need a GPU. The schedules are dlight's generic ones, except for the
-KV-cache kernels of the generation programs (kernels/portable/cached_attention.py,
-cache_update.py), which bind their own loops and are marked scheduled.
+kernels in kernels/portable that bind their own threads (decode and causal attention,
+the KV-cache update, the decode program's MoE GEMVs), marked scheduled.
 """
 from __future__ import annotations
 

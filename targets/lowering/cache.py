@@ -79,30 +79,40 @@ def cached_attention(lw, node):
 
 @lowers("polyport::CachedAttention", dtypes=("f32",), kernels=("portable",))
 def cached_attention_portable(lw, node):
-    from ..kernels.portable import cached_attention as kernel
-    relax = lw.relax
     a = attrs_of(node)
     q, kn, vn, kc, vc = (lw.get(v) for v in node.inputs[:5])
     sinks = lw.get(node.inputs[6]) if len(node.inputs) > 6 and node.inputs[6] is not None else None
-    v_in_k = bool(a["v_in_k"])
+    return streamed_attention(lw, node, q, kn, vn, kc, vc, _i64(lw, node.inputs[5]), sinks, window=a["window"],
+                              ring=bool(a["ring"]), v_in_k=bool(a["v_in_k"]))
+
+
+def streamed_attention(lw, node, q, kn, vn, kc, vc, past, sinks, *, window: int, ring: bool, v_in_k: bool,
+                       max_splits: int = None):
+    """kernels/portable/cached_attention.py's partial + merge: `q` over the cache (`kc`, `vc` before this
+    step, `past` int64 [B] positions held) and the new rows `kn`, `vn` (causal)."""
+    from ..kernels.portable import cached_attention as kernel
+    relax = lw.relax
+    a = attrs_of(node)
     h, kvh = int(a["num_heads"]), int(a["kv_heads"])
-    dv = _static(lw, node, node.inputs[2], 3, "value head dim")
+    d = lw.as_int(lw.shape(q)[3])
+    dv = lw.as_int(lw.shape(vn)[3])
+    if d is None or dv is None:
+        raise lw.unsupported(node, "head dims must be static")
     gpu = lw.target_name in GPU_TARGETS
+    splits = max_splits or kernel.MAX_SPLITS
     try:
-        partial = kernel.partial_func(num_heads=h, kv_heads=kvh, d=_static(lw, node, node.inputs[0], 3,
-                                                                          "query head dim"),
-                                      dv=dv, scale=float(a["scale"]), window=a["window"], ring=bool(a["ring"]),
-                                      v_in_k=v_in_k, gpu=gpu, dtype=q.ty.dtype)
+        partial = kernel.partial_func(num_heads=h, kv_heads=kvh, d=d, dv=dv, scale=float(a["scale"]), window=window,
+                                      ring=ring, v_in_k=v_in_k, gpu=gpu, dtype=q.ty.dtype, max_splits=splits)
     except ValueError as e:
         raise lw.unsupported(node, str(e)) from None
     merge = kernel.merge_func(num_heads=h, kv_heads=kvh, dv=dv, sinks=sinks is not None, gpu=gpu,
-                              dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype)
+                              dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype,
+                              max_splits=splits)
     gv_p = lw.bb.add_func(partial.with_attr("op_pattern", 8), "cached_attention_partial")
     gv_m = lw.bb.add_func(merge.with_attr("op_pattern", 8), "cached_attention_merge")
     placeholder = relax.const(np.zeros(1, np.float32))
-    past = _i64(lw, node.inputs[5])
     B, _, S, _ = lw.shape(q)
-    states = [B * kvh, kernel.MAX_SPLITS, S, h // kvh]
+    states = [B * kvh, splits, S, h // kvh]
     parts = lw.emit(relax.call_tir(gv_p, [q, kn, placeholder if v_in_k else vn, kc, placeholder if v_in_k else vc,
                                           past],
                                    [relax.TensorType(states + [2], "float32"),

@@ -56,10 +56,17 @@ def _attention_operands(lw, node):
 
 @lowers("polyport::Attention", dtypes=FLOAT_BF, kernels=("portable",))
 def attention_portable(lw, node):
-    """The TE compute (whole score rows, three reductions) for a target's own schedule."""
+    """Causal, unmasked self-attention (prefill, the cache-less forward): the streaming online-softmax
+    kernel with one split (lowering/cache.py); anything else: the TE compute (whole score rows, three
+    reductions) for a target's own schedule."""
     from ..kernels.portable import attention
+    from .cache import streamed_attention
     q, k, v, mask, sinks = _attention_operands(lw, node)
     a = attrs_of(node)
+    if a["causal"] and mask is None and lw.analyzer.can_prove_equal(lw.shape(q)[2], lw.shape(k)[2]):
+        past = lw.emit(lw.relax.op.zeros(lw.relax.ShapeExpr([lw.shape(q)[0]]), "int64"))     # no cache: k, v unread
+        return streamed_attention(lw, node, q, k, v, k, v, past, sinks, window=a["window"], ring=False,
+                                  v_in_k=False, max_splits=1)
     kw = dict(num_heads=a["num_heads"], kv_heads=a["kv_heads"], scale=a["scale"],
               causal=bool(a["causal"]), window=a["window"])
 

@@ -95,6 +95,8 @@ def _check_programs(manifest: dict, entry: dict, meta: dict) -> None:
     assert set(meta["functions"]) == {"prefill", "decode"}
     for arch, names in entry["kernels"].items():
         assert DECODE_KERNELS <= set(names), f"{arch}: no decode kernels among {sorted(names)}"
+        if any(n.startswith("moe_experts") for n in names):      # MoE: the decode program's few-token GEMVs
+            assert {"moe_gate_up_gemv_kernel", "moe_down_gemv_kernel"} <= set(names), sorted(names)
 
 
 def _device_module(path: Path, kind: str) -> device_code.DeviceModule:
@@ -196,11 +198,11 @@ def test_a_kernel_no_gpu_rule_schedules_is_named(monkeypatch):
     from polyport.targets.tvm_lower import lower_to_relax
     graph = import_onnx(MODELS / "llama_a.onnx")
     run_pipeline(graph, "default")
-    attention = next(n.name for n in graph.nodes if n.qualified_op == "polyport::Attention")
+    mlp = next(n.name for n in graph.nodes if n.qualified_op == "polyport::GatedMLP")
     monkeypatch.setattr(schedule_gpu, "gpu_rules", lambda: ())
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with pytest.raises(errors.UnsupportedOpError) as e:
         schedule_gpu.schedule_module(lower_to_relax(graph, "cuda", kernels="portable").mod, target, "cuda", graph)
     assert "cuda target (sm_90): no GPU schedule applies to kernel(s) " in str(e.value)
-    assert f"attention (blocks: k_t, qk, scores, rowmax, rowmax_safe, exp, rowsum, rowsum_all, from node(s) " \
-           f"{attention}" in str(e.value)
+    assert f"gated_mlp_down (blocks: matmul, from node(s) {mlp}" in str(e.value)
+    assert "cached_attention" not in str(e.value)         # kernels that bind their own threads need no rule

@@ -10,6 +10,10 @@ Two GPU kernels (ir/fused/cache.py gives the meaning):
   loops run over position ranges, so a step costs the context, not the reserved capacity.
 - `merge`: one thread per output channel combines the ns partial states and the sink.
 
+Causal prefill attention without a mask (past 0, the keys are the new rows) is the same pair with
+one split: each query row streams its visible keys once with an online softmax and no [S, S] score
+matrix is ever stored (flash-style in memory, though not tiled through shared memory).
+
 The split count grows with the sequence's past (one split per MIN_SPLIT_KEYS cached keys, at most
 MAX_SPLITS), so a long context at batch 1 still fills the GPU. K/V are never repeated per query
 head (GQA/MQA by indexing); with v_in_k (shared K=V, absorbed MLA) V is the first Dv channels of K.
@@ -36,10 +40,10 @@ def loop(gpu: bool):
     return lambda n, tag: T.serial(n)
 
 
-def splits(past):
+def splits(past, max_splits: int):
     """The cache splits of a sequence with `past` cached tokens (the partial and merge kernels agree)."""
     i64 = lambda x: tirx.IntImm("int64", x)  # noqa: E731
-    return tirx.max(i64(1), tirx.min(i64(MAX_SPLITS), tirx.floordiv(past, i64(MIN_SPLIT_KEYS))))
+    return tirx.max(i64(1), tirx.min(i64(max_splits), tirx.floordiv(past, i64(MIN_SPLIT_KEYS))))
 
 
 def threads_per_row(group: int, dv: int) -> int:
@@ -49,11 +53,12 @@ def threads_per_row(group: int, dv: int) -> int:
 
 
 def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, window: int, ring: bool,
-                 v_in_k: bool, gpu: bool, dtype: str = "float32"):
+                 v_in_k: bool, gpu: bool, dtype: str = "float32", max_splits: int = MAX_SPLITS):
     """PrimFunc partial(q, k_new, v_new, cache_k, cache_v, past_len, pm, pa): q [B, H, S, D],
     k_new [B, KV, S, D], v_new [B, KV, S, Dv], cache_k [B, KV, C, D], cache_v [B, KV, C, Dv] (before
     this step's update; v_new / cache_v are placeholders with v_in_k), past_len int64 [B];
-    writes pm [B*KV, MAX_SPLITS, S, G, 2] (max, denominator) and pa [B*KV, MAX_SPLITS, S, G, Dv]."""
+    writes pm [B*KV, max_splits, S, G, 2] (max, denominator) and pa [B*KV, max_splits, S, G, Dv].
+    Prefill attention is this with no past and one split (`prefill_attention`)."""
     H, KV, D, DV = num_heads, kv_heads, d, dv
     G = H // KV
     if G > MAX_THREADS:
@@ -106,22 +111,22 @@ def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float
         KC = T.match_buffer(kc_h, (B, KV, C, D), dtype)
         VC = T.match_buffer(vc_h, (B, KV, C, DV) if not v_in_k else (VC_,), dtype)
         PL = T.match_buffer(pl_h, (B,), "int64")
-        PM = T.match_buffer(pm_h, (B * KV, MAX_SPLITS, S, G, 2), "float32")
-        PA = T.match_buffer(pa_h, (B * KV, MAX_SPLITS, S, G, DV), "float32")
-        for bx in bind(B * T.int64(KV * MAX_SPLITS), "blockIdx.x"):
+        PM = T.match_buffer(pm_h, (B * KV, max_splits, S, G, 2), "float32")
+        PA = T.match_buffer(pa_h, (B * KV, max_splits, S, G, DV), "float32")
+        for bx in bind(B * T.int64(KV * max_splits), "blockIdx.x"):
             for i in bind(S, "blockIdx.y"):
                 for tx in bind(T.int64(G * TPR), "threadIdx.x"):
                     qs = T.alloc_buffer((D,), "float32", scope="local")
                     acc = T.alloc_buffer((DVT,), "float32", scope="local")
                     st = T.alloc_buffer((3,), "float32", scope="local")     # max, denominator, score
-                    sp = bx % T.int64(MAX_SPLITS)
-                    bg = bx // T.int64(MAX_SPLITS)
+                    sp = bx % T.int64(max_splits)
+                    bg = bx // T.int64(max_splits)
                     b = bg // T.int64(KV)
                     g = bg % T.int64(KV)
                     r = tx // T.int64(TPR)
                     c0 = tx % T.int64(TPR) * T.int64(DVT)
                     past = PL[b]
-                    ns = splits(past)
+                    ns = splits(past, max_splits)
                     if sp < ns:
                         lo = cached_lo(past, i, C)
                         chunk = (T.max(past - lo, T.int64(0)) + ns - T.int64(1)) // ns
@@ -150,7 +155,7 @@ def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float
 
 
 def merge_func(*, num_heads: int, kv_heads: int, dv: int, sinks: bool, gpu: bool, dtype: str = "float32",
-               sinks_dtype: str = "float32"):
+               sinks_dtype: str = "float32", max_splits: int = MAX_SPLITS):
     """PrimFunc merge(pm, pa, past_len, sinks, out): out [B, H, S, Dv] = sum_s pa_s e^(m_s - M) /
     (sum_s l_s e^(m_s - M) + the sink's e^(sink - M)) over the sequence's splits."""
     H, KV, DV = num_heads, kv_heads, dv
@@ -166,8 +171,8 @@ def merge_func(*, num_heads: int, kv_heads: int, dv: int, sinks: bool, gpu: bool
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         S = T.int64()
-        PM = T.match_buffer(pm_h, (B * KV, MAX_SPLITS, S, G, 2), "float32")
-        PA = T.match_buffer(pa_h, (B * KV, MAX_SPLITS, S, G, DV), "float32")
+        PM = T.match_buffer(pm_h, (B * KV, max_splits, S, G, 2), "float32")
+        PA = T.match_buffer(pa_h, (B * KV, max_splits, S, G, DV), "float32")
         PL = T.match_buffer(pl_h, (B,), "int64")
         SK = T.match_buffer(s_h, (H if sinks else 1,), sinks_dtype)
         O = T.match_buffer(o_h, (B, H, S, DV), dtype)
@@ -179,7 +184,7 @@ def merge_func(*, num_heads: int, kv_heads: int, dv: int, sinks: bool, gpu: bool
                     h = bh % T.int64(H)
                     bg = b * T.int64(KV) + h // T.int64(G)
                     r = h % T.int64(G)
-                    ns = splits(PL[b])
+                    ns = splits(PL[b], max_splits)
                     mm[0] = T.Cast("float32", SK[h]) if sinks else ninf
                     for s in range(ns):
                         mm[0] = T.max(mm[0], PM[bg, s, i, r, 0])
