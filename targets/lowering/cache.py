@@ -14,6 +14,8 @@ cpu target builds the portable set (the numerics check).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from ...ir.ops import attrs_of
@@ -87,7 +89,7 @@ def cached_attention_portable(lw, node):
 
 
 def streamed_attention(lw, node, q, kn, vn, kc, vc, past, sinks, *, window: int, ring: bool, v_in_k: bool,
-                       max_splits: int = None):
+                       max_splits: Optional[int] = None):
     """kernels/portable/cached_attention.py's partial + merge: `q` over the cache (`kc`, `vc` before this
     step, `past` int64 [B] positions held) and the new rows `kn`, `vn` (causal)."""
     from ..kernels.portable import cached_attention as kernel
