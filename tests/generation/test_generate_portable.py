@@ -8,9 +8,10 @@ the programs) and loaded through runtime/gpu_session.py with the device query pa
 an sm_90 GPU that is tvm.cpu(): the GPU session's generation path, from the manifest's programs
 to the in-place cache buffers, runs exactly as on a GPU except for the device code.
 
-Checked: teacher-forced decode within 1e-4 x max|logit| of ORT's full forward (issue 11's rule)
-greedy tokens equal to the reference executor's, and the cache buffers updated in place. llama_a is slow (one ~30 s build); the MLA,
-shared-K=V and sinks + sliding-window exports are `corpus` (a build each, up to 90 s here)."""
+Checked: teacher-forced decode within 1e-4 x max|logit| of ORT's full forward (issue 11's rule),
+greedy tokens equal to the reference executor's, and the cache buffers updated in place. llama_a
+is slow (one ~30 s build); the MLA, shared-K=V and sinks + sliding-window exports are `corpus`
+(a build each, up to 90 s here)."""
 from __future__ import annotations
 
 import atexit

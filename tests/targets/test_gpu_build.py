@@ -10,8 +10,10 @@ descriptors are exactly those kernels. The kernel names come from the built
 module's own function table, never from a list written here. A model whose
 attention can be cached also carries the derived prefill/decode programs
 (manifest `programs`, model.json `functions`) and the decode kernels in each
-arch's device code. Not checked: numerics on a GPU (the kernels' numerics are
-checked on the CPU: test_cache_kernels.py, generation/test_generate_portable.py).
+arch's device code: checked for llama_a by default and for every `corpus` build
+(the others build the cache-less program only, to bound CI's time). Not checked:
+numerics on a GPU (the kernels' numerics are checked on the CPU: test_cache_kernels.py,
+generation/test_generate_portable.py).
 
 One compile per (model, target): the builds spread over xdist workers. Without
 nvcc / cuobjdump, or without rocm-device-libs / lld >= 19, the target's tests
@@ -37,6 +39,7 @@ from ..real_models import corpus
 
 MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
 NAMED_EXPORTS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a"]   # run by default
+DECODE_EXPORT = "llama_a"           # the default export whose build includes the derived prefill/decode
 EXPORTS = sorted(corpus())
 REQUIRED = os.environ.get("POLYPORT_REQUIRE_GPU_TOOLCHAINS") == "1"
 
@@ -67,7 +70,8 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
     """Compile `model` for `target` with its default archs; check the manifest entry; return (artifact, entry)."""
     _require(target)
     out = tmp_path / model
-    compile_model(MODELS / f"{model}.onnx", [target], out)
+    compile_model(MODELS / f"{model}.onnx", [target], out,
+                  options=CompileOptions(extra={"generation": _with_programs(model)}))
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["targets"][target]
     assert entry["archs"] == list(default_archs)
@@ -80,6 +84,13 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
     return out, entry
 
 
+def _with_programs(model: str) -> bool:
+    """Whether this build includes `model`'s prefill/decode: they add about a third to a build, so CI
+    (the default and slow steps) builds them for DECODE_EXPORT only, `-m corpus` for every export it builds."""
+    return model == DECODE_EXPORT or any(m.name == "corpus" for m in families.marks(model, "cuda",
+                                                                                  default=NAMED_EXPORTS))
+
+
 # the decode kernels (kernels/portable/cached_attention.py, cache_update.py) as the device code names them
 DECODE_KERNELS = {"cached_attention_partial_kernel", "cached_attention_merge_kernel", "cache_update_kernel"}
 
@@ -88,7 +99,7 @@ def _check_programs(manifest: dict, entry: dict, meta: dict) -> None:
     """A model whose every attention can be cached has prefill and decode in every arch's library, with the
     decode kernels in its device code; one that cannot has neither (its GPU session recomputes)."""
     generation = manifest["generation"]
-    if generation["uncached"] or not generation["layers"]:
+    if generation["uncached"] or not generation["layers"] or not _with_programs(manifest["model"]["name"]):
         assert "programs" not in entry and "functions" not in meta
         return
     assert entry["programs"] == ["prefill", "decode"]

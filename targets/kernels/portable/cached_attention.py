@@ -164,7 +164,6 @@ def merge_func(*, num_heads: int, kv_heads: int, dv: int, sinks: bool, gpu: bool
     bind = loop(gpu)
     ninf = tirx.const(float("-inf"), "float32")
     zero = tirx.const(0.0, "float32")
-    i64 = lambda x: tirx.IntImm("int64", x)  # noqa: E731
 
     @T.prim_func(private=True)
     def cached_attention_merge(pm_h: T.handle, pa_h: T.handle, pl_h: T.handle, s_h: T.handle, o_h: T.handle):
