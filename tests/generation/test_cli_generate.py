@@ -148,7 +148,7 @@ def test_bench_decode_estimates_every_absent_device(cli, artifact, tmp_path):
 
 def test_compile_names_the_layers_it_cannot_cache_and_the_manifest_records_them(cli, tmp_path):
     out = tmp_path / "v4b"
-    r = cli("compile", MODELS / "deepseek_v4_b.onnx", "-t", "ascend", "-o", out)   # CSA/HCA layers stay unfused
+    r = cli("compile", MODELS / "deepseek_v4_b.onnx", "-t", "ascend", "-o", out)   # CSA/HCA layers: uncached
     assert r.exit_code == 0, r.stderr
     uncached = json.loads((out / "manifest.json").read_text())["generation"]["uncached"]
     assert uncached and all(f"generation: {name} cannot be cached" in r.stderr for name in uncached)
