@@ -38,7 +38,8 @@ from .conftest import generator, ort_logits, path_of, prompt
 from .test_generate_cpu import _address
 
 STEPS = 12
-CORPUS = ["deepseek_v3_a", "deepseek_v4_a", "gpt_oss_a"]     # absorbed MLA; shared K=V + sinks; sinks + ring
+# absorbed MLA; shared K=V + sinks; sinks + ring + biased MoE; soft-capped scores; sparsemixer routing
+CORPUS = ["deepseek_v3_a", "deepseek_v4_a", "gpt_oss_a", "gemma2_a", "phimoe_a"]
 
 
 @functools.lru_cache(maxsize=None)
