@@ -129,3 +129,12 @@ def quantize(w: np.ndarray, scheme: str, group_size: int) -> QuantWeight:
     if scheme == "int4":
         return QuantWeight(pack_int4(codes), scales, None, k, n, 4, group_size, "int")
     return QuantWeight(np.ascontiguousarray(codes), scales, None, k, n, 8, group_size, "int")
+
+
+def quantize_experts(w: np.ndarray, scheme: str, group_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Expert weights [E, K, N] -> (codes [E, K / 2 | K, N], scales [E, KB, N], the MoE's bits / block_size /
+    format): each expert quantized as `quantize` does a MatMul weight, kept K-first (ir/fused/moe.py)."""
+    per = [quantize(m, scheme, group_size) for m in np.asarray(w)]
+    codes = np.stack([np.ascontiguousarray(q.qweight.T) for q in per])
+    scales = np.stack([np.ascontiguousarray(q.scales.T) for q in per])
+    return codes, scales, {"bits": per[0].bits, "block_size": per[0].block_size, "format": per[0].format}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.fused.moe import EXPERT_WEIGHTS, quantized
 from ...ir.ops import attrs_of
 from . import lowers
 from .dense import PACKED_WEIGHTS, flatten2d
@@ -27,16 +28,25 @@ def _packed_nb(lw, node) -> int:
     return column_block(int(a["N"]))
 
 
+def _nb(lw, node, i):
+    """NB for operand i of node as a quantized weight operand (0: bound as stored), None if it is not one."""
+    if node.graph is not lw.graph:
+        return None
+    if node.qualified_op == OP and i in WEIGHT_OPERANDS:
+        return _packed_nb(lw, node)
+    if node.qualified_op == "polyport::MoE" and quantized(node) and i in EXPERT_WEIGHTS:   # read as stored
+        return 0
+    return None
+
+
 def param_layout(lw, v):
-    """For a constant used only as a QuantMatMul weight operand: NB to bind it column-blocked
-    (0: as stored). None for any other constant."""
+    """For a constant used only as a quantized weight operand (QuantMatMul's, a quantized MoE's codes): NB
+    to bind it column-blocked (0: as stored). None for any other constant."""
     if not v.uses or v.is_graph_output:
         return None
-    nbs = set()
-    for node, i in v.uses:
-        if node.qualified_op != OP or i not in WEIGHT_OPERANDS or node.graph is not lw.graph:
-            return None
-        nbs.add(_packed_nb(lw, node))
+    nbs = {_nb(lw, node, i) for node, i in v.uses}
+    if None in nbs:
+        return None
     return nbs.pop() if len(nbs) == 1 else 0
 
 

@@ -23,13 +23,25 @@ from ..quant_models import dq_node_model, matmul_nbits  # noqa: E402
 from ..real_models import assert_logits_close, corpus, model_path, ort_run, token_ids  # noqa: E402
 
 
+def _avx512() -> bool:
+    from polyport.devices import host_cpu_info
+    return "avx512f" in host_cpu_info()["flags"]
+
+
+# AVX2 (8 lanes) always; AVX-512 (16 lanes: other row tiles and column groups) where the host runs it
+ISAS = [pytest.param("x86-64-v3", 8, id="avx2"),
+        pytest.param("x86-64-v4", 16, id="avx512",
+                     marks=pytest.mark.skipif(not _avx512(), reason="the host has no AVX-512"))]
+
+
+@pytest.mark.parametrize("mcpu,lanes", ISAS)
 @pytest.mark.parametrize("scheme,fmt,K,block,zeros", [
     ("int4", "uint", 80, 32, True), pytest.param("int4", "int", 64, 128, False, marks=pytest.mark.slow),
     pytest.param("int8", "uint", 48, 16, True, marks=pytest.mark.slow), ("fp8", "fp8e4m3", 96, 64, False),
     ("bf16", "bf16", 96, 96, False)])
-def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros):
+def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros, mcpu, lanes):
     rng = np.random.default_rng(0)
-    N, NB = 48, 16
+    N, NB = 64, 16
     w32 = rng.standard_normal((K, N)).astype(np.float32)
     q = to_float16(w32, scheme) if scheme == "bf16" else quantize(w32, scheme, block)
     if fmt == "uint":                       # MatMulNBits' unsigned codes with per-block zeros
@@ -40,11 +52,11 @@ def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros):
         q.zeros = rng.integers(0, 2 ** q.bits, q.scales.shape).astype(np.float32)
     w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
     bias = rng.standard_normal(N).astype(np.float32)
-    func = quant_dense_func(K, N // NB, NB, q.bits, block, q.format, zeros, True)
+    func = quant_dense_func(K, N // NB, NB, q.bits, block, q.format, zeros, True, lanes=lanes)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                     target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+                     target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
     none = np.zeros(1, np.float32)
-    for m in (1, 7, 13):                     # below, at and past the row tile
+    for m in (1, 3, 7, 13):                  # decode-time row tiles and their tails; prefill tiles and tails
         x = rng.standard_normal((m, K)).astype(np.float32)
         out = tvm.runtime.tensor(np.zeros((m, N), np.float32))
         args = [x, _pack(q.qweight.T, NB), none if q.scales is None else _pack(q.scales.T, NB),
@@ -101,6 +113,8 @@ def _quantized_reference(name, spec):
 @pytest.mark.parametrize("name,options", [
     pytest.param("llama_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
     pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128"], marks=pytest.mark.slow),
+    pytest.param("qwen3_moe_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
+    pytest.param("mixtral_a", ["--quantize", "int8", "--group-size", "64"], marks=pytest.mark.slow),
     pytest.param("qwen3_moe_a", ["--dtype", "bf16"], marks=pytest.mark.slow)])
 def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name, options):
     """`--quantize` / `--dtype` artifacts against the reference executor running the same graph on the
@@ -117,8 +131,11 @@ def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name,
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["quantization"]["weights"] > 0
     stored = safetensors.load(art / "weights.safetensors")
-    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16) and a.ndim == 2}
+    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16)}
     assert len(codes) == manifest["quantization"]["weights"]
+    if "--quantize" in opts and corpus()[name].get("num_moe_layers"):      # experts quantized in the fused MoE
+        assert any(a.ndim == 3 for n, a in stored.items() if n in codes)
+        assert not any("f32: MoE" in k for k in manifest["quantization"]["layers"])
     spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts)
     ref = _quantized_reference(name, spec)
     sess = session.load(art, "cpu")
