@@ -1,14 +1,14 @@
 """Weight-only quantization at compile time (`polyport compile --quantize int8|int4|fp8`), and 16-bit
 weights (`--dtype bf16|f16`: the same rewrite, the weights rounded to 16-bit floats, no scales).
 
-Every dense linear weight (a MatMul over a constant f32 [K, N] weight, and the three weights of a
-SiLU GatedMLP, which is then computed as three QuantMatMuls) becomes polyport::QuantMatMul over
+Every dense linear weight (a MatMul over a constant f32 [K, N] weight) becomes polyport::QuantMatMul over
 symmetric per-group codes (ir/quant_layout.py: int8, int4 two per byte, e4m3 with per-block scales;
 one scale per `group_size` consecutive k of an output column). The LM head (the MatMul producing a
-graph output) only with `lm_head`. The fused MoE's expert weights are quantized too, per expert, and stay
-inside the fused op (ir/fused/moe.py); with bf16 / f16 its router and expert weights are stored in that
-dtype. Left in f32, and counted: the MoE router, embeddings (a Gather's table), a weight also read by
-another op (a tied embedding), GatedMLPs with another activation or a clamp.
+graph output) only with `lm_head`. The fused GatedMLP's and MoE's weights are quantized the same way
+(the MoE's per expert) and stay inside the fused op, K first (ir/fused/mlp.py, moe.py). With bf16 / f16,
+a SiLU GatedMLP becomes three QuantMatMuls over 16-bit weights, and the MoE's router and expert weights
+are stored in that dtype. Left in f32, and counted: the MoE router, embeddings (a Gather's table), a
+weight also read by another op (a tied embedding), 16-bit GatedMLPs with another activation or a clamp.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class _Quantizer:
         self.graph, self.spec = graph, spec
         self.codes: dict[int, list[Value]] = {}     # one quantized copy per weight, shared by its users
         self.counts: collections.Counter = collections.Counter()
-        self.expert_weights = 0                      # quantized inside a fused MoE
+        self.expert_weights = 0                      # quantized inside a fused MoE / GatedMLP
 
     def operands(self, w: Value) -> list[Value]:
         if id(w) not in self.codes:
@@ -110,9 +110,29 @@ class _Quantizer:
     def gated_mlp(self, node: Node) -> None:
         x, wg, wu, wd = node.inputs
         a = attrs_of(node)
-        if a["activation"] != "silu" or a["clamp"] or \
-                not all(_weight(w) and _only_matmul_weight(w) for w in (wg, wu, wd)) or not _float_input(x):
-            self.counts["f32: GatedMLP (activation, clamp or shared weight)"] += 1
+        if not all(_weight(w) and _only_matmul_weight(w) for w in (wg, wu, wd)) or not _float_input(x) or \
+                (self.spec.scheme == "int4" and any(w.const.shape[0] % 2 for w in (wg, wu, wd))):
+            self.counts["f32: GatedMLP (shared, non-constant or odd-K int4 weights)"] += 1
+            return
+        if self.spec.scheme in SCHEMES:      # the fused op keeps them: codes K first (ir/fused/mlp.py)
+            g = self.graph
+            codes, scales = [], []
+            for w in (wg, wu, wd):
+                c, sc, qattrs = quantize_experts(w.const[None], self.spec.scheme, self.spec.group_size)
+                codes.append(g.add_constant(g.unique_name(f"{w.name}/{self.spec.scheme}"), c[0]))
+                scales.append(g.add_constant(g.unique_name(f"{w.name}/scales"), sc[0]))
+            y = fused.build(g, "GatedMLP", [x] + codes + scales, {**a, **qattrs}, node.outputs[0].type,
+                            before=node, name=node.name)
+            out = node.outputs[0]
+            if out.is_graph_output:
+                y.name, out.name = out.name, y.name
+            out.replace_all_uses_with(y)
+            g.remove(node)
+            self.expert_weights += 3
+            self.counts["GatedMLP"] += 1
+            return
+        if a["activation"] != "silu" or a["clamp"]:
+            self.counts["f32: GatedMLP (activation or clamp, 16-bit weights)"] += 1
             return
         g = self.qmatmul(x, wg, node)
         u = self.qmatmul(x, wu, node)

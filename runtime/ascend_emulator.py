@@ -51,13 +51,14 @@ def _f32(x):
     return np.asarray(x).astype(np.float32)
 
 
-def _antiquant(w, scale, offset=None):
+def _antiquant(w, scale, offset=None, group: int = 0):
     """ANTIQUANT(w) = (w + offset) * scale in float32 for a weight [K, N] of int8 / int4 codes; scale and
-    offset per channel ([N] or [1, N]) or per group of K ([G, N]: K / G consecutive rows share a row)."""
+    offset per channel ([N] or [1, N]) or per group of K ([G, N]: `group` consecutive rows share a row, the
+    last group possibly shorter; without `group`, K / G)."""
     k = w.shape[0]
     s = _f32(scale).reshape(-1, w.shape[1])
     o = np.zeros_like(s) if offset is None else _f32(offset).reshape(-1, w.shape[1])
-    rep = k // s.shape[0] if k % s.shape[0] == 0 else -(-k // s.shape[0])
+    rep = group or k // s.shape[0]
     s, o = (np.repeat(a, rep, axis=0)[:k] for a in (s, o))
     return (_f32(w) + o) * s
 
@@ -214,7 +215,7 @@ def _ops():
         op_domain = CANN_DOMAIN
 
         def _run(self, x, weight, antiquant_scale, antiquant_offset=None, bias=None, antiquant_group_size=0):
-            y = _f32(x) @ _antiquant(weight, antiquant_scale, antiquant_offset)
+            y = _f32(x) @ _antiquant(weight, antiquant_scale, antiquant_offset, antiquant_group_size)
             if bias is not None:
                 y = y + _f32(bias)
             return (y.astype(x.dtype),)

@@ -1,6 +1,7 @@
 """Quantized weights on Ascend: CANN's weight-only ("antiquant") matmuls, ANTIQUANT(w) = (w + offset) * scale.
 
-  QuantMatMul       -> WeightQuantBatchMatmulV2 (aclnnWeightQuantBatchMatmulV2): weight int8 / int4 [K, N],
+  QuantMatMul, and each weight of a quantized GatedMLP (mlp.py)
+                    -> WeightQuantBatchMatmulV2 (aclnnWeightQuantBatchMatmulV2): weight int8 / int4 [K, N],
                        antiquantScale [ceil(K / group), N] (per channel: [1, N]), optional antiquantOffset,
                        antiquantGroupSize (0: per channel; else a multiple of 32 below K)
   quantized MoE     -> GroupedMatmul's antiquantScaleOptional / antiquantOffsetOptional (moe.py): int4 per
@@ -53,37 +54,40 @@ def quant_matmul(em, node: Node) -> None:
     x, q, s = node.inputs[:3]          # q: [N, K / 2 | K] codes, s: [N, KB] (ir/fused/quant.py)
     z = node.inputs[3] if len(node.inputs) > 3 else None
     bias = node.inputs[4] if len(node.inputs) > 4 else None
-    a = attrs_of(node)
+    antiquant_matmul(em, node, em.get(x, em.compute), q.const, None if s is None else s.const,
+                     None if z is None else z.const, None if bias is None else em.get(bias, em.compute),
+                     attrs_of(node), em.out(node.outputs[0], em.compute), node.name)
+
+
+def antiquant_matmul(em, node: Node, x: str, q, s, z, bias, a: dict, out, base: str) -> str:
+    """y = x @ dequantize(q, s, z) (+ bias) for QuantMatMul-layout operands (q [N, K / 2 | K], s / z [N, KB]):
+    WeightQuantBatchMatmulV2 over the codes, or (a limit broken) a MatMul over the weight dequantized now."""
     k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
     cd = em.compute
     npd = helper.tensor_dtype_to_np_dtype(cd)
-    out = em.out(node.outputs[0], cd)
     group = 0 if block >= k else block
     facts = {"weight": weight_kind(a), "antiquant_group_size": group}
     if bits == 4:
         facts["int4_n_dim"] = n
     if em.check(node, WQBMM, facts):      # a fallback: the weight dequantized now, a plain MatMul on device
-        w = dequantize(q.const, None if s is None else s.const, None if z is None else z.const, **a)
-        ins = [em.get(x, cd), em.const(w.T.astype(npd), f"{node.name}_w")]
-        y = em.emit("MatMul", ins, [out if bias is None else (em.fresh(f"{node.name}_mm"), cd, out[2])],
+        w = dequantize(q, s, z, **a)
+        y = em.emit("MatMul", [x, em.const(w.T.astype(npd), f"{base}_w")],
+                    [out if bias is None else (em.fresh(f"{base}_mm"), cd, out[2])],
                     note="antiquant fallback: weight dequantized at compile time")[0]
-        if bias is not None:
-            em.emit("Add", [y, em.get(bias, cd)], [out])
-    else:
-        c = signed_codes(q.const, bits, a["format"], k)
-        scale = np.asarray(s.const, np.float32).T                     # [KB, N]
-        offset = None
-        if z is not None:             # (c - z) s = (signed c + shift - z) s
-            shift = float(2 ** (bits - 1)) if a["format"] == "uint" else 0.0
-            offset = shift - np.asarray(z.const, np.float32).T
-        ins = [em.get(x, cd), em.const(device_codes(np.ascontiguousarray(c.T), bits), f"{node.name}_weight"),
-               em.const(scale.astype(npd), f"{node.name}_antiquant_scale"),
-               "" if offset is None else em.const(np.ascontiguousarray(offset).astype(npd),
-                                                   f"{node.name}_antiquant_offset")]
-        if bias is not None:
-            ins.append(em.get(bias, cd))
-        em.emit(WQBMM, ins, [out], {"antiquant_group_size": group}, CANN_DOMAIN,
-                note=f"{weight_kind(a)} codes, antiquant scale per {'group of ' + str(group) if group else 'channel'}")
+        return y if bias is None else em.emit("Add", [y, bias], [out])[0]
+    c = signed_codes(q, bits, a["format"], k)
+    offset = None
+    if z is not None:             # (c - z) s = (signed c + shift - z) s
+        shift = float(2 ** (bits - 1)) if a["format"] == "uint" else 0.0
+        offset = shift - np.asarray(z, np.float32).T
+    ins = [x, em.const(device_codes(np.ascontiguousarray(c.T), bits), f"{base}_weight"),
+           em.const(np.asarray(s, np.float32).T.astype(npd), f"{base}_antiquant_scale"),
+           "" if offset is None else em.const(np.ascontiguousarray(offset).astype(npd), f"{base}_antiquant_offset")]
+    if bias is not None:
+        ins.append(bias)
+    return em.emit(WQBMM, ins, [out], {"antiquant_group_size": group}, CANN_DOMAIN,
+                   note=f"{weight_kind(a)} codes, antiquant scale per "
+                        f"{'group of ' + str(group) if group else 'channel'}")[0]
 
 
 def moe_weights(em, node: Node, which: tuple[int, int], axis_concat: bool):

@@ -33,12 +33,15 @@ def rotary(lw, node):
 @lowers("polyport::GatedMLP", dtypes=FLOAT_BF)
 def gated_mlp(lw, node):
     from ..kernels.cpu import mlp
-    x, wg, wu, wd = (lw.get(v) for v in node.inputs)
+    x, wg, wu, wd = (lw.get(v) for v in node.inputs[:4])
     x2, shape = flatten2d(lw, x)
     a = attrs_of(node)
     act, clamp = a["activation"], a["clamp"]
     names = [v.name for v in node.inputs[1:4]]
-    if all(n in lw.packed for n in names):
+    if a["bits"]:                # quantized: three dequantize-in-register GEMMs, the activation between
+        y = _quantized_gated_mlp(lw, node, x2, a, packed=all(n in lw.packed for n in names))
+        out_shape = shape[:-1] + [lw.shape(y)[1]]
+    elif all(n in lw.packed for n in names):
         h = packed_gemm(lw, x2, [wg, wu], "gated_mlp_gate_up_packed", act=act, clamp=clamp)
         y = packed_gemm(lw, h, [wd], "gated_mlp_down_packed")
         out_shape = shape[:-1] + [lw.simplify(lw.shape(wd)[0] * lw.shape(wd)[2])]
@@ -47,6 +50,28 @@ def gated_mlp(lw, node):
         y = lw.bb.emit_te(mlp.matmul, h, wd, primfunc_name_hint="gated_mlp_down")
         out_shape = shape[:-1] + [lw.shape(wd)[-1]]
     return lw.emit(lw.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
+
+
+def _quantized_gated_mlp(lw, node, x2, a, *, packed: bool):
+    from tvm import te
+
+    from ..kernels.cpu.mlp import activation, clamp_up
+    from .quant import quant_dense
+    per_byte = 2 if a["bits"] == 4 else 1
+    q = dict(bits=a["bits"], block_size=a["block_size"], format=a["format"])
+    codes = [node.inputs[i] for i in (1, 2, 3)]
+    dims = [dict(K=c.const.shape[0] * per_byte, N=c.const.shape[1], **q) for c in codes]
+    g, u = (quant_dense(lw, x2, lw.get(c), lw.get(node.inputs[i + 3]), None, None, d, packed=packed, k_major=True)
+            for c, d, i in zip(codes[:2], dims[:2], (1, 2)))
+
+    def gate(g, u):
+        return te.compute(g.shape, lambda i, j: (activation(a["activation"], g[i, j].astype("float32"), a["clamp"])
+                                                 * clamp_up(u[i, j].astype("float32"), a["clamp"])).astype(g.dtype),
+                          name="gated")
+
+    h = lw.bb.emit_te(gate, g, u, primfunc_name_hint="gated_mlp_act")
+    return quant_dense(lw, h, lw.get(codes[2]), lw.get(node.inputs[6]), None, None, dims[2], packed=packed,
+                       k_major=True)
 
 
 def _attention_operands(lw, node):

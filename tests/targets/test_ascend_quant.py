@@ -21,13 +21,17 @@ from .test_ascend import TOL, _emulate_vs_reference, _lower
 
 
 def _graph(kind: str) -> Graph:
-    """x [seq, 64] -> MatMul over a [64, 48] weight ("dense"), or a 4-expert MoE (H = I = 64, "moe")."""
+    """x [seq, 64] -> MatMul over a [64, 48] weight ("dense"), a GatedMLP (I = 48, "mlp"), or a 4-expert MoE
+    (H = I = 64, "moe")."""
     rng = np.random.default_rng(0)
     g = Graph(kind)
     x = g.add_input("x", TensorType(dtypes.F32, (sym("seq"), 64)))
     c = lambda name, *shape: g.add_constant(name, (rng.standard_normal(shape) * 0.3).astype(np.float32))
     if kind == "dense":
         n = g.make_node("MatMul", [x, c("w", 64, 48)], name="mm", types=[TensorType(dtypes.F32, (sym("seq"), 48))])
+    elif kind == "mlp":
+        n = g.make_node("GatedMLP", [x, c("wg", 64, 48), c("wu", 64, 48), c("wd", 48, 64)], domain="polyport",
+                        name="mlp", attrs={"activation": "silu"}, types=[x.type])
     else:
         n = g.make_node("MoE", [x, c("router", 64, 4), None, c("wg", 4, 64, 64), c("wu", 4, 64, 64),
                                 c("wd", 4, 64, 64)], domain="polyport", name="moe",
@@ -42,7 +46,7 @@ def _plan(art):
 
 @pytest.mark.parametrize("kind,scheme,op,antiquant_inputs", [
     ("dense", "int4", "WeightQuantBatchMatmulV2", 3), ("dense", "int8", "WeightQuantBatchMatmulV2", 3),
-    ("moe", "int4", "GroupedMatmul", 4)])
+    ("mlp", "int4", "WeightQuantBatchMatmulV2", 3), ("moe", "int4", "GroupedMatmul", 4)])
 def test_antiquant_matmuls_take_the_codes(tmp_path, kind, scheme, op, antiquant_inputs):
     g = _graph(kind)
     quantize_weights(g, WeightQuantization(scheme, 32, lm_head=True))   # the MatMul is the output
