@@ -70,10 +70,13 @@ def _nbits_case(name, block, symmetric, marks=()):
     return pytest.param(name, block, symmetric, marks=list(marks), id=f"{name}-b{block}-{'sym' if symmetric else 'asym'}")
 
 
-# The default run checks llama_a; `slow` adds an MoE model per block style. benchmarks/quant_corpus.py runs
-# the whole corpus (every model but deepseek_v4_b, which does not build for cpu even in f32).
+# The default run checks llama_a; `slow` adds an MoE model per block style; `corpus` every other corpus
+# family in both block styles (benchmarks/quant_corpus.py prints the same matrix as a table).
+_CHECKED = {("llama_a", 32), ("qwen3_moe_a", 128), ("deepseek_v3_a", 32)}
 CASES = [_nbits_case("llama_a", 32, False), _nbits_case("qwen3_moe_a", 128, True, marks=[pytest.mark.slow]),
-         _nbits_case("deepseek_v3_a", 32, False, marks=[pytest.mark.slow])]
+         _nbits_case("deepseek_v3_a", 32, False, marks=[pytest.mark.slow])] + [
+    _nbits_case(name, block, block == 128, marks=[pytest.mark.corpus]) for name in sorted(corpus())
+    for block in (32, 128) if (name, block) not in _CHECKED]
 
 
 @pytest.mark.parametrize("name,block,symmetric", CASES)
