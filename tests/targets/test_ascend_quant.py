@@ -45,8 +45,10 @@ def _plan(art):
 
 
 @pytest.mark.parametrize("kind,scheme,op,antiquant_inputs", [
-    ("dense", "int4", "WeightQuantBatchMatmulV2", 3), ("dense", "int8", "WeightQuantBatchMatmulV2", 3),
-    ("mlp", "int4", "WeightQuantBatchMatmulV2", 3), ("moe", "int4", "GroupedMatmul", 4)])
+    ("dense", "int4", "WeightQuantBatchMatmulV2", 3),
+    pytest.param("dense", "int8", "WeightQuantBatchMatmulV2", 3, marks=pytest.mark.slow),
+    pytest.param("mlp", "int4", "WeightQuantBatchMatmulV2", 3, marks=pytest.mark.slow),
+    ("moe", "int4", "GroupedMatmul", 4)])
 def test_antiquant_matmuls_take_the_codes(tmp_path, kind, scheme, op, antiquant_inputs):
     g = _graph(kind)
     quantize_weights(g, WeightQuantization(scheme, 32, lm_head=True))   # the MatMul is the output
@@ -62,8 +64,9 @@ def test_antiquant_matmuls_take_the_codes(tmp_path, kind, scheme, op, antiquant_
     assert _emulate_vs_reference(art, g, {"x": x}) <= TOL
 
 
-@pytest.mark.parametrize("kind,scheme,limit", [("dense", "fp8", "WeightQuantBatchMatmulV2 requires weight"),
-                                               ("moe", "int8", "GroupedMatmul requires antiquant_weight")])
+@pytest.mark.parametrize("kind,scheme,limit", [
+    pytest.param("dense", "fp8", "WeightQuantBatchMatmulV2 requires weight", marks=pytest.mark.slow),
+    ("moe", "int8", "GroupedMatmul requires antiquant_weight")])
 def test_what_antiquant_does_not_take_falls_back(tmp_path, kind, scheme, limit):
     """fp8 per block (A2's WeightQuantBatchMatmulV2 takes no FLOAT8) and int8 per group in a GroupedMatmul
     (per channel only): dequantized at compile time, recorded, still the reference's numbers."""

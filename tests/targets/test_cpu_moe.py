@@ -97,8 +97,9 @@ def test_streaming_tiles_for_experts_past_the_cache():
         _run(spec, seq, seed=seq)
 
 
-@pytest.mark.parametrize("scheme,inter", [("int4", 48), ("int8", 40),
-                                          ("fp8", (moe.STREAM_BYTES // (64 * 4)) + 8)])
+@pytest.mark.parametrize("scheme,inter", [("int4", 48), pytest.param("int8", 40, marks=pytest.mark.slow),
+                                          pytest.param("fp8", (moe.STREAM_BYTES // (64 * 4)) + 8,
+                                                       marks=pytest.mark.slow)])
 def test_quantized_experts_decoded_in_registers(scheme, inter):
     """Codes + scales read by the kernel (register tiles; fp8 through the streaming tiles) against the
     reference on the dequantized experts."""

@@ -28,10 +28,11 @@ def _avx512() -> bool:
     return "avx512f" in host_cpu_info()["flags"]
 
 
-# AVX2 (8 lanes) always; AVX-512 (16 lanes: other row tiles and column groups) where the host runs it
+# AVX2 (8 lanes) in the default run; AVX-512 (16 lanes: other row tiles and column groups) with the slow
+# tests, where the host runs it (the compiled models run it on such a host in the default run)
 ISAS = [pytest.param("x86-64-v3", 8, id="avx2"),
         pytest.param("x86-64-v4", 16, id="avx512",
-                     marks=pytest.mark.skipif(not _avx512(), reason="the host has no AVX-512"))]
+                     marks=[pytest.mark.slow, pytest.mark.skipif(not _avx512(), reason="the host has no AVX-512")])]
 
 
 @pytest.mark.parametrize("mcpu,lanes", ISAS)
@@ -161,7 +162,7 @@ def test_portable_quant_matmul_matches_reference(tmp_path, model):
     assert_logits_close(session.load(art, "cpu").run({"x": x})["y"], want, rel=1e-5)
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "portable"])
+@pytest.mark.parametrize("kernels", ["cpu", pytest.param("portable", marks=pytest.mark.slow)])
 def test_quantized_gated_mlp_matches_reference(tmp_path, kernels):
     """--quantize keeps a GatedMLP fused over codes (K first): the cpu kernel over column-blocked codes and
     the portable compute over them as stored, against the reference on the dequantized weights."""
