@@ -939,5 +939,5 @@ def ms_moe(c: Conversion):
     if biases and fc1_b is None:         # a down bias alone: gate and up get zeros
         zeros = np.zeros((c.static(fc1, 0, "experts"), c.static(w_gate, 2, "inter")), np.float32)
         biases[1:3] = [c.const(zeros, "b_gate"), c.const(zeros, "b_up")]
-    return [c.fused("MoE", [x, router_w, None, w_gate, w_up, w_down, None, None] + biases if biases else
+    return [c.fused("MoE", [x, router_w, None, w_gate, w_up, w_down, None, None, None, None, None] + biases if biases else
                     [x, router_w, None, w_gate, w_up, w_down], attrs, out=c.outputs[0])]

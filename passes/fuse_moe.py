@@ -181,7 +181,7 @@ def _operands(block: MoEBlock, make_const) -> list[Optional[Value]]:
     if r.router_b is not None:
         b = r.router_b if r.router_b.shape == (r.num_experts,) else \
             make_const(f"{stem}.router_b", const_of(r.router_b).reshape(r.num_experts))
-        ops += [b]
+        ops += [None] * (MOE_INPUTS.index("router_b") - len(ops)) + [b]
     for name, arr in (("b_gate", e.b_gate), ("b_up", e.b_up), ("b_down", e.b_down)):
         if arr is not None:
             ops += [None] * (MOE_INPUTS.index(name) - len(ops)) + [make_const(f"{stem}.{name}", arr)]

@@ -713,7 +713,7 @@ def test_ms_moe_gpt_oss_swiglu_with_biases(rng, fusion):
     (model, feeds), (oracle, _) = models
     graph = check(model, feeds, ["MoE"], [f"{MS}::MoE"], oracle=oracle)
     (moe,) = [n for n in graph.nodes if n.op_type == "MoE"]
-    assert moe.attrs["alpha"] == pytest.approx(1.702) and moe.attrs["up_offset"] == 1.0 and len(moe.inputs) == 12
+    assert moe.attrs["alpha"] == pytest.approx(1.702) and moe.attrs["up_offset"] == 1.0 and len(moe.inputs) == 15
 
 
 @pytest.mark.parametrize("case,fragment", [

@@ -35,7 +35,7 @@ def test_defaults_come_from_the_schema_and_are_not_stored():
     y = fused.build(g, "GatedMLP", [x, x, x, x], {"clamp": 7}, x.type)
     node = y.producer
     assert node.attrs == {"clamp": 7.0} and isinstance(node.attrs["clamp"], float)
-    assert attrs_of(node) == {"activation": "silu", "clamp": 7.0}
+    assert attrs_of(node) == {"activation": "silu", "clamp": 7.0, "bits": 0, "block_size": 0, "format": "int"}
 
 
 def _moe_inputs(rng, t=5, h=8, e=4, i=6, vocab=3):

@@ -3,7 +3,8 @@
 x: [..., H]; router_w: [H, E]; e_bias: [E] (selection only); w_gate, w_up:
 [E, H, I]; w_down: [E, I, H]; hash_table: [vocab, top_k] int and token_ids
 (x's leading shape) for hash routing, which replaces the top-k selection;
-router_b: [E], b_gate, b_up: [E, I], b_down: [E, H]: biases (gpt-oss).
+gate/up/down_scales (inputs 8-10): quantized experts (below); router_b: [E], b_gate, b_up: [E, I],
+b_down: [E, H] (inputs 11-14): biases (gpt-oss), f32 also beside quantized experts.
 
     logits  = x @ router_w (+ router_b)
     scores  = softmax | sigmoid | sqrt(softplus) (logits)
@@ -24,6 +25,13 @@ fuse-moe splits the constant into w_gate / w_up, so the op needs no layout attri
 
 Shared experts are not part of this op: they stay a GatedMLP beside it, whose
 output the graph adds (a target may fuse that add).
+
+Quantized experts (`bits` 4 or 8, `polyport compile --quantize`): w_gate / w_up / w_down hold codes
+in the experts' own layout, K (the reduced axis: H, or I for w_down) first, and each has its scales:
+  codes [E, K / 2, N] uint8 (bits 4: byte [e, k2, n] holds k = 2 k2 in its low nibble, 2 k2 + 1 in its
+  high one) or [E, K, N] (bits 8), scales [E, ceil(K / block_size), N] float32,
+  W[e, k, n] = decode(code) * scale[e, k // block_size, n]
+with QuantMatMul's formats (ir/fused/quant.py: `int`, two's complement; `fp8e4m3`), symmetric (no zeros).
 """
 import numpy as np
 
@@ -39,7 +47,7 @@ SCORING = {
 }
 
 define("MoE", inputs=("x", "router_w", "e_bias?", "w_gate", "w_up", "w_down", "hash_table?", "token_ids?",
-                     "router_b?", "b_gate?", "b_up?", "b_down?"),
+                     "gate_scales?", "up_scales?", "down_scales?", "router_b?", "b_gate?", "b_up?", "b_down?"),
        outputs=("y",),
        attrs={"top_k": AttrSpec(int), "scoring": AttrSpec(str, "softmax", choices=tuple(SCORING)),
               "n_group": AttrSpec(int, 1), "topk_group": AttrSpec(int, 1),
@@ -48,11 +56,14 @@ define("MoE", inputs=("x", "router_w", "e_bias?", "w_gate", "w_up", "w_down", "h
               "alpha": AttrSpec(float, 1.0, doc="silu's sigmoid slope: g * sigmoid(alpha * g)"),
               "up_offset": AttrSpec(float, 0.0, doc="added to the up half before the product"),
               "routing": AttrSpec(str, "topk", choices=("topk", "sparsemixer")),
-              "jitter_eps": AttrSpec(float, 0.0, doc="sparsemixer: the relative band kept in each softmax is 2x this")},
+              "jitter_eps": AttrSpec(float, 0.0, doc="sparsemixer: the relative band kept in each softmax is 2x this"),
+              "bits": AttrSpec(int, 0, doc="expert weights: 0 float, 4 | 8 codes with scales"),
+              "block_size": AttrSpec(int, 0, doc="consecutive k sharing one scale (quantized experts)"),
+              "format": AttrSpec(str, "int", choices=("int", "fp8e4m3"), doc="how a code decodes")},
        doc="Mixture-of-experts feed-forward with SwiGLU experts.")
 
-MOE_INPUTS = ("x", "router_w", "e_bias", "w_gate", "w_up", "w_down", "hash_table", "token_ids", "router_b", "b_gate",
-              "b_up", "b_down")
+MOE_INPUTS = ("x", "router_w", "e_bias", "w_gate", "w_up", "w_down", "hash_table", "token_ids", "gate_scales",
+              "up_scales", "down_scales", "router_b", "b_gate", "b_up", "b_down")
 RENORM_EPS = 1e-20     # keeps renormalisation finite when every selected weight is 0
 
 
@@ -150,11 +161,30 @@ def sparsemixer(logits: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.n
     return idx, w
 
 
+SCALES = (8, 9, 10)           # gate_scales, up_scales, down_scales: the operands of w_gate, w_up, w_down
+EXPERT_WEIGHTS = (3, 4, 5)
+
+
+def quantized(node) -> bool:
+    return int(node.attrs.get("bits", 0)) != 0
+
+
+def expert_weights(codes: np.ndarray, scales: np.ndarray, *, bits: int, block_size: int, format: str,
+                   **_) -> np.ndarray:
+    """float32 expert weights [E, K, N] from codes [E, K / 2 | K, N] and scales [E, KB, N]."""
+    from .quant import dequantize
+    k = codes.shape[1] * (2 if bits == 4 else 1)
+    return np.stack([dequantize(np.asarray(c).T, np.asarray(sc).T, None, K=k, bits=bits, block_size=block_size,
+                                format=format).T for c, sc in zip(codes, scales)])
+
+
 @reference("MoE", domain="polyport")
 def moe(node, inputs, ctx):
     x, router_w, e_bias, wg, wu, wd = inputs[:6]
-    hash_table, token_ids, router_b, bg, bu, bd = (operand(inputs, n) for n in MOE_INPUTS[6:])
+    hash_table, token_ids, router_b, bg, bu, bd = (operand(inputs, n) for n in MOE_INPUTS[6:8] + MOE_INPUTS[11:])
     a = attrs_of(node)
+    if a["bits"]:
+        wg, wu, wd = (expert_weights(w, inputs[i], **a) for w, i in zip((wg, wu, wd), SCALES))
     h = x.shape[-1]
     xf = f32(x).reshape(-1, h)
     logits = xf @ f32(router_w)

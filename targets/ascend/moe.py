@@ -6,31 +6,33 @@ before the gating, the gate|up bias is GroupedMatmul's per-group bias, the down 
 MoeFinalizeRoutingV2's per-expert bias (added before the routing weight scales a row). Its
 activation (sigmoid slope alpha, up + 1) is no SwiGlu: decomposed into standard ops. PhiMoE's
 SparseMixer routing (two argmax picks, each weighed by its own masked softmax) has no CANN gating
-operator either: decomposed into standard ops (ArgMax, ReduceMax, Where, Exp, ReduceSum) in fp32."""
+operator either: decomposed into standard ops (ArgMax, ReduceMax, Where, Exp, ReduceSum) in fp32.
+Quantized experts: the GroupedMatmuls take the codes and an antiquant scale (quant.py)."""
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto
 
-from ...ir.fused.moe import MOE_INPUTS, RENORM_EPS
+from ...ir.fused.moe import MOE_INPUTS, RENORM_EPS, quantized
 from ...ir.graph import Node
 from ...ir.ops import attrs_of
 from ...ir.symbolic import SymExpr
 from . import limits as L
 from .emission import CANN_DOMAIN, F32, KERNEL_DOMAIN, dims, lowers, tname
 from .mlp import gate_up_weight, gated
+from .quant import moe_weights
 
 
 # ---- MoE -> MoeGatingTopK -> MoeInitRoutingV2 -> GMM -> SwiGlu -> GMM -> MoeFinalizeRoutingV2 ------
 @lowers("MoE")
 def moe(em, node: Node) -> None:
-    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids, router_b, b_gate, b_up, b_down = \
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids, _, _, _, router_b, b_gate, b_up, b_down = \
         (list(node.inputs) + [None] * len(MOE_INPUTS))[:len(MOE_INPUTS)]
     a = attrs_of(node)
     cd = em.compute
     k, scoring = a["top_k"], a["scoring"]
     groups, topk_group = a["n_group"], a["topk_group"]
-    e, hdim, inter = wg.shape[0], wg.shape[1], wg.shape[2]
+    e, hdim, inter = wg.shape[0], x.shape[-1], wg.shape[2]
     xs = dims(x.shape)
     t = x.shape[0]
     for dim in x.shape[1:-1]:
@@ -99,18 +101,22 @@ def moe(em, node: Node) -> None:
         {"active_num": 0, "expert_capacity": 0, "expert_num": int(e), "drop_pad_mode": 0,
          "expert_tokens_count_or_cumsum_flag": 1, "expert_tokens_before_capacity_flag": 0}, CANN_DOMAIN)
     em.check(node, "GroupedMatmul", {"group_count": e, "dtype": tname(cd), "k_dim": hdim, "n_dim": 2 * inter})
-    w_gu = gate_up_weight(em, node, wg, wu, -1)
     gmm_attrs = {"split_item": 3, "group_type": 0, "group_list_type": 0, "act_type": 0}
-    gu_bias = []
-    if b_gate is not None or b_down is not None:
+    if quantized(node):      # codes + antiquantScaleOptional (quant.py), or dequantized where CANN can't
+        (w_gu, s_gu), (w_d, s_d) = moe_weights(em, node, (3, 4), True), moe_weights(em, node, (5,), False)
+    else:
+        (w_gu, s_gu), (w_d, s_d) = (gate_up_weight(em, node, wg, wu, -1), None), (em.get(wd, cd), None)
+    gu_bias = ""
+    if b_gate is not None or b_up is not None:
         bg, bu = (np.zeros((e, inter), np.float32) if b is None else np.asarray(b.const, np.float32)
                   for b in (b_gate, b_up))
-        gu_bias = [em.const(np.concatenate([bg, bu], -1).astype(tname(cd)), f"{node.name}_b_gate_up")]
-    h = em.emit("GroupedMatmul", [ex, w_gu, counts] + gu_bias,
+        gu_bias = em.const(np.concatenate([bg, bu], -1).astype(tname(cd)), f"{node.name}_b_gate_up")
+    # GroupedMatmul's inputs as aclnnGroupedMatmulV4 orders them: x, weight, group_list, bias, antiquant scale
+    h = em.emit("GroupedMatmul", [ex, w_gu, counts] + ([gu_bias, s_gu] if s_gu else [gu_bias] if gu_bias else []),
                   [(em.fresh(f"{node.name}_gate_up"), cd, rows_tk + [2 * inter])], gmm_attrs, CANN_DOMAIN,
                   note="gate|up of every expert: weights [E, H, 2I]")[0]
     act = gated(em, node, h, rows_tk, inter, a["activation"], a["clamp"], a["alpha"], a["up_offset"])
-    down = em.emit("GroupedMatmul", [act, em.get(wd, cd), counts],
+    down = em.emit("GroupedMatmul", [act, w_d, counts] + (["", s_d] if s_d else []),
                      [(em.fresh(f"{node.name}_down"), cd, rows_tk + [hdim])], gmm_attrs, CANN_DOMAIN,
                      note="down of every expert: weights [E, I, H]")[0]
     scales = em.emit("Cast", [w], [(em.fresh(f"{node.name}_scales"), cd, rows_t + [k])], {"to": cd})[0]

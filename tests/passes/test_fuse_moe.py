@@ -264,9 +264,9 @@ def test_fuses_hand_built_block(variant):
     assert moe.inputs[3].shape == (E, H, I) and moe.inputs[4].shape == (E, H, I) and moe.inputs[5].shape == (E, I, H)
     if has_hash:
         assert moe.inputs[6].shape == (32, 2) and moe.inputs[7] is graph.inputs[1]
-    elif kwargs.get("biases"):      # router_b, b_gate, b_up, b_down after two absent hash operands
-        assert list(moe.inputs[6:8]) == [None, None]
-        assert [v.shape for v in moe.inputs[8:]] == [(E,), (E, I), (E, I), (E, H)]
+    elif kwargs.get("biases"):      # router_b, b_gate, b_up, b_down after absent hash operands and scales
+        assert list(moe.inputs[6:11]) == [None] * 5
+        assert [v.shape for v in moe.inputs[11:]] == [(E,), (E, I), (E, I), (E, H)]
     else:
         assert len(moe.inputs) == 6
     left = {n.op_type for n in graph.nodes}

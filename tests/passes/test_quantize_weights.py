@@ -32,7 +32,8 @@ def test_quantized_llama_keeps_the_lm_head_and_stays_near_f32(scheme, group, rel
     assert entry["scheme"] == scheme and entry["group_size"] == group
     assert entry["layers"] == {"GatedMLP": 2, "MatMul": 8, "f32: LM head": 1}
     ops = [n.qualified_op for n in g.nodes]
-    assert "polyport::GatedMLP" not in ops and ops.count("MatMul") == 1 and ops.count("polyport::QuantMatMul") == 14
+    assert ops.count("polyport::GatedMLP") == 2 and ops.count("MatMul") == 1 and ops.count("polyport::QuantMatMul") == 8
+    assert all(n.attrs["bits"] for n in g.nodes if n.qualified_op == "polyport::GatedMLP")   # fused over codes
     codes = [n.inputs[1].const for n in g.nodes if n.qualified_op == "polyport::QuantMatMul"]
     assert all(c.dtype == (np.int8 if scheme == "int8" else np.uint8) for c in codes)
     got = _logits(g)
@@ -65,7 +66,7 @@ def test_cost_model_counts_quantized_weights_at_their_stored_bytes():
     assert q.weight_bytes < f32.weight_bytes / 2
 
 
-def test_16_bit_weights_reach_the_fused_moe_and_quantized_codes_do_not():
+def test_16_bit_weights_and_quantized_codes_reach_the_fused_moe():
     g = _graph("qwen3_moe_a")
     want = _logits(g)
     entry = quantize_weights(g, WeightQuantization("f16", lm_head=True))
@@ -74,4 +75,16 @@ def test_16_bit_weights_reach_the_fused_moe_and_quantized_codes_do_not():
     assert all(n.inputs[i].const.dtype == np.float16 for n in moe for i in (1, 3, 4, 5))
     assert np.abs(_logits(g) - want).max() <= 5e-3 * np.abs(want).max()
     g = _graph("qwen3_moe_a")
-    assert quantize_weights(g, WeightQuantization("int8", 32))["layers"]["f32: MoE experts"] == 2
+    assert quantize_weights(g, WeightQuantization("int8", 32))["layers"]["MoE"] == 2
+    assert all(n.inputs[3].const.dtype == np.int8 for n in g.nodes if n.qualified_op == "polyport::MoE")
+
+
+def test_quantized_gpt_oss_experts_keep_their_biases():
+    """Codes and scales at the MoE's inputs 8-10, gpt-oss's router and expert biases (11-14) still f32."""
+    g = _graph("gpt_oss_a")
+    want = _logits(g)
+    quantize_weights(g, WeightQuantization("int8", 32))
+    moe = [n for n in g.nodes if n.qualified_op == "polyport::MoE"]
+    assert moe and all(n.attrs["bits"] == 8 and n.inputs[3].const.dtype == np.int8 for n in moe)
+    assert all(n.inputs[i].const.dtype == np.float32 for n in moe for i in range(8, 15))
+    assert np.abs(_logits(g) - want).max() <= 0.02 * np.abs(want).max()

@@ -4,6 +4,7 @@ expert, top_k == E, group-limited top-k, hash routing; gpt-oss's biases and acti
 paths; PhiMoE's sparsemixer routing (with all-zero logits, where the reference divides 0 by 0)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
+from polyport.ir.quant_layout import quantize_experts  # noqa: E402
 from polyport.targets.kernels.cpu import moe  # noqa: E402
 
 
@@ -22,7 +24,10 @@ def _built(spec: moe.MoeSpec):
     return tvm.compile(tvm.IRModule({"moe": func}), target=tvm.target.Target({"kind": "llvm"}))
 
 
-def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0):
+def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0,
+         scheme=None, group=32):
+    """The kernel against the reference; with `scheme` (int4 | int8 | fp8) on quantized experts, whose
+    reference dequantizes them (so only the summation order differs)."""
     rng = np.random.default_rng(seed)
     H, E, I, Ho = spec.hidden, spec.experts, spec.inter, spec.out
     x = (rng.standard_normal((seq, H)) * x_scale).astype(np.float32)
@@ -41,13 +46,20 @@ def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, toke
     bgud = [(rng.standard_normal(shape) * 0.3).astype(np.float32) for shape in ((E, I), (E, I), (E, Ho))] \
         if spec.biases else [None] * 3
     extras = [one if b is None else b for b in [rb] + bgud]
+    scales = [one] * 3
+    if scheme:
+        (wg, sg, q), (wu, su, _), (wd, sd, _) = (quantize_experts(w, scheme, group) for w in (wg, wu, wd))
+        scales = [sg, su, sd]
+        attrs.update(q)
+        spec = dataclasses.replace(spec, bits=q["bits"], block=q["block_size"], fmt=q["format"])
+    ref_scales = scales if scheme else [None] * 3
     if spec.hash_vocab:
-        args = [x, rw, table, tokens, wg, wu, wd] + extras
-        want = fused.evaluate("MoE", [x, rw, None, wg, wu, wd, table, tokens, rb] + bgud, **attrs)
+        args = [x, rw, table, tokens, wg, wu, wd] + extras + scales
+        want = fused.evaluate("MoE", [x, rw, None, wg, wu, wd, table, tokens] + ref_scales + [rb] + bgud, **attrs)
     else:
-        args = [x, rw, bias, wg, wu, wd] + extras
+        args = [x, rw, bias, wg, wu, wd] + extras + scales
         want = fused.evaluate("MoE", [x, rw, None if spec.routing == "sparsemixer" else bias, wg, wu, wd, None,
-                                      None, rb] + bgud, **attrs)
+                                      None] + ref_scales + [rb] + bgud, **attrs)
     lib = _built(spec)
     y = tvm.runtime.tensor(np.zeros((seq, Ho), np.float32))
     lib["moe"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
@@ -118,3 +130,21 @@ def test_sparsemixer_routing(x_scale):
                        scaling=1.5)
     for seq in (1, 11):
         _run(spec, seq, seed=seq, x_scale=x_scale)
+
+
+def test_quantized_gpt_oss_experts():
+    """Quantized experts with gpt-oss's biases and activation: codes decoded in registers, biases added."""
+    spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=48, out=64, renormalize=True, clamp=0.5,
+                       alpha=1.702, up_offset=1.0, router_bias=True, biases=True)
+    _run(spec, moe.RB + 1, x_scale=2.0, scheme="int4")
+
+
+@pytest.mark.parametrize("scheme,inter", [("int4", 48), pytest.param("int8", 40, marks=pytest.mark.slow),
+                                          pytest.param("fp8", (moe.STREAM_BYTES // (64 * 4)) + 8,
+                                                       marks=pytest.mark.slow)])
+def test_quantized_experts_decoded_in_registers(scheme, inter):
+    """Codes + scales read by the kernel (register tiles; fp8 through the streaming tiles) against the
+    reference on the dequantized experts."""
+    spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=inter, out=64, renormalize=True)
+    for seq in (1, moe.RB + 1):
+        _run(spec, seq, seed=seq, scheme=scheme)

@@ -251,12 +251,13 @@ def moe_case(cfg, seq, rng) -> Case:
         shapes[6:8] = [(v, k), (S,)]
     if cfg["biases"]:
         attrs.update(up_offset=1.0, alpha=1.702 if cfg["activation"] == "silu" else 1.0)
-        operands += [_half(rng, (e,), 0.5), _half(rng, (e, i), 0.3), _half(rng, (e, i), 0.3), _half(rng, (e, h), 0.3)]
-        shapes += [(e,), (e, i), (e, i), (e, h)]
+        operands += [None] * 3 + [_half(rng, (e,), 0.5), _half(rng, (e, i), 0.3), _half(rng, (e, i), 0.3),
+                                  _half(rng, (e, h), 0.3)]        # after the absent expert scales (8-10)
+        shapes += [None] * 3 + [(e,), (e, i), (e, i), (e, h)]
     while operands[-1] is None:
         operands.pop()
         shapes.pop()
-    return Case("MoE", attrs, operands, shapes, {0, 1, 2, 7, 8}, (S, h))
+    return Case("MoE", attrs, operands, shapes, {0, 1, 2, 7, 11}, (S, h))
 
 
 def compress_static(draw):
