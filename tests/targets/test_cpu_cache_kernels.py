@@ -93,6 +93,8 @@ def test_split_cache_merges_partial_states():
     cfg = (16, 1, 256, 256, 0, 0, 0, 1)      # past the parallel threshold: 4 and 3 splits
     _check_attention(cfg, 1, 1, 1100, [1090], seed=3)
     _check_attention(cfg, 2, 2, 1100, [1000, 600], seed=4)
+    # few MACs, but a cache of over 1 MiB to stream (decode at batch 1): split and parallel too
+    _check_attention((2, 2, 64, 64, 0, 0, 0, 0), 1, 1, 1100, [1090], seed=5)
 
 
 # ---- CacheUpdate -----------------------------------------------------------------------------

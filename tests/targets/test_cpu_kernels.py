@@ -133,12 +133,12 @@ def test_packed_gemm(nb, gated):
 
 
 def test_packed_gemv_of_streaming_weights():
-    """Weights of PARALLEL_MIN_WEIGHT_BYTES or more run the column blocks in parallel at any row count
+    """Weights of PARALLEL_MIN_STREAM_BYTES or more run the column blocks in parallel at any row count
     (decode's one row is bound by streaming them): one and two rows against NumPy."""
-    from polyport.targets.kernels.cpu.parallel import PARALLEL_MIN_WEIGHT_BYTES
+    from polyport.targets.kernels.cpu.parallel import PARALLEL_MIN_STREAM_BYTES
     rng = np.random.default_rng(5)
     k, nb = 512, 32
-    n = PARALLEL_MIN_WEIGHT_BYTES // (4 * k)
+    n = PARALLEL_MIN_STREAM_BYTES // (4 * k)
     w = rng.standard_normal((k, n), np.float32)
     func = dense_packed_func(k, n // nb, nb)
     assert "T.parallel" in func.script() and "if " not in func.script()     # no serial copy left

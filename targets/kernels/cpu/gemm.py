@@ -14,7 +14,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .mlp import activation, clamp_up
-from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_WEIGHT_BYTES
+from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 ACC_VECTORS = 12            # accumulator ymm registers per tile; the rest hold weights and a broadcast
 
@@ -71,7 +71,7 @@ def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: b
             tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
 
     weights = K * NO * NB * (2 if gated else 1)
-    streams = weights * tvm.DataType(dtype).bits // 8 >= PARALLEL_MIN_WEIGHT_BYTES   # parallel at any M (parallel.py)
+    streams = weights * tvm.DataType(dtype).bits // 8 >= PARALLEL_MIN_STREAM_BYTES   # parallel at any M (parallel.py)
 
     @T.macro
     def body(X, WG, WU, O, M):

@@ -25,7 +25,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .mlp import activation, clamp_up
-from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_WEIGHT_BYTES
+from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
@@ -78,7 +78,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     xdt, wdt, tdt = s.x_dtype, s.w_dtype, s.table_dtype
     f32 = "float32"
     macs_per_row = 2 * H * I + I * Ho
-    streams = K * macs_per_row * tvm.DataType(wdt).bits // 8 >= PARALLEL_MIN_WEIGHT_BYTES
+    streams = K * macs_per_row * tvm.DataType(wdt).bits // 8 >= PARALLEL_MIN_STREAM_BYTES
     loop_e, loop_o = _vec(E), _vec(Ho)
     VI, VO = _lanes(I), _lanes(Ho)
     if Ho % (2 * VO) == 0:

@@ -10,10 +10,10 @@ depends on the sequence length test this at run time and keep a serial copy of t
 A kernel over weights it reads whole at any row count (a dense layer, the chosen experts) is
 bound by memory at one or a few rows (decode): a 1536 x 1536 f32 layer is 2.4M MACs, serial by
 the MAC count, but 9.4 MB to stream, which one core reads at about half the machine's
-bandwidth. So such a kernel also runs parallel when those weights reach PARALLEL_MIN_WEIGHT_BYTES
+bandwidth. So such a kernel also runs parallel when those weights reach PARALLEL_MIN_STREAM_BYTES
 (about 40-80 us of streaming on one core here, above a parallel launch on an idle machine).
 """
 PARALLEL_MIN_MACS = 1 << 23
-PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
+PARALLEL_MIN_STREAM_BYTES = 1 << 20
 # A schedule chosen at build time cannot see the row count: it assumes the one the threshold was measured at.
 BUILD_TIME_ROWS = 128
