@@ -4,21 +4,23 @@
     python benchmarks/llama_cpp.py --work-dir /tmp/bench                  # the README's decode table
     python benchmarks/llama_cpp.py --work-dir DIR [--models llama_500m ...] [--contexts 128 1024]
         [--rounds 3] [--tokens 16] [--threads 2] [--no-check] [--outtypes f32 q8_0 q4_0]
-    python benchmarks/llama_cpp.py --build-only                           # llama-bench, libllama
+    python benchmarks/llama_cpp.py --build-only                  # libllama, llama-bench, llama-quantize
 
 llama.cpp comes from the PyPI sdist of llama-cpp-python (pinned: LLAMA_CPP_PYTHON), which vendors
 it: `pip download` fetches the sdist once into the cache dir ($POLYPORT_LLAMA_CPP, default
-~/.cache/polyport/llama.cpp), and cmake builds llama-bench, llama-quantize and the shared
-libllama there (Release, GGML_NATIVE, 2 jobs). Then, per model of benchmarks/big_model.py:
+~/.cache/polyport/llama.cpp), and cmake builds the shared libllama there (Release, GGML_NATIVE,
+2 jobs; `--build-only` also builds llama-bench and llama-quantize). Then, per model of
+benchmarks/big_model.py:
 1. the model is built and exported once (NAME.onnx and the Hugging Face checkpoint NAME.hf/);
 2. llama.cpp's convert_hf_to_gguf.py writes NAME.f32.gguf (and, with --outtypes, q8_0 directly
    and q4_0 through llama-quantize, for the quantization benchmarks);
 3. llama.cpp's F32 logits (llama-cpp-python's ctypes bindings over the libllama built here, every
    position of one prompt) are checked against PyTorch's before anything is timed;
 4. polyport compiles NAME.onnx for the cpu target (cached, benchmarks/engines.py);
-5. rounds alternate three children, each alone: a STREAM triad (this machine's bandwidth now),
-   polyport's decode (engines.py's `decode` child: `append` one token at each context) and
-   `llama-bench -p 0 -n TOKENS -d CONTEXT` (token generation after CONTEXT tokens of depth).
+5. rounds alternate three children, each alone in its process: a STREAM triad (this machine's
+   bandwidth now), polyport's decode (engines.py's `decode` child: `append` one token at each
+   context) and llama.cpp's (after a CONTEXT-token prompt, one-token `llama_decode` calls with the
+   logits read back: what `llama-bench -n TOKENS -d CONTEXT` times, without building its tools).
 Reported per context: each engine's time per output token (median over rounds of each child's
 median; min..max), the ratio llama.cpp ms / polyport ms per round (above 1: polyport faster), and
 polyport's fraction of the bandwidth roofline: the bytes one step reads (the weights a token uses
@@ -27,7 +29,6 @@ plus the cache, from the artifact's cost model) / the triad's bandwidth / the st
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import json
 import os
@@ -45,7 +46,7 @@ import engines  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("POLYPORT_LLAMA_CPP", Path.home() / ".cache" / "polyport" / "llama.cpp"))
-TARGETS = ("llama-bench", "llama-quantize", "llama")
+TARGETS = ("llama", "llama-quantize", "llama-bench")     # libllama times and checks; the tools for users
 CHECK_TOKENS = 24
 CHECK_TOLERANCE = 1e-3          # x max|logit|: ggml sums in another order (and its SiLU/exp approximations)
 
@@ -75,18 +76,19 @@ def llama_dir() -> Path:
     return source_dir() / "vendor" / "llama.cpp"
 
 
-def build() -> Path:
-    """The folder holding llama-bench, llama-quantize and libllama.so (built once)."""
+def build(targets=("llama",)) -> Path:
+    """The folder holding what `targets` build (libllama.so, llama-quantize, llama-bench), built once."""
     bin_dir = CACHE / "build" / "bin"
-    if all((bin_dir / t).exists() for t in TARGETS[:2]) and (bin_dir / "libllama.so").exists():
+    files = {"llama": "libllama.so"}
+    if all((bin_dir / files.get(t, t)).exists() for t in targets):
         return bin_dir
     src = llama_dir()
-    log(f"building llama.cpp ({', '.join(TARGETS)}) in {CACHE / 'build'}: minutes, once")
+    log(f"building llama.cpp ({', '.join(targets)}) in {CACHE / 'build'}: minutes, once")
     subprocess.run(["cmake", "-S", str(src), "-B", str(CACHE / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
                    check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(CACHE / "build"), "-j", "2", "--target", *TARGETS], check=True,
+    subprocess.run(["cmake", "--build", str(CACHE / "build"), "-j", "2", "--target", *targets], check=True,
                    stdout=subprocess.DEVNULL)
     return bin_dir
 
@@ -127,7 +129,7 @@ def convert(hf_dir: Path, outtype: str, bin_dir: Path) -> Path:
             subprocess.run([sys.executable, "-c", CONVERT, str(llama_dir()), str(hf_dir), "--outtype", outtype,
                             "--outfile", str(tmp)], check=True, stdout=subprocess.DEVNULL, stderr=err)
     else:
-        subprocess.run([str(bin_dir / "llama-quantize"), str(convert(hf_dir, "f32", bin_dir)), str(tmp),
+        subprocess.run([str(build(("llama-quantize",)) / "llama-quantize"), str(convert(hf_dir, "f32", bin_dir)), str(tmp),
                         outtype.upper(), "2"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.replace(tmp, out)
     return out
@@ -144,34 +146,46 @@ def llama_cpp_bindings(bin_dir: Path):
     return importlib.import_module("llama_cpp.llama_cpp")
 
 
-def llama_cpp_logits(gguf: Path, ids, bin_dir: Path, threads: int):
-    """float32 [len(ids), vocab]: llama.cpp's logits at every position of one sequence."""
-    import numpy as np
-    ll = llama_cpp_bindings(bin_dir)
-    ll.llama_backend_init()
-    mp = ll.llama_model_default_params()
-    model = ll.llama_model_load_from_file(str(gguf).encode(), mp)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf}")
-    cp = ll.llama_context_default_params()
-    cp.n_ctx = cp.n_batch = cp.n_ubatch = max(64, len(ids))
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = ll.llama_init_from_model(model, cp)
-    batch = ll.llama_batch_init(len(ids), 0, 1)
-    batch.n_tokens = len(ids)
-    for i, t in enumerate(ids):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(t), i, 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 1
-    if ll.llama_decode(ctx, batch) != 0:
-        raise RuntimeError(f"llama_decode failed on {gguf}")
-    vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
-    out = np.stack([np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(vocab,)).copy()
-                    for i in range(len(ids))])
-    ll.llama_batch_free(batch)
-    ll.llama_free(ctx)
-    ll.llama_model_free(model)
-    return out
+class LlamaCpp:
+    """One llama.cpp model and context through libllama (`threads` for prompt and generation)."""
+
+    def __init__(self, gguf: Path, bin_dir: Path, n_ctx: int, threads: int):
+        self.ll = ll = llama_cpp_bindings(bin_dir)
+        ll.llama_backend_init()
+        self.model = ll.llama_model_load_from_file(str(gguf).encode(), ll.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = ll.llama_init_from_model(self.model, cp)
+        self.vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
+        self.batch = ll.llama_batch_init(cp.n_batch, 0, 1)
+        self.n_batch = cp.n_batch
+
+    def decode(self, ids, pos0: int, all_logits: bool = False):
+        """Feed ids at positions pos0.. (in batches); float32 logits of every row ([n, vocab]) or the last."""
+        import numpy as np
+        ll, b, rows = self.ll, self.batch, []
+        for s in range(0, len(ids), self.n_batch):
+            part = ids[s:s + self.n_batch]
+            b.n_tokens = len(part)
+            for i, t in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i] = int(t), pos0 + s + i, 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = int(all_logits or s + i == len(ids) - 1)
+            if ll.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            for i in range(len(part)):
+                if all_logits or s + i == len(ids) - 1:
+                    rows.append(np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,)).copy())
+        return np.stack(rows)
+
+    def close(self):
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
 
 
 def check_logits(name: str, hf_dir: Path, gguf: Path, bin_dir: Path, threads: int) -> dict:
@@ -181,7 +195,9 @@ def check_logits(name: str, hf_dir: Path, gguf: Path, bin_dir: Path, threads: in
     import transformers
     cfg = json.loads((hf_dir / "config.json").read_text())
     ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], CHECK_TOKENS)
-    got = llama_cpp_logits(gguf, ids, bin_dir, threads)
+    engine = LlamaCpp(gguf, bin_dir, 64, threads)
+    got = engine.decode(ids, 0, all_logits=True)
+    engine.close()
     model = getattr(transformers, big_model.MODELS[name][1]).from_pretrained(hf_dir, torch_dtype=torch.float32)
     model.eval()
     with torch.no_grad():
@@ -192,13 +208,21 @@ def check_logits(name: str, hf_dir: Path, gguf: Path, bin_dir: Path, threads: in
 
 
 # ---- timing (children) --------------------------------------------------------------------------
-def llama_bench(gguf: Path, bin_dir: Path, context: int, tokens: int, threads: int, reps: int = 3) -> list[float]:
-    """ms per output token of each llama-bench repetition: `-n tokens` generated after `-d context`."""
-    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0",
-                          "-n", str(tokens), "-d", str(context), "-r", str(reps), "-o", "json"],
-                         check=True, capture_output=True, text=True)
-    (row,) = json.loads(out.stdout)
-    return [1e3 / s for s in row["samples_ts"]]
+def llama_cpp_decode(gguf: Path, bin_dir: Path, context: int, tokens: int, threads: int) -> list[float]:
+    """ms of each of `tokens` one-token decode steps (logits read back) after a prompt of `context`
+    tokens: what `llama-bench -n tokens -d context` times, through the same libllama calls."""
+    import numpy as np
+    engine = LlamaCpp(gguf, bin_dir, context + tokens + 2, threads)
+    ids = np.random.default_rng(0).integers(0, 100, context + tokens + 1)
+    engine.decode(ids[:context], 0)
+    engine.decode(ids[context:context + 1], context)           # warm-up
+    times = []
+    for t in range(1, tokens + 1):
+        start = time.perf_counter()
+        engine.decode(ids[context + t:context + t + 1], context + t)
+        times.append((time.perf_counter() - start) * 1e3)
+    engine.close()
+    return times
 
 
 def polyport_decode(onnx: Path, art: Path, context: int, tokens: int, threads: int) -> list[float]:
@@ -210,7 +234,15 @@ def polyport_decode(onnx: Path, art: Path, context: int, tokens: int, threads: i
     return out["rows"][0]["times_ms"]
 
 
-def measure(name: str, onnx: Path, art: Path, gguf: Path, bin_dir: Path, args) -> list[dict]:
+def run_self(*argv) -> dict:
+    """This script as a child process (one engine alone in it); its last stdout line, JSON."""
+    out = subprocess.run([sys.executable, __file__, *map(str, argv)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv[:2]))} failed:\n" + "\n".join(out.stderr.splitlines()[-5:]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, onnx: Path, art: Path, gguf: Path, args) -> list[dict]:
     from polyport.runtime.artifact import Artifact
     from polyport.runtime.bench import tpot_bytes
     manifest = Artifact(art).manifest
@@ -220,7 +252,8 @@ def measure(name: str, onnx: Path, art: Path, gguf: Path, bin_dir: Path, args) -
     for context in args.contexts:
         got = {"polyport": [], "llama.cpp": [], "gbps": [], "load": []}
         jobs = [("polyport", lambda: polyport_decode(onnx, art, context, args.tokens, args.threads)),
-                ("llama.cpp", lambda: llama_bench(gguf, bin_dir, context, args.tokens, args.threads)),
+                ("llama.cpp", lambda: run_self("--decode-child", gguf, context, "--tokens", args.tokens,
+                                               "--threads", args.threads)["times_ms"]),
                 ("gbps", lambda: engines.run_child(triad)["gbps"])]
         for r in range(args.rounds):
             got["load"].append(os.getloadavg()[0])
@@ -274,16 +307,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the logits check against PyTorch")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--check-child", nargs=3, metavar=("NAME", "HF_DIR", "GGUF"), help=argparse.SUPPRESS)
+    ap.add_argument("--decode-child", nargs=2, metavar=("GGUF", "CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from polyport.devices import usable_cpus
     args.threads = args.threads or usable_cpus()
-    bin_dir = build()
     if args.build_only:
-        print(bin_dir)
+        print(build(TARGETS))
         return 0
+    bin_dir = build()
     if args.check_child:
         name, hf_dir, gguf = args.check_child
         print(json.dumps(check_logits(name, Path(hf_dir), Path(gguf), bin_dir, args.threads)))
+        return 0
+    if args.decode_child:
+        gguf, context = args.decode_child
+        print(json.dumps({"times_ms": llama_cpp_decode(Path(gguf), bin_dir, int(context), args.tokens, args.threads)}))
         return 0
     if args.work_dir is None:
         ap.error("--work-dir is required")
@@ -295,16 +333,14 @@ def main(argv=None) -> int:
         hf_dir = args.work_dir / f"{name}.hf"
         ggufs = {t: convert(hf_dir, t, bin_dir) for t in ["f32"] + [t for t in args.outtypes if t != "f32"]}
         if not args.no_check:         # in a child: PyTorch's and llama.cpp's copies of the weights are freed after
-            out = subprocess.run([sys.executable, __file__, "--check-child", name, str(hf_dir), str(ggufs["f32"]),
-                                  "--threads", str(args.threads)], check=True, capture_output=True, text=True)
-            check = json.loads(out.stdout.strip().splitlines()[-1])
+            check = run_self("--check-child", name, hf_dir, ggufs["f32"], "--threads", args.threads)
             log(f"{name}: llama.cpp F32 logits vs PyTorch: max err {check['max_rel_err']:.2e} x max|logit|")
             if not check["ok"]:
                 raise SystemExit(f"llama_cpp: error: {name}: llama.cpp's F32 logits differ from PyTorch's by "
                                  f"{check['max_rel_err']:.2e} x max|logit| (> {CHECK_TOLERANCE}); not timing it")
             checks.append(check)
         art = engines.compile_cached(onnx, args.work_dir, log)
-        rows += measure(name, onnx, art, ggufs["f32"], bin_dir, args)
+        rows += measure(name, onnx, art, ggufs["f32"], args)
     print(markdown(rows, checks, args.threads))
     out = args.work_dir / "llama_cpp.json"
     out.write_text(json.dumps({"rows": rows, "checks": checks, "threads": args.threads,
