@@ -48,6 +48,7 @@ LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("POLYPORT_LLAMA_CPP", Path.home() / ".cache" / "polyport" / "llama.cpp"))
 TARGETS = ("llama", "llama-quantize", "llama-bench")     # libllama times and checks; the tools for users
 CHECK_TOKENS = 24
+GGML_TYPE_F32 = 0
 CHECK_TOLERANCE = 1e-3          # x max|logit|: ggml sums in another order (and its SiLU/exp approximations)
 
 
@@ -147,7 +148,7 @@ def llama_cpp_bindings(bin_dir: Path):
 
 
 class LlamaCpp:
-    """One llama.cpp model and context through libllama (`threads` for prompt and generation)."""
+    """One llama.cpp model and context through libllama (`threads` for prompt and generation, F32 cache)."""
 
     def __init__(self, gguf: Path, bin_dir: Path, n_ctx: int, threads: int):
         self.ll = ll = llama_cpp_bindings(bin_dir)
@@ -159,6 +160,7 @@ class LlamaCpp:
         cp.n_ctx = n_ctx
         cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
         cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = cp.type_v = GGML_TYPE_F32      # an F32 cache, as polyport's (llama.cpp defaults to F16)
         self.ctx = ll.llama_init_from_model(self.model, cp)
         self.vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
         self.batch = ll.llama_batch_init(cp.n_batch, 0, 1)
