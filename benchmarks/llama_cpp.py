@@ -49,7 +49,13 @@ CACHE = Path(os.environ.get("POLYPORT_LLAMA_CPP", Path.home() / ".cache" / "poly
 TARGETS = ("llama", "llama-quantize", "llama-bench")     # libllama times and checks; the tools for users
 CHECK_TOKENS = 24
 GGML_TYPE_F32 = 0
-CHECK_TOLERANCE = 1e-3          # x max|logit|: ggml sums in another order (and its SiLU/exp approximations)
+# x max|logit|, per position: ggml sums in other orders and approximates exp/SiLU, over 11-16
+# random-weight layers (measured: at most 5.7e-3 on llama_500m). A random router has near-ties, and
+# one token routed to another expert is off by far more (0.16 at one position of deepseek_v3_600m,
+# the others within 5.3e-3), so CHECK_POSITIONS of the positions must be within the tolerance;
+# a wrong RoPE, norm, scale or scoring function is off at every position.
+CHECK_TOLERANCE = 1e-2
+CHECK_POSITIONS = 0.9
 
 
 def log(msg: str) -> None:
@@ -191,7 +197,7 @@ class LlamaCpp:
 
 
 def check_logits(name: str, hf_dir: Path, gguf: Path, bin_dir: Path, threads: int) -> dict:
-    """Max |llama.cpp - PyTorch| over every position of a random prompt, relative to max |logit|."""
+    """max |llama.cpp - PyTorch| / max |logit| at each position of a random prompt, and the verdict."""
     import numpy as np
     import torch
     import transformers
@@ -204,8 +210,10 @@ def check_logits(name: str, hf_dir: Path, gguf: Path, bin_dir: Path, threads: in
     model.eval()
     with torch.no_grad():
         want = model(torch.from_numpy(ids)[None], use_cache=False).logits[0].numpy()
-    err = float(np.abs(got - want).max() / np.abs(want).max())
-    return {"model": name, "tokens": CHECK_TOKENS, "max_rel_err": err, "ok": err <= CHECK_TOLERANCE,
+    err = np.abs(got - want).max(-1) / np.abs(want).max()
+    within = float((err <= CHECK_TOLERANCE).mean())
+    return {"model": name, "tokens": CHECK_TOKENS, "max_rel_err": float(err.max()),
+            "median_rel_err": float(np.median(err)), "within": within, "ok": within >= CHECK_POSITIONS,
             "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).mean())}
 
 
@@ -291,9 +299,10 @@ def markdown(rows: list[dict], checks: list[dict], threads: int) -> str:
                      f"{pct(r['roofline_fraction'])} | {pct(r['llama_cpp_roofline_fraction'])} | "
                      f"{r['gbps']['median']:.1f} | {r['load_avg']['median']:.1f} |")
     if checks:
-        lines += ["", "llama.cpp F32 logits against PyTorch (every position of a 24-token prompt): " + "; ".join(
-            f"{c['model']} max err {c['max_rel_err']:.1e} x max|logit|, argmax agrees at {c['argmax_agree']:.0%}"
-            for c in checks) + "."]
+        lines += ["", "llama.cpp F32 logits against PyTorch (each position of a 24-token prompt, max |diff| / "
+                      "max |logit|): " + "; ".join(
+                          f"{c['model']} median {c['median_rel_err']:.1e}, max {c['max_rel_err']:.1e}, argmax equal "
+                          f"at {c['argmax_agree']:.0%}" for c in checks) + "."]
     return "\n".join(lines)
 
 
@@ -336,10 +345,12 @@ def main(argv=None) -> int:
         ggufs = {t: convert(hf_dir, t, bin_dir) for t in ["f32"] + [t for t in args.outtypes if t != "f32"]}
         if not args.no_check:         # in a child: PyTorch's and llama.cpp's copies of the weights are freed after
             check = run_self("--check-child", name, hf_dir, ggufs["f32"], "--threads", args.threads)
-            log(f"{name}: llama.cpp F32 logits vs PyTorch: max err {check['max_rel_err']:.2e} x max|logit|")
+            log(f"{name}: llama.cpp F32 logits vs PyTorch: median err {check['median_rel_err']:.1e}, max "
+                f"{check['max_rel_err']:.1e} x max|logit|; {check['within']:.0%} of positions within {CHECK_TOLERANCE}")
             if not check["ok"]:
-                raise SystemExit(f"llama_cpp: error: {name}: llama.cpp's F32 logits differ from PyTorch's by "
-                                 f"{check['max_rel_err']:.2e} x max|logit| (> {CHECK_TOLERANCE}); not timing it")
+                raise SystemExit(f"llama_cpp: error: {name}: llama.cpp's F32 logits differ from PyTorch's by more "
+                                 f"than {CHECK_TOLERANCE} x max|logit| at {1 - check['within']:.0%} of the positions; "
+                                 "not timing it")
             checks.append(check)
         art = engines.compile_cached(onnx, args.work_dir, log)
         rows += measure(name, onnx, art, ggufs["f32"], args)
