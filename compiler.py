@@ -130,6 +130,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             quant_entry = quantize_weights(graph, quantization)
             stage(f"quantize-{quantization.scheme}", graph)
         programs = derive_generation(graph)                 # before lowering: targets may rewrite the graph
+        build_programs = options.extra.get("generation", True)   # False: targets build the cache-less program only
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
         weights = {v.name: v.const for v in graph.constants.values()}
@@ -153,7 +154,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                 out_dir = writer.target_dir(target.name)
                 with diagnostics.captured() as found:
                     entry = target.lower(graph, out_dir, weights, options,
-                                         programs=None if programs.uncached else programs)
+                                         programs=None if programs.uncached or not build_programs else programs)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

@@ -136,8 +136,9 @@ def convert(hf_dir: Path, outtype: str, bin_dir: Path) -> Path:
             subprocess.run([sys.executable, "-c", CONVERT, str(llama_dir()), str(hf_dir), "--outtype", outtype,
                             "--outfile", str(tmp)], check=True, stdout=subprocess.DEVNULL, stderr=err)
     else:
-        subprocess.run([str(build(("llama-quantize",)) / "llama-quantize"), str(convert(hf_dir, "f32", bin_dir)), str(tmp),
-                        outtype.upper(), "2"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        quantize = build(("llama-quantize",)) / "llama-quantize"
+        subprocess.run([str(quantize), str(convert(hf_dir, "f32", bin_dir)), str(tmp), outtype.upper(), "2"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.replace(tmp, out)
     return out
 
