@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from ..quant_codes import value
 from .mlp import activation, clamp_up
-from .parallel import PARALLEL_MIN_MACS
+from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
@@ -97,6 +98,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     rdt = "float32" if s.bits else wdt   # quantized experts keep an f32 router (passes/quantize_weights.py)
     g_scales, d_scales = ((E, -(-H // s.block), I), (E, -(-I // s.block), Ho)) if s.bits else ((1,), (1,))
     macs_per_row = 2 * H * I + I * Ho
+    streams = K * macs_per_row * tvm.DataType(wdt).bits // 8 >= PARALLEL_MIN_STREAM_BYTES
     loop_e, loop_o = _vec(E), _vec(Ho)
     VI, VO = _lanes(I), _lanes(Ho)
     if Ho % (2 * VO) == 0:
@@ -404,7 +406,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         ntiles = T.alloc_buffer((1,), "int64")
         dn = T.alloc_buffer((n * K, Ho), f32)
         group(n, idx, wt, off, rows, pw, pos, tile_e, tile_p, ntiles)
-        if n * (K * macs_per_row) >= PARALLEL_MIN_MACS:     # interleaved chunks balance the experts' tails
+        # interleaved chunks balance the experts' tails; one token's K experts stream (parallel.py)
+        if streams or n * (K * macs_per_row) >= PARALLEL_MIN_MACS:
             for c in T.parallel(T.min(ntiles[0], CHUNKS)):
                 tiles(c, (ntiles[0] - c + T.min(ntiles[0], CHUNKS) - 1) // T.min(ntiles[0], CHUNKS),
                       T.min(ntiles[0], CHUNKS), x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p,
