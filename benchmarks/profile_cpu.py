@@ -35,7 +35,7 @@ def profile(art: str, seq: int, runs: int) -> dict[str, float]:
             per_run[-1][name] = per_run[-1].get(name, 0.0) + (now - started.pop(name)) * 1e3
         return 0        # VMInstrumentReturnKind.NO_OP: run the call
 
-    s._vm.set_instrument(instrument)
+    s._function("").set_instrument(instrument)     # this thread's VirtualMachine (vm_session.py)
     for _ in range(runs):
         per_run.append({})
         s.run(feeds)

@@ -57,6 +57,7 @@ class CpuTarget(Target):
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
+        from .kernels.cpu.isa import building_for
         from .schedule_cpu import schedule_module
         from .tvm_lower import lower_functions, lower_to_relax
 
@@ -66,11 +67,12 @@ class CpuTarget(Target):
         kernels = _kernels(options)
         derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
                                            ("decode", getattr(programs, "decode", None))) if g is not None}
-        if derived:
-            functions = lower_functions({"main": graph, **derived}, self.name, kernels=kernels)
-            lowered = functions.pop("main")
-        else:
-            lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
+        with building_for(mcpu):      # kernels size their register tiles for this CPU's vectors
+            if derived:
+                functions = lower_functions({"main": graph, **derived}, self.name, kernels=kernels)
+                lowered = functions.pop("main")
+            else:
+                lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             mod = schedule_module(lowered.mod, target)
