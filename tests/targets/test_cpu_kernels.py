@@ -138,3 +138,24 @@ def test_packed_gemm(nb, rows, gated):
         g = x @ wg
         want = g / (1 + np.exp(-g)) * (x @ wu) if gated else g
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
+
+
+def test_tiles_follow_the_build_cpu():
+    """Register tiles come from the mcpu being built for, not the host: AVX-512 names get the wide
+    tiles, AVX2 ones the narrow, and an AVX2 build is still correct (run here on whatever x86 this is)."""
+    from polyport.targets.kernels.cpu import attention, isa
+    assert isa.lanes_of("skylake-avx512") == isa.lanes_of("znver4") == 16
+    assert isa.lanes_of("x86-64-v3") == isa.lanes_of("haswell") == 8
+    with isa.building_for("x86-64-v3"):
+        assert attention.tile_rows() == 2 and tile_rows(32, isa.vector_lanes()) == 3
+        f = dense_packed_func(24, 2, 32, gated=True)
+    with isa.building_for("skylake-avx512"):
+        assert attention.tile_rows() == 4 and tile_rows(32, isa.vector_lanes()) == 12
+    rng = np.random.default_rng(5)
+    x, wg, wu = rng.standard_normal((7, 24), np.float32), *rng.standard_normal((2, 24, 64), np.float32)
+    mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
+    built = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"}))["main"]
+    out = tvm.runtime.tensor(np.zeros((7, 64), np.float32))
+    built(*[tvm.runtime.tensor(a) for a in (x, _pack(wg, 32), _pack(wu, 32))], out)
+    g = x @ wg
+    np.testing.assert_allclose(out.numpy(), g / (1 + np.exp(-g)) * (x @ wu), rtol=1e-4, atol=1e-4)
