@@ -96,9 +96,9 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
     neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
-    if "ascend" in targets and (quantization is not None or (options.dtype in FLOAT16 and len(targets) > 1)):
-        raise PolyportError("ascend: compile it on its own, without --quantize (its weights are converted by its "
-                            "own f16 lowering; CANN's antiquant matmuls are not planned yet)")
+    if "ascend" in targets and options.dtype in FLOAT16 and len(targets) > 1:
+        raise PolyportError("ascend: compile it on its own with --dtype (its weights are converted by its "
+                            "own f16 lowering)")
     if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
         if quantization is not None:
             raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
@@ -130,6 +130,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             quant_entry = quantize_weights(graph, quantization)
             stage(f"quantize-{quantization.scheme}", graph)
         programs = derive_generation(graph)                 # before lowering: targets may rewrite the graph
+        build_programs = options.extra.get("generation", True)   # False: targets build the cache-less program only
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
         weights = {v.name: v.const for v in graph.constants.values()}
@@ -153,7 +154,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                 out_dir = writer.target_dir(target.name)
                 with diagnostics.captured() as found:
                     entry = target.lower(graph, out_dir, weights, options,
-                                         programs=None if programs.uncached else programs)
+                                         programs=None if programs.uncached or not build_programs else programs)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

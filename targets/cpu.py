@@ -57,7 +57,6 @@ class CpuTarget(Target):
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
-        from .kernels.cpu.isa import building_for
         from .schedule_cpu import schedule_module
         from .tvm_lower import lower_functions, lower_to_relax
 
@@ -67,13 +66,13 @@ class CpuTarget(Target):
         kernels = _kernels(options)
         derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
                                            ("decode", getattr(programs, "decode", None))) if g is not None}
-        with building_for(mcpu):      # kernels size their register tiles for this CPU's vectors
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+        with target:            # kernels size their register tiles by the target's vectors
             if derived:
                 functions = lower_functions({"main": graph, **derived}, self.name, kernels=kernels)
                 lowered = functions.pop("main")
             else:
                 lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
-        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             mod = schedule_module(lowered.mod, target)
             ex = tvm.compile(mod, target=target)
@@ -81,10 +80,8 @@ class CpuTarget(Target):
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
               programs: Any = None) -> dict:
-        """Build `main` and the derived `prefill` / `decode` (cpu kernel set only: the KV-cache ops have
-        cpu kernels only) into one library: one LLVM build, the weights shared."""
-        if _kernels(options) != "cpu":
-            programs = None
+        """Build `main` and the derived `prefill` / `decode` into one library: one LLVM build, the
+        weights shared (with either kernel set: the portable one is how the GPU kernels are checked)."""
         entry = self._write(graph, programs, out_dir, weights, options)
         return {**entry, "programs": ["prefill", "decode"]} if programs is not None else entry
 

@@ -2,8 +2,8 @@
 
 Register tiles are sized in vector registers: AVX-512 has 32 registers of 16 float32 lanes,
 AVX2 16 of 8. A tile sized for one spills on the other (slower, never wrong), so the cpu
-target sets the width around its lowering (`building_for(mcpu)`); kernels built outside
-a cpu build (tests, benchmarks) get the host's.
+target lowers inside `with target:` (its mcpu decides); `building_for(mcpu)` sets it by name;
+kernels built outside either get the host's.
 """
 from __future__ import annotations
 
@@ -27,10 +27,15 @@ def lanes_of(mcpu: str) -> int:
 
 
 def vector_lanes() -> int:
-    """The width of the build in progress, else the host's."""
+    """The width set by `building_for`, else the current TVM target's (the cpu target lowers inside
+    `with target:`), else the host's."""
     lanes = _LANES.get()
     if lanes:
         return lanes
+    import tvm
+    t = tvm.target.Target.current(allow_none=True)
+    if t is not None and t.kind.name == "llvm" and t.attrs.get("mcpu"):
+        return lanes_of(str(t.attrs["mcpu"]))
     from ...cpu import host_mcpu
     return lanes_of(host_mcpu())
 
