@@ -1,7 +1,7 @@
 """The cpu target's hand-written kernels, one PrimFunc at a time.
 
 Attention against the IR's reference: causal / sliding window (wider than the sequence too),
-decode rows behind a KV cache, GQA / MQA, sinks, explicit float and bool masks, Dqk != Dv, and
+decode rows behind a KV cache, GQA / MQA, query tiles of other heights than the host's, sinks, explicit float and bool masks, Dqk != Dv, and
 rows that see no key (zeros, never NaN). The packed dense / gate-up GEMMs against NumPy for
 token counts around the register tile (whole tiles, tails, one row) and each column block."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
 from polyport.targets.kernels.cpu.attention import attention_func  # noqa: E402
-from polyport.targets.kernels.cpu.gemm import dense_packed_func, tile_rows  # noqa: E402
+from polyport.targets.kernels.cpu.gemm import TAIL_ROWS, dense_packed_func, tile_rows  # noqa: E402
+from polyport.targets.kernels.cpu.isa import vector_lanes  # noqa: E402
 
 _BUILT: dict = {}
 
@@ -23,14 +24,15 @@ def _build(func):
     return tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
 
 
-def _run(q, k, v, mask=None, sinks=None, **attrs):
+def _run(q, k, v, mask=None, sinks=None, rows=0, **attrs):
     key = (q.shape[1], k.shape[1], q.shape[3], v.shape[3], None if mask is None else (mask.shape, str(mask.dtype)),
-           sinks is not None, tuple(sorted(attrs.items())))
+           sinks is not None, rows, tuple(sorted(attrs.items())))
     if key not in _BUILT:
         f = attention_func(num_heads=q.shape[1], kv_heads=k.shape[1], d=q.shape[3], dv=v.shape[3],
                            scale=attrs["scale"], causal=bool(attrs.get("causal", 0)), window=attrs.get("window", 0),
                            mask_shape=None if mask is None else mask.shape,
-                           mask_dtype="float32" if mask is None else str(mask.dtype), sinks=sinks is not None)
+                           mask_dtype="float32" if mask is None else str(mask.dtype), sinks=sinks is not None,
+                           rows=rows)
         _BUILT[key] = _build(f)
     placeholder = np.zeros(1, np.float32)
     out = tvm.runtime.tensor(np.zeros(q.shape[:3] + v.shape[3:], np.float32))
@@ -39,7 +41,7 @@ def _run(q, k, v, mask=None, sinks=None, **attrs):
     return out.numpy()
 
 
-def _check(b=1, h=4, kvh=2, s=7, skv=None, d=16, dv=None, mask=None, sinks=None, seed=0, **attrs):
+def _check(b=1, h=4, kvh=2, s=7, skv=None, d=16, dv=None, mask=None, sinks=None, seed=0, rows=0, **attrs):
     rng = np.random.default_rng(seed)
     skv = skv or s
     dv = dv or d
@@ -51,7 +53,7 @@ def _check(b=1, h=4, kvh=2, s=7, skv=None, d=16, dv=None, mask=None, sinks=None,
     while inputs and inputs[-1] is None:
         inputs.pop()
     want = fused.evaluate("Attention", inputs, **attrs)
-    got = _run(q, k, v, mask, sinks, **{a: x for a, x in attrs.items() if a not in ("num_heads", "kv_heads")})
+    got = _run(q, k, v, mask, sinks, rows, **{a: x for a, x in attrs.items() if a not in ("num_heads", "kv_heads")})
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     return got
@@ -60,6 +62,11 @@ def _check(b=1, h=4, kvh=2, s=7, skv=None, d=16, dv=None, mask=None, sinks=None,
 @pytest.mark.parametrize("s", [1, 5, 32, 33, 100])
 def test_causal_gqa(s):
     _check(s=s, causal=1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])     # the default tile (the host's) runs in every other test
+def test_query_tile_rows(rows):
+    _check(s=38, causal=1, window=21, dv=32, rows=rows)
 
 
 def test_no_mask_mha_batch2():
@@ -112,15 +119,16 @@ def _pack(w, nb):
     return np.ascontiguousarray(w.reshape(k, n // nb, nb).transpose(1, 0, 2))
 
 
-@pytest.mark.parametrize("nb", [32, 16, 8])
+@pytest.mark.parametrize("nb,rows", [(32, 0), (16, 0), (8, 0), (32, 3), (16, 6)])    # 0: the host's tile
 @pytest.mark.parametrize("gated", [False, True])
-def test_packed_gemm(nb, gated):
+def test_packed_gemm(nb, rows, gated):
     rng = np.random.default_rng(nb)
     k, n = 40, 3 * nb
     wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
-    f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0))
-    mb = tile_rows(nb)
-    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3}):
+    f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0, rows=rows))
+    mb = rows or tile_rows(nb, vector_lanes())
+    # whole tiles, then tail tiles of TAIL_ROWS rows, then single rows
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, mb + TAIL_ROWS, mb + TAIL_ROWS + 2, 2 * mb + 3}):
         if m < 1:
             continue
         x = rng.standard_normal((m, k), np.float32)
@@ -130,6 +138,27 @@ def test_packed_gemm(nb, gated):
         g = x @ wg
         want = g / (1 + np.exp(-g)) * (x @ wu) if gated else g
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
+
+
+def test_tiles_follow_the_build_cpu():
+    """Register tiles come from the mcpu being built for, not the host: AVX-512 names get the wide
+    tiles, AVX2 ones the narrow, and an AVX2 build is still correct (run here on whatever x86 this is)."""
+    from polyport.targets.kernels.cpu import attention, isa
+    assert isa.lanes_of("skylake-avx512") == isa.lanes_of("znver4") == 16
+    assert isa.lanes_of("x86-64-v3") == isa.lanes_of("haswell") == 8
+    with isa.building_for("x86-64-v3"):
+        assert attention.tile_rows() == 2 and tile_rows(32, isa.vector_lanes()) == 3
+        f = dense_packed_func(24, 2, 32, gated=True)
+    with isa.building_for("skylake-avx512"):
+        assert attention.tile_rows() == 4 and tile_rows(32, isa.vector_lanes()) == 12
+    rng = np.random.default_rng(5)
+    x, wg, wu = rng.standard_normal((7, 24), np.float32), *rng.standard_normal((2, 24, 64), np.float32)
+    mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
+    built = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"}))["main"]
+    out = tvm.runtime.tensor(np.zeros((7, 64), np.float32))
+    built(*[tvm.runtime.tensor(a) for a in (x, _pack(wg, 32), _pack(wu, 32))], out)
+    g = x @ wg
+    np.testing.assert_allclose(out.numpy(), g / (1 + np.exp(-g)) * (x @ wu), rtol=1e-4, atol=1e-4)
 
 
 def test_packed_gemv_of_streaming_weights():

@@ -1,10 +1,11 @@
-"""Attention in BHSD layout as one hand-scheduled TIR function (flash-style, one query row per task).
+"""Attention in BHSD layout as one hand-scheduled TIR function (flash-style, a tile of query rows at a time).
 
 - GQA by indexing kv head h // group (K/V never repeated).
 - K is copied once per call into key blocks of JB ([B, KV, Skv/JB, D, JB], zero-padded),
   so the q.k loop is JB-wide FMAs over contiguous keys.
 - Causal / sliding-window rows visit only the key blocks that hold visible keys (loop
   bounds from the row's position); the two partial edge blocks are masked by select.
+- QB query rows per tile share every K and V vector load (rows past the end repeat the last).
 - Online softmax per row (running max m, denominator l, accumulator acc[Dv]): no
   [S, Skv] intermediate; exp is fastmath.exp (vectorised, exact 0 for -inf).
 - `softcap` c: each score becomes c * tanh(s / c) before any mask (fastmath.tanh).
@@ -18,26 +19,34 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import fastmath
+from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS
 
 JB = 32     # keys per block: four AVX2 float32 vectors, so the q.k FMAs have independent chains
 
+def tile_rows() -> int:
+    """Query rows per tile (each key / value vector load serves them all): the QB x JB scores and the
+    QB x CW accumulators take 8 AVX-512 registers at 4 rows, 8 AVX2 registers at 2."""
+    return 4 if vector_lanes() >= 16 else 2
+
 
 def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, causal: bool, window: int,
                    mask_shape=None, mask_dtype: str = "float32", sinks: bool = False, sinks_dtype: str = "float32",
-                   dtype: str = "float32", softcap: float = 0.0):
+                   dtype: str = "float32", softcap: float = 0.0, rows: int = 0):
     """The PrimFunc attention(q, k, v, mask, sinks, out) for these static sizes and options.
 
     q [B, H, S, D], k [B, KV, Skv, D], v [B, KV, Skv, Dv] (B, S, Skv symbolic). `mask_shape`: the
     explicit mask's shape, right-aligned to [B, H, S, Skv], 1 where it broadcasts (any other entry
     is bound at call time); None: no mask. Absent mask / sinks are still parameters (the caller
-    passes a one-element placeholder) so that one signature serves every variant."""
+    passes a one-element placeholder) so that one signature serves every variant. `rows`: query
+    rows per tile (0: tile_rows())."""
+    QB = rows or tile_rows()
     H, KV, D, DV = num_heads, kv_heads, d, dv
     GROUP = H // KV
     has_mask = mask_shape is not None
     mshape = [tirx.IntImm("int64", 1) if x == 1 else tirx.Var(f"m{n}", "int64")
               for n, x in enumerate(mask_shape or [1])]
-    U = max(1, min(4, 64 // DV))      # P.V accumulator rows: enough independent FMA chains, <= 8 ymm
+    CW = next(w for w in (32, 16, 8, 4, 2, 1) if DV % w == 0)     # P.V column chunk (QB x CW accumulators)
     ninf = tirx.const(float("-inf"), "float32")
     zero = tirx.const(0.0, "float32")
 
@@ -47,15 +56,13 @@ def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: flo
         lo = tirx.max(tirx.IntImm("int64", 0), pos - window + 1) if window else tirx.IntImm("int64", 0)
         return lo, hi
 
+    def tree(op, xs):
+        """op over xs as a balanced tree (independent halves: no serial dependency chain)"""
+        return xs[0] if len(xs) == 1 else op(tree(op, xs[:len(xs) // 2]), tree(op, xs[len(xs) // 2:]))
+
     def blocks(n):
         """ceil(n / JB), inlined (a let-bound extent cannot size a buffer)"""
         return (n + JB - 1) // JB
-
-    def sum_rows(acc, c):
-        total = acc[0, c]
-        for u in range(1, U):
-            total = total + acc[u, c]
-        return total
 
     def score(M, s, b, h, i, j, lo, hi, skv):
         s = fastmath.soft_cap(s, softcap)
@@ -81,64 +88,73 @@ def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: flo
     def head(Q, KT, V, M, SK, O, S, Skv, bh):
         # per-task scratch, allocated once per (batch, head): an allocation inside the row
         # loop costs a TVMBackendAllocWorkspace call per row
-        qs = T.alloc_buffer((D,), "float32", scope="local")
-        acc = T.alloc_buffer((U, DV), "float32", scope="local")
-        s = T.alloc_buffer((JB,), "float32", scope="local")
+        qs = T.alloc_buffer((QB, D), "float32", scope="local")
+        acc = T.alloc_buffer((QB, DV), "float32", scope="local")
+        s = T.alloc_buffer((QB, JB), "float32", scope="local")
         lane = T.alloc_buffer((8,), "float32", scope="local")
-        den = T.alloc_buffer((8,), "float32", scope="local")       # the denominator, per lane
-        st = T.alloc_buffer((2,), "float32", scope="local")        # running max, block max
+        den = T.alloc_buffer((QB, 8), "float32", scope="local")    # the denominator, per lane
+        st = T.alloc_buffer((QB, 2), "float32", scope="local")     # running max, block max
         b = bh // T.int64(H)
         h = bh % T.int64(H)
         g = h // T.int64(GROUP)
-        for i in range(S):
-            lo, hi = key_range(i + Skv - S, Skv)
-            for c in range(T.int64(D)):
-                qs[c] = T.Cast("float32", Q[b, h, i, c]) * T.float32(scale)
-            for u, c in T.grid(T.int64(U), T.int64(DV)):
-                acc[u, c] = zero
-            for c in T.vectorized(T.int64(8)):
-                den[c] = zero
-            if sinks:
-                st[0] = T.Cast("float32", SK[h])
-                den[0] = T.float32(1.0)
-            else:
-                st[0] = ninf
-            for kb in range(lo // T.int64(JB), (hi + T.int64(JB - 1)) // T.int64(JB)):
-                j0 = kb * T.int64(JB)
-                for jj in T.vectorized(T.int64(JB)):
-                    s[jj] = zero
+        for it in range((S + T.int64(QB - 1)) // T.int64(QB)):
+            i0 = it * T.int64(QB)
+            # rows past S repeat the last row (no branch in the inner loops) and are not stored
+            lo0 = key_range(i0 + Skv - S, Skv)[0]
+            hi1 = key_range(T.min(i0 + T.int64(QB - 1), S - 1) + Skv - S, Skv)[1]
+            for r in T.unroll(QB):
                 for c in range(T.int64(D)):
+                    qs[r, c] = T.Cast("float32", Q[b, h, T.min(i0 + r, S - 1), c]) * T.float32(scale)
+                for c in T.vectorized(T.int64(DV)):
+                    acc[r, c] = zero
+                for c in T.vectorized(T.int64(8)):
+                    den[r, c] = zero
+                if sinks:
+                    st[r, 0] = T.Cast("float32", SK[h])
+                    den[r, 0] = T.float32(1.0)
+                else:
+                    st[r, 0] = ninf
+            for kb in range(lo0 // T.int64(JB), (hi1 + T.int64(JB - 1)) // T.int64(JB)):
+                j0 = kb * T.int64(JB)
+                for r in T.unroll(QB):
                     for jj in T.vectorized(T.int64(JB)):
-                        s[jj] = s[jj] + qs[c] * KT[b, g, kb, c, jj]
-                for jj in T.vectorized(T.int64(JB)):
-                    s[jj] = score(M, s[jj], b, h, i, j0 + jj, lo, hi, Skv)
-                for c in T.vectorized(T.int64(8)):
-                    lane[c] = T.max(T.max(s[c], s[c + 8]), T.max(s[c + 16], s[c + 24]))
-                st[1] = ninf
-                for c in range(T.int64(8)):
-                    st[1] = T.max(st[1], lane[c])
-                m_new = T.max(st[0], st[1])
-                m_use = T.Select(m_new == ninf, zero, m_new)      # all -inf so far: keep exp finite
-                alpha = fastmath.exp(st[0] - m_use)
-                for jj in T.vectorized(T.int64(JB)):
-                    s[jj] = fastmath.exp(s[jj] - m_use)
-                for c in T.vectorized(T.int64(8)):
-                    den[c] = den[c] * alpha + ((s[c] + s[c + 8]) + (s[c + 16] + s[c + 24]))
-                for u, c in T.grid(T.int64(U), T.int64(DV)):
-                    acc[u, c] = acc[u, c] * alpha
-                # all JB keys into U independent accumulator rows (FMA latency); an invisible
-                # key has weight exactly 0 and reads a clamped (valid) row of V
-                for t in range(T.int64(JB // U)):
-                    for u in T.unroll(T.int64(U)):
-                        for c in T.vectorized(T.int64(DV)):
-                            acc[u, c] = acc[u, c] + s[t * T.int64(U) + u] * T.Cast(
-                                "float32", V[b, g, T.min(j0 + t * T.int64(U) + u, Skv - 1), c])
-                st[0] = m_new
-            st[1] = zero
-            for c in range(T.int64(8)):
-                st[1] = st[1] + den[c]
-            for c in T.vectorized(T.int64(DV)):
-                O[b, h, i, c] = T.Cast(dtype, T.Select(st[1] > zero, sum_rows(acc, c) / st[1], zero))
+                        s[r, jj] = zero
+                # QB rows share each key vector load
+                for c in range(T.int64(D)):
+                    for r in T.unroll(QB):
+                        for jj in T.vectorized(T.int64(JB)):
+                            s[r, jj] = s[r, jj] + qs[r, c] * KT[b, g, kb, c, jj]
+                for r in T.unroll(QB):
+                    ri = T.min(i0 + r, S - 1)
+                    lo, hi = key_range(ri + Skv - S, Skv)
+                    for jj in T.vectorized(T.int64(JB)):
+                        s[r, jj] = score(M, s[r, jj], b, h, ri, j0 + jj, lo, hi, Skv)
+                    for c in T.vectorized(T.int64(8)):
+                        lane[c] = T.max(T.max(s[r, c], s[r, c + 8]), T.max(s[r, c + 16], s[r, c + 24]))
+                    st[r, 1] = tree(T.max, [lane[c] for c in range(8)])     # log-depth, not a chain of 8
+                    m_new = T.max(st[r, 0], st[r, 1])
+                    m_use = T.Select(m_new == ninf, zero, m_new)      # all -inf so far: keep exp finite
+                    alpha = fastmath.exp(st[r, 0] - m_use)
+                    for jj in T.vectorized(T.int64(JB)):
+                        s[r, jj] = fastmath.exp(s[r, jj] - m_use)
+                    for c in T.vectorized(T.int64(8)):
+                        den[r, c] = den[r, c] * alpha + ((s[r, c] + s[r, c + 8]) + (s[r, c + 16] + s[r, c + 24]))
+                    for c in T.vectorized(T.int64(DV)):
+                        acc[r, c] = acc[r, c] * alpha
+                    st[r, 0] = m_new
+                # all JB keys, QB rows sharing each value vector load; an invisible key has weight
+                # exactly 0 and reads a clamped (valid) row of V. Column chunks of CW keep the
+                # QB x CW accumulators in registers for wide heads.
+                for cc in range(T.int64(DV // CW)):
+                    for t in range(T.int64(JB)):
+                        for r in T.unroll(QB):
+                            for c in T.vectorized(T.int64(CW)):
+                                acc[r, cc * T.int64(CW) + c] = acc[r, cc * T.int64(CW) + c] + s[r, t] * T.Cast(
+                                    "float32", V[b, g, T.min(j0 + t, Skv - 1), cc * T.int64(CW) + c])
+            for r in range(T.min(S - i0, T.int64(QB))):
+                st[r, 1] = tree(lambda a, b: a + b, [den[r, c] for c in range(8)])
+                for c in T.vectorized(T.int64(DV)):
+                    O[b, h, i0 + r, c] = T.Cast(dtype, T.Select(st[r, 1] > zero, acc[r, c] / st[r, 1], zero))
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, s_h: T.handle, o_h: T.handle):

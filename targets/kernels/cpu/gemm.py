@@ -1,11 +1,13 @@
 """Dense layers over pre-packed weights as hand-scheduled TIR: y = x @ W, and GatedMLP's
 h = act(x @ Wg) * (x @ Wu), with W bound as Wp[N / NB, K, NB] (Wp[jo, k, ji] = W[k, jo * NB + ji]).
 
-Register blocking for AVX2 (16 ymm): an MB x NB tile of accumulators (12 vectors: 3 x 32, 6 x 16,
-12 x 8) stays in registers across the whole K loop; per k it loads NB contiguous weights once and
-reuses them for MB token rows. The token count M is symbolic: whole MB-row tiles first, then the
-remaining rows one at a time (no predicate in the inner loop). Column blocks run in parallel when
-M * K * N is big enough (parallel.py: tested at run time, M is symbolic).
+Register blocking: an MB x NB tile of accumulators stays in registers across the whole K loop; per k
+it loads NB contiguous weights once and reuses them for MB token rows. The tile fills half the
+vector registers (isa.py): 12 of AVX2's 16 (3 x 32, 6 x 16, 12 x 8 floats), 24 of AVX-512's 32
+(12 x 32, 24 x 16); the rest hold weights and a broadcast. The token count M is symbolic: whole
+MB-row tiles first, then the remaining rows in tiles of TAIL_ROWS, then one at a time (no predicate
+in the inner loop). Column blocks run in parallel when M * K * N is big enough (parallel.py: tested
+at run time, M is symbolic).
 """
 from __future__ import annotations
 
@@ -13,22 +15,28 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .isa import vector_lanes
 from .mlp import activation, clamp_up
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 ACC_VECTORS = 12            # accumulator ymm registers per tile; the rest hold weights and a broadcast
+TAIL_ROWS = 4               # the rows past the last whole tile go in tiles this high, then one at a time
 
 
-def tile_rows(nb: int) -> int:
-    return max(1, ACC_VECTORS // max(1, nb // 8))
+def tile_rows(nb: int, lanes: int = 8) -> int:
+    """MB for column blocks of nb floats, with vectors of `lanes` floats (8: AVX2, 16: AVX-512; half
+    the registers of either accumulate)."""
+    return max(1, ACC_VECTORS * lanes // 8 // max(1, -(-nb // lanes)))
 
 
 def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: bool = False,
-                      act: str = "silu", clamp: float = 0.0):
+                      act: str = "silu", clamp: float = 0.0, rows: int = 0):
     """PrimFunc dense(x [M, K], wp [NO, K, NB], out [M, NO * NB]), or with `gated`
-    gate_up(x, wgp, wup, out): out = act(x Wg) * clamp_up(x Wu)."""
+    gate_up(x, wgp, wup, out): out = act(x Wg) * clamp_up(x Wu). `rows`: MB (0: this build's
+    tile_rows)."""
     K, NO, NB = k, no, nb
-    MB = tile_rows(nb)
+    MB = rows or tile_rows(nb, vector_lanes())
+    TB = min(TAIL_ROWS, MB)
     zero = tirx.const(0.0, "float32")
 
     @T.macro
@@ -65,10 +73,17 @@ def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: b
     def column_block(X, WG, WU, O, M, jo):
         acc = T.alloc_buffer((MB, NB), "float32", scope="local")
         gate = T.alloc_buffer((MB if gated else 1, NB), "float32", scope="local")
+        whole = M // T.int64(MB) * T.int64(MB)
         for io in range(M // T.int64(MB)):
             tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), jo)
-        for i in range(M // T.int64(MB) * T.int64(MB), M):
-            tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
+        if TB < MB:
+            for io in range((M - whole) // T.int64(TB)):
+                tile(X, WG, WU, O, acc, gate, whole + io * T.int64(TB), T.int64(TB), jo)
+            for i in range(whole + (M - whole) // T.int64(TB) * T.int64(TB), M):
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
+        else:
+            for i in range(whole, M):
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
 
     weights = K * NO * NB * (2 if gated else 1)
     streams = weights * tvm.DataType(dtype).bits // 8 >= PARALLEL_MIN_STREAM_BYTES   # parallel at any M (parallel.py)

@@ -29,10 +29,10 @@ from tvm.script import tirx as T
 
 from ..quant_codes import value
 from .mlp import activation, clamp_up
+from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
-VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
 STREAM_BYTES = 256 << 10        # an expert's gate matrix above this streams (tile_stream)
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
@@ -70,8 +70,11 @@ class MoeSpec:
 
 
 def _lanes(n: int) -> int:
-    """The vector width for a contiguous axis of static extent n (it must divide n)."""
-    for w in (VW, 4, 2):
+    """The vector width for a contiguous axis of static extent n (it must divide n): at most one
+    register of this build's CPU (isa.py), so the RB x 2 gate / up accumulators stay in registers."""
+    for w in (16, 8, 4, 2):
+        if w > vector_lanes():
+            continue
         if n % w == 0:
             return w
     return 1
