@@ -68,6 +68,7 @@ class GenerationPrograms:
     uncached: list[str]
     vocab: int
     max_positions: Optional[int]        # rows of a constant cos/sin table the positions index; None: no limit
+    recompute: Optional[str] = None     # why generation recomputes though every layer could be cached
 
     def added_constants(self) -> dict[str, np.ndarray]:
         """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
@@ -75,9 +76,10 @@ class GenerationPrograms:
                 for v in p.constants.values() if v.name.startswith(f"{p.name}.")}
 
     def manifest(self) -> dict:
-        return {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
-                "vocab": self.vocab, "max_positions": self.max_positions,
-                "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
+        entry = {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
+                 "vocab": self.vocab, "max_positions": self.max_positions,
+                 "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
+        return {**entry, "recompute": self.recompute} if self.recompute else entry
 
     def describe(self) -> str:
         """The cache layout, one line per layer (what `inspect --passes generate` prints)."""
@@ -98,6 +100,11 @@ def generation_entry(graph: Graph, programs: GenerationPrograms) -> dict:
     """The manifest's `generation` entry: the layout plus the programs' batch (1 when the export's is static 1)."""
     shape = graph.inputs[0].shape if graph.inputs else None
     return {**programs.manifest(), "batch": shape[0] if shape and isinstance(shape[0], int) else None}
+
+
+def without_programs(graph: Graph, why: str) -> GenerationPrograms:
+    """No derived programs, by choice (`why`): generation recomputes the whole sequence each step."""
+    return GenerationPrograms(None, None, [], [], _vocab(graph), None, why)
 
 
 def derive_generation(graph: Graph) -> GenerationPrograms:

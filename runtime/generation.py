@@ -93,7 +93,7 @@ class GenerationState:
         self._lengths = lens.copy()
         if not self.cached:
             why = (f"layers {', '.join(info['uncached'])} cannot be cached" if info.get("uncached")
-                   else "this target has no decode programs")
+                   else info.get("recompute") or "this target has no decode programs")
             if not getattr(session, "_warned_recompute", False):     # once per session, not per start
                 print(f"polyport: warning: {why}; generation recomputes the whole sequence each step",
                       file=sys.stderr)
