@@ -96,6 +96,8 @@ class GenerationPrograms:
                          f"{layer.dtype}, {cap}: {layer.bytes_per_token} B/token{naive}")
         for name in self.uncached:
             lines.append(f"  {name}: NOT cached (generation recomputes the whole sequence)")
+        if self.per_sequence:
+            lines.append(f"  programs of batch 1 (one cache per sequence): {self.per_sequence}")
         return "\n".join(lines)
 
 
@@ -112,8 +114,9 @@ def without_programs(graph: Graph, why: str) -> GenerationPrograms:
     return GenerationPrograms(None, None, [], [], _vocab(graph), None, why)
 
 
-def derive_generation(graph: Graph) -> GenerationPrograms:
-    """The prefill and decode programs of a fused graph (the graph itself is left unchanged)."""
+def derive_generation(graph: Graph, *, batch_generic: bool = True) -> GenerationPrograms:
+    """The prefill and decode programs of a fused graph (the graph itself is left unchanged). A batch-1
+    export's programs get a symbolic batch unless `batch_generic` is False (passes/generation_batch.py)."""
     attentions = [n for n in graph.nodes if _is(n, "Attention")]
     vocab = _vocab(graph)
     if len(graph.inputs) != 1:        # the programs feed token ids only
@@ -133,7 +136,7 @@ def derive_generation(graph: Graph) -> GenerationPrograms:
     layers = [_layer(i, n, plans.get(n.name)) for i, n in enumerate(attentions)]
     programs = [_program(graph, kind, layers, ranges, plans) for kind in ("prefill", "decode")]
     per_sequence = None
-    if batch == 1:                 # every corpus export: batch the programs by meaning, else one cache per sequence
+    if batch == 1 and batch_generic:   # every corpus export: batch the programs by meaning, else one cache per sequence
         per_sequence = next((why for p in programs if (why := make_batch_generic(p))), None)
         if per_sequence is not None:
             programs = [_program(graph, kind, layers, ranges, plans) for kind in ("prefill", "decode")]

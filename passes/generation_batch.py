@@ -15,7 +15,8 @@ spells the batch as a constant are rewritten:
   unsqueezes them to.
 
 Anything else that would drop the batch (a node whose input carries it and
-whose output does not) makes the rewrite fail: the caller keeps the batch-1
+whose output does not, a shape computed over the tokens such as a MoE router's
+`ConstantOfShape([seq, 1])`, which means batch x seq once batched) makes the rewrite fail: the caller keeps the batch-1
 programs and the runtime decodes one sequence per cache.
 """
 from __future__ import annotations
@@ -50,12 +51,17 @@ def make_batch_generic(g: Graph) -> Optional[str]:
         why = _batched_positions(g, past)
         if why:
             return why
+    seq = g.inputs[0].shape[1].symbols if len(g.inputs[0].shape) > 1 and not isinstance(g.inputs[0].shape[1], int) \
+        else frozenset()
     g.sort()
     for node in list(g.nodes):
         if node.op_type == "Reshape" and not node.domain and _carries(node.inputs[0]):
             _reshape_batch(g, node, batch)
         if node.op_type == "ShapeValue" and node.domain == POLYPORT_DOMAIN:
             continue
+        why = _token_count(node, seq)
+        if why:
+            return why
         try:
             types = _infer(node, g)
         except Exception as e:  # noqa: BLE001 - any inference failure means the batch cannot be told here
@@ -87,6 +93,26 @@ def _infer(node: Node, g: Graph) -> list:
     if shape_of is not None and shape_of.op_type == "Shape" and not shape_of.attrs and node.inputs[0].shape == (1,):
         return [TensorType(node.inputs[0].dtype, shape_of.inputs[0].shape)]
     return infer_node(node, g.opset_imports)
+
+
+def _token_count(node: Node, seq: frozenset) -> Optional[str]:
+    """A shape the export computed over its tokens (`[seq, 1]` of a MoE router's mask) means batch x seq
+    once batched, which a ShapeValue cannot tell from seq: only targets led by the batch's 1 are safe
+    (a Reshape's, rewritten above, or an Expand's, which keeps the input's batch)."""
+    for v in node.inputs:
+        sv = v.producer if v is not None else None
+        if sv is None or sv.op_type != "ShapeValue" or sv.domain != POLYPORT_DOMAIN:
+            continue
+        dims = sv.attrs["dims"]
+        if not any(not isinstance(d, int) and d.symbols & seq for d in dims):
+            continue
+        if node.op_type == "Range" and not node.domain:
+            continue                  # the positions: the same for every sequence (decode's are rewritten above)
+        if node.op_type in ("Reshape", "Expand") and not node.domain and (dims[0] == 1 or not isinstance(
+                dims[0], int) and BATCH in dims[0].symbols):
+            continue
+        return f"node {node.name} ({node.op_type}) takes a shape over the tokens ({dims}) that a batch would change"
+    return None
 
 
 def _carries(v: Optional[Value]) -> bool:
