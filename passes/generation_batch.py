@@ -146,21 +146,24 @@ def _batched_positions(g: Graph, past: Value) -> Optional[str]:
     for add in adds:
         arange = next(i for i in add.inputs if i is not past)
         users = list(add.outputs[0].uses)
-        if not users or any(u.op_type != "Unsqueeze" or u.domain or ints(u.inputs[1]) != [0] for u, _ in users):
-            return f"positions {add.name} are not unsqueezed to [1, step]"
-        rows = _make(g, "Unsqueeze", [past, _axis(g, -1)], add)
-        cols = _make(g, "Unsqueeze", [arange, _axis(g, 0)], add)
+        if not users or any(u.op_type != "Unsqueeze" or u.domain or 0 not in (ints(u.inputs[1]) or [])
+                            or min(ints(u.inputs[1])) < 0 for u, _ in users):
+            return f"positions {add.name} are not unsqueezed to [1, step, ...]"
+        rows = _make(g, "Unsqueeze", [past, _axis(g, [-1])], add)
+        cols = _make(g, "Unsqueeze", [arange, _axis(g, [0])], add)
         positions = _make(g, "Add", [rows, cols], add, name="positions")
-        for user, _ in users:
-            user.outputs[0].replace_all_uses_with(positions)
+        for user, _ in users:           # axis 0 is now the batch; the other axes apply as they did
+            rest = [a for a in ints(user.inputs[1]) if a != 0]
+            out = _make(g, "Unsqueeze", [positions, _axis(g, rest)], user) if rest else positions
+            user.outputs[0].replace_all_uses_with(out)
             g.remove(user)
         g.remove(add)
     return None
 
 
-def _axis(g: Graph, axis: int) -> Value:
-    name = f"{g.name}.batch_axis{axis}".replace("-", "m")
-    return g.constants.get(name) or g.add_constant(name, np.array([axis], np.int64))
+def _axis(g: Graph, axes: list[int]) -> Value:
+    name = f"{g.name}.batch_axes_{'_'.join(map(str, axes))}".replace("-", "m")
+    return g.constants.get(name) or g.add_constant(name, np.array(axes, np.int64))
 
 
 def _make(g: Graph, op: str, inputs, before: Node, name: str = "") -> Value:
