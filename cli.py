@@ -403,6 +403,8 @@ def generate(artifact: str, target: Optional[str], input_ids: Optional[str], pro
         art = Artifact(artifact)
         tokenizer = _tokenizer(art) if prompt is not None or not as_json else None
         session = generator_for(load(artifact, target or "cpu"), art.manifest.get("generation"))
+        if getattr(session, "notice", None):      # e.g. ascend: "emulated on CPU (no Ascend device)"
+            click.echo(session.notice, err=True)
     else:
         if target is not None:
             raise click.UsageError("--target applies to a compiled artifact (a directory); "

@@ -1,13 +1,17 @@
 """The ascend "runtime": EMULATED ON CPU, there is no Ascend device here.
 
 `load(art, entry, target="ascend")` opens the artifact's `ascend/model.onnx` and
-`ascend/op_plan.json`, checks that the plan lists exactly the graph's calls in
-order, and returns a session that runs them on NumPy:
+`ascend/op_plan.json` (and, when compiled, the derived `prefill` / `decode`
+programs with theirs), checks that each plan lists exactly its graph's calls in
+order, and returns a session that runs them on NumPy (and generates through the
+programs over paged KV caches: runtime/ascend_paged.py):
 
-- each CANN operator (FusedInferAttentionScore, MoeGatingTopK, MoeInitRoutingV2,
-  GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2, RmsNorm, RotaryPositionEmbedding)
-  and each polyport Ascend C kernel by a NumPy implementation of its documented
-  contract (as polyport transcribed it; not verified on a device);
+- each CANN operator (FusedInferAttentionScore, with block tables, actual KV
+  lengths and the MLA rope inputs; ScatterPaKvCache, MoeGatingTopK,
+  MoeInitRoutingV2, GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2, RmsNorm,
+  RotaryPositionEmbedding) and each polyport Ascend C kernel by a NumPy
+  implementation of its documented contract (as polyport transcribed it; not
+  verified on a device);
 - the standard ONNX ops by onnx's reference implementations, with the cube-unit
   ones (MatMul) and the reductions (ReduceSum, ReduceMean, Softmax) computed in
   fp32 and rounded to the storage dtype, as the device accumulates;
@@ -28,6 +32,8 @@ import numpy as np
 
 from .. import errors
 from ..ir.fused import moe
+from .ascend_paged import PagedCache
+from .generation import Generator
 
 NOTICE = ("ascend: emulated on CPU (no Ascend device): NumPy implementations of the CANN operators' documented "
           "contracts in float16; nothing was run on Ascend hardware")
@@ -67,6 +73,16 @@ def _topk_gate(scores, bias, k, group_count, k_group, group_select_mode, renorm,
     return moe.routing_weights(scores, idx, renorm, scaling, eps), idx.astype(np.int32)
 
 
+def _kv_rows(x, b: int, n, block_table, block_size: int, kv_heads: int) -> np.ndarray:
+    """Sequence b's keys (or values) [kv_heads, n, dim]: BNSD rows, or read through its block table from a
+    paged cache [num_blocks, block_size, kv_heads * dim]."""
+    if block_table is None:
+        return x[b] if n is None else x[b][:, :n]
+    blocks = np.asarray(block_table[b][:-(-n // block_size)], np.int64)
+    rows = x[blocks].reshape(-1, kv_heads, x.shape[-1] // kv_heads)[:n]
+    return rows.transpose(1, 0, 2)
+
+
 def _ops():
     """The OpRun classes: CANN operators, polyport kernels, fp32-accumulating standard ops."""
     from onnx.reference.op_run import OpRun
@@ -96,48 +112,70 @@ def _ops():
     class FusedInferAttentionScore(OpRun):
         op_domain = CANN_DOMAIN
 
-        def _run(self, query, key, value, pse_shift=None, atten_mask=None, num_heads=1, num_key_value_heads=1,
-                 scale=1.0, input_layout="BNSD", sparse_mode=0, pre_tokens=2147483647, next_tokens=2147483647,
-                 inner_precise=0, softmax_lse_flag=0):
+        def _run(self, query, key, value, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
+                 actual_seq_lengths_kv=None, block_table=None, query_rope=None, key_rope=None, num_heads=1,
+                 num_key_value_heads=1, scale=1.0, input_layout="BNSD", sparse_mode=0, pre_tokens=2147483647,
+                 next_tokens=2147483647, inner_precise=0, block_size=0, softmax_lse_flag=0):
             if input_layout != "BNSD":
                 raise errors.ExecutionError(f"FusedInferAttentionScore: the emulator implements BNSD, "
                                             f"got {input_layout}")
+            if sparse_mode in (2, 3, 4) and (atten_mask is None or tuple(atten_mask.shape[-2:]) != (2048, 2048)):
+                raise errors.ExecutionError("FusedInferAttentionScore: sparse_mode 2/3/4 need the compressed "
+                                            "2048 x 2048 atten_mask")
+            if sparse_mode not in (0, 2, 3, 4):
+                raise errors.ExecutionError(f"FusedInferAttentionScore: sparse_mode {sparse_mode} not emulated")
             group = num_heads // num_key_value_heads
-            k = np.repeat(_f32(key), group, axis=1)
-            v = np.repeat(value, group, axis=1)
-            s = (_f32(query) @ np.swapaxes(k, -1, -2)) * np.float32(scale)     # cube: fp16 in, fp32 acc
-            sq, skv = s.shape[-2:]
-            if pse_shift is not None:
-                s = s + _f32(pse_shift)
-            pos = np.arange(sq)[:, None] + (skv - sq)
-            j = np.arange(skv)[None, :]
-            keep = np.ones((sq, skv), bool)
-            if sparse_mode in (2, 3, 4):
-                if atten_mask is None or tuple(atten_mask.shape[-2:]) != (2048, 2048):
-                    raise errors.ExecutionError("FusedInferAttentionScore: sparse_mode 2/3/4 need the compressed "
-                                                "2048 x 2048 atten_mask")
+            outs, lses = [], []
+            for b in range(query.shape[0]):
+                n = None if actual_seq_lengths_kv is None else int(actual_seq_lengths_kv[b])
+                kv = [_kv_rows(x, b, n, block_table, block_size, num_key_value_heads)
+                      for x in (key, value, key_rope) if x is not None]
+                k, v = (np.repeat(x, group, axis=0) for x in kv[:2])
+                s = _f32(query[b]) @ np.swapaxes(_f32(k), -1, -2)           # cube: fp16 in, fp32 acc
+                if query_rope is not None:                                   # MLA: the rope part scores apart
+                    s = s + _f32(query_rope[b]) @ np.swapaxes(_f32(np.repeat(kv[2], group, axis=0)), -1, -2)
+                s = s * np.float32(scale)
+                sq, skv = s.shape[-2:]
+                if pse_shift is not None:
+                    s = s + _f32(pse_shift[b if pse_shift.shape[0] > 1 else 0])
+                pos = np.arange(sq)[:, None] + (skv - sq)
+                j = np.arange(skv)[None, :]
+                keep = np.ones((sq, skv), bool)
                 if sparse_mode == 2:
                     keep &= j <= np.arange(sq)[:, None]
                 elif sparse_mode == 3:
                     keep &= j <= pos
-                else:
+                elif sparse_mode == 4:
                     keep &= (pos - j <= pre_tokens) & (j - pos <= next_tokens)
-            elif sparse_mode == 0 and atten_mask is not None:
-                keep = keep & ~np.asarray(atten_mask, bool)
-            elif sparse_mode != 0:
-                raise errors.ExecutionError(f"FusedInferAttentionScore: sparse_mode {sparse_mode} not emulated")
-            s = np.where(keep, s, -np.inf)
-            m = np.max(s, axis=-1, keepdims=True)
-            m = np.where(np.isfinite(m), m, 0.0).astype(np.float32)
-            e = np.exp(s - m)
-            total = np.sum(e, axis=-1, keepdims=True)
-            p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-            out = (_f32(p.astype(query.dtype)) @ _f32(v)).astype(query.dtype)   # P in fp16, fp32 acc
-            if not softmax_lse_flag:
-                return (out,)
-            with np.errstate(divide="ignore"):
-                lse = (m + np.log(total)).astype(np.float32)
-            return (out, np.where(total > 0, lse, -np.inf).astype(np.float32))
+                elif atten_mask is not None:
+                    keep = keep & ~np.asarray(atten_mask[b if atten_mask.shape[0] > 1 else 0], bool)
+                s = np.where(keep, s, -np.inf)
+                m = np.max(s, axis=-1, keepdims=True)
+                m = np.where(np.isfinite(m), m, 0.0).astype(np.float32)
+                e = np.exp(s - m)
+                total = np.sum(e, axis=-1, keepdims=True)
+                p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+                outs.append((_f32(p.astype(query.dtype)) @ _f32(v)).astype(query.dtype))   # P in fp16, fp32 acc
+                with np.errstate(divide="ignore"):
+                    lses.append(np.where(total > 0, m + np.log(total), -np.inf).astype(np.float32))
+            out = np.stack(outs)
+            return (out, np.stack(lses)) if softmax_lse_flag else (out,)
+
+    class ScatterPaKvCache(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, key, key_cache, slot_mapping, value, value_cache, cache_mode="Norm"):
+            if cache_mode != "Norm":
+                raise errors.ExecutionError(f"ScatterPaKvCache: the emulator implements cache_mode Norm, "
+                                            f"got {cache_mode}")
+            slots = np.asarray(slot_mapping, np.int64)
+            keep = slots >= 0                        # vLLM's PAD_SLOT_ID (-1): not written
+            out = []
+            for rows, cache in ((key, key_cache), (value, value_cache)):
+                c = np.array(cache, copy=True)
+                c.reshape(-1, *c.shape[2:])[slots[keep]] = rows[keep].astype(c.dtype)
+                out.append(c)
+            return tuple(out)
 
     class MoeGatingTopK(OpRun):
         op_domain = CANN_DOMAIN
@@ -239,51 +277,101 @@ def _ops():
 
     standard = [fp32_accumulating(n, 18) for n in ("MatMul", "ReduceSum", "ReduceMean", "Softmax")]
     standard.append(GatherElements)
-    return [RmsNorm, RotaryPositionEmbedding, FusedInferAttentionScore, MoeGatingTopK, MoeGatingTopKSqrtSoftplus,
+    return [RmsNorm, RotaryPositionEmbedding, FusedInferAttentionScore, ScatterPaKvCache, MoeGatingTopK, MoeGatingTopKSqrtSoftplus,
             MoeHashRoutingGate, MoeInitRoutingV2, GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2] + standard
 
 
-class AscendEmulatorSession:
-    """Runs an artifact's ascend op plan on CPU. `notice` says so; the CLI prints it."""
+class _Program:
+    """One emitted ONNX model and its op plan, checked to list the same calls, run by onnx's evaluator."""
+
+    def __init__(self, folder, stem: str, plan_file: str):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+        self.model = onnx.load(str(folder / f"{stem}.onnx"))
+        self.plan = json.loads((folder / plan_file).read_text())
+        calls, nodes = self.plan["calls"], list(self.model.graph.node)
+        if len(calls) != len(nodes):
+            raise errors.PolyportError(f"{folder}: ascend op plan {plan_file} lists {len(calls)} calls, {stem}.onnx "
+                                       f"has {len(nodes)} nodes; recompile the artifact")
+        for c, n in zip(calls, nodes):
+            if c["name"] != n.name or c["op"] != n.op_type:
+                raise errors.PolyportError(f"{folder}: ascend op plan call {c['index']} ({c['name']}: {c['op']}) "
+                                           f"does not match {stem}.onnx node {n.name} ({n.op_type})")
+        self.output_names = [o.name for o in self.model.graph.output]
+        self._eval = ReferenceEvaluator(self.model, new_ops=_ops())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list:
+        try:
+            return self._eval.run(None, dict(feeds))
+        except errors.PolyportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing emulated op is reported, not a traceback
+            raise errors.ExecutionError(f"ascend emulator failed: {type(e).__name__}: {e}") from e
+
+
+class AscendEmulatorSession(Generator):
+    """Runs an artifact's ascend op plan on CPU. `notice` says so; the CLI prints it.
+
+    With the derived programs (the entry's `programs`), it generates through them (runtime/generation.py's
+    protocol): `new_cache` allocates the paged float16 caches (runtime/ascend_paged.py), `run_program`
+    feeds them with the block tables and slot mappings and keeps the caches the program returns."""
 
     notice = NOTICE
 
     def __init__(self, art, entry: Mapping[str, Any]):
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-
         from .session import signature_index_ranges, signature_types
         folder = art.path / "ascend"
         self.entry = dict(entry)
+        self.artifact = art
         self.signature = art.signature
-        self.model = onnx.load(str(folder / "model.onnx"))
-        self.plan = json.loads((folder / "op_plan.json").read_text())
-        calls = self.plan["calls"]
-        nodes = list(self.model.graph.node)
-        if len(calls) != len(nodes):
-            raise errors.PolyportError(f"{art.path}: ascend op plan lists {len(calls)} calls, model.onnx has "
-                                       f"{len(nodes)} nodes; recompile the artifact")
-        for c, n in zip(calls, nodes):
-            if c["name"] != n.name or c["op"] != n.op_type:
-                raise errors.PolyportError(f"{art.path}: ascend op plan call {c['index']} ({c['name']}: {c['op']}) "
-                                           f"does not match model.onnx node {n.name} ({n.op_type})")
+        self._main = _Program(folder, "model", "op_plan.json")
+        self.model, self.plan = self._main.model, self._main.plan
+        self._programs = {name: _Program(folder, name, f"{name}.op_plan.json") for name in entry.get("programs", ())}
         self._specs = signature_types(self.signature["inputs"])
         self._ranges = signature_index_ranges(self.signature["inputs"])
         self._out_specs = signature_types(self.signature["outputs"])
         self.input_names = [s["name"] for s in self.signature["inputs"]]
         self.output_names = [s["name"] for s in self.signature["outputs"]]
-        self._eval = ReferenceEvaluator(self.model, new_ops=_ops())
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        """The artifact's `generation` entry; no cache layers without the programs (generation recomputes)."""
+        info = dict(self.artifact.manifest.get("generation") or {})
+        if not {"prefill", "decode"} <= set(self._programs):
+            info["layers"] = []
+        return info
+
+    def new_cache(self, batch: int, max_length: int) -> PagedCache:
+        return PagedCache(self.entry["paged_cache"], batch, max_length)
+
+    def run_program(self, name: str, feeds: Mapping[str, np.ndarray], cache: PagedCache) -> np.ndarray:
+        """Run `prefill` / `decode` over the paged `cache` (replaced by the returned caches); logits [batch, vocab].
+
+        A decode step longer than a ring's slack (PagedCache.max_step) runs as several steps."""
+        ids = np.asarray(feeds["input_ids"], np.int64)
+        if name == "decode" and ids.shape[1] > cache.max_step:
+            past, logits = np.asarray(feeds["past_len"], np.int64), None
+            for i in range(0, ids.shape[1], cache.max_step):
+                chunk = ids[:, i:i + cache.max_step]
+                logits = self.run_program(name, {"input_ids": chunk, "past_len": past + i}, cache)
+            return logits
+        if name == "prefill":
+            n_new = np.asarray(feeds["lengths"], np.int64)
+            past = np.zeros_like(n_new)
+        else:
+            past = np.asarray(feeds["past_len"], np.int64)
+            n_new = np.full_like(past, ids.shape[1])
+        program = self._programs[name]
+        outs = program.run({**feeds, **cache.feeds(past, n_new, ids.shape[1])})
+        for out_name, x in zip(program.output_names[1:], outs[1:]):
+            cache.arrays[out_name[:-len(".out")]] = x
+        return np.asarray(outs[0]).astype(np.float32)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .memory import check_fits
         from .reference import check_feeds
         check_fits("ascend", self._specs + self._out_specs, check_feeds(self._specs, feeds, self._ranges))
-        try:
-            outs = self._eval.run(None, {k: np.asarray(v) for k, v in feeds.items()})
-        except errors.PolyportError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a failing emulated op is reported, not a traceback
-            raise errors.ExecutionError(f"ascend emulator failed: {type(e).__name__}: {e}") from e
+        outs = self._main.run({k: np.asarray(v) for k, v in feeds.items()})
         result = {}
         for (name, t), x in zip(self._out_specs, outs):
             result[name] = np.asarray(x).astype(t.dtype.numpy, copy=False)

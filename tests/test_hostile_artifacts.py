@@ -102,7 +102,7 @@ def _rewrite_weights(art: Path, change) -> None:
 
 
 def test_swapped_weights(art):
-    """(ascend's weights live in its hashed model.onnx: it never reads weights.safetensors)"""
+    """(ascend's weights live in its hashed ascend/weights.bin: it never reads weights.safetensors)"""
     def swap(t):
         a, b = [n for n, w in t.items() if w.ndim == 2 and w.shape[0] != w.shape[1]][:2]
         t[a], t[b] = t[b], t[a]

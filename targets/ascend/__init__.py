@@ -1,13 +1,15 @@
 """The ascend target: what an Ascend (CANN) deployment consumes, checked against CANN's limits.
 
 The package: emission.py (the walk, names, the op plan, standard ops), one module per fused
-op (norm, rotary, attention, mlp, moe), limits.py (CANN's documented limits), kernels.py
-(polyport's Ascend C kernels and atc.sh).
+op (norm, rotary, attention, mlp, moe; cache: the KV-cache ops of the derived programs),
+programs.py (the prefill/decode programs over paged caches), limits.py (CANN's documented
+limits), kernels.py (polyport's Ascend C kernels and atc.sh).
 
 No CANN toolkit exists where polyport is built: everything here is GENERATED AND
 CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
 
-    model.onnx      opset 18 (what ATC accepts), fp16 weights; standard ops only from
+    model.onnx      opset 18 (what ATC accepts), fp16 weights (in weights.bin, shared with the
+                    programs: weights.py); standard ops only from
                     CANN_ONNX_OPS; each fused op a node (or a chain of nodes) in the custom
                     domain CANN_DOMAIN named after the CANN operator it maps to:
                       Attention -> FusedInferAttentionScore (BNSD, sparse_mode, pre/next_tokens;
@@ -20,7 +22,12 @@ CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
                     and the ops CANN lacks in KERNEL_DOMAIN (polyport's Ascend C kernels).
     op_plan.json    every call in order: op, domain, kind, attributes, input/output dtypes and
                     shapes (symbolic dims as text), the IR node it came from
-    atc.sh          the atc command line (generated, not run)
+    atc.sh          the atc command lines (generated, not run)
+    prefill.onnx, decode.onnx (+ .op_plan.json)   when every attention can be cached: the derived
+                    programs, the KV caches paged graph inputs/outputs (programs.py):
+                      CacheUpdate     -> ScatterPaKvCache (K and V; MLA latent and rope key) or ScatterND
+                      CachedAttention -> FusedInferAttentionScore (blockTable, actualSeqLengthsKv;
+                                         queryRope/keyRope for MLA at 512 + 64)
     kernels/        msopgen op descriptions (JSON) and Ascend C sources for polyport's kernels
 
 Rotary maps to aclnnRotaryPositionEmbedding (one tensor, mode 0 half / 1 interleave),
@@ -35,18 +42,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-import onnx
 from onnx import helper
 
 from ...devices import ASCEND_910B3
-from ...errors import PolyportError
 from ...ir.graph import Graph
 from ..base import CompileOptions, Target, register_target
 from . import limits as L
-from . import attention, mlp, moe, norm, rotary  # noqa: F401 - each registers its fused op's lowering
+from . import attention, cache, mlp, moe, norm, rotary  # noqa: F401 - each registers its fused op's lowering
 from .emission import (CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, POLYPORT_KERNELS,
-                       SOC, Emitter, dims, tname)
+                       SOC, Emitter, check_model, dims, tname)
 from .kernels import atc_script, write_kernels
+from .programs import write_programs
+from .weights import save_sharing_weights
 
 
 
@@ -68,10 +75,14 @@ class AscendTarget(Target):
                                f"({L.DOCS})")
         archs = [a for a in options.archs if a in self.known_archs] or [SOC]    # the others are other targets'
         low = Emitter(graph, compute)
-        with warnings.catch_warnings(record=True):      # recorded in low.fallbacks; re-issued once below
+        derived = None
+        with warnings.catch_warnings(record=True):      # recorded in the fallbacks; re-issued once below
             warnings.simplefilter("always", L.AscendFallbackWarning)
             low.run()
-        for fb in low.fallbacks:      # re-issued outside the catch so callers see them
+            if getattr(programs, "decode", None) is not None:     # None: some layer cannot be cached
+                derived = write_programs(programs, out_dir, compute)
+        fallbacks = low.fallbacks + (derived["fallbacks"] if derived else [])
+        for fb in fallbacks:          # re-issued outside the catch so callers see them
             warnings.warn(fb["message"], L.AscendFallbackWarning, stacklevel=2)
         inputs = [helper.make_tensor_value_info(v.name, v.type.dtype.onnx, dims(v.type.shape)) for v in graph.inputs]
         gp = helper.make_graph(low.nodes, graph.name or "main", inputs, low.outputs, low.inits)
@@ -81,14 +92,20 @@ class AscendTarget(Target):
         model = helper.make_model(gp, opset_imports=opsets, producer_name="polyport", ir_version=8)
         model.doc_string = f"polyport ascend lowering for {SOC}; {NOT_RUN}"
         check_model(model)
-        onnx.save(model, str(out_dir / "model.onnx"))
         plan = {"soc_version": SOC, "compute_dtype": tname(compute), "status": NOT_RUN,
                 "note": "calls in execution order; shapes use the model's symbolic dims as text",
                 "calls": low.plan}
         (out_dir / "op_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-        (out_dir / "atc.sh").write_text(atc_script(graph, graph.inputs, low.kernels))
+        models = [("model", model)] + (derived["models"] if derived else [])
+        (out_dir / "atc.sh").write_text(atc_script(models))
+        model_files = save_sharing_weights(models, out_dir)
         kernel_files = write_kernels(out_dir, low.kernels)
-        cann_calls = sorted({c["op"] for c in low.plan if c["kind"] == "cann_operator"})
+        cann_calls = {c["op"] for c in low.plan if c["kind"] == "cann_operator"} | set(derived["cann"] if derived else ())
+        files = model_files + ["op_plan.json", "atc.sh"]
+        generation = {}
+        if derived:
+            files += [f"{name}.op_plan.json" for name, _ in derived["models"]]
+            generation = {"programs": [name for name, _ in derived["models"]], "paged_cache": derived["layout"]}
         return {
             "archs": archs,
             "device": ASCEND_910B3.name,
@@ -97,27 +114,15 @@ class AscendTarget(Target):
                        "with NumPy implementations of each CANN operator's documented contract in float16",
             "toolchain": {"cann": None, "atc": "not run (no CANN toolkit here)", "onnx_opset": OPSET},
             "compute_dtype": tname(compute),
-            "files": ["model.onnx", "op_plan.json", "atc.sh"] + kernel_files,
-            "cann_operators": cann_calls,
+            "files": files + kernel_files,
+            "cann_operators": sorted(cann_calls),
             "custom_kernels": sorted(low.kernels),
-            "fallbacks": low.fallbacks,
+            "fallbacks": fallbacks,
             "checked": ["onnx.checker.check_model (full_check) at opset 18",
                         "standard ops within CANN_ONNX_OPS (transcribed allow-list)",
-                        "every fused node against targets/ascend/limits.py (transcribed, unverified limits)"],
+                        "every fused node against targets/ascend/limits.py (transcribed, unverified limits)"]
+                       + (["the same for prefill.onnx and decode.onnx"] if derived else []),
             "not_checked": ["atc compilation", "execution or numerics on an Ascend device",
                             "the Ascend C kernels' compilation (no ccec/bisheng compiler here)"],
+            **generation,
         }
-
-
-def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker at opset <= 18, and only allowed ops in each domain."""
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise PolyportError(f"ascend: the emitted ONNX model fails onnx.checker: {e}") from None
-    for n in model.graph.node:
-        ok = (n.op_type in CANN_ONNX_OPS if n.domain in ("", "ai.onnx") else
-              n.op_type in CANN_OPS if n.domain == CANN_DOMAIN else
-              n.op_type in POLYPORT_KERNELS if n.domain == KERNEL_DOMAIN else False)
-        if not ok:
-            raise PolyportError(f"ascend: emitted node {n.name} ({n.domain}::{n.op_type}) is not an allowed op")

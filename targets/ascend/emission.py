@@ -41,6 +41,7 @@ Slice Softmax Softplus Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Trilu
 # Every op the emitted graph may hold in the custom domains, with what it is.
 CANN_OPS = {
     "FusedInferAttentionScore": "aclnnFusedInferAttentionScoreV2",
+    "ScatterPaKvCache": "aclnnScatterPaKvCache",
     "MoeGatingTopK": "aclnnMoeGatingTopK",
     "MoeInitRoutingV2": "aclnnMoeInitRoutingV2",
     "GroupedMatmul": "aclnnGroupedMatmulV4",
@@ -112,6 +113,8 @@ class Emitter:
         self.current: Optional[Node] = None
         self.fia_mask: Optional[str] = None
         self.shape_values = ShapeValueWriter(graph)
+        self.done: set[Node] = set()            # nodes emitted (some ahead of their turn)
+        self.paged: Any = None                  # a derived program's paged caches (targets/ascend/programs.py)
 
     # ---- names, constants, casts ----------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -206,7 +209,12 @@ class Emitter:
     def run(self) -> None:
         g = self.graph
         self.used.update(v.name for v in g.outputs)      # graph outputs keep their signature names
-        for v in g.inputs:
+        self.declare_inputs(g.inputs)
+        self.walk()
+        self.outputs = self.declare_outputs(g.outputs)
+
+    def declare_inputs(self, values) -> None:
+        for v in values:
             t = v.type
             if not isinstance(t, TensorType) or t.dtype is None:
                 raise PolyportError(f"ascend: input {v.name} has type {t}; only tensors can be lowered")
@@ -215,21 +223,32 @@ class Emitter:
             self.names[v] = v.name
             if t.dtype.onnx in FLOATS and t.dtype.onnx != self.compute:
                 self.names[v] = self.get(v, self.compute)
-        for node in g.nodes:
-            self.current = node
-            if node.domain == POLYPORT_DOMAIN:
-                fn = LOWERINGS.get(node.op_type)
-                if fn is None:
-                    raise PolyportError(f"ascend: node {node.name} ({node.qualified_op}) has no Ascend mapping")
-                fn(self, node)
-            elif node.domain == "":
-                self.standard(node)
-            else:
-                raise PolyportError(f"ascend: node {node.name} ({node.qualified_op}): domain {node.domain!r} "
-                                    "is not supported by CANN's ONNX parser")
+
+    def walk(self) -> None:
+        """Emit every node in order; a lowering may emit a later node first (adding it to `done`)."""
+        for node in self.graph.nodes:
+            if node in self.done:
+                continue
+            self.lower(node)
         self.current = None
+
+    def lower(self, node: Node) -> None:
+        self.current = node
+        self.done.add(node)
+        if node.domain == POLYPORT_DOMAIN:
+            fn = LOWERINGS.get(node.op_type)
+            if fn is None:
+                raise PolyportError(f"ascend: node {node.name} ({node.qualified_op}) has no Ascend mapping")
+            fn(self, node)
+        elif node.domain == "":
+            self.standard(node)
+        else:
+            raise PolyportError(f"ascend: node {node.name} ({node.qualified_op}): domain {node.domain!r} "
+                                "is not supported by CANN's ONNX parser")
+
+    def declare_outputs(self, values) -> list:
         outs = []
-        for v in g.outputs:
+        for v in values:
             t = v.type
             name = self.get(v)
             if name != v.name:   # the graph output keeps its signature name and dtype
@@ -240,7 +259,7 @@ class Emitter:
                     self.emit("Identity", [name], [(v.name, t.dtype.onnx, dims(t.shape))], note="graph output")
                 name = v.name
             outs.append(helper.make_tensor_value_info(name, t.dtype.onnx, dims(t.shape)))
-        self.outputs = outs
+        return outs
 
     def standard(self, node: Node) -> None:
         own = DECOMPOSED.get(node.op_type)
@@ -310,6 +329,20 @@ class Emitter:
 
     def check(self, node: Node, op: str, facts: dict) -> list[str]:
         return L.check(node.name, op, facts, self.fallbacks)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker at opset <= 18, and only allowed ops in each domain."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise PolyportError(f"ascend: the emitted ONNX model fails onnx.checker: {e}") from None
+    for n in model.graph.node:
+        ok = (n.op_type in CANN_ONNX_OPS if n.domain in ("", "ai.onnx") else
+              n.op_type in CANN_OPS if n.domain == CANN_DOMAIN else
+              n.op_type in POLYPORT_KERNELS if n.domain == KERNEL_DOMAIN else False)
+        if not ok:
+            raise PolyportError(f"ascend: emitted node {n.name} ({n.domain}::{n.op_type}) is not an allowed op")
 
 
 lowers("ShapeValue")(Emitter.shape_value)

@@ -65,6 +65,10 @@ class Limit:
 
 FIA = "FusedInferAttentionScore"
 FIA_SRC = "aclnnFusedInferAttentionScoreV2 (constraints: query/key/value shapes, numHeads, numKeyValueHeads)"
+FIA_PAGED_SRC = "aclnnFusedInferAttentionScoreV2 (blockTable / blockSize; the IncreFlashAttention branch)"
+FIA_MLA_SRC = ("aclnnFusedInferAttentionScoreV3 (queryRopeOptional / keyRopeOptional, new in V3 per the CANN 8.2/8.3 "
+               "aclnn pages; the 512 + 64 dims transcribed)")
+SCATTER_SRC = "aclnnScatterPaKvCache (CANN 8.3; ops-transformer attention/scatter_pa_kv_cache)"
 GATING = "MoeGatingTopK"
 GATING_SRC = "aclnnMoeGatingTopK (constraints on x [N, E], k, kGroup, groupCount)"
 
@@ -82,6 +86,24 @@ LIMITS: dict[str, list[Limit]] = {
         # polyport pads v with zeros and slices the output (standard Pad/Slice) when they differ.
         Limit("value_head_dim_equals_qk_head_dim", FIA, "in", (True,), FIA_SRC,
               fallback="v zero-padded to the query/key head dim (Pad), output sliced back (Slice)"),
+        # paged KV (blockTable): blockSize a multiple of 16 (verified: CANN 9.0 ATB PagedAttention constraints,
+        # hiascend.com .../API/ascendtb/ascendtb_01_0198.html, "block_size % 16 == 0, recommended 128"); at most
+        # 512, and at most 64 query heads per kv head in the incremental branch: transcribed, unverified.
+        Limit("block_size", FIA, "multiple_of", 16, "ATB PagedAttention constraints (CANN 9.0): block_size % 16 == 0"),
+        Limit("block_size", FIA, "max", 512, FIA_PAGED_SRC),
+        Limit("kv_heads_ratio", FIA, "max", 64, FIA_PAGED_SRC),
+        # MLA (queryRope / keyRope): (latent dim, rope dim) = (512, 64), DeepSeek's sizes,
+        # as vLLM-Ascend's mla_v1 and cann-recipes-infer's DeepSeek-R1 call it. Transcribed, unverified.
+        Limit("mla_dims", FIA, "in", ((512, 64),), FIA_MLA_SRC,
+              fallback="one [latent ; rope] key per token (Concat of the two caches), FIA without queryRope/keyRope, "
+                       "output sliced to the latent"),
+    ],
+    # Verified against ops-transformer attention/scatter_pa_kv_cache/README.md and the CANN 8.3 aclnn page
+    # (hiascend.com .../83RC1/API/aolapi/context/aclnnScatterPaKvCache.md): key/value float16, bfloat16 or int8
+    # on Atlas A2; caches 4-D; "Norm" = caches [num_blocks, block_size, num_head, head_size], slotMapping [tokens].
+    "ScatterPaKvCache": [
+        Limit("dtype", "ScatterPaKvCache", "in", DEVICE_FLOAT_DTYPES + ("int8",), SCATTER_SRC),
+        Limit("cache_mode", "ScatterPaKvCache", "in", ("Norm", "PA_NZ"), SCATTER_SRC),
     ],
     GATING: [
         Limit("dtype", GATING, "in", ("float16", "bfloat16", "float32"), GATING_SRC),

@@ -197,6 +197,19 @@ def test_deepseek_v4_uses_polyport_kernels(built):
                c["attributes"]["next_tokens"] == 0 and c["attributes"]["softmax_lse_flag"] == 1 for c in fia)
 
 
+def routing_as_emulated(forced):
+    """A `moe_fused.route` that takes the experts the emulator chose (`forced`: an iterator over its routing
+    trace, one entry per MoE call) and weighs them by the reference's own fp32 scores."""
+    def route(logits, attrs, e_bias=None, hash_table=None, token_ids=None):
+        chosen = np.asarray(next(forced)).astype(np.int64)   # the same experts, weighed by fp32 scores
+        if hash_table is not None:                           # a fixed table: nothing for fp16 to flip
+            idx, _ = _ROUTE(logits, attrs, e_bias, hash_table, token_ids)
+            assert (np.sort(idx, -1) == np.sort(chosen, -1)).all()
+        scores = moe_fused.SCORING[attrs["scoring"]](logits.astype(np.float32)).astype(np.float32)
+        return chosen, moe_fused.routing_weights(scores, chosen, attrs["renormalize"], attrs["routed_scaling"])
+    return route
+
+
 def _compare(art, graph, seq, monkeypatch, seed=None):
     """max |emulated - reference| / max |reference|, the reference routed as the emulator routed."""
     emu_trace = []
@@ -205,16 +218,7 @@ def _compare(art, graph, seq, monkeypatch, seed=None):
              .astype(np.int64)}
     got = load(art, target="ascend").run(feeds)["logits"]
     forced = iter(emu_trace)
-
-    def route_as_emulated(logits, attrs, e_bias=None, hash_table=None, token_ids=None):
-        chosen = np.asarray(next(forced)).astype(np.int64)   # the same experts, weighed by fp32 scores
-        if hash_table is not None:                           # a fixed table: nothing for fp16 to flip
-            idx, _ = _ROUTE(logits, attrs, e_bias, hash_table, token_ids)
-            assert (np.sort(idx, -1) == np.sort(chosen, -1)).all()
-        scores = moe_fused.SCORING[attrs["scoring"]](logits.astype(np.float32)).astype(np.float32)
-        return chosen, moe_fused.routing_weights(scores, chosen, attrs["renormalize"], attrs["routed_scaling"])
-
-    monkeypatch.setattr(moe_fused, "route", route_as_emulated)
+    monkeypatch.setattr(moe_fused, "route", routing_as_emulated(forced))
     want = ReferenceSession(graph).run(feeds)["logits"]
     assert next(forced, None) is None, "the emulator routed more MoE layers than the reference"
     assert got.dtype == np.float32 and got.shape == want.shape
