@@ -6,13 +6,14 @@ from . import canonicalize  # noqa: F401 - registers canonicalisation passes
 from . import fuse_mlp, fuse_rmsnorm, fuse_rotary  # noqa: F401 - register the fusions
 from . import fuse_moe  # noqa: F401 - registers fuse-moe
 from . import fuse_attention  # noqa: F401 - registers fuse-attention
+from . import fuse_compress  # noqa: F401 - registers fuse-compress
 from . import quant_matmul  # noqa: F401 - registers quant-matmul
 from .manager import PassManager
 
 PIPELINES: dict[str, list[str]] = {
     "none": [],
     "canonicalize": ["canonicalize"],
-    "default": ["canonicalize", "quant-matmul", "fuse-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-moe", "fuse-gated-mlp",
+    "default": ["canonicalize", "quant-matmul", "fuse-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-moe", "fuse-compress", "fuse-gated-mlp",
                 "canonicalize"],
 }
 # `generate`: the default pipeline, then the KV-cache programs derived from it (passes/derive_generation.py);

@@ -85,7 +85,7 @@ def copy_region(g: Graph, vmap: dict[int, Value], inputs: Sequence[Value], outpu
 
 
 def random_feeds(values: Sequence[Value], symbols: dict[str, int], rng: np.random.Generator,
-                 int_high: dict[str, int] | None = None, unknown: int = 3) -> dict[str, np.ndarray]:
+                 int_high: dict[str, int | SymExpr] | None = None, unknown: int = 3) -> dict[str, np.ndarray]:
     """Random inputs; an unknown dim (None: a length import could not express, like seq // 8) is `unknown`
     everywhere, so unknown dims that must agree do (a region that needs them to differ fails to run: no fusion)."""
     feeds = {}
@@ -94,14 +94,16 @@ def random_feeds(values: Sequence[Value], symbols: dict[str, int], rng: np.rando
         assert isinstance(t, TensorType) and t.shape is not None and t.dtype is not None, v
         shape = tuple(d if isinstance(d, int) else unknown if d is None else d.evaluate(symbols) for d in t.shape)
         if t.dtype.is_integer:
-            feeds[v.name] = rng.integers(0, (int_high or {}).get(v.name, 16), size=shape).astype(t.dtype.numpy)
+            high = (int_high or {}).get(v.name, 16)          # a dim (seq: positions) is evaluated at the trial
+            high = max(1, high.evaluate(symbols)) if isinstance(high, SymExpr) else high
+            feeds[v.name] = rng.integers(0, high, size=shape).astype(t.dtype.numpy)
         else:
             feeds[v.name] = rng.standard_normal(shape).astype(t.dtype.numpy)
     return feeds
 
 
 def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: Sequence[Optional[Value]],
-               attrs: dict, *, seed: int = 0, int_high: dict[str, int] | None = None) -> None:
+               attrs: dict, *, seed: int = 0, int_high: dict[str, int | SymExpr] | None = None) -> None:
     """Check that `op_type(*operands, **attrs)` computes what the region `inputs -> output` computes,
     within `tolerance(output.dtype)`; raises NoMatch saying how it differs.
 
@@ -143,14 +145,23 @@ def equivalent(inputs: Sequence[Value], output: Value, op_type: str, operands: S
                 raise NoMatch(f"shape {got.shape} != {want.shape} at {binding}")
             if not want.size:
                 continue
-            scale = max(float(np.abs(want).max()), 1e-6)
-            err = float(np.abs(got.astype(np.float64) - want).max())
+            scale, err = _difference(got, want)
             if not err <= rtol * scale:
                 raise NoMatch(f"differs by {err:.3g} (max |out| {scale:.3g}, tolerance {rtol:g}) at {binding}")
     except NoMatch:
         raise
     except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not equivalent
         raise NoMatch(f"{type(e).__name__}: {e}") from None
+
+
+def _difference(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max |finite want|, max |got - want|): equal entries (infinities of a mask too) differ by 0."""
+    want64 = want.astype(np.float64)
+    finite = np.abs(want64[np.isfinite(want64)])
+    scale = max(float(finite.max()) if finite.size else 0.0, 1e-6)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(got == want, 0.0, np.abs(got.astype(np.float64) - want64))
+    return scale, float(np.nan_to_num(diff, nan=np.inf).max())
 
 
 def tolerance(dtype) -> float:

@@ -49,10 +49,13 @@ def expected(entry: dict) -> dict[str, int]:
     shared = 1 if (cfg.get("n_shared_experts") or cfg.get("shared_expert_intermediate_size")
                    or cfg.get("moe_num_shared_experts") or cfg["model_type"] == "hunyuan_v1_moe") else 0
     dense = 0 if entry["family"] in UNGATED_MLP else entry["num_dense_layers"]
+    hca, csa = (layer_types.count(t) for t in ("heavily_compressed_attention", "compressed_sparse_attention"))
     return {
         "polyport::Attention": len(layer_types),   # DeepSeek-V4's compressed layers included
         "polyport::MoE": entry["num_moe_layers"],
         "polyport::GatedMLP": dense + shared * entry["num_moe_layers"],
+        "polyport::KVCompress": hca + 2 * csa,     # a CSA layer compresses its keys and its indexer's keys
+        "polyport::SparseIndexer": csa,
     }
 
 

@@ -3,7 +3,9 @@
 Four layers: heavily compressed attention (HCA, rate 8) in layers 0-2, compressed sparse
 attention (CSA, rate 4, indexer top-4) in layer 3, the sliding window and sinks on every
 layer; hash-routed MoE in layers 0-2, top-k routed in layer 3; mHC residual mixing. Each
-layer kind must import, fuse, and compile for cpu matching ONNX Runtime. The corpus-wide tests
+layer kind must import, fuse (the compressors into KVCompress, the CSA indexer into SparseIndexer,
+each compressed layer's attention over window + compressed entries into Attention), and compile
+for cpu matching ONNX Runtime. The corpus-wide tests
 cover the rest for this export too: reference vs ONNX Runtime and re-export (test_real_models.py),
 fused graph vs ONNX Runtime (test_fusion_models.py), the ascend emulation (targets/test_ascend.py),
 the cuda / rocm builds (targets/test_gpu_build.py, slow).
@@ -49,6 +51,14 @@ def test_every_layer_fuses(fused):
         # window keys, then seq // rate compressed entries: a dim folded once at import
         assert kv.shape[2] == parse(f"seq + (seq // {rate})"), kv.type
         assert mask.shape[-2:] == (parse("seq"), kv.shape[2])
+    # the compressed side: one KVCompress per HCA layer (rate 8), two per CSA layer (its keys and its
+    # indexer's, overlapping windows of rate 4), and the CSA layer's indexer mask ends its attention mask
+    comp = [n for n in fused.nodes if n.op_type == "KVCompress"]
+    assert [(n.attrs["rate"], n.attrs["overlap"]) for n in comp] == [(hca, 0)] * 3 + [(csa, 1)] * 2
+    (indexer,) = [n for n in fused.nodes if n.op_type == "SparseIndexer"]
+    assert indexer.attrs["rate"] == csa and indexer.attrs["top_k"] == cfg["index_topk"]
+    assert indexer.outputs[0] in attn[3].inputs[3].producer.inputs
+    assert not [n for n in fused.nodes if n.op_type in ("TopK", "ScatterElements")]
     hashed = [len(n.inputs) > 6 and n.inputs[6] is not None for n in moe]   # hash_table operand
     assert hashed == [t == "hash_moe" for t in MLP_PATTERN]
 

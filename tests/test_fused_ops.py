@@ -68,3 +68,39 @@ def test_compiled_sessions_check_hash_ids_at_the_feeds(bad):
     check_feeds(specs, {"input_ids": np.array([[0, 255]])}, ranges)
     with pytest.raises(errors.InputError, match=rf"input 'input_ids': value {bad} .* outside the valid index range"):
         check_feeds(specs, {"input_ids": np.array([[0, bad]])}, ranges)
+
+
+def test_kv_compress_pools_complete_windows():
+    from polyport.ir.infer import infer_node
+    from polyport.ir.symbolic import parse
+    g = Graph("g")
+    kv = g.add_input("kv", TensorType(dtypes.F32, (1, parse("seq"), 8)))
+
+    def inferred(bias, name, **attrs):
+        out = fused.build(g, "KVCompress", [kv, kv, g.add_constant(name, bias)], attrs, None, name=name)
+        return infer_node(out.producer, {"": 18})[0]
+
+    assert inferred(np.zeros((4, 8), np.float32), "ok", rate=4, overlap=1).shape == (1, parse("seq // 4"), 4)
+    want = r"node bad\S* \(polyport::KVCompress\): position_bias is f32\[3, 8\], expected \[4, 8\]"
+    with pytest.raises(errors.PolyportError, match=want):
+        inferred(np.zeros((3, 8), np.float32), "bad", rate=4)
+    x = np.arange(2 * 9 * 2, dtype=np.float32).reshape(2, 9, 2)
+    zero = np.zeros((4, 2), np.float32)
+    hca = fused.evaluate("KVCompress", [x, np.zeros_like(x), zero], rate=4)           # equal gates: the mean
+    np.testing.assert_allclose(hca, x[:, :8].reshape(2, 2, 4, 2).mean(2))              # token 8 waits
+    csa = fused.evaluate("KVCompress", [x, np.zeros_like(x), zero], rate=4, overlap=1)
+    np.testing.assert_allclose(csa[:, 0, 0], x[:, :4, 1].mean(1))                      # window 0: its own half
+    np.testing.assert_allclose(csa[:, 1, 0], np.concatenate([x[:, :4, 0], x[:, 4:8, 1]], 1).mean(1))
+
+
+def test_sparse_indexer_keeps_the_top_k_complete_entries():
+    q = np.ones((1, 6, 1, 2), np.float32)
+    k = np.array([[[1, 0], [3, 0], [2, 0]]], np.float32)                              # scores 1, 3, 2
+    w = np.ones((1, 6, 1), np.float32)
+    mask = fused.evaluate("SparseIndexer", [q, k, w, np.arange(6)[None]], top_k=1, rate=2)[0, 0]
+    keep = mask == 0
+    assert mask.shape == (6, 3) and set(np.unique(mask)) <= {0.0, -np.inf}
+    # entry t is complete after position 2t + 1: queries 0 sees none, 1-2 entry 0, 3-5 the best of 0-1
+    assert keep.tolist() == [[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 1, 0]]
+    late = fused.evaluate("SparseIndexer", [q, k, w, 10 + np.arange(6)[None]], top_k=2, rate=2)[0, 0]
+    assert ((late == 0) == [False, True, True]).all()                                 # the two best of three

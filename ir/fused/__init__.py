@@ -16,7 +16,7 @@ import numpy as np
 
 from ..graph import Graph, Node, Value
 from ..ops import POLYPORT_DOMAIN, RunContext, checked_attrs, lookup
-from . import attention, cache, mlp, moe, norm, quant, rotary  # noqa: F401
+from . import attention, cache, compress, mlp, moe, norm, quant, rotary  # noqa: F401
 
 
 def build(graph: Graph, op_type: str, inputs: Sequence[Optional[Value]], attrs: dict, out_type, *,

@@ -69,5 +69,5 @@ def check_dtypes(lw, node) -> None:
 
 def lookup(op: str, kernels: str = "cpu") -> Optional[Lowering]:
     """The lowering of `op` (e.g. "Add", "polyport::MoE") in kernel set `kernels`."""
-    from . import arith, cache, dense, elementwise, fused, nn, quant, reduce, shape, tensor  # noqa: F401
+    from . import arith, cache, compress, dense, elementwise, fused, nn, quant, reduce, shape, tensor  # noqa: F401
     return LOWERINGS[kernels].get(op)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from polyport.compiler import signature
 from polyport.ir import dtypes, fused
 from polyport.ir.graph import Graph
-from polyport.ir.symbolic import sym
+from polyport.ir.symbolic import floordiv, sym
 from polyport.ir.types import TensorType
 from polyport.runtime.artifact import ArtifactWriter
 from polyport.runtime.session import load
@@ -85,7 +85,7 @@ _BUILDS: dict = {}
 def run_tvm(case: Case, kernels: str, key) -> np.ndarray:
     """Build once per (static key, kernel set); bind this example's weights to a fresh session."""
     from polyport.runtime.cpu_session import CpuSession
-    weights_as_inputs = case.op in ("MoE", "Attention", "RMSNorm", "Rotary")
+    weights_as_inputs = case.op in ("MoE", "Attention", "RMSNorm", "Rotary", "KVCompress")
     g = case.graph(weights_as_inputs)
     if (key, kernels) not in _BUILDS:
         _BUILDS[key, kernels] = get_target("cpu").build(g, CompileOptions(extra={"kernels": kernels}))[:2]
@@ -111,8 +111,10 @@ def check(case: Case, impl: str, key, tmp_path_factory) -> None:
     want = case.want()
     got = run_ascend(case, tmp_path_factory.mktemp("a")) if impl == "ascend" else run_tvm(case, impl, key)
     assert got.shape == want.shape
-    err = float(np.abs(got.astype(np.float64) - want).max())
-    scale = max(float(np.abs(want).max()), 1e-6)
+    assert np.array_equal(np.isneginf(got), np.isneginf(want)), "masked entries differ"   # SparseIndexer's mask
+    finite = np.isfinite(want)
+    err = float(np.abs(got[finite].astype(np.float64) - want[finite]).max(initial=0.0))
+    scale = max(float(np.abs(want[finite]).max(initial=0.0)), 1e-6)
     assert err <= TOL[impl] * scale, f"{case.op} {case.attrs} on {impl}: error {err:.3g} (max |ref| {scale:.3g})"
 
 
@@ -243,9 +245,39 @@ def moe_case(cfg, seq, rng) -> Case:
     return Case("MoE", attrs, operands, shapes, {0, 1, 2, 7}, (S, h))
 
 
+def compress_static(draw):
+    return dict(rate=draw.choice([1, 2, 4]), overlap=draw.choice([0, 1]), d=draw.choice([4, 8]),
+                batch=draw.choice([1, 2]))
+
+
+def compress_case(cfg, seq, rng) -> Case:
+    b, rate, overlap = cfg["batch"], cfg["rate"], cfg["overlap"]
+    c = cfg["d"] * (2 if overlap else 1)
+    kv, gate, bias = _half(rng, (b, seq, c)), _half(rng, (b, seq, c), 2.0), _half(rng, (rate, c))
+    return Case("KVCompress", {"rate": rate, "overlap": overlap}, [kv, gate, bias],
+                [(b, S, c), (b, S, c), (rate, c)], {0, 1}, (b, floordiv(S, rate), cfg["d"]))
+
+
+def indexer_static(draw):
+    return dict(heads=draw.choice([1, 3]), dq=draw.choice([4, 8]), rate=draw.choice([1, 2, 4]),
+                top_k=draw.integer(1, 3), past=draw.choice([0, 5]), batch=draw.choice([1, 2]))
+
+
+def indexer_case(cfg, seq, rng) -> Case:
+    b, h, dq, rate, past = cfg["batch"], cfg["heads"], cfg["dq"], cfg["rate"], cfg["past"]
+    t = (seq + past) // rate            # the complete windows of the sequence so far
+    q, k, w = _half(rng, (b, seq, h, dq)), _half(rng, (b, t, dq)), _half(rng, (b, seq, h))
+    positions = (past + np.arange(seq, dtype=np.int64))[None]
+    attrs = {"top_k": cfg["top_k"], "rate": rate, "scale": 0.5}
+    T = floordiv(S + past, rate)
+    return Case("SparseIndexer", attrs, [q, k, w, positions], [(b, S, h, dq), (b, T, dq), (b, S, h), (1, S)],
+                {0, 1, 2, 3}, (b, 1, S, T))
+
+
 OPS = {"RMSNorm": (rmsnorm_static, rmsnorm_case), "Rotary": (rotary_static, rotary_case),
        "GatedMLP": (mlp_static, mlp_case), "Attention": (attention_static, attention_case),
-       "MoE": (moe_static, moe_case)}
+       "MoE": (moe_static, moe_case), "KVCompress": (compress_static, compress_case),
+       "SparseIndexer": (indexer_static, indexer_case)}
 POOL = 4          # static configurations per op and TVM kernel set in the slow run (1 in the default run)
 
 
