@@ -68,6 +68,16 @@ def reference_generator(model: str | os.PathLike, pipeline: str = "default") -> 
     return ReferenceGenerator(graph, programs, generation_entry(graph, programs))
 
 
+def _derived(graph: Graph, lowerers: Sequence[Target]):
+    """The generation programs, batch-generic unless a target builds batch-1 programs only (then every
+    target of the artifact shares the batch-1 programs, and the manifest says why)."""
+    single = [t.name for t in lowerers if not t.batched_programs]
+    programs = derive_generation(graph, batch_generic=not single)
+    if single and programs.prefill is not None and programs.per_sequence is None:
+        programs.per_sequence = f"the {', '.join(single)} target builds programs of batch 1 only"
+    return programs
+
+
 def check_archs(archs: Sequence[str], lowerers: Sequence[Target]) -> None:
     """Every --arch must name an architecture of one of the targets compiled (it would be ignored otherwise)."""
     names = ", ".join(t.name for t in lowerers)
@@ -131,7 +141,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             step(f"quantizing weights ({quantization.scheme}, groups of {quantization.group_size})")
             quant_entry = quantize_weights(graph, quantization)
             stage(f"quantize-{quantization.scheme}", graph)
-        programs = (derive_generation(graph) if generation    # before lowering: targets may rewrite the graph
+        programs = (_derived(graph, lowerers) if generation    # before lowering: targets may rewrite the graph
                     else without_programs(graph, NO_GENERATION))
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")

@@ -30,6 +30,9 @@ class Target(abc.ABC):
     devices: ClassVar[Mapping[str, DeviceSpec]]
     default_device: ClassVar[str]
     known_archs: ClassVar[tuple[str, ...]] = ()     # what --arch may name for this target (none: it takes no --arch)
+    # False: this target builds derived prefill/decode programs with a static batch of 1 only (the artifact's
+    # programs then keep the export's batch 1: one cache per sequence, passes/generation_batch.py)
+    batched_programs: ClassVar[bool] = True
 
     @abc.abstractmethod
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
