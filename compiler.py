@@ -108,9 +108,9 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
     neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
-    if "ascend" in targets and (quantization is not None or (options.dtype in FLOAT16 and len(targets) > 1)):
-        raise PolyportError("ascend: compile it on its own, without --quantize (its weights are converted by its "
-                            "own f16 lowering; CANN's antiquant matmuls are not planned yet)")
+    if "ascend" in targets and options.dtype in FLOAT16 and len(targets) > 1:
+        raise PolyportError("ascend: compile it on its own with --dtype (its weights are converted by its "
+                            "own f16 lowering)")
     if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
         if quantization is not None:
             raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")

@@ -14,8 +14,10 @@ same process, nothing else running):
 - polyport right after a NumPy matmul (OpenBLAS's pool spinning);
 - polyport while another thread does NumPy work half the time (1 ms on, 1 ms off);
 - ORT right after a polyport run (TVM's workers spinning: does polyport slow others?).
-It also checks that the calling thread's CPU affinity, and that of a thread
-started afterwards, are what they were before polyport ran.
+polyport runs under the cpu session's own thread policy (runtime/cpu_session.py, as a
+user gets it), ORT on as many threads as this process has CPUs. It also checks that the
+calling thread's CPU affinity, and that of a thread started afterwards, are what they were
+before polyport ran.
 
 Medians over rounds, with min..max. The seq defaults to 512: at shorter
 lengths the corpus' small models run their kernels serially
@@ -86,7 +88,7 @@ def measure(onnx: str, artifact: str, threads: int, seq: int = 512, rounds: int 
     """{"alone_ms": {...}, "fractions": {scenario: spread}, "affinity_kept": bool, ...} (see the docstring)."""
     import numpy as np
     before = os.sched_getaffinity(0)
-    pp_run, _ = engines.open_engine("polyport", onnx, artifact, threads)
+    pp_run, _ = engines.open_engine("polyport", onnx, artifact, None)     # the session's own thread policy
     ort_run, _ = engines.open_engine("ort", onnx, None, threads)
     ids = engines.token_ids(onnx, 1, seq)
     a = np.random.default_rng(1).standard_normal((384, 384)).astype(np.float32)
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
     art = engines.compile_cached(onnx, args.work_dir, log, generation=False)   # it times run() only
     out = engines.run_child({"kind": "coexist", "onnx": str(onnx), "artifact": str(art), "threads": usable_cpus(),
                              "seq": args.seq, "rounds": args.rounds, "runs": args.runs})
-    print(f"{args.model} seq {args.seq}, {out['threads']} threads, alone: polyport "
+    print(f"{args.model} seq {args.seq}, ORT {out['threads']} threads, polyport "
+          f"TVM_NUM_THREADS={out['tvm_env']['TVM_NUM_THREADS']}, alone: polyport "
           f"{out['alone_ms']['polyport']['median']:.3g} ms, ORT {out['alone_ms']['ort']['median']:.3g} ms")
     for name, v in out["fractions"].items():
         print(f"  {name}: {v['median']:.0%} of alone ({v['min']:.0%}-{v['max']:.0%})")

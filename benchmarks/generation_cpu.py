@@ -11,7 +11,7 @@ ART is a cpu artifact (`polyport compile MODEL --target cpu -o ART`). For each c
 - recompute: one full forward `s.run` over C + 1 tokens, what each new token costs without a cache.
 Each engine runs alone in its own process (this script re-runs itself with --engine), the two
 alternate for --rounds rounds, and the report gives the median over rounds of each process's
-median. TVM_NUM_THREADS is the CPU count (runtime/cpu_session.py). The machine may be shared:
+median. Threads: the cpu session's policy (runtime/cpu_session.py). The machine may be shared:
 compare cached with recompute, not absolute times across machines.
 """
 from __future__ import annotations

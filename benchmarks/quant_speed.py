@@ -47,7 +47,7 @@ def build(work: pathlib.Path, k: int, n: int) -> tuple[pathlib.Path, pathlib.Pat
 
 def child(engine: str, path: str, art: str, seq: int, runs: int) -> None:
     threads = len(os.sched_getaffinity(0))
-    x = np.random.default_rng(seq).standard_normal((1, seq, int(path.split("_")[1].split("x")[0]))).astype(np.float32)
+    x = np.random.default_rng(seq).standard_normal((1, seq, int(pathlib.Path(path).name.split("_")[1].split("x")[0]))).astype(np.float32)
     if engine == "ort":
         import onnxruntime as ort
         so = ort.SessionOptions()

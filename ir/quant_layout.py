@@ -47,16 +47,17 @@ def unpack_nibbles(b: np.ndarray, count: int) -> np.ndarray:
 def from_matmul_nbits(b: np.ndarray, scales: np.ndarray, zero_points: Optional[np.ndarray], *,
                       K: int, N: int, bits: int, block_size: int) -> QuantWeight:
     """B uint8 [N, KB, block_size * bits / 8], scales [N * KB] or [N, KB], zero points packed
-    uint8 (ceil(KB * bits / 8) bytes per row) or absent (zero 2^(bits-1))."""
+    uint8 (ceil(KB * bits / 8) bytes per row) or absent (zero 2^(bits-1): stored as signed codes)."""
     kb = -(-K // block_size)
     rows = np.asarray(b).reshape(N, -1)
-    q = rows[:, :-(-K * bits // 8)]
-    z = None
-    if zero_points is not None:
-        zp = np.asarray(zero_points).reshape(N, -1)
-        z = (unpack_nibbles(zp, kb) if bits == 4 else zp[:, :kb]).astype(np.float32)
-    return QuantWeight(np.ascontiguousarray(q, dtype=np.uint8),
-                       np.asarray(scales, dtype=np.float32).reshape(N, kb), z, K, N, bits, block_size, "uint")
+    q = np.ascontiguousarray(rows[:, :-(-K * bits // 8)], dtype=np.uint8)
+    s = np.asarray(scales, dtype=np.float32).reshape(N, kb)
+    if zero_points is None:     # c - 2^(bits-1) is c with its top bit flipped, read as two's complement:
+        q = q ^ np.uint8(0x88 if bits == 4 else 0x80)          # stored signed, the kernels skip the flip
+        return QuantWeight(q if bits == 4 else q.view(np.int8), s, None, K, N, bits, block_size, "int")
+    zp = np.asarray(zero_points).reshape(N, -1)
+    z = (unpack_nibbles(zp, kb) if bits == 4 else zp[:, :kb]).astype(np.float32)
+    return QuantWeight(q, s, z, K, N, bits, block_size, "uint")
 
 
 # ---- DequantizeLinear(W [K, N]) feeding MatMul ------------------------------------------------------
@@ -129,3 +130,12 @@ def quantize(w: np.ndarray, scheme: str, group_size: int) -> QuantWeight:
     if scheme == "int4":
         return QuantWeight(pack_int4(codes), scales, None, k, n, 4, group_size, "int")
     return QuantWeight(np.ascontiguousarray(codes), scales, None, k, n, 8, group_size, "int")
+
+
+def quantize_experts(w: np.ndarray, scheme: str, group_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Expert weights [E, K, N] -> (codes [E, K / 2 | K, N], scales [E, KB, N], the MoE's bits / block_size /
+    format): each expert quantized as `quantize` does a MatMul weight, kept K-first (ir/fused/moe.py)."""
+    per = [quantize(m, scheme, group_size) for m in np.asarray(w)]
+    codes = np.stack([np.ascontiguousarray(q.qweight.T) for q in per])
+    scales = np.stack([np.ascontiguousarray(q.scales.T) for q in per])
+    return codes, scales, {"bits": per[0].bits, "block_size": per[0].block_size, "format": per[0].format}

@@ -1,14 +1,14 @@
 """Weight-only quantization at compile time (`polyport compile --quantize int8|int4|fp8`), and 16-bit
 weights (`--dtype bf16|f16`: the same rewrite, the weights rounded to 16-bit floats, no scales).
 
-Every dense linear weight (a MatMul over a constant f32 [K, N] weight, and the three weights of a
-SiLU GatedMLP, which is then computed as three QuantMatMuls) becomes polyport::QuantMatMul over
+Every dense linear weight (a MatMul over a constant f32 [K, N] weight) becomes polyport::QuantMatMul over
 symmetric per-group codes (ir/quant_layout.py: int8, int4 two per byte, e4m3 with per-block scales;
 one scale per `group_size` consecutive k of an output column). The LM head (the MatMul producing a
-graph output) only with `lm_head`. With bf16 / f16 the fused MoE's router and expert weights are
-stored in that dtype too (its kernel converts them in registers). Left in f32, and counted: MoE
-expert weights under --quantize (the fused MoE kernel takes no codes yet), embeddings (a Gather's
-table), a weight also read by another op (a tied embedding), GatedMLPs with another activation or a clamp.
+graph output) only with `lm_head`. The fused GatedMLP's and MoE's weights are quantized the same way
+(the MoE's per expert) and stay inside the fused op, K first (ir/fused/mlp.py, moe.py). With bf16 / f16,
+a SiLU GatedMLP becomes three QuantMatMuls over 16-bit weights, and the MoE's router and expert weights
+are stored in that dtype. Left in f32, and counted: the MoE router, embeddings (a Gather's table), a
+weight also read by another op (a tied embedding), 16-bit GatedMLPs with another activation or a clamp.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ..errors import PolyportError
 from ..ir import fused
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import attrs_of
-from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, to_float16
+from ..ir.quant_layout import FLOAT16, SCHEMES, quantize, quantize_experts, to_float16
 from ..ir.types import TensorType
 from ..ir.verifier import verify
 
@@ -71,6 +71,7 @@ class _Quantizer:
         self.graph, self.spec = graph, spec
         self.codes: dict[int, list[Value]] = {}     # one quantized copy per weight, shared by its users
         self.counts: collections.Counter = collections.Counter()
+        self.expert_weights = 0                      # quantized inside a fused MoE / GatedMLP
 
     def operands(self, w: Value) -> list[Value]:
         if id(w) not in self.codes:
@@ -109,9 +110,29 @@ class _Quantizer:
     def gated_mlp(self, node: Node) -> None:
         x, wg, wu, wd = node.inputs
         a = attrs_of(node)
-        if a["activation"] != "silu" or a["clamp"] or \
-                not all(_weight(w) and _only_matmul_weight(w) for w in (wg, wu, wd)) or not _float_input(x):
-            self.counts["f32: GatedMLP (activation, clamp or shared weight)"] += 1
+        if not all(_weight(w) and _only_matmul_weight(w) for w in (wg, wu, wd)) or not _float_input(x) or \
+                (self.spec.scheme == "int4" and any(w.const.shape[0] % 2 for w in (wg, wu, wd))):
+            self.counts["f32: GatedMLP (shared, non-constant or odd-K int4 weights)"] += 1
+            return
+        if self.spec.scheme in SCHEMES:      # the fused op keeps them: codes K first (ir/fused/mlp.py)
+            g = self.graph
+            codes, scales = [], []
+            for w in (wg, wu, wd):
+                c, sc, qattrs = quantize_experts(w.const[None], self.spec.scheme, self.spec.group_size)
+                codes.append(g.add_constant(g.unique_name(f"{w.name}/{self.spec.scheme}"), c[0]))
+                scales.append(g.add_constant(g.unique_name(f"{w.name}/scales"), sc[0]))
+            y = fused.build(g, "GatedMLP", [x] + codes + scales, {**a, **qattrs}, node.outputs[0].type,
+                            before=node, name=node.name)
+            out = node.outputs[0]
+            if out.is_graph_output:
+                y.name, out.name = out.name, y.name
+            out.replace_all_uses_with(y)
+            g.remove(node)
+            self.expert_weights += 3
+            self.counts["GatedMLP"] += 1
+            return
+        if a["activation"] != "silu" or a["clamp"]:
+            self.counts["f32: GatedMLP (activation or clamp, 16-bit weights)"] += 1
             return
         g = self.qmatmul(x, wg, node)
         u = self.qmatmul(x, wu, node)
@@ -124,18 +145,43 @@ class _Quantizer:
 
 
     def moe(self, node: Node) -> None:
-        """16-bit schemes: the router and expert weights in that dtype (the fused MoE kernel reads them and
-        converts in registers); quantized codes inside MoE are not supported yet."""
+        """The router stays f32 (tiny, and it picks the experts). Quantized schemes: each expert weight
+        [E, K, N] becomes codes [E, K / 2 | K, N] + scales [E, KB, N] (ir/fused/moe.py), read by the fused
+        MoE's kernels as codes. 16-bit schemes: the router and expert weights in that dtype (the kernel
+        converts them in registers)."""
         ws = [node.inputs[i] for i in (1, 3, 4, 5)]
-        if self.spec.scheme not in FLOAT16 or not all(
-                w is not None and w.is_constant and w.const.dtype == np.float32 and not w.is_graph_output
-                and all(n is node for n, _ in w.uses) for w in ws):
-            self.counts["f32: MoE experts"] += 1
+        fits = all(w is not None and w.is_constant and w.const.dtype == np.float32 and not w.is_graph_output
+                   and all(n is node for n, _ in w.uses) for w in ws)
+        scheme = self.spec.scheme
+        if fits and scheme in SCHEMES and not (scheme == "int4" and any(w.const.shape[1] % 2 for w in ws[1:])):
+            self.quantized_moe(node, ws[1:])
             return
-        dt = FLOAT16_NUMPY[self.spec.scheme]
+        if not fits or scheme not in FLOAT16:
+            self.counts["f32: MoE experts (shared, non-constant or odd-K int4 weights)"] += 1
+            return
+        dt = FLOAT16_NUMPY[scheme]
         for i, w in zip((1, 3, 4, 5), ws):
-            node.set_input(i, self.graph.add_constant(self.graph.unique_name(f"{w.name}/{self.spec.scheme}"),
+            node.set_input(i, self.graph.add_constant(self.graph.unique_name(f"{w.name}/{scheme}"),
                                                       w.const.astype(dt)))
+        self.counts["MoE"] += 1
+
+    def quantized_moe(self, node: Node, experts: list[Value]) -> None:
+        g, scheme = self.graph, self.spec.scheme
+        codes, scales = [], []
+        for w in experts:
+            c, sc, qattrs = quantize_experts(w.const, scheme, self.spec.group_size)
+            codes.append(g.add_constant(g.unique_name(f"{w.name}/{scheme}"), c))
+            scales.append(g.add_constant(g.unique_name(f"{w.name}/scales"), sc))
+        ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+        ins[3:6] = codes
+        attrs = {**attrs_of(node), **qattrs}
+        y = fused.build(g, "MoE", ins[:8] + scales, attrs, node.outputs[0].type, before=node, name=node.name)
+        out = node.outputs[0]
+        if out.is_graph_output:
+            y.name, out.name = out.name, y.name
+        out.replace_all_uses_with(y)
+        g.remove(node)
+        self.expert_weights += len(experts)
         self.counts["MoE"] += 1
 
 
@@ -151,7 +197,7 @@ def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
             qz.moe(node)
     graph.remove_unused()
     verify(graph)
-    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "weights": len(qz.codes),
+    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "weights": len(qz.codes) + qz.expert_weights,
              "layers": dict(sorted(qz.counts.items()))}
     if spec.scheme in FLOAT16:
         return {**entry, "format": f"{spec.scheme} weights [N, K] (bf16 as uint16 bit patterns), f32 activations "

@@ -8,10 +8,10 @@ programs over paged KV caches: runtime/ascend_paged.py):
 
 - each CANN operator (FusedInferAttentionScore, with block tables, actual KV
   lengths and the MLA rope inputs; ScatterPaKvCache, MoeGatingTopK,
-  MoeInitRoutingV2, GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2, RmsNorm,
-  RotaryPositionEmbedding) and each polyport Ascend C kernel by a NumPy
-  implementation of its documented contract (as polyport transcribed it; not
-  verified on a device);
+  MoeInitRoutingV2, GroupedMatmul (with antiquant inputs), WeightQuantBatchMatmulV2,
+  SwiGlu, MoeFinalizeRoutingV2, RmsNorm, RotaryPositionEmbedding) and each polyport
+  Ascend C kernel by a NumPy implementation of its documented contract (as polyport
+  transcribed it; not verified on a device);
 - the standard ONNX ops by onnx's reference implementations, with the cube-unit
   ones (MatMul) and the reductions (ReduceSum, ReduceMean, Softmax) computed in
   fp32 and rounded to the storage dtype, as the device accumulates;
@@ -54,6 +54,18 @@ def _trace(idx):
 
 def _f32(x):
     return np.asarray(x).astype(np.float32)
+
+
+def _antiquant(w, scale, offset=None, group: int = 0):
+    """ANTIQUANT(w) = (w + offset) * scale in float32 for a weight [K, N] of int8 / int4 codes; scale and
+    offset per channel ([N] or [1, N]) or per group of K ([G, N]: `group` consecutive rows share a row, the
+    last group possibly shorter; without `group`, K / G)."""
+    k = w.shape[0]
+    s = _f32(scale).reshape(-1, w.shape[1])
+    o = np.zeros_like(s) if offset is None else _f32(offset).reshape(-1, w.shape[1])
+    rep = group or k // s.shape[0]
+    s, o = (np.repeat(a, rep, axis=0)[:k] for a in (s, o))
+    return (_f32(w) + o) * s
 
 
 NORM_TYPES = {0: "softmax", 1: "sigmoid", 2: "sqrtsoftplus"}   # the CANN ops' norm_type codes
@@ -221,7 +233,8 @@ def _ops():
     class GroupedMatmul(OpRun):
         op_domain = CANN_DOMAIN
 
-        def _run(self, x, weight, group_list, split_item=3, group_type=0, group_list_type=0, act_type=0):
+        def _run(self, x, weight, group_list, antiquant_scale=None, antiquant_offset=None, split_item=3,
+                 group_type=0, group_list_type=0, act_type=0):
             ends = np.asarray(group_list, np.int64)
             if group_list_type == 1:
                 ends = np.cumsum(ends)
@@ -229,9 +242,20 @@ def _ops():
             start = 0
             for e, end in enumerate(ends):
                 if end > start:
-                    out[start:end] = _f32(x[start:end]) @ _f32(weight[e])      # fp32 accumulation
+                    w = weight[e] if antiquant_scale is None else _antiquant(
+                        weight[e], antiquant_scale[e], None if antiquant_offset is None else antiquant_offset[e])
+                    out[start:end] = _f32(x[start:end]) @ _f32(w)      # fp32 accumulation
                 start = end
             return (out.astype(x.dtype),)
+
+    class WeightQuantBatchMatmulV2(OpRun):
+        op_domain = CANN_DOMAIN
+
+        def _run(self, x, weight, antiquant_scale, antiquant_offset=None, bias=None, antiquant_group_size=0):
+            y = _f32(x) @ _antiquant(weight, antiquant_scale, antiquant_offset, antiquant_group_size)
+            if bias is not None:
+                y = y + _f32(bias)
+            return (y.astype(x.dtype),)
 
     class SwiGlu(OpRun):
         op_domain = CANN_DOMAIN
@@ -277,8 +301,9 @@ def _ops():
 
     standard = [fp32_accumulating(n, 18) for n in ("MatMul", "ReduceSum", "ReduceMean", "Softmax")]
     standard.append(GatherElements)
-    return [RmsNorm, RotaryPositionEmbedding, FusedInferAttentionScore, ScatterPaKvCache, MoeGatingTopK, MoeGatingTopKSqrtSoftplus,
-            MoeHashRoutingGate, MoeInitRoutingV2, GroupedMatmul, SwiGlu, MoeFinalizeRoutingV2] + standard
+    return [RmsNorm, RotaryPositionEmbedding, FusedInferAttentionScore, ScatterPaKvCache, MoeGatingTopK,
+            MoeGatingTopKSqrtSoftplus, MoeHashRoutingGate, MoeInitRoutingV2, GroupedMatmul, WeightQuantBatchMatmulV2,
+            SwiGlu, MoeFinalizeRoutingV2] + standard
 
 
 class _Program:

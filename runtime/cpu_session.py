@@ -5,8 +5,15 @@ What is CPU-only lives here: the thread policy and the packed weight layout.
 Thread policy (TVM reads these from the environment when a thread's pool starts,
 on that thread's first parallel call), so that polyport shares a process with
 other thread pools (ONNX Runtime, NumPy/BLAS, a tokenizer) without hurting them:
-- `TVM_NUM_THREADS`: the CPUs this process may use, unless the user set it
-  (TVM defaults to half the hardware threads: 1 on 2 vCPUs).
+- `TVM_NUM_THREADS`: two threads per CPU this process may use, unless the user
+  set it or passed `threads` (TVM defaults to half the hardware threads: 1 on
+  2 vCPUs). TVM cuts each parallel loop statically into one task per thread,
+  and the loop ends with its slowest task: when another pool's thread spins on
+  one of the CPUs (ONNX Runtime's after each call, OpenBLAS's), the task there
+  gets half a CPU, and with one task per CPU every parallel loop ran at half
+  speed (43-54% of alone right after an ORT call on llama_a). With two tasks
+  per CPU the OS runs the waiting tasks on whichever CPU is free (74%;
+  benchmarks/coexist.py).
 - `TVM_BIND_THREADS=0`, always: TVM otherwise sets the CPU affinity of the
   calling thread (the caller's own thread, which threads started later
   inherit) and pins its workers to cores, where a busy neighbour on that core
@@ -39,6 +46,7 @@ def _pack(w: np.ndarray, nb: int) -> np.ndarray:
 
 
 THREAD_POOL_SPIN_COUNT = 10000
+THREADS_PER_CPU = 2
 
 
 def _import_tvm(threads: Optional[int]):
@@ -46,7 +54,7 @@ def _import_tvm(threads: Optional[int]):
     if threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(int(threads))
     else:
-        os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
+        os.environ.setdefault("TVM_NUM_THREADS", str(THREADS_PER_CPU * usable_cpus()))
     os.environ["TVM_BIND_THREADS"] = "0"
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(THREAD_POOL_SPIN_COUNT))
     import tvm

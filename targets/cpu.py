@@ -66,12 +66,13 @@ class CpuTarget(Target):
         kernels = _kernels(options)
         derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
                                            ("decode", getattr(programs, "decode", None))) if g is not None}
-        if derived:
-            functions = lower_functions({"main": graph, **derived}, self.name, kernels=kernels)
-            lowered = functions.pop("main")
-        else:
-            lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+        with target:            # kernels size their register tiles by the target's vectors
+            if derived:
+                functions = lower_functions({"main": graph, **derived}, self.name, kernels=kernels)
+                lowered = functions.pop("main")
+            else:
+                lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             mod = schedule_module(lowered.mod, target)
             ex = tvm.compile(mod, target=target)

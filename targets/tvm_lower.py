@@ -194,10 +194,15 @@ class _Lowerer:
         from .lowering import quant
         for name, v in g.constants.items():
             arr = v.const
-            qnb = quant.param_layout(self, v)
-            if qnb is not None:       # quantized weight operands: parameters, codes bound as stored or column-blocked
-                shape = [arr.shape[0] // qnb, arr.shape[1], qnb] if qnb else list(arr.shape)
-                if qnb:
+            layout = quant.param_layout(self, v)
+            if layout is not None:    # quantized weight operands: parameters, codes bound as stored or column-blocked
+                qnb, k_major = layout
+                shape = list(arr.shape)
+                if qnb and k_major:      # [K, N] stored, [N/NB, K, NB] bound (as dense weights)
+                    shape = [arr.shape[1] // qnb, arr.shape[0], qnb]
+                    self.packed[name] = qnb
+                elif qnb:                # [N, K] stored, [N/NB, K, NB] bound
+                    shape = [arr.shape[0] // qnb, arr.shape[1], qnb]
                     self.packed_rows[name] = qnb
                 rv = relax.Var(_safe(name), relax.TensorType(shape=shape, dtype=str(arr.dtype)))
                 params.append(name)

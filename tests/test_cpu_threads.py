@@ -88,12 +88,28 @@ def test_workers_stop_spinning_soon_after_a_call(tmp_path):
     assert policy["burned_ms"] < 15, policy
 
 
+def test_default_threads_are_two_per_cpu():
+    """Two TVM threads per usable CPU unless the caller says otherwise (cpu_session.py: a static
+    parallel loop then loses a share, not half, of its speed to another pool's spinning thread)."""
+    import polyport
+    from polyport.devices import usable_cpus
+    pp = str(Path(polyport.__file__).parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    code = (f"import os, sys; sys.path.insert(0, {pp!r}); from polyport.runtime import cpu_session as c; "
+            "c._import_tvm(None); a = os.environ['TVM_NUM_THREADS']; c._import_tvm(3); "
+            "print(a, os.environ['TVM_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(2 * usable_cpus()), "3"]
+
+
 @pytest.mark.slow
 @needs_two_cpus
 def test_a_session_beside_ort_keeps_the_callers_affinity_and_does_not_slow_ort(tmp_path):
     """benchmarks/coexist.py on llama_a at seq 512 (its kernels run on TVM's pool there). Ratios
-    on a loaded 2-core machine are noisy, so only a collapse fails: ORT below half its speed
-    right after polyport, or polyport below a quarter of its own right after ORT."""
+    on a loaded 2-core machine are noisy, so the bounds sit between the collapse they catch and
+    what the policy gives (one TVM thread per CPU: 43-54% right after ORT, 34-64% beside a NumPy
+    thread; two per CPU: 73-74% and 88-92%), and ORT must keep half its speed after polyport."""
     from polyport.compiler import compile_model
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import engines
@@ -105,4 +121,5 @@ def test_a_session_beside_ort_keeps_the_callers_affinity_and_does_not_slow_ort(t
     assert out["tvm_env"]["TVM_BIND_THREADS"] == "0"
     fractions = {k: v["median"] for k, v in out["fractions"].items()}
     assert fractions["ORT after polyport"] > 0.5, fractions
-    assert fractions["polyport after ORT"] > 0.25, fractions
+    assert fractions["polyport after ORT"] > 0.6, fractions
+    assert fractions["polyport beside a NumPy thread (50% busy)"] > 0.7, fractions

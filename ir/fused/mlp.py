@@ -1,6 +1,8 @@
 """GatedMLP: y = (act(x @ w_gate) * (x @ w_up)) @ w_down  (dense MLPs and shared experts).
 
-Weights are [in, out] (MatMul layout). With `clamp` > 0 (DeepSeek-V4 / gpt-oss
+Weights are [in, out] (MatMul layout); quantized (`bits` 4 | 8, `polyport compile --quantize`), each is
+codes [in / 2 | in, out] with scales [ceil(in / block_size), out], K first as the MoE's experts
+(ir/fused/moe.py). With `clamp` > 0 (DeepSeek-V4 / gpt-oss
 style SwiGLU limit) the gate is clamped from above and the up projection to
 [-clamp, clamp] before they combine.
 """
@@ -10,9 +12,13 @@ from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..types import TensorType
 from ._util import ACTIVATIONS, f32, like
 
-define("GatedMLP", inputs=("x", "w_gate", "w_up", "w_down"), outputs=("y",),
+define("GatedMLP", inputs=("x", "w_gate", "w_up", "w_down", "gate_scales?", "up_scales?", "down_scales?"),
+       outputs=("y",),
        attrs={"activation": AttrSpec(str, "silu", choices=tuple(ACTIVATIONS)),
-              "clamp": AttrSpec(float, 0.0, doc="SwiGLU limit; 0: none")},
+              "clamp": AttrSpec(float, 0.0, doc="SwiGLU limit; 0: none"),
+              "bits": AttrSpec(int, 0, doc="weights: 0 float, 4 | 8 codes with scales"),
+              "block_size": AttrSpec(int, 0, doc="consecutive k sharing one scale (quantized weights)"),
+              "format": AttrSpec(str, "int", choices=("int", "fp8e4m3"), doc="how a code decodes")},
        doc="Gated feed-forward block.")
 
 
@@ -32,8 +38,11 @@ def gated(gate: np.ndarray, up: np.ndarray, activation: str, clamp: float) -> np
 
 @reference("GatedMLP", domain="polyport")
 def gated_mlp(node, inputs, ctx):
-    x, wg, wu, wd = inputs
+    x, wg, wu, wd = inputs[:4]
     xf = f32(x)
     a = attrs_of(node)
+    if a["bits"]:
+        from .moe import expert_weights
+        wg, wu, wd = (expert_weights(w[None], s[None], **a)[0] for w, s in zip((wg, wu, wd), inputs[4:7]))
     h = gated(xf @ f32(wg), xf @ f32(wu), a["activation"], a["clamp"])
     return [like(h @ f32(wd), x)]

@@ -14,6 +14,13 @@ x: [..., H]; router_w: [H, E]; e_bias: [E] (selection only); w_gate, w_up:
 
 Shared experts are not part of this op: they stay a GatedMLP beside it, whose
 output the graph adds (a target may fuse that add).
+
+Quantized experts (`bits` 4 or 8, `polyport compile --quantize`): w_gate / w_up / w_down hold codes
+in the experts' own layout, K (the reduced axis: H, or I for w_down) first, and each has its scales:
+  codes [E, K / 2, N] uint8 (bits 4: byte [e, k2, n] holds k = 2 k2 in its low nibble, 2 k2 + 1 in its
+  high one) or [E, K, N] (bits 8), scales [E, ceil(K / block_size), N] float32,
+  W[e, k, n] = decode(code) * scale[e, k // block_size, n]
+with QuantMatMul's formats (ir/fused/quant.py: `int`, two's complement; `fp8e4m3`), symmetric (no zeros).
 """
 import numpy as np
 
@@ -28,12 +35,16 @@ SCORING = {
     "sqrtsoftplus": lambda z: np.sqrt(np.logaddexp(0.0, z)),
 }
 
-define("MoE", inputs=("x", "router_w", "e_bias?", "w_gate", "w_up", "w_down", "hash_table?", "token_ids?"),
+define("MoE", inputs=("x", "router_w", "e_bias?", "w_gate", "w_up", "w_down", "hash_table?", "token_ids?",
+                      "gate_scales?", "up_scales?", "down_scales?"),
        outputs=("y",),
        attrs={"top_k": AttrSpec(int), "scoring": AttrSpec(str, "softmax", choices=tuple(SCORING)),
               "n_group": AttrSpec(int, 1), "topk_group": AttrSpec(int, 1),
               "renormalize": AttrSpec(int, 0), "routed_scaling": AttrSpec(float, 1.0),
-              "activation": AttrSpec(str, "silu", choices=tuple(ACTIVATIONS)), "clamp": AttrSpec(float, 0.0)},
+              "activation": AttrSpec(str, "silu", choices=tuple(ACTIVATIONS)), "clamp": AttrSpec(float, 0.0),
+              "bits": AttrSpec(int, 0, doc="expert weights: 0 float, 4 | 8 codes with scales"),
+              "block_size": AttrSpec(int, 0, doc="consecutive k sharing one scale (quantized experts)"),
+              "format": AttrSpec(str, "int", choices=("int", "fp8e4m3"), doc="how a code decodes")},
        doc="Mixture-of-experts feed-forward with SwiGLU experts.")
 
 RENORM_EPS = 1e-20     # keeps renormalisation finite when every selected weight is 0
@@ -95,12 +106,31 @@ def route(logits: np.ndarray, attrs: dict, e_bias=None, hash_table=None,
     return idx, routing_weights(scores, idx, attrs["renormalize"], attrs["routed_scaling"])
 
 
+SCALES = (8, 9, 10)           # gate_scales, up_scales, down_scales: the operands of w_gate, w_up, w_down
+EXPERT_WEIGHTS = (3, 4, 5)
+
+
+def quantized(node) -> bool:
+    return int(node.attrs.get("bits", 0)) != 0
+
+
+def expert_weights(codes: np.ndarray, scales: np.ndarray, *, bits: int, block_size: int, format: str,
+                   **_) -> np.ndarray:
+    """float32 expert weights [E, K, N] from codes [E, K / 2 | K, N] and scales [E, KB, N]."""
+    from .quant import dequantize
+    k = codes.shape[1] * (2 if bits == 4 else 1)
+    return np.stack([dequantize(np.asarray(c).T, np.asarray(sc).T, None, K=k, bits=bits, block_size=block_size,
+                                format=format).T for c, sc in zip(codes, scales)])
+
+
 @reference("MoE", domain="polyport")
 def moe(node, inputs, ctx):
     x, router_w, e_bias, wg, wu, wd = inputs[:6]
     hash_table = inputs[6] if len(inputs) > 6 else None
     token_ids = inputs[7] if len(inputs) > 7 else None
     a = attrs_of(node)
+    if a["bits"]:
+        wg, wu, wd = (expert_weights(w, inputs[i], **a) for w, i in zip((wg, wu, wd), SCALES))
     h = x.shape[-1]
     xf = f32(x).reshape(-1, h)
     idx, w = route(xf @ f32(router_w), a, e_bias, hash_table, token_ids)

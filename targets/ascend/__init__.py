@@ -19,6 +19,7 @@ CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
                       RMSNorm   -> RmsNorm
                       Rotary    -> RotaryPositionEmbedding (mode half / interleave)
                       GatedMLP  -> MatMul (gate|up concatenated) -> SwiGlu -> MatMul
+                      QuantMatMul -> WeightQuantBatchMatmulV2 (antiquant scale / offset; quant.py)
                       KVCompress, SparseIndexer -> fp32 chains of standard ops (ascend/compress.py)
                     and the ops CANN lacks in KERNEL_DOMAIN (polyport's Ascend C kernels).
     op_plan.json    every call in order: op, domain, kind, attributes, input/output dtypes and
@@ -49,7 +50,7 @@ from ...devices import ASCEND_910B3
 from ...ir.graph import Graph
 from ..base import CompileOptions, Target, register_target
 from . import limits as L
-from . import attention, cache, compress, mlp, moe, norm, rotary  # noqa: F401 - each registers its fused op's lowering
+from . import attention, cache, compress, mlp, moe, norm, quant, rotary  # noqa: F401 - each registers its fused op's lowering
 from .emission import (CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, POLYPORT_KERNELS,
                        SOC, Emitter, check_model, dims, tname)
 from .kernels import atc_script, write_kernels

@@ -45,6 +45,7 @@ CANN_OPS = {
     "MoeGatingTopK": "aclnnMoeGatingTopK",
     "MoeInitRoutingV2": "aclnnMoeInitRoutingV2",
     "GroupedMatmul": "aclnnGroupedMatmulV4",
+    "WeightQuantBatchMatmulV2": "aclnnWeightQuantBatchMatmulV2",
     "SwiGlu": "aclnnSwiGlu",
     "MoeFinalizeRoutingV2": "aclnnMoeFinalizeRoutingV2",
     "RmsNorm": "aclnnRmsNorm",

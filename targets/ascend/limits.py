@@ -72,6 +72,10 @@ SCATTER_SRC = "aclnnScatterPaKvCache (CANN 8.3; ops-transformer attention/scatte
 GATING = "MoeGatingTopK"
 GATING_SRC = "aclnnMoeGatingTopK (constraints on x [N, E], k, kGroup, groupCount)"
 
+WQBMM_SRC = "aclnnWeightQuantBatchMatmulV2"
+DEQUANT = "weight dequantized at compile time into the compute dtype, a plain MatMul"
+DEQUANT_EXPERTS = "expert weights dequantized at compile time into the compute dtype, no antiquant"
+
 LIMITS: dict[str, list[Limit]] = {
     FIA: [
         Limit("dtype", FIA, "in", DEVICE_FLOAT_DTYPES, FIA_SRC),
@@ -128,6 +132,21 @@ LIMITS: dict[str, list[Limit]] = {
         Limit("dtype", "GroupedMatmul", "in", DEVICE_FLOAT_DTYPES, "aclnnGroupedMatmulV4"),
         Limit("k_dim", "GroupedMatmul", "max", 65535, "aclnnGroupedMatmulV4 (K, N < 65536)"),
         Limit("n_dim", "GroupedMatmul", "max", 65535, "aclnnGroupedMatmulV4 (K, N < 65536)"),
+        Limit("antiquant_weight", "GroupedMatmul", "in", ("int4", "int4_per_group", "int8"),
+              "aclnnGroupedMatmulV4 (antiquant: INT8 weight per channel only; INT4 per channel or per group)",
+              fallback=DEQUANT_EXPERTS),
+        Limit("antiquant_group_even", "GroupedMatmul", "in", (True,),
+              "aclnnGroupedMatmulV4 (INT4 per group: G divides k, k / G even)", fallback=DEQUANT_EXPERTS),
+        Limit("antiquant_n_even", "GroupedMatmul", "in", (True,),
+              "aclnnGroupedMatmulV4 (INT4 weight: last dim even)", fallback=DEQUANT_EXPERTS),
+    ],
+    "WeightQuantBatchMatmulV2": [
+        Limit("weight", "WeightQuantBatchMatmulV2", "in", ("int4", "uint4", "int8", "uint8"), WQBMM_SRC + " (A16W4 / A16W8: weight INT4 / INT8; FLOAT8_E4M3FN per channel only, and only on Ascend 950)",
+              fallback=DEQUANT),
+        Limit("antiquant_group_size", "WeightQuantBatchMatmulV2", "multiple_of", 32,
+              WQBMM_SRC + " (per group: antiquantGroupSize in [32, k - 1], a multiple of 32)", fallback=DEQUANT),
+        Limit("int4_n_dim", "WeightQuantBatchMatmulV2", "multiple_of", 2, WQBMM_SRC + " (INT4 weight: last dim even)",
+              fallback=DEQUANT),
     ],
     "SwiGlu": [
         Limit("dtype", "SwiGlu", "in", DEVICE_FLOAT_DTYPES + ("float32",), "aclnnSwiGlu"),

@@ -85,13 +85,38 @@ def gate_up_weight(em, node: Node, wg: Value, wu: Value, axis: int) -> str:
     return em.const(arr.astype(helper.tensor_dtype_to_np_dtype(em.compute)), f"{node.name}_w_gate_up")
 
 
+def quantized_gated_mlp(em, node: Node, xs: list, inter: int, a: dict) -> None:
+    """Quantized weights (K first, ir/fused/mlp.py): gate and up each a WeightQuantBatchMatmulV2 (quant.py),
+    concatenated for SwiGlu, then the down projection's."""
+    from .quant import antiquant_matmul
+    cd = em.compute
+    x = em.get(node.inputs[0], cd)
+    per_byte = 2 if a["bits"] == 4 else 1
+    q = {k: a[k] for k in ("bits", "block_size", "format")}
+
+    def proj(i, inp, out, tag):
+        codes, scales = node.inputs[i].const, node.inputs[i + 3].const
+        d = dict(K=codes.shape[0] * per_byte, N=codes.shape[1], **q)
+        return antiquant_matmul(em, node, inp, np.ascontiguousarray(codes.T), np.ascontiguousarray(scales.T), None,
+                                None, d, out, f"{node.name}_{tag}")
+
+    rows = xs[:-1]
+    g, u = (proj(i, x, (em.fresh(f"{node.name}_{t}"), cd, rows + [inter]), t) for i, t in ((1, "gate"), (2, "up")))
+    h = em.emit("Concat", [g, u], [(em.fresh(f"{node.name}_gate_up"), cd, rows + [2 * inter])], {"axis": -1})[0]
+    act = gated(em, node, h, rows, inter, a["activation"], a["clamp"])
+    proj(3, act, em.out(node.outputs[0], cd), "down")
+
+
 # ---- GatedMLP -> MatMul (gate|up) -> SwiGlu -> MatMul ----------------------------------------
 @lowers("GatedMLP")
 def gated_mlp(em, node: Node) -> None:
-    x, wg, wu, wd = node.inputs
+    x, wg, wu, wd = node.inputs[:4]
     cd = em.compute
     xs = dims(x.shape)
     inter = wg.shape[-1]
+    a = attrs_of(node)
+    if a["bits"]:
+        return quantized_gated_mlp(em, node, xs, inter, a)
     w = gate_up_weight(em, node, wg, wu, -1)
     h = em.emit("MatMul", [em.get(x, cd), w], [(em.fresh(f"{node.name}_gate_up"), cd,
                                                   xs[:-1] + [2 * inter])], note="gate|up projection")[0]

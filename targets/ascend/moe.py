@@ -1,17 +1,19 @@
 """MoE -> MoeGatingTopK (or a polyport kernel: sqrt-softplus scoring, hash routing; or decomposed gating)
--> MoeInitRoutingV2 -> GroupedMatmul (gate|up) -> SwiGlu -> GroupedMatmul (down) -> MoeFinalizeRoutingV2."""
+-> MoeInitRoutingV2 -> GroupedMatmul (gate|up) -> SwiGlu -> GroupedMatmul (down) -> MoeFinalizeRoutingV2.
+Quantized experts: the GroupedMatmuls take the codes and an antiquant scale (quant.py)."""
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto
 
-from ...ir.fused.moe import RENORM_EPS
+from ...ir.fused.moe import RENORM_EPS, quantized
 from ...ir.graph import Node
 from ...ir.ops import attrs_of
 from ...ir.symbolic import SymExpr
 from . import limits as L
 from .emission import CANN_DOMAIN, F32, KERNEL_DOMAIN, dims, lowers, tname
 from .mlp import gate_up_weight, gated
+from .quant import moe_weights
 
 
 # ---- MoE -> MoeGatingTopK -> MoeInitRoutingV2 -> GMM -> SwiGlu -> GMM -> MoeFinalizeRoutingV2 ------
@@ -24,7 +26,7 @@ def moe(em, node: Node) -> None:
     cd = em.compute
     k, scoring = a["top_k"], a["scoring"]
     groups, topk_group = a["n_group"], a["topk_group"]
-    e, hdim, inter = wg.shape[0], wg.shape[1], wg.shape[2]
+    e, hdim, inter = wg.shape[0], x.shape[-1], wg.shape[2]
     xs = dims(x.shape)
     t = x.shape[0]
     for dim in x.shape[1:-1]:
@@ -88,13 +90,18 @@ def moe(em, node: Node) -> None:
         {"active_num": 0, "expert_capacity": 0, "expert_num": int(e), "drop_pad_mode": 0,
          "expert_tokens_count_or_cumsum_flag": 1, "expert_tokens_before_capacity_flag": 0}, CANN_DOMAIN)
     em.check(node, "GroupedMatmul", {"group_count": e, "dtype": tname(cd), "k_dim": hdim, "n_dim": 2 * inter})
-    w_gu = gate_up_weight(em, node, wg, wu, -1)
     gmm_attrs = {"split_item": 3, "group_type": 0, "group_list_type": 0, "act_type": 0}
-    h = em.emit("GroupedMatmul", [ex, w_gu, counts],
+    if quantized(node):      # codes + antiquantScaleOptional (quant.py), or dequantized where CANN can't
+        (w_gu, s_gu), (w_d, s_d) = moe_weights(em, node, (3, 4), True), moe_weights(em, node, (5,), False)
+        gu_ins = [ex, w_gu, counts] + ([s_gu] if s_gu else [])
+    else:
+        w_gu, w_d, s_d = gate_up_weight(em, node, wg, wu, -1), em.get(wd, cd), None
+        gu_ins = [ex, w_gu, counts]
+    h = em.emit("GroupedMatmul", gu_ins,
                   [(em.fresh(f"{node.name}_gate_up"), cd, rows_tk + [2 * inter])], gmm_attrs, CANN_DOMAIN,
                   note="gate|up of every expert: weights [E, H, 2I]")[0]
     act = gated(em, node, h, rows_tk, inter, a["activation"], a["clamp"])
-    down = em.emit("GroupedMatmul", [act, em.get(wd, cd), counts],
+    down = em.emit("GroupedMatmul", [act, w_d, counts] + ([s_d] if s_d else []),
                      [(em.fresh(f"{node.name}_down"), cd, rows_tk + [hdim])], gmm_attrs, CANN_DOMAIN,
                      note="down of every expert: weights [E, I, H]")[0]
     scales = em.emit("Cast", [w], [(em.fresh(f"{node.name}_scales"), cd, rows_t + [k])], {"to": cd})[0]

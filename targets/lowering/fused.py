@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from ...ir.fused.moe import RENORM_EPS
+from ...ir.fused.moe import SCALES as MOE_SCALES
 from ...ir.ops import attrs_of
 from . import FLOAT_BF, lowers
 from .dense import flatten2d, packed_gemm
@@ -32,12 +33,15 @@ def rotary(lw, node):
 @lowers("polyport::GatedMLP", dtypes=FLOAT_BF)
 def gated_mlp(lw, node):
     from ..kernels.cpu import mlp
-    x, wg, wu, wd = (lw.get(v) for v in node.inputs)
+    x, wg, wu, wd = (lw.get(v) for v in node.inputs[:4])
     x2, shape = flatten2d(lw, x)
     a = attrs_of(node)
     act, clamp = a["activation"], a["clamp"]
     names = [v.name for v in node.inputs[1:4]]
-    if all(n in lw.packed for n in names):
+    if a["bits"]:                # quantized: three dequantize-in-register GEMMs, the activation between
+        y = _quantized_gated_mlp(lw, node, x2, a, packed=all(n in lw.packed for n in names))
+        out_shape = shape[:-1] + [lw.shape(y)[1]]
+    elif all(n in lw.packed for n in names):
         h = packed_gemm(lw, x2, [wg, wu], "gated_mlp_gate_up_packed", act=act, clamp=clamp)
         y = packed_gemm(lw, h, [wd], "gated_mlp_down_packed")
         out_shape = shape[:-1] + [lw.simplify(lw.shape(wd)[0] * lw.shape(wd)[2])]
@@ -46,6 +50,28 @@ def gated_mlp(lw, node):
         y = lw.bb.emit_te(mlp.matmul, h, wd, primfunc_name_hint="gated_mlp_down")
         out_shape = shape[:-1] + [lw.shape(wd)[-1]]
     return lw.emit(lw.relax.op.reshape(y, out_shape)) if len(shape) != 2 else y
+
+
+def _quantized_gated_mlp(lw, node, x2, a, *, packed: bool):
+    from tvm import te
+
+    from ..kernels.cpu.mlp import activation, clamp_up
+    from .quant import quant_dense
+    per_byte = 2 if a["bits"] == 4 else 1
+    q = dict(bits=a["bits"], block_size=a["block_size"], format=a["format"])
+    codes = [node.inputs[i] for i in (1, 2, 3)]
+    dims = [dict(K=c.const.shape[0] * per_byte, N=c.const.shape[1], **q) for c in codes]
+    g, u = (quant_dense(lw, x2, lw.get(c), lw.get(node.inputs[i + 3]), None, None, d, packed=packed, k_major=True)
+            for c, d, i in zip(codes[:2], dims[:2], (1, 2)))
+
+    def gate(g, u):
+        return te.compute(g.shape, lambda i, j: (activation(a["activation"], g[i, j].astype("float32"), a["clamp"])
+                                                 * clamp_up(u[i, j].astype("float32"), a["clamp"])).astype(g.dtype),
+                          name="gated")
+
+    h = lw.bb.emit_te(gate, g, u, primfunc_name_hint="gated_mlp_act")
+    return quant_dense(lw, h, lw.get(codes[2]), lw.get(node.inputs[6]), None, None, dims[2], packed=packed,
+                       k_major=True)
 
 
 def _attention_operands(lw, node):
@@ -109,23 +135,27 @@ def moe_cpu(lw, node):
     """One call_tir into the fused cpu MoE kernel (routing, expert grouping, GEMMs, combine)."""
     from ..kernels.cpu import moe
     relax = lw.relax
-    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
-    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+    ins = list(node.inputs) + [None] * (11 - len(node.inputs))
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins[:8]
     a = attrs_of(node)
     x2, shape = flatten2d(lw, lw.get(x))
     H, E = (lw.as_int(d) for d in lw.shape(lw.get(router_w)))
     Ew, Hw, I = (lw.as_int(d) for d in lw.shape(lw.get(wg)))
+    per_byte = 2 if a["bits"] == 4 else 1
+    Hw = None if Hw is None else Hw * per_byte
     Ho = lw.as_int(lw.shape(lw.get(wd))[2])
     if None in (H, E, I, Ho) or (Ew, Hw) != (E, H):
         raise lw.unsupported(node, "expert and router weights need static, matching shapes")
     groups = a["n_group"]
     if groups > 1 and E % groups:
         raise lw.unsupported(node, f"{E} experts do not split into {groups} groups")
+    if a["bits"] and lw.get(router_w).ty.dtype != "float32":
+        raise lw.unsupported(node, f"a {lw.get(router_w).ty.dtype} router with quantized experts (takes f32)")
     spec = moe.MoeSpec(
         hidden=H, experts=E, top_k=a["top_k"], inter=I, out=Ho, scoring=a["scoring"],
         n_group=groups, topk_group=a["topk_group"], renormalize=bool(a["renormalize"]),
         scaling=a["routed_scaling"], act=a["activation"], clamp=a["clamp"], x_dtype=x2.ty.dtype,
-        w_dtype=lw.get(wg).ty.dtype)
+        w_dtype=lw.get(wg).ty.dtype, bits=a["bits"], block=a["block_size"], fmt=a["format"])
     if spec.scoring not in moe.SCORINGS:
         raise lw.unsupported(node, f"scoring {spec.scoring!r}")
     if hash_table is not None:
@@ -140,8 +170,10 @@ def moe_cpu(lw, node):
         if bias.ty.dtype != "float32":
             bias = lw.emit(relax.op.astype(bias, "float32"))
         args = [x2, lw.get(router_w), bias]
+    none = relax.const(np.zeros(1, np.float32))
+    scales = [lw.get(ins[i]) if a["bits"] else none for i in MOE_SCALES]
     gv = lw.bb.add_func(moe.moe_func(spec), "moe")
-    y = lw.emit(relax.call_tir(gv, relax.Tuple(args + [lw.get(wg), lw.get(wu), lw.get(wd)]),
+    y = lw.emit(relax.call_tir(gv, relax.Tuple(args + [lw.get(wg), lw.get(wu), lw.get(wd)] + scales),
                                  relax.TensorType([lw.shape(x2)[0], Ho], x2.ty.dtype)))
     return lw.emit(relax.op.reshape(y, shape[:-1] + [Ho])) if len(shape) != 2 else y
 
@@ -153,8 +185,8 @@ def moe_portable(lw, node):
     from ..kernels.portable import moe
     relax = lw.relax
     op = relax.op
-    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
-    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins
+    ins = list(node.inputs) + [None] * (11 - len(node.inputs))
+    x, router_w, e_bias, wg, wu, wd, hash_table, token_ids = ins[:8]
     a = attrs_of(node)
     x2, shape = flatten2d(lw, lw.get(x))
     x2f = x2 if x2.ty.dtype == "float32" else lw.emit(op.astype(x2, "float32"))
@@ -195,7 +227,16 @@ def moe_portable(lw, node):
     scale = a["routed_scaling"]
     if scale != 1.0:
         w = lw.emit(op.multiply(w, relax.const(scale, "float32")))
-    if lw.graph.name == "decode":      # few tokens: per-expert GEMVs streaming only the chosen experts' weights
+    if a["bits"]:            # quantized experts: the TE compute decodes them where it reads them
+        scales = [lw.get(ins[i]) for i in MOE_SCALES]
+
+        def experts(x, idx, w, wg, wu, wd, *sc):
+            return moe.moe_experts(x, idx, w, wg, wu, wd, a["activation"], a["clamp"], *sc, bits=a["bits"],
+                                   block=a["block_size"], fmt=a["format"])
+
+        y = lw.bb.emit_te(experts, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd), *scales,
+                          primfunc_name_hint="moe_experts")
+    elif lw.graph.name == "decode":      # few tokens: per-expert GEMVs streaming only the chosen experts' weights
         y = _moe_gemv(lw, node, x2, idx, w, *(lw.get(v) for v in (wg, wu, wd)))
     else:
         y = lw.bb.emit_te(moe.moe_experts, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.fused.moe import EXPERT_WEIGHTS, quantized
 from ...ir.ops import attrs_of
 from . import lowers
 from .dense import PACKED_WEIGHTS, flatten2d
 
 OP = "polyport::QuantMatMul"
 WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
+GATED_WEIGHTS = (1, 2, 3)            # a quantized GatedMLP's codes (its scales follow at 4, 5, 6)
 
 
 def _packed_nb(lw, node) -> int:
@@ -27,17 +29,67 @@ def _packed_nb(lw, node) -> int:
     return column_block(int(a["N"]))
 
 
+def _gated_nb(lw, node) -> int:
+    """NB for a quantized GatedMLP's operands (K first, [K, N] -> [N/NB, K, NB]), 0 to bind them as stored."""
+    from ..kernels.cpu.quant_gemm import column_block
+    if lw.kernels not in PACKED_WEIGHTS:
+        return 0
+    nbs = {column_block(int(node.inputs[i].const.shape[-1])) for i in GATED_WEIGHTS}
+    return nbs.pop() if len(nbs) == 1 else 0
+
+
+def _layout(lw, node, i):
+    """(NB, K first) for operand i of node as a quantized weight operand (NB 0: bound as stored), None if it
+    is not one."""
+    if node.graph is not lw.graph:
+        return None
+    if node.qualified_op == OP and i in WEIGHT_OPERANDS:
+        return _packed_nb(lw, node), False
+    if node.qualified_op == "polyport::MoE" and quantized(node) and i in EXPERT_WEIGHTS:   # read as stored
+        return 0, False
+    if node.qualified_op == "polyport::GatedMLP" and node.attrs.get("bits", 0) and i >= 1:
+        return _gated_nb(lw, node), True
+    return None
+
+
 def param_layout(lw, v):
-    """For a constant used only as a QuantMatMul weight operand: NB to bind it column-blocked
-    (0: as stored). None for any other constant."""
+    """For a constant used only as a quantized weight operand (QuantMatMul's, a quantized GatedMLP's or MoE's):
+    (NB, K first) to bind it column-blocked (NB 0: as stored). None for any other constant."""
     if not v.uses or v.is_graph_output:
         return None
-    nbs = set()
-    for node, i in v.uses:
-        if node.qualified_op != OP or i not in WEIGHT_OPERANDS or node.graph is not lw.graph:
-            return None
-        nbs.add(_packed_nb(lw, node))
-    return nbs.pop() if len(nbs) == 1 else 0
+    layouts = {_layout(lw, node, i) for node, i in v.uses}
+    if None in layouts:
+        return None
+    return layouts.pop() if len(layouts) == 1 else (0, False)
+
+
+def quant_dense(lw, x2, q, s, z, bias, a: dict, *, packed: bool, k_major: bool = False):
+    """x2 [M, K] @ dequantize(q, s, z) (+ bias) -> [M, N]: the cpu kernel over column-blocked operands
+    (`packed`), else the portable TE compute over them as stored ([N, K], or [K, N] with `k_major`)."""
+    relax = lw.relax
+    N = int(a["N"])
+    if bias is not None and bias.ty.dtype != "float32":
+        bias = lw.emit(relax.op.astype(bias, "float32"))
+    if packed:
+        from ..kernels.cpu import quant_gemm
+        no, _, nb = (lw.as_int(d) for d in lw.shape(q))
+        func = quant_gemm.quant_dense_func(int(a["K"]), no, nb, int(a["bits"]), int(a["block_size"]),
+                                           a["format"], z is not None, bias is not None,
+                                           dtype=x2.ty.dtype)
+        gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "quant_dense")     # opaque: FuseOps leaves it
+        none = relax.const(np.zeros(1, np.float32))
+        out = relax.TensorType(shape=[lw.shape(x2)[0], N], dtype=x2.ty.dtype)
+        return lw.emit(relax.call_tir(gv, [x2, q, none if s is None else s, none if z is None else z,
+                                           none if bias is None else bias], out))
+    from ..kernels.portable import quant
+    attrs = {k: a[k] for k in ("K", "N", "bits", "block_size")}
+
+    def fn(x, q, *rest):
+        it = iter(rest)
+        ss, zz, bb = (next(it) if t is not None else None for t in (s, z, bias))
+        return quant.quant_matmul(x, q, ss, zz, bb, format=a["format"], k_major=k_major, **attrs)
+
+    return lw.bb.emit_te(fn, *[t for t in (x2, q, s, z, bias) if t is not None], primfunc_name_hint="quant_matmul")
 
 
 @lowers(OP)
@@ -49,28 +101,5 @@ def quant_matmul(lw, node):
         raise lw.unsupported(node, f"activations of dtype {x2.ty.dtype} (takes f32, f16)")
     ins = list(node.inputs) + [None] * (5 - len(node.inputs))
     q, s, z, bias = (None if v is None else lw.get(v) for v in ins[1:5])
-    if bias is not None and bias.ty.dtype != "float32":
-        bias = lw.emit(relax.op.astype(bias, "float32"))
-    N = int(a["N"])
-    if lw.packed_rows.get(node.inputs[1].name):
-        from ..kernels.cpu import quant_gemm
-        no, _, nb = (lw.as_int(d) for d in lw.shape(q))
-        func = quant_gemm.quant_dense_func(int(a["K"]), no, nb, int(a["bits"]), int(a["block_size"]),
-                                           a["format"], z is not None, bias is not None,
-                                           dtype=x2.ty.dtype)
-        gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "quant_dense")     # opaque: FuseOps leaves it
-        none = relax.const(np.zeros(1, np.float32))
-        out = relax.TensorType(shape=[lw.shape(x2)[0], N], dtype=x2.ty.dtype)
-        y = lw.emit(relax.call_tir(gv, [x2, q, none if s is None else s, none if z is None else z,
-                                        none if bias is None else bias], out))
-    else:
-        from ..kernels.portable import quant
-        attrs = {k: a[k] for k in ("K", "N", "bits", "block_size")}
-
-        def fn(x, q, *rest):
-            it = iter(rest)
-            ss, zz, bb = (next(it) if t is not None else None for t in (s, z, bias))
-            return quant.quant_matmul(x, q, ss, zz, bb, format=a["format"], **attrs)
-
-        y = lw.bb.emit_te(fn, *[t for t in (x2, q, s, z, bias) if t is not None], primfunc_name_hint="quant_matmul")
-    return lw.emit(relax.op.reshape(y, shape[:-1] + [N])) if len(shape) != 2 else y
+    y = quant_dense(lw, x2, q, s, z, bias, a, packed=bool(lw.packed_rows.get(node.inputs[1].name)))
+    return lw.emit(relax.op.reshape(y, shape[:-1] + [int(a["N"])])) if len(shape) != 2 else y

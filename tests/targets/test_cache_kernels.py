@@ -126,6 +126,8 @@ def test_split_cache_merges_partial_states(impl):
     if impl == "portable":                   # more splits than MAX_SPLITS allows: capped, still exact
         assert 3000 // portable_attention.MIN_SPLIT_KEYS > portable_attention.MAX_SPLITS
         _check_attention(impl, (4, 2, 16, 16, 0, 0, 0, 0), 1, 1, 3001, [3000], seed=5)
+    else:                                    # few MACs, but over 1 MiB of cache to stream: split and parallel too
+        _check_attention(impl, (2, 2, 64, 64, 0, 0, 0, 0), 1, 1, 1100, [1090], seed=5)
 
 
 # ---- CacheUpdate -----------------------------------------------------------------------------

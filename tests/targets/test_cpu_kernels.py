@@ -130,3 +130,21 @@ def test_packed_gemm(nb, gated):
         g = x @ wg
         want = g / (1 + np.exp(-g)) * (x @ wu) if gated else g
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
+
+
+def test_packed_gemv_of_streaming_weights():
+    """Weights of PARALLEL_MIN_STREAM_BYTES or more run the column blocks in parallel at any row count
+    (decode's one row is bound by streaming them): one and two rows against NumPy."""
+    from polyport.targets.kernels.cpu.parallel import PARALLEL_MIN_STREAM_BYTES
+    rng = np.random.default_rng(5)
+    k, nb = 512, 32
+    n = PARALLEL_MIN_STREAM_BYTES // (4 * k)
+    w = rng.standard_normal((k, n), np.float32)
+    func = dense_packed_func(k, n // nb, nb)
+    assert "T.parallel" in func.script() and "if " not in func.script()     # no serial copy left
+    f = _build(func)
+    for m in (1, 2):
+        x = rng.standard_normal((m, k), np.float32)
+        out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        f(tvm.runtime.tensor(x), tvm.runtime.tensor(_pack(w, nb)), out)
+        np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")

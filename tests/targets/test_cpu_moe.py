@@ -3,16 +3,22 @@ routing edge cases the expert grouping must survive: experts with no tokens, eve
 expert, top_k == E, group-limited top-k, hash routing."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
+from polyport.ir.quant_layout import quantize_experts  # noqa: E402
 from polyport.targets.kernels.cpu import moe  # noqa: E402
 
 
-def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0):
+def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0,
+         scheme=None, group=32):
+    """The kernel against the reference; with `scheme` (int4 | int8 | fp8) on quantized experts, whose
+    reference dequantizes them (so only the summation order differs)."""
     rng = np.random.default_rng(seed)
     H, E, I, Ho = spec.hidden, spec.experts, spec.inter, spec.out
     x = (rng.standard_normal((seq, H)) * x_scale).astype(np.float32)
@@ -23,12 +29,19 @@ def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, toke
     attrs = dict(top_k=spec.top_k, scoring=spec.scoring, n_group=spec.n_group, topk_group=spec.topk_group,
                  renormalize=int(spec.renormalize), routed_scaling=spec.scaling, activation=spec.act,
                  clamp=spec.clamp)
+    scales = [np.zeros(1, np.float32)] * 3
+    if scheme:
+        (wg, sg, q), (wu, su, _), (wd, sd, _) = (quantize_experts(w, scheme, group) for w in (wg, wu, wd))
+        scales = [sg, su, sd]
+        attrs.update(q)
+        spec = dataclasses.replace(spec, bits=q["bits"], block=q["block_size"], fmt=q["format"])
     if spec.hash_vocab:
-        args = [x, rw, table, tokens, wg, wu, wd]
-        want = fused.evaluate("MoE", [x, rw, None, wg, wu, wd, table, tokens], **attrs)
+        args = [x, rw, table, tokens, wg, wu, wd] + scales
+        want = fused.evaluate("MoE", [x, rw, None, wg, wu, wd, table, tokens] + (scales if scheme else []), **attrs)
     else:
-        args = [x, rw, bias, wg, wu, wd]
-        want = fused.evaluate("MoE", [x, rw, bias, wg, wu, wd], **attrs)
+        args = [x, rw, bias, wg, wu, wd] + scales
+        want = fused.evaluate("MoE", [x, rw, bias, wg, wu, wd] + ([None, None] + scales if scheme else []),
+                              **attrs)
     func = moe.moe_func(spec).with_attr("global_symbol", "moe")
     lib = tvm.compile(tvm.IRModule({"moe": func}), target=tvm.target.Target({"kind": "llvm"}))
     y = tvm.runtime.tensor(np.zeros((seq, Ho), np.float32))
@@ -82,3 +95,14 @@ def test_streaming_tiles_for_experts_past_the_cache():
     assert spec.hidden * spec.inter * 4 > moe.STREAM_BYTES
     for seq in (1, moe.RB + 1, 13):
         _run(spec, seq, seed=seq)
+
+
+@pytest.mark.parametrize("scheme,inter", [("int4", 48), pytest.param("int8", 40, marks=pytest.mark.slow),
+                                          pytest.param("fp8", (moe.STREAM_BYTES // (64 * 4)) + 8,
+                                                       marks=pytest.mark.slow)])
+def test_quantized_experts_decoded_in_registers(scheme, inter):
+    """Codes + scales read by the kernel (register tiles; fp8 through the streaming tiles) against the
+    reference on the dequantized experts."""
+    spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=inter, out=64, renormalize=True)
+    for seq in (1, moe.RB + 1):
+        _run(spec, seq, seed=seq, scheme=scheme)

@@ -23,13 +23,26 @@ from ..quant_models import dq_node_model, matmul_nbits  # noqa: E402
 from ..real_models import assert_logits_close, corpus, model_path, ort_run, token_ids  # noqa: E402
 
 
+def _avx512() -> bool:
+    from polyport.devices import host_cpu_info
+    return "avx512f" in host_cpu_info()["flags"]
+
+
+# AVX2 (8 lanes) in the default run; AVX-512 (16 lanes: other row tiles and column groups) with the slow
+# tests, where the host runs it (the compiled models run it on such a host in the default run)
+ISAS = [pytest.param("x86-64-v3", 8, id="avx2"),
+        pytest.param("x86-64-v4", 16, id="avx512",
+                     marks=[pytest.mark.slow, pytest.mark.skipif(not _avx512(), reason="the host has no AVX-512")])]
+
+
+@pytest.mark.parametrize("mcpu,lanes", ISAS)
 @pytest.mark.parametrize("scheme,fmt,K,block,zeros", [
     ("int4", "uint", 80, 32, True), pytest.param("int4", "int", 64, 128, False, marks=pytest.mark.slow),
     pytest.param("int8", "uint", 48, 16, True, marks=pytest.mark.slow), ("fp8", "fp8e4m3", 96, 64, False),
     ("bf16", "bf16", 96, 96, False)])
-def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros):
+def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros, mcpu, lanes):
     rng = np.random.default_rng(0)
-    N, NB = 48, 16
+    N, NB = 64, 16
     w32 = rng.standard_normal((K, N)).astype(np.float32)
     q = to_float16(w32, scheme) if scheme == "bf16" else quantize(w32, scheme, block)
     if fmt == "uint":                       # MatMulNBits' unsigned codes with per-block zeros
@@ -40,11 +53,11 @@ def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros):
         q.zeros = rng.integers(0, 2 ** q.bits, q.scales.shape).astype(np.float32)
     w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
     bias = rng.standard_normal(N).astype(np.float32)
-    func = quant_dense_func(K, N // NB, NB, q.bits, block, q.format, zeros, True)
+    func = quant_dense_func(K, N // NB, NB, q.bits, block, q.format, zeros, True, lanes=lanes)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                     target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+                     target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
     none = np.zeros(1, np.float32)
-    for m in (1, 7, 13):                     # below, at and past the row tile
+    for m in (1, 3, 7, 13):                  # decode-time row tiles and their tails; prefill tiles and tails
         x = rng.standard_normal((m, K)).astype(np.float32)
         out = tvm.runtime.tensor(np.zeros((m, N), np.float32))
         args = [x, _pack(q.qweight.T, NB), none if q.scales is None else _pack(q.scales.T, NB),
@@ -58,10 +71,13 @@ def _nbits_case(name, block, symmetric, marks=()):
     return pytest.param(name, block, symmetric, marks=list(marks), id=f"{name}-b{block}-{'sym' if symmetric else 'asym'}")
 
 
-# The default run checks llama_a; `slow` adds an MoE model per block style. benchmarks/quant_corpus.py runs
-# the whole corpus (every model but deepseek_v4_b, which does not build for cpu even in f32).
+# The default run checks llama_a; `slow` adds an MoE model per block style; `corpus` every other corpus
+# family in both block styles (benchmarks/quant_corpus.py prints the same matrix as a table).
+_CHECKED = {("llama_a", 32), ("qwen3_moe_a", 128), ("deepseek_v3_a", 32)}
 CASES = [_nbits_case("llama_a", 32, False), _nbits_case("qwen3_moe_a", 128, True, marks=[pytest.mark.slow]),
-         _nbits_case("deepseek_v3_a", 32, False, marks=[pytest.mark.slow])]
+         _nbits_case("deepseek_v3_a", 32, False, marks=[pytest.mark.slow])] + [
+    _nbits_case(name, block, block == 128, marks=[pytest.mark.corpus]) for name in sorted(corpus())
+    for block in (32, 128) if (name, block) not in _CHECKED]
 
 
 @pytest.mark.parametrize("name,block,symmetric", CASES)
@@ -101,6 +117,8 @@ def _quantized_reference(name, spec):
 @pytest.mark.parametrize("name,options", [
     pytest.param("llama_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
     pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128"], marks=pytest.mark.slow),
+    pytest.param("qwen3_moe_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
+    pytest.param("mixtral_a", ["--quantize", "int8", "--group-size", "64"], marks=pytest.mark.slow),
     pytest.param("qwen3_moe_a", ["--dtype", "bf16"], marks=pytest.mark.slow)])
 def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name, options):
     """`--quantize` / `--dtype` artifacts against the reference executor running the same graph on the
@@ -118,8 +136,11 @@ def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name,
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["quantization"]["weights"] > 0
     stored = safetensors.load(art / "weights.safetensors")
-    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16) and a.ndim == 2}
+    codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16)}
     assert len(codes) == manifest["quantization"]["weights"]
+    if "--quantize" in opts and corpus()[name].get("num_moe_layers"):      # experts quantized in the fused MoE
+        assert any(a.ndim == 3 for n, a in stored.items() if n in codes)
+        assert not any("f32: MoE" in k for k in manifest["quantization"]["layers"])
     spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts)
     ref = _quantized_reference(name, spec)
     sess = session.load(art, "cpu")
@@ -140,3 +161,39 @@ def test_portable_quant_matmul_matches_reference(tmp_path, model):
     x = np.random.default_rng(6).standard_normal((9, 64)).astype(np.float32)
     want = ReferenceSession(import_onnx(path)).run({"x": x})["y"]
     assert_logits_close(session.load(art, "cpu").run({"x": x})["y"], want, rel=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", pytest.param("portable", marks=pytest.mark.slow)])
+def test_quantized_gated_mlp_matches_reference(tmp_path, kernels):
+    """--quantize keeps a GatedMLP fused over codes (K first): the cpu kernel over column-blocked codes and
+    the portable compute over them as stored, against the reference on the dequantized weights."""
+    from polyport.compiler import signature
+    from polyport.ir import dtypes
+    from polyport.ir.graph import Graph
+    from polyport.ir.symbolic import sym
+    from polyport.ir.types import TensorType
+    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    from polyport.runtime.artifact import ArtifactWriter
+    from polyport.targets.base import CompileOptions, get_target
+    rng = np.random.default_rng(0)
+    g = Graph("mlp")
+    x = g.add_input("x", TensorType(dtypes.F32, (sym("seq"), 64)))
+    c = lambda name, *shape: g.add_constant(name, (rng.standard_normal(shape) * 0.3).astype(np.float32))
+    n = g.make_node("GatedMLP", [x, c("wg", 64, 48), c("wu", 64, 48), c("wd", 48, 64)], domain="polyport",
+                    name="mlp", attrs={"activation": "gelu", "clamp": 2.0}, types=[x.type])
+    g.set_outputs([n.outputs[0]])
+    entry = quantize_weights(g, WeightQuantization("int4", 32, lm_head=True))
+    assert entry["layers"] == {"GatedMLP": 1} and [m.op_type for m in g.nodes] == ["GatedMLP"]
+    weights = {v.name: v.const for v in g.constants.values()}
+    with ArtifactWriter(tmp_path / "art", signature(g, g.name)) as w:
+        w.write_weights(weights)
+        e = get_target("cpu").lower(g, w.target_dir("cpu"), weights, CompileOptions(extra={"kernels": kernels}))
+        w.add_target("cpu", e)
+        art = w.commit()
+    packed = json.loads((art / "cpu" / "model.json").read_text())["packed"]
+    assert (len(packed) == 6) == (kernels == "cpu")           # codes and scales column-blocked for the kernel
+    sess = session.load(art, "cpu")
+    for seq in (1, 9):
+        xv = rng.standard_normal((seq, 64)).astype(np.float32)
+        assert_logits_close(sess.run({"x": xv})[g.outputs[0].name], ReferenceSession(g).run({"x": xv})[g.outputs[0].name],
+                            rel=1e-5)

@@ -16,11 +16,12 @@ Tasks run on TVM's thread pool only when the work is big enough (parallel.py).
 """
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from . import fastmath
-from .parallel import PARALLEL_MIN_MACS
+from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 JB = 16                 # keys per online-softmax block: one rescale of the accumulators per block
 VL = 8                  # lanes of the q.k partial sums (one AVX2 vector)
@@ -183,13 +184,15 @@ def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, sca
         for b in range(B):
             st[0] = T.max(st[0], PL[b])
         work = B * T.int64(H) * S * (st[0] + S) * T.int64(D + DV)
+        streamed = B * T.int64(KV) * (st[0] + S) * T.int64((D + (0 if v_in_k else DV)) * tvm.DataType(dtype).bits // 8)
+        big = T.Or(work >= T.int64(PARALLEL_MIN_MACS), streamed >= T.int64(PARALLEL_MIN_STREAM_BYTES))
         st[1] = T.int64(1)
-        if work >= T.int64(PARALLEL_MIN_MACS):
+        if big:
             st[1] = T.max(T.int64(1), T.min(T.min(T.int64(MAX_SPLITS), st[0] // T.int64(MIN_SPLIT_KEYS)),
                                             (T.int64(SPLIT_TASKS) + B * T.int64(KV) - T.int64(1)) // (B * T.int64(KV))))
         PM = T.alloc_buffer((B * KV, MAX_SPLITS, S, G, 2), "float32")
         PA = T.alloc_buffer((B * KV, MAX_SPLITS, S, G, DV), "float32")
-        if work >= T.int64(PARALLEL_MIN_MACS):
+        if big:
             for t in T.parallel(B * T.int64(KV) * st[1]):
                 task(Q, KN, VN, KC, VC, PL, PM, PA, S, C, st[1], t)
         else:

@@ -9,11 +9,12 @@ M * K * N is big enough (parallel.py: tested at run time, M is symbolic).
 """
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from .mlp import activation, clamp_up
-from .parallel import PARALLEL_MIN_MACS
+from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 ACC_VECTORS = 12            # accumulator ymm registers per tile; the rest hold weights and a broadcast
 
@@ -69,9 +70,12 @@ def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: b
         for i in range(M // T.int64(MB) * T.int64(MB), M):
             tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
 
+    weights = K * NO * NB * (2 if gated else 1)
+    streams = weights * tvm.DataType(dtype).bits // 8 >= PARALLEL_MIN_STREAM_BYTES   # parallel at any M (parallel.py)
+
     @T.macro
     def body(X, WG, WU, O, M):
-        if M * T.int64(K * NO * NB * (2 if gated else 1)) >= T.int64(PARALLEL_MIN_MACS):
+        if streams or M * T.int64(weights) >= T.int64(PARALLEL_MIN_MACS):
             for jo in T.parallel(T.int64(NO)):
                 column_block(X, WG, WU, O, M, jo)
         else:

@@ -13,6 +13,9 @@ which cost more than the expert math on small models):
    every weight vector load serves RB rows;
 4. combine: each token sums its top_k rows (an inverse permutation instead of a racy scatter-add).
 
+Quantized experts (ir/fused/moe.py: codes [E, K / 2 | K, N] and scales) are decoded in registers where
+the GEMMs load them (quant_codes.py), each decoded vector serving the tile's RB rows: no f32 copy.
+
 The kernel carries its own loop schedule (parallel, vectorised over the contiguous output axis) and
 is marked opaque, so the schedule module and Relax's fusion leave it alone.
 """
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..quant_codes import value
 from .mlp import activation, clamp_up
-from .parallel import PARALLEL_MIN_MACS
+from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
 VW = 8                          # f32 lanes of one AVX2 register: the accumulators' width
@@ -53,6 +58,9 @@ class MoeSpec:
     x_dtype: str = "float32"
     w_dtype: str = "float32"
     table_dtype: str = "int64"
+    bits: int = 0            # 4 | 8: expert weights are codes [E, K / 2 | K, N] with scales [E, KB, N]
+    block: int = 0           # (ir/fused/moe.py), decoded in registers where the GEMMs read them
+    fmt: str = "int"
 
 
 def _lanes(n: int) -> int:
@@ -70,13 +78,20 @@ def _vec(n: int):
 
 def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     """The PrimFunc: (x [T, H], router_w [H, E], e_bias [E] | (hash_table [V, K], token_ids [T]),
-    w_gate [E, H, I], w_up [E, H, I], w_down [E, I, Ho], y [T, Ho]) -> writes y."""
+    w_gate [E, H, I], w_up [E, H, I], w_down [E, I, Ho] (quantized: codes), gate / up / down scales
+    ([E, KB, N]; [1] unquantized), y [T, Ho]) -> writes y."""
     H, E, K, I, Ho = s.hidden, s.experts, s.top_k, s.inter, s.out
     G, GS = s.n_group, s.experts // max(s.n_group, 1)
     V = max(s.hash_vocab, 1)
     xdt, wdt, tdt = s.x_dtype, s.w_dtype, s.table_dtype
     f32 = "float32"
+    PB = 2 if s.bits == 4 else 1        # codes per stored element along K
+    HQ, IQ = H // PB, I // PB
+    qdt = ("int8" if s.bits == 8 and s.fmt == "int" else "uint8") if s.bits else wdt
+    rdt = "float32" if s.bits else wdt   # quantized experts keep an f32 router (passes/quantize_weights.py)
+    g_scales, d_scales = ((E, -(-H // s.block), I), (E, -(-I // s.block), Ho)) if s.bits else ((1,), (1,))
     macs_per_row = 2 * H * I + I * Ho
+    streams = K * macs_per_row * tvm.DataType(wdt).bits // 8 >= PARALLEL_MIN_STREAM_BYTES
     loop_e, loop_o = _vec(E), _vec(Ho)
     VI, VO = _lanes(I), _lanes(Ho)
     if Ho % (2 * VO) == 0:
@@ -85,6 +100,40 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     # outgrows the cache: 4 ms per call at H=1024, I=512); past STREAM_BYTES walk it row by row instead.
     stream = H * I * 4 > STREAM_BYTES
     GW, DW = (I, Ho) if stream else (VI, VO)
+
+    def wv(w, sc, e, kq, p, col):
+        """Expert weight [e, k = kq * PB + p, col] as float32: a cast, or its code decoded and scaled."""
+        if not s.bits:
+            return T.Cast(f32, w[e, kq, col])
+        return value(w[e, kq, col], s.bits, s.fmt, high=p == 1, centred=True) * sc[e, (kq * PB + p) // s.block, col]
+
+    @T.macro
+    def gate_up_regs(xs, wg, wu, sg, su, g, u, e, ic, hq, p):
+        for r in T.unroll(RB):
+            for v in T.vectorized(VI):
+                g[r, v] = g[r, v] + xs[r, hq * PB + p] * wv(wg, sg, e, hq, p, ic * VI + v)
+                u[r, v] = u[r, v] + xs[r, hq * PB + p] * wv(wu, su, e, hq, p, ic * VI + v)
+
+    @T.macro
+    def down_regs(hid, wd, sd, d, e, oc, iq, p):
+        for r in T.unroll(RB):
+            for v in T.vectorized(VO):
+                d[r, v] = d[r, v] + hid[r, iq * PB + p] * wv(wd, sd, e, iq, p, oc * VO + v)
+
+    @T.macro
+    def gate_up_stream(xs, wg, wu, sg, su, g, u, e, nr, hq, p):
+        for ic in range(I // VI):
+            for r in range(nr):
+                for v in T.vectorized(VI):
+                    g[r, ic * VI + v] = g[r, ic * VI + v] + xs[r, hq * PB + p] * wv(wg, sg, e, hq, p, ic * VI + v)
+                    u[r, ic * VI + v] = u[r, ic * VI + v] + xs[r, hq * PB + p] * wv(wu, su, e, hq, p, ic * VI + v)
+
+    @T.macro
+    def down_stream(hid, wd, sd, d, e, nr, iq, p):
+        for oc in range(Ho // VO):
+            for r in range(nr):
+                for v in T.vectorized(VO):
+                    d[r, oc * VO + v] = d[r, oc * VO + v] + hid[r, iq * PB + p] * wv(wd, sd, e, iq, p, oc * VO + v)
 
     @T.macro
     def router_logits(n, x, rw, lg):
@@ -214,7 +263,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 ntiles[0] = ntiles[0] + 1
 
     @T.macro
-    def tile_regs(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+    def tile_regs(j, x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
         """Accumulators are RB x one or two vectors: with r unrolled they live in registers."""
         e = tile_e[j]
         p0 = tile_p[j]
@@ -227,11 +276,10 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 for v in T.vectorized(VI):
                     g[r, v] = T.float32(0)
                     u[r, v] = T.float32(0)
-            for h in range(H):
-                for r in T.unroll(RB):
-                    for v in T.vectorized(VI):
-                        g[r, v] = g[r, v] + xs[r, h] * T.Cast(f32, wg[e, h, ic * VI + v])
-                        u[r, v] = u[r, v] + xs[r, h] * T.Cast(f32, wu[e, h, ic * VI + v])
+            for hq in range(HQ):
+                gate_up_regs(xs, wg, wu, sg, su, g, u, e, ic, hq, 0)
+                if PB == 2:
+                    gate_up_regs(xs, wg, wu, sg, su, g, u, e, ic, hq, 1)
             for r in T.unroll(RB):
                 for v in T.vectorized(VI):
                     hid[r, ic * VI + v] = activation(s.act, g[r, v], s.clamp) * clamp_up(u[r, v], s.clamp) \
@@ -240,16 +288,16 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             for r in T.unroll(RB):
                 for v in T.vectorized(VO):
                     d[r, v] = T.float32(0)
-            for i in range(I):
-                for r in T.unroll(RB):
-                    for v in T.vectorized(VO):
-                        d[r, v] = d[r, v] + hid[r, i] * T.Cast(f32, wd[e, i, oc * VO + v])
+            for iq in range(IQ):
+                down_regs(hid, wd, sd, d, e, oc, iq, 0)
+                if PB == 2:
+                    down_regs(hid, wd, sd, d, e, oc, iq, 1)
             for r in range(nr):
                 for v in T.vectorized(VO):
                     dn[p0 + r, oc * VO + v] = d[r, v]
 
     @T.macro
-    def tile_stream(j, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+    def tile_stream(j, x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
         """For experts too big for cache: walk each weight matrix once, row by row (contiguous, so the
         prefetcher streams it), accumulating whole rows of g/u/d in L1; only the tile's nr real rows."""
         e = tile_e[j]
@@ -263,29 +311,26 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 u[r, i] = T.float32(0)
             for o in range(Ho):
                 d[r, o] = T.float32(0)
-        for h in range(H):
-            for ic in range(I // VI):
-                for r in range(nr):
-                    for v in T.vectorized(VI):
-                        g[r, ic * VI + v] = g[r, ic * VI + v] + xs[r, h] * T.Cast(f32, wg[e, h, ic * VI + v])
-                        u[r, ic * VI + v] = u[r, ic * VI + v] + xs[r, h] * T.Cast(f32, wu[e, h, ic * VI + v])
+        for hq in range(HQ):
+            gate_up_stream(xs, wg, wu, sg, su, g, u, e, nr, hq, 0)
+            if PB == 2:
+                gate_up_stream(xs, wg, wu, sg, su, g, u, e, nr, hq, 1)
         for r in range(nr):
             for ic in range(I // VI):
                 for v in T.vectorized(VI):
                     hid[r, ic * VI + v] = activation(s.act, g[r, ic * VI + v], s.clamp) \
                         * clamp_up(u[r, ic * VI + v], s.clamp) * pw[p0 + r]
-        for i in range(I):
-            for oc in range(Ho // VO):
-                for r in range(nr):
-                    for v in T.vectorized(VO):
-                        d[r, oc * VO + v] = d[r, oc * VO + v] + hid[r, i] * T.Cast(f32, wd[e, i, oc * VO + v])
+        for iq in range(IQ):
+            down_stream(hid, wd, sd, d, e, nr, iq, 0)
+            if PB == 2:
+                down_stream(hid, wd, sd, d, e, nr, iq, 1)
         for r in range(nr):
             for oc in range(Ho // VO):
                 for v in T.vectorized(VO):
                     dn[p0 + r, oc * VO + v] = d[r, oc * VO + v]
 
     @T.macro
-    def tiles(first, count, step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn):
+    def tiles(first, count, step, x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn):
         """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most RB, all
         of expert tile_e[j]) -> dn[p] = weight * expert(x[rows[p]]). The scratch is allocated once
         per call of this (inside a parallel loop, once per chunk: not per tile)."""
@@ -296,12 +341,12 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         d = T.alloc_local((RB, DW), f32)
         for jj in range(count):
             if stream:
-                tile_stream(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+                tile_stream(first + jj * step, x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
             else:
-                tile_regs(first + jj * step, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+                tile_regs(first + jj * step, x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
 
     @T.macro
-    def experts_and_combine(n, x, wg, wu, wd, idx, wt, y):
+    def experts_and_combine(n, x, wg, wu, wd, sg, su, sd, idx, wt, y):
         off = T.alloc_buffer((E + 1,), "int64")
         rows = T.alloc_buffer((n * K,), "int64")
         pw = T.alloc_buffer((n * K,), f32)
@@ -311,12 +356,13 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         ntiles = T.alloc_buffer((1,), "int64")
         dn = T.alloc_buffer((n * K, Ho), f32)
         group(n, idx, wt, off, rows, pw, pos, tile_e, tile_p, ntiles)
-        if n * (K * macs_per_row) >= PARALLEL_MIN_MACS:     # interleaved chunks balance the experts' tails
+        # interleaved chunks balance the experts' tails; one token's K experts stream (parallel.py)
+        if streams or n * (K * macs_per_row) >= PARALLEL_MIN_MACS:
             for c in T.parallel(T.min(ntiles[0], CHUNKS)):
                 tiles(c, (ntiles[0] - c + T.min(ntiles[0], CHUNKS) - 1) // T.min(ntiles[0], CHUNKS),
-                      T.min(ntiles[0], CHUNKS), x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+                      T.min(ntiles[0], CHUNKS), x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn)
         else:
-            tiles(0, ntiles[0], 1, x, wg, wu, wd, off, rows, pw, tile_e, tile_p, dn)
+            tiles(0, ntiles[0], 1, x, wg, wu, wd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn)
         for t in range(n):
             acc = T.alloc_local((Ho,), f32)
             for o in loop_o(Ho):
@@ -329,8 +375,9 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
 
     if s.hash_vocab:
         @T.prim_func(private=True)
-        def moe_hash(x_h: T.handle, rw: T.Buffer((H, E), wdt), table: T.Buffer((V, K), tdt), tok_h: T.handle,
-                     wg: T.Buffer((E, H, I), wdt), wu: T.Buffer((E, H, I), wdt), wd: T.Buffer((E, I, Ho), wdt),
+        def moe_hash(x_h: T.handle, rw: T.Buffer((H, E), rdt), table: T.Buffer((V, K), tdt), tok_h: T.handle,
+                     wg: T.Buffer((E, HQ, I), qdt), wu: T.Buffer((E, HQ, I), qdt), wd: T.Buffer((E, IQ, Ho), qdt),
+                     sg: T.Buffer(g_scales, f32), su: T.Buffer(g_scales, f32), sd: T.Buffer(d_scales, f32),
                      y_h: T.handle):
             T.func_attr({"op_pattern": 8, "tirx.noalias": True})
             n = T.int64()
@@ -347,12 +394,13 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 for k in range(K):      # ids are checked at the feeds, entries at import; the mod only guards memory
                     idx[t * K + k] = T.Cast("int64", table[T.floormod(tok[t], V), k])
                 weights_of(sc, t, idx, wt)
-            experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
+            experts_and_combine(n, x, wg, wu, wd, sg, su, sd, idx, wt, y)
         return moe_hash
 
     @T.prim_func(private=True)
-    def moe_topk(x_h: T.handle, rw: T.Buffer((H, E), wdt), bias: T.Buffer((E,), "float32"),
-                 wg: T.Buffer((E, H, I), wdt), wu: T.Buffer((E, H, I), wdt), wd: T.Buffer((E, I, Ho), wdt),
+    def moe_topk(x_h: T.handle, rw: T.Buffer((H, E), rdt), bias: T.Buffer((E,), "float32"),
+                 wg: T.Buffer((E, HQ, I), qdt), wu: T.Buffer((E, HQ, I), qdt), wd: T.Buffer((E, IQ, Ho), qdt),
+                 sg: T.Buffer(g_scales, f32), su: T.Buffer(g_scales, f32), sd: T.Buffer(d_scales, f32),
                  y_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True})
         n = T.int64()
@@ -367,5 +415,5 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
             scores_of(lg, t, sc)
             select_topk(sc, bias, t, idx)
             weights_of(sc, t, idx, wt)
-        experts_and_combine(n, x, wg, wu, wd, idx, wt, y)
+        experts_and_combine(n, x, wg, wu, wd, sg, su, sd, idx, wt, y)
     return moe_topk

@@ -2,22 +2,43 @@
 
 The loader binds the codes column-blocked like gemm.py's packed weights, bytes unchanged:
 bits 4 as Q[N/NB, K/2, NB] uint8 (one byte: codes k = 2 k2 (low nibble) and 2 k2 + 1 of one column),
-bits 8 as Q[N/NB, K, NB]; scales (and zeros) as [N/NB, KB, NB] float32. Per k the kernel loads NB
-codes once, decodes them into NB float32 weights in registers (mask/shift, convert, subtract the
-zero, scale) and reuses them for a tile of MB token rows, as gemm.py does with f32 weights; the
-memory traffic per weight is its code (4 or 8 bits), never an f32 copy of the weight. With more rows
-than one tile (prefill), each thread decodes one column block at a time into a K x NB f32 scratch
-(L2-sized) that all its row tiles then read, so decoding is paid once per block, not once per tile.
+bits 8 / 16 as Q[N/NB, K, NB]; scales (and zeros) as [N/NB, KB, NB] float32.
+
+Few rows (decode): per k the kernel loads NB codes once, turns them into float32 in registers
+(quant_codes.py: a sign extension and shift, no subtraction) and multiplies them into a per-block
+accumulator for each row; the block's scale is applied once per block (acc += scale * block_acc,
+minus zero * sum(x over the block) where the weights have zero points). The traffic per weight is
+its code, never an f32 copy. The column blocks are split over the threads past parallel.py's threshold
+(K N multiply-adds): on this shared 2-vCPU machine at load ~18, a K = N = 2048 int4 GEMV took a median
+1.3 ms on one thread and 28 ms on two (the static split waits for the descheduled worker).
+
+Many rows (prefill): each thread decodes G column blocks at a time into a K x (G NB) f32 scratch
+(L2-sized) that all its row tiles then read, so decoding is paid once per block, not once per tile,
+and the row tiles run gemm.py's register-blocked product over G NB columns (2 vectors wide).
+
+Vector width comes from the build target (`vector_lanes`): 16 f32 lanes with AVX-512, 8 with AVX2;
+it sets the row tiles and G, not the stored layout.
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .gemm import tile_rows
+from ..quant_codes import value
 from .parallel import PARALLEL_MIN_MACS
 
-F8_BIAS = 0x3C000000        # (127 - 7) << 23: an e4m3 exponent moved into float32's bias
+SCRATCH_BYTES = 1 << 20           # the prefill scratch K x (G NB) f32 stays within half of a 2 MB L2
+STACK_BYTES = 1024                # TVM's bound for a local buffer on the stack (kMaxStackAlloca)
+
+
+def vector_lanes() -> int:
+    """f32 lanes of the current build target's vectors (the cpu target lowers inside `with target:`)."""
+    import tvm
+    from tvm.target import codegen
+    t = tvm.target.Target.current(allow_none=True)
+    if t is not None and t.kind.name == "llvm" and codegen.llvm_cpu_has_features(["avx512f"], t):
+        return 16
+    return 8
 
 
 def column_block(n: int) -> int:
@@ -28,138 +49,154 @@ def column_block(n: int) -> int:
     return 0
 
 
-def default_zero(bits: int, fmt: str) -> float:
-    """The zero a format implies without a zeros input (matches ir/fused/quant.py)."""
-    return float(2 ** (bits - 1)) if fmt == "uint" else 0.0
-
-
-def _fp8_e4m3(b):
-    """float32 value of the e4m3fn byte b (uint8): exponent rebias by integer add, subnormals by select."""
-    mag = tirx.bitwise_and(b, tirx.const(0x7F, "uint8"))
-    m32 = tirx.Cast("uint32", mag)
-    normal = tirx.reinterpret("float32", tirx.shift_left(m32, tirx.const(20, "uint32")) + tirx.const(F8_BIAS, "uint32"))
-    sub = tirx.Cast("float32", mag) * tirx.const(2.0 ** -9, "float32")
-    v = tirx.Select(tirx.shift_right(mag, tirx.const(3, "uint8")) == tirx.const(0, "uint8"), sub, normal)
-    return tirx.Select(tirx.bitwise_and(b, tirx.const(0x80, "uint8")) != tirx.const(0, "uint8"), -v, v)
-
-
-def _code(b, bits: int, fmt: str, high: bool = False):
-    """The decoded code (float32) of byte b; for 4 bits its low or high nibble. Signed int4 is
-    decoded as (nibble ^ 8) - 8, the `- 8` folded into the zero by the caller. 16-bit weights:
-    f16 converts (F16C), bf16 is the top half of a float32."""
-    if fmt == "bf16":
-        return tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("uint32", b), tirx.const(16, "uint32")))
-    if bits == 4:
-        nib = tirx.shift_right(b, tirx.const(4, "uint8")) if high else tirx.bitwise_and(b, tirx.const(15, "uint8"))
-        if fmt == "int":
-            nib = tirx.bitwise_xor(nib, tirx.const(8, "uint8"))
-        return tirx.Cast("float32", nib)
-    if fmt == "fp8e4m3":
-        return _fp8_e4m3(b)
-    return tirx.Cast("float32", b)
+def tiles(k: int, no: int, nb: int, lanes: int, chains: int) -> tuple[int, int, int]:
+    """(decode-time rows per tile, G column blocks per prefill scratch, prefill rows per tile). Every register
+    tile stays under TVM's 1 KB stack-allocation bound: a bigger local buffer goes to a heap workspace, and
+    LLVM then stores the accumulators to memory at every k (measured: 17 ms instead of 7 per call at
+    M = K = N 128 x 2048 x 2048)."""
+    regs = 32 if lanes == 16 else 16
+    per_block = max(1, nb // lanes)                     # vectors per column block
+    gemv_rows = max(1, min(8, (regs - 6) // ((1 + chains) * per_block), (STACK_BYTES - 1) // (chains * nb * 4)))
+    g = max(1, 2 * lanes // nb)
+    while g > 1 and (no % g or k * g * nb * 4 > SCRATCH_BYTES):
+        g //= 2
+    mb = max(1, min(8, (regs * 3 // 4) // max(1, g * nb // lanes), (STACK_BYTES - 1) // (g * nb * 4)))
+    return gemv_rows, g, mb
 
 
 def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, zeros: bool, bias: bool,
-                     dtype: str = "float32"):
+                     dtype: str = "float32", lanes: int = 0):
     """PrimFunc qdense(x [M, K], q, scales [NO, KB, NB] | [1] (16 bits), zeros [NO, KB, NB] | [1],
     bias [NO * NB] | [1], out [M, NO * NB])."""
     K, NO, NB = k, no, nb
     KB = -(-K // block)
-    MB = tile_rows(nb)
     per_byte = 2 if bits == 4 else 1
+    R, G, MB = tiles(K, NO, NB, lanes or vector_lanes(), 2 * per_byte)
+    W = G * NB
     KQ = K // per_byte
+    BQ = block // per_byte
     q_dtype = {"int": "int8" if bits == 8 else "uint8", "f16": "float16", "bf16": "uint16"}.get(fmt, "uint8")
     scaled = bits != 16                  # 16-bit weights are their own values: no scales, no zeros
-    offset = tirx.const(8.0 if (bits == 4 and fmt == "int") else 0.0, "float32")   # signed int4: (n ^ 8) - 8
+    centred = not zeros                  # no zero points: decode code - the format's implied zero directly
     zero = tirx.const(0.0, "float32")
-    implied_zero = tirx.const(default_zero(bits, fmt), "float32")
+    CHAINS = 2 * per_byte            # independent accumulators per row: alternate k, and each nibble
+    gemv_parallel = K * NO * NB >= PARALLEL_MIN_MACS   # parallel.py's policy: a launch waits for the other core
     assert K % per_byte == 0 and block % per_byte == 0
 
+    def chains_sum(bacc, ii, ji):
+        total = bacc[ii, 0, ji]
+        for c in range(1, CHAINS):
+            total = total + bacc[ii, c, ji]
+        return total
+
+    def w(Q, jo, kk, ji, p):
+        return value(Q[jo, kk, ji], bits, fmt, high=int(p) == 1, centred=centred)
+
     @T.macro
-    def block_params(S, Z, sv, zv, jo, kb):
+    def gemv_step(X, Q, bacc, xs, row0, ii, jo, kk, c, p):
         for ji in T.vectorized(T.int64(NB)):
-            sv[ji] = S[jo, kb, ji] if scaled else T.float32(1)
-            if zeros:
-                zv[ji] = Z[jo, kb, ji] + offset
-            else:
-                zv[ji] = implied_zero + offset
+            bacc[ii, c * per_byte + p, ji] = bacc[ii, c * per_byte + p, ji] \
+                + T.Cast("float32", X[row0 + ii, kk * per_byte + p]) * w(Q, jo, kk, ji, p)
+        if zeros:
+            xs[ii] = xs[ii] + T.Cast("float32", X[row0 + ii, kk * per_byte + p])
 
     @T.macro
-    def decode(Q, sv, zv, dst, row, jo, kk):
-        """dst[row + p, :] = the weights of k = kk * per_byte + p, p < per_byte, of column block jo."""
-        if scaled:
-            for ji in T.vectorized(T.int64(NB)):
-                dst[row, ji] = (_code(Q[jo, kk, ji], bits, fmt) - zv[ji]) * sv[ji]
-        else:
-            for ji in T.vectorized(T.int64(NB)):
-                dst[row, ji] = _code(Q[jo, kk, ji], bits, fmt)
-        if per_byte == 2:
-            for ji in T.vectorized(T.int64(NB)):
-                dst[row + 1, ji] = (_code(Q[jo, kk, ji], bits, fmt, high=True) - zv[ji]) * sv[ji]
+    def gemv_k(X, Q, bacc, xs, row0, rows, jo, kk, c):
+        """Chain c of each row takes the codes of k = kk * per_byte (+ 1)."""
+        for ii in T.unroll(rows):
+            gemv_step(X, Q, bacc, xs, row0, ii, jo, kk, c, 0)
+            if per_byte == 2:
+                gemv_step(X, Q, bacc, xs, row0, ii, jo, kk, c, 1)
 
     @T.macro
-    def accumulate(X, Q, S, Z, acc, w, sv, zv, row0, rows, jo):
-        """One row tile, decoding each k's weights into registers as it goes (few rows: decode once per tile)."""
+    def gemv_tile(X, Q, S, Z, acc, bacc, xs, row0, rows, jo):
+        """acc[rows, NB] = x[row0 : row0 + rows] @ W[:, column block jo], decoding per k in registers. Each row
+        sums a block into CHAINS independent accumulators (alternate k, and each nibble): one chain would
+        wait on the FMA latency at every k."""
         for ii, ji in T.grid(rows, T.int64(NB)):
             acc[ii, ji] = zero
         for kb in range(T.int64(KB)):
-            block_params(S, Z, sv, zv, jo, kb)
-            for kq in range(T.min(T.int64(block // per_byte), T.int64(KQ) - kb * T.int64(block // per_byte))):
-                kk = kb * T.int64(block // per_byte) + kq
-                decode(Q, sv, zv, w, T.int64(0), jo, kk)
+            for ii, c, ji in T.grid(rows, T.int64(CHAINS), T.int64(NB)):
+                bacc[ii, c, ji] = zero
+            if zeros:
                 for ii in T.unroll(rows):
-                    for p in T.unroll(per_byte):
-                        for ji in T.vectorized(T.int64(NB)):
-                            acc[ii, ji] = acc[ii, ji] + T.Cast("float32", X[row0 + ii, kk * per_byte + p]) * w[p, ji]
+                    xs[ii] = zero
+            n = T.min(T.int64(BQ), T.int64(KQ) - kb * T.int64(BQ))
+            for kq in range(n // T.int64(2)):
+                gemv_k(X, Q, bacc, xs, row0, rows, jo, kb * T.int64(BQ) + kq * T.int64(2), 0)
+                gemv_k(X, Q, bacc, xs, row0, rows, jo, kb * T.int64(BQ) + kq * T.int64(2) + T.int64(1), 1)
+            if n % T.int64(2) == T.int64(1):
+                gemv_k(X, Q, bacc, xs, row0, rows, jo, kb * T.int64(BQ) + n - T.int64(1), 0)
+            for ii in T.unroll(rows):
+                for ji in T.vectorized(T.int64(NB)):
+                    if not scaled:
+                        acc[ii, ji] = acc[ii, ji] + chains_sum(bacc, ii, ji)
+                    elif zeros:
+                        acc[ii, ji] = acc[ii, ji] + (chains_sum(bacc, ii, ji) - Z[jo, kb, ji] * xs[ii]) * S[jo, kb, ji]
+                    else:
+                        acc[ii, ji] = acc[ii, ji] + chains_sum(bacc, ii, ji) * S[jo, kb, ji]
 
     @T.macro
-    def accumulate_decoded(X, wblk, acc, row0, rows):
-        """One row tile over a column block decoded once into wblk [K, NB] (many rows: decode once per block)."""
-        for ii, ji in T.grid(rows, T.int64(NB)):
+    def store(O, B, acc, row0, rows, col0, width):
+        for ii in T.unroll(rows):
+            for ji in T.vectorized(T.int64(width)):
+                if bias:
+                    O[row0 + ii, col0 + ji] = T.Cast(dtype, acc[ii, ji] + T.Cast("float32", B[col0 + ji]))
+                else:
+                    O[row0 + ii, col0 + ji] = T.Cast(dtype, acc[ii, ji])
+
+    @T.macro
+    def gemv_columns(X, Q, S, Z, B, O, M, jo):
+        acc = T.alloc_buffer((R, NB), "float32", scope="local")
+        bacc = T.alloc_buffer((R, CHAINS, NB), "float32", scope="local")
+        xs = T.alloc_buffer((R,), "float32", scope="local")
+        for io in range(M // T.int64(R)):
+            gemv_tile(X, Q, S, Z, acc, bacc, xs, io * T.int64(R), T.int64(R), jo)
+            store(O, B, acc, io * T.int64(R), T.int64(R), jo * T.int64(NB), NB)
+        for i in range(M // T.int64(R) * T.int64(R), M):
+            gemv_tile(X, Q, S, Z, acc, bacc, xs, i, T.int64(1), jo)
+            store(O, B, acc, i, T.int64(1), jo * T.int64(NB), NB)
+
+    @T.macro
+    def decode_step(Q, S, Z, wblk, g, jb, kb, kk, p):
+        for ji in T.vectorized(T.int64(NB)):
+            if not scaled:
+                wblk[kk * per_byte + p, g * T.int64(NB) + ji] = w(Q, jb, kk, ji, p)
+            elif zeros:
+                wblk[kk * per_byte + p, g * T.int64(NB) + ji] = (w(Q, jb, kk, ji, p) - Z[jb, kb, ji]) * S[jb, kb, ji]
+            else:
+                wblk[kk * per_byte + p, g * T.int64(NB) + ji] = w(Q, jb, kk, ji, p) * S[jb, kb, ji]
+
+    @T.macro
+    def decode_group(Q, S, Z, wblk, jg):
+        """wblk[k, g NB + ji] = W[k, column (jg G + g) NB + ji] in f32, for the G blocks of group jg."""
+        for g in range(T.int64(G)):
+            for kb in range(T.int64(KB)):
+                for kq in range(T.min(T.int64(BQ), T.int64(KQ) - kb * T.int64(BQ))):
+                    decode_step(Q, S, Z, wblk, g, jg * T.int64(G) + g, kb, kb * T.int64(BQ) + kq, 0)
+                    if per_byte == 2:
+                        decode_step(Q, S, Z, wblk, g, jg * T.int64(G) + g, kb, kb * T.int64(BQ) + kq, 1)
+
+    @T.macro
+    def decoded_tile(X, wblk, acc, row0, rows):
+        for ii, ji in T.grid(rows, T.int64(W)):
             acc[ii, ji] = zero
         for kk in range(T.int64(K)):
             for ii in T.unroll(rows):
-                for ji in T.vectorized(T.int64(NB)):
+                for ji in T.vectorized(T.int64(W)):
                     acc[ii, ji] = acc[ii, ji] + T.Cast("float32", X[row0 + ii, kk]) * wblk[kk, ji]
 
     @T.macro
-    def store(O, B, acc, row0, rows, jo):
-        for ii in T.unroll(rows):
-            for ji in T.vectorized(T.int64(NB)):
-                if bias:
-                    O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(
-                        dtype, acc[ii, ji] + T.Cast("float32", B[jo * T.int64(NB) + ji]))
-                else:
-                    O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(dtype, acc[ii, ji])
-
-    @T.macro
-    def columns(X, Q, S, Z, B, O, M, jo):
-        acc = T.alloc_buffer((MB, NB), "float32", scope="local")
-        w = T.alloc_buffer((per_byte, NB), "float32", scope="local")
-        sv = T.alloc_buffer((NB,), "float32", scope="local")
-        zv = T.alloc_buffer((NB,), "float32", scope="local")
-        if M > T.int64(MB):
-            # a column block's weights are decoded once into L2 (K x NB floats, per thread), then every row
-            # tile reads them: decoding per tile would repeat it M / MB times
-            wblk = T.alloc_buffer((K, NB), "float32")
-            for kb in range(T.int64(KB)):
-                block_params(S, Z, sv, zv, jo, kb)
-                for kq in range(T.min(T.int64(block // per_byte), T.int64(KQ) - kb * T.int64(block // per_byte))):
-                    decode(Q, sv, zv, wblk, (kb * T.int64(block // per_byte) + kq) * per_byte, jo,
-                           kb * T.int64(block // per_byte) + kq)
-            for io in range(M // T.int64(MB)):
-                accumulate_decoded(X, wblk, acc, io * T.int64(MB), T.int64(MB))
-                store(O, B, acc, io * T.int64(MB), T.int64(MB), jo)
-            for i in range(M // T.int64(MB) * T.int64(MB), M):
-                accumulate_decoded(X, wblk, acc, i, T.int64(1))
-                store(O, B, acc, i, T.int64(1), jo)
-        else:
-            for io in range(M // T.int64(MB)):
-                accumulate(X, Q, S, Z, acc, w, sv, zv, io * T.int64(MB), T.int64(MB), jo)
-                store(O, B, acc, io * T.int64(MB), T.int64(MB), jo)
-            for i in range(M // T.int64(MB) * T.int64(MB), M):
-                accumulate(X, Q, S, Z, acc, w, sv, zv, i, T.int64(1), jo)
-                store(O, B, acc, i, T.int64(1), jo)
+    def decoded_columns(X, Q, S, Z, B, O, M, jg):
+        acc = T.alloc_buffer((MB, W), "float32", scope="local")
+        wblk = T.alloc_buffer((K, W), "float32")
+        decode_group(Q, S, Z, wblk, jg)
+        for io in range(M // T.int64(MB)):
+            decoded_tile(X, wblk, acc, io * T.int64(MB), T.int64(MB))
+            store(O, B, acc, io * T.int64(MB), T.int64(MB), jg * T.int64(W), W)
+        for i in range(M // T.int64(MB) * T.int64(MB), M):
+            decoded_tile(X, wblk, acc, i, T.int64(1))
+            store(O, B, acc, i, T.int64(1), jg * T.int64(W), W)
 
     @T.prim_func(private=True)
     def qdense(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, b_h: T.handle, o_h: T.handle):
@@ -171,10 +208,17 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
         Z = T.match_buffer(z_h, (NO, KB, NB) if zeros else (1,), "float32")
         B = T.match_buffer(b_h, (NO * NB,) if bias else (1,), "float32")
         O = T.match_buffer(o_h, (M, NO * NB), dtype)
-        if M * T.int64(K * NO * NB) >= T.int64(PARALLEL_MIN_MACS):
-            for jo in T.parallel(T.int64(NO)):
-                columns(X, Q, S, Z, B, O, M, jo)
+        if M < T.int64(MB):
+            if gemv_parallel:
+                for jo in T.parallel(T.int64(NO)):
+                    gemv_columns(X, Q, S, Z, B, O, M, jo)
+            else:
+                for jo in range(T.int64(NO)):
+                    gemv_columns(X, Q, S, Z, B, O, M, jo)
+        elif M * T.int64(K * NO * NB) >= T.int64(PARALLEL_MIN_MACS):
+            for jg in T.parallel(T.int64(NO // G)):
+                decoded_columns(X, Q, S, Z, B, O, M, jg)
         else:
-            for jo in range(T.int64(NO)):
-                columns(X, Q, S, Z, B, O, M, jo)
+            for jg in range(T.int64(NO // G)):
+                decoded_columns(X, Q, S, Z, B, O, M, jg)
     return qdense

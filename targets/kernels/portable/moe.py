@@ -1,29 +1,49 @@
 """MoE expert compute: only the chosen experts run, per (token, slot), reading expert e's
-weights in place (never copied). Routing (scores, group-limited top-k) is emitted as
+weights in place (never copied; quantized experts decoded where they are read). Routing (scores, group-limited top-k) is emitted as
 Relax ops by the lowering; this kernel takes the chosen indices and weights."""
 from __future__ import annotations
 
 from tvm import te, tirx
 
 from ..cpu.mlp import activation, clamp_up
+from ..quant_codes import value
+
+
+def expert_weight(wq: te.Tensor, scales, bits: int, block: int, fmt: str):
+    """(e, k, n) -> float32 expert weight: a cast, or (quantized experts, ir/fused/moe.py) the code decoded
+    where the reduction reads it, times its block's scale."""
+    if not bits:
+        return lambda e, k, n: wq[e, k, n].astype("float32")
+
+    def read(e, k, n):
+        if bits == 4:
+            b = wq[e, tirx.floordiv(k, 2), n]
+            code = tirx.Select(tirx.floormod(k, 2) == 0, value(b, bits, fmt, centred=True),
+                               value(b, bits, fmt, high=True, centred=True))
+        else:
+            code = value(wq[e, k, n], bits, fmt, centred=True)
+        return code * scales[e, tirx.floordiv(k, block), n]
+    return read
 
 
 def moe_experts(x: te.Tensor, idx: te.Tensor, w: te.Tensor, wg: te.Tensor, wu: te.Tensor, wd: te.Tensor,
-                act: str, clamp: float):
-    """x [T, H], idx [T, K] (int64), w [T, K] (f32), wg/wu [E, H, I], wd [E, I, H] -> y [T, H]."""
+                act: str, clamp: float, sg=None, su=None, sd=None, bits: int = 0, block: int = 0, fmt: str = "int"):
+    """x [T, H], idx [T, K] (int64), w [T, K] (f32), wg/wu [E, H, I], wd [E, I, H] (or their codes, with
+    scales sg / su / sd) -> y [T, H]."""
     T, Hd = x.shape
     K = idx.shape[1]
-    I = wg.shape[2]
+    I = wd.shape[1] * (2 if bits == 4 else 1)
     Ho = wd.shape[2]
+    gw, uw, dw = (expert_weight(q, sc, bits, block, fmt) for q, sc in ((wg, sg), (wu, su), (wd, sd)))
     h1 = te.reduce_axis((0, Hd), name="h")
     g = te.compute((T, K, I), lambda t, s, i: te.sum(
-        x[t, h1].astype("float32") * wg[idx[t, s], h1, i].astype("float32"), axis=h1), name="moe_gate")
+        x[t, h1].astype("float32") * gw(idx[t, s], h1, i), axis=h1), name="moe_gate")
     h2 = te.reduce_axis((0, Hd), name="h")
     u = te.compute((T, K, I), lambda t, s, i: te.sum(
-        x[t, h2].astype("float32") * wu[idx[t, s], h2, i].astype("float32"), axis=h2), name="moe_up")
+        x[t, h2].astype("float32") * uw(idx[t, s], h2, i), axis=h2), name="moe_up")
     hid = te.compute((T, K, I), lambda t, s, i: activation(act, g[t, s, i], clamp) * clamp_up(u[t, s, i], clamp)
                      * w[t, s].astype("float32"), name="moe_hidden")
     s_ = te.reduce_axis((0, K), name="s")
     i_ = te.reduce_axis((0, I), name="i")
-    return te.compute((T, Ho), lambda t, o: te.sum(hid[t, s_, i_] * wd[idx[t, s_], i_, o].astype("float32"),
+    return te.compute((T, Ho), lambda t, o: te.sum(hid[t, s_, i_] * dw(idx[t, s_], i_, o),
                                                   axis=[s_, i_]).astype(x.dtype), name="moe_out")

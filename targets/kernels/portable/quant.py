@@ -5,27 +5,28 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..cpu.quant_gemm import _code, default_zero
+from ..quant_codes import value
 
 
 def quant_matmul(x: te.Tensor, q: te.Tensor, s: te.Tensor, z, bias, *, K: int, N: int, bits: int,
-                 block_size: int, format: str):
-    """x [M, K] -> y [M, N] = x @ dequantize(q, s, z)^T (+ bias); s is None for 16-bit weights."""
+                 block_size: int, format: str, k_major: bool = False):
+    """x [M, K] -> y [M, N] = x @ dequantize(q, s, z)^T (+ bias); s is None for 16-bit weights. With
+    `k_major` the operands are stored K first (q [K / 2 | K, N], s [KB, N]: a quantized GatedMLP's)."""
     m = x.shape[0]
-    offset = 8.0 if (bits == 4 and format == "int") else 0.0
-    implied = default_zero(bits, format)
+    centred = z is None
+    at = (lambda t, n, k: t[k, n]) if k_major else (lambda t, n, k: t[n, k])
 
     def weight(n, k):
         if bits == 4:
-            b = q[n, tirx.floordiv(k, 2)]
-            code = tirx.Select(tirx.floormod(k, 2) == 0, _code(b, bits, format), _code(b, bits, format, high=True))
+            b = at(q, n, tirx.floordiv(k, 2))
+            code = tirx.Select(tirx.floormod(k, 2) == 0, value(b, bits, format, centred=centred),
+                               value(b, bits, format, high=True, centred=centred))
         else:
-            code = _code(q[n, k], bits, format)
+            code = value(at(q, n, k), bits, format, centred=centred)
         if bits == 16:
             return code
         kb = tirx.floordiv(k, block_size)
-        zero = (z[n, kb] if z is not None else tirx.const(implied, "float32")) + tirx.const(offset, "float32")
-        return (code - zero) * s[n, kb]
+        return (code - at(z, n, kb) if z is not None else code) * at(s, n, kb)
 
     r = te.reduce_axis((0, K), name="k")
     acc = te.compute((m, N), lambda i, n: te.sum(x[i, r].astype("float32") * weight(n, r), axis=r), name="qmatmul")

@@ -1,0 +1,368 @@
+#!/usr/bin/env python
+"""Decode against llama.cpp (F32) on the same weights: time per output token, each engine alone.
+
+    python benchmarks/llama_cpp.py --work-dir /tmp/bench                  # the README's decode table
+    python benchmarks/llama_cpp.py --work-dir DIR [--models llama_500m ...] [--contexts 128 1024]
+        [--rounds 3] [--tokens 16] [--threads 2] [--no-check] [--outtypes f32 q8_0 q4_0]
+    python benchmarks/llama_cpp.py --build-only                  # libllama, llama-bench, llama-quantize
+
+llama.cpp comes from the PyPI sdist of llama-cpp-python (pinned: LLAMA_CPP_PYTHON), which vendors
+it: `pip download` fetches the sdist once into the cache dir ($POLYPORT_LLAMA_CPP, default
+~/.cache/polyport/llama.cpp), and cmake builds the shared libllama there (Release, GGML_NATIVE,
+2 jobs; `--build-only` also builds llama-bench and llama-quantize). Then, per model of
+benchmarks/big_model.py:
+1. the model is built and exported once (NAME.onnx and the Hugging Face checkpoint NAME.hf/);
+2. llama.cpp's convert_hf_to_gguf.py writes NAME.f32.gguf (and, with --outtypes, q8_0 directly
+   and q4_0 through llama-quantize, for the quantization benchmarks);
+3. llama.cpp's F32 logits (llama-cpp-python's ctypes bindings over the libllama built here, every
+   position of one prompt) are checked against PyTorch's before anything is timed;
+4. polyport compiles NAME.onnx for the cpu target (cached, benchmarks/engines.py);
+5. rounds alternate three children, each alone in its process: a STREAM triad (this machine's
+   bandwidth now), polyport's decode (engines.py's `decode` child: `append` one token at each
+   context) and llama.cpp's (after a CONTEXT-token prompt, one-token `llama_decode` calls with the
+   logits read back: what `llama-bench -n TOKENS -d CONTEXT` times, without building its tools).
+Reported per context: each engine's time per output token (median over rounds of each child's
+median; min..max), the ratio llama.cpp ms / polyport ms per round (above 1: polyport faster), and
+polyport's fraction of the bandwidth roofline: the bytes one step reads (the weights a token uses
+plus the cache, from the artifact's cost model) / the triad's bandwidth / the step's time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import big_model  # noqa: E402
+import engines  # noqa: E402
+
+LLAMA_CPP_PYTHON = "0.3.36"
+CACHE = Path(os.environ.get("POLYPORT_LLAMA_CPP", Path.home() / ".cache" / "polyport" / "llama.cpp"))
+TARGETS = ("llama", "llama-quantize", "llama-bench")     # libllama times and checks; the tools for users
+CHECK_TOKENS = 24
+GGML_TYPE_F32 = 0
+# x max|logit|, per position: ggml sums in other orders and approximates exp/SiLU, over 11-16
+# random-weight layers (measured: at most 5.7e-3 on llama_500m). A random router has near-ties, and
+# one token routed to another expert is off by far more (0.16 at one position of deepseek_v3_600m,
+# the others within 5.3e-3), so CHECK_POSITIONS of the positions must be within the tolerance;
+# a wrong RoPE, norm, scale or scoring function is off at every position.
+CHECK_TOLERANCE = 1e-2
+CHECK_POSITIONS = 0.9
+
+
+def log(msg: str) -> None:
+    print(f"llama_cpp: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- llama.cpp: source, build, conversion -------------------------------------------------------
+def source_dir() -> Path:
+    """The sdist's root (llama_cpp/ bindings, vendor/llama.cpp), downloaded and unpacked once."""
+    root = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    if (root / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        return root
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.exists():
+        log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist")
+        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                        "--no-binary", ":all:", "--no-deps", "-d", str(CACHE)], check=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(CACHE, filter="data")
+    return root
+
+
+def llama_dir() -> Path:
+    return source_dir() / "vendor" / "llama.cpp"
+
+
+def build(targets=("llama",)) -> Path:
+    """The folder holding what `targets` build (libllama.so, llama-quantize, llama-bench), built once."""
+    bin_dir = CACHE / "build" / "bin"
+    files = {"llama": "libllama.so"}
+    if all((bin_dir / files.get(t, t)).exists() for t in targets):
+        return bin_dir
+    src = llama_dir()
+    log(f"building llama.cpp ({', '.join(targets)}) in {CACHE / 'build'}: minutes, once")
+    subprocess.run(["cmake", "-S", str(src), "-B", str(CACHE / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(CACHE / "build"), "-j", "2", "--target", *targets], check=True,
+                   stdout=subprocess.DEVNULL)
+    return bin_dir
+
+
+# Our checkpoints' tokenizer is a byte-level BPE with GPT-2's pre-tokenizer regex (big_model.py). The
+# converter names pre-tokenizers by hashing a known vocab's token ids for a test string, which a fresh
+# vocab cannot match, so the wrapper names it: "gpt-2" is the pre-tokenizer llama.cpp runs for it.
+# The Llama converter imports sentencepiece before it looks for a tokenizer.model (there is none
+# here): without the package, it is told so first and falls through to the BPE path.
+CONVERT = """
+import runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base
+TextModel = conversion.base.TextModel
+sentencepiece = TextModel._create_vocab_sentencepiece
+def no_tokenizer_model(self):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(self.dir_model / "tokenizer.model")
+    return sentencepiece(self)
+TextModel._create_vocab_sentencepiece = no_tokenizer_model
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv[0] = root + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert(hf_dir: Path, outtype: str, bin_dir: Path) -> Path:
+    """hf_dir -> NAME.OUTTYPE.gguf next to it (f32 and q8_0 by the converter, q4_0 by llama-quantize)."""
+    name = hf_dir.name[:-len(".hf")]
+    out = hf_dir.with_name(f"{name}.{outtype}.gguf")
+    if out.exists():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    log(f"converting {hf_dir.name} to {out.name}")
+    if outtype in ("f32", "q8_0", "f16", "bf16"):
+        with open(out.with_suffix(".log"), "w") as err:
+            subprocess.run([sys.executable, "-c", CONVERT, str(llama_dir()), str(hf_dir), "--outtype", outtype,
+                            "--outfile", str(tmp)], check=True, stdout=subprocess.DEVNULL, stderr=err)
+    else:
+        quantize = build(("llama-quantize",)) / "llama-quantize"
+        subprocess.run([str(quantize), str(convert(hf_dir, "f32", bin_dir)), str(tmp), outtype.upper(), "2"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.replace(tmp, out)
+    return out
+
+
+# ---- the logits check ---------------------------------------------------------------------------
+def llama_cpp_bindings(bin_dir: Path):
+    """llama-cpp-python's low-level ctypes module over the libllama built here (its package __init__,
+    which pulls in the high-level API's extra dependencies, is skipped)."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(bin_dir)
+    pkg = types.ModuleType("llama_cpp")
+    pkg.__path__ = [str(source_dir() / "llama_cpp")]
+    sys.modules["llama_cpp"] = pkg
+    return importlib.import_module("llama_cpp.llama_cpp")
+
+
+class LlamaCpp:
+    """One llama.cpp model and context through libllama (`threads` for prompt and generation, F32 cache)."""
+
+    def __init__(self, gguf: Path, bin_dir: Path, n_ctx: int, threads: int):
+        self.ll = ll = llama_cpp_bindings(bin_dir)
+        ll.llama_backend_init()
+        self.model = ll.llama_model_load_from_file(str(gguf).encode(), ll.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = cp.type_v = GGML_TYPE_F32      # an F32 cache, as polyport's (llama.cpp defaults to F16)
+        self.ctx = ll.llama_init_from_model(self.model, cp)
+        self.vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
+        self.batch = ll.llama_batch_init(cp.n_batch, 0, 1)
+        self.n_batch = cp.n_batch
+
+    def decode(self, ids, pos0: int, all_logits: bool = False):
+        """Feed ids at positions pos0.. (in batches); float32 logits of every row ([n, vocab]) or the last."""
+        import numpy as np
+        ll, b, rows = self.ll, self.batch, []
+        for s in range(0, len(ids), self.n_batch):
+            part = ids[s:s + self.n_batch]
+            b.n_tokens = len(part)
+            for i, t in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i] = int(t), pos0 + s + i, 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = int(all_logits or s + i == len(ids) - 1)
+            if ll.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            for i in range(len(part)):
+                if all_logits or s + i == len(ids) - 1:
+                    rows.append(np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,)).copy())
+        return np.stack(rows)
+
+    def close(self):
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
+
+
+def check_logits(name: str, hf_dir: Path, gguf: Path, bin_dir: Path, threads: int) -> dict:
+    """max |llama.cpp - PyTorch| / max |logit| at each position of a random prompt, and the verdict."""
+    import numpy as np
+    import torch
+    import transformers
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], CHECK_TOKENS)
+    engine = LlamaCpp(gguf, bin_dir, 64, threads)
+    got = engine.decode(ids, 0, all_logits=True)
+    engine.close()
+    model = getattr(transformers, big_model.MODELS[name][1]).from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)[None], use_cache=False).logits[0].numpy()
+    err = np.abs(got - want).max(-1) / np.abs(want).max()
+    within = float((err <= CHECK_TOLERANCE).mean())
+    return {"model": name, "tokens": CHECK_TOKENS, "max_rel_err": float(err.max()),
+            "median_rel_err": float(np.median(err)), "within": within, "ok": within >= CHECK_POSITIONS,
+            "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).mean())}
+
+
+# ---- timing (children) --------------------------------------------------------------------------
+def llama_cpp_decode(gguf: Path, bin_dir: Path, context: int, tokens: int, threads: int) -> list[float]:
+    """ms of each of `tokens` one-token decode steps (logits read back) after a prompt of `context`
+    tokens: what `llama-bench -n tokens -d context` times, through the same libllama calls."""
+    import numpy as np
+    engine = LlamaCpp(gguf, bin_dir, context + tokens + 2, threads)
+    ids = np.random.default_rng(0).integers(0, 100, context + tokens + 1)
+    engine.decode(ids[:context], 0)
+    engine.decode(ids[context:context + 1], context)           # warm-up
+    times = []
+    for t in range(1, tokens + 1):
+        start = time.perf_counter()
+        engine.decode(ids[context + t:context + t + 1], context + t)
+        times.append((time.perf_counter() - start) * 1e3)
+    engine.close()
+    return times
+
+
+def polyport_decode(onnx: Path, art: Path, context: int, tokens: int, threads: int) -> list[float]:
+    spec = {"kind": "decode", "onnx": str(onnx), "artifact": str(art), "threads": threads, "prompts": [],
+            "contexts": [context], "runs": 1, "steps": tokens}
+    out = engines.run_child(spec)
+    if "skip" in out or "skip" in out["rows"][0]:
+        raise RuntimeError(f"polyport decode of {onnx.name} at {context}: {out.get('skip') or out['rows'][0]['skip']}")
+    return out["rows"][0]["times_ms"]
+
+
+def run_self(*argv) -> dict:
+    """This script as a child process (one engine alone in it); its last stdout line, JSON."""
+    out = subprocess.run([sys.executable, __file__, *map(str, argv)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv[:2]))} failed:\n" + "\n".join(out.stderr.splitlines()[-5:]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, onnx: Path, art: Path, gguf: Path, args) -> list[dict]:
+    from polyport.runtime.artifact import Artifact
+    from polyport.runtime.bench import tpot_bytes
+    manifest = Artifact(art).manifest
+    cost, generation = manifest.get("cost") or {}, manifest.get("generation") or {}
+    triad = {"kind": "triad", "threads": args.threads, "runs": 5, "warmup": 1}
+    rows = []
+    for context in args.contexts:
+        got = {"polyport": [], "llama.cpp": [], "gbps": [], "load": []}
+        jobs = [("polyport", lambda: polyport_decode(onnx, art, context, args.tokens, args.threads)),
+                ("llama.cpp", lambda: run_self("--decode-child", gguf, context, "--tokens", args.tokens,
+                                               "--threads", args.threads)["times_ms"]),
+                ("gbps", lambda: engines.run_child(triad)["gbps"])]
+        for r in range(args.rounds):
+            got["load"].append(os.getloadavg()[0])
+            for key, job in (jobs if r % 2 == 0 else jobs[::-1]):
+                log(f"{name} context {context} round {r + 1}/{args.rounds}: {key}")
+                got[key].append(statistics.median(job()))
+        row = {"model": name, "context": context, "load_avg": engines.spread(got["load"])}
+        for key in ("polyport", "llama.cpp", "gbps"):
+            row[key] = engines.spread(got[key])
+        row["ratio"] = engines.spread([c / p for c, p in zip(got["llama.cpp"], got["polyport"])])
+        nbytes = tpot_bytes(cost, generation, context)
+        row["bytes_per_token"] = nbytes
+        row["roofline_fraction"] = engines.spread([nbytes / (g * 1e9) / (p / 1e3)
+                                                   for g, p in zip(got["gbps"], got["polyport"])])
+        row["llama_cpp_roofline_fraction"] = engines.spread([nbytes / (g * 1e9) / (c / 1e3)
+                                                             for g, c in zip(got["gbps"], got["llama.cpp"])])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], checks: list[dict], threads: int) -> str:
+    f = lambda s: f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"      # noqa: E731
+    pct = lambda s: f"{s['median']:.0%} ({s['min']:.0%}–{s['max']:.0%})"   # noqa: E731
+    lines = [f"Decode, batch 1, {threads} threads, F32; each engine alone in its own process, alternated; "
+             "medians over rounds (min–max). Ratio = llama.cpp ms / polyport ms per round (above 1: polyport "
+             "is faster). Roofline = (weight bytes a token reads + cache bytes) / triad bandwidth / time.", "",
+             "| model | context | polyport ms/token | llama.cpp ms/token | llama.cpp / polyport | polyport roofline | "
+             "llama.cpp roofline | triad GB/s | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['context']} | {f(r['polyport'])} | {f(r['llama.cpp'])} | "
+                     f"**{r['ratio']['median']:.2f}x** ({r['ratio']['min']:.2f}–{r['ratio']['max']:.2f}) | "
+                     f"{pct(r['roofline_fraction'])} | {pct(r['llama_cpp_roofline_fraction'])} | "
+                     f"{r['gbps']['median']:.1f} | {r['load_avg']['median']:.1f} |")
+    if checks:
+        lines += ["", "llama.cpp F32 logits against PyTorch (each position of a 24-token prompt, max |diff| / "
+                      "max |logit|): " + "; ".join(
+                          f"{c['model']} median {c['median_rel_err']:.1e}, max {c['max_rel_err']:.1e}, argmax equal "
+                          f"at {c['argmax_agree']:.0%}" for c in checks) + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work-dir", type=Path, help="models, GGUF files, artifacts and the JSON go here")
+    ap.add_argument("--models", nargs="+", default=list(big_model.DECODE_MODELS), choices=sorted(big_model.MODELS))
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--tokens", type=int, default=16, help="output tokens timed per child")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="per engine (default: the CPUs this process may use)")
+    ap.add_argument("--outtypes", nargs="+", default=["f32"], help="GGUF files to write (f32 is the one timed)")
+    ap.add_argument("--no-check", action="store_true", help="skip the logits check against PyTorch")
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--check-child", nargs=3, metavar=("NAME", "HF_DIR", "GGUF"), help=argparse.SUPPRESS)
+    ap.add_argument("--decode-child", nargs=2, metavar=("GGUF", "CONTEXT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    from polyport.devices import usable_cpus
+    args.threads = args.threads or usable_cpus()
+    if args.build_only:
+        print(build(TARGETS))
+        return 0
+    bin_dir = build()
+    if args.check_child:
+        name, hf_dir, gguf = args.check_child
+        print(json.dumps(check_logits(name, Path(hf_dir), Path(gguf), bin_dir, args.threads)))
+        return 0
+    if args.decode_child:
+        gguf, context = args.decode_child
+        print(json.dumps({"times_ms": llama_cpp_decode(Path(gguf), bin_dir, int(context), args.tokens, args.threads)}))
+        return 0
+    if args.work_dir is None:
+        ap.error("--work-dir is required")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows, checks = [], []
+    for name in args.models:
+        onnx = big_model.export_big(args.work_dir, log, name)
+        hf_dir = args.work_dir / f"{name}.hf"
+        ggufs = {t: convert(hf_dir, t, bin_dir) for t in ["f32"] + [t for t in args.outtypes if t != "f32"]}
+        if not args.no_check:         # in a child: PyTorch's and llama.cpp's copies of the weights are freed after
+            check = run_self("--check-child", name, hf_dir, ggufs["f32"], "--threads", args.threads)
+            log(f"{name}: llama.cpp F32 logits vs PyTorch: median err {check['median_rel_err']:.1e}, max "
+                f"{check['max_rel_err']:.1e} x max|logit|; {check['within']:.0%} of positions within {CHECK_TOLERANCE}")
+            if not check["ok"]:
+                raise SystemExit(f"llama_cpp: error: {name}: llama.cpp's F32 logits differ from PyTorch's by more "
+                                 f"than {CHECK_TOLERANCE} x max|logit| at {1 - check['within']:.0%} of the positions; "
+                                 "not timing it")
+            checks.append(check)
+        art = engines.compile_cached(onnx, args.work_dir, log)
+        rows += measure(name, onnx, art, ggufs["f32"], args)
+    print(markdown(rows, checks, args.threads))
+    out = args.work_dir / "llama_cpp.json"
+    out.write_text(json.dumps({"rows": rows, "checks": checks, "threads": args.threads,
+                               "llama_cpp_python": LLAMA_CPP_PYTHON, "seconds": time.perf_counter() - start},
+                              indent=2))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

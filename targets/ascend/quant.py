@@ -1,0 +1,121 @@
+"""Quantized weights on Ascend: CANN's weight-only ("antiquant") matmuls, ANTIQUANT(w) = (w + offset) * scale.
+
+  QuantMatMul, and each weight of a quantized GatedMLP (mlp.py)
+                    -> WeightQuantBatchMatmulV2 (aclnnWeightQuantBatchMatmulV2): weight int8 / int4 [K, N],
+                       antiquantScale [ceil(K / group), N] (per channel: [1, N]), optional antiquantOffset,
+                       antiquantGroupSize (0: per channel; else a multiple of 32 below K)
+  quantized MoE     -> GroupedMatmul's antiquantScaleOptional / antiquantOffsetOptional (moe.py): int4 per
+                       group [E, G, N] or per channel; int8 per channel only (aclnnGroupedMatmulV4)
+
+The codes stay codes in model.onnx (INT8, or ONNX INT4, two per byte), the scales in the compute dtype.
+Unsigned codes (MatMulNBits' uint) become signed ones with the offset holding the difference:
+(c - z) s = ((c - 2^(b-1)) + (2^(b-1) - z)) s. What CANN's antiquant does not take (fp8 per block on
+Atlas A2, int8 per group in a GroupedMatmul, 16-bit weights) falls back, recorded, to the weight
+dequantized at compile time into the compute dtype: exact, but a 16-bit weight on the device.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+from onnx import helper
+
+from ...ir.fused.quant import dequantize
+from ...ir.graph import Node
+from ...ir.ops import attrs_of
+from ...ir.quant_layout import unpack_nibbles
+from .emission import CANN_DOMAIN, lowers
+
+WQBMM = "WeightQuantBatchMatmulV2"
+
+
+def signed_codes(q: np.ndarray, bits: int, fmt: str, k: int) -> np.ndarray:
+    """[N, K] two's-complement codes (int8 values; int4 range for bits 4) of QuantMatMul-layout codes, and
+    the shift (2^(bits-1) for uint, else 0) that was taken off them."""
+    if bits == 4:
+        c = unpack_nibbles(q, k).astype(np.int16)
+        c = np.where(c >= 8, c - 16, c) if fmt == "int" else c - 8
+    else:
+        c = np.asarray(q).astype(np.int16) - (128 if fmt == "uint" else 0)
+    return c.astype(np.int8)
+
+
+def device_codes(c: np.ndarray, bits: int) -> np.ndarray:
+    """int8 codes as the ONNX initializer CANN reads: INT8, or INT4 (ml_dtypes.int4, packed by ONNX)."""
+    return c.astype(ml_dtypes.int4) if bits == 4 else c
+
+
+def weight_kind(a: dict) -> str:
+    """How CANN names the stored weight: int4 / uint4 / int8 / uint8, fp8e4m3, bf16, f16."""
+    return f"{a['format']}{a['bits']}" if a["format"] in ("int", "uint") else a["format"]
+
+
+@lowers("QuantMatMul")
+def quant_matmul(em, node: Node) -> None:
+    x, q, s = node.inputs[:3]          # q: [N, K / 2 | K] codes, s: [N, KB] (ir/fused/quant.py)
+    z = node.inputs[3] if len(node.inputs) > 3 else None
+    bias = node.inputs[4] if len(node.inputs) > 4 else None
+    antiquant_matmul(em, node, em.get(x, em.compute), q.const, None if s is None else s.const,
+                     None if z is None else z.const, None if bias is None else em.get(bias, em.compute),
+                     attrs_of(node), em.out(node.outputs[0], em.compute), node.name)
+
+
+def antiquant_matmul(em, node: Node, x: str, q, s, z, bias, a: dict, out, base: str) -> str:
+    """y = x @ dequantize(q, s, z) (+ bias) for QuantMatMul-layout operands (q [N, K / 2 | K], s / z [N, KB]):
+    WeightQuantBatchMatmulV2 over the codes, or (a limit broken) a MatMul over the weight dequantized now."""
+    k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    cd = em.compute
+    npd = helper.tensor_dtype_to_np_dtype(cd)
+    group = 0 if block >= k else block
+    facts = {"weight": weight_kind(a), "antiquant_group_size": group}
+    if bits == 4:
+        facts["int4_n_dim"] = n
+    if em.check(node, WQBMM, facts):      # a fallback: the weight dequantized now, a plain MatMul on device
+        w = dequantize(q, s, z, **a)
+        y = em.emit("MatMul", [x, em.const(w.T.astype(npd), f"{base}_w")],
+                    [out if bias is None else (em.fresh(f"{base}_mm"), cd, out[2])],
+                    note="antiquant fallback: weight dequantized at compile time")[0]
+        return y if bias is None else em.emit("Add", [y, bias], [out])[0]
+    c = signed_codes(q, bits, a["format"], k)
+    offset = None
+    if z is not None:             # (c - z) s = (signed c + shift - z) s
+        shift = float(2 ** (bits - 1)) if a["format"] == "uint" else 0.0
+        offset = shift - np.asarray(z, np.float32).T
+    ins = [x, em.const(device_codes(np.ascontiguousarray(c.T), bits), f"{base}_weight"),
+           em.const(np.asarray(s, np.float32).T.astype(npd), f"{base}_antiquant_scale"),
+           "" if offset is None else em.const(np.ascontiguousarray(offset).astype(npd), f"{base}_antiquant_offset")]
+    if bias is not None:
+        ins.append(bias)
+    return em.emit(WQBMM, ins, [out], {"antiquant_group_size": group}, CANN_DOMAIN,
+                   note=f"{weight_kind(a)} codes, antiquant scale per "
+                        f"{'group of ' + str(group) if group else 'channel'}")[0]
+
+
+def moe_weights(em, node: Node, which: tuple[int, int], axis_concat: bool):
+    """The GroupedMatmul weight (and antiquant scale) for quantized experts: codes [E, K, N] int8 / int4
+    with scales [E, G, N] (int4 per group) or [E, N] (per channel); None when CANN's GroupedMatmul
+    antiquant does not take them (the caller dequantizes)."""
+    from ...ir.fused.moe import SCALES, expert_weights
+    a = attrs_of(node)
+    ws = [node.inputs[i] for i in which]
+    ss = [node.inputs[SCALES[i - 3]] for i in which]
+    k = ws[0].const.shape[1] * (2 if a["bits"] == 4 else 1)
+    n = sum(w.const.shape[2] for w in ws)
+    per_channel = a["block_size"] >= k
+    facts = {"antiquant_weight": weight_kind(a) + ("" if per_channel else "_per_group"),
+             "antiquant_group_even": per_channel or (a["block_size"] % 2 == 0 and k % a["block_size"] == 0),
+             "antiquant_n_even": n % 2 == 0 or a["bits"] != 4}
+    npd = helper.tensor_dtype_to_np_dtype(em.compute)
+    if em.check(node, "GroupedMatmul", facts):
+        full = [expert_weights(w.const, sc.const, **a) for w, sc in zip(ws, ss)]
+        return em.const(np.concatenate(full, axis=-1).astype(npd), f"{node.name}_w_{'gate_up' if axis_concat else 'down'}"), None
+    codes = []
+    for w in ws:
+        e = w.const.shape[0]
+        per = [signed_codes(np.ascontiguousarray(w.const[i].T), a["bits"], a["format"], k).T for i in range(e)]
+        codes.append(np.stack(per))
+    scales = np.concatenate([np.asarray(sc.const, np.float32) for sc in ss], axis=-1)       # [E, G, N]
+    if per_channel:
+        scales = scales[:, 0, :]
+    name = "gate_up" if axis_concat else "down"
+    return (em.const(device_codes(np.concatenate(codes, axis=-1), a["bits"]), f"{node.name}_w_{name}"),
+            em.const(scales.astype(npd), f"{node.name}_antiquant_scale_{name}"))
