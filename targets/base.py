@@ -21,8 +21,7 @@ from ..ir.graph import Graph
 class CompileOptions:
     dtype: str = "f32"                   # compute dtype for weights and activations
     archs: tuple[str, ...] = ()          # target-specific architectures (sm_90, gfx942, ...); () = the default set
-    # target-specific settings: "mcpu", "kernels" (cpu: "cpu" | "portable"); "generation": False builds no
-    # prefill/decode programs (generation then recomputes; the GPU build tests use it to bound their time)
+    # target-specific settings: "mcpu", "kernels" (cpu: "cpu" | "portable")
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -31,6 +30,9 @@ class Target(abc.ABC):
     devices: ClassVar[Mapping[str, DeviceSpec]]
     default_device: ClassVar[str]
     known_archs: ClassVar[tuple[str, ...]] = ()     # what --arch may name for this target (none: it takes no --arch)
+    # False: this target builds derived prefill/decode programs with a static batch of 1 only (the artifact's
+    # programs then keep the export's batch 1: one cache per sequence, passes/generation_batch.py)
+    batched_programs: ClassVar[bool] = True
 
     @abc.abstractmethod
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,

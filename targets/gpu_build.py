@@ -37,6 +37,7 @@ KNOWN_ARCHS: dict[str, tuple[str, ...]] = {}
 class GpuTarget(Target, abc.ABC):
     default_archs: ClassVar[tuple[str, ...]]
     known_archs: ClassVar[tuple[str, ...]]
+    batched_programs = False     # TVM fails building the GPU decode kernels over a symbolic batch (renew_defs)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -71,7 +71,7 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
     _require(target)
     out = tmp_path / model
     compile_model(MODELS / f"{model}.onnx", [target], out,
-                  options=CompileOptions(extra={"generation": _with_programs(model)}))
+                  generation=_with_programs(model))
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["targets"][target]
     assert entry["archs"] == list(default_archs)

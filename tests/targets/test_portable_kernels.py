@@ -34,7 +34,7 @@ def test_portable_kernels_match_onnxruntime(name, tmp_path):
     path = MODELS / CORPUS[name]["file"]
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     art = compile_model(path, ["cpu"], tmp_path / "art",      # main only: prefill/decode are checked elsewhere
-                        options=CompileOptions(extra={"kernels": "portable", "generation": False}))
+                        options=CompileOptions(extra={"kernels": "portable"}), generation=False)
     meta = json.loads((art / "cpu" / "model.json").read_text())
     assert meta["packed"] == {}, "portable kernels bind every weight as stored"
     sess = session.load(art, "cpu")
