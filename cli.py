@@ -334,9 +334,12 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
 @click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
 @click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
               help="Weight dtype (cpu: bf16/f16 weights, f32 activations and accumulation).")
+@click.option("--no-generation", "no_generation", is_flag=True,
+              help="Build only the cache-less program, not the KV-cache prefill / decode programs: compiles "
+                   "about 3x faster on cpu; generate then recomputes the whole sequence each step.")
 def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
              dump_ir: Optional[str], tokenizer: Optional[str], quantize: Optional[str], group_size: str,
-             quantize_lm_head: bool, dtype: str) -> None:
+             quantize_lm_head: bool, dtype: str, no_generation: bool) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
     from .passes.quantize_weights import WeightQuantization
@@ -349,7 +352,7 @@ def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, pass
     path = compile_model(model, list(targets), out, pipeline=passes,
                          options=CompileOptions(dtype=dtype, archs=archs), quantization=quant, on_stage=on_stage,
                          tokenizer=tokenizer, progress=lambda msg: click.echo(f"polyport: {msg}", err=True),
-                         replace=replace)
+                         replace=replace, generation=not no_generation)
     click.echo(f"wrote {path} ({', '.join(targets)}) in {time.perf_counter() - start:.1f} s")
 
 

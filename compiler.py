@@ -13,7 +13,7 @@ from .ir.graph import Graph
 from .ir.index_inputs import index_ranges
 from .ir.quant_layout import FLOAT16
 from .ir.types import TensorType
-from .passes.derive_generation import derive_generation, generation_entry
+from .passes.derive_generation import derive_generation, generation_entry, without_programs
 from .passes.pipelines import run_pipeline
 from .passes.quantize_weights import WeightQuantization, quantize_weights
 from .runtime.artifact import ArtifactWriter, check_output, sha256
@@ -41,6 +41,7 @@ def signature(graph: Graph, name: str) -> dict:
 
 
 TOKENIZER = "tokenizer.json"
+NO_GENERATION = "compiled without generation programs (compile --no-generation)"
 
 
 def check_tokenizer(path: str | os.PathLike) -> None:
@@ -86,13 +87,14 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
                   quantization: Optional[WeightQuantization] = None,
                   on_stage=None, progress: Progress = lambda msg: None, replace: bool = False,
-                  tokenizer: str | os.PathLike | None = None) -> Path:
+                  tokenizer: str | os.PathLike | None = None, generation: bool = True) -> Path:
     """Compile `model` for `targets` into the artifact directory `out`.
 
     An existing artifact of the same model keeps its other targets; one of another model is replaced only
     with `replace` (see ArtifactWriter). With `quantization`, its linear weights are stored and computed
     as quantized codes. `tokenizer` (a Hugging Face tokenizers JSON file) is stored for
-    `generate --prompt`. Each target's warnings (Python and TVM's native ones) are reported through
+    `generate --prompt`. Without `generation` no prefill / decode programs are derived or built (the
+    cache-less program compiles about 3x faster on cpu; the manifest says generation recomputes). Each target's warnings (Python and TVM's native ones) are reported through
     `progress` as one summary line. Ctrl-C stops at the next step (interrupts.deferred) and leaves
     neither an artifact nor a temporary directory."""
     options = options or CompileOptions()
@@ -129,7 +131,8 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             step(f"quantizing weights ({quantization.scheme}, groups of {quantization.group_size})")
             quant_entry = quantize_weights(graph, quantization)
             stage(f"quantize-{quantization.scheme}", graph)
-        programs = derive_generation(graph)                 # before lowering: targets may rewrite the graph
+        programs = (derive_generation(graph) if generation    # before lowering: targets may rewrite the graph
+                    else without_programs(graph, NO_GENERATION))
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
         weights = {v.name: v.const for v in graph.constants.values()}
@@ -153,7 +156,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                 out_dir = writer.target_dir(target.name)
                 with diagnostics.captured() as found:
                     entry = target.lower(graph, out_dir, weights, options,
-                                         programs=None if programs.uncached else programs)
+                                         programs=programs if programs.prefill is not None else None)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     from polyport.devices import usable_cpus
     log = lambda msg: print(f"coexist: {msg}", file=sys.stderr, flush=True)    # noqa: E731
     onnx = engines.corpus_path(args.model)
-    art = engines.compile_cached(onnx, args.work_dir, log)
+    art = engines.compile_cached(onnx, args.work_dir, log, generation=False)   # it times run() only
     out = engines.run_child({"kind": "coexist", "onnx": str(onnx), "artifact": str(art), "threads": usable_cpus(),
                              "seq": args.seq, "rounds": args.rounds, "runs": args.runs})
     print(f"{args.model} seq {args.seq}, {out['threads']} threads, alone: polyport "

@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     paths = {Path(m).stem: engines.corpus_path(m) for m in args.models}
-    arts = {name: engines.compile_cached(p, args.work_dir, log, args.targets) for name, p in paths.items()}
+    arts = {name: engines.compile_cached(p, args.work_dir, log, args.targets, generation=not args.no_decode)
+            for name, p in paths.items()}
     shapes = [[b, s] for b in args.batch for s in args.seq]
     common = {"kind": "prefill", "shapes": shapes, "runs": args.runs, "warmup": args.warmup, "threads": args.threads}
     triad = {"kind": "triad", "threads": args.threads, "runs": 5, "warmup": 1}

@@ -69,20 +69,21 @@ def source_digest() -> str:
 
 
 def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
-                   targets: Sequence[str] = ("cpu",)) -> Path:
+                   targets: Sequence[str] = ("cpu",), generation: bool = True) -> Path:
     """The artifact for `onnx_path`, compiled into work_dir unless one from the same ONNX file, the same
-    polyport sources and the same targets is there (a changed kernel is never timed through a stale build)."""
+    polyport sources, the same targets and (with `generation`) the decode programs is there (a changed
+    kernel is never timed through a stale build)."""
     from polyport.compiler import compile_model
     from polyport.runtime.artifact import sha256
     art = work_dir / "artifacts" / onnx_path.stem
     stamp = art.with_name(art.name + ".source")
-    digest = f"{sha256(onnx_path)} {source_digest()} {','.join(targets)}"
+    digest = f"{sha256(onnx_path)} {source_digest()} {','.join(targets)}{'' if generation else ' no-generation'}"
     if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return art
     art.parent.mkdir(parents=True, exist_ok=True)
     log(f"compiling {onnx_path.name} for {', '.join(targets)}")
     t0 = time.perf_counter()
-    compile_model(onnx_path, list(targets), art, progress=lambda msg: None)
+    compile_model(onnx_path, list(targets), art, progress=lambda msg: None, generation=generation)
     stamp.write_text(digest + "\n")
     log(f"compiled {onnx_path.name} in {time.perf_counter() - t0:.1f} s")
     return art

@@ -29,6 +29,7 @@ from ..ir.ops import POLYPORT_DOMAIN, attrs_of, checked_attrs
 from ..ir.symbolic import sym
 from ..ir.types import TensorType
 from ._match_util import ints
+from .generation_batch import make_batch_generic
 
 CAPACITY = "cache_len"        # the symbolic capacity of linear caches (the runtime's max_length)
 
@@ -68,6 +69,8 @@ class GenerationPrograms:
     uncached: list[str]
     vocab: int
     max_positions: Optional[int]        # rows of a constant cos/sin table the positions index; None: no limit
+    recompute: Optional[str] = None     # why generation recomputes though every layer could be cached
+    per_sequence: Optional[str] = None  # why a batch-1 export's programs kept batch 1 (one cache per sequence)
 
     def added_constants(self) -> dict[str, np.ndarray]:
         """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
@@ -75,9 +78,11 @@ class GenerationPrograms:
                 for v in p.constants.values() if v.name.startswith(f"{p.name}.")}
 
     def manifest(self) -> dict:
-        return {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
-                "vocab": self.vocab, "max_positions": self.max_positions,
-                "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
+        entry = {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
+                 "vocab": self.vocab, "max_positions": self.max_positions,
+                 "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
+        extra = {k: v for k, v in (("recompute", self.recompute), ("per_sequence", self.per_sequence)) if v}
+        return {**entry, **extra}
 
     def describe(self) -> str:
         """The cache layout, one line per layer (what `inspect --passes generate` prints)."""
@@ -91,17 +96,27 @@ class GenerationPrograms:
                          f"{layer.dtype}, {cap}: {layer.bytes_per_token} B/token{naive}")
         for name in self.uncached:
             lines.append(f"  {name}: NOT cached (generation recomputes the whole sequence)")
+        if self.per_sequence:
+            lines.append(f"  programs of batch 1 (one cache per sequence): {self.per_sequence}")
         return "\n".join(lines)
 
 
 def generation_entry(graph: Graph, programs: GenerationPrograms) -> dict:
-    """The manifest's `generation` entry: the layout plus the programs' batch (1 when the export's is static 1)."""
-    shape = graph.inputs[0].shape if graph.inputs else None
+    """The manifest's `generation` entry: the layout plus the programs' batch (None: symbolic; 1 when the
+    export's is static 1 and its programs could not be made batch-generic)."""
+    source = programs.prefill if programs.prefill is not None else graph
+    shape = source.inputs[0].shape if source.inputs else None
     return {**programs.manifest(), "batch": shape[0] if shape and isinstance(shape[0], int) else None}
 
 
-def derive_generation(graph: Graph) -> GenerationPrograms:
-    """The prefill and decode programs of a fused graph (the graph itself is left unchanged)."""
+def without_programs(graph: Graph, why: str) -> GenerationPrograms:
+    """No derived programs, by choice (`why`): generation recomputes the whole sequence each step."""
+    return GenerationPrograms(None, None, [], [], _vocab(graph), None, why)
+
+
+def derive_generation(graph: Graph, *, batch_generic: bool = True) -> GenerationPrograms:
+    """The prefill and decode programs of a fused graph (the graph itself is left unchanged). A batch-1
+    export's programs get a symbolic batch unless `batch_generic` is False (passes/generation_batch.py)."""
     attentions = [n for n in graph.nodes if _is(n, "Attention")]
     vocab = _vocab(graph)
     if len(graph.inputs) != 1:        # the programs feed token ids only
@@ -119,9 +134,13 @@ def derive_generation(graph: Graph) -> GenerationPrograms:
         return GenerationPrograms(None, None, [], uncached, vocab, None)
     plans = {n.name: plan for n in attentions if (plan := mla_plan(n)) is not None}
     layers = [_layer(i, n, plans.get(n.name)) for i, n in enumerate(attentions)]
-    return GenerationPrograms(_program(graph, "prefill", layers, ranges, plans),
-                              _program(graph, "decode", layers, ranges, plans), layers, [], vocab,
-                              _max_positions(ranges))
+    programs = [_program(graph, kind, layers, ranges, plans) for kind in ("prefill", "decode")]
+    per_sequence = None
+    if batch == 1 and batch_generic:   # every corpus export: batch the programs by meaning, else one cache per sequence
+        per_sequence = next((why for p in programs if (why := make_batch_generic(p))), None)
+        if per_sequence is not None:
+            programs = [_program(graph, kind, layers, ranges, plans) for kind in ("prefill", "decode")]
+    return GenerationPrograms(*programs, layers, [], vocab, _max_positions(ranges), per_sequence=per_sequence)
 
 
 def _is(node: Node, op: str) -> bool:
@@ -248,11 +267,11 @@ def mla_plan(node: Node) -> Optional[MlaPlan]:
     plus one rope key shared by every head. Checked numerically on the region (random latents)."""
     q, k, v = node.inputs[:3]
     h, dqk, dv = node.attrs["num_heads"], k.shape[3], v.shape[3]
-    up = _through_layout(v, lambda n: n.op_type == "MatMul" and not n.domain and n.inputs[1].is_constant)
+    up = _through_layout(v, lambda n: _linear_weight(n) is not None)
     ropes = _leaves(k, lambda n: n.domain == POLYPORT_DOMAIN and n.op_type == "Rotary")
     if up is None or len(ropes) != 1:
         return None
-    latent, w = up.inputs[0], up.inputs[1].const
+    latent, w = up.inputs[0], _linear_weight(up)
     rope = ropes[0]
     dr = rope.shape[-1] if rope.shape else None
     if (w.ndim != 2 or not isinstance(dr, int) or dqk <= dr or w.shape[1] != h * (dqk - dr + dv)
@@ -263,6 +282,19 @@ def mla_plan(node: Node) -> Optional[MlaPlan]:
     plan = MlaPlan(latent, rope, np.ascontiguousarray(per_head[:, :, :nope].transpose(1, 2, 0)),
                    np.ascontiguousarray(per_head[:, :, nope:].transpose(1, 0, 2)), nope)
     return plan if _mla_holds(plan, k, v) else None
+
+
+def _linear_weight(node: Node) -> Optional[np.ndarray]:
+    """The f32 [K, N] weight of a linear layer over constants: a MatMul's, or a `--quantize` / `--dtype`
+    QuantMatMul's dequantized (the absorbed MLA weights are then computed from what the artifact stores)."""
+    if node.op_type == "MatMul" and not node.domain and node.inputs[1].is_constant:
+        return node.inputs[1].const
+    if _is(node, "QuantMatMul") and all(v is None or v.is_constant for v in node.inputs[1:]) and len(node.inputs) < 5:
+        from ..ir.fused.quant import dequantize
+        consts = [v.const if v is not None else None for v in node.inputs[1:4]]
+        consts += [None] * (3 - len(consts))
+        return np.ascontiguousarray(dequantize(*consts, **node.attrs).T)
+    return None
 
 
 def _through_layout(v: Value, want) -> Optional[Node]:
@@ -291,7 +323,7 @@ def _leaves(v: Value, want) -> list[Value]:
             found.append(x)
         elif node.op_type in _LAYOUT_OPS and not node.domain:
             stack.extend(i for i in node.inputs if i is not None)
-        elif node.op_type == "MatMul" and not node.domain and node.inputs[1].is_constant:
+        elif _linear_weight(node) is not None:
             continue                      # the up-projection: its slices are checked numerically
         else:
             return []

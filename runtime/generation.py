@@ -8,9 +8,10 @@ for every target. Where the derived programs are missing (a layer that cannot
 be cached, or a target without decode) generation recomputes the whole
 sequence through `run` each step, and says so on stderr (once per session).
 
-Programs derived from an export with a static batch of 1 run each sequence of
-a batch on its own cache; programs with a symbolic batch run them together
-(right-padded prompts, each sequence's own `past_len`).
+Programs with a symbolic batch (the manifest's `batch` None: also those derived
+from a batch-1 export, passes/generation_batch.py) run a batch together
+(right-padded prompts, each sequence's own `past_len`); programs of batch 1
+(`generation.per_sequence` says why) run each sequence on its own cache.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class GenerationState:
         self._lengths = lens.copy()
         if not self.cached:
             why = (f"layers {', '.join(info['uncached'])} cannot be cached" if info.get("uncached")
-                   else "this target has no decode programs")
+                   else info.get("recompute") or "this target has no decode programs")
             if not getattr(session, "_warned_recompute", False):     # once per session, not per start
                 print(f"polyport: warning: {why}; generation recomputes the whole sequence each step",
                       file=sys.stderr)
@@ -101,7 +102,7 @@ class GenerationState:
             self.reserved_bytes = 0
             self.logits = self._recompute()
             return
-        # a static batch of 1 in the programs: one cache per sequence; else one batched cache
+        # programs of batch 1: one cache per sequence; else one batched cache
         self._groups = [[b] for b in range(len(lens))] if info.get("batch") == 1 else [list(range(len(lens)))]
         self._caches = [session.new_cache(len(g), cap) for g in self._groups]
         self.reserved_bytes = sum(int(layer["bytes_per_token"]) * (layer.get("capacity") or cap)

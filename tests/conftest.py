@@ -47,7 +47,9 @@ def cli():
 
 @pytest.fixture(scope="session")
 def llama_artifact(tmp_path_factory):
-    """llama_a (examples/models) compiled once for cpu and ascend: the artifact the reliability tests share."""
+    """llama_a (examples/models) compiled once for cpu and ascend: the artifact the reliability tests share
+    (without generation programs: none of them generates, and the cpu build takes a third of the time)."""
     from polyport.compiler import compile_model
     from .real_models import model_path
-    return compile_model(model_path("llama_a"), ["cpu", "ascend"], tmp_path_factory.mktemp("llama") / "art")
+    return compile_model(model_path("llama_a"), ["cpu", "ascend"], tmp_path_factory.mktemp("llama") / "art",
+                         generation=False)

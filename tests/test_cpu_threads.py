@@ -98,7 +98,7 @@ def test_a_session_beside_ort_keeps_the_callers_affinity_and_does_not_slow_ort(t
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import engines
     onnx = engines.corpus_path("llama_a")
-    compile_model(onnx, ["cpu"], tmp_path / "art", progress=lambda msg: None)
+    compile_model(onnx, ["cpu"], tmp_path / "art", progress=lambda msg: None, generation=False)
     out = engines.run_child({"kind": "coexist", "onnx": str(onnx), "artifact": str(tmp_path / "art"),
                              "threads": 2, "seq": 512, "rounds": 2, "runs": 8})
     assert out["affinity_kept"], out

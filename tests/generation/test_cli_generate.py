@@ -133,3 +133,19 @@ def test_compile_names_the_layers_it_cannot_cache_and_the_manifest_records_them(
     assert r.exit_code == 0, r.stderr
     uncached = json.loads((out / "manifest.json").read_text())["generation"]["uncached"]
     assert uncached and all(f"generation: {name} cannot be cached" in r.stderr for name in uncached)
+
+
+def test_compile_no_generation_records_recompute_and_generate_warns_once(cli, tmp_path):
+    """`compile --no-generation`: no programs in the target entry, the manifest says generation recomputes,
+    and generate warns once (the ascend emulator's recompute path: no TVM build)."""
+    out = tmp_path / "art"
+    r = cli("compile", LLAMA, "-t", "ascend", "-o", out, "--no-generation")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert "programs" not in m["targets"]["ascend"] and not m["generation"]["layers"]
+    assert m["generation"]["recompute"].endswith("(compile --no-generation)")
+    r = cli("generate", out, "-t", "ascend", "--prompt-ids", "5,17,42", "--max-new-tokens", "3", "--json")
+    assert r.exit_code == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "--no-generation" in warnings[0], r.stderr
+    assert len(json.loads(r.stdout)["tokens"][0]) == 3

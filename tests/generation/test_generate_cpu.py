@@ -5,7 +5,8 @@ one at a time reproduces ORT's logits at each position within 1e-4 x max|logit|.
 library holds main, prefill and decode (model.json "functions"), the caches are device buffers
 updated in place (the same memory before and after a step), a batch of unequal prompts equals
 each alone, a sliding-window layer's ring keeps `window` slots. Default run: llama_a (one
-compile); the corpus x prompt lengths 1, 7, 40 is slow."""
+compile); these models x prompt lengths 1, 7, 40 are slow, the rest of the corpus `corpus` (one cpu
+build each: run by hand, `pytest -m corpus tests/generation/test_generate_cpu.py`)."""
 from __future__ import annotations
 
 import atexit
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import polyport
-from polyport.tests.real_models import assert_logits_close
+from polyport.tests.real_models import assert_logits_close, corpus
 
 from .conftest import assert_unequal_prompts_batch_like_alone, ort_logits, path_of, prompt
 
@@ -26,6 +27,7 @@ STEPS = 24
 MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny"]
 DEFAULT = [("llama_a", 7)]
 FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
+REST = [pytest.param(m, n, marks=pytest.mark.corpus) for m in sorted(corpus()) if m not in MODELS for n in (1, 7, 40)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,7 +57,7 @@ def teacher_forced(name: str, n: int, steps: int = STEPS) -> None:
     assert int(g.length[0]) == n + steps
 
 
-@pytest.mark.parametrize("name,n", DEFAULT + FULL)
+@pytest.mark.parametrize("name,n", DEFAULT + FULL + REST)
 def test_teacher_forced_decode_matches_ort_full_forward(name, n):
     teacher_forced(name, n)
 
@@ -112,3 +114,29 @@ def test_several_tokens_per_step_over_a_ring():
     g = session("mixtral_b").start(ids[:, :20])
     for t in range(20, 32, 4):
         assert_logits_close(g.append(ids[:, t:t + 4])[0], want[t + 3])
+
+
+@pytest.mark.slow
+def test_mla_over_int8_weights_decodes_absorbed(tmp_path):
+    """deepseek_v3_a compiled with --quantize int8: the cache still holds the latent and the rope key only,
+    and teacher-forced decode equals the reference's full forward over the same quantized graph."""
+    from polyport.compiler import compile_model
+    from polyport.frontend.onnx_import import import_onnx
+    from polyport.passes.pipelines import run_pipeline
+    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    from polyport.runtime.reference import ReferenceSession
+    name, n, steps, spec = "deepseek_v3_a", 7, 8, WeightQuantization("int8", 32)
+    cfg = corpus()[name]["hf_config"]
+    s = polyport.load(compile_model(path_of(name), ["cpu"], tmp_path / "art", quantization=spec), target="cpu")
+    layers = s.generation["layers"]
+    assert [layer["kind"] for layer in layers] == ["mla"] * cfg["num_hidden_layers"]
+    assert {layer["bytes_per_token"] for layer in layers} == {(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4}
+    g = import_onnx(path_of(name))
+    run_pipeline(g)
+    quantize_weights(g, spec)
+    ids = prompt(name, n, steps)
+    want = ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0]
+    state = s.start(ids[:, :n])
+    assert_logits_close(state.logits[0], want[n - 1])
+    for t in range(steps - 1):
+        assert_logits_close(state.append(ids[:, n + t])[0], want[n + t])

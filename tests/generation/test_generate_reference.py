@@ -69,6 +69,27 @@ def test_a_batch_of_unequal_prompts_equals_each_alone(name):
     np.testing.assert_array_equal(s.generate(ids, 6, attention_mask=mask), alone)
 
 
+def test_batch_one_exports_get_batch_generic_programs():
+    """The corpus fixes batch at 1; the derived programs take a symbolic batch (one prefill and one decode
+    call per step for the whole batch: the unequal-prompt check above runs that path)."""
+    s = generator("llama_a")
+    assert s.generation["batch"] is None and "per_sequence" not in s.generation
+    for program in (s._programs["prefill"].graph, s._programs["decode"].graph):
+        assert all(str(v.shape[0]) == "batch" for v in [*program.inputs, *program.outputs])
+
+
+def test_programs_that_cannot_be_batched_run_one_sequence_per_cache(monkeypatch):
+    """Where the batch cannot be told, the batch-1 programs stay, the manifest says why, and a batch still
+    equals each sequence alone (one cache per sequence)."""
+    import polyport.passes.derive_generation as derive
+    from polyport.compiler import reference_generator
+    from .conftest import path_of
+    monkeypatch.setattr(derive, "make_batch_generic", lambda program: "node X drops the batch dim")
+    s = reference_generator(path_of("llama_a"))
+    assert s.generation["batch"] == 1 and s.generation["per_sequence"] == "node X drops the batch dim"
+    assert_unequal_prompts_batch_like_alone(s, "llama_a", steps=3)
+
+
 def test_append_takes_several_tokens_at_once():
     name, n = "llama_a", 7
     ids = prompt(name, n, 5)
@@ -184,3 +205,31 @@ def test_deepseek_v3_caches_the_latent_and_rope_key_only(name):
         assert layer["bytes_per_token"] == per_token
         naive = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * 4
         assert layer["naive_ratio"] == round(naive / per_token, 3)
+
+
+@pytest.mark.parametrize("scheme", ["int8", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_mla_stays_absorbed_over_quantized_weights(scheme):
+    """`--quantize` / `--dtype` turn the MLA up-projection into a QuantMatMul: the absorbed layout still
+    holds (W_uk / W_uv from the dequantized weights), and teacher-forced decode equals the reference's
+    full forward over the same quantized graph."""
+    from polyport.frontend.onnx_import import import_onnx
+    from polyport.passes.derive_generation import derive_generation, generation_entry
+    from polyport.passes.pipelines import run_pipeline
+    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    from polyport.runtime.reference import ReferenceGenerator, ReferenceSession
+    from .conftest import path_of
+    name, n, steps = "deepseek_v3_a", 7, 6
+    cfg = corpus()[name]["hf_config"]
+    g = import_onnx(path_of(name))
+    run_pipeline(g)
+    quantize_weights(g, WeightQuantization(scheme, 32))
+    programs = derive_generation(g)
+    assert [layer.kind for layer in programs.layers] == ["mla"] * cfg["num_hidden_layers"]
+    assert {layer.bytes_per_token for layer in programs.layers} == {(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4}
+    s = ReferenceGenerator(g, programs, generation_entry(g, programs))
+    ids = prompt(name, n, steps)
+    want = ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0]
+    state = s.start(ids[:, :n])
+    assert_logits_close(state.logits[0], want[n - 1])
+    for t in range(steps - 1):
+        assert_logits_close(state.append(ids[:, n + t])[0], want[n + t])

@@ -54,7 +54,7 @@ def art_dir(tmp_path_factory):
 
 def _compiled(name: str, base: Path) -> Path:
     if name not in _ARTS:
-        _ARTS[name] = compile_model(_model_path(name), ["cpu"], base / name)
+        _ARTS[name] = compile_model(_model_path(name), ["cpu"], base / name, generation=False)   # run() only
     return _ARTS[name]
 
 
@@ -88,6 +88,26 @@ def test_manifest_entry(art_dir):
     assert "cpu/model.so" in m["files"] and "cpu/model.json" in m["files"]
     meta = json.loads((art / "cpu" / "model.json").read_text())
     assert meta["inputs"] == ["input_ids"] and meta["params"], meta
+
+
+def test_no_generation_builds_main_only_and_generate_recomputes(art_dir, capfd):
+    """compile --no-generation (what these tests use): no prefill / decode in the library, the manifest says
+    why, and generate recomputes with one warning, giving the tokens of the greedy loop over run()."""
+    art = _compiled("llama_a", art_dir)
+    assert "functions" not in json.loads((art / "cpu" / "model.json").read_text())
+    m = json.loads((art / "manifest.json").read_text())
+    assert "programs" not in m["targets"]["cpu"] and not m["generation"]["layers"]
+    assert "--no-generation" in m["generation"]["recompute"]
+    sess = session.load(art, "cpu")
+    capfd.readouterr()
+    prompt = _ids(5, m["generation"]["vocab"], 3)
+    got = sess.generate(prompt, 3)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-generation" in err[0] and "recomputes the whole sequence" in err[0], err
+    seq = prompt
+    for _ in range(3):
+        seq = np.concatenate([seq, sess.run({"input_ids": seq})["logits"][:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, seq[:, 5:])
 
 
 def _copy(art: Path, tmp_path: Path) -> Path:

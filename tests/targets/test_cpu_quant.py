@@ -67,7 +67,7 @@ CASES = [_nbits_case("llama_a", 32, False), _nbits_case("qwen3_moe_a", 128, True
 @pytest.mark.parametrize("name,block,symmetric", CASES)
 def test_matmul_nbits_model_on_cpu_matches_ort(tmp_path, name, block, symmetric):
     path = matmul_nbits(name, block, symmetric, tmp_path)
-    art = compile_model(path, ["cpu"], tmp_path / "art")
+    art = compile_model(path, ["cpu"], tmp_path / "art", generation=False)     # run() only: no decode programs
     meta = json.loads((art / "cpu" / "model.json").read_text())
     assert meta["packed_rows"], "the quantized operands are bound column-blocked for the packed kernel"
     sess = session.load(art, "cpu")
@@ -110,7 +110,8 @@ def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name,
     from polyport.passes.quantize_weights import WeightQuantization
     from polyport.runtime import safetensors
     art = tmp_path / "art"
-    res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art)] + options)
+    res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art),
+                                    "--no-generation"] + options)
     assert res.exit_code == 0, res.output
     opts = dict(zip(options[::2], options[1::2]))
     scheme = opts.get("--quantize") or opts["--dtype"]
