@@ -135,6 +135,8 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                     else without_programs(graph, NO_GENERATION))
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
+        if programs.reference_only:
+            progress(f"generation: {programs.reference_only}")
         weights = {v.name: v.const for v in graph.constants.values()}
         weights.update(programs.added_constants())          # the programs share the rest with the graph
         with ArtifactWriter(out, signature(graph, Path(model).stem), source=sha256(Path(model)),
@@ -156,7 +158,8 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                 out_dir = writer.target_dir(target.name)
                 with diagnostics.captured() as found:
                     entry = target.lower(graph, out_dir, weights, options,
-                                         programs=programs if programs.prefill is not None else None)
+                                         programs=programs if programs.prefill is not None
+                                         and not programs.reference_only else None)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)
