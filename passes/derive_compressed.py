@@ -21,7 +21,10 @@ Decode takes one token per step (the runtime splits longer appends): the token's
 the rings, its window w = p // rate is pooled again from the rings by the same `KVCompress`
 (positions past p get no weight), the export's per-entry ops run on that one entry at position w
 (the Range becomes w), and the result is written into entry slot w. An unfinished entry is
-invisible: the mask shows entry t only once t < (p + 1) // rate.
+invisible: the mask shows entry t only once t < (p + 1) // rate. The layer's own `Attention` (not causal,
+masked) then attends over Concat(the window ring after this step's write, the entries) with the mask
+Concat(slots written so far, complete entries / CSA's indexer over its cached keys): standard ops and
+the fused ops every target already lowers.
 """
 from __future__ import annotations
 
@@ -241,23 +244,43 @@ def compressed_layer(g: Graph, kind: str, node: Node, plan: CompressedPlan, name
         for r in comp.ranges:                               # the per-entry ops see entry w's position
             vmap[id(r.outputs[0])].replace_all_uses_with(w)
     entries = update(entries_cache, vmap[id(plan.main.entries)], w, n_new, 0)
-    mask = None
+    ahead = _node(g, "Add", [past, _const(g, "one", np.array(1, np.int64))], before=node)    # p + 1
     if index_cache is not None:
         indexed = update(index_cache, rows(vmap[id(plan.index.entries)]), w, n_new, 0)
         indexer = vmap[id(plan.indexer.outputs[0])].producer
         indexer.set_input(1, _node(g, "Squeeze", [indexed, _const(g, "axis", [1])], before=indexer))
-        mask = indexer.outputs[0]
-    q = node.inputs[0]
-    sinks = node.inputs[4] if len(node.inputs) > 4 else None
-    out = _node(g, "CachedAttention", [q, keys, keys, kv_cache, kv_cache, past, sinks, entries, mask],
-                domain=POLYPORT_DOMAIN, name=f"{node.name}_cached", before=node,
-                attrs={"num_heads": node.attrs["num_heads"], "kv_heads": node.attrs["kv_heads"],
-                       "scale": node.attrs["scale"], "window": plan.window, "ring": ring, "v_in_k": 1,
-                       "rate": rate})
-    node.outputs[0].replace_all_uses_with(out)
-    g.remove(node)
-    update(kv_cache, keys, past, n_new, ring)
+        entries_mask = indexer.outputs[0]                     # [B, 1, 1, T]: complete entries, top-k
+    else:
+        ready = _node(g, "Div", [ahead, rate_c], before=node)  # entry t is complete once t < (p + 1) // rate
+        entries_mask = _shown(g, _slot_numbers(g, entries, node), ready, node)
+    window = update(kv_cache, keys, past, n_new, ring)         # the ring now holds the query's window
+    window_mask = _shown(g, _slot_numbers(g, window, node), ahead, node)   # slots written so far
+    both = _node(g, "Concat", [window, entries], attrs={"axis": 2}, before=node)
+    mask = _node(g, "Concat", [window_mask, entries_mask], attrs={"axis": -1}, before=node)
+    node.set_input(1, both)
+    node.set_input(2, both)
+    node.set_input(3, mask)           # the export's Attention (causal 0) over the cached window and entries
     return outs
+
+
+def _slot_numbers(g: Graph, cache: Value, before: Node) -> Value:
+    """arange(slots) of a cache [B, H, slots, D]."""
+    from .derive_generation import _const, _node
+    count = _node(g, "Shape", [cache], attrs={"start": 2, "end": 3}, before=before)
+    count = _node(g, "Squeeze", [count, _const(g, "axis", [0])], before=before)
+    return _node(g, "Range", [_const(g, "zero", np.array(0, np.int64)), count,
+                              _const(g, "one", np.array(1, np.int64))], before=before)
+
+
+def _shown(g: Graph, slots: Value, limit: Value, before: Node) -> Value:
+    """The additive mask [B, 1, 1, slots]: 0 where slot < limit[b], else -inf."""
+    from .derive_generation import _const, _node
+    keep = _node(g, "Less", [slots, _node(g, "Unsqueeze", [limit, _const(g, "axis", [-1])], before=before)],
+                 before=before)
+    dtype = np.float32
+    add = _node(g, "Where", [keep, _const(g, "shown", np.array(0, dtype)), _const(g, "hidden", np.array(-np.inf, dtype))],
+                before=before)
+    return _node(g, "Unsqueeze", [add, _const(g, "axes", [1, 2])], before=before)
 
 
 def _pool_window(g: Graph, comp: Compressor, bias: Value, kv_tail: Value, gate_tail: Value, past: Value,

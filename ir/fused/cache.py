@@ -5,11 +5,6 @@ Sequence b has past_len[b] tokens before this step; its new row i sits at
 position past_len[b] + i. Linear caches (ring=0) keep position p in slot p;
 ring caches (ring=1, sliding-window layers) keep it in slot p % C, so only the
 last C positions survive and memory is bounded by the window.
-
-DeepSeek V4's compressed layers (CSA/HCA) also attend over compressed entries
-`entries` [B, 1, T, D] (K = V, entry t pools tokens t x rate ..): a query at
-position p sees entry t once its window is complete, t < (p + 1) // rate, and
-where the additive `entries_mask` [B, 1, k, T] (CSA's indexer) does not hide it.
 """
 import numpy as np
 
@@ -22,17 +17,14 @@ define("CacheUpdate", inputs=("cache", "new", "past_len", "n_new"), outputs=("ca
        attrs={"ring": AttrSpec(int, 0, doc="1: position p lives in slot p % capacity")},
        doc="Write each sequence's first n_new[b] new rows at positions past_len[b].. into the cache.")
 
-define("CachedAttention", inputs=("q", "k_new", "v_new", "cache_k", "cache_v", "past_len", "sinks?", "entries?",
-                                  "entries_mask?"),
+define("CachedAttention", inputs=("q", "k_new", "v_new", "cache_k", "cache_v", "past_len", "sinks?"),
        outputs=("out",),
        attrs={"num_heads": AttrSpec(int), "kv_heads": AttrSpec(int),
               "scale": AttrSpec(float, doc="multiplies q @ k^T"),
               "window": AttrSpec(int, 0, doc="sliding window; 0: unlimited"),
               "ring": AttrSpec(int, 0, doc="the caches are rings (position p in slot p % capacity)"),
-              "v_in_k": AttrSpec(int, 0, doc="1: V is the first Dv channels of K (shared K=V, absorbed MLA)"),
-              "rate": AttrSpec(int, 0, doc="entries: one per `rate` tokens; 0: no entries")},
-       doc="Causal attention of k new queries over the cache (before this step's update) and the k new keys "
-           "(and, with `rate`, compressed entries).")
+              "v_in_k": AttrSpec(int, 0, doc="1: V is the first Dv channels of K (shared K=V, absorbed MLA)")},
+       doc="Causal attention of k new queries over the cache (before this step's update) and the k new keys.")
 
 
 def _err(node, msg: str) -> errors.PolyportError:
@@ -89,10 +81,7 @@ def cache_update(node, inputs, ctx):
 def cached_attention(node, inputs, ctx):
     q, k_new, v_new, cache_k, cache_v, past_len = (inputs[i] for i in range(6))
     sinks = inputs[6] if len(inputs) > 6 else None
-    entries = inputs[7] if len(inputs) > 7 else None
-    entries_mask = inputs[8] if len(inputs) > 8 else None
     a = attrs_of(node)
-    rate = a["rate"]
     ring, window = bool(a["ring"]), a["window"]
     group = a["num_heads"] // a["kv_heads"]
     dv = v_new.shape[-1]
@@ -112,14 +101,6 @@ def cached_attention(node, inputs, ctx):
         keep = key_pos[None, :] <= query_pos[:, None]
         if window:
             keep &= key_pos[None, :] > query_pos[:, None] - window
-        if rate and entries is not None:            # compressed entries, after the window's keys
-            extra = f32(entries[b])                                                    # [KVH, T, D]
-            complete = np.arange(extra.shape[1])[None, :] < ((query_pos + 1) // rate)[:, None]
-            if entries_mask is not None:
-                complete = complete & (f32(entries_mask[b, 0]) > -1e4)
-            keys = np.concatenate([keys, extra], axis=1)
-            values = np.concatenate([values, extra[..., :dv]], axis=1)
-            keep = np.concatenate([keep, complete], axis=1)
         keys, values = np.repeat(keys, group, axis=0), np.repeat(values, group, axis=0)
         scores = f32(q[b]) @ np.swapaxes(keys, -1, -2) * np.float32(a["scale"])       # [H, k, n]
         scores = np.where(keep, scores, np.float32(-np.inf))
