@@ -35,7 +35,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import POLYPORT_DOMAIN
-from ..ir.symbolic import floordiv, sym
+from ..ir.symbolic import sym
 from ..ir.types import TensorType
 from .attention_mask import MaskPart, _causal_window, _Runner
 from .pattern import NoMatch
@@ -186,9 +186,10 @@ class CompressedTensors:
         return [self.kv, self.entries] + ([self.index] if self.index else []) + [n for r in self.raw.values()
                                                                                   for n in r]
 
-def entry_slots(capacity, rate: int):
-    """Entry rows for `capacity` positions: ceil(capacity / rate) (a symbolic capacity stays symbolic)."""
-    return floordiv(capacity + (rate - 1), rate)
+def entry_slots(rate: int):
+    """The entries caches' rows, a symbol of their own (the runtime reserves ceil(max_length / rate)): a
+    cache's shape binds it directly, as `cache_len` binds a linear cache's."""
+    return sym(f"entries_len_{rate}")
 
 
 def compressed_layer(g: Graph, kind: str, node: Node, plan: CompressedPlan, names: CompressedTensors, vmap,
@@ -216,7 +217,7 @@ def compressed_layer(g: Graph, kind: str, node: Node, plan: CompressedPlan, name
         return _node(g, "Unsqueeze", [x, _const(g, "axis", [1])], before=node)
 
     outs: list[Value] = []
-    slots = entry_slots(sym(CAPACITY), rate)
+    slots = entry_slots(rate)
     kv_cache = cache(names.kv, keys, plan.window or sym(CAPACITY), d)
     entries_cache = cache(names.entries, keys, slots, d)
     index_cache = None
@@ -234,7 +235,7 @@ def compressed_layer(g: Graph, kind: str, node: Node, plan: CompressedPlan, name
             for tensor, raw in zip(names.raw[prefix], comp.node.inputs[:2]):
                 raw = vmap[id(raw)]
                 update(cache(tensor, raw, comp.ring, comp.channels), rows(raw), past, n_new, 1)
-        return outs
+        return _in_order(outs, names)
     w = _node(g, "Div", [past, rate_c], name="entry", before=node)          # the entry the new token belongs to
     for prefix, comp in plan.compressors():
         tails = [update(cache(tensor, vmap[id(raw)], comp.ring, comp.channels), rows(vmap[id(raw)]), past, n_new, 1)
@@ -255,19 +256,30 @@ def compressed_layer(g: Graph, kind: str, node: Node, plan: CompressedPlan, name
         entries_mask = _shown(g, _slot_numbers(g, entries, node), ready, node)
     window = update(kv_cache, keys, past, n_new, ring)         # the ring now holds the query's window
     window_mask = _shown(g, _slot_numbers(g, window, node), ahead, node)   # slots written so far
+    if index_cache is not None:                                # [B, 1, 1, W] -> [B, 1, step, W], as the indexer's
+        q = node.inputs[0]
+        rows_ = _node(g, "ShapeValue", [], attrs={"dims": [1, 1, q.shape[2], 1], "scalar": 0},
+                      domain=POLYPORT_DOMAIN, before=node)
+        window_mask = _node(g, "Expand", [window_mask, rows_], before=node)
     both = _node(g, "Concat", [window, entries], attrs={"axis": 2}, before=node)
     mask = _node(g, "Concat", [window_mask, entries_mask], attrs={"axis": -1}, before=node)
     node.set_input(1, both)
     node.set_input(2, both)
     node.set_input(3, mask)           # the export's Attention (causal 0) over the cached window and entries
-    return outs
+    return _in_order(outs, names)
+
+
+def _in_order(outs: list[Value], names: CompressedTensors) -> list[Value]:
+    """The updated caches in the order of the cache inputs (runtimes pair them by position)."""
+    order = names.names()
+    return sorted(outs, key=lambda v: order.index(v.producer.inputs[0].name))
 
 
 def _slot_numbers(g: Graph, cache: Value, before: Node) -> Value:
-    """arange(slots) of a cache [B, H, slots, D]."""
+    """arange(slots) [slots] of a cache [B, H, slots, D] (slots: a ring's count or a symbolic capacity)."""
     from .derive_generation import _const, _node
-    count = _node(g, "Shape", [cache], attrs={"start": 2, "end": 3}, before=before)
-    count = _node(g, "Squeeze", [count, _const(g, "axis", [0])], before=before)
+    count = _node(g, "ShapeValue", [], attrs={"dims": [cache.shape[2]], "scalar": 1}, domain=POLYPORT_DOMAIN,
+                  before=before)
     return _node(g, "Range", [_const(g, "zero", np.array(0, np.int64)), count,
                               _const(g, "one", np.array(1, np.int64))], before=before)
 

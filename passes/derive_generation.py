@@ -32,7 +32,7 @@ from ..ir.symbolic import sym
 from ..ir.types import TensorType
 from ._match_util import ints
 from .derive_compressed import CompressedPlan, CompressedTensors, compressed_layer, compressed_plan
-from .generation_batch import make_batch_generic
+from .generation_batch import make_batch_generic, retype
 
 CAPACITY = "cache_len"        # the symbolic capacity of linear caches (the runtime's max_length)
 COMPRESSED_PER_SEQUENCE = "compressed layers (CSA/HCA) decode each sequence on its own cache"
@@ -522,6 +522,8 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
     g.set_outputs([logits] + cache_outs)
     g.remove_unused()
     g.sort()
+    if any(layer.shapes is not None for layer in layers):   # the entries' ops now run on other shapes
+        retype(g)
     return g
 
 
