@@ -135,8 +135,6 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
                     else without_programs(graph, NO_GENERATION))
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
-        if programs.reference_only:
-            progress(f"generation: {programs.reference_only}")
         weights = {v.name: v.const for v in graph.constants.values()}
         weights.update(programs.added_constants())          # the programs share the rest with the graph
         with ArtifactWriter(out, signature(graph, Path(model).stem), source=sha256(Path(model)),
@@ -156,10 +154,12 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             for target in lowerers:
                 step(f"lowering for {target.name}")
                 out_dir = writer.target_dir(target.name)
+                derived = programs.prefill is not None
+                if derived and programs.compressed_decode and not target.decodes_compressed:
+                    progress(f"generation: {target.name}: {programs.compressed_decode}")
+                    derived = False
                 with diagnostics.captured() as found:
-                    entry = target.lower(graph, out_dir, weights, options,
-                                         programs=programs if programs.prefill is not None
-                                         and not programs.reference_only else None)
+                    entry = target.lower(graph, out_dir, weights, options, programs=programs if derived else None)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

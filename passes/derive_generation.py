@@ -36,8 +36,8 @@ from .generation_batch import make_batch_generic, retype
 
 CAPACITY = "cache_len"        # the symbolic capacity of linear caches (the runtime's max_length)
 COMPRESSED_PER_SEQUENCE = "compressed layers (CSA/HCA) decode each sequence on its own cache"
-COMPRESSED_TARGETS = ("compressed layers (CSA/HCA) decode on the reference executor only; compiled targets "
-                      "recompute the whole sequence")
+COMPRESSED_DECODE = ("compressed layers (CSA/HCA) decode through their caches on the reference executor and "
+                     "cpu; the other targets recompute the whole sequence")
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ class GenerationPrograms:
     recompute: Optional[str] = None     # why generation recomputes though every layer could be cached
     per_sequence: Optional[str] = None  # why a batch-1 export's programs kept batch 1 (one cache per sequence)
     decode_step: Optional[int] = None   # tokens one decode call takes at most (the runtime splits longer appends)
-    reference_only: Optional[str] = None   # why compiled targets do not get the programs (they recompute)
+    compressed_decode: Optional[str] = None   # CSA/HCA layers: which targets decode them (targets/base.py)
 
     def added_constants(self) -> dict[str, np.ndarray]:
         """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
@@ -110,7 +110,7 @@ class GenerationPrograms:
                  "vocab": self.vocab, "max_positions": self.max_positions,
                  "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
         extra = {k: v for k, v in (("recompute", self.recompute), ("per_sequence", self.per_sequence),
-                                   ("decode_step", self.decode_step), ("reference_only", self.reference_only)) if v}
+                                   ("decode_step", self.decode_step), ("compressed_decode", self.compressed_decode)) if v}
         return {**entry, **extra}
 
     def describe(self) -> str:
@@ -135,8 +135,8 @@ class GenerationPrograms:
             lines.append(f"  programs of batch 1 (one cache per sequence): {self.per_sequence}")
         if self.decode_step:
             lines.append(f"  decode takes {self.decode_step} token per call (longer appends are split)")
-        if self.reference_only:
-            lines.append(f"  {self.reference_only}")
+        if self.compressed_decode:
+            lines.append(f"  {self.compressed_decode}")
         return "\n".join(lines)
 
 
@@ -183,7 +183,7 @@ def derive_generation(graph: Graph, *, batch_generic: bool = True) -> Generation
     if compressed:       # decode's entry positions are one vector for the batch: one sequence per cache
         return GenerationPrograms(*programs, layers, [], vocab, _max_positions(ranges),
                                   per_sequence=COMPRESSED_PER_SEQUENCE if batch == 1 else None, decode_step=1,
-                                  reference_only=COMPRESSED_TARGETS)
+                                  compressed_decode=COMPRESSED_DECODE)
     if batch == 1 and batch_generic:   # every corpus export: batch the programs by meaning, else one cache per sequence
         per_sequence = next((why for p in programs if (why := make_batch_generic(p))), None)
         if per_sequence is not None:

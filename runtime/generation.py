@@ -95,7 +95,7 @@ class GenerationState:
         self._lengths = lens.copy()
         if not self.cached:
             why = (f"layers {', '.join(info['uncached'])} cannot be cached" if info.get("uncached")
-                   else info.get("recompute") or info.get("reference_only") or "this target has no decode programs")
+                   else info.get("recompute") or info.get("compressed_decode") or "this target has no decode programs")
             if not getattr(session, "_warned_recompute", False):     # once per session, not per start
                 print(f"polyport: warning: {why}; generation recomputes the whole sequence each step",
                       file=sys.stderr)

@@ -29,6 +29,7 @@ class Target(abc.ABC):
     devices: ClassVar[Mapping[str, DeviceSpec]]
     default_device: ClassVar[str]
     known_archs: ClassVar[tuple[str, ...]] = ()     # what --arch may name for this target (none: it takes no --arch)
+    decodes_compressed: ClassVar[bool] = False      # builds programs with DeepSeek V4's CSA/HCA caches
 
     @abc.abstractmethod
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
