@@ -144,6 +144,10 @@ def test_a_target_without_compressed_decode_says_so_and_recomputes(cli, tmp_path
     m = json.loads((out / "manifest.json").read_text())
     assert [layer["kind"] for layer in m["generation"]["layers"]] == ["hca", "csa", "shared_kv"]
     assert "programs" not in m["targets"]["ascend"] and "generation: ascend: compressed layers" in r.stderr
+    r = cli("inspect", MODELS / "deepseek_v4_b.onnx", "--passes", "generate")
+    assert r.exit_code == 0, r.stderr
+    assert "hca, shared K=V 32 f32, window ring of 16 + one entry per 8 tokens" in r.stdout
+    assert "one entry per 4 tokens" in r.stdout and "48 B/token + 8192 B of rings" in r.stdout    # csa: + indexer keys
     r = cli("generate", out, "-t", "ascend", "--prompt-ids", "5,17,42", "--max-new-tokens", "2", "--json")
     assert r.exit_code == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if "warning" in line]
