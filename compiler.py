@@ -133,6 +133,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             stage(f"quantize-{quantization.scheme}", graph)
         programs = (derive_generation(graph) if generation    # before lowering: targets may rewrite the graph
                     else without_programs(graph, NO_GENERATION))
+        build_programs = (options.extra or {}).get("generation", True)   # False: targets build the cache-less program only
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
         weights = {v.name: v.const for v in graph.constants.values()}
@@ -154,7 +155,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             for target in lowerers:
                 step(f"lowering for {target.name}")
                 out_dir = writer.target_dir(target.name)
-                derived = programs.prefill is not None
+                derived = programs.prefill is not None and build_programs
                 if derived and programs.compressed_decode and not target.decodes_compressed:
                     progress(f"generation: {target.name}: {programs.compressed_decode}")
                     derived = False

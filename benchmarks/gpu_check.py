@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --work-dir DIR [--models NAME|PATH ...] [--seq 1 16 128 1024]
                                    [--runs 20] [--warmup 3] [--budget-s S] [--quick] [--arch sm_90]
                                    [--target cuda|cpu] [--compile-only] [--json FILE]
+                                   [--gen-tokens 16] [--gen-prompt 8]
 
 (benchmarks/gpu_check.sh wraps it: offline wheel install, library paths;
 benchmarks/gpu_bundle.sh compiles here and packs what a GPU machine that
@@ -29,6 +30,16 @@ downloaded: what is missing is reported.
 4. Timing: polyport and the peer interleaved (`interleaved` below),
    median of --runs after --warmup. The peer is ORT's CUDA EP when it works,
    else ORT's CPU EP, and the table says which.
+
+5. Generation (--gen-tokens N, default 16; 0 skips it): greedy `generate` of N
+   tokens after a --gen-prompt-token prompt on the target. Its tokens must equal
+   the cpu target's (the artifact is compiled for the cpu target too; with
+   --target cpu, ORT's greedy loop is the reference, except after a step whose
+   top-1/top-2 margin is below 1e-5 x max |logit|). Time per output token:
+   polyport decodes through its KV cache where the artifact has the derived
+   programs (else it recomputes, and the row says so); the peer (ORT's CUDA EP,
+   else CPU EP) runs the cache-less export, a full forward over the whole
+   sequence per token, since that is the export users have. The table says so.
 
 --quick (or --budget-s S): 5 runs after 2 warm-ups and a total budget (420 s
 with --quick) shared by compiles and timing; past the budget a row keeps its
@@ -198,7 +209,13 @@ def artifact_dir(onnx_path: Path, work_dir: Path, target: str) -> Path:
     return work_dir / "artifacts" / f"{onnx_path.stem}.{target}"
 
 
-def cached_artifact(onnx_path: Path, work_dir: Path, target: str, archs: list[str]) -> Optional[Path]:
+def build_targets(target: str, generation: bool) -> list[str]:
+    """The targets compiled: the checked one, plus cpu when the generation check needs its tokens."""
+    return [target] + (["cpu"] if generation and target != "cpu" else [])
+
+
+def cached_artifact(onnx_path: Path, work_dir: Path, target: str, archs: list[str],
+                    targets: Optional[list[str]] = None) -> Optional[Path]:
     """The artifact compiled earlier from this very ONNX file, if it holds code for every arch in `archs`
     (as the loader would pick it: an sm_80 build serves an sm_86 device)."""
     from polyport.errors import PolyportError
@@ -208,6 +225,8 @@ def cached_artifact(onnx_path: Path, work_dir: Path, target: str, archs: list[st
     stamp = art.with_name(art.name + ".source")
     if not (art / "manifest.json").exists() or not stamp.exists() or \
             stamp.read_text().strip() != f"{sha256(onnx_path)} {target}":
+        return None
+    if not set(targets or [target]) <= set(Artifact(art).targets):
         return None
     if target in ("cuda", "rocm"):
         try:
@@ -219,15 +238,19 @@ def cached_artifact(onnx_path: Path, work_dir: Path, target: str, archs: list[st
     return art
 
 
-def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], timeout_s: float) -> float:
-    """`polyport compile` in a subprocess (a hung compile cannot eat the budget); returns its seconds."""
+def compile_cli(onnx_path: Path, work_dir: Path, target: str, archs: list[str], timeout_s: float,
+                targets: Optional[list[str]] = None) -> float:
+    """`polyport compile` in a subprocess (a hung compile cannot eat the budget); returns its seconds.
+    `targets` (default [target]): every target built into the artifact named after `target`."""
     from polyport.runtime.artifact import sha256
     art = artifact_dir(onnx_path, work_dir, target)
     art.parent.mkdir(parents=True, exist_ok=True)       # compile writes into an existing folder only
-    cmd = [sys.executable, "-m", "polyport.cli", "compile", str(onnx_path), "--target", target, "-o", str(art)]
+    cmd = [sys.executable, "-m", "polyport.cli", "compile", str(onnx_path), "-o", str(art)]
+    for t in targets or [target]:
+        cmd += ["--target", t]
     for a in archs:
         cmd += ["--arch", a]
-    log(f"compiling {onnx_path.name} for {target} {' '.join(archs)}".rstrip())
+    log(f"compiling {onnx_path.name} for {' + '.join(targets or [target])} {' '.join(archs)}".rstrip())
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True,
@@ -294,6 +317,105 @@ def check_model(name: str, art: Path, target: str, ort_cpu, ort_gpu, peer_note: 
     return rows
 
 
+NEAR_TIE = 1e-5           # x max |logit|: a greedy step this close may pick either token (issue 11)
+
+
+def prompt_ids(vocab: int, n: int):
+    import numpy as np
+    return np.random.default_rng(n).integers(0, max(vocab, 1), size=(1, n), dtype=np.int64)
+
+
+def ort_greedy(ort_session, ids, n_new: int, restore=lambda: None) -> tuple[list[int], list[float], list[float]]:
+    """ONNX Runtime's greedy loop on a cache-less export: a full forward over the whole sequence per token.
+    (tokens, the top-1/top-2 margin of each step relative to max |logit|, each step's seconds)."""
+    import numpy as np
+    name = ort_session.get_inputs()[0].name
+    seq = [int(t) for t in np.asarray(ids).reshape(-1)]
+    tokens, margins, times = [], [], []
+    for _ in range(n_new):
+        t0 = time.perf_counter()
+        logits = ort_session.run(None, {name: np.asarray([seq], np.int64)})[0][0, -1]
+        times.append(time.perf_counter() - t0)
+        restore()
+        top2 = np.sort(logits)[-2:] if logits.size > 1 else np.array([0.0, logits[0]])
+        margins.append(float(top2[1] - top2[0]) / max(float(np.abs(logits).max()), 1e-30))
+        tokens.append(int(np.argmax(logits)))
+        seq.append(tokens[-1])
+    return tokens, margins, times
+
+
+def tokens_agree(got: list[int], want: list[int], margins: list[float]) -> bool:
+    """Equal, or equal up to the first step whose margin is a near tie (after it the sequences may part)."""
+    for t, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return any(m < NEAR_TIE for m in margins[:t + 1])
+    return len(got) == len(want)
+
+
+def timed_generation(session, ids, n_new: int, restore=lambda: None) -> tuple[list[int], float, list[float], bool]:
+    """Greedy tokens through the session's generation state: (tokens, ttft seconds, each append's seconds,
+    whether it decoded through the KV cache rather than recomputing)."""
+    import numpy as np
+    from polyport.runtime.generation import generator_for
+    gen = generator_for(session, getattr(session, "generation", None))
+    t0 = time.perf_counter()
+    state = gen.start(ids, max_length=ids.shape[1] + n_new)
+    ttft = time.perf_counter() - t0
+    restore()
+    tokens, steps = [], []
+    logits = state.logits
+    for t in range(n_new):
+        tokens.append(int(np.argmax(logits[0])))
+        if t + 1 < n_new:
+            t0 = time.perf_counter()
+            logits = state.append(np.asarray([tokens[-1]], np.int64))
+            steps.append(time.perf_counter() - t0)
+            restore()
+    return tokens, ttft, steps, state.cached
+
+
+def check_generation(name: str, art: Path, target: str, ort_cpu, ort_gpu, args, restore) -> dict[str, Any]:
+    """One generation row: greedy tokens against the reference, time per output token against the peer."""
+    import polyport
+    from polyport.runtime.artifact import Artifact
+    gen_info = Artifact(art).manifest.get("generation") or {}
+    session = polyport.load(art, target)
+    restore()
+    ids = prompt_ids(int(gen_info.get("vocab") or 2), args.gen_prompt)
+    tokens, ttft, steps, cached = timed_generation(session, ids, args.gen_tokens, restore)
+    ort_tokens, margins, peer_steps = ort_greedy(ort_cpu, ids, args.gen_tokens, restore)
+    peer_name = "ORT CPU EP"
+    if ort_gpu is not None:
+        peer_name, peer_steps = "ORT CUDA EP", ort_greedy(ort_gpu, ids, args.gen_tokens, restore)[2]
+    row = {"model": name, "device": getattr(session, "device_name", target),
+           "arch": getattr(session, "arch", None), "prompt": args.gen_prompt, "new_tokens": args.gen_tokens,
+           "tokens": tokens, "ort_tokens": ort_tokens, "tokens_agree_ort": tokens_agree(tokens, ort_tokens, margins),
+           "decode": "kv cache" if cached else "recompute",
+           "ttft_ms": ttft * 1e3, "tpot_ms": median(steps) if steps else None, "peer": peer_name,
+           "peer_export": "cache-less (full forward over the sequence per token)",
+           "peer_tpot_ms": median(peer_steps[1:] or peer_steps)}     # the first step warms up
+    if target != "cpu":
+        row["cpu_tokens"] = timed_generation(polyport.load(art, "cpu"), ids, args.gen_tokens, restore)[0]
+        row["ok"] = tokens_agree(tokens, row["cpu_tokens"], margins)
+    else:
+        row["ok"] = row["tokens_agree_ort"]
+    log(f"{name} generation: {args.gen_tokens} tokens {'ok' if row['ok'] else 'DIFFER'} "
+        f"({row['decode']}); polyport {row['tpot_ms'] or 0:.3f} ms/token, {peer_name} (cache-less) "
+        f"{row['peer_tpot_ms']:.3f} ms/token")
+    return row
+
+
+def format_generation_table(rows: list[dict[str, Any]]) -> str:
+    from polyport.runtime.bench import text_table
+    header = ["model", "prompt", "tokens", "equal", "decode", "ttft ms", "tpot ms", "peer (cache-less export)",
+              "peer tpot ms", "peer/polyport"]
+    body = [[r["model"], str(r["prompt"]), str(r["new_tokens"]), "ok" if r["ok"] else "DIFFER", r["decode"],
+             f"{r['ttft_ms']:.3f}", f"{r['tpot_ms']:.3f}" if r["tpot_ms"] else "-", r["peer"],
+             f"{r['peer_tpot_ms']:.3f}", f"{r['peer_tpot_ms'] / r['tpot_ms']:.2f}x" if r["tpot_ms"] else "-"]
+            for r in rows]
+    return "\n".join(text_table(header, body, right=(1, 2, 5, 6, 8, 9)))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     from polyport.runtime.bench import text_table
     header = ["model", "seq", "dtype", "rel err", "tol", "ok", "polyport ms", "peer", "peer ms", "peer/polyport"]
@@ -324,6 +446,9 @@ def parse_args(argv):
                     help="sleep between timed runs (default 0 on GPU; 200 on cpu, where TVM's workers spin)")
     ap.add_argument("--compile-only", action="store_true",
                     help="compile (no GPU needed) and stop: a later run on the GPU machine finds the artifacts")
+    ap.add_argument("--gen-tokens", type=int, default=16,
+                    help="the generation check's greedy tokens per model (0: no generation check)")
+    ap.add_argument("--gen-prompt", type=int, default=8, help="the generation check's prompt length")
     ap.add_argument("--json", type=Path, default=None, help="default: WORK_DIR/gpu_check.json")
     args = ap.parse_args(argv)
     quick = QUICK if args.quick else {"runs": 20, "warmup": 3, "budget_s": None}
@@ -333,6 +458,8 @@ def parse_args(argv):
     args.gap_ms = args.gap_ms if args.gap_ms is not None else (200.0 if args.target == "cpu" else 0.0)
     if args.runs < 1 or args.warmup < 0 or any(s < 1 for s in args.seq):
         ap.error("--runs must be >= 1, --warmup >= 0 and every --seq >= 1")
+    if args.gen_tokens < 0 or args.gen_prompt < 1:
+        ap.error("--gen-tokens must be >= 0 and --gen-prompt >= 1")
     return args
 
 
@@ -353,7 +480,7 @@ def main(argv=None) -> int:
                            "settings": {"seqs": args.seq, "runs": args.runs, "warmup": args.warmup,
                                         "budget_s": args.budget_s, "gap_ms": args.gap_ms,
                                         "statistic": "median", "tolerances": TOLERANCES},
-                           "compiles": {}, "rows": [], "failures": []}
+                           "compiles": {}, "rows": [], "generation": [], "failures": []}
 
     def finish(code: int, message: str = "") -> int:
         if message:
@@ -383,7 +510,8 @@ def main(argv=None) -> int:
         return finish(2, f"no such model file: {', '.join(missing)}")
 
     archs = args.arch or ([env["device_arch"]] if env.get("device_arch") else [])
-    arts = {n: a for n, p in paths.items() if (a := cached_artifact(p, args.work_dir, args.target, archs))}
+    targets = build_targets(args.target, args.gen_tokens > 0)
+    arts = {n: a for n, p in paths.items() if (a := cached_artifact(p, args.work_dir, args.target, archs, targets))}
     uncached = [n for n in paths if n not in arts]
     if uncached and (args.target not in env["polyport_targets"] or "runtime only" in env["tvm"]):
         why = ("this TVM is runtime-only (no compiler library)" if "runtime only" in env["tvm"] else
@@ -422,7 +550,7 @@ def main(argv=None) -> int:
             doc["failures"].append(f"{name}: not compiled (budget spent)")
             continue
         try:
-            secs = compile_cli(p, args.work_dir, args.target, archs, compile_s)
+            secs = compile_cli(p, args.work_dir, args.target, archs, compile_s, targets)
             arts[name] = artifact_dir(p, args.work_dir, args.target)
             doc["compiles"][name] = {"status": "ok", "seconds": round(secs, 1), "artifact": str(arts[name])}
         except RuntimeError as e:
@@ -447,11 +575,26 @@ def main(argv=None) -> int:
             log(f"{name}: run failed: {first}")
             rows = []
         rows_left -= len(args.seq)
+        if args.gen_tokens:
+            try:
+                doc["generation"].append(check_generation(name, art, args.target, ort_cpu, ort_gpu, args, restore))
+                if not doc["generation"][-1]["ok"]:
+                    doc["failures"].append(f"{name}: greedy tokens differ from the "
+                                           f"{'cpu target' if args.target != 'cpu' else 'ORT greedy loop'}")
+            except Exception as e:  # noqa: BLE001
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                doc["failures"].append(f"{name}: generation failed: {first}")
+                log(doc["failures"][-1])
         doc["rows"].extend(rows)
         doc["failures"].extend(f"{r['model']} seq {r['seq']}: max |diff| {r['max_abs_diff']:.3g} > "
                                f"{r['tolerance']:g} x max |ORT| {r['max_abs_ort']:.3g}" for r in rows if not r["ok"])
     print()
     print(format_table(doc["rows"]))
+    if doc["generation"]:
+        print()
+        print("generation: greedy tokens equal to the reference; time per output token against the peer running "
+              "the cache-less export (a full forward per token)")
+        print(format_generation_table(doc["generation"]))
     if doc["ort_cuda_ep"] not in ("available",) and args.target == "cuda":
         print(f"peer: ORT CPU EP, because {doc['ort_cuda_ep']}")
     for f in doc["failures"]:

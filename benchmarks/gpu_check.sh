@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # polyport's cuda target on this machine's NVIDIA GPU: compile the five corpus exports, run them, compare
-# logits with ONNX Runtime (CPU), time against ORT's CUDA EP. The work is benchmarks/gpu_check.py; this
+# logits with ONNX Runtime (CPU), time against ORT's CUDA EP; then generate greedily through the KV cache
+# (tokens against the cpu target's; time per token against ORT's CUDA EP on the cache-less export, a full
+# forward per token, as the table says). The work is benchmarks/gpu_check.py; this
 # wrapper only prepares an offline environment (the GPU machines cannot download anything):
 #
 #   benchmarks/gpu_check.sh [WORK_DIR] [gpu_check.py options, e.g. --quick]

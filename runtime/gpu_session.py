@@ -13,6 +13,10 @@ libcuda.so.1), that device 0 exists, and that a library matches its
 architecture (`select_arch`, a pure function); each failure is one clear
 error naming the target, the device and the architectures built. Weights are
 uploaded to the device once, at load.
+
+Generation (runtime/generation.py): when the entry lists `"programs": ["prefill", "decode"]`, the
+library holds those VM functions and the session decodes through the KV cache, kept in device
+buffers that the programs update in place (vm_session.py); otherwise it recomputes, with a warning.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .. import errors
 from .artifact import Artifact, ArtifactError
+from .generation import Generator
 from .vm_session import VmSession, first_line
 
 VENDOR = {"cuda": "CUDA", "rocm": "ROCm"}
@@ -141,7 +146,7 @@ def open_device(target: str, device_id: int = 0) -> tuple[Any, str, str]:
 
 
 # ---- the session --------------------------------------------------------------------------
-class GpuSession(VmSession):
+class GpuSession(VmSession, Generator):
     def __init__(self, art: Artifact, entry: Mapping[str, Any], target: str, device_id: int = 0):
         built = list(entry.get("archs", ()))
         libraries = entry.get("libraries", {})

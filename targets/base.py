@@ -21,6 +21,8 @@ from ..ir.graph import Graph
 class CompileOptions:
     dtype: str = "f32"                   # compute dtype for weights and activations
     archs: tuple[str, ...] = ()          # target-specific architectures (sm_90, gfx942, ...); () = the default set
+    # target-specific settings: "mcpu", "kernels" (cpu: "cpu" | "portable"); "generation": False builds no
+    # prefill/decode programs (generation then recomputes; the GPU build tests use it to bound their time)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -80,10 +80,8 @@ class CpuTarget(Target):
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
               programs: Any = None) -> dict:
-        """Build `main` and the derived `prefill` / `decode` (cpu kernel set only: the KV-cache ops have
-        cpu kernels only) into one library: one LLVM build, the weights shared."""
-        if _kernels(options) != "cpu":
-            programs = None
+        """Build `main` and the derived `prefill` / `decode` into one library: one LLVM build, the
+        weights shared (with either kernel set: the portable one is how the GPU kernels are checked)."""
         entry = self._write(graph, programs, out_dir, weights, options)
         return {**entry, "programs": ["prefill", "decode"]} if programs is not None else entry
 

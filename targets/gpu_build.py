@@ -6,12 +6,15 @@ For target T it writes (the contract the GPU runtime loader reads):
     T/<arch>/model.so     the Relax VM executable (`export_library`) with that arch's device code
                           embedded (CUDA: an nvcc fatbin; ROCm: the linked HSACO code object)
 
-and returns the manifest entry {archs, libraries, meta, files, toolchain, kernels, compile_seconds}.
+and returns the manifest entry {archs, libraries, meta, files, toolchain, kernels, compile_seconds},
+plus `"programs": ["prefill", "decode"]` when the derived generation programs were given: they
+become the VM functions `prefill` and `decode` of the same library (model.json's "functions"),
+sharing the weights with `main`, as on the cpu target.
 
 Built and checked here, without a GPU: the device code for each arch and the
 kernel names it holds. Not checked: GPU numerics and speed (no GPU here); the
-kernels are the cpu target's TE computes, so their semantics are the ones the
-cpu target's tests check against the reference executor.
+kernels are the portable kernel set (targets/kernels/portable), whose numerics
+the cpu target checks by building the same kernels for LLVM.
 """
 from __future__ import annotations
 
@@ -82,24 +85,31 @@ class GpuTarget(Target, abc.ABC):
         import tvm
         from .build_errors import naming_the_node
         from .schedule_gpu import schedule_module
-        from .tvm_lower import lower_to_relax
+        from .tvm_lower import lower_functions, lower_to_relax
 
         t0 = time.perf_counter()
-        lowered = lower_to_relax(graph, self.name, kernels="portable")
+        derived = {name: g for name, g in (("prefill", getattr(programs, "prefill", None)),
+                                           ("decode", getattr(programs, "decode", None))) if g is not None}
+        if derived:
+            functions = lower_functions({"main": graph, **derived}, self.name, kernels="portable")
+            lowered = functions.pop("main")
+        else:
+            lowered, functions = lower_to_relax(graph, self.name, kernels="portable"), None
         out_dir = Path(out_dir)
         libraries, kernels = {}, {}
         for arch in archs:
             target = self.tvm_target(arch)
-            with naming_the_node(lowered, self.name):
+            with naming_the_node([lowered, *(functions or {}).values()], self.name):
                 mod = schedule_module(lowered.mod, target, self.name, graph)
                 ex = self.build(mod, target)
             (out_dir / arch).mkdir(parents=True, exist_ok=True)
             kernels[arch] = self.export(ex, target, out_dir / arch / "model.so")
             libraries[arch] = f"{self.name}/{arch}/model.so"
-        write_model_meta(model_meta(lowered), out_dir / "model.json")
-        return {"archs": list(archs), "libraries": libraries, "meta": f"{self.name}/model.json",
-                "files": [f"{self.name}/model.json", *libraries.values()],
-                "toolchain": {"tvm": tvm.__version__, **toolchain}, "kernels": kernels,
-                "checked": "device code built per arch (kernel names from the module's function table); "
-                           "not run: numerics and speed need a GPU",
-                "compile_seconds": round(time.perf_counter() - t0, 2)}
+        write_model_meta(model_meta(lowered, functions), out_dir / "model.json")
+        entry = {"archs": list(archs), "libraries": libraries, "meta": f"{self.name}/model.json",
+                 "files": [f"{self.name}/model.json", *libraries.values()],
+                 "toolchain": {"tvm": tvm.__version__, **toolchain}, "kernels": kernels,
+                 "checked": "device code built per arch (kernel names from the module's function table); "
+                            "not run: numerics and speed need a GPU",
+                 "compile_seconds": round(time.perf_counter() - t0, 2)}
+        return {**entry, "programs": ["prefill", "decode"]} if functions else entry

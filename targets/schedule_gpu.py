@@ -3,14 +3,15 @@
 The module is legalized and fused the way TVM's own GPU pipelines do it, then
 every PrimFunc is scheduled with `tvm.s_tir.dlight`'s GPU rules (Matmul, GEMV,
 Reduction, GeneralReduction, Fallback: the first rule that applies wins). The
-fused-op kernels are the TE computes in targets/kernels/cpu, whose numerics the
-cpu target checks; a schedule only reorders and binds their loops.
+fused-op kernels are the portable kernel set (targets/kernels/portable), whose
+numerics the cpu target checks; a schedule only reorders and binds their loops.
 
 What is checked here: every kernel ends up bound to GPU threads (TVM's memory
 verifier refuses an unbound one, with a message that names no model node; this
 module names the kernel and its blocks instead). What is not: GPU numerics and
-speed, which need a GPU. The schedules are dlight's generic ones; no
-attention- or MoE-specific GPU schedule exists yet.
+speed, which need a GPU. The schedules are dlight's generic ones, except for the
+kernels in kernels/portable that bind their own threads (decode and causal attention,
+the KV-cache update, the decode program's MoE GEMVs), marked scheduled.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _block_names(func) -> list[str]:
 
 
 # primfunc_name_hint of each fused-op kernel (targets/tvm_lower.py) -> the IR op it lowers
-KERNEL_OPS = {"attention": "polyport::Attention", "moe_experts": "polyport::MoE", "rms_norm": "polyport::RMSNorm",
+KERNEL_OPS = {"cached_attention": "polyport::CachedAttention", "cache_update": "polyport::CacheUpdate",
+              "attention": "polyport::Attention", "moe_experts": "polyport::MoE", "rms_norm": "polyport::RMSNorm",
               "rotary": "polyport::Rotary", "gated_mlp": "polyport::GatedMLP", "dense": "MatMul"}
 
 

@@ -1,6 +1,8 @@
 """benchmarks/gpu_check.py without a GPU: its plumbing on polyport's cpu target, and the clear stop for cuda.
 
-A two-op ONNX model (Gather + MatMul, dynamic seq) keeps the compile to seconds.
+A two-op ONNX model (Gather + MatMul, dynamic seq) keeps the compile to seconds; it has no attention,
+so its generation check recomputes (the row says so). The generation check through the KV cache on a
+real export is the slow test at the end.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def tiny_onnx(tmp_path_factory):
 
 def test_cpu_plumbing_mode(gpu_check, tiny_onnx, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
-    args = ["--work-dir", str(work), "--target", "cpu", "--models", str(tiny_onnx), "--seq", "1", "5",
+    args = ["--work-dir", str(work), "--target", "cpu", "--gen-tokens", "3", "--gen-prompt", "2",
+            "--models", str(tiny_onnx), "--seq", "1", "5",
             "--runs", "2", "--warmup", "0", "--gap-ms", "0"]
     assert gpu_check.main(args + ["--compile-only"]) == 0       # compile here, run later (the GPU machine)
     doc = json.loads((work / "gpu_check.json").read_text())
@@ -56,8 +59,12 @@ def test_cpu_plumbing_mode(gpu_check, tiny_onnx, tmp_path, capsys, monkeypatch):
     assert [(r["model"], r["seq"], r["ok"], r["peer"]) for r in rows] == \
         [("tiny_lm", 1, True, "ORT CPU EP"), ("tiny_lm", 5, True, "ORT CPU EP")]
     assert all(r["max_abs_diff"] <= 1e-3 * r["max_abs_ort"] and r["runs"] == 2 for r in rows)
+    gen = doc["generation"]
+    assert [(g["model"], g["decode"], g["peer"], g["ok"], len(g["tokens"])) for g in gen] == \
+        [("tiny_lm", "recompute", "ORT CPU EP", True, 3)]
+    assert gen[0]["tokens"] == gen[0]["ort_tokens"] and gen[0]["peer_export"].startswith("cache-less")
     out = capsys.readouterr().out
-    assert "tiny_lm" in out and "peer/polyport" in out
+    assert "tiny_lm" in out and "peer/polyport" in out and "peer (cache-less export)" in out
 
     # second run: the artifact is cached; a tolerance no result can meet is a numerics failure (exit 1)
     monkeypatch.setattr(gpu_check, "TOLERANCES", {"f32": -1.0})
@@ -79,6 +86,31 @@ def test_cuda_without_a_usable_gpu_stops_clearly(gpu_check, tiny_onnx, tmp_path,
         "stopping before the run: target cuda: no CUDA device is visible to TVM" in doc["stopped"]
     assert doc["environment"]["device"].startswith("no CUDA device is visible to TVM")
     assert "gpu_check: error:" in capsys.readouterr().err
+    if doc["compiles"]["tiny_lm"]["status"] == "ok":        # the cpu target too: the generation check's reference
+        from polyport.runtime.artifact import Artifact
+        assert set(Artifact(doc["compiles"]["tiny_lm"]["artifact"]).targets) == {"cuda", "cpu"}
+
+
+def test_greedy_tokens_agree_up_to_a_near_tie(gpu_check):
+    agree, tie = gpu_check.tokens_agree, gpu_check.NEAR_TIE
+    assert agree([1, 2, 3], [1, 2, 3], [1.0, 1.0, 1.0])
+    assert not agree([1, 2, 3], [1, 2, 4], [1.0, 1.0, 1.0])
+    assert agree([1, 2, 3], [1, 5, 6], [1.0, tie / 2, 1.0])      # they part at a near tie: both are right
+    assert not agree([1, 2], [1, 2, 3], [1.0, 1.0, 1.0])
+    assert gpu_check.build_targets("cuda", True) == ["cuda", "cpu"]
+    assert gpu_check.build_targets("cuda", False) == ["cuda"] and gpu_check.build_targets("cpu", True) == ["cpu"]
+
+
+@pytest.mark.slow
+def test_generation_check_decodes_through_the_cache(gpu_check, tmp_path):
+    """A real export (llama_a) on the cpu target: the generation row decodes through the KV cache and its
+    greedy tokens agree with ORT's greedy loop over the cache-less export."""
+    work = tmp_path / "work"
+    assert gpu_check.main(["--work-dir", str(work), "--target", "cpu", "--models", "llama_a", "--seq", "1",
+                           "--runs", "1", "--warmup", "0", "--gap-ms", "0", "--gen-tokens", "6"]) == 0
+    gen = json.loads((work / "gpu_check.json").read_text())["generation"]
+    assert [(g["decode"], g["ok"], len(g["tokens"])) for g in gen] == [("kv cache", True, 6)]
+    assert gen[0]["tpot_ms"] > 0 and gen[0]["peer_tpot_ms"] > 0
 
 
 def test_missing_model_is_exit_2(gpu_check, tmp_path):

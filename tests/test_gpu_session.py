@@ -149,6 +149,18 @@ def test_cli_run_without_device_exits_2(tmp_path, cli):
     assert "sm_80, sm_90" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_generate_without_device_exits_2(tmp_path, cli):
+    """The GPU session's generation path goes as far as the device: then one line, exit 2."""
+    if _gpu_visible("rocm"):
+        pytest.skip("a ROCm device is visible here")
+    art = gpu_artifact(tmp_path / "art", "rocm", ("gfx90a", "gfx942"))
+    r = cli("generate", art, "--target", "rocm", "--prompt-ids", "1,2,3", "--max-new-tokens", "4")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("polyport: error: target rocm: no ROCm device is visible to TVM")
+    assert r.stderr.rstrip().endswith("this artifact holds device code for gfx90a, gfx942")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_entry_without_libraries_refused(tmp_path):
     art = gpu_artifact(tmp_path / "art", "cuda", ("sm_90",))
     manifest = json.loads((art / "manifest.json").read_text())

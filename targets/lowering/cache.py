@@ -1,4 +1,4 @@
-"""The KV-cache ops of the derived generation programs (ir/fused/cache.py) for the cpu kernel set.
+"""The KV-cache ops of the derived generation programs (ir/fused/cache.py), per kernel set.
 
 `CacheUpdate` becomes `call_tir_inplace` into kernels/cpu/cache_update.py: its output IS the cache
 buffer the function received, so a decode step writes k rows per sequence and never copies a
@@ -6,8 +6,15 @@ cache. Because that write is in place, every other reader of the cache (the step
 `CachedAttention`, which attends over the cache before the update) must run first:
 `in_place_order` orders the nodes so. `CachedAttention` is one call_tir into
 kernels/cpu/cached_attention.py; with v_in_k it never reads v_new / cache_v (placeholders go in).
+
+The portable kernel set (the GPU targets) has the same calls into kernels/portable/: CacheUpdate in
+place, and CachedAttention as two call_tirs (partial softmax states per cache split, then their
+merge). Those kernels bind their loops to GPU threads on cuda/rocm and run them serially when the
+cpu target builds the portable set (the numerics check).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -29,14 +36,22 @@ def _static(lw, node, value, axis, what):
     return n
 
 
-@lowers(UPDATE, dtypes=("f32",), kernels=("cpu",))     # the cpu kernel set only
+GPU_TARGETS = ("cuda", "rocm")
+
+
+@lowers(UPDATE, dtypes=("f32",))
 def cache_update(lw, node):
-    from ..kernels.cpu import cache_update as kernel
     relax = lw.relax
     cache, new = lw.get(node.inputs[0]), lw.get(node.inputs[1])
-    func = kernel.cache_update_func(kv_heads=_static(lw, node, node.inputs[0], 1, "kv heads"),
-                                    d=_static(lw, node, node.inputs[0], 3, "head dim"),
-                                    ring=bool(attrs_of(node)["ring"]), dtype=cache.ty.dtype)
+    kw = dict(kv_heads=_static(lw, node, node.inputs[0], 1, "kv heads"),
+              d=_static(lw, node, node.inputs[0], 3, "head dim"), ring=bool(attrs_of(node)["ring"]),
+              dtype=cache.ty.dtype)
+    if lw.kernels == "cpu":
+        from ..kernels.cpu import cache_update as kernel
+        func = kernel.cache_update_func(**kw)
+    else:
+        from ..kernels.portable import cache_update as kernel
+        func = kernel.cache_update_func(**kw, gpu=lw.target_name in GPU_TARGETS)
     gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cache_update")      # opaque: FuseOps leaves it alone
     args = [cache, new, _i64(lw, node.inputs[2]), _i64(lw, node.inputs[3])]
     return lw.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
@@ -62,6 +77,51 @@ def cached_attention(lw, node):
             placeholder if sinks is None else sinks]
     out = relax.TensorType(shape=lw.shape(q)[:3] + [dv], dtype=q.ty.dtype)
     return lw.emit(relax.call_tir(gv, args, out))
+
+
+@lowers("polyport::CachedAttention", dtypes=("f32",), kernels=("portable",))
+def cached_attention_portable(lw, node):
+    a = attrs_of(node)
+    q, kn, vn, kc, vc = (lw.get(v) for v in node.inputs[:5])
+    sinks = lw.get(node.inputs[6]) if len(node.inputs) > 6 and node.inputs[6] is not None else None
+    return streamed_attention(lw, node, q, kn, vn, kc, vc, _i64(lw, node.inputs[5]), sinks, window=a["window"],
+                              ring=bool(a["ring"]), v_in_k=bool(a["v_in_k"]))
+
+
+def streamed_attention(lw, node, q, kn, vn, kc, vc, past, sinks, *, window: int, ring: bool, v_in_k: bool,
+                       max_splits: Optional[int] = None):
+    """kernels/portable/cached_attention.py's partial + merge: `q` over the cache (`kc`, `vc` before this
+    step, `past` int64 [B] positions held) and the new rows `kn`, `vn` (causal)."""
+    from ..kernels.portable import cached_attention as kernel
+    relax = lw.relax
+    a = attrs_of(node)
+    h, kvh = int(a["num_heads"]), int(a["kv_heads"])
+    d = lw.as_int(lw.shape(q)[3])
+    dv = lw.as_int(lw.shape(vn)[3])
+    if d is None or dv is None:
+        raise lw.unsupported(node, "head dims must be static")
+    gpu = lw.target_name in GPU_TARGETS
+    splits = max_splits or kernel.MAX_SPLITS
+    try:
+        partial = kernel.partial_func(num_heads=h, kv_heads=kvh, d=d, dv=dv, scale=float(a["scale"]), window=window,
+                                      ring=ring, v_in_k=v_in_k, gpu=gpu, dtype=q.ty.dtype, max_splits=splits)
+    except ValueError as e:
+        raise lw.unsupported(node, str(e)) from None
+    merge = kernel.merge_func(num_heads=h, kv_heads=kvh, dv=dv, sinks=sinks is not None, gpu=gpu,
+                              dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype,
+                              max_splits=splits)
+    gv_p = lw.bb.add_func(partial.with_attr("op_pattern", 8), "cached_attention_partial")
+    gv_m = lw.bb.add_func(merge.with_attr("op_pattern", 8), "cached_attention_merge")
+    placeholder = relax.const(np.zeros(1, np.float32))
+    B, _, S, _ = lw.shape(q)
+    states = [B * kvh, splits, S, h // kvh]
+    parts = lw.emit(relax.call_tir(gv_p, [q, kn, placeholder if v_in_k else vn, kc, placeholder if v_in_k else vc,
+                                          past],
+                                   [relax.TensorType(states + [2], "float32"),
+                                    relax.TensorType(states + [dv], "float32")]))
+    pm, pa = (lw.emit(relax.TupleGetItem(parts, i)) for i in range(2))
+    out = relax.TensorType(shape=lw.shape(q)[:3] + [dv], dtype=q.ty.dtype)
+    return lw.emit(relax.call_tir(gv_m, [pm, pa, past, placeholder if sinks is None else sinks], out))
 
 
 def in_place_order(nodes):

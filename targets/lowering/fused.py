@@ -56,10 +56,17 @@ def _attention_operands(lw, node):
 
 @lowers("polyport::Attention", dtypes=FLOAT_BF, kernels=("portable",))
 def attention_portable(lw, node):
-    """The TE compute (whole score rows, three reductions) for a target's own schedule."""
+    """Causal, unmasked self-attention (prefill, the cache-less forward): the streaming online-softmax
+    kernel with one split (lowering/cache.py); anything else: the TE compute (whole score rows, three
+    reductions) for a target's own schedule."""
     from ..kernels.portable import attention
+    from .cache import streamed_attention
     q, k, v, mask, sinks = _attention_operands(lw, node)
     a = attrs_of(node)
+    if a["causal"] and mask is None and lw.analyzer.can_prove_equal(lw.shape(q)[2], lw.shape(k)[2]):
+        past = lw.emit(lw.relax.op.zeros(lw.relax.ShapeExpr([lw.shape(q)[0]]), "int64"))     # no cache: k, v unread
+        return streamed_attention(lw, node, q, k, v, k, v, past, sinks, window=a["window"], ring=False,
+                                  v_in_k=False, max_splits=1)
     kw = dict(num_heads=a["num_heads"], kv_heads=a["kv_heads"], scale=a["scale"],
               causal=bool(a["causal"]), window=a["window"])
 
@@ -141,7 +148,8 @@ def moe_cpu(lw, node):
 
 @lowers("polyport::MoE", dtypes=FLOAT_BF, kernels=("portable",))
 def moe_portable(lw, node):
-    """Routing as Relax ops, then the TE expert compute (only the chosen experts, weights read in place)."""
+    """Routing as Relax ops, then the TE expert compute (only the chosen experts, weights read in place);
+    in the decode program, the few-token GEMV kernels (kernels/portable/moe_gemv.py) instead."""
     from ..kernels.portable import moe
     relax = lw.relax
     op = relax.op
@@ -187,6 +195,29 @@ def moe_portable(lw, node):
     scale = a["routed_scaling"]
     if scale != 1.0:
         w = lw.emit(op.multiply(w, relax.const(scale, "float32")))
-    y = lw.bb.emit_te(moe.moe_experts, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd),
-                        a["activation"], a["clamp"], primfunc_name_hint="moe_experts")
+    if lw.graph.name == "decode":      # few tokens: per-expert GEMVs streaming only the chosen experts' weights
+        y = _moe_gemv(lw, node, x2, idx, w, *(lw.get(v) for v in (wg, wu, wd)))
+    else:
+        y = lw.bb.emit_te(moe.moe_experts, x2, idx, w, lw.get(wg), lw.get(wu), lw.get(wd),
+                          a["activation"], a["clamp"], primfunc_name_hint="moe_experts")
     return lw.emit(op.reshape(y, shape)) if len(shape) != 2 else y
+
+
+def _moe_gemv(lw, node, x2, idx, w, wg, wu, wd):
+    from ..kernels.portable import moe_gemv
+    from .cache import GPU_TARGETS
+    relax = lw.relax
+    a = attrs_of(node)
+    H, I = (lw.as_int(d) for d in lw.shape(wg)[1:])
+    Ho = lw.as_int(lw.shape(wd)[2])
+    if None in (H, I, Ho):
+        raise lw.unsupported(node, "expert weights need static shapes")
+    gpu = lw.target_name in GPU_TARGETS
+    gate_up = moe_gemv.gate_up_func(hidden=H, inter=I, act=a["activation"], clamp=a["clamp"], gpu=gpu,
+                                    x_dtype=x2.ty.dtype, w_dtype=wg.ty.dtype)
+    down = moe_gemv.down_func(inter=I, out=Ho, gpu=gpu, x_dtype=x2.ty.dtype, w_dtype=wd.ty.dtype)
+    gv_gu = lw.bb.add_func(gate_up.with_attr("op_pattern", 8), "moe_gate_up_gemv")
+    gv_d = lw.bb.add_func(down.with_attr("op_pattern", 8), "moe_down_gemv")
+    tokens, k = lw.shape(idx)
+    hid = lw.emit(relax.call_tir(gv_gu, [x2, idx, w, wg, wu], relax.TensorType([tokens, k, I], "float32")))
+    return lw.emit(relax.call_tir(gv_d, [hid, idx, wd], relax.TensorType([tokens, Ho], x2.ty.dtype)))

@@ -127,6 +127,25 @@ def test_bench_decode_estimates_weights_read_once_plus_the_cache(cli, artifact, 
     assert r.exit_code == 2 and "--context goes with --decode" in r.stderr
 
 
+def test_bench_decode_estimates_every_absent_device(cli, artifact, tmp_path):
+    """Without --target: ttft and tpot rows for H100 and H200 (cuda), MI300X (rocm) and 910B3 (ascend). A decode
+    step reads the same bytes on each (active weights once + the cache); each device's bandwidth sets its time."""
+    from polyport.devices import DEVICES
+    out = tmp_path / "bench.json"
+    r = cli("bench", artifact, "--decode", "--context", "1024", "--json", out)
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    tpot = {row["device"]: row for row in rows if row["phase"] == "tpot"}
+    assert set(tpot) == {"NVIDIA H100 SXM", "NVIDIA H200 SXM", "AMD Instinct MI300X", "Huawei Ascend 910B3"}
+    assert {row["kind"] for row in rows} == {"estimated"} and len(rows) == 8
+    assert len({row["bytes"] for row in tpot.values()}) == 1
+    bandwidth = {spec.name: spec.memory_bandwidth for spec in DEVICES.values()}
+    for name, row in tpot.items():
+        assert row["bound"] == "memory"
+        assert row["median_ms"] == pytest.approx(row["bytes"] / bandwidth[name] * 1e3)
+    assert tpot["NVIDIA H200 SXM"]["median_ms"] < tpot["NVIDIA H100 SXM"]["median_ms"]
+
+
 def test_compile_names_the_layers_it_cannot_cache_and_the_manifest_records_them(cli, tmp_path):
     out = tmp_path / "v2a"
     r = cli("compile", MODELS / "deepseek_v2_a.onnx", "-t", "ascend", "-o", out)   # complex RoPE unfused: uncached

@@ -7,8 +7,13 @@ model.so embeds device code for THAT arch — for cuda an nvcc fatbin whose sm_X
 (cuobjdump), exactly the kernels the built module calls, plus compute_XX PTX;
 for rocm an HSACO whose amdhsa.target is the arch and whose `.kd` kernel
 descriptors are exactly those kernels. The kernel names come from the built
-module's own function table, never from a list written here. Not checked:
-numerics on a GPU.
+module's own function table, never from a list written here. A model whose
+attention can be cached also carries the derived prefill/decode programs
+(manifest `programs`, model.json `functions`) and the decode kernels in each
+arch's device code: checked for llama_a by default and for every `corpus` build
+(the others build the cache-less program only, to bound CI's time). Not checked:
+numerics on a GPU (the kernels' numerics are checked on the CPU: test_cache_kernels.py,
+generation/test_generate_portable.py).
 
 One compile per (model, target): the builds spread over xdist workers. Without
 nvcc / cuobjdump, or without rocm-device-libs / lld >= 19, the target's tests
@@ -34,6 +39,7 @@ from ..real_models import corpus
 
 MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
 NAMED_EXPORTS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a"]   # run by default
+DECODE_EXPORT = "llama_a"           # the default export whose build includes the derived prefill/decode
 EXPORTS = sorted(corpus())
 REQUIRED = os.environ.get("POLYPORT_REQUIRE_GPU_TOOLCHAINS") == "1"
 
@@ -64,7 +70,8 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
     """Compile `model` for `target` with its default archs; check the manifest entry; return (artifact, entry)."""
     _require(target)
     out = tmp_path / model
-    compile_model(MODELS / f"{model}.onnx", [target], out)
+    compile_model(MODELS / f"{model}.onnx", [target], out,
+                  options=CompileOptions(extra={"generation": _with_programs(model)}))
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["targets"][target]
     assert entry["archs"] == list(default_archs)
@@ -73,7 +80,34 @@ def _build(model: str, target: str, default_archs: tuple[str, ...], tmp_path: Pa
     assert set(entry["files"]) <= set(manifest["files"])               # hashed like every artifact file
     meta = json.loads((out / entry["meta"]).read_text())
     assert meta["packed"] == {} and meta["inputs"] == [i["name"] for i in manifest["model"]["inputs"]]
+    _check_programs(manifest, entry, meta)
     return out, entry
+
+
+def _with_programs(model: str) -> bool:
+    """Whether this build includes `model`'s prefill/decode: they add about a third to a build, so CI
+    (the default and slow steps) builds them for DECODE_EXPORT only, `-m corpus` for every export it builds."""
+    return model == DECODE_EXPORT or any(m.name == "corpus" for m in families.marks(model, "cuda",
+                                                                                  default=NAMED_EXPORTS))
+
+
+# the decode kernels (kernels/portable/cached_attention.py, cache_update.py) as the device code names them
+DECODE_KERNELS = {"cached_attention_partial_kernel", "cached_attention_merge_kernel", "cache_update_kernel"}
+
+
+def _check_programs(manifest: dict, entry: dict, meta: dict) -> None:
+    """A model whose every attention can be cached has prefill and decode in every arch's library, with the
+    decode kernels in its device code; one that cannot has neither (its GPU session recomputes)."""
+    generation = manifest["generation"]
+    if generation["uncached"] or not generation["layers"] or not _with_programs(manifest["model"]["name"]):
+        assert "programs" not in entry and "functions" not in meta
+        return
+    assert entry["programs"] == ["prefill", "decode"]
+    assert set(meta["functions"]) == {"prefill", "decode"}
+    for arch, names in entry["kernels"].items():
+        assert DECODE_KERNELS <= set(names), f"{arch}: no decode kernels among {sorted(names)}"
+        if any(n.startswith("moe_experts") for n in names):      # MoE: the decode program's few-token GEMVs
+            assert {"moe_gate_up_gemv_kernel", "moe_down_gemv_kernel"} <= set(names), sorted(names)
 
 
 def _device_module(path: Path, kind: str) -> device_code.DeviceModule:
@@ -175,11 +209,11 @@ def test_a_kernel_no_gpu_rule_schedules_is_named(monkeypatch):
     from polyport.targets.tvm_lower import lower_to_relax
     graph = import_onnx(MODELS / "llama_a.onnx")
     run_pipeline(graph, "default")
-    attention = next(n.name for n in graph.nodes if n.qualified_op == "polyport::Attention")
+    mlp = next(n.name for n in graph.nodes if n.qualified_op == "polyport::GatedMLP")
     monkeypatch.setattr(schedule_gpu, "gpu_rules", lambda: ())
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with pytest.raises(errors.UnsupportedOpError) as e:
         schedule_gpu.schedule_module(lower_to_relax(graph, "cuda", kernels="portable").mod, target, "cuda", graph)
     assert "cuda target (sm_90): no GPU schedule applies to kernel(s) " in str(e.value)
-    assert f"attention (blocks: k_t, qk, scores, rowmax, rowmax_safe, exp, rowsum, rowsum_all, from node(s) " \
-           f"{attention}" in str(e.value)
+    assert f"gated_mlp_down (blocks: matmul, from node(s) {mlp}" in str(e.value)
+    assert "cached_attention" not in str(e.value)         # kernels that bind their own threads need no rule
