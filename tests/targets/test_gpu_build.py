@@ -99,7 +99,8 @@ def _check_programs(manifest: dict, entry: dict, meta: dict) -> None:
     """A model whose every attention can be cached has prefill and decode in every arch's library, with the
     decode kernels in its device code; one that cannot has neither (its GPU session recomputes)."""
     generation = manifest["generation"]
-    if generation["uncached"] or not generation["layers"] or not _with_programs(manifest["model"]["name"]):
+    if (generation["uncached"] or not generation["layers"] or generation.get("compressed_decode")   # CSA/HCA: cpu only
+            or not _with_programs(manifest["model"]["name"])):
         assert "programs" not in entry and "functions" not in meta
         return
     assert entry["programs"] == ["prefill", "decode"]
