@@ -171,6 +171,8 @@ def derive_generation(graph: Graph, *, batch_generic: bool = True) -> Generation
     batch = ids.shape[0] if ids.shape else None
     if ranges and batch != 1:
         uncached = uncached or [n.name for n in attentions]   # positions [batch, step] need a batched arange
+    if compressed and batch != 1:
+        uncached = uncached or list(compressed)             # entry positions: one vector, a batch-1 program's
     if not attentions or any(True for n in graph.nodes for _ in n.subgraphs()):
         uncached = uncached or [n.name for n in attentions] or [graph.name]
     if uncached:
@@ -182,7 +184,7 @@ def derive_generation(graph: Graph, *, batch_generic: bool = True) -> Generation
     per_sequence = None
     if compressed:       # decode's entry positions are one vector for the batch: one sequence per cache
         return GenerationPrograms(*programs, layers, [], vocab, _max_positions(ranges),
-                                  per_sequence=COMPRESSED_PER_SEQUENCE if batch == 1 else None, decode_step=1,
+                                  per_sequence=COMPRESSED_PER_SEQUENCE, decode_step=1,
                                   compressed_decode=COMPRESSED_DECODE)
     if batch == 1 and batch_generic:   # every corpus export: batch the programs by meaning, else one cache per sequence
         per_sequence = next((why for p in programs if (why := make_batch_generic(p))), None)
