@@ -133,7 +133,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             stage(f"quantize-{quantization.scheme}", graph)
         programs = (derive_generation(graph) if generation    # before lowering: targets may rewrite the graph
                     else without_programs(graph, NO_GENERATION))
-        build_programs = (options.extra or {}).get("generation", True)   # False: targets build the cache-less program only
+        build_programs = (options.extra or {}).get("generation", True)   # False: targets build main only
         for name in programs.uncached:
             progress(f"generation: {name} cannot be cached; generation will recompute the whole sequence")
         weights = {v.name: v.const for v in graph.constants.values()}

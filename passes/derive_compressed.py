@@ -186,6 +186,7 @@ class CompressedTensors:
         return [self.kv, self.entries] + ([self.index] if self.index else []) + [n for r in self.raw.values()
                                                                                   for n in r]
 
+
 def entry_slots(rate: int):
     """The entries caches' rows, a symbol of their own (the runtime reserves ceil(max_length / rate)): a
     cache's shape binds it directly, as `cache_len` binds a linear cache's."""
@@ -258,9 +259,9 @@ def compressed_layer(g: Graph, kind: str, node: Node, plan: CompressedPlan, name
     window_mask = _shown(g, _slot_numbers(g, window, node), ahead, node)   # slots written so far
     if index_cache is not None:                                # [B, 1, 1, W] -> [B, 1, step, W], as the indexer's
         q = node.inputs[0]
-        rows_ = _node(g, "ShapeValue", [], attrs={"dims": [1, 1, q.shape[2], 1], "scalar": 0},
-                      domain=POLYPORT_DOMAIN, before=node)
-        window_mask = _node(g, "Expand", [window_mask, rows_], before=node)
+        queries = _node(g, "ShapeValue", [], attrs={"dims": [batch, 1, q.shape[2], 1], "scalar": 0},
+                        domain=POLYPORT_DOMAIN, before=node)
+        window_mask = _node(g, "Expand", [window_mask, queries], before=node)
     both = _node(g, "Concat", [window, entries], attrs={"axis": 2}, before=node)
     mask = _node(g, "Concat", [window_mask, entries_mask], attrs={"axis": -1}, before=node)
     node.set_input(1, both)
@@ -289,9 +290,8 @@ def _shown(g: Graph, slots: Value, limit: Value, before: Node) -> Value:
     from .derive_generation import _const, _node
     keep = _node(g, "Less", [slots, _node(g, "Unsqueeze", [limit, _const(g, "axis", [-1])], before=before)],
                  before=before)
-    dtype = np.float32
-    add = _node(g, "Where", [keep, _const(g, "shown", np.array(0, dtype)), _const(g, "hidden", np.array(-np.inf, dtype))],
-                before=before)
+    shown, hidden = _const(g, "shown", np.float32(0)), _const(g, "hidden", np.float32(-np.inf))
+    add = _node(g, "Where", [keep, shown, hidden], before=before)
     return _node(g, "Unsqueeze", [add, _const(g, "axes", [1, 2])], before=before)
 
 

@@ -110,7 +110,8 @@ class GenerationPrograms:
                  "vocab": self.vocab, "max_positions": self.max_positions,
                  "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
         extra = {k: v for k, v in (("recompute", self.recompute), ("per_sequence", self.per_sequence),
-                                   ("decode_step", self.decode_step), ("compressed_decode", self.compressed_decode)) if v}
+                                   ("decode_step", self.decode_step),
+                                   ("compressed_decode", self.compressed_decode)) if v}
         return {**entry, **extra}
 
     def describe(self) -> str:
@@ -118,10 +119,10 @@ class GenerationPrograms:
         lines = ["generation cache layout (bytes per token per layer):"]
         for layer in self.layers:
             if layer.shapes is not None:
+                tensors = ", ".join(f"{t.rsplit('.', 1)[1]} {s[1]}x{s[2]}" for t, s in layer.shapes.items())
                 lines.append(f"  {layer.name} ({layer.node}): {layer.kind}, shared K=V {layer.head_dim} {layer.dtype}, "
                              f"window ring of {layer.capacity or 'max_length'} + one entry per {layer.rate} tokens "
-                             f"({', '.join(f'{t.rsplit(chr(46), 1)[1]} {s[1]}x{s[2]}' for t, s in layer.shapes.items())})"
-                             f": {layer.bytes_per_token} B/token + {layer.fixed_bytes} B of rings")
+                             f"({tensors}): {layer.bytes_per_token} B/token + {layer.fixed_bytes} B of rings")
                 continue
             cap = f"ring of {layer.capacity} positions" if layer.capacity else "up to max_length"
             naive = (f" ({layer.naive_bytes_per_token / layer.bytes_per_token:.2f}x less than K/V per head: "

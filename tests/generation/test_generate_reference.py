@@ -15,8 +15,8 @@ from .conftest import assert_unequal_prompts_batch_like_alone, generator, ort_lo
 
 STEPS = 24
 ALL_MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
-DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40), ("deepseek_v3_tiny", 1),  # mha, window, K=V + sinks, MLA
-           ("deepseek_v4_b", 7)]                                                                 # CSA + HCA
+DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40),     # mha, window, shared K=V + sinks
+           ("deepseek_v3_tiny", 1), ("deepseek_v4_b", 7)]                   # MLA, CSA + HCA
 FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in ALL_MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
 
 
@@ -194,7 +194,8 @@ def test_compressed_layers_cache_entries_and_a_bounded_tail():
         if csa:                                  # overlapping windows: 2 x rate raw rows of 2 x D channels
             want.update({f"{name_}.index": [1, f"max_length/{rate}", dq],
                          f"{name_}.kv_raw": [1, 2 * rate, 2 * d], f"{name_}.gate_raw": [1, 2 * rate, 2 * d],
-                         f"{name_}.index_kv_raw": [1, 2 * rate, 2 * dq], f"{name_}.index_gate_raw": [1, 2 * rate, 2 * dq]})
+                         f"{name_}.index_kv_raw": [1, 2 * rate, 2 * dq],
+                         f"{name_}.index_gate_raw": [1, 2 * rate, 2 * dq]})
         else:
             want.update({f"{name_}.kv_raw": [1, rate, d], f"{name_}.gate_raw": [1, rate, d]})
         assert layer["shapes"] == want and layer["rate"] == rate and layer["capacity"] == window
