@@ -209,8 +209,8 @@ def _cacheable(node: Node) -> bool:
 
 
 def _unfused_attention(graph: Graph) -> list[str]:
-    """Softmaxes over a sequence-long axis left outside `Attention` (DeepSeek V4's compressed
-    layers): attention that mixes tokens in a way no cache layout here captures."""
+    """Softmaxes over a sequence-long axis left outside `Attention` (a DeepSeek V4 compressor that
+    fuse-compress did not make a KVCompress): token mixing no cache layout here captures."""
     seq = graph.inputs[0].type.symbols if isinstance(graph.inputs[0].type, TensorType) else frozenset()
     out = []
     for n in graph.nodes:
