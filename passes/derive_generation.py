@@ -36,8 +36,8 @@ from .generation_batch import make_batch_generic, retype
 
 CAPACITY = "cache_len"        # the symbolic capacity of linear caches (the runtime's max_length)
 COMPRESSED_PER_SEQUENCE = "compressed layers (CSA/HCA) decode each sequence on its own cache"
-COMPRESSED_DECODE = ("compressed layers (CSA/HCA) decode through their caches on the reference executor and "
-                     "cpu; the other targets recompute the whole sequence")
+COMPRESSED_DECODE = ("compressed layers (CSA/HCA) decode through their caches on the reference executor, cpu, "
+                     "cuda and rocm; ascend recomputes the whole sequence")
 
 
 @dataclasses.dataclass

@@ -37,6 +37,7 @@ KNOWN_ARCHS: dict[str, tuple[str, ...]] = {}
 class GpuTarget(Target, abc.ABC):
     default_archs: ClassVar[tuple[str, ...]]
     known_archs: ClassVar[tuple[str, ...]]
+    decodes_compressed = True        # the CSA/HCA programs are standard ops plus fused ops the portable set lowers
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

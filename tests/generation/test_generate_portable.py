@@ -38,7 +38,8 @@ from .conftest import generator, ort_logits, path_of, prompt
 from .test_generate_cpu import _address
 
 STEPS = 12
-CORPUS = ["deepseek_v3_a", "deepseek_v4_a", "gpt_oss_a"]     # absorbed MLA; shared K=V + sinks; sinks + ring
+CORPUS = ["deepseek_v3_a", "deepseek_v4_a", "gpt_oss_a",     # absorbed MLA; shared K=V + sinks; sinks + ring
+          "deepseek_v4_b"]                                    # CSA + HCA caches
 
 
 @functools.lru_cache(maxsize=None)

@@ -178,7 +178,7 @@ def test_compressed_layers_cache_entries_and_a_bounded_tail():
     cfg = corpus()[name]["hf_config"]
     s = generator(name)
     info = s.generation
-    assert info["decode_step"] == 1 and info["batch"] == 1 and "cpu" in info["compressed_decode"]
+    assert info["decode_step"] == 1 and info["batch"] == 1 and "ascend recomputes" in info["compressed_decode"]
     layers = info["layers"]
     kinds = {"heavily_compressed_attention": "hca", "compressed_sparse_attention": "csa",
              "sliding_attention": "shared_kv"}

@@ -99,14 +99,15 @@ def _check_programs(manifest: dict, entry: dict, meta: dict) -> None:
     """A model whose every attention can be cached has prefill and decode in every arch's library, with the
     decode kernels in its device code; one that cannot has neither (its GPU session recomputes)."""
     generation = manifest["generation"]
-    if (generation["uncached"] or not generation["layers"] or generation.get("compressed_decode")   # CSA/HCA: cpu only
-            or not _with_programs(manifest["model"]["name"])):
+    if generation["uncached"] or not generation["layers"] or not _with_programs(manifest["model"]["name"]):
         assert "programs" not in entry and "functions" not in meta
         return
     assert entry["programs"] == ["prefill", "decode"]
     assert set(meta["functions"]) == {"prefill", "decode"}
+    compressed_only = all(layer["kind"] in ("hca", "csa") for layer in generation["layers"])   # deepseek_v4_d
     for arch, names in entry["kernels"].items():
-        assert DECODE_KERNELS <= set(names), f"{arch}: no decode kernels among {sorted(names)}"
+        want = {"cache_update_kernel"} if compressed_only else DECODE_KERNELS     # CSA/HCA decode with Attention
+        assert want <= set(names), f"{arch}: no decode kernels among {sorted(names)}"
         if any(n.startswith("moe_experts") for n in names):      # MoE: the decode program's few-token GEMVs
             assert {"moe_gate_up_gemv_kernel", "moe_down_gemv_kernel"} <= set(names), sorted(names)
 
