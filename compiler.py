@@ -164,9 +164,12 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             for target in lowerers:
                 step(f"lowering for {target.name}")
                 out_dir = writer.target_dir(target.name)
+                derived = programs.prefill is not None
+                if derived and programs.compressed_decode and not target.decodes_compressed:
+                    progress(f"generation: {target.name}: {programs.compressed_decode}")
+                    derived = False
                 with diagnostics.captured() as found:
-                    entry = target.lower(graph, out_dir, weights, options,
-                                         programs=programs if programs.prefill is not None else None)
+                    entry = target.lower(graph, out_dir, weights, options, programs=programs if derived else None)
                 if found:
                     progress(diagnostics.summary(target.name, found))
                 writer.add_target(target.name, entry)

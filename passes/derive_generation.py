@@ -10,10 +10,12 @@ just what mixes tokens or depends on where a token sits:
   of every `Rotary`) becomes `past_len + arange(step)`;
 - the LM head runs on one row per sequence (the last real one).
 
+DeepSeek V4's compressed layers (CSA / HCA) cache their window keys, compressed entries and the raw tail
+not yet compressed (passes/derive_compressed.py); their decode takes one token per step.
+
 A layer whose Attention cannot be cached (an explicit mask input, not causal, K/V
-that are not exactly the new tokens: DeepSeek V4's compressed layers)
-or a softmax over the sequence left unfused is listed in `uncached`; then no programs are derived and generation recomputes
-the whole sequence (the runtime warns).
+that are not exactly the new tokens) or a softmax over the sequence left unfused is listed in `uncached`;
+then no programs are derived and generation recomputes the whole sequence (the runtime warns).
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ from ..ir.ops import POLYPORT_DOMAIN, attrs_of, checked_attrs
 from ..ir.symbolic import sym
 from ..ir.types import TensorType
 from ._match_util import ints
-from .generation_batch import make_batch_generic
+from .derive_compressed import CompressedPlan, CompressedTensors, compressed_layer, compressed_plan
+from .generation_batch import make_batch_generic, retype
 
 CAPACITY = "cache_len"        # the symbolic capacity of linear caches (the runtime's max_length)
+COMPRESSED_PER_SEQUENCE = "compressed layers (CSA/HCA) decode each sequence on its own cache"
+COMPRESSED_DECODE = ("compressed layers (CSA/HCA) decode through their caches on the reference executor, cpu, "
+                     "cuda and rocm; ascend recomputes the whole sequence")
 
 
 @dataclasses.dataclass
@@ -47,15 +53,35 @@ class CacheLayer:
     capacity: Optional[int]   # ring slots (window); None: linear up to max_length
     dtype: str
     naive_bytes_per_token: Optional[int] = None   # mla: K and V per head, what the absorbed layout saves
+    rate: Optional[int] = None                    # hca / csa: tokens per compressed entry
+    shapes: Optional[dict] = None                 # hca / csa: tensor -> [heads, slots, dim]; slots: a ring's
+    #                                               count, "max_length" or "max_length/RATE" (rounded up)
 
     @property
     def bytes_per_token(self) -> int:
+        """What each token of context adds (compressed layers: their entries; their rings are fixed_bytes)."""
+        itemsize = dtypes.from_name(self.dtype).itemsize_bits // 8
+        if self.shapes is not None:
+            grows = sum(h * d * itemsize * (1 if slots == "max_length" else 0) for h, slots, d in self.shapes.values())
+            per_entry = sum(h * d * itemsize for h, slots, d in self.shapes.values() if isinstance(slots, str)
+                            and slots != "max_length")
+            return grows + per_entry // self.rate
         width = self.head_dim if len(self.tensors) == 1 else self.head_dim + self.v_head_dim
-        return self.kv_heads * width * dtypes.from_name(self.dtype).itemsize_bits // 8
+        return self.kv_heads * width * itemsize
+
+    @property
+    def fixed_bytes(self) -> Optional[int]:
+        """Compressed layers: the rings (window keys, raw tail), whatever the context."""
+        if self.shapes is None:
+            return None
+        itemsize = dtypes.from_name(self.dtype).itemsize_bits // 8
+        return sum(h * slots * d * itemsize for h, slots, d in self.shapes.values() if isinstance(slots, int))
 
     def entry(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "capacity"}
         d["bytes_per_token"] = self.bytes_per_token
+        if self.fixed_bytes is not None:
+            d["fixed_bytes"] = self.fixed_bytes
         if self.naive_bytes_per_token:
             d["naive_ratio"] = round(self.naive_bytes_per_token / self.bytes_per_token, 3)
         return d
@@ -71,6 +97,8 @@ class GenerationPrograms:
     max_positions: Optional[int]        # rows of a constant cos/sin table the positions index; None: no limit
     recompute: Optional[str] = None     # why generation recomputes though every layer could be cached
     per_sequence: Optional[str] = None  # why a batch-1 export's programs kept batch 1 (one cache per sequence)
+    decode_step: Optional[int] = None   # tokens one decode call takes at most (the runtime splits longer appends)
+    compressed_decode: Optional[str] = None   # CSA/HCA layers: which targets decode them (targets/base.py)
 
     def added_constants(self) -> dict[str, np.ndarray]:
         """The constants the derivation added (absorbed MLA weights, small index constants), by name."""
@@ -81,13 +109,21 @@ class GenerationPrograms:
         entry = {"layers": [layer.entry() for layer in self.layers], "uncached": list(self.uncached),
                  "vocab": self.vocab, "max_positions": self.max_positions,
                  "bytes_per_token": sum(layer.bytes_per_token for layer in self.layers)}
-        extra = {k: v for k, v in (("recompute", self.recompute), ("per_sequence", self.per_sequence)) if v}
+        extra = {k: v for k, v in (("recompute", self.recompute), ("per_sequence", self.per_sequence),
+                                   ("decode_step", self.decode_step),
+                                   ("compressed_decode", self.compressed_decode)) if v}
         return {**entry, **extra}
 
     def describe(self) -> str:
         """The cache layout, one line per layer (what `inspect --passes generate` prints)."""
         lines = ["generation cache layout (bytes per token per layer):"]
         for layer in self.layers:
+            if layer.shapes is not None:
+                tensors = ", ".join(f"{t.rsplit('.', 1)[1]} {s[1]}x{s[2]}" for t, s in layer.shapes.items())
+                lines.append(f"  {layer.name} ({layer.node}): {layer.kind}, shared K=V {layer.head_dim} {layer.dtype}, "
+                             f"window ring of {layer.capacity or 'max_length'} + one entry per {layer.rate} tokens "
+                             f"({tensors}): {layer.bytes_per_token} B/token + {layer.fixed_bytes} B of rings")
+                continue
             cap = f"ring of {layer.capacity} positions" if layer.capacity else "up to max_length"
             naive = (f" ({layer.naive_bytes_per_token / layer.bytes_per_token:.2f}x less than K/V per head: "
                      f"{layer.naive_bytes_per_token} B)" if layer.naive_bytes_per_token else "")
@@ -98,6 +134,10 @@ class GenerationPrograms:
             lines.append(f"  {name}: NOT cached (generation recomputes the whole sequence)")
         if self.per_sequence:
             lines.append(f"  programs of batch 1 (one cache per sequence): {self.per_sequence}")
+        if self.decode_step:
+            lines.append(f"  decode takes {self.decode_step} token per call (longer appends are split)")
+        if self.compressed_decode:
+            lines.append(f"  {self.compressed_decode}")
         return "\n".join(lines)
 
 
@@ -122,20 +162,31 @@ def derive_generation(graph: Graph, *, batch_generic: bool = True) -> Generation
     if len(graph.inputs) != 1:        # the programs feed token ids only
         return GenerationPrograms(None, None, [], [n.name for n in attentions] or [graph.name], vocab, None)
     ids = graph.inputs[0]
-    uncached = [n.name for n in attentions if not _cacheable(n)] + _unfused_attention(graph)
+    compressed = {n.name: plan for n in attentions if not _cacheable(n) and (plan := compressed_plan(n)) is not None}
+    uncached = [n.name for n in attentions if not _cacheable(n) and n.name not in compressed]
+    uncached += _unfused_attention(graph)
     ranges = _position_sources(graph)
     uncached += _other_positions(graph, ranges)
+    entry_ranges = {id(r) for plan in compressed.values() for r in plan.ranges}
+    ranges = [r for r in ranges if id(r) not in entry_ranges]     # entry positions: derive_compressed.py
     batch = ids.shape[0] if ids.shape else None
     if ranges and batch != 1:
         uncached = uncached or [n.name for n in attentions]   # positions [batch, step] need a batched arange
+    if compressed and batch != 1:
+        uncached = uncached or list(compressed)             # entry positions: one vector, a batch-1 program's
     if not attentions or any(True for n in graph.nodes for _ in n.subgraphs()):
         uncached = uncached or [n.name for n in attentions] or [graph.name]
     if uncached:
         return GenerationPrograms(None, None, [], uncached, vocab, None)
-    plans = {n.name: plan for n in attentions if (plan := mla_plan(n)) is not None}
+    plans = {n.name: plan for n in attentions if n.name not in compressed and (plan := mla_plan(n)) is not None}
+    plans.update(compressed)
     layers = [_layer(i, n, plans.get(n.name)) for i, n in enumerate(attentions)]
     programs = [_program(graph, kind, layers, ranges, plans) for kind in ("prefill", "decode")]
     per_sequence = None
+    if compressed:       # decode's entry positions are one vector for the batch: one sequence per cache
+        return GenerationPrograms(*programs, layers, [], vocab, _max_positions(ranges),
+                                  per_sequence=COMPRESSED_PER_SEQUENCE, decode_step=1,
+                                  compressed_decode=COMPRESSED_DECODE)
     if batch == 1 and batch_generic:   # every corpus export: batch the programs by meaning, else one cache per sequence
         per_sequence = next((why for p in programs if (why := make_batch_generic(p))), None)
         if per_sequence is not None:
@@ -158,8 +209,8 @@ def _cacheable(node: Node) -> bool:
 
 
 def _unfused_attention(graph: Graph) -> list[str]:
-    """Softmaxes over a sequence-long axis left outside `Attention` (DeepSeek V4's compressed
-    layers): attention that mixes tokens in a way no cache layout here captures."""
+    """Softmaxes over a sequence-long axis left outside `Attention` (a DeepSeek V4 compressor that
+    fuse-compress did not make a KVCompress): token mixing no cache layout here captures."""
     seq = graph.inputs[0].type.symbols if isinstance(graph.inputs[0].type, TensorType) else frozenset()
     out = []
     for n in graph.nodes:
@@ -169,10 +220,13 @@ def _unfused_attention(graph: Graph) -> list[str]:
     return out
 
 
-def _layer(i: int, node: Node, mla: Optional["MlaPlan"]) -> CacheLayer:
+def _layer(i: int, node: Node, plan) -> CacheLayer:
     q, k, v = node.inputs[:3]
     window = attrs_of(node)["window"]
     name = f"cache.{i}"
+    if isinstance(plan, CompressedPlan):
+        return _compressed_layer(name, node, plan)
+    mla = plan
     if mla is not None and not window:
         naive = node.attrs["kv_heads"] * (k.shape[3] + v.shape[3]) * (k.dtype.itemsize_bits // 8)
         return CacheLayer(name, node.name, "mla", [f"{name}.kv"], 1, mla.dc + mla.dr, mla.dc, None, str(k.dtype),
@@ -182,6 +236,20 @@ def _layer(i: int, node: Node, mla: Optional["MlaPlan"]) -> CacheLayer:
     tensors = [f"{name}.kv"] if shared else [f"{name}.k", f"{name}.v"]
     return CacheLayer(name, node.name, kind, tensors, k.shape[1], k.shape[3], v.shape[3], window or None,
                       str(k.dtype))
+
+
+def _compressed_layer(name: str, node: Node, plan: CompressedPlan) -> CacheLayer:
+    names = CompressedTensors.of(name, plan)
+    d = plan.keys.shape[3]
+    entries = f"max_length/{plan.rate}"
+    shapes = {names.kv: [1, plan.window or "max_length", d], names.entries: [1, entries, d]}
+    if plan.index is not None:
+        shapes[names.index] = [1, entries, plan.index.entries.shape[-1]]
+    for prefix, comp in plan.compressors():
+        for tensor in names.raw[prefix]:
+            shapes[tensor] = [1, comp.ring, comp.channels]
+    return CacheLayer(name, node.name, plan.kind, names.names(), 1, d, d, plan.window or None, str(plan.keys.dtype),
+                      rate=plan.rate, shapes=shapes)
 
 
 def _vocab(graph: Graph) -> int:
@@ -428,6 +496,10 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
         if layer.kind == "mla":
             cache_outs.append(_mla(g, kind, node, layer, plans[node.name], vmap, past, n_new))
             continue
+        if layer.shapes is not None:
+            cache_outs += compressed_layer(g, kind, node, plans[node.name], CompressedTensors.of(layer.name, plans[
+                node.name]), vmap, past, n_new)
+            continue
         q, k, v = node.inputs[:3]
         sinks = node.inputs[4] if len(node.inputs) > 4 else None
         caches = []
@@ -454,6 +526,8 @@ def _program(graph: Graph, kind: str, layers: list[CacheLayer], ranges: list[Nod
     g.set_outputs([logits] + cache_outs)
     g.remove_unused()
     g.sort()
+    if any(layer.shapes is not None for layer in layers):   # the entries' ops now run on other shapes
+        retype(g)
     return g
 
 

@@ -78,6 +78,13 @@ def make_batch_generic(g: Graph) -> Optional[str]:
     return None
 
 
+def retype(g: Graph) -> None:
+    """Infer every node's output types again, in order (after the derivation moved some inputs)."""
+    for node in g.nodes:
+        for v, t in zip(node.outputs, _infer(node, g)):
+            v.type = t
+
+
 def _infer(node: Node, g: Graph) -> list:
     """The node's types; where ONNX's inference gives up on symbolic dims, the two nodes the derivation
     adds: GatherND of the last rows, and decode's `n_new = Expand(step, Shape(past_len))`."""

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .. import errors
+from ..ir import dtypes
 
 DEFAULT_MAX_LENGTH = 4096          # the cache reservation when the model states no max positions
 
@@ -94,7 +95,7 @@ class GenerationState:
         self._lengths = lens.copy()
         if not self.cached:
             why = (f"layers {', '.join(info['uncached'])} cannot be cached" if info.get("uncached")
-                   else info.get("recompute") or "this target has no decode programs")
+                   else info.get("recompute") or info.get("compressed_decode") or "this target has no decode programs")
             if not getattr(session, "_warned_recompute", False):     # once per session, not per start
                 print(f"polyport: warning: {why}; generation recomputes the whole sequence each step",
                       file=sys.stderr)
@@ -105,8 +106,9 @@ class GenerationState:
         # programs of batch 1: one cache per sequence; else one batched cache
         self._groups = [[b] for b in range(len(lens))] if info.get("batch") == 1 else [list(range(len(lens)))]
         self._caches = [session.new_cache(len(g), cap) for g in self._groups]
-        self.reserved_bytes = sum(int(layer["bytes_per_token"]) * (layer.get("capacity") or cap)
-                                  for layer in info["layers"]) * len(lens)
+        self.reserved_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                                  for shape, dtype in cache_shapes(info, len(lens), cap).values())
+        self._step = int(info.get("decode_step") or 0)
         rows = []
         for group, cache in zip(self._groups, self._caches):
             n = lens[group]
@@ -135,10 +137,17 @@ class GenerationState:
                                   f"{self.max_length}")
         for b in range(batch):
             self.tokens[b].extend(int(t) for t in ids[b])
+        if self.cached and self._step and ids.shape[1] > self._step:     # programs of one token per decode call
+            for i in range(0, ids.shape[1], self._step):
+                self._decode(ids[:, i:i + self._step])
+            return self.logits
         if not self.cached:
             self._lengths += ids.shape[1]
             self.logits = self._recompute()
             return self.logits
+        return self._decode(ids)
+
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
         rows = []
         for group, cache in zip(self._groups, self._caches):
             feeds = {"input_ids": np.ascontiguousarray(ids[group]), "past_len": self._lengths[group].copy()}
@@ -235,6 +244,23 @@ def _max_length(session, info: dict, requested: Optional[int]) -> int:
     if info.get("max_positions") and requested > int(info["max_positions"]):
         raise GenerationError(f"max_length {requested} is past the model's {info['max_positions']} positions")
     return int(requested)
+
+
+def cache_shapes(generation: dict, batch: int, max_length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each cache tensor's (shape [batch, heads, slots, dim], dtype), in the programs' input order: a ring's
+    slots are fixed, a linear cache's are max_length (or, "max_length/RATE", one per RATE tokens, rounded up)."""
+    out = {}
+    for layer in generation["layers"]:
+        dtype = dtypes.from_name(layer["dtype"]).numpy
+        shapes = layer.get("shapes") or {t: [layer["kv_heads"], layer["capacity"] or "max_length", dim]
+                                         for t, dim in zip(layer["tensors"], (layer["head_dim"], layer["v_head_dim"]))}
+        for tensor in layer["tensors"]:
+            heads, slots, dim = shapes[tensor]
+            if isinstance(slots, str):
+                rate = int(slots.partition("/")[2] or 1)
+                slots = -(-max_length // rate)
+            out[tensor] = ((batch, heads, slots, dim), dtype)
+    return out
 
 
 def session_cap(session) -> int:

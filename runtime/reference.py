@@ -13,7 +13,7 @@ from ..ir.onnx_reference import StandardOpRunner
 from ..ir.ops import RunContext, lookup
 from ..ir.symbolic import SymExpr
 from ..ir.types import TensorType
-from .generation import Generator
+from .generation import Generator, cache_shapes
 
 
 class ReferenceSession:
@@ -226,11 +226,5 @@ class ReferenceGenerator(Generator):
 
 
 def new_cache_arrays(generation: Mapping[str, Any], batch: int, max_length: int) -> dict[str, np.ndarray]:
-    """Zeroed per-layer cache buffers [batch, kv_heads, capacity, dim], in the programs' input order."""
-    caches = {}
-    for layer in generation["layers"]:
-        dims = (layer["head_dim"], layer["v_head_dim"])
-        for tensor, dim in zip(layer["tensors"], dims):
-            caches[tensor] = np.zeros((batch, layer["kv_heads"], layer["capacity"] or max_length, dim),
-                                      dtypes.from_name(layer["dtype"]).numpy)
-    return caches
+    """Zeroed per-layer cache buffers [batch, heads, slots, dim], in the programs' input order."""
+    return {name: np.zeros(shape, dtype) for name, (shape, dtype) in cache_shapes(generation, batch, max_length).items()}

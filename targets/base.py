@@ -33,6 +33,7 @@ class Target(abc.ABC):
     # False: this target builds derived prefill/decode programs with a static batch of 1 only (the artifact's
     # programs then keep the export's batch 1: one cache per sequence, passes/generation_batch.py)
     batched_programs: ClassVar[bool] = True
+    decodes_compressed: ClassVar[bool] = False      # builds programs with DeepSeek V4's CSA/HCA caches
 
     @abc.abstractmethod
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,

@@ -45,6 +45,7 @@ class CpuTarget(Target):
     name = "cpu"
     devices = {"cpu": HOST_CPU}
     default_device = "cpu"
+    decodes_compressed = True
 
     def build(self, graph: Graph, options: CompileOptions, programs: Any = None) -> tuple[Any, dict, str]:
         """Lower, schedule and compile `graph`: (the Relax VM executable, its model.json metadata, mcpu).

@@ -38,6 +38,7 @@ class GpuTarget(Target, abc.ABC):
     default_archs: ClassVar[tuple[str, ...]]
     known_archs: ClassVar[tuple[str, ...]]
     batched_programs = False     # TVM fails building the GPU decode kernels over a symbolic batch (renew_defs)
+    decodes_compressed = True        # the CSA/HCA programs are standard ops plus fused ops the portable set lowers
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -147,11 +147,30 @@ def test_bench_decode_estimates_every_absent_device(cli, artifact, tmp_path):
 
 
 def test_compile_names_the_layers_it_cannot_cache_and_the_manifest_records_them(cli, tmp_path):
-    out = tmp_path / "v4b"
-    r = cli("compile", MODELS / "deepseek_v4_b.onnx", "-t", "ascend", "-o", out)   # CSA/HCA layers: uncached
+    out = tmp_path / "v2a"
+    r = cli("compile", MODELS / "deepseek_v2_a.onnx", "-t", "ascend", "-o", out)   # complex RoPE unfused: uncached
     assert r.exit_code == 0, r.stderr
     uncached = json.loads((out / "manifest.json").read_text())["generation"]["uncached"]
     assert uncached and all(f"generation: {name} cannot be cached" in r.stderr for name in uncached)
+
+
+def test_a_target_without_compressed_decode_says_so_and_recomputes(cli, tmp_path):
+    """deepseek_v4_b's CSA/HCA caches are in the manifest; ascend builds no programs for them, compile says so
+    and generate recomputes with one warning naming why."""
+    out = tmp_path / "v4b"
+    r = cli("compile", MODELS / "deepseek_v4_b.onnx", "-t", "ascend", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert [layer["kind"] for layer in m["generation"]["layers"]] == ["hca", "csa", "shared_kv"]
+    assert "programs" not in m["targets"]["ascend"] and "generation: ascend: compressed layers" in r.stderr
+    r = cli("inspect", MODELS / "deepseek_v4_b.onnx", "--passes", "generate")
+    assert r.exit_code == 0, r.stderr
+    assert "hca, shared K=V 32 f32, window ring of 16 + one entry per 8 tokens" in r.stdout
+    assert "one entry per 4 tokens" in r.stdout and "48 B/token + 8192 B of rings" in r.stdout    # csa: + indexer keys
+    r = cli("generate", out, "-t", "ascend", "--prompt-ids", "5,17,42", "--max-new-tokens", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "compressed layers (CSA/HCA)" in warnings[0], r.stderr
 
 
 def test_compile_no_generation_records_recompute_and_generate_warns_once(cli, tmp_path):

@@ -24,7 +24,8 @@ from polyport.tests.real_models import assert_logits_close, corpus
 from .conftest import assert_unequal_prompts_batch_like_alone, ort_logits, path_of, prompt
 
 STEPS = 24
-MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny", "gemma2_a"]
+MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny", "gemma2_a",
+          "deepseek_v4_b"]                                         # v4_b: CSA + HCA caches (deepseek_v4_d: corpus)
 DEFAULT = [("llama_a", 7)]
 FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
 REST = [pytest.param(m, n, marks=pytest.mark.corpus) for m in sorted(corpus()) if m not in MODELS for n in (1, 7, 40)]

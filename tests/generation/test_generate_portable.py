@@ -38,8 +38,9 @@ from .conftest import generator, ort_logits, path_of, prompt
 from .test_generate_cpu import _address
 
 STEPS = 12
-# absorbed MLA; shared K=V + sinks; sinks + ring + biased MoE; soft-capped scores; sparsemixer routing
-CORPUS = ["deepseek_v3_a", "deepseek_v4_a", "gpt_oss_a", "gemma2_a", "phimoe_a"]
+# absorbed MLA; shared K=V + sinks; sinks + ring + biased MoE; soft-capped scores; sparsemixer routing;
+# CSA + HCA caches
+CORPUS = ["deepseek_v3_a", "deepseek_v4_a", "gpt_oss_a", "gemma2_a", "phimoe_a", "deepseek_v4_b"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,8 +15,9 @@ from .conftest import assert_unequal_prompts_batch_like_alone, generator, ort_lo
 
 STEPS = 24
 ALL_MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
-# mha, window, shared K=V + sinks, MLA, soft-capped scores over a ring
-DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40), ("deepseek_v3_tiny", 1), ("gemma2_a", 40)]
+# mha, window, shared K=V + sinks, MLA, soft-capped scores over a ring, CSA + HCA
+DEFAULT = [("llama_a", 7), ("mixtral_b", 40), ("deepseek_v4_a", 40), ("deepseek_v3_tiny", 1), ("gemma2_a", 40),
+           ("deepseek_v4_b", 7)]
 FULL = [pytest.param(m, n, marks=pytest.mark.slow) for m in ALL_MODELS for n in (1, 7, 40) if (m, n) not in DEFAULT]
 
 
@@ -157,16 +158,61 @@ def test_states_in_flight_own_their_caches():
 
 
 def test_an_uncached_layer_recomputes_with_one_warning(capfd):
-    s = generator("deepseek_v4_b")          # CSA/HCA: Attention over window + compressed keys, masked: uncached
+    s = generator("deepseek_v2_a")          # complex RoPE left unfused: its positions cannot move, uncached
     assert s.generation["uncached"] and not s.generation["layers"]
     s._warned_recompute = False                             # the warning comes once per session
-    ids = prompt("deepseek_v4_b", 5, 3)
+    ids = prompt("deepseek_v2_a", 5, 3)
     g = s.start(ids[:, :5])
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recomputes the whole sequence" in err[0] and s.generation["uncached"][0] in err[0]
     for t in range(3):
         got = g.append(ids[:, 5 + t])
-    assert_logits_close(got[0], ort_logits("deepseek_v4_b", ids)[0, -1])
+    assert_logits_close(got[0], ort_logits("deepseek_v2_a", ids)[0, -1])
+
+
+def test_compressed_layers_cache_entries_and_a_bounded_tail():
+    """DeepSeek V4's CSA / HCA layers: window keys in a ring, one entry (CSA: plus one indexer key) per `rate`
+    tokens up to max_length, the raw kv / gate tail in rings of rate x (1 + overlap) rows. The manifest states
+    each layer's bytes per token (its entries) and its fixed ring bytes; a [batch, k] append is split into
+    single-token decode steps and still matches ORT."""
+    name = "deepseek_v4_b"
+    cfg = corpus()[name]["hf_config"]
+    s = generator(name)
+    info = s.generation
+    assert info["decode_step"] == 1 and info["batch"] == 1 and "ascend recomputes" in info["compressed_decode"]
+    layers = info["layers"]
+    kinds = {"heavily_compressed_attention": "hca", "compressed_sparse_attention": "csa",
+             "sliding_attention": "shared_kv"}
+    assert [layer["kind"] for layer in layers] == [kinds[t] for t in cfg["layer_types"]]
+    d, dq, window = cfg["head_dim"], cfg["index_head_dim"], cfg["sliding_window"]
+    for layer in layers:
+        if layer["kind"] == "shared_kv":
+            continue
+        csa = layer["kind"] == "csa"
+        rate = cfg["compress_rates"]["compressed_sparse_attention" if csa else "heavily_compressed_attention"]
+        name_ = layer["name"]
+        want = {f"{name_}.kv": [1, window, d], f"{name_}.entries": [1, f"max_length/{rate}", d]}
+        if csa:                                  # overlapping windows: 2 x rate raw rows of 2 x D channels
+            want.update({f"{name_}.index": [1, f"max_length/{rate}", dq],
+                         f"{name_}.kv_raw": [1, 2 * rate, 2 * d], f"{name_}.gate_raw": [1, 2 * rate, 2 * d],
+                         f"{name_}.index_kv_raw": [1, 2 * rate, 2 * dq],
+                         f"{name_}.index_gate_raw": [1, 2 * rate, 2 * dq]})
+        else:
+            want.update({f"{name_}.kv_raw": [1, rate, d], f"{name_}.gate_raw": [1, rate, d]})
+        assert layer["shapes"] == want and layer["rate"] == rate and layer["capacity"] == window
+        assert layer["bytes_per_token"] == (d + (dq if csa else 0)) * 4 // rate
+        assert layer["fixed_bytes"] == sum(h * n * c * 4 for h, n, c in want.values() if isinstance(n, int))
+    ids = prompt(name, 3, 3 * window + 6)
+    g = s.start(ids[:, :3], max_length=64)
+    got = g.append(ids[:, 3:3 + 3 * window])                 # split into single steps
+    want = ort_logits(name, ids[:, :3 + 3 * window])[0, -1]
+    assert_logits_close(got[0], want)
+    cache = g._caches[0]
+    for layer in layers:
+        for tensor, (heads, slots, dim) in (layer.get("shapes") or {}).items():
+            rows = slots if isinstance(slots, int) else -(-64 // layer["rate"])
+            assert cache[tensor].shape == (1, heads, rows, dim)
+    assert g.reserved_bytes == sum(a.nbytes for a in cache.values())
 
 
 def test_positions_outside_a_fused_rotary_are_not_cached():
