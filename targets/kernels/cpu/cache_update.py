@@ -8,21 +8,15 @@ real rows are written. Rows i >= n_new[b] (right padding of a batched prefill) a
 """
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.script import tirx as T
+
+from ..cache_rules import slot, written
 
 
 def cache_update_func(*, kv_heads: int, d: int, ring: bool, dtype: str = "float32"):
     """PrimFunc cache_update(cache [B, KV, C, D], new [B, KV, S, D], past_len [B], n_new [B]),
     writing into `cache`; B, C, S symbolic."""
     KV, D = kv_heads, d
-
-    def keep(i, n, C):
-        """Row i of n real rows is written: all of them (linear), the last C (ring)."""
-        return tirx.all(i < n, i >= n - C) if ring else i < n
-
-    def slot(p, C):
-        return tirx.floormod(p, C) if ring else p
 
     @T.prim_func(private=True)
     def cache_update(c_h: T.handle, n_h: T.handle, p_h: T.handle, k_h: T.handle):
@@ -35,8 +29,8 @@ def cache_update_func(*, kv_heads: int, d: int, ring: bool, dtype: str = "float3
         PL = T.match_buffer(p_h, (B,), "int64")
         NN = T.match_buffer(k_h, (B,), "int64")
         for b, g, i in T.grid(B, T.int64(KV), S):
-            if keep(i, NN[b], C) and slot(PL[b] + i, C) < C:
+            if written(i, NN[b], C, ring) and slot(PL[b] + i, C, ring) < C:
                 for c in T.vectorized(T.int64(D)):
-                    CA[b, g, slot(PL[b] + i, C), c] = NW[b, g, i, c]
+                    CA[b, g, slot(PL[b] + i, C, ring), c] = NW[b, g, i, c]
 
     return cache_update

@@ -22,6 +22,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import fastmath
+from ..cache_rules import first_cached, first_new
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 JB = 16                 # keys per online-softmax block: one rescale of the accumulators per block
@@ -44,26 +45,12 @@ def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, sca
     G = H // KV
     ninf = tirx.const(float("-inf"), "float32")
     zero = tirx.const(0.0, "float32")
-    i64 = lambda x: tirx.IntImm("int64", x)  # noqa: E731
     DVEC = D // VL * VL
     capped = softcap > 0       # a Python bool: TVMScript resolves the branch while parsing
 
     def slot_of(j, C, cached):
         """The buffer row of key j: ring cache slots wrap, linear slots and new keys do not."""
         return tirx.floormod(j, C) if (cached and ring) else j
-
-    def cached_lo(past, i, C):
-        """The first cached position query i (at position past + i) may see."""
-        lo = i64(0)
-        if window:
-            lo = tirx.max(lo, past + i - i64(window - 1))
-        if ring:
-            lo = tirx.max(lo, past - C)
-        return lo
-
-    def new_lo(i):
-        """The first new key query i may see."""
-        return tirx.max(i64(0), i - i64(window - 1)) if window else i64(0)
 
     @T.macro
     def keys(KS, VS, qs, sc, acc, st, lanes, b, g, p0, n, C, cached):
@@ -116,7 +103,7 @@ def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, sca
         g = bg % T.int64(KV)
         past = PL[b]
         for i in range(S):
-            lo = cached_lo(past, i, C)
+            lo = first_cached(past, i, C, window, ring)
             chunk = (T.max(past - lo, T.int64(0)) + ns - T.int64(1)) // ns
             c_lo = T.min(past, lo + sp * chunk)
             c_hi = T.min(past, c_lo + chunk)
@@ -131,7 +118,7 @@ def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, sca
                 keys(KC, KC if v_in_k else VC, qs, sc, acc, st, lanes, b, g, c_lo + kb * T.int64(JB),
                      T.min(T.int64(JB), c_hi - c_lo - kb * T.int64(JB)), C, True)
             if sp == ns - T.int64(1):
-                j_lo = new_lo(i)
+                j_lo = first_new(i, window)
                 for kb in range((i + T.int64(1) - j_lo + T.int64(JB - 1)) // T.int64(JB)):
                     keys(KN, KN if v_in_k else VN, qs, sc, acc, st, lanes, b, g, j_lo + kb * T.int64(JB),
                          T.min(T.int64(JB), i + T.int64(1) - j_lo - kb * T.int64(JB)), C, False)

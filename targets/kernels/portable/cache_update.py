@@ -5,10 +5,10 @@ right padding, unwritten). Threads write disjoint elements, so with the loops se
 the function computes what the GPU build does; that is what the CPU check runs."""
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.script import tirx as T
 
 from .cached_attention import loop
+from ..cache_rules import slot, written
 
 MAX_TX = 256
 
@@ -19,12 +19,6 @@ def cache_update_func(*, kv_heads: int, d: int, ring: bool, gpu: bool, dtype: st
     KV, D = kv_heads, d
     TX = min(D, MAX_TX)
     bind = loop(gpu)
-
-    def keep(i, n, C):
-        return tirx.all(i < n, i >= n - C) if ring else i < n
-
-    def slot(p, C):
-        return tirx.floormod(p, C) if ring else p
 
     @T.prim_func(private=True)
     def cache_update(c_h: T.handle, n_h: T.handle, p_h: T.handle, k_h: T.handle):
@@ -41,10 +35,10 @@ def cache_update_func(*, kv_heads: int, d: int, ring: bool, gpu: bool, dtype: st
                 b = row // (T.int64(KV) * S)
                 g = row // S % T.int64(KV)
                 i = row % S
-                if keep(i, NN[b], C) and slot(PL[b] + i, C) < C:
+                if written(i, NN[b], C, ring) and slot(PL[b] + i, C, ring) < C:
                     for cc in range(T.int64((D + TX - 1) // TX)):
                         if cc * T.int64(TX) + tx < T.int64(D):
-                            CA[b, g, slot(PL[b] + i, C), cc * T.int64(TX) + tx] = \
+                            CA[b, g, slot(PL[b] + i, C, ring), cc * T.int64(TX) + tx] = \
                                 NW[b, g, i, cc * T.int64(TX) + tx]
 
     return cache_update

@@ -27,6 +27,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..cache_rules import first_cached, first_new
+
 MAX_SPLITS = 16          # cache splits per (sequence, kv head): partial states kept per row
 MIN_SPLIT_KEYS = 128     # a split only when every split keeps at least this many cached keys
 MAX_TPR = 8              # threads per query row (each owns Dv / TPR channels of the accumulator)
@@ -71,19 +73,6 @@ def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float
     bind = loop(gpu)
     ninf = tirx.const(float("-inf"), "float32")
     zero = tirx.const(0.0, "float32")
-    i64 = lambda x: tirx.IntImm("int64", x)  # noqa: E731
-
-    def cached_lo(past, i, C):
-        """The first cached position query i (at position past + i) may see."""
-        lo = i64(0)
-        if window:
-            lo = tirx.max(lo, past + i - i64(window - 1))
-        if ring:
-            lo = tirx.max(lo, past - C)
-        return lo
-
-    def new_lo(i):
-        return tirx.max(i64(0), i - i64(window - 1)) if window else i64(0)
 
     @T.macro
     def key(KS, VS, qs, acc, st, b, g, row, c0):
@@ -133,7 +122,7 @@ def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float
                     past = PL[b]
                     ns = splits(past, max_splits)
                     if sp < ns:
-                        lo = cached_lo(past, i, C)
+                        lo = first_cached(past, i, C, window, ring)
                         chunk = (T.max(past - lo, T.int64(0)) + ns - T.int64(1)) // ns
                         c_lo = T.min(past, lo + sp * chunk)
                         c_hi = T.min(past, c_lo + chunk)
@@ -147,7 +136,7 @@ def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float
                             key(KC, KC if v_in_k else VC, qs, acc, st, b, g,
                                 T.floormod(c_lo + j, C) if ring else c_lo + j, c0)
                         if sp == ns - T.int64(1):
-                            j_lo = new_lo(i)
+                            j_lo = first_new(i, window)
                             for j in range(i + T.int64(1) - j_lo):
                                 key(KN, KN if v_in_k else VN, qs, acc, st, b, g, j_lo + j, c0)
                         if c0 == T.int64(0):
