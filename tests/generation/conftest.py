@@ -5,7 +5,7 @@ import functools
 
 import numpy as np
 
-from polyport.tests.real_models import BUNDLED, MODELS
+from polyport.tests.real_models import BUNDLED, MODELS, assert_logits_close
 
 
 def path_of(name: str):
@@ -46,3 +46,25 @@ def assert_unequal_prompts_batch_like_alone(s, name: str, lengths=(3, 9, 17), st
     alone = np.stack([s.generate(ids[b:b + 1, :n], steps)[0] for b, n in enumerate(lengths)])
     np.testing.assert_array_equal(together, alone)
     return ids, alone
+
+
+def assert_decodes_like(s, ids: np.ndarray, n: int, want: np.ndarray):
+    """Teacher-forced: `s.start` on the first n ids, then the later ids appended one at a time (all but
+    the last, whose logits no row of `want` covers past the prompt's seq); every last-position logits row
+    equals `want` (full-forward logits [seq, vocab]) at that position. Returns the generation state."""
+    state = s.start(ids[:, :n])
+    assert_logits_close(state.logits[0], want[n - 1])
+    for t in range(ids.shape[1] - n - 1):
+        assert_logits_close(state.append(ids[:, n + t])[0], want[n + t])
+    return state
+
+
+def quantized_graph(name: str, quantization):
+    """The fused graph of `name` with its weights quantized as `compile --quantize` does."""
+    from polyport.frontend.onnx_import import import_onnx
+    from polyport.passes.pipelines import run_pipeline
+    from polyport.passes.quantize_weights import quantize_weights
+    g = import_onnx(path_of(name))
+    run_pipeline(g)
+    quantize_weights(g, quantization)
+    return g

@@ -21,7 +21,8 @@ import pytest
 import polyport
 from polyport.tests.real_models import assert_logits_close, corpus
 
-from .conftest import assert_unequal_prompts_batch_like_alone, ort_logits, path_of, prompt
+from .conftest import (assert_decodes_like, assert_unequal_prompts_batch_like_alone, ort_logits, path_of, prompt,
+                       quantized_graph)
 
 STEPS = 24
 MODELS = ["llama_a", "mixtral_a", "qwen3_moe_a", "deepseek_v3_a", "deepseek_v4_a", "deepseek_v3_tiny", "gemma2_a",
@@ -122,9 +123,7 @@ def test_mla_over_int8_weights_decodes_absorbed(tmp_path):
     """deepseek_v3_a compiled with --quantize int8: the cache still holds the latent and the rope key only,
     and teacher-forced decode equals the reference's full forward over the same quantized graph."""
     from polyport.compiler import compile_model
-    from polyport.frontend.onnx_import import import_onnx
-    from polyport.passes.pipelines import run_pipeline
-    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    from polyport.passes.quantize_weights import WeightQuantization
     from polyport.runtime.reference import ReferenceSession
     name, n, steps, spec = "deepseek_v3_a", 7, 8, WeightQuantization("int8", 32)
     cfg = corpus()[name]["hf_config"]
@@ -132,12 +131,6 @@ def test_mla_over_int8_weights_decodes_absorbed(tmp_path):
     layers = s.generation["layers"]
     assert [layer["kind"] for layer in layers] == ["mla"] * cfg["num_hidden_layers"]
     assert {layer["bytes_per_token"] for layer in layers} == {(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4}
-    g = import_onnx(path_of(name))
-    run_pipeline(g)
-    quantize_weights(g, spec)
+    g = quantized_graph(name, spec)
     ids = prompt(name, n, steps)
-    want = ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0]
-    state = s.start(ids[:, :n])
-    assert_logits_close(state.logits[0], want[n - 1])
-    for t in range(steps - 1):
-        assert_logits_close(state.append(ids[:, n + t])[0], want[n + t])
+    assert_decodes_like(s, ids, n, ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0])

@@ -11,7 +11,8 @@ import pytest
 
 from polyport.tests.real_models import assert_logits_close, corpus
 
-from .conftest import assert_unequal_prompts_batch_like_alone, generator, ort_logits, prompt
+from .conftest import (assert_decodes_like, assert_unequal_prompts_batch_like_alone, generator, ort_logits, prompt,
+                       quantized_graph)
 
 STEPS = 24
 ALL_MODELS = sorted(corpus()) + ["deepseek_v3_tiny"]
@@ -259,24 +260,15 @@ def test_mla_stays_absorbed_over_quantized_weights(scheme):
     """`--quantize` / `--dtype` turn the MLA up-projection into a QuantMatMul: the absorbed layout still
     holds (W_uk / W_uv from the dequantized weights), and teacher-forced decode equals the reference's
     full forward over the same quantized graph."""
-    from polyport.frontend.onnx_import import import_onnx
     from polyport.passes.derive_generation import derive_generation, generation_entry
-    from polyport.passes.pipelines import run_pipeline
-    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    from polyport.passes.quantize_weights import WeightQuantization
     from polyport.runtime.reference import ReferenceGenerator, ReferenceSession
-    from .conftest import path_of
     name, n, steps = "deepseek_v3_a", 7, 6
     cfg = corpus()[name]["hf_config"]
-    g = import_onnx(path_of(name))
-    run_pipeline(g)
-    quantize_weights(g, WeightQuantization(scheme, 32))
+    g = quantized_graph(name, WeightQuantization(scheme, 32))
     programs = derive_generation(g)
     assert [layer.kind for layer in programs.layers] == ["mla"] * cfg["num_hidden_layers"]
     assert {layer.bytes_per_token for layer in programs.layers} == {(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4}
     s = ReferenceGenerator(g, programs, generation_entry(g, programs))
     ids = prompt(name, n, steps)
-    want = ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0]
-    state = s.start(ids[:, :n])
-    assert_logits_close(state.logits[0], want[n - 1])
-    for t in range(steps - 1):
-        assert_logits_close(state.append(ids[:, n + t])[0], want[n + t])
+    assert_decodes_like(s, ids, n, ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0])
