@@ -1,9 +1,15 @@
-"""Helpers shared by the fused ops' references."""
+"""Helpers shared by the fused ops' definitions: errors, dtypes, activations."""
 from __future__ import annotations
 
 import numpy as np
 
+from ... import errors
 from ..types import TensorType
+
+
+def node_error(node, msg: str) -> errors.PolyportError:
+    """A shape or attribute error of a fused node, naming the node and its op."""
+    return errors.PolyportError(f"node {node.name} ({node.qualified_op}): {msg}")
 
 
 def f32(x: np.ndarray) -> np.ndarray:

@@ -8,10 +8,9 @@ last C positions survive and memory is bounded by the window.
 """
 import numpy as np
 
-from ... import errors
 from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..types import TensorType
-from ._util import f32, like
+from ._util import f32, like, node_error
 from .attention import soft_cap
 
 define("CacheUpdate", inputs=("cache", "new", "past_len", "n_new"), outputs=("cache_out",),
@@ -29,10 +28,6 @@ define("CachedAttention", inputs=("q", "k_new", "v_new", "cache_k", "cache_v", "
        doc="Causal attention of k new queries over the cache (before this step's update) and the k new keys.")
 
 
-def _err(node, msg: str) -> errors.PolyportError:
-    return errors.PolyportError(f"node {node.name} ({node.qualified_op}): {msg}")
-
-
 @infers("CacheUpdate", domain="polyport")
 def _infer_update(node, ctx):
     cache, new = node.inputs[0].type, node.inputs[1].type
@@ -40,7 +35,7 @@ def _infer_update(node, ctx):
         for axis in (1, 3):
             a, b = cache.shape[axis], new.shape[axis]
             if isinstance(a, int) and isinstance(b, int) and a != b:
-                raise _err(node, f"new rows {new} do not match the cache {cache} on axis {axis}")
+                raise node_error(node, f"new rows {new} do not match the cache {cache} on axis {axis}")
     return [cache]
 
 
@@ -49,7 +44,7 @@ def _infer_attention(node, ctx):
     q, v = node.inputs[0].type, node.inputs[2].type
     h, kvh = node.attrs["num_heads"], node.attrs["kv_heads"]
     if h % kvh:
-        raise _err(node, f"num_heads {h} is not a multiple of kv_heads {kvh}")
+        raise node_error(node, f"num_heads {h} is not a multiple of kv_heads {kvh}")
     shape = q.shape[:3] + v.shape[3:] if q.shape is not None and v.shape is not None else None
     return [TensorType(q.dtype, shape)]
 
@@ -73,7 +68,7 @@ def cache_update(node, inputs, ctx):
         past, n = int(past_len[b]), int(n_new[b])
         first = max(0, n - cap) if ring else 0          # a ring keeps the last `cap` rows only
         if not ring and past + n > cap:
-            raise _err(node, f"sequence {b}: {past} cached + {n} new positions exceed the capacity {cap}")
+            raise node_error(node, f"sequence {b}: {past} cached + {n} new positions exceed the capacity {cap}")
         rows = np.arange(first, n)
         out[b][:, _slots(past + rows, cap, ring)] = new[b][:, rows]
     return [out]

@@ -20,11 +20,10 @@ SparseIndexer(q [B, S, H, Dq], k [B, T, Dq], weights [B, S, H], positions [B|1, 
 """
 import numpy as np
 
-from ... import errors
 from ..ops import AttrSpec, attrs_of, define, infers, reference
 from ..symbolic import floordiv
 from ..types import TensorType
-from ._util import f32, like, softmax
+from ._util import f32, like, node_error, softmax
 
 define("KVCompress", inputs=("kv", "gate", "position_bias"), outputs=("compressed",),
        attrs={"rate": AttrSpec(int, doc="tokens per compressed entry"),
@@ -37,26 +36,22 @@ define("SparseIndexer", inputs=("q", "k", "weights", "positions"), outputs=("mas
        doc="Top-k selection of the complete compressed entries per query, as an additive mask.")
 
 
-def _err(node, msg: str) -> errors.PolyportError:
-    return errors.PolyportError(f"node {node.name} ({node.qualified_op}): {msg}")
-
-
 @infers("KVCompress", domain="polyport")
 def _infer_compress(node, ctx):
     kv, bias = node.inputs[0].type, node.inputs[2].type
     a = attrs_of(node)
     rate, overlap = a["rate"], a["overlap"]
     if rate < 1:
-        raise _err(node, f"rate {rate} must be at least 1")
+        raise node_error(node, f"rate {rate} must be at least 1")
     if kv.shape is None:
         return [TensorType(kv.dtype, None)]
     if len(kv.shape) != 3:
-        raise _err(node, f"kv is {kv}, expected [batch, seq, channels]")
+        raise node_error(node, f"kv is {kv}, expected [batch, seq, channels]")
     c = kv.shape[2]
     if overlap and isinstance(c, int) and c % 2:
-        raise _err(node, f"overlap needs an even channel count, kv has {c}")
+        raise node_error(node, f"overlap needs an even channel count, kv has {c}")
     if bias.shape is not None and isinstance(c, int) and tuple(bias.shape) not in ((rate, c),):
-        raise _err(node, f"position_bias is {bias}, expected [{rate}, {c}]")
+        raise node_error(node, f"position_bias is {bias}, expected [{rate}, {c}]")
     d = c // 2 if overlap and isinstance(c, int) else (None if overlap else c)
     return [TensorType(kv.dtype, (kv.shape[0], floordiv(kv.shape[1], rate), d))]
 
@@ -65,10 +60,10 @@ def _infer_compress(node, ctx):
 def _infer_indexer(node, ctx):
     q, k = node.inputs[0].type, node.inputs[1].type
     if node.attrs["top_k"] < 1 or node.attrs["rate"] < 1:
-        raise _err(node, "top_k and rate must be at least 1")
+        raise node_error(node, "top_k and rate must be at least 1")
     for name, t, rank in (("q", q, 4), ("k", k, 3)):
         if t.shape is not None and len(t.shape) != rank:
-            raise _err(node, f"{name} is {t}, expected rank {rank}")
+            raise node_error(node, f"{name} is {t}, expected rank {rank}")
     shape = None if q.shape is None or k.shape is None else (q.shape[0], 1, q.shape[1], k.shape[1])
     return [TensorType(q.dtype, shape)]
 
