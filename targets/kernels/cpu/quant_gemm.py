@@ -16,7 +16,7 @@ Many rows (prefill): each thread decodes G column blocks at a time into a K x (G
 (L2-sized) that all its row tiles then read, so decoding is paid once per block, not once per tile,
 and the row tiles run gemm.py's register-blocked product over G NB columns (2 vectors wide).
 
-Vector width comes from the build target (`vector_lanes`): 16 f32 lanes with AVX-512, 8 with AVX2;
+Vector width comes from the build target (`isa.vector_lanes`): 16 f32 lanes with AVX-512, 8 with AVX2;
 it sets the row tiles and G, not the stored layout.
 """
 from __future__ import annotations
@@ -25,20 +25,11 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..quant_codes import value
+from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS
 
 SCRATCH_BYTES = 1 << 20           # the prefill scratch K x (G NB) f32 stays within half of a 2 MB L2
 STACK_BYTES = 1024                # TVM's bound for a local buffer on the stack (kMaxStackAlloca)
-
-
-def vector_lanes() -> int:
-    """f32 lanes of the current build target's vectors (the cpu target lowers inside `with target:`)."""
-    import tvm
-    from tvm.target import codegen
-    t = tvm.target.Target.current(allow_none=True)
-    if t is not None and t.kind.name == "llvm" and codegen.llvm_cpu_has_features(["avx512f"], t):
-        return 16
-    return 8
 
 
 def column_block(n: int) -> int:
