@@ -3,11 +3,12 @@
 
     python benchmarks/compare.py --work-dir /tmp/bench                 # the README's table
     python benchmarks/compare.py --work-dir DIR [--models NAME ...] [--seq 1 16 128 512] [--batch 1 8]
-        [--rounds 3] [--runs 10] [--warmup 3] [--contexts 128 1024 4096] [--prompts 128 512]
+        [--rounds 3] [--runs 10] [--warmup 3] [--min-ms 300] [--contexts 128 1024 4096] [--prompts 128 512]
         [--no-coexist] [--json FILE] [--bench-json FILE [--estimate-targets]]
 
 Per model: ORT and polyport children alternate (engines.py), --rounds rounds,
-each child timing --runs runs at every (batch, seq) after --warmup; a STREAM
+each child timing at least --runs runs, and at least --min-ms of them, at
+every (batch, seq) after --warmup; a STREAM
 triad child runs in the same rounds (memory bandwidth of this machine now);
 decode rows (time to first token at --prompts, time per output token at
 --contexts) come from the cpu session's generation API, or a line saying it
@@ -47,7 +48,8 @@ def fmt_ratio(s: dict) -> str:
 def markdown(doc: dict) -> str:
     s = doc["settings"]
     lines = [f"Prefill, {s['threads']} threads per engine, each engine alone in its own process, "
-             f"alternated; medians over {s['rounds']} rounds of {s['runs']} runs (min–max of the rounds' medians). "
+             f"alternated; medians over {s['rounds']} rounds of at least {s['runs']} runs and "
+             f"{s.get('min_ms', 0):.0f} ms each (min–max of the rounds' medians). "
              f"Ratio = ORT / polyport per round.", "",
              "| model | batch | seq | ORT ms | polyport ms | ORT / polyport |", "|---|---|---|---|---|---|"]
     for r in doc["prefill"]:
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--min-ms", type=float, default=300.0,
+                    help="prefill: time runs until this much wall time is sampled per shape (short calls get more runs)")
     ap.add_argument("--threads", type=int, default=None, help="per engine (default: the CPUs this process may use)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096], help="decode: context lengths")
     ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512], help="decode: prompt lengths for TTFT")
@@ -163,7 +167,8 @@ def main(argv=None) -> int:
     arts = {name: engines.compile_cached(p, args.work_dir, log, args.targets, generation=not args.no_decode)
             for name, p in paths.items()}
     shapes = [[b, s] for b in args.batch for s in args.seq]
-    common = {"kind": "prefill", "shapes": shapes, "runs": args.runs, "warmup": args.warmup, "threads": args.threads}
+    common = {"kind": "prefill", "shapes": shapes, "runs": args.runs, "warmup": args.warmup,
+              "min_ms": args.min_ms, "threads": args.threads}
     triad = {"kind": "triad", "threads": args.threads, "runs": 5, "warmup": 1}
     prefill, gbps = [], []
     for i, (name, p) in enumerate(paths.items()):
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
             gbps = [statistics.median(r["gbps"]) for r in results[-1]]
     doc = {"benchmark": "compare", "machine": bench.machine_info(),
            "settings": {"threads": args.threads, "rounds": args.rounds, "runs": args.runs, "warmup": args.warmup,
+                        "min_ms": args.min_ms,
                         "ort": "CPUExecutionProvider, ORT_ENABLE_ALL"},
            "prefill": prefill, "bandwidth_gbps": engines.spread(gbps), "decode": {}}
     if not args.no_decode:

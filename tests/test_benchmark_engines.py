@@ -32,6 +32,16 @@ def test_ratios_are_paired_per_round_and_skips_carry_through():
     assert rows[1] == {"model": "m", "batch": 8, "seq": 16, "skip": "the export fixes batch at 1"}
 
 
+def test_short_calls_are_timed_until_the_wall_time_floor(monkeypatch):
+    clock = iter(range(0, 10_000))                     # each perf_counter() call: one more second
+    monkeypatch.setattr(engines.time, "perf_counter", lambda: float(next(clock)))
+    calls = []
+    times = engines.time_calls(lambda: calls.append(1), runs=3, warmup=1, min_ms=10_000.0)
+    assert len(times) == 10 and all(t == 1000.0 for t in times)       # 10 runs of 1 s fill 10 s, not 3 runs
+    assert len(calls) == len(times) + 3          # warmup: 1 call, then until 2.5 s of it had passed
+    assert len(engines.time_calls(lambda: None, runs=3, warmup=1)) == 3
+
+
 def test_alternate_reverses_the_order_every_other_round(monkeypatch):
     calls = []
     monkeypatch.setattr(engines, "run_child", lambda spec: calls.append(spec["engine"]) or {"engine": spec["engine"]})
