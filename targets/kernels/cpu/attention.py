@@ -18,6 +18,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from . import fastmath
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS
@@ -30,6 +31,7 @@ def tile_rows() -> int:
     return 4 if vector_lanes() >= 16 else 2
 
 
+@cached_kernel
 def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, causal: bool, window: int,
                    mask_shape=None, mask_dtype: str = "float32", sinks: bool = False, sinks_dtype: str = "float32",
                    dtype: str = "float32", softcap: float = 0.0, rows: int = 0):

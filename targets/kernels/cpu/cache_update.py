@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from ..cache_rules import slot, written
 
 
+@cached_kernel
 def cache_update_func(*, kv_heads: int, d: int, ring: bool, dtype: str = "float32"):
     """PrimFunc cache_update(cache [B, KV, C, D], new [B, KV, S, D], past_len [B], n_new [B]),
     writing into `cache`; B, C, S symbolic."""

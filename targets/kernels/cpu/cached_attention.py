@@ -21,6 +21,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from . import fastmath
 from ..cache_rules import first_cached, first_new
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
@@ -32,6 +33,7 @@ MIN_SPLIT_KEYS = 256    # ... while every split keeps at least this many cached 
 MAX_SPLITS = SPLIT_TASKS
 
 
+@cached_kernel
 def cached_attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, window: int,
                           ring: bool, v_in_k: bool, sinks: bool, dtype: str = "float32",
                           sinks_dtype: str = "float32", softcap: float = 0.0):

@@ -15,6 +15,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from .isa import vector_lanes
 from .mlp import activation, clamp_up
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
@@ -29,6 +30,7 @@ def tile_rows(nb: int, lanes: int = 8) -> int:
     return max(1, ACC_VECTORS * lanes // 8 // max(1, -(-nb // lanes)))
 
 
+@cached_kernel
 def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: bool = False,
                       act: str = "silu", clamp: float = 0.0, rows: int = 0):
     """PrimFunc dense(x [M, K], wp [NO, K, NB], out [M, NO * NB]), or with `gated`

@@ -27,6 +27,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from ..quant_codes import value
 from .mlp import activation, clamp_up
 from .isa import vector_lanes
@@ -85,6 +86,7 @@ def _vec(n: int):
     return T.vectorized if n <= 64 else T.serial
 
 
+@cached_kernel
 def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     """The PrimFunc: (x [T, H], router_w [H, E], e_bias [E] | (hash_table [V, K], token_ids [T]),
     w_gate [E, H, I], w_up [E, H, I], w_down [E, I, Ho] (quantized: codes), router_b [E], b_gate [E, I],

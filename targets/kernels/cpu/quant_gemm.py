@@ -24,6 +24,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from ..quant_codes import value
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS
@@ -55,6 +56,7 @@ def tiles(k: int, no: int, nb: int, lanes: int, chains: int) -> tuple[int, int, 
     return gemv_rows, g, mb
 
 
+@cached_kernel
 def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, zeros: bool, bias: bool,
                      dtype: str = "float32", lanes: int = 0):
     """PrimFunc qdense(x [M, K], q, scales [NO, KB, NB] | [1] (16 bits), zeros [NO, KB, NB] | [1],

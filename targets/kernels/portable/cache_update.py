@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from .cached_attention import loop
 from ..cache_rules import slot, written
 
 MAX_TX = 256
 
 
+@cached_kernel
 def cache_update_func(*, kv_heads: int, d: int, ring: bool, gpu: bool, dtype: str = "float32"):
     """PrimFunc cache_update(cache [B, KV, C, D], new [B, KV, S, D], past_len [B], n_new [B]), writing
     into `cache`; B, C, S symbolic."""

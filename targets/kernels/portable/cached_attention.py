@@ -27,6 +27,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from ..cache_rules import first_cached, first_new
 
 MAX_SPLITS = 16          # cache splits per (sequence, kv head): partial states kept per row
@@ -54,6 +55,7 @@ def threads_per_row(group: int, dv: int) -> int:
     return max(t for t in range(1, cap + 1) if dv % t == 0)
 
 
+@cached_kernel
 def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float, window: int, ring: bool,
                  v_in_k: bool, gpu: bool, dtype: str = "float32", max_splits: int = MAX_SPLITS,
                  softcap: float = 0.0):
@@ -148,6 +150,7 @@ def partial_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: float
     return cached_attention_partial
 
 
+@cached_kernel
 def merge_func(*, num_heads: int, kv_heads: int, dv: int, sinks: bool, gpu: bool, dtype: str = "float32",
                sinks_dtype: str = "float32", max_splits: int = MAX_SPLITS):
     """PrimFunc merge(pm, pa, past_len, sinks, out): out [B, H, S, Dv] = sum_s pa_s e^(m_s - M) /

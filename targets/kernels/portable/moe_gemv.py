@@ -17,12 +17,14 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..memo import cached_kernel
 from ..cpu.mlp import activation, clamp_up
 from .cached_attention import loop
 
 TX = 128        # channels per thread block
 
 
+@cached_kernel
 def gate_up_func(*, hidden: int, inter: int, act: str, clamp: float, gpu: bool, x_dtype: str = "float32",
                  w_dtype: str = "float32"):
     """PrimFunc gate_up(x [T, H], idx [T, K] int64, w [T, K] f32, wg [E, H, I], wu [E, H, I], hid [T, K, I] f32)."""
@@ -63,6 +65,7 @@ def gate_up_func(*, hidden: int, inter: int, act: str, clamp: float, gpu: bool, 
     return moe_gate_up_gemv
 
 
+@cached_kernel
 def down_func(*, inter: int, out: int, gpu: bool, x_dtype: str = "float32", w_dtype: str = "float32"):
     """PrimFunc down(hid [T, K, I] f32, idx [T, K] int64, wd [E, I, Ho], y [T, Ho])."""
     I, HO = inter, out

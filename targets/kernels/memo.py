@@ -1,0 +1,52 @@
+"""Kernel builders run once per distinct request.
+
+TVMScript parses every `T.prim_func` in Python, and most of that time goes to
+`inspect` walking the caller's frames: 0.1-1 s per kernel. A model asks for the
+same kernel once per layer and per program (prefill, decode, the full forward),
+so a 16-layer export spent 85% of a half-hour cpu compile re-parsing identical
+kernels. A PrimFunc is immutable IR, so one object serves every request with the
+same arguments and the same vector width (cpu/isa.py: the tiles depend on it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, TypeVar
+
+from .cpu.isa import vector_lanes
+
+F = TypeVar("F", bound=Callable[..., Any])
+_PLAIN = (bool, int, float, str, type(None))
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _key(v: Any) -> Any:
+    # typed, so that 1, 1.0 and True (equal in Python) never share a kernel
+    if isinstance(v, _PLAIN):
+        return type(v).__name__, v
+    if isinstance(v, (list, tuple)):
+        return tuple(_key(x) for x in v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type) and v.__dataclass_params__.frozen:
+        return v
+    raise _Unkeyable
+
+
+def cached_kernel(builder: F) -> F:
+    """`builder`, memoised on its arguments (plain values, lists of them, frozen dataclasses) and
+    the current vector width; a call with any other argument builds afresh."""
+    built: dict = {}
+
+    @functools.wraps(builder)
+    def cached(*args, **kwargs):
+        try:
+            key = (vector_lanes(), _key(args), _key(tuple(sorted(kwargs.items()))))
+        except _Unkeyable:
+            return builder(*args, **kwargs)
+        if key not in built:
+            built[key] = builder(*args, **kwargs)
+        return built[key]
+
+    return cached                               # type: ignore[return-value]
