@@ -38,11 +38,11 @@ from .vm_session import VmSession
 
 
 def _pack(w: np.ndarray, nb: int) -> np.ndarray:
-    """[K, N] -> [N/NB, K, NB] (the dense kernel's layout; one copy at load time), or as is."""
+    """[.., K, N] -> [.., N/NB, K, NB] (the dense and per-head kernels' layout; one copy at load time), or as is."""
     if not nb:
         return w
-    k, n = w.shape
-    return w.reshape(k, n // nb, nb).transpose(1, 0, 2)
+    *lead, k, n = w.shape
+    return np.moveaxis(w.reshape(*lead, k, n // nb, nb), -2, -3)
 
 
 THREAD_POOL_SPIN_COUNT = 10000

@@ -2,8 +2,8 @@
 
 Writes `cpu/model.so` (the Relax VM executable, exported with `export_library`)
 and `cpu/model.json` (input, weight-parameter and output names in the order the
-VM function takes / returns them; `packed`: weights bound pre-packed, [K, N] as
-[N/NB, K, NB], by the loader). Weights stay in the artifact's
+VM function takes / returns them; `packed`: weights bound pre-packed, [.., K, N] as
+[.., N/NB, K, NB], by the loader). Weights stay in the artifact's
 weights.safetensors and are bound at load time.
 """
 from __future__ import annotations

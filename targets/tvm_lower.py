@@ -37,7 +37,7 @@ class Lowered:
     params: list[str]             # weight names, after the inputs
     outputs: list[str]
     symbols: list[str]
-    packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [N/NB, K, NB]
+    packed: dict = dataclasses.field(default_factory=dict)   # weight name -> NB: bound as [.., N/NB, K, NB]
     packed_rows: dict = dataclasses.field(default_factory=dict)   # quantized operand -> NB: [N, X] as [N/NB, X, NB]
     origins: list = dataclasses.field(default_factory=list)   # (emitted Relax call, the node it lowers)
 
@@ -223,7 +223,7 @@ class _Lowerer:
             nb = packable(self, v) if self.packing is None else self.packing.get(name, 0)
             if nb:
                 self.packed[name] = nb
-                shape = [arr.shape[1] // nb, arr.shape[0], nb]
+                shape = [*arr.shape[:-2], arr.shape[-1] // nb, arr.shape[-2], nb]
             rv = relax.Var(_safe(name), relax.TensorType(shape=shape, dtype=str(arr.dtype)))
             params.append(name)
             param_vars.append(rv)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def model_meta(lowered, functions=None) -> dict:
     """Input, weight-parameter and output names in the order the VM function takes / returns them;
-    `packed`: weights the loader binds pre-packed as [N/NB, K, NB] (name -> NB); `packed_rows`: quantized
+    `packed`: weights the loader binds pre-packed as [.., N/NB, K, NB] (name -> NB); `packed_rows`: quantized
     operands stored [N, X], bound as [N/NB, X, NB].
 
     `functions`: further Relax functions of the same library (name -> their Lowered; the derived

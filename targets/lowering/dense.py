@@ -1,4 +1,5 @@
-"""MatMul, and the dense-weight layout the cpu kernel set binds: [K, N] pre-packed as [N/NB, K, NB]."""
+"""MatMul, and the dense-weight layout the cpu kernel set binds: [K, N] pre-packed as [N/NB, K, NB], and
+per-head weights [H, K, N] (MLA's absorbed decode) as [H, N/NB, K, NB]."""
 from __future__ import annotations
 
 from ...ir.graph import Node, Value
@@ -7,7 +8,7 @@ import numpy as np
 
 from . import lowers
 
-PACKED_WEIGHTS = ("cpu",)      # the kernel sets whose dense lowerings read [K, N] weights as [N/NB, K, NB]
+PACKED_WEIGHTS = ("cpu",)      # the kernel sets whose dense lowerings read [.., K, N] weights as [.., N/NB, K, NB]
 
 
 @lowers("MatMul")
@@ -24,6 +25,8 @@ def matmul(lw, node):
             n = lw.shape(b)[-1]
         out = shape[:-1] + [lw.simplify(n)]
         return lw.emit(lw.relax.op.reshape(y, out)) if len(shape) != 2 else y
+    if node.inputs[1].name in lw.packed and per_head_operands(node):
+        return per_head_gemm(lw, a, b)
     return lw.emit(lw.relax.op.matmul(a, b))
 
 
@@ -48,6 +51,26 @@ def packed_gemm(lw, x2, ws, name: str, **gate):
     return lw.emit(lw.relax.call_tir(gv, [x2] + list(ws), out))
 
 
+def per_head_gemm(lw, x, wp):
+    """x [B, H, S, K] times per-head weights pre-packed as [H, N/NB, K, NB] through kernels/cpu/gemm.py."""
+    from ..kernels.cpu import gemm
+    h, no, kdim, nb = (lw.as_int(d) for d in lw.shape(wp))
+    func = gemm.per_head_packed_func(h, kdim, no, nb, dtype=x.ty.dtype)
+    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "per_head_packed")      # opaque: FuseOps leaves it alone
+    b, _, s, _ = lw.shape(x)
+    out = lw.relax.TensorType(shape=[b, lw.simplify(h), s, lw.simplify(no * nb)], dtype=x.ty.dtype)
+    return lw.emit(lw.relax.call_tir(gv, [x, wp], out))
+
+
+def per_head_operands(node: Node) -> bool:
+    """MatMul(x [B, H, S, K], W [H, K, N]) with W a constant f32 weight and H, K static: one product per head."""
+    bt, at = node.inputs[1].type, node.inputs[0].type
+    return (node.inputs[1].is_constant and isinstance(bt, TensorType) and bt.rank == 3
+            and isinstance(at, TensorType) and at.rank == 4 and at.dtype == bt.dtype and str(at.dtype) == "f32"
+            and isinstance(at.shape[1], int) and isinstance(at.shape[3], int)
+            and at.shape[1] == bt.shape[0] and at.shape[3] == bt.shape[1])
+
+
 def dense_operands(node: Node) -> bool:
     """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
     bt, at = node.inputs[1].type, node.inputs[0].type
@@ -69,15 +92,17 @@ def gated_packable(node: Node) -> bool:
 
 
 def packable(lw, v: Value) -> int:
-    """NB if every use of weight `v` is as the B operand of a dense MatMul (then it is bound pre-packed)."""
+    """NB if every use of weight `v` is as the B operand of a dense MatMul, or of a per-head one for a 3-D
+    weight (then it is bound pre-packed)."""
     from ..kernels.cpu import mlp
-    if lw.kernels not in PACKED_WEIGHTS or v.is_graph_output or v.const.ndim != 2 or not v.uses:
+    if lw.kernels not in PACKED_WEIGHTS or v.is_graph_output or v.const.ndim not in (2, 3) or not v.uses:
         return 0
+    operands = dense_operands if v.const.ndim == 2 else per_head_operands
     for node, i in v.uses:
         if node.graph is not lw.graph:
             return 0
         if node.qualified_op == "polyport::GatedMLP" and i in (1, 2, 3) and gated_packable(node):
             continue
-        if node.qualified_op != "MatMul" or i != 1 or not dense_operands(node):
+        if node.qualified_op != "MatMul" or i != 1 or not operands(node):
             return 0
-    return mlp.pack_block(v.const.shape[1])
+    return mlp.pack_block(v.const.shape[-1])

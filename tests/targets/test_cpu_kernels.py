@@ -177,3 +177,20 @@ def test_packed_gemv_of_streaming_weights():
         out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         f(tvm.runtime.tensor(x), tvm.runtime.tensor(_pack(w, nb)), out)
         np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
+
+
+@pytest.mark.parametrize("h,k,n,nb", [(4, 16, 32, 32), (3, 24, 48, 16), (2, 40, 16, 8)])
+def test_per_head_packed_gemm(h, k, n, nb):
+    """out[b, h] = x[b, h] @ W[h] (MLA's absorbed products), W [H, K, N] packed per head: rows (b, s)
+    flattened, against NumPy at one row, whole tiles, tail tiles and single rows past them."""
+    from polyport.targets.kernels.cpu.gemm import per_head_packed_func
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((h, k, n), np.float32)
+    wp = np.ascontiguousarray(np.stack([_pack(wh, nb) for wh in w]))
+    f = _build(per_head_packed_func(h, k, n // nb, nb))
+    mb = tile_rows(nb, vector_lanes())
+    for b, s in [(1, 1), (3, 1), (1, mb + TAIL_ROWS + 1), (2, mb + 2), (5, 3)]:
+        x = rng.standard_normal((b, h, s, k), np.float32)
+        out = tvm.runtime.tensor(np.zeros((b, h, s, n), np.float32))
+        f(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
+        np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-4, err_msg=f"b={b} s={s}")

@@ -8,6 +8,11 @@ vector registers (isa.py): 12 of AVX2's 16 (3 x 32, 6 x 16, 12 x 8 floats), 24 o
 MB-row tiles first, then the remaining rows in tiles of TAIL_ROWS, then one at a time (no predicate
 in the inner loop). Column blocks run in parallel when M * K * N is big enough (parallel.py: tested
 at run time, M is symbolic).
+
+The same tiles serve per-head products out[b, h] = x[b, h] @ W[h] against a constant [H, K, N]
+(MLA's absorbed decode, passes/derive_generation.py): each head's W[h] is packed the same way,
+Wp[h, jo, k, ji], the rows (b, s) flatten into M = B * S, and (head, column block) pairs run in
+parallel by the same thresholds.
 """
 from __future__ import annotations
 
@@ -36,68 +41,113 @@ def dense_packed_func(k: int, no: int, nb: int, dtype: str = "float32", gated: b
     """PrimFunc dense(x [M, K], wp [NO, K, NB], out [M, NO * NB]), or with `gated`
     gate_up(x, wgp, wup, out): out = act(x Wg) * clamp_up(x Wu). `rows`: MB (0: this build's
     tile_rows)."""
+    return _packed_func(0, k, no, nb, dtype, gated, act, clamp, rows)
+
+
+@cached_kernel
+def per_head_packed_func(heads: int, k: int, no: int, nb: int, dtype: str = "float32", rows: int = 0):
+    """PrimFunc per_head(x [B, H, S, K], wp [H, NO, K, NB], out [B, H, S, NO * NB]):
+    out[b, h] = x[b, h] @ W[h], W [H, K, NO * NB] packed per head. `rows`: MB (0: tile_rows)."""
+    return _packed_func(heads, k, no, nb, dtype, False, "silu", 0.0, rows)
+
+
+def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, act: str, clamp: float,
+                 rows: int):
+    """heads 0: x [M, K], w [NO, K, NB], out [M, N]; else x [B, H, S, K], w [H, NO, K, NB],
+    out [B, H, S, N] with row m = (m // S, m % S) and head `hd`."""
     K, NO, NB = k, no, nb
     MB = rows or tile_rows(nb, vector_lanes())
     TB = min(TAIL_ROWS, MB)
     zero = tirx.const(0.0, "float32")
+    headed = heads > 0                     # a bool: TVMScript's `if` takes no int
+
+    def x_at(X, row, hd, kk):
+        if heads:
+            return X[row // X.shape[2], hd, row % X.shape[2], kk]
+        return X[row, kk]
+
+    def w_at(W, hd, jo, kk, ji):
+        return W[hd, jo, kk, ji] if heads else W[jo, kk, ji]
 
     @T.macro
-    def accumulate(X, W, acc, row0, rows, jo):
+    def accumulate(X, W, acc, row0, rows, hd, jo):
         for ii, ji in T.grid(rows, T.int64(NB)):
             acc[ii, ji] = zero
         for kk in range(T.int64(K)):
             for ii in T.unroll(rows):
                 for ji in T.vectorized(T.int64(NB)):
-                    acc[ii, ji] = acc[ii, ji] + T.Cast("float32", X[row0 + ii, kk]) * T.Cast("float32", W[jo, kk, ji])
+                    acc[ii, ji] = acc[ii, ji] + T.Cast("float32", x_at(X, row0 + ii, hd, kk)) * T.Cast(
+                        "float32", w_at(W, hd, jo, kk, ji))
 
     @T.macro
-    def store(O, acc, gate, row0, rows, jo):
+    def store(O, acc, gate, row0, rows, hd, jo):
         for ii in T.unroll(rows):
             for ji in T.vectorized(T.int64(NB)):
                 if gated:
                     O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(
                         dtype, activation(act, gate[ii, ji], clamp) * clamp_up(acc[ii, ji], clamp))
+                elif headed:
+                    O[(row0 + ii) // O.shape[2], hd, (row0 + ii) % O.shape[2], jo * T.int64(NB) + ji] = T.Cast(
+                        dtype, acc[ii, ji])
                 else:
                     O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(dtype, acc[ii, ji])
 
     @T.macro
-    def tile(X, WG, WU, O, acc, gate, row0, rows, jo):
+    def tile(X, WG, WU, O, acc, gate, row0, rows, hd, jo):
         if gated:
-            accumulate(X, WG, acc, row0, rows, jo)
+            accumulate(X, WG, acc, row0, rows, hd, jo)
             for ii, ji in T.grid(rows, T.int64(NB)):
                 gate[ii, ji] = acc[ii, ji]
-            accumulate(X, WU, acc, row0, rows, jo)
+            accumulate(X, WU, acc, row0, rows, hd, jo)
         else:
-            accumulate(X, WG, acc, row0, rows, jo)
-        store(O, acc, gate, row0, rows, jo)
+            accumulate(X, WG, acc, row0, rows, hd, jo)
+        store(O, acc, gate, row0, rows, hd, jo)
 
     @T.macro
-    def column_block(X, WG, WU, O, M, jo):
+    def column_block(X, WG, WU, O, M, hd, jo):
         acc = T.alloc_buffer((MB, NB), "float32", scope="local")
         gate = T.alloc_buffer((MB if gated else 1, NB), "float32", scope="local")
         whole = M // T.int64(MB) * T.int64(MB)
         for io in range(M // T.int64(MB)):
-            tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), jo)
+            tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo)
         if TB < MB:
             for io in range((M - whole) // T.int64(TB)):
-                tile(X, WG, WU, O, acc, gate, whole + io * T.int64(TB), T.int64(TB), jo)
+                tile(X, WG, WU, O, acc, gate, whole + io * T.int64(TB), T.int64(TB), hd, jo)
             for i in range(whole + (M - whole) // T.int64(TB) * T.int64(TB), M):
-                tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo)
         else:
             for i in range(whole, M):
-                tile(X, WG, WU, O, acc, gate, i, T.int64(1), jo)
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo)
 
-    weights = K * NO * NB * (2 if gated else 1)
+    blocks = max(heads, 1) * NO           # (head, column block) pairs: the parallel loop
+
+    def split(blk):                        # -> (head, column block)
+        return (blk // T.int64(NO), blk % T.int64(NO)) if headed else (0, blk)
+
+    weights = blocks * K * NB * (2 if gated else 1)
     streams = weights * tvm.DataType(dtype).bits // 8 >= PARALLEL_MIN_STREAM_BYTES   # parallel at any M (parallel.py)
 
     @T.macro
     def body(X, WG, WU, O, M):
         if streams or M * T.int64(weights) >= T.int64(PARALLEL_MIN_MACS):
-            for jo in T.parallel(T.int64(NO)):
-                column_block(X, WG, WU, O, M, jo)
+            for blk in T.parallel(T.int64(blocks)):
+                column_block(X, WG, WU, O, M, *split(blk))
         else:
-            for jo in range(T.int64(NO)):
-                column_block(X, WG, WU, O, M, jo)
+            for blk in range(T.int64(blocks)):
+                column_block(X, WG, WU, O, M, *split(blk))
+
+    if heads:
+        H = heads
+
+        @T.prim_func(private=True)
+        def per_head(x_h: T.handle, w_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            B, S = T.int64(), T.int64()
+            X = T.match_buffer(x_h, (B, H, S, K), dtype)
+            W = T.match_buffer(w_h, (H, NO, K, NB), dtype)
+            O = T.match_buffer(o_h, (B, H, S, NO * NB), dtype)
+            body(X, W, None, O, B * S)
+        return per_head
 
     if gated:
         @T.prim_func(private=True)
