@@ -200,12 +200,29 @@ def test_floor_division_dims_compile(tmp_path):
         np.testing.assert_allclose(sess.run({"x": x})["y"], want, rtol=1e-5, atol=1e-6)
 
 
-def _one_node_model(path: Path, nodes, inputs, outputs) -> Path:
+def _one_node_model(path: Path, nodes, inputs, outputs, initializers=()) -> Path:
     import onnx
     from onnx import helper
-    g = helper.make_graph(nodes, "g", inputs, outputs)
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     return path
+
+
+def test_per_head_matmul_binds_packed_weights_and_matches_numpy(tmp_path):
+    """x [B, H, S, K] @ W [H, K, N] against a constant (MLA's absorbed products): W is bound packed per head
+    ([H, N/NB, K, NB], model.json `packed`) for the per-head kernel; one build serves every B and S."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((3, 16, 48)).astype(np.float32)
+    path = _one_node_model(tmp_path / "m.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "s", 16])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, "s", 48])],
+                           [numpy_helper.from_array(w, "w")])
+    art = compile_model(path, ["cpu"], tmp_path / "art")
+    assert json.loads((art / "cpu" / "model.json").read_text())["packed"] == {"w": 16}
+    sess = session.load(art, "cpu")
+    for b, s in [(1, 1), (2, 1), (2, 9)]:
+        x = np.random.default_rng(s).standard_normal((b, 3, s, 16)).astype(np.float32)
+        np.testing.assert_allclose(sess.run({"x": x})["y"], x @ w, rtol=1e-4, atol=1e-4)
 
 
 def test_constant_of_shape_over_seq_builds_and_matches_onnxruntime(tmp_path):
