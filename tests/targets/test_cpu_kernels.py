@@ -179,7 +179,7 @@ def test_packed_gemv_of_streaming_weights():
         np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
 
 
-@pytest.mark.parametrize("h,k,n,nb", [(4, 16, 32, 32), (2, 40, 16, 8)])       # 2 column blocks a head: test_cpu.py
+@pytest.mark.parametrize("h,k,n,nb", [(4, 16, 32, 32), (2, 40, 16, 8)])   # the second: 2 column blocks a head
 def test_per_head_packed_gemm(h, k, n, nb):
     """out[b, h] = x[b, h] @ W[h] (MLA's absorbed products), W [H, K, N] packed per head: rows (b, s)
     flattened, against NumPy at one row, whole tiles, tail tiles and single rows past them."""
