@@ -121,3 +121,15 @@ def test_devices_are_complete():
     assert DEVICES["h200"].memory_bandwidth > DEVICES["h100"].memory_bandwidth
     assert "ESTIMATE" in DEVICES["cpu"].notes
     assert TARGET_DEVICES["cuda"] == ("h100", "h200")
+
+
+def test_quantized_experts_and_their_scales_are_counted_per_chosen_expert():
+    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    g = moe_graph(hidden=64, inter=32)
+    quantize_weights(g, WeightQuantization("int4", 32))
+    (m,) = graph_cost(g)["moe"]
+    # per expert: gate and up [64, 32], down [32, 64] as int4 codes (half a byte each) + one f32 scale per
+    # 32 k per column; only the f32 router [64, 6] is read whatever the routing
+    codes, scales = 3 * 64 * 32 // 2, (2 * 2 * 32 + 1 * 64) * 4
+    assert m["expert_bytes"] == codes + scales
+    assert graph_cost(g)["weight_bytes"] == 64 * 6 * 4
