@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """Decode against llama.cpp on the same weights (F32, int8 vs Q8_0, int4 vs Q4_0; batch 1 and 8), each engine alone.
 
-    python benchmarks/llama_cpp.py --work-dir /tmp/bench                  # the README's decode table
+    python benchmarks/llama_cpp.py --work-dir /tmp/bench --schemes f32 int8 int4 --batch 1 8   # the README's table
     python benchmarks/llama_cpp.py --work-dir DIR [--models llama_500m ...] [--contexts 128 1024]
         [--schemes f32 int8 int4] [--batch 1 8] [--rounds 3] [--tokens 16] [--threads 2] [--no-check]
-        [--outtypes f32 q8_0 q4_0]
+        [--outtypes f16 ...]
     python benchmarks/llama_cpp.py --build-only                  # libllama, llama-bench, llama-quantize
 
 llama.cpp comes from the PyPI sdist of llama-cpp-python (pinned: LLAMA_CPP_PYTHON), which vendors
 it: `pip download` fetches the sdist once into the cache dir ($POLYPORT_LLAMA_CPP, default
 ~/.cache/polyport/llama.cpp), and cmake builds the shared libllama there (Release, this CPU's
-features without AMX (X86_OPTIONS), 2 jobs; `--build-only` also builds the llama-bench and llama-quantize tools, which nothing here
-needs). Then, per model of benchmarks/big_model.py:
+features without AMX (X86_OPTIONS), 2 jobs; `--build-only` also builds the llama-bench and
+llama-quantize tools, which nothing here needs). Then, per model of benchmarks/big_model.py
+(`llama_tiny` runs every path in minutes, a smoke test, never a measurement):
 1. the model is built and exported once (NAME.onnx and the Hugging Face checkpoint NAME.hf/);
 2. llama.cpp's convert_hf_to_gguf.py writes NAME.f32.gguf and NAME.q8_0.gguf, and libllama's
    llama_model_quantize (what llama-quantize runs) NAME.q4_0.gguf from the F32 file, its LM head
