@@ -131,9 +131,7 @@ def build(targets=("llama",)) -> Path:
     configure = ["-DCMAKE_BUILD_TYPE=Release", *cpu_options(), "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF"]
-    stamp = CACHE / "build" / "polyport-configure.txt"
-    if all((bin_dir / files.get(t, t)).exists() for t in targets) and stamp.exists() \
-            and stamp.read_text().split() == configure:
+    if all((bin_dir / files.get(t, t)).exists() for t in targets) and configured(configure):
         return bin_dir
     src = llama_dir()
     log(f"building llama.cpp ({', '.join(targets)}) in {CACHE / 'build'}: minutes, once")
@@ -141,8 +139,19 @@ def build(targets=("llama",)) -> Path:
                    stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(CACHE / "build"), "-j", "2", "--target", *targets], check=True,
                    stdout=subprocess.DEVNULL)
-    stamp.write_text(" ".join(configure) + "\n")
     return bin_dir
+
+
+def configured(options: list[str]) -> bool:
+    """Whether the build folder's CMakeCache.txt holds every -DNAME=VALUE of `options` (the cache is shared:
+    another configure may have changed it since)."""
+    try:
+        text = (CACHE / "build" / "CMakeCache.txt").read_text()
+    except OSError:
+        return False
+    cache = {k.split(":", 1)[0]: v for k, _, v in (line.partition("=") for line in text.splitlines())
+             if ":" in k and not k.startswith(("//", "#"))}
+    return all(cache.get(o[2:].split("=", 1)[0]) == o.split("=", 1)[1] for o in options)
 
 
 # Our checkpoints' tokenizer is a byte-level BPE with GPT-2's pre-tokenizer regex (big_model.py). The
