@@ -418,6 +418,7 @@ def weight_bytes(name: str, scheme: str, art: Path, gguf: Path) -> dict:
 def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: int) -> str:
     f = lambda s: f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"      # noqa: E731
     pct = lambda s: f"{s['median']:.0%} ({s['min']:.0%}–{s['max']:.0%})"   # noqa: E731
+    rate = lambda s: f"{s['median']:,.0f}" if s["median"] >= 100 else f"{s['median']:.3g}"    # noqa: E731
     one = {(r["model"], r["scheme"], r["context"]): r for r in rows if r["batch"] == 1}
 
     def scaling(r):            # batch B tokens/s over batch 1's, per engine
@@ -438,14 +439,14 @@ def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: i
         lines.append(f"| {r['model']} | {r['scheme']} ({r['gguf'].upper()}) | {r['batch']} | {r['context']} | "
                      f"{f(r['polyport'])} | {f(r['llama.cpp'])} | "
                      f"**{r['ratio']['median']:.2f}x** ({r['ratio']['min']:.2f}–{r['ratio']['max']:.2f}) | "
-                     f"{r['polyport_tok_s']['median']:.4g} | {r['llama.cpp_tok_s']['median']:.4g} | {scaling(r)} | "
+                     f"{rate(r['polyport_tok_s'])} | {rate(r['llama.cpp_tok_s'])} | {scaling(r)} | "
                      f"{pct(r['roofline_fraction'])} | {pct(r['llama_cpp_roofline_fraction'])} | "
                      f"{r['gbps']['median']:.1f} | {r['load_avg']['median']:.1f} |")
     if sizes:
         mb = lambda n: f"{n / 1e6:.4g}"       # noqa: E731
-        lines += ["", "Weight bytes per scheme (MB): polyport's artifact (weights.safetensors), what one token's "
-                      "decode step reads of it (cost model: active experts only, embeddings a row), and the "
-                      "GGUF's tensors.", "",
+        lines += ["", "Weight bytes per scheme (MB): polyport's artifact (weights.safetensors; its embeddings stay "
+                      "f32), what one token's decode step reads of it (cost model: active experts only, no "
+                      "embeddings), and the GGUF's tensors (embeddings in the scheme's type).", "",
                   "| model | scheme (llama.cpp) | polyport artifact | polyport bytes / token | llama.cpp GGUF |",
                   "|---|---|---|---|---|"]
         lines += [f"| {z['model']} | {z['scheme']} ({z['gguf'].upper()}) | {mb(z['artifact_weights'])} | "
