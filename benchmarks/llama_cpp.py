@@ -119,8 +119,8 @@ def cpu_options() -> list[str]:
         flags = []
     if "avx" not in flags:
         return ["-DGGML_NATIVE=ON"]
-    return ["-DGGML_NATIVE=OFF"] + [f"-DGGML_{o}={'ON' if set(f.split()) <= set(flags) else 'OFF'}"
-                                    for f, o in X86_OPTIONS.items()] + [f"-DGGML_AMX_{t}=OFF" for t in ("TILE", "INT8", "BF16")]
+    have = [f"-DGGML_{o}={'ON' if set(f.split()) <= set(flags) else 'OFF'}" for f, o in X86_OPTIONS.items()]
+    return ["-DGGML_NATIVE=OFF", *have] + [f"-DGGML_AMX_{t}=OFF" for t in ("TILE", "INT8", "BF16")]
 
 
 def build(targets=("llama",)) -> Path:
@@ -434,7 +434,7 @@ def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: i
              "sequence's cache bytes) / triad bandwidth / time.", "",
              "| model | scheme (llama.cpp) | batch | context | polyport ms/step | llama.cpp ms/step | "
              "llama.cpp / polyport | polyport tok/s | llama.cpp tok/s | batch scaling | polyport roofline | "
-             "llama.cpp roofline | triad GB/s | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "llama.cpp roofline | triad GB/s | load avg |", "|---" * 14 + "|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['scheme']} ({r['gguf'].upper()}) | {r['batch']} | {r['context']} | "
                      f"{f(r['polyport'])} | {f(r['llama.cpp'])} | "
