@@ -14,6 +14,7 @@ benchmarks/llama_cpp.py converts for llama.cpp. Needs torch and transformers (an
   4 kv heads), `qwen3_moe_700m` (hidden 1024, 12 layers, 32 experts top-4, moe_intermediate 512)
   and `deepseek_v3_600m` (MLA q_lora 384, kv_lora 256, rope 32; 32 experts top-4 + 1 shared).
   All have vocab 32000 and untied embeddings.
+- `llama_tiny` (hidden 128, 2 layers, vocab 1024): built in seconds, for smoke runs of the scripts.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ MODELS = {
           dict(_DSV3, num_hidden_layers=4, n_routed_experts=24, num_experts_per_tok=4, n_group=4, topk_group=2),
           True, "~200M-parameter DeepSeek-V3-style benchmark model (MLA; 24 experts top-4, 4 groups / top-2; "
                 "1 shared expert; layer 0 dense)"),
+    # ~0.6M, built in seconds: a smoke run of the benchmark scripts' every path, never a measurement.
+    "llama_tiny": ("LlamaConfig", "LlamaForCausalLM",
+                   dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5),
+                   False, "~0.6M Llama (hidden 128, 2 layers) for smoke runs"),
     # 98M embeddings + 16 x 25.2M.
     "llama_500m": ("LlamaConfig", "LlamaForCausalLM",
                    dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,

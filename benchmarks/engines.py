@@ -20,7 +20,8 @@ Children (`python benchmarks/engines.py --child JSON`, one JSON line on stdout):
 - `coexist`: coexist.py's measurement (thread pools sharing one process).
 - `decode`: time to first token (`s.start(prompt)`) and time per output token
   (`g.append(token)` at a given context) through the cpu session's generation
-  API; without that API the child says so and the driver prints a skip.
+  API, over `batch` sequences (default 1; one `append` steps them all); without
+  that API the child says so and the driver prints a skip.
 
 `compare.py` is the command line; `coexist.py` measures thread pools sharing
 one process (the opposite experiment, on purpose).
@@ -69,23 +70,29 @@ def source_digest() -> str:
 
 
 def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
-                   targets: Sequence[str] = ("cpu",), generation: bool = True) -> Path:
+                   targets: Sequence[str] = ("cpu",), generation: bool = True, quantization=None) -> Path:
     """The artifact for `onnx_path`, compiled into work_dir unless one from the same ONNX file, the same
-    polyport sources, the same targets and (with `generation`) the decode programs is there (a changed
-    kernel is never timed through a stale build)."""
+    polyport sources, the same targets, (with `generation`) the decode programs and the same weight
+    quantization (a passes.quantize_weights.WeightQuantization, or None for f32) is there (a changed
+    kernel is never timed through a stale build). Each quantization scheme has its own artifact."""
     from polyport.compiler import compile_model
     from polyport.runtime.artifact import sha256
-    art = work_dir / "artifacts" / onnx_path.stem
+    q = quantization
+    art = work_dir / "artifacts" / (onnx_path.stem + (f".{q.scheme}" if q else ""))
     stamp = art.with_name(art.name + ".source")
     digest = f"{sha256(onnx_path)} {source_digest()} {','.join(targets)}{'' if generation else ' no-generation'}"
+    if q:
+        digest += f" {q.scheme} group {q.group_size}{' lm-head' if q.lm_head else ''}"
     if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return art
     art.parent.mkdir(parents=True, exist_ok=True)
-    log(f"compiling {onnx_path.name} for {', '.join(targets)}")
+    what = f"{onnx_path.name}{f' ({q.scheme}, groups of {q.group_size})' if q else ''}"
+    log(f"compiling {what} for {', '.join(targets)}")
     t0 = time.perf_counter()
-    compile_model(onnx_path, list(targets), art, progress=lambda msg: None, generation=generation)
+    compile_model(onnx_path, list(targets), art, progress=lambda msg: None, generation=generation,
+                  quantization=q)
     stamp.write_text(digest + "\n")
-    log(f"compiled {onnx_path.name} in {time.perf_counter() - t0:.1f} s")
+    log(f"compiled {what} in {time.perf_counter() - t0:.1f} s")
     return art
 
 
@@ -180,16 +187,18 @@ def child_triad(spec: dict) -> dict:
 
 def child_decode(spec: dict) -> dict:
     """TTFT (`s.start(prompt)`) and TPOT (`state.append(token)` at a context) through the cpu session's
-    generation API (runtime/generation.py), only where it runs the derived prefill/decode programs."""
+    generation API (runtime/generation.py), only where it runs the derived prefill/decode programs;
+    `batch` prompts of each length start together, and each append feeds one token to every sequence."""
     import numpy as np
     _, sess = open_engine("polyport", spec["onnx"], spec["artifact"], spec["threads"])
     if not callable(getattr(sess, "start", None)):
         return {"skip": "the cpu session has no start() (generation is not in this build)"}
     rng = np.random.default_rng(0)
-    token = np.zeros(1, np.int64)
+    batch = spec.get("batch", 1)
+    token = np.zeros(batch, np.int64)
     rows = []
     for kind, length in [("ttft", p) for p in spec["prompts"]] + [("tpot", c) for c in spec["contexts"]]:
-        prompt = rng.integers(0, 100, size=(1, length), dtype=np.int64)
+        prompt = rng.integers(0, 100, size=(batch, length), dtype=np.int64)
         room = length + spec["steps"] + 2
         row = {"kind": kind, "length": length}
         try:

@@ -234,12 +234,14 @@ def _measure(art: Artifact, target: str, seqs: Sequence[int], runs: int, warmup:
     return rows
 
 
-def tpot_bytes(cost: Mapping[str, Any], generation: Mapping[str, Any], context: int, symbols=None) -> int:
-    """Bytes one decode step reads at `context` cached tokens: the weights one token reads (the cost at
-    seq 1: MoE counts its active experts only) plus the whole cache (at most each layer's window)."""
+def tpot_bytes(cost: Mapping[str, Any], generation: Mapping[str, Any], context: int, symbols=None,
+               batch: int = 1) -> int:
+    """Bytes one decode step reads at `context` cached tokens: the weights `batch` tokens read (the cost at
+    seq `batch`: MoE counts at most batch x top_k experts) plus each sequence's whole cache (at most each
+    layer's window)."""
     cache = sum(int(layer["bytes_per_token"]) * min(context, layer.get("capacity") or context)
                 for layer in generation.get("layers", ()))
-    return roofline.total_bytes(cost, roofline.bind(cost, 1, symbols)) + cache
+    return roofline.total_bytes(cost, roofline.bind(cost, batch, symbols)) + batch * cache
 
 
 def _estimates(cost, spec, seq: int, symbols, generation: Optional[Mapping[str, Any]]):

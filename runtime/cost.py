@@ -232,7 +232,7 @@ def analyze(graph: Graph) -> GraphCost:
             entry = _moe_weights(node)
             if entry is not None:
                 moe.append(entry)
-                routed.update(v.name for v in node.inputs[3:6] if v is not None)
+                routed.update(v.name for v in _expert_weights(node))
         nodes.append(NodeCost(node.name, node.qualified_op, f, b))
         flops, act = add(flops, f), add(act, b)
         dt = node.inputs[0].dtype if node.inputs and node.inputs[0] is not None else None
@@ -246,13 +246,20 @@ def analyze(graph: Graph) -> GraphCost:
     return GraphCost(flops, act, weight_bytes, moe, nodes, unknown, _dominant_dtype(flops_by_dtype))
 
 
+def _expert_weights(node: Node) -> list[Value]:
+    """A MoE's per-expert operands, of which a token reads its chosen experts' only: gate, up and down
+    (f32 or quantized codes), their scales and their biases (ir/fused/moe.py's MOE_INPUTS)."""
+    ins = list(node.inputs)
+    return [v for v in ins[3:6] + ins[8:11] + ins[12:15] if v is not None]
+
+
 def _moe_weights(node: Node) -> Optional[MoEWeights]:
     ws = node.inputs[3:6]
     if any(w is None or not w.is_constant for w in ws):
         return None             # expert weights computed in the graph: counted as activations already
     x = _shape(node.inputs[0])
     experts = int(np.asarray(ws[0].const).shape[0])
-    total = sum(int(np.asarray(w.const).nbytes) for w in ws)
+    total = sum(int(np.asarray(w.const).nbytes) for w in _expert_weights(node))
     return MoEWeights(node.name, _prod(x[:-1]), int(node.attrs["top_k"]), experts, total // experts)
 
 

@@ -58,6 +58,7 @@ class CpuTarget(Target):
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
+        from .llvm_noalias import build_pipeline
         from .schedule_cpu import schedule_module
         from .tvm_lower import lower_functions, lower_to_relax
 
@@ -76,7 +77,7 @@ class CpuTarget(Target):
                 lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             mod = schedule_module(lowered.mod, target)
-            ex = tvm.compile(mod, target=target)
+            ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
         return ex, model_meta(lowered, functions), mcpu
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,

@@ -121,3 +121,27 @@ def test_devices_are_complete():
     assert DEVICES["h200"].memory_bandwidth > DEVICES["h100"].memory_bandwidth
     assert "ESTIMATE" in DEVICES["cpu"].notes
     assert TARGET_DEVICES["cuda"] == ("h100", "h200")
+
+
+def test_quantized_experts_and_their_scales_are_counted_per_chosen_expert():
+    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    g = moe_graph(hidden=64, inter=32)
+    quantize_weights(g, WeightQuantization("int4", 32))
+    (m,) = graph_cost(g)["moe"]
+    # per expert: gate and up [64, 32], down [32, 64] as int4 codes (half a byte each) + one f32 scale per
+    # 32 k per column; only the f32 router [64, 6] is read whatever the routing
+    codes, scales = 3 * 64 * 32 // 2, (2 * 2 * 32 + 1 * 64) * 4
+    assert m["expert_bytes"] == codes + scales
+    assert graph_cost(g)["weight_bytes"] == 64 * 6 * 4
+
+
+def test_a_batched_decode_step_reads_the_weights_once_and_every_sequence_s_cache():
+    from polyport.runtime.bench import tpot_bytes
+    cost = graph_cost(moe_graph())
+    generation = {"layers": [{"bytes_per_token": 10}, {"bytes_per_token": 6, "capacity": 50}]}
+    (m,) = cost["moe"]
+    router, act = 8 * 6 * 4, 2 * 8 * 4                 # act: x in, y out per token
+    # batch 1: 2 experts, 100 + 50 cached tokens; batch 8: all 6 experts, 8 caches
+    assert tpot_bytes(cost, generation, 100) == router + act + 2 * m["expert_bytes"] + 100 * 10 + 50 * 6
+    assert tpot_bytes(cost, generation, 100, batch=8) == \
+        router + 8 * act + 6 * m["expert_bytes"] + 8 * (100 * 10 + 50 * 6)

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 from typing import Any, Callable, TypeVar
 
+import tvm
+
 from .cpu.isa import vector_lanes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +31,8 @@ def _key(v: Any) -> Any:
         return type(v).__name__, v
     if isinstance(v, (list, tuple)):
         return tuple(_key(x) for x in v)
+    if isinstance(v, tvm.ir.PrimType):                # a Relax value's dtype, as the lowerings pass it
+        return "dtype", str(v.dtype)
     if dataclasses.is_dataclass(v) and not isinstance(v, type) and v.__dataclass_params__.frozen:
         return v
     raise _Unkeyable

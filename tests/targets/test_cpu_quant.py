@@ -164,6 +164,20 @@ def test_portable_quant_matmul_matches_reference(tmp_path, model):
     assert_logits_close(session.load(art, "cpu").run({"x": x})["y"], want, rel=1e-5)
 
 
+def test_cpu_build_emits_the_quant_kernel_with_noalias_pointers():
+    """A one-layer model's shape function sorts after its kernel; TVM's codegen gave every body the last
+    declared function's no-alias flag, and the kernel, emitted without it, kept its accumulators in memory
+    (targets/llvm_noalias.py). Its compute function is a separate one only when its pointers are no-alias."""
+    import re
+    from polyport.targets.base import CompileOptions, get_target
+    from ..quant_models import nbits_node_model
+    ex = get_target("cpu").build(import_onnx(nbits_node_model()), CompileOptions())[0]
+    llvm = [m for m in ex.mod.imports if m.kind == "llvm"]
+    ll = llvm[0].inspect_source("ll")
+    compute = re.findall(r"define internal [^@]*@quant_dense\w*_compute_\((.*?)\) unnamed_addr", ll)
+    assert compute and compute[0].count("noalias") >= 3, compute
+
+
 @pytest.mark.parametrize("kernels", ["cpu", pytest.param("portable", marks=pytest.mark.slow)])
 def test_quantized_gated_mlp_matches_reference(tmp_path, kernels):
     """--quantize keeps a GatedMLP fused over codes (K first): the cpu kernel over column-blocked codes and

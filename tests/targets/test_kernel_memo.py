@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-pytest.importorskip("tvm")
+tvm = pytest.importorskip("tvm")
 
 from polyport.targets.kernels.cpu import isa  # noqa: E402
 from polyport.targets.kernels.cpu.gemm import dense_packed_func  # noqa: E402
@@ -40,6 +40,7 @@ def test_keys_tell_apart_equal_python_values_and_skip_unhashable_arguments():
     assert build(1, shape=[1, None]) is build(1, shape=(1, None))   # a list is keyed as its tuple
     assert build(True) is not build(1) and build(1.0) is not build(1)
     assert build(_Spec(3)) is build(_Spec(3)) is not build(_Spec(4))
+    assert build(tvm.ir.PrimType("float32")) is build(tvm.ir.PrimType("float32")) is not build("float16")
     before = len(calls)
     build({"a": 1}), build({"a": 1})                                  # a dict: built every time
     assert len(calls) == before + 2
