@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
     from polyport.compiler import compile_model
     from polyport.runtime.artifact import sha256
     q = quantization
-    art = work_dir / "artifacts" / (onnx_path.stem + (f".{q.scheme}" if q else ""))
+    art = work_dir / "artifacts" / (onnx_path.stem + (f".{q.scheme}" if q else "") + ("" if generation else ".main"))
     stamp = art.with_name(art.name + ".source")
     digest = f"{sha256(onnx_path)} {source_digest()} {','.join(targets)}{'' if generation else ' no-generation'}"
     if q:
@@ -90,7 +91,7 @@ def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
     log(f"compiling {what} for {', '.join(targets)}")
     t0 = time.perf_counter()
     compile_model(onnx_path, list(targets), art, progress=lambda msg: None, generation=generation,
-                  quantization=q)
+                  quantization=q, replace=True)        # a stale build of ours: its targets are rebuilt here
     stamp.write_text(digest + "\n")
     log(f"compiled {what} in {time.perf_counter() - t0:.1f} s")
     return art
@@ -239,8 +240,9 @@ def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"{spec['kind']} child ({spec.get('engine', '')}) failed with status "
-                           f"{proc.returncode}:\n{tail}")
+        status = (f"killed by {signal.Signals(-proc.returncode).name}" + (" (the kernel's OOM killer sends it)"
+                  if proc.returncode == -signal.SIGKILL else "")) if proc.returncode < 0 else f"status {proc.returncode}"
+        raise RuntimeError(f"{spec['kind']} child ({spec.get('engine', '')}) failed: {status}\n{tail}".rstrip())
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
