@@ -67,6 +67,29 @@ def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros, mcpu
         assert np.abs(out.numpy() - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_quant_gemv_from_the_decode_threshold_runs_parallel():
+    """A decode GEMV of PARALLEL_MIN_DECODE_MACS splits its column blocks over the threads at one row
+    (decoding codes binds it) and still matches the dequantized weights."""
+    from polyport.targets.kernels.cpu.parallel import PARALLEL_MIN_DECODE_MACS
+    rng = np.random.default_rng(3)
+    K, NB = 512, 16
+    N = PARALLEL_MIN_DECODE_MACS // K
+    q = quantize(rng.standard_normal((K, N)).astype(np.float32), "int4", 32)
+    w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
+    func = quant_dense_func(K, N // NB, NB, q.bits, 32, q.format, False, False)
+    gemv = func.script().split("else:")[0]                     # the few-rows branch comes first
+    assert "T.parallel" in gemv
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    none = np.zeros(1, np.float32)
+    for m in (1, 2):
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((m, N), np.float32))
+        args = [x, _pack(q.qweight.T, NB), _pack(q.scales.T, NB), none, none]
+        ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+        want = x @ w.T
+        assert np.abs(out.numpy() - want).max() <= 1e-5 * np.abs(want).max(), f"m={m}"
+
+
 def _nbits_case(name, block, symmetric, marks=()):
     return pytest.param(name, block, symmetric, marks=list(marks), id=f"{name}-b{block}-{'sym' if symmetric else 'asym'}")
 

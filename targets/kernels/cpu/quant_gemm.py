@@ -8,9 +8,10 @@ Few rows (decode): per k the kernel loads NB codes once, turns them into float32
 (quant_codes.py: a sign extension and shift, no subtraction) and multiplies them into a per-block
 accumulator for each row; the block's scale is applied once per block (acc += scale * block_acc,
 minus zero * sum(x over the block) where the weights have zero points). The traffic per weight is
-its code, never an f32 copy. The column blocks are split over the threads past parallel.py's threshold
-(K N multiply-adds): on this shared 2-vCPU machine at load ~18, a K = N = 2048 int4 GEMV took a median
-1.3 ms on one thread and 28 ms on two (the static split waits for the descheduled worker).
+its code, never an f32 copy. The column blocks are split over the threads from parallel.py's
+PARALLEL_MIN_DECODE_MACS (K N multiply-adds): decoding the codes, not reading them, binds the GEMV.
+(On a shared machine a launch waits for a descheduled worker: at load ~18 a K = N = 2048 int4 GEMV
+took 1.3 ms on one thread and 28 ms on two; idle, the second core halves it.)
 
 Many rows (prefill): each thread decodes G column blocks at a time into a K x (G NB) f32 scratch
 (L2-sized) that all its row tiles then read, so decoding is paid once per block, not once per tile,
@@ -27,7 +28,7 @@ from tvm.script import tirx as T
 from ..memo import cached_kernel
 from ..quant_codes import value
 from .isa import vector_lanes
-from .parallel import PARALLEL_MIN_MACS
+from .parallel import PARALLEL_MIN_DECODE_MACS, PARALLEL_MIN_MACS
 
 SCRATCH_BYTES = 1 << 20           # the prefill scratch K x (G NB) f32 stays within half of a 2 MB L2
 STACK_BYTES = 1024                # TVM's bound for a local buffer on the stack (kMaxStackAlloca)
@@ -73,7 +74,7 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
     centred = not zeros                  # no zero points: decode code - the format's implied zero directly
     zero = tirx.const(0.0, "float32")
     CHAINS = 2 * per_byte            # independent accumulators per row: alternate k, and each nibble
-    gemv_parallel = K * NO * NB >= PARALLEL_MIN_MACS   # parallel.py's policy: a launch waits for the other core
+    gemv_parallel = K * NO * NB >= PARALLEL_MIN_DECODE_MACS   # parallel.py: decoding codes binds a GEMV
     assert K % per_byte == 0 and block % per_byte == 0
 
     def chains_sum(bacc, ii, ji):
