@@ -62,12 +62,12 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
     headed = heads > 0                     # a bool: TVMScript's `if` takes no int
 
     def x_at(X, row, hd, kk):
-        if heads:
+        if headed:
             return X[row // X.shape[2], hd, row % X.shape[2], kk]
         return X[row, kk]
 
     def w_at(W, hd, jo, kk, ji):
-        return W[hd, jo, kk, ji] if heads else W[jo, kk, ji]
+        return W[hd, jo, kk, ji] if headed else W[jo, kk, ji]
 
     @T.macro
     def accumulate(X, W, acc, row0, rows, hd, jo):
@@ -136,7 +136,7 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
             for blk in range(T.int64(blocks)):
                 column_block(X, WG, WU, O, M, *split(blk))
 
-    if heads:
+    if headed:
         H = heads
 
         @T.prim_func(private=True)
