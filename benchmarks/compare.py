@@ -170,15 +170,16 @@ def main(argv=None) -> int:
     common = {"kind": "prefill", "shapes": shapes, "runs": args.runs, "warmup": args.warmup,
               "min_ms": args.min_ms, "threads": args.threads}
     triad = {"kind": "triad", "threads": args.threads, "runs": 5, "warmup": 1}
-    prefill, gbps = [], []
+    prefill, gbps, failed = [], [], []
     for name, p in paths.items():
         specs = [dict(common, engine=e, onnx=str(p), artifact=str(arts[name])) for e in engines.ENGINES]
         if not gbps:
             specs.append(triad)          # the bandwidth, measured in the same rounds as the engines
         try:
             results = engines.alternate(specs, args.rounds, log)
-        except RuntimeError as e:           # one engine cannot run this model here: a row that says why
+        except RuntimeError as e:           # one engine cannot run this model here: rows that say why
             log(f"{name}: not measured: {e}")
+            failed.append(name)
             prefill += [{"model": name, "batch": b, "seq": q, "skip": str(e).splitlines()[0]} for b, q in shapes]
             continue
         prefill += engines.prefill_rows(name, dict(zip(engines.ENGINES, results)))
@@ -207,6 +208,9 @@ def main(argv=None) -> int:
     if args.bench_json:
         bench.write_json(args.bench_json, bench_doc(doc, arts, args.estimate_targets))
         log(f"wrote {args.bench_json}")
+    if failed:                      # the table says why; the exit status keeps a crash from passing a gate
+        log(f"error: not measured: {', '.join(failed)}")
+        return 1
     return 0
 
 

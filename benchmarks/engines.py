@@ -109,10 +109,12 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int, min_ms: float = 0.
         fn()
         done += 1
     times: list[float] = []
-    while len(times) < runs or sum(times) < min_ms:
+    total = 0.0
+    while len(times) < runs or total < min_ms:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+        total += times[-1]
     return times
 
 
@@ -240,8 +242,12 @@ def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        status = (f"killed by {signal.Signals(-proc.returncode).name}" + (" (the kernel's OOM killer sends it)"
-                  if proc.returncode == -signal.SIGKILL else "")) if proc.returncode < 0 else f"status {proc.returncode}"
+        if proc.returncode >= 0:
+            status = f"status {proc.returncode}"
+        else:
+            status = f"killed by {signal.Signals(-proc.returncode).name}"
+            if proc.returncode == -signal.SIGKILL:
+                status += " (the kernel's OOM killer sends it)"
         raise RuntimeError(f"{spec['kind']} child ({spec.get('engine', '')}) failed: {status}\n{tail}".rstrip())
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -63,3 +63,18 @@ def test_a_failing_child_reports_its_error():
     with pytest.raises(RuntimeError, match="unknown engine"):
         engines.run_child({"kind": "prefill", "engine": "nope", "onnx": LLAMA, "shapes": [[1, 4]],
                            "runs": 1, "warmup": 0, "threads": 1})
+
+
+def test_compare_prints_a_failed_model_as_rows_and_exits_1(monkeypatch, tmp_path, capsys):
+    import compare
+
+    def alternate(specs, rounds, log):
+        if any(s["kind"] == "prefill" for s in specs):
+            raise RuntimeError("prefill child (ort) failed: killed by SIGKILL (the kernel's OOM killer sends it)\n...")
+        return [[{"gbps": [20.0]}] * rounds]
+    monkeypatch.setattr(engines, "compile_cached", lambda p, work_dir, log, *a, **k: tmp_path)
+    monkeypatch.setattr(engines, "alternate", alternate)
+    rc = compare.main(["--work-dir", str(tmp_path), "--models", "llama_a", "--seq", "16", "--batch", "1",
+                       "--no-decode", "--no-coexist"])
+    assert rc == 1
+    assert "| llama_a | 1 | 16 | – | – | not measured: prefill child (ort) failed: killed by SIGKILL" in capsys.readouterr().out
