@@ -112,14 +112,11 @@ X86_OPTIONS = {"sse4_2": "SSE42", "f16c": "F16C", "fma": "FMA", "bmi2": "BMI2", 
 
 def cpu_options() -> list[str]:
     """ggml's CPU options for this machine: every X86_OPTIONS feature it has; elsewhere GGML_NATIVE."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    from polyport.devices import host_cpu_info
+    flags = host_cpu_info()["flags"]
     if "avx" not in flags:
         return ["-DGGML_NATIVE=ON"]
-    have = [f"-DGGML_{o}={'ON' if set(f.split()) <= set(flags) else 'OFF'}" for f, o in X86_OPTIONS.items()]
+    have = [f"-DGGML_{o}={'ON' if set(f.split()) <= flags else 'OFF'}" for f, o in X86_OPTIONS.items()]
     return ["-DGGML_NATIVE=OFF", *have] + [f"-DGGML_AMX_{t}=OFF" for t in ("TILE", "INT8", "BF16")]
 
 
