@@ -13,6 +13,7 @@ from .ir.graph import Graph
 from .ir.index_inputs import index_ranges
 from .ir.quant_layout import FLOAT16
 from .ir.types import TensorType
+from .passes.compute_dtype import set_compute_dtype
 from .passes.derive_generation import derive_generation, generation_entry, without_programs
 from .passes.pipelines import run_pipeline
 from .passes.quantize_weights import WeightQuantization, quantize_weights
@@ -93,6 +94,18 @@ def check_archs(archs: Sequence[str], lowerers: Sequence[Target]) -> None:
                             f"machine's CPU and takes no --arch; known: {known})")
 
 
+def compute_dtype(lowerers: Sequence[Target], options: CompileOptions) -> str:
+    """The activations' dtype of the graph every target of one artifact lowers (they share the graph and
+    the weights file); a one-line error where two targets want different ones."""
+    wanted = {t.name: t.compute_dtype(options) for t in lowerers}
+    dtypes = {d for d in wanted.values() if d is not None}
+    if len(dtypes) > 1:
+        said = ", ".join(f"{name} in {d}" for name, d in wanted.items() if d is not None)
+        raise PolyportError(f"--dtype {options.dtype}: the targets compute in different dtypes ({said}); compile "
+                            "them into separate artifacts")
+    return dtypes.pop() if dtypes else "f32"
+
+
 def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | os.PathLike, *,
                   pipeline: str = "default", options: Optional[CompileOptions] = None,
                   quantization: Optional[WeightQuantization] = None,
@@ -111,15 +124,17 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     if "ascend" in targets and options.dtype in FLOAT16 and len(targets) > 1:
         raise PolyportError("ascend: compile it on its own with --dtype (its weights are converted by its "
                             "own f16 lowering)")
-    if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
-        if quantization is not None:
-            raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
-        quantization = WeightQuantization(options.dtype, lm_head=True)
     if tokenizer is not None:
         check_tokenizer(tokenizer)
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work
     for target in lowerers:
         target.check_options(options)
+    compute = compute_dtype(lowerers, options)
+    if options.dtype in FLOAT16 and "ascend" not in targets:
+        if quantization is not None:
+            raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
+        if compute == "f32":          # 16-bit linear weights, f32 compute
+            quantization = WeightQuantization(options.dtype, lm_head=True)
     check_archs(options.archs, lowerers)
     check_output(out)                                      # so do output paths that would lose data
     with interrupts.deferred() as checkpoint:
@@ -141,6 +156,11 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             step(f"quantizing weights ({quantization.scheme}, groups of {quantization.group_size})")
             quant_entry = quantize_weights(graph, quantization)
             stage(f"quantize-{quantization.scheme}", graph)
+        compute_entry = None
+        if compute in FLOAT16:
+            step(f"computing activations in {compute} (f32 accumulation)")
+            compute_entry = set_compute_dtype(graph, compute)
+            stage(f"compute-{compute}", graph)
         programs = (_derived(graph, lowerers) if generation    # before lowering: targets may rewrite the graph
                     else without_programs(graph, NO_GENERATION))
         for name in programs.uncached:
@@ -158,6 +178,8 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
             writer.manifest["generation"] = generation_entry(graph, programs)
             if quant_entry is not None:
                 writer.manifest["quantization"] = quant_entry
+            if compute_entry is not None:
+                writer.manifest["compute"] = compute_entry
             if tokenizer is not None:
                 shutil.copyfile(tokenizer, writer.tmp / TOKENIZER)
                 writer.manifest["tokenizer"] = TOKENIZER

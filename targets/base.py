@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 from ..devices import DeviceSpec
 from ..errors import PolyportError
@@ -19,7 +19,8 @@ from ..ir.graph import Graph
 
 @dataclasses.dataclass
 class CompileOptions:
-    dtype: str = "f32"                   # compute dtype for weights and activations
+    dtype: str = "f32"                   # --dtype: f32 | bf16 | f16 (what each target does with it: compute_dtype)
+    compute: Optional[str] = None        # the activations' dtype; None: the target's own for `dtype`
     archs: tuple[str, ...] = ()          # target-specific architectures (sm_90, gfx942, ...); () = the default set
     # target-specific settings: "mcpu", "kernels" (cpu: "cpu" | "portable")
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -49,6 +50,12 @@ class Target(abc.ABC):
 
     def check_options(self, options: CompileOptions) -> None:
         """Raise a PolyportError for options this target cannot honour (an unknown arch), before any work."""
+
+    def compute_dtype(self, options: CompileOptions) -> Optional[str]:
+        """The dtype of the activations of the graph this target lowers (16-bit: compile_model runs
+        passes/compute_dtype.py first); None for a target that converts the graph itself (ascend).
+        By default f32, with `dtype` only the weights' storage."""
+        return options.compute or "f32"
 
     def device(self, name: str | None = None) -> DeviceSpec:
         name = name or self.default_device

@@ -47,6 +47,11 @@ class CpuTarget(Target):
     default_device = "cpu"
     decodes_compressed = True
 
+    def check_options(self, options: CompileOptions) -> None:
+        if self.compute_dtype(options) != "f32" and _kernels(options) != "portable":
+            raise errors.PolyportError(f"cpu target: {options.compute} activations need the portable kernel set "
+                                       "(the cpu kernels compute f32 activations)")
+
     def build(self, graph: Graph, options: CompileOptions, programs: Any = None) -> tuple[Any, dict, str]:
         """Lower, schedule and compile `graph`: (the Relax VM executable, its model.json metadata, mcpu).
 
@@ -100,6 +105,6 @@ class CpuTarget(Target):
         out_dir = Path(out_dir)
         ex.export_library(str(out_dir / "model.so"))
         write_model_meta(meta, out_dir / "model.json")
-        return {"archs": ["x86_64"], "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
+        return {"archs": ["x86_64"], "dtype": self.compute_dtype(options), "mcpu": mcpu, "tvm_version": tvm.__version__, "files": ["cpu/model.so", "cpu/model.json"],
                 "library": "cpu/model.so", "meta": "cpu/model.json",
                 "compile_seconds": round(time.perf_counter() - t0, 2)}

@@ -78,10 +78,14 @@ class GpuTarget(Target, abc.ABC):
     def check_options(self, options: CompileOptions) -> None:
         self.select_archs(options)
 
+    def compute_dtype(self, options: CompileOptions) -> str:
+        """--dtype bf16 | f16 is the activations' dtype too (kernels accumulate in f32)."""
+        return options.compute or options.dtype
+
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
               programs: Any = None) -> dict:
         archs = self.select_archs(options)
-        if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
+        if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: passes/compute_dtype.py ran (compiler.py)
             raise errors.PolyportError(f"{self.name} target: dtype {options.dtype} is not supported (f32, bf16, f16)")
         toolchain = self.check_toolchain()
         import tvm
@@ -108,7 +112,7 @@ class GpuTarget(Target, abc.ABC):
             kernels[arch] = self.export(ex, target, out_dir / arch / "model.so")
             libraries[arch] = f"{self.name}/{arch}/model.so"
         write_model_meta(model_meta(lowered, functions), out_dir / "model.json")
-        entry = {"archs": list(archs), "libraries": libraries, "meta": f"{self.name}/model.json",
+        entry = {"archs": list(archs), "dtype": self.compute_dtype(options), "libraries": libraries, "meta": f"{self.name}/model.json",
                  "files": [f"{self.name}/model.json", *libraries.values()],
                  "toolchain": {"tvm": tvm.__version__, **toolchain}, "kernels": kernels,
                  "checked": "device code built per arch (kernel names from the module's function table); "

@@ -66,6 +66,9 @@ class AscendTarget(Target):
     default_device = "910b3"
     known_archs = (SOC,)
 
+    def compute_dtype(self, options: CompileOptions) -> None:
+        return None              # the Emitter converts the graph to its compute dtype itself
+
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
               programs: Any = None) -> dict:
         out_dir = Path(out_dir)

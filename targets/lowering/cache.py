@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ...ir.ops import attrs_of
-from . import lowers
+from . import FLOAT_BF, lowers
 
 UPDATE = "polyport::CacheUpdate"
 
@@ -39,7 +39,7 @@ def _static(lw, node, value, axis, what):
 GPU_TARGETS = ("cuda", "rocm")
 
 
-@lowers(UPDATE, dtypes=("f32",))
+@lowers(UPDATE, dtypes=FLOAT_BF)
 def cache_update(lw, node):
     relax = lw.relax
     cache, new = lw.get(node.inputs[0]), lw.get(node.inputs[1])
@@ -57,7 +57,7 @@ def cache_update(lw, node):
     return lw.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
 
 
-@lowers("polyport::CachedAttention", dtypes=("f32",), kernels=("cpu",))
+@lowers("polyport::CachedAttention", dtypes=FLOAT_BF, kernels=("cpu",))
 def cached_attention(lw, node):
     from ..kernels.cpu import cached_attention as kernel
     relax = lw.relax
@@ -79,7 +79,7 @@ def cached_attention(lw, node):
     return lw.emit(relax.call_tir(gv, args, out))
 
 
-@lowers("polyport::CachedAttention", dtypes=("f32",), kernels=("portable",))
+@lowers("polyport::CachedAttention", dtypes=FLOAT_BF, kernels=("portable",))
 def cached_attention_portable(lw, node):
     a = attrs_of(node)
     q, kn, vn, kc, vc = (lw.get(v) for v in node.inputs[:5])

@@ -9,6 +9,7 @@ import numpy as np
 from . import lowers
 
 PACKED_WEIGHTS = ("cpu",)      # the kernel sets whose dense lowerings read [.., K, N] weights as [.., N/NB, K, NB]
+HALF = ("float16", "bfloat16")
 
 
 @lowers("MatMul")
@@ -27,6 +28,8 @@ def matmul(lw, node):
         return lw.emit(lw.relax.op.reshape(y, out)) if len(shape) != 2 else y
     if node.inputs[1].name in lw.packed and per_head_operands(node):
         return per_head_gemm(lw, a, b)
+    if a.ty.dtype in HALF:       # 16-bit operands (passes/compute_dtype.py): accumulate in f32
+        return lw.emit(lw.relax.op.astype(lw.relax.op.matmul(a, b, out_dtype="float32"), a.ty.dtype))
     return lw.emit(lw.relax.op.matmul(a, b))
 
 
@@ -72,11 +75,12 @@ def per_head_operands(node: Node) -> bool:
 
 
 def dense_operands(node: Node) -> bool:
-    """MatMul(x, W) with W a constant 2-D f32 weight and x f32 of rank >= 2: the dense GEMM kernel."""
+    """MatMul(x, W) with W a constant 2-D weight and x of rank >= 2, both f32 (or both 16-bit floats:
+    passes/compute_dtype.py): the dense GEMM kernel, accumulating in f32."""
     bt, at = node.inputs[1].type, node.inputs[0].type
     return (node.inputs[1].is_constant and isinstance(bt, TensorType) and bt.rank == 2
             and isinstance(at, TensorType) and at.rank is not None and at.rank >= 2
-            and at.dtype == bt.dtype and str(at.dtype) == "f32" and node.inputs[0] is not node.inputs[1])
+            and at.dtype == bt.dtype and str(at.dtype) in ("f32", "f16", "bf16") and node.inputs[0] is not node.inputs[1])
 
 
 def gated_packable(node: Node) -> bool:
@@ -95,7 +99,8 @@ def packable(lw, v: Value) -> int:
     """NB if every use of weight `v` is as the B operand of a dense MatMul, or of a per-head one for a 3-D
     weight (then it is bound pre-packed)."""
     from ..kernels.cpu import mlp
-    if lw.kernels not in PACKED_WEIGHTS or v.is_graph_output or v.const.ndim not in (2, 3) or not v.uses:
+    if lw.kernels not in PACKED_WEIGHTS or v.is_graph_output or v.const.ndim not in (2, 3) or not v.uses \
+            or v.const.dtype != np.float32:
         return 0
     operands = dense_operands if v.const.ndim == 2 else per_head_operands
     for node, i in v.uses:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from . import ANY, FLOAT, INT, NUMERIC, SIGNED, UNSIGNED, lowers
+from . import ANY, FLOAT, FLOAT_BF, INT, NUMERIC, SIGNED, UNSIGNED, lowers
 
 
 def const(lw, value, like):
@@ -157,7 +157,7 @@ def swish(lw, node):
     return lw.emit(op.multiply(x, op.sigmoid(op.multiply(x, const(lw, _attr(node, "alpha", 1.0), x)))))
 
 
-@lowers("Gelu", dtypes=FLOAT)
+@lowers("Gelu", dtypes=FLOAT_BF)
 def gelu(lw, node):
     op, x = lw.relax.op, _x(lw, node)
     if node.attrs.get("approximate", "none") == "tanh":

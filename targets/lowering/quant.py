@@ -97,8 +97,8 @@ def quant_matmul(lw, node):
     relax = lw.relax
     a = attrs_of(node)
     x2, shape = flatten2d(lw, lw.get(node.inputs[0]))
-    if x2.ty.dtype not in ("float32", "float16"):
-        raise lw.unsupported(node, f"activations of dtype {x2.ty.dtype} (takes f32, f16)")
+    if x2.ty.dtype not in ("float32", "float16", "bfloat16"):
+        raise lw.unsupported(node, f"activations of dtype {x2.ty.dtype} (takes f32, f16, bf16)")
     ins = list(node.inputs) + [None] * (5 - len(node.inputs))
     q, s, z, bias = (None if v is None else lw.get(v) for v in ins[1:5])
     y = quant_dense(lw, x2, q, s, z, bias, a, packed=bool(lw.packed_rows.get(node.inputs[1].name)))

@@ -19,7 +19,7 @@ from .test_gpu_build import _device_module, _require
 @pytest.mark.parametrize("target,kind,how", [("cuda", "cuda", "int4"), ("rocm", "hip", "bf16")])
 def test_low_precision_llama_builds_quant_kernels(tmp_path, target, kind, how):
     _require(target)
-    opts = dict(options=CompileOptions(dtype="bf16")) if how == "bf16" else \
+    opts = dict(options=CompileOptions(dtype="bf16", compute="f32")) if how == "bf16" else \
         dict(quantization=WeightQuantization("int4", 32))
     out = compile_model(model_path("llama_a"), [target], tmp_path / "art", **opts)
     manifest = json.loads((out / "manifest.json").read_text())

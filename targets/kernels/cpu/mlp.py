@@ -48,8 +48,11 @@ def matmul(x: te.Tensor, w: te.Tensor):
     m, kdim = x.shape
     n = w.shape[1]
     k = te.reduce_axis((0, kdim), name="k")
-    return te.compute((m, n), lambda i, j: te.sum(x[i, k].astype("float32") * w[k, j].astype("float32"), axis=k)
-                      .astype(x.dtype), name="matmul")
+    acc = te.compute((m, n), lambda i, j: te.sum(x[i, k].astype("float32") * w[k, j].astype("float32"), axis=k),
+                     name="matmul")
+    if x.dtype == "float32":
+        return acc
+    return te.compute((m, n), lambda i, j: acc[i, j].astype(x.dtype), name="matmul_out")   # f32 accumulation
 
 
 def pack_block(n: int) -> int:

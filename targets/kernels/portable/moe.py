@@ -53,11 +53,11 @@ def moe_experts(x: te.Tensor, idx: te.Tensor, w: te.Tensor, wg: te.Tensor, wu: t
     hid = te.compute((T, K, I), hidden, name="moe_hidden")
     s_ = te.reduce_axis((0, K), name="s")
     i_ = te.reduce_axis((0, I), name="i")
-    if bd is None:
-        return te.compute((T, Ho), lambda t, o: te.sum(hid[t, s_, i_] * dw(idx[t, s_], i_, o),
-                                                      axis=[s_, i_]).astype(x.dtype), name="moe_out")
     y = te.compute((T, Ho), lambda t, o: te.sum(hid[t, s_, i_] * dw(idx[t, s_], i_, o), axis=[s_, i_]),
-                   name="moe_down")
+                   name="moe_out" if bd is None and x.dtype == "float32" else "moe_down")
+    if bd is None:
+        return y if x.dtype == "float32" else te.compute((T, Ho), lambda t, o: y[t, o].astype(x.dtype),
+                                                         name="moe_out")
     s2 = te.reduce_axis((0, K), name="s")
     bias = te.compute((T, Ho), lambda t, o: te.sum(w[t, s2].astype("float32") * bd[idx[t, s2], o], axis=s2),
                       name="moe_down_bias")
