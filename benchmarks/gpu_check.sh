@@ -7,6 +7,9 @@
 #
 #   benchmarks/gpu_check.sh [WORK_DIR] [gpu_check.py options, e.g. --quick]
 #
+#   DTYPES="f32 bf16 f16"   run the check once per compute dtype (compile --dtype; artifacts M.cuda,
+#                M.cuda.bf16, M.cuda.f16; JSON WORK/gpu_check.DTYPE.json; tolerance 1e-3 / 6.25e-2 / 2e-2 x max|ORT
+#                logit|); the exit status is the worst run's. Default: f32 only (or pass --dtype yourself).
 #   WHEELS=DIR   install every wheel in DIR first (pip --no-index --no-deps, into a private folder put
 #                first on PYTHONPATH): apache-tvm, apache-tvm-ffi, onnxruntime-gpu, ... as the report asks.
 #   PYTHON=...   the interpreter (default python3).
@@ -47,4 +50,14 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
 
 cd "$REPO"
-exec "$PY" benchmarks/gpu_check.py --work-dir "$WORK" "$@"
+if [ -z "${DTYPES:-}" ]; then
+    exec "$PY" benchmarks/gpu_check.py --work-dir "$WORK" "$@"
+fi
+worst=0
+for dt in $DTYPES; do
+    echo "gpu_check.sh: --dtype $dt" >&2
+    rc=0
+    "$PY" benchmarks/gpu_check.py --work-dir "$WORK" --dtype "$dt" --json "$WORK/gpu_check.$dt.json" "$@" || rc=$?
+    [ "$rc" -gt "$worst" ] && worst=$rc
+done
+exit "$worst"

