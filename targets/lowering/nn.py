@@ -1,7 +1,7 @@
 """Neural-network ONNX ops: Gemm, Conv/ConvTranspose, pooling, normalisations, Dropout, losses."""
 from __future__ import annotations
 
-from . import FLOAT, NUMERIC, lowers
+from . import FLOAT, FLOAT_BF, NUMERIC, lowers
 from .elementwise import const
 
 
@@ -9,15 +9,17 @@ def _opt(lw, node, i):
     return lw.get(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
 
 
-@lowers("Gemm", dtypes=FLOAT)
+@lowers("Gemm", dtypes=FLOAT_BF)
 def gemm(lw, node):
+    from .dense import HALF
     op = lw.relax.op
     a, b, c = lw.get(node.inputs[0]), lw.get(node.inputs[1]), _opt(lw, node, 2)
     if node.attrs.get("transA", 0):
         a = op.permute_dims(a, [1, 0])
     if node.attrs.get("transB", 0):
         b = op.permute_dims(b, [1, 0])
-    y = lw.emit(op.matmul(a, b))
+    half = a.ty.dtype in HALF         # 16-bit operands (passes/compute_dtype.py): accumulate in f32
+    y = lw.emit(op.astype(op.matmul(a, b, out_dtype="float32"), a.ty.dtype) if half else op.matmul(a, b))
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     if alpha != 1.0:
         y = lw.emit(op.multiply(y, const(lw, alpha, y)))
