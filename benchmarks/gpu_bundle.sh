@@ -11,6 +11,7 @@
 #   ... carry BUNDLE to the GPU machine (inside the repository, git-ignored), then there:
 #   benchmarks/gpu_check.sh BUNDLE --quick
 #
+#   DTYPES="f32 bf16 f16"  compile the artifacts of each compute dtype (for gpu_check.sh's DTYPES; default f32)
 #   TVM_FFI_WHEEL=FILE  that apache-tvm-ffi wheel (default: `pip download` of the installed version for
 #                       Python $GPU_PYTHON, default 3.12, which needs the network here)
 #   PYTHON=...          the interpreter here (default python)
@@ -21,7 +22,9 @@ BUNDLE="${1:?usage: gpu_bundle.sh BUNDLE [gpu_check.py options]}"
 shift
 mkdir -p "$BUNDLE/site"
 
-"$PY" "$REPO/benchmarks/gpu_check.py" --work-dir "$BUNDLE" --compile-only "$@"
+for dt in ${DTYPES:-f32}; do
+    "$PY" "$REPO/benchmarks/gpu_check.py" --work-dir "$BUNDLE" --compile-only --dtype "$dt" "$@"
+done
 
 "$PY" - "$BUNDLE/site" <<'EOF'
 import os, shutil, sys
