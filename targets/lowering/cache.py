@@ -73,7 +73,8 @@ def cached_attention(lw, node):
         dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype)
     gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cached_attention")
     placeholder = relax.const(np.zeros(1, np.float32))
-    args = [q, kn, placeholder if v_in_k else vn, kc, placeholder if v_in_k else vc, _i64(lw, node.inputs[5]),
+    no_v = relax.const(np.zeros(1, np.float32), q.ty.dtype)          # the kernel's V buffers take q's dtype
+    args = [q, kn, no_v if v_in_k else vn, kc, no_v if v_in_k else vc, _i64(lw, node.inputs[5]),
             placeholder if sinks is None else sinks]
     out = relax.TensorType(shape=lw.shape(q)[:3] + [dv], dtype=q.ty.dtype)
     return lw.emit(relax.call_tir(gv, args, out))
@@ -114,9 +115,10 @@ def streamed_attention(lw, node, q, kn, vn, kc, vc, past, sinks, *, window: int,
     gv_p = lw.bb.add_func(partial.with_attr("op_pattern", 8), "cached_attention_partial")
     gv_m = lw.bb.add_func(merge.with_attr("op_pattern", 8), "cached_attention_merge")
     placeholder = relax.const(np.zeros(1, np.float32))
+    no_v = relax.const(np.zeros(1, np.float32), q.ty.dtype)          # the kernel's V buffers take q's dtype
     B, _, S, _ = lw.shape(q)
     states = [B * kvh, splits, S, h // kvh]
-    parts = lw.emit(relax.call_tir(gv_p, [q, kn, placeholder if v_in_k else vn, kc, placeholder if v_in_k else vc,
+    parts = lw.emit(relax.call_tir(gv_p, [q, kn, no_v if v_in_k else vn, kc, no_v if v_in_k else vc,
                                           past],
                                    [relax.TensorType(states + [2], "float32"),
                                     relax.TensorType(states + [dv], "float32")]))

@@ -124,19 +124,21 @@ def test_half_precision_matches_the_reference_on_the_corpus(name, dtype, tmp_pat
     check_logits(name, dtype, tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bf16"])
-def test_generation_decodes_through_16_bit_caches(dtype, tmp_path):
+@pytest.mark.parametrize("name,dtype,kind", [
+    pytest.param("llama_a", "bf16", "mha", marks=pytest.mark.slow),
+    pytest.param("deepseek_v3_a", "bf16", "mla", marks=pytest.mark.corpus),     # absorbed MLA from 16-bit weights
+    pytest.param("mixtral_a", "f16", "mha", marks=pytest.mark.corpus)])          # the decode MoE GEMVs
+def test_generation_decodes_through_16_bit_caches(name, dtype, kind, tmp_path):
     """Teacher-forced decode through the 16-bit prefill/decode programs (portable kernels, caches in `dtype`,
     half the bytes of f32) matches the reference executor's full forward within the dtype's tolerance."""
-    art = compile_model(model_path("llama_a"), ["cpu"], tmp_path / "art", options=portable(dtype))
+    art = compile_model(model_path(name), ["cpu"], tmp_path / "art", options=portable(dtype))
     manifest = json.loads((art / "manifest.json").read_text())
     layers = manifest["generation"]["layers"]
-    assert layers and all(layer["dtype"] == dtype for layer in layers)
+    assert layers and all(layer["dtype"] == dtype and layer["kind"] == kind for layer in layers)
     s = polyport.load(art, "cpu")
     assert all(a.dtype.itemsize == 2 for a in (np.asarray(t.numpy()) for t in s.new_cache(1, 8).values()))
-    ref = ReferenceSession(import_onnx(model_path("llama_a")))
-    ids = np.random.default_rng(3).integers(0, corpus()["llama_a"]["vocab_size"], size=(1, 20), dtype=np.int64)
+    ref = ReferenceSession(import_onnx(model_path(name)))
+    ids = np.random.default_rng(3).integers(0, corpus()[name]["vocab_size"], size=(1, 20), dtype=np.int64)
     want = next(iter(ref.run({"input_ids": ids}).values()))[0]
     rel = tolerance(dtypes.from_name(dtype))
     state = s.start(ids[:, :7])
