@@ -340,8 +340,8 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
 @click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
 @click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
               help="cuda, rocm: bf16/f16 weights, activations and KV caches, f32 accumulation; cpu: bf16/f16 "
-                   "weights, f32 activations and accumulation; ascend: f16 (f32 and f16 both give f16; bf16 is "
-                   "refused). cpu and cuda/rocm then need separate artifacts.")
+                   "weights, f32 activations and accumulation; ascend: f16 (from f32 or f16) or bf16 compute, "
+                   "f32 accumulation. cpu and cuda/rocm then need separate artifacts, ascend one of its own.")
 @click.option("--no-generation", "no_generation", is_flag=True,
               help="Build only the cache-less program, not the KV-cache prefill / decode programs: compiles "
                    "about 3x faster on cpu; generate then recomputes the whole sequence each step.")

@@ -123,7 +123,7 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
     options = options or CompileOptions()
     if "ascend" in targets and options.dtype in FLOAT16 and len(targets) > 1:
         raise PolyportError("ascend: compile it on its own with --dtype (its weights are converted by its "
-                            "own f16 lowering)")
+                            "own f16 / bf16 lowering)")
     if tokenizer is not None:
         check_tokenizer(tokenizer)
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work

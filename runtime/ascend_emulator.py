@@ -15,9 +15,10 @@ programs over paged KV caches: runtime/ascend_paged.py):
 - the standard ONNX ops by onnx's reference implementations, with the cube-unit
   ones (MatMul) and the reductions (ReduceSum, ReduceMean, Softmax) computed in
   fp32 and rounded to the storage dtype, as the device accumulates;
-- activations and weights in float16 as on the device: every op rounds its
-  result to fp16; cube ops (matmuls, attention) take fp16 operands and
-  accumulate in fp32; RmsNorm, softmax and rotary compute in fp32 internally.
+- activations and weights in float16 (bfloat16 when compiled with --dtype bf16) as
+  on the device: every op rounds its result to that dtype; cube ops (matmuls,
+  attention) take 16-bit operands and accumulate in fp32; RmsNorm, softmax and
+  rotary compute in fp32 internally.
 
 This says nothing about the speed, and nothing certain about the numerics, of a
 real Ascend 910B: it checks that the emitted graph and op plan compute the model
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from .. import errors
@@ -36,12 +38,13 @@ from .ascend_paged import PagedCache
 from .generation import Generator
 
 NOTICE = ("ascend: emulated on CPU (no Ascend device): NumPy implementations of the CANN operators' documented "
-          "contracts in float16; nothing was run on Ascend hardware")
+          "contracts in {dtype}; nothing was run on Ascend hardware")
 
 # The artifact's two custom ONNX domains (targets/ascend/ writes them; defined here, where they are read).
 CANN_DOMAIN = "com.huawei.cann"          # CANN built-in operators (ATC maps them by op type)
 KERNEL_DOMAIN = "polyport.ascendc"        # polyport's own Ascend C kernels (kernels/*.cpp)
 F16 = np.float16
+LOW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))     # the device's 16-bit float storage dtypes
 
 # Tests set this to a list to record every routing decision (expert ids [T, k], in call order).
 ROUTING_TRACE = None
@@ -285,10 +288,10 @@ def _ops():
         base = load_op("", name, version)
 
         def _run(self, *args, **kwargs):
-            low = next((a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype == np.float16), None)
+            low = next((a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype in LOW), None)
             if low is None:
                 return base._run(self, *args, **kwargs)
-            args = tuple(a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float16 else a
+            args = tuple(a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype in LOW else a
                          for a in args)
             return tuple(r.astype(low) if isinstance(r, np.ndarray) and r.dtype == np.float32 else r
                          for r in base._run(self, *args, **kwargs))
@@ -343,12 +346,11 @@ class AscendEmulatorSession(Generator):
     protocol): `new_cache` allocates the paged float16 caches (runtime/ascend_paged.py), `run_program`
     feeds them with the block tables and slot mappings and keeps the caches the program returns."""
 
-    notice = NOTICE
-
     def __init__(self, art, entry: Mapping[str, Any]):
         from .session import signature_index_ranges, signature_types
         folder = art.path / "ascend"
         self.entry = dict(entry)
+        self.notice = NOTICE.format(dtype=entry.get("compute_dtype", "float16"))
         self.artifact = art
         self.signature = art.signature
         self._main = _Program(folder, "model", "op_plan.json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
 
 
@@ -34,7 +35,8 @@ class PagedCache:
             own = np.arange(batch)[:, None] * per_seq
             self.tables[name] = (own + np.arange(width)[None, :] % per_seq).astype(np.int32)
             self.blocks[name] = batch * per_seq + 1              # + the scratch block (the last one)
-        self.arrays = {c["name"]: np.zeros((self.blocks[c["group"]], bs, c["kv_heads"], c["head_dim"]), np.float16)
+        dtype = ml_dtypes.bfloat16 if layout.get("dtype") == "bfloat16" else np.float16
+        self.arrays = {c["name"]: np.zeros((self.blocks[c["group"]], bs, c["kv_heads"], c["head_dim"]), dtype)
                        for c in layout["caches"]}
 
     @property

@@ -51,12 +51,15 @@ from ...ir.graph import Graph
 from ..base import CompileOptions, Target, register_target
 from . import limits as L
 from . import attention, cache, compress, mlp, moe, norm, quant, rotary  # noqa: F401 - each registers its fused op's lowering
-from .emission import (CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, POLYPORT_KERNELS,
+from .emission import (BF16, CANN_DOMAIN, CANN_ONNX_OPS, CANN_OPS, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, POLYPORT_KERNELS,
                        SOC, Emitter, check_model, dims, tname)
 from .kernels import atc_script, write_kernels
 from .programs import write_programs
 from .weights import save_sharing_weights
 
+
+# --dtype -> the compute dtype (f32 models run in f16, as Ascend deployments do)
+COMPUTE = {"f32": F16, "f16": F16, "bf16": BF16}
 
 
 @register_target
@@ -72,12 +75,10 @@ class AscendTarget(Target):
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
               programs: Any = None) -> dict:
         out_dir = Path(out_dir)
-        if options.dtype in ("f32", "f16"):
-            compute = F16
-        else:
+        compute = COMPUTE.get(options.dtype)       # every fused operator takes both (limits.DEVICE_FLOAT_DTYPES)
+        if compute is None:
             raise L.LimitError(f"ascend: compute dtype {options.dtype} is not supported: CANN's fused LLM "
-                               f"operators take float16/bfloat16 and polyport's Ascend lowering emits float16 "
-                               f"({L.DOCS})")
+                               f"operators take float16/bfloat16 ({L.DOCS})")
         archs = [a for a in options.archs if a in self.known_archs] or [SOC]    # the others are other targets'
         low = Emitter(graph, compute)
         derived = None
@@ -117,7 +118,7 @@ class AscendTarget(Target):
             "device": ASCEND_910B3.name,
             "status": NOT_RUN,
             "runtime": "emulated on CPU (no Ascend device): runtime/ascend_emulator.py runs model.onnx's op plan "
-                       "with NumPy implementations of each CANN operator's documented contract in float16",
+                       f"with NumPy implementations of each CANN operator's documented contract in {tname(compute)}",
             "toolchain": {"cann": None, "atc": "not run (no CANN toolkit here)", "onnx_opset": OPSET},
             "compute_dtype": tname(compute),
             "files": files + kernel_files,

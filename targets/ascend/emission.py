@@ -56,7 +56,7 @@ POLYPORT_KERNELS = {
     "MoeHashRoutingGate": "moe_hash_routing_gate",
 }
 
-F16, F32 = TensorProto.FLOAT16, TensorProto.FLOAT
+F16, BF16, F32 = TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 

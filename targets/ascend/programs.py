@@ -9,7 +9,7 @@ block_size, -1), ..., block_table=, block_size=, actual_seq_lengths_kv=)`). Each
     input_ids, lengths | past_len      the derived program's own inputs (positions, last rows)
     block_table.{group}  int32 [batch, max_blocks]   physical block of each sequence's logical block
     slot_mapping.{group} int32 [batch * step]        block * block_size + offset of each new row
-    the caches           float16 [num_blocks.{group}, block_size, kv_heads, head_dim]
+    the caches           float16 | bfloat16 [num_blocks.{group}, block_size, kv_heads, head_dim]
 
 and returns `logits` then each cache's `.out` (the graph carries the caches in and out; on a device the
 outputs alias the inputs, as the Ref inputs of the CANN operators are updated in place).
@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 
 from ...errors import PolyportError
 from ...ir.graph import Graph, Node
-from .emission import CANN_DOMAIN, F16, KERNEL_DOMAIN, NOT_RUN, OPSET, SOC, Emitter, check_model, tname
+from .emission import CANN_DOMAIN, KERNEL_DOMAIN, NOT_RUN, OPSET, SOC, Emitter, check_model, tname
 
 BLOCK_SIZE = 128          # vLLM-Ascend's default block size; FIA's paged path takes multiples of 16 (limits.py)
 PROGRAMS = ("prefill", "decode")
@@ -47,7 +47,7 @@ def group_of(layer) -> str:
     return f"window{layer.capacity}" if layer.capacity else "linear"
 
 
-def paged_layout(layers) -> dict:
+def paged_layout(layers, compute: int) -> dict:
     """The paged caches of the derived layers (the manifest entry's `paged_cache`; the session allocates them)."""
     groups: dict[str, dict] = {}
     caches = []
@@ -63,7 +63,7 @@ def paged_layout(layers) -> dict:
         for name, dim in parts:
             caches.append({"name": name, "of": layer.tensors[0] if layer.kind == "mla" else name,
                            "group": group, "kv_heads": layer.kv_heads, "head_dim": dim})
-    return {"block_size": BLOCK_SIZE, "dtype": "float16", "groups": groups, "caches": caches}
+    return {"block_size": BLOCK_SIZE, "dtype": tname(compute), "groups": groups, "caches": caches}
 
 
 class Paged:
@@ -92,7 +92,7 @@ def write_programs(programs, out_dir: Path, compute: int) -> dict:
     """Emit the prefill / decode models (the caller saves them: weights.py) and write their op plans: {layout,
     models [(name, ModelProto)], cann
     (the CANN operators called), fallbacks (limits broken, with what was emitted instead)}."""
-    layout = paged_layout(programs.layers)
+    layout = paged_layout(programs.layers, compute)
     models, cann, fallbacks = [], set(), []
     for name in PROGRAMS:
         model, plan, fell = emit_program(getattr(programs, name), programs.layers, layout, compute)
@@ -125,7 +125,7 @@ def emit_program(graph: Graph, layers, layout: dict, compute: int):
         declare(f"block_table.{group}", TensorProto.INT32, ["batch", f"max_blocks.{group}"])
         declare(f"slot_mapping.{group}", TensorProto.INT32, ["tokens"])
     for c in layout["caches"]:
-        declare(c["name"], F16, cache_shape(c, layout))
+        declare(c["name"], compute, cache_shape(c, layout))
     if len(caches) != len(paged.inputs):
         raise PolyportError(f"ascend: the {graph.name} program's cache inputs do not match its layers")
     em.walk()
@@ -134,7 +134,7 @@ def emit_program(graph: Graph, layers, layout: dict, compute: int):
         raise PolyportError(f"ascend: the {graph.name} program never writes cache {missing[0]}")
     outputs = em.declare_outputs(graph.outputs[:1])
     for c in layout["caches"]:
-        outputs.append(helper.make_tensor_value_info(f"{c['name']}.out", F16, cache_shape(c, layout)))
+        outputs.append(helper.make_tensor_value_info(f"{c['name']}.out", compute, cache_shape(c, layout)))
     gp = helper.make_graph(em.nodes, graph.name, inputs, outputs, em.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CANN_DOMAIN, 1)]
     if em.kernels:
