@@ -115,6 +115,9 @@ def test_half_precision_cuda_compiles_without_a_gpu(gpu_check, tiny_onnx, tmp_pa
     art = Artifact(json.loads((work / "gpu_check.json").read_text())["compiles"]["tiny_lm"]["artifact"])
     assert art.path.name == "tiny_lm.cuda.bf16" and set(art.targets) == {"cuda"}
     assert gpu_check.compute_dtype(art.path, "cuda") == "bf16"
+    from .targets.test_gpu_build import _device_module
+    dev = _device_module(art.path / art.target_entry("cuda")["libraries"]["sm_80"], "cuda")
+    assert dev.fmt == "fatbin" and sorted(dev.kernels) == art.target_entry("cuda")["kernels"]["sm_80"]
 
 
 @pytest.mark.slow
