@@ -31,10 +31,11 @@ import numpy as np
 from ..errors import PolyportError
 from ..ir import dtypes
 from ..ir.graph import Graph, Node, Value
+from ..ir.quant_layout import FLOAT16
 from ..ir.types import TensorType
 from ..ir.verifier import verify
+from .region import tolerance
 
-FLOAT16 = ("bf16", "f16")
 F16_MAX = float(np.finfo(np.float16).max)
 # standard ops computed in f32 when they read 16-bit values
 F32_OPS = frozenset({
@@ -154,7 +155,7 @@ def set_compute_dtype(graph: Graph, dtype: str) -> dict:
     if not any(k != "constants" for k in cv.counts):
         raise PolyportError(f"--dtype {dtype}: the model has no float activations to compute in {dtype} (no "
                             "embedding lookup or float input)")
-    return {"dtype": dtype, "accumulation": "f32",
+    return {"dtype": dtype, "accumulation": "f32", "tolerance": tolerance(cv.low),   # x max|logit|, vs f32
             "nodes": {k: n for k, n in sorted(cv.counts.items()) if not k.startswith("f32: ") and k != "constants"},
             "kept_f32": {k[5:]: n for k, n in sorted(cv.counts.items()) if k.startswith("f32: ")},
             "constants": cv.counts["constants"]}
