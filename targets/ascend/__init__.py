@@ -104,7 +104,7 @@ class AscendTarget(Target):
                 "calls": low.plan}
         (out_dir / "op_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         models = [("model", model)] + (derived["models"] if derived else [])
-        (out_dir / "atc.sh").write_text(atc_script(models))
+        (out_dir / "atc.sh").write_text(atc_script(models, bf16=compute == BF16))
         model_files = save_sharing_weights(models, out_dir)
         kernel_files = write_kernels(out_dir, low.kernels)
         cann_calls = {c["op"] for c in low.plan if c["kind"] == "cann_operator"} | set(derived["cann"] if derived else ())

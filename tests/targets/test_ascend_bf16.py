@@ -51,6 +51,7 @@ def check(name: str, tmp_path, monkeypatch) -> None:
     model = onnx.load(str(art / "ascend" / "model.onnx"), load_external_data=False)
     floats = {i.data_type for i in model.graph.initializer} & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     assert floats == {onnx.TensorProto.BFLOAT16}, "weights are bf16, none f16"
+    assert "--precision_mode=must_keep_origin_dtype" in (art / "ascend" / "atc.sh").read_text()
     assert polyport.load(art, "ascend").notice.endswith("contracts in bfloat16; nothing was run on Ascend hardware")
     graph = fused(name)                      # before _compare patches the reference's routing
     for seq in (7, 33):
