@@ -163,3 +163,15 @@ def test_half_precision_gpu_builds_carry_device_code(target, kind, dtype, tmp_pa
         dev = _device_module(out / lib, kind)
         assert sorted(dev.kernels) == entry["kernels"][arch]
         assert {"cached_attention_partial_kernel", "cache_update_kernel"} <= set(dev.kernels)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(corpus()))
+@pytest.mark.parametrize("target,kind,dtype,arch", [("cuda", "cuda", "f16", "sm_90"), ("rocm", "hip", "bf16", "gfx942")])
+def test_half_precision_gpu_builds_on_the_corpus(name, target, kind, dtype, arch, tmp_path):
+    """Every corpus export (with its prefill/decode where it has them) builds in 16-bit for one arch."""
+    _require(target)
+    out = compile_model(model_path(name), [target], tmp_path / "art", options=CompileOptions(dtype=dtype, archs=(arch,)))
+    entry = json.loads((out / "manifest.json").read_text())["targets"][target]
+    assert entry["dtype"] == dtype
+    assert sorted(_device_module(out / entry["libraries"][arch], kind).kernels) == entry["kernels"][arch]
