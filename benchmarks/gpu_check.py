@@ -282,9 +282,13 @@ def relative_error(got, want) -> tuple[float, float]:
 
 
 def compute_dtype(art: Path, target: str) -> str:
+    """The dtype setting the tolerance: the target's compute dtype, or its weights' where only they are 16-bit
+    (the cpu target with --dtype bf16 | f16)."""
     from polyport.runtime.artifact import Artifact
     a = Artifact(art)
-    return str(a.target_entry(target).get("dtype") or (a.manifest.get("cost") or {}).get("dtype") or "f32")
+    dtype = str(a.target_entry(target).get("dtype") or (a.manifest.get("cost") or {}).get("dtype") or "f32")
+    weights = (a.manifest.get("quantization") or {}).get("scheme")
+    return weights if dtype == "f32" and weights in TOLERANCES else dtype
 
 
 def check_model(name: str, art: Path, target: str, ort_cpu, ort_gpu, peer_note: str,
