@@ -66,6 +66,14 @@ def fp8_blocks(w, block=BLOCK):
     return codes.flatten(-2).flatten(-3, -2)[..., :n, :k].contiguous(), scale.float()
 
 
+def dequantize_linear(b, codes: np.ndarray, scale_inv: np.ndarray, block=BLOCK) -> str:
+    """The QDQ form of the same weight: DequantizeLinear blocks one axis only (opset 21), so the block scales
+    repeat over each block's rows and block K: scale [.., N, KB], axis -1, block_size bk."""
+    rows = np.repeat(scale_inv, block[0], axis=-2)[..., :codes.shape[-2], :]
+    return b.op("DequantizeLinear", b.const(codes), b.const(np.ascontiguousarray(rows)), axis=-1,
+                block_size=block[1])
+
+
 def linear_model(forms=("matmul",), fmt="fp8", K=200, N=136, seed=0):
     """x [s, K] through one linear layer per entry of `forms`, each weight [N, K] (then [N, N]) computed from
     `fmt` codes with 128x128 block scales: "matmul" (x @ W^T: a Transpose, then MatMul), "gemm" (Gemm

@@ -25,7 +25,7 @@ from polyport.passes.pipelines import PIPELINES
 from polyport.runtime.reference import ReferenceSession
 
 from .. import families
-from ..fp8_models import block_quantize, dequantized
+from ..fp8_models import block_quantize, dequantize_linear, dequantized
 
 E, H, I = 8, 16, 12          # experts, hidden size, expert width of the hand-built blocks
 OPSET = 20
@@ -71,7 +71,8 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
     out = x + moe(x), or moe(x) itself without `residual`. `biases`: a router (Gemm) bias and per-expert
     biases on every projection (gpt-oss); `alpha`, `up_offset`: up_offset + up times gate * sigmoid(alpha gate).
     `coded`: (format, format) of the gate / up and the down expert weights: computed from fp8 | int8 | int4
-    codes with 16x16 block scales (tests/fp8_models.py) or (None) stored in f32."""
+    codes with 16x16 block scales (tests/fp8_models.py; "qdq-" + format: by DequantizeLinear, opset 21) or
+    (None) stored in f32."""
     rng = np.random.default_rng(seed)
     b = _Builder()
     f32 = np.float32
@@ -132,7 +133,10 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
     rows = b.op("Unsqueeze", flat, b.ints(-1))
 
     def stored(weights, fmt):
-        return b.const(weights) if fmt is None else dequantized(b, *block_quantize(weights, fmt, (16, 16)), (16, 16))
+        if fmt is None:
+            return b.const(weights)
+        form = dequantize_linear if fmt.startswith("qdq-") else dequantized
+        return form(b, *block_quantize(weights, fmt.split("-")[-1], (16, 16)), (16, 16))
 
     def linear(weights, v, fmt):        # F.linear per (token, expert): W[e] [out, in] @ v
         picked = b.op("GatherND", stored(weights, fmt), rows)
@@ -193,7 +197,8 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
         b.nodes.append(helper.make_node("ReduceMean", [scores, b.ints(0)], ["aux"], keepdims=0))
         outputs.append(helper.make_tensor_value_info("aux", TensorProto.FLOAT, [E]))
     graph = helper.make_graph(b.nodes, "moe_block", inputs, outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    qdq = any(f is not None and f.startswith("qdq-") for f in coded)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21 if qdq else OPSET)])
 
 
 def _fuse(model: onnx.ModelProto):
@@ -313,16 +318,18 @@ def test_half_precision_block_fuses(variant, dtype):
         assert moe.inputs[3].dtype.name == dtype
 
 
-@pytest.mark.parametrize("fmt,bits,code_dtype", [("fp8", 8, np.uint8), ("int8", 8, np.int8), ("int4", 4, np.uint8)])
+@pytest.mark.parametrize("fmt,bits,code_dtype", [("fp8", 8, np.uint8), ("int8", 8, np.int8), ("int4", 4, np.uint8),
+                                                  ("qdq-fp8", 8, np.uint8), ("qdq-int4", 4, np.uint8)])
 @pytest.mark.parametrize("experts", ["split", "separate"])
 def test_experts_computed_from_codes_stay_quantized(fmt, bits, code_dtype, experts):
-    """Expert weights an export dequantizes from block codes (DeepSeek's FP8 form) become the MoE's quantized
-    experts: codes K first ([E, K, N], int4 two per byte along K), scales [E, KB, N], no f32 weights."""
+    """Expert weights an export dequantizes from block codes (DeepSeek's FP8 form, or DequantizeLinear blocked
+    along K) become the MoE's quantized experts: codes K first ([E, K, N], int4 two per byte along K), scales
+    [E, KB, N], no f32 weights."""
     model = moe_model(scoring="sigmoid", bias=True, groups=(4, 2), scale=2.5, experts=experts, coded=(fmt, fmt))
     graph, _, result = _fuse(model)
     (moe,) = _moe_nodes(graph)
     assert result.counts["MoE"] == 1 and not result.notes, result.notes
-    assert moe.attrs["bits"] == bits and moe.attrs["format"] == ("fp8e4m3" if fmt == "fp8" else "int")
+    assert moe.attrs["bits"] == bits and moe.attrs["format"] == ("fp8e4m3" if fmt.endswith("fp8") else "int")
     assert moe.attrs["block_size"] == 16                   # one block spans H = 16 and I = 12
     k = 2 if bits == 4 else 1
     assert [v.shape for v in moe.inputs[3:6]] == [(E, H // k, I), (E, H // k, I), (E, I // k, H)]
