@@ -52,8 +52,6 @@ def low_bit_codes(v: Optional[Value]) -> bool:
 
 def block_codes(v: Value, k_axis: int, opsets: dict[str, int]) -> BlockCodes:
     """`v` (computed from constants only) as low-bit codes and per-block scales along `k_axis`; raises NoMatch."""
-    if v.is_constant or v.shape is None or not all(isinstance(d, int) for d in v.shape):
-        raise NoMatch(f"%{v.name} is not a computed weight of static shape")
     nodes, codes = _region(v)
     values = {}
     for node in nodes:
@@ -84,7 +82,10 @@ def block_codes(v: Value, k_axis: int, opsets: dict[str, int]) -> BlockCodes:
 
 
 def _region(v: Value) -> tuple[list[Node], Value]:
-    """The nodes computing `v` from constants, in order, and the one low-bit constant among them."""
+    """The nodes computing `v` from constants, in order, and the one low-bit constant among them; raises
+    NoMatch."""
+    if v.is_constant or v.shape is None or not all(isinstance(d, int) for d in v.shape):
+        raise NoMatch(f"%{v.name} is not a computed weight of static shape")
     order, codes, seen, count = [], [], set(), 0
     stack = [(v, False)]
     while stack:
@@ -137,21 +138,11 @@ def _block_scales(d: np.ndarray, w: np.ndarray, block: int) -> Optional[np.ndarr
 
 
 def computed_from_codes(v: Optional[Value]) -> bool:
-    """Cheap test before `block_codes`: is `v` computed (not stored) and does a low-bit constant feed it
-    within a few ops?"""
-    if v is None or v.is_constant or v.producer is None:
+    """Is `v` computed by standard ops from constants, one of them low-bit codes (what `block_codes` reads)?"""
+    try:
+        return v is not None and bool(_region(v))
+    except NoMatch:
         return False
-    stack, seen = [v], set()
-    while stack and len(seen) < REGION_LIMIT:
-        u = stack.pop()
-        if id(u) in seen:
-            continue
-        seen.add(id(u))
-        if low_bit_codes(u):
-            return True
-        if u.producer is not None and not u.producer.domain:
-            stack.extend(i for i in u.producer.inputs if i is not None)
-    return False
 
 
 E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)

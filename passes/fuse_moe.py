@@ -310,8 +310,7 @@ def _weight_gather(user: Node, slot: int) -> Union[np.ndarray, CodedExperts, Non
     if user.domain or slot != 1 or user.op_type not in ("Gather", "GatherND"):
         return None
     data = const_of(user.inputs[0])
-    if data is None and computed_from_codes(user.inputs[0]) and user.inputs[0].type.rank == 3 \
-            and user.inputs[0].dtype.is_float:
+    if data is None and computed_from_codes(user.inputs[0]) and len(user.inputs[0].shape) == 3:
         data = CodedExperts(user.inputs[0])
     elif data is None or data.ndim < 2 or not is_float(data):
         return None
