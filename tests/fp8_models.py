@@ -77,7 +77,8 @@ def dequantize_linear(b, codes: np.ndarray, scale_inv: np.ndarray, block=BLOCK) 
 def linear_model(forms=("matmul",), fmt="fp8", K=200, N=136, seed=0):
     """x [s, K] through one linear layer per entry of `forms`, each weight [N, K] (then [N, N]) computed from
     `fmt` codes with 128x128 block scales: "matmul" (x @ W^T: a Transpose, then MatMul), "gemm" (Gemm
-    transB=1 with a bias), "unrecognised" (codes times a scale per element: no block structure)."""
+    transB=1 with a bias), "qdq" (DequantizeLinear blocked along K, then a Transpose and MatMul),
+    "unrecognised" (codes times a scale per element: no block structure)."""
     import onnx
     from onnx import helper
     from .passes.test_fuse_moe import _Builder
@@ -91,6 +92,8 @@ def linear_model(forms=("matmul",), fmt="fp8", K=200, N=136, seed=0):
             s = rng.uniform(0.5, 1.5, (N, k)).astype(np.float32) * np.repeat(np.repeat(
                 scale_inv, 128, 0), 128, 1)[:N, :k]
             wv = b.op("Mul", b.op("Cast", b.const(codes), to=TensorProto.FLOAT), b.const(s))
+        elif form == "qdq":
+            wv = dequantize_linear(b, codes, scale_inv)
         else:
             wv = dequantized(b, codes, scale_inv)
         if form == "gemm":

@@ -18,13 +18,14 @@ def _x(K=200):
     return np.random.default_rng(5).standard_normal((7, K)).astype(np.float32)
 
 
-@pytest.mark.parametrize("form,fmt", [("matmul", "fp8"), ("gemm", "fp8"), ("matmul", "int8"), ("gemm", "int4")])
+@pytest.mark.parametrize("form,fmt", [("matmul", "fp8"), ("gemm", "fp8"), ("matmul", "int8"), ("gemm", "int4"),
+                                      ("qdq", "fp8")])
 def test_block_scaled_weight_becomes_quant_matmul(form, fmt):
     """W [136, 200] = codes * scale_inv over 128x128 blocks: QuantMatMul over the same codes with K-blocks of
     128 whose scales repeat over each block's 128 output rows; the same numbers as ONNX Runtime."""
     model = linear_model((form,), fmt)
     g = import_onnx(model)
-    assert any(n.op_type == "Cast" for n in g.nodes)                  # the importer kept the codes
+    assert any(n.op_type in ("Cast", "DequantizeLinear") for n in g.nodes)     # the importer kept the codes
     run_pipeline(g)
     (qmm,) = g.nodes
     assert qmm.qualified_op == "polyport::QuantMatMul"
