@@ -370,8 +370,8 @@ def _projection(gather: Node) -> Projection:
         b = block_codes(gather.inputs[0], in_axis, gather.graph.opset_imports)
     except NoMatch as e:
         raise NoMatch(f"expert weights %{gather.inputs[0].name}: {e}") from None
-    q = ExpertCodes(*((b.codes, b.scales) if in_axis == 1 else (b.codes.transpose(0, 2, 1), b.scales.transpose(0, 2, 1))),
-                    b.block_size)
+    codes, scales = (b.codes, b.scales) if in_axis == 1 else (b.codes.transpose(0, 2, 1), b.scales.transpose(0, 2, 1))
+    q = ExpertCodes(codes, scales, b.block_size)
     return Projection(gather, user, q.dequantized(), operand, q)
 
 

@@ -10,10 +10,12 @@ here is larger than that.
 from __future__ import annotations
 
 import pathlib
+import warnings
 
 import ml_dtypes
 import numpy as np
-from onnx import TensorProto
+import onnx
+from onnx import TensorProto, helper
 
 BLOCK = (128, 128)
 FP8_MAX = 448.0
@@ -50,20 +52,12 @@ def dequantized(b, codes: np.ndarray, scale_inv: np.ndarray, block=BLOCK) -> str
     return b.op("Mul", b.op("Cast", b.const(codes), to=TensorProto.FLOAT), s)
 
 
-def fp8_blocks(w, block=BLOCK):
-    """f32 [.., N, K] -> (float8_e4m3fn codes [.., N, K], float32 scale_inv [.., ceil(N/bn), ceil(K/bk)]), as
-    DeepSeek quantizes: each block's max |w| maps to e4m3's largest value 448."""
+def fp8_blocks(w):
+    """torch f32 [.., N, K] -> (float8_e4m3fn codes, float32 scale_inv [.., ceil(N/128), ceil(K/128)]) as torch
+    tensors, as DeepSeek quantizes (block_quantize)."""
     import torch
-    *lead, n, k = w.shape
-    bn, bk = block
-    nb, kb = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(*lead, nb * bn, kb * bk)
-    padded[..., :n, :k] = w
-    blocks = padded.unflatten(-1, (kb, bk)).unflatten(-3, (nb, bn))          # [.., nb, bn, kb, bk]
-    amax = blocks.abs().amax(dim=(-3, -1))                                   # [.., nb, kb]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    codes = (blocks / scale[..., :, None, :, None]).to(torch.float8_e4m3fn)
-    return codes.flatten(-2).flatten(-3, -2)[..., :n, :k].contiguous(), scale.float()
+    codes, scale_inv = block_quantize(w.numpy(), "fp8")
+    return torch.from_numpy(codes.view(np.uint8)).view(torch.float8_e4m3fn), torch.from_numpy(scale_inv)
 
 
 def dequantize_linear(b, codes: np.ndarray, scale_inv: np.ndarray, block=BLOCK) -> str:
@@ -79,8 +73,6 @@ def linear_model(forms=("matmul",), fmt="fp8", K=200, N=136, seed=0):
     `fmt` codes with 128x128 block scales: "matmul" (x @ W^T: a Transpose, then MatMul), "gemm" (Gemm
     transB=1 with a bias), "qdq" (DequantizeLinear blocked along K, then a Transpose and MatMul),
     "unrecognised" (codes times a scale per element: no block structure)."""
-    import onnx
-    from onnx import helper
     from .passes.test_fuse_moe import _Builder
     rng = np.random.default_rng(seed)
     b = _Builder()
@@ -127,18 +119,16 @@ def _fp8_linear_class():
     return FP8BlockLinear
 
 
-def to_fp8(model, keep=("lm_head",)) -> int:
+def to_fp8(model, keep=("lm_head",)) -> None:
     """Make `model`'s linear layers (all but `keep`) and 3-D expert weights (gate_up_proj, down_proj) FP8 with
-    128x128 block scales, in place, as DeepSeek-V3's checkpoint holds them; returns how many weights."""
+    128x128 block scales, in place, as DeepSeek-V3's checkpoint holds them."""
     import torch
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
     fp8_linear = _fp8_linear_class()
-    count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name not in keep:
                 setattr(module, child_name, fp8_linear(child))
-                count += 1
         experts = [p for p in ("gate_up_proj", "down_proj")
                    if isinstance(module._parameters.get(p), torch.nn.Parameter) and module._parameters[p].ndim == 3]
         if not experts:
@@ -150,9 +140,7 @@ def to_fp8(model, keep=("lm_head",)) -> int:
             module.register_buffer(f"{p}_scale_inv", s)
             props[p] = property(lambda self, p=p: _dequantize_fp8_weight(
                 getattr(self, f"{p}_fp8"), getattr(self, f"{p}_scale_inv"), list(BLOCK), torch.float32))
-            count += 1
         module.__class__ = type(f"FP8{type(module).__name__}", (type(module),), props)
-    return count
 
 
 def deepseek_v3_fp8(out_dir: pathlib.Path) -> pathlib.Path:
@@ -192,13 +180,12 @@ def deepseek_v3_fp8(out_dir: pathlib.Path) -> pathlib.Path:
         def forward(self, input_ids):
             return self.m(input_ids=input_ids, use_cache=False).logits
     example = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(0))
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        seq = torch.export.Dim("seq", min=1)
         program = torch.onnx.export(LogitsOnly(model), (example,), dynamo=True, input_names=["input_ids"],
-                                    output_names=["logits"], dynamic_shapes={"input_ids": {1: torch.export.Dim("seq", min=1)}},
+                                    output_names=["logits"], dynamic_shapes={"input_ids": {1: seq}},
                                     external_data=False, optimize=True, verbose=False)
-    import onnx
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(program.model_proto, str(path))
     return path
