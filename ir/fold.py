@@ -42,7 +42,8 @@ def fold(node: Node, opsets: dict[str, int], bindable: frozenset[str]) -> Option
     if node.op_type == "DequantizeLinear" and _rank(node.inputs[0]) >= 2:
         return None       # a quantized weight stays quantized (passes/quant_matmul.py), never an f32 copy
     if node.op_type == "Cast" and _rank(node.inputs[0]) >= 2 and node.inputs[0].dtype is not None \
-            and node.inputs[0].dtype.name in LOW_BIT_CODES:
+            and node.inputs[0].dtype.name in LOW_BIT_CODES and node.outputs[0].dtype is not None \
+            and node.outputs[0].dtype.is_float:
         return None       # nor do codes an export dequantizes with ordinary ops (passes/block_dequant.py)
     if node.op_type == "Shape":
         return _fold_shape(node, bindable)
