@@ -1,10 +1,11 @@
-"""polyport::QuantMatMul: the codes stay codes up to the kernel.
+"""polyport::QuantMatMul and QuantGather: the codes stay codes up to the kernel.
 
 With the cpu kernel set, a QuantMatMul whose N splits into vector-wide column blocks and whose K
 packs whole bytes runs kernels/cpu/quant_gemm.py over operands the loader binds column-blocked
 ([N, X] stored, [N/NB, X, NB] bound: `packed_rows` in model.json); otherwise the TE compute of
 kernels/portable/quant.py reads them as stored. Either way the operands are parameters, never
-constants folded into the library.
+constants folded into the library. A QuantGather (a quantized embedding table) decodes only the rows it
+gathers (kernels/portable/quant.py's TE compute, every target), reading its operands as stored.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from . import lowers
 from .dense import PACKED_WEIGHTS, flatten2d
 
 OP = "polyport::QuantMatMul"
+GATHER = "polyport::QuantGather"
 WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
 GATED_WEIGHTS = (1, 2, 3)            # a quantized GatedMLP's codes (its scales follow at 4, 5, 6)
 
@@ -45,6 +47,8 @@ def _layout(lw, node, i):
         return None
     if node.qualified_op == OP and i in WEIGHT_OPERANDS:
         return _packed_nb(lw, node), False
+    if node.qualified_op == GATHER and i >= 1:                                              # read as stored
+        return 0, False
     if node.qualified_op == "polyport::MoE" and quantized(node) and i in EXPERT_WEIGHTS:   # read as stored
         return 0, False
     if node.qualified_op == "polyport::GatedMLP" and node.attrs.get("bits", 0) and i >= 1:
@@ -103,3 +107,17 @@ def quant_matmul(lw, node):
     q, s, z, bias = (None if v is None else lw.get(v) for v in ins[1:5])
     y = quant_dense(lw, x2, q, s, z, bias, a, packed=bool(lw.packed_rows.get(node.inputs[1].name)))
     return lw.emit(relax.op.reshape(y, shape[:-1] + [int(a["N"])])) if len(shape) != 2 else y
+
+
+@lowers(GATHER)
+def quant_gather(lw, node):
+    from ..kernels.portable import quant
+    a = attrs_of(node)
+    ids, q = lw.get(node.inputs[0]), lw.get(node.inputs[1])
+    s = lw.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    attrs = {k: a[k] for k in ("K", "N", "bits", "block_size", "format")}
+    if s is None:
+        return lw.bb.emit_te(lambda i, q: quant.quant_gather(i, q, None, **attrs), ids, q,
+                             primfunc_name_hint="quant_gather")
+    return lw.bb.emit_te(lambda i, q, s: quant.quant_gather(i, q, s, **attrs), ids, q, s,
+                         primfunc_name_hint="quant_gather")

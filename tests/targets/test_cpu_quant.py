@@ -137,16 +137,20 @@ def _quantized_reference(name, spec):
     return ReferenceSession(g)
 
 
+EMB = "--quantize-embeddings"
+
+
 @pytest.mark.parametrize("name,options", [
-    pytest.param("llama_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
-    pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128"], marks=pytest.mark.slow),
+    ("llama_a", ["--quantize", "int4", "--group-size", "32", EMB]),
+    pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128", EMB], marks=pytest.mark.slow),
     pytest.param("qwen3_moe_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
     pytest.param("mixtral_a", ["--quantize", "int8", "--group-size", "64"], marks=pytest.mark.slow),
     pytest.param("gpt_oss_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
-    pytest.param("qwen3_moe_a", ["--dtype", "bf16"], marks=pytest.mark.slow)])
+    pytest.param("qwen3_moe_a", ["--dtype", "bf16", EMB], marks=pytest.mark.slow)])
 def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name, options):
     """`--quantize` / `--dtype` artifacts against the reference executor running the same graph on the
-    dequantized (16-bit-rounded) weights: only the summation order differs, so fp32's 1e-4 holds."""
+    dequantized (16-bit-rounded) weights: only the summation order differs, so fp32's 1e-4 holds. With
+    --quantize-embeddings the table is stored as codes and only the gathered rows are decoded."""
     from click.testing import CliRunner
     from polyport.cli import main
     from polyport.passes.quantize_weights import WeightQuantization
@@ -155,17 +159,23 @@ def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name,
     res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art),
                                     "--no-generation"] + options)
     assert res.exit_code == 0, res.output
-    opts = dict(zip(options[::2], options[1::2]))
+    emb = EMB in options
+    opts = dict(zip(*[iter(o for o in options if o != EMB)] * 2))
     scheme = opts.get("--quantize") or opts["--dtype"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["quantization"]["weights"] > 0
+    assert manifest["quantization"]["embeddings"] == emb
+    assert ("f32: embeddings" in manifest["quantization"]["layers"]) != emb
+    params = json.loads((art / "cpu" / "model.json").read_text())["params"]
+    table = "model.model.embed_tokens.weight"
+    assert (table in params) != emb and any(p.startswith(table + "/") for p in params) == emb   # codes, as parameters
     stored = safetensors.load(art / "weights.safetensors")
     codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16)}
     assert len(codes) == manifest["quantization"]["weights"]
     if "--quantize" in opts and corpus()[name].get("num_moe_layers"):      # experts quantized in the fused MoE
         assert any(a.ndim == 3 for n, a in stored.items() if n in codes)
         assert not any("f32: MoE" in k for k in manifest["quantization"]["layers"])
-    spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts)
+    spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts, embeddings=emb)
     ref = _quantized_reference(name, spec)
     sess = session.load(art, "cpu")
     for seq in (1, 12):
