@@ -126,7 +126,7 @@ class _Quantizer:
             return
         ops, attrs = self.operands(table, rows=True)
         out = node.outputs[0]
-        y = fused.build(self.graph, "QuantGather", [ids] + ops, attrs, out.type, before=node, name="QuantGather")
+        y = fused.build(self.graph, "QuantGather", [ids] + ops, attrs, out.type, before=node, name=node.name)
         if out.is_graph_output:
             y.name, out.name = out.name, y.name
         out.replace_all_uses_with(y)
