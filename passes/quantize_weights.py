@@ -227,11 +227,14 @@ def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
             qz.moe(node)
     graph.remove_unused()
     verify(graph)
-    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "embeddings": spec.embeddings, "weights": len(qz.codes) + qz.expert_weights,
+    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "embeddings": spec.embeddings,
+             "weights": len(qz.codes) + qz.expert_weights,
              "layers": dict(sorted(qz.counts.items()))}
+    table = "; the embedding table [vocab, hidden] stored as [N, K]" if qz.counts["embeddings"] else ""
     if spec.scheme in FLOAT16:
         return {**entry, "format": f"{spec.scheme} weights [N, K] (bf16 as uint16 bit patterns), f32 activations "
-                                   "and accumulation"}
+                                   "and accumulation" + table}
     return {**entry, "group_size": spec.group_size, "symmetric": True,
             "format": {"int8": "int8 codes", "int4": "int4 codes, two per byte (low nibble: even k)",
-                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column"}
+                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column"
+                      + table}
