@@ -9,7 +9,8 @@ graph output) only with `lm_head`. The fused GatedMLP's and MoE's weights are qu
 a SiLU GatedMLP becomes three QuantMatMuls over 16-bit weights, and the MoE's router and expert weights
 are stored in that dtype. The token-embedding table (a Gather over a constant [vocab, hidden] table,
 indexed by a graph input) only with `embeddings`: polyport::QuantGather over the same codes, groups
-along hidden, one row per token. Left in f32, and counted: the MoE router, the embeddings without
+along hidden, one row per token; a quantized LM head tied to it (equal to its transpose) reads the same
+codes, stored once. Left in f32, and counted: the MoE router, the embeddings without
 `embeddings`, a weight also read by another op, 16-bit GatedMLPs with another activation or a clamp.
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Quantizer:
     def __init__(self, graph: Graph, spec: WeightQuantization):
         self.graph, self.spec = graph, spec
         self.codes: dict[int, list[Value]] = {}     # one quantized copy per weight, shared by its users
+        self.tables: list[Value] = []                # embedding tables quantized (their codes in `codes`)
         self.counts: collections.Counter = collections.Counter()
         self.expert_weights = 0                      # quantized inside a fused MoE / GatedMLP
 
@@ -109,9 +111,21 @@ class _Quantizer:
         if _is_lm_head(node) and not self.spec.lm_head:
             self.counts["f32: LM head"] += 1
             return
+        if _is_lm_head(node):
+            self.tie(w)
         self.qmatmul(x, w, node, out=node.outputs[0])
         self.graph.remove(node)
         self.counts["MatMul"] += 1
+
+    def tie(self, w: Value) -> None:
+        """An LM head tied to a quantized embedding table (an export folds the shared table's transpose into a
+        second constant) reads the table's codes: QuantMatMul's [N, K] layout is the table's [vocab, hidden]."""
+        for t in self.tables:
+            if t.const.shape == w.const.shape[::-1] and np.array_equal(t.const[:2], w.const[:, :2].T) \
+                    and np.array_equal(t.const.T, w.const):
+                self.codes[id(w)] = self.codes[id(t)]
+                self.counts["LM head: the embedding table's codes"] += 1
+                return
 
     def gather(self, node: Node) -> None:
         """The token embedding: a Gather (axis 0) of a constant [vocab, hidden] f32 table by a graph input."""
@@ -125,6 +139,7 @@ class _Quantizer:
             self.counts["f32: embeddings"] += 1
             return
         ops, attrs = self.operands(table, rows=True)
+        self.tables.append(table)
         out = node.outputs[0]
         y = fused.build(self.graph, "QuantGather", [ids] + ops, attrs, out.type, before=node, name=node.name)
         if out.is_graph_output:
@@ -228,7 +243,7 @@ def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
     graph.remove_unused()
     verify(graph)
     entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "embeddings": spec.embeddings,
-             "weights": len(qz.codes) + qz.expert_weights,
+             "weights": len({id(ops[0]) for ops, _ in qz.codes.values()}) + qz.expert_weights,
              "layers": dict(sorted(qz.counts.items()))}
     table = "; the embedding table [vocab, hidden] stored as [N, K]" if qz.counts["embeddings"] else ""
     if spec.scheme in FLOAT16:

@@ -53,7 +53,8 @@ def weight_kind(a: dict) -> str:
 
 @lowers("QuantMatMul")
 def quant_matmul(em, node: Node) -> None:
-    x, q, s = node.inputs[:3]          # q: [N, K / 2 | K] codes, s: [N, KB] (ir/fused/quant.py)
+    x, q = node.inputs[:2]             # q: [N, K / 2 | K] codes, s: [N, KB] (ir/fused/quant.py), none for 16 bits
+    s = node.inputs[2] if len(node.inputs) > 2 else None
     z = node.inputs[3] if len(node.inputs) > 3 else None
     bias = node.inputs[4] if len(node.inputs) > 4 else None
     antiquant_matmul(em, node, em.get(x, em.compute), q.const, None if s is None else s.const,

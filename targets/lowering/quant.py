@@ -5,7 +5,8 @@ packs whole bytes runs kernels/cpu/quant_gemm.py over operands the loader binds 
 ([N, X] stored, [N/NB, X, NB] bound: `packed_rows` in model.json); otherwise the TE compute of
 kernels/portable/quant.py reads them as stored. Either way the operands are parameters, never
 constants folded into the library. A QuantGather (a quantized embedding table) decodes only the rows it
-gathers (kernels/portable/quant.py's TE compute, every target), reading its operands as stored.
+gathers (kernels/portable/quant.py's TE compute, every target), reading its operands as stored or, when a
+tied LM head's QuantMatMul shares them, in that kernel's column-blocked layout.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .dense import PACKED_WEIGHTS, flatten2d
 
 OP = "polyport::QuantMatMul"
 GATHER = "polyport::QuantGather"
+ANY = "any"                          # a QuantGather reads its table in whichever layout the table's other users want
 WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
 GATED_WEIGHTS = (1, 2, 3)            # a quantized GatedMLP's codes (its scales follow at 4, 5, 6)
 
@@ -47,8 +49,8 @@ def _layout(lw, node, i):
         return None
     if node.qualified_op == OP and i in WEIGHT_OPERANDS:
         return _packed_nb(lw, node), False
-    if node.qualified_op == GATHER and i >= 1:                                              # read as stored
-        return 0, False
+    if node.qualified_op == GATHER and i >= 1:          # either layout (a tied LM head's, or as stored)
+        return ANY
     if node.qualified_op == "polyport::MoE" and quantized(node) and i in EXPERT_WEIGHTS:   # read as stored
         return 0, False
     if node.qualified_op == "polyport::GatedMLP" and node.attrs.get("bits", 0) and i >= 1:
@@ -64,6 +66,7 @@ def param_layout(lw, v):
     layouts = {_layout(lw, node, i) for node, i in v.uses}
     if None in layouts:
         return None
+    layouts.discard(ANY)
     return layouts.pop() if len(layouts) == 1 else (0, False)
 
 
@@ -111,13 +114,15 @@ def quant_matmul(lw, node):
 
 @lowers(GATHER)
 def quant_gather(lw, node):
+    """The table's rows, decoded where gathered; its codes bound as stored or, shared with a tied LM head's
+    QuantMatMul, column-blocked as that kernel binds them."""
     from ..kernels.portable import quant
     a = attrs_of(node)
-    ids, q = lw.get(node.inputs[0]), lw.get(node.inputs[1])
-    s = lw.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    ops = [v for v in node.inputs[1:] if v is not None]
     attrs = {k: a[k] for k in ("K", "N", "bits", "block_size", "format")}
-    if s is None:
-        return lw.bb.emit_te(lambda i, q: quant.quant_gather(i, q, None, **attrs), ids, q,
-                             primfunc_name_hint="quant_gather")
-    return lw.bb.emit_te(lambda i, q, s: quant.quant_gather(i, q, s, **attrs), ids, q, s,
-                         primfunc_name_hint="quant_gather")
+    attrs["row_block"] = lw.packed_rows.get(node.inputs[1].name, 0)
+
+    def fn(ids, q, s=None):
+        return quant.quant_gather(ids, q, s, **attrs)
+
+    return lw.bb.emit_te(fn, lw.get(node.inputs[0]), *[lw.get(v) for v in ops], primfunc_name_hint="quant_gather")
