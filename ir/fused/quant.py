@@ -44,7 +44,8 @@ define("QuantGather", inputs=("indices", "qweight", "scales?"), outputs=("y",),
               "N": AttrSpec(int, doc="rows (vocab)"),
               "bits": AttrSpec(int, doc="4 | 8 | 16"),
               "block_size": AttrSpec(int, doc="consecutive k sharing one scale"),
-              "format": AttrSpec(str, doc="int | fp8e4m3 | f16 | bf16: how a stored code decodes")},
+              "format": AttrSpec(str, doc="how a stored code decodes (symmetric: no zeros)",
+                                 choices=("int", "fp8e4m3", "f16", "bf16"))},
        doc="Gather (axis 0) over a block-quantized table, dequantizing only the gathered rows.")
 
 
