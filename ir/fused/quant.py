@@ -24,9 +24,9 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from ..dtypes import F32
 from ..ops import AttrSpec, define, infers, reference
 from ..types import TensorType
-from ..dtypes import F32
 from ._util import f32, like, node_error
 
 FORMATS = ("uint", "int", "fp8e4m3", "f16", "bf16")
@@ -97,7 +97,6 @@ def quant_matmul(node, inputs, ctx):
     if bias is not None:
         y = y + f32(bias)
     return [like(y, x)]
-
 
 
 @infers("QuantGather", domain="polyport")

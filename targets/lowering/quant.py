@@ -19,7 +19,7 @@ from .dense import PACKED_WEIGHTS, flatten2d
 
 OP = "polyport::QuantMatMul"
 GATHER = "polyport::QuantGather"
-ANY = "any"                          # a QuantGather reads its table in whichever layout the table's other users want
+ANY = "any"                          # a QuantGather reads the layout its table's other users want
 WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
 GATED_WEIGHTS = (1, 2, 3)            # a quantized GatedMLP's codes (its scales follow at 4, 5, 6)
 
@@ -43,8 +43,8 @@ def _gated_nb(lw, node) -> int:
 
 
 def _layout(lw, node, i):
-    """(NB, K first) for operand i of node as a quantized weight operand (NB 0: bound as stored), None if it
-    is not one."""
+    """(NB, K first) for operand i of node as a quantized weight operand (NB 0: bound as stored), ANY for a
+    QuantGather's, None if it is not one."""
     if node.graph is not lw.graph:
         return None
     if node.qualified_op == OP and i in WEIGHT_OPERANDS:
