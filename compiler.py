@@ -112,9 +112,13 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
         raise PolyportError("ascend: compile it on its own with --dtype (its weights are converted by its "
                             "own f16 lowering)")
     if options.dtype in FLOAT16 and "ascend" not in targets:   # TVM targets: 16-bit linear weights, f32 compute
-        if quantization is not None:
+        if quantization is not None and quantization.scheme != options.dtype:
             raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
-        quantization = WeightQuantization(options.dtype, lm_head=True)
+        quantization = quantization or WeightQuantization(options.dtype, lm_head=True)
+    elif quantization is not None and quantization.scheme in FLOAT16:
+        if options.dtype != quantization.scheme:
+            raise PolyportError(f"{quantization.scheme} weights need --dtype {quantization.scheme}")
+        quantization = None            # ascend: its own f16 lowering stores every weight, the table too, in f16
     if tokenizer is not None:
         check_tokenizer(tokenizer)
     lowerers = [get_target(t) for t in targets]            # unknown targets and archs fail before any work

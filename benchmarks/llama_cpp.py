@@ -21,9 +21,9 @@ llama-quantize tools, which nothing here needs). Then, per model of benchmarks/b
 3. llama.cpp's F32 logits (llama-cpp-python's ctypes bindings over the libllama built here, every
    position of one prompt) are checked against PyTorch's before anything is timed;
 4. polyport compiles NAME.onnx for the cpu target per scheme (cached, benchmarks/engines.py): f32,
-   or `--quantize int8|int4 --group-size 32 --quantize-lm-head`. Q8_0 and Q4_0 are blocks of 32
-   weights with one scale (f16 there, f32 here), symmetric, and llama.cpp's converter keeps the
-   MoE router in F32 as polyport does: like for like, LM head included;
+   or `--quantize int8|int4 --group-size 32 --quantize-lm-head --quantize-embeddings`. Q8_0 and Q4_0
+   are blocks of 32 weights with one scale (f16 there, f32 here), symmetric, and llama.cpp's converter
+   keeps the MoE router in F32 as polyport does: like for like, LM head and token embeddings included;
 5. per scheme, batch and context, rounds alternate three children, each alone in its process: a
    STREAM triad (this machine's bandwidth now), polyport's decode (engines.py's `decode` child:
    `start` BATCH prompts of CONTEXT tokens, then one `append` of a token per sequence a step) and
@@ -359,7 +359,7 @@ def quantization(scheme: str):
     """polyport's WeightQuantization for a --schemes entry (None: f32)."""
     from polyport.passes.quantize_weights import WeightQuantization
     quantize = SCHEMES[scheme][0]
-    return WeightQuantization(quantize, GROUP_SIZE, lm_head=True) if quantize else None
+    return WeightQuantization(quantize, GROUP_SIZE, lm_head=True, embeddings=True) if quantize else None
 
 
 def measure(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, args) -> list[dict]:
@@ -441,8 +441,8 @@ def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: i
                      f"{r['gbps']['median']:.1f} | {r['load_avg']['median']:.1f} |")
     if sizes:
         mb = lambda n: f"{n / 1e6:.4g}"       # noqa: E731
-        lines += ["", "Weight bytes per scheme (MB): polyport's artifact (weights.safetensors; its embeddings stay "
-                      "f32), what one token's decode step reads of it (cost model: active experts only, no "
+        lines += ["", "Weight bytes per scheme (MB): polyport's artifact (weights.safetensors; embeddings in the "
+                      "scheme), what one token's decode step reads of it (cost model: active experts only, no "
                       "embeddings), and the GGUF's tensors (embeddings in the scheme's type).", "",
                   "| model | scheme (llama.cpp) | polyport artifact | polyport bytes / token | llama.cpp GGUF |",
                   "|---|---|---|---|---|"]

@@ -34,7 +34,7 @@ def test_each_scheme_has_its_own_cached_artifact(tmp_path, monkeypatch):
     assert built == [("llama_a", None), ("llama_a.int8", "int8"), ("llama_a.int4", "int4")]     # then cached
     assert len(set(arts.values())) == 3
     q = llama_cpp.quantization("int4")
-    assert (q.scheme, q.group_size, q.lm_head) == ("int4", 32, True)      # Q4_0's blocks, its LM head too
+    assert (q.scheme, q.group_size, q.lm_head, q.embeddings) == ("int4", 32, True, True)  # Q4_0's: LM head, table
     stamp = (tmp_path / "artifacts" / "llama_a.int4.source").read_text()
     (tmp_path / "artifacts" / "llama_a.int4.source").write_text(stamp.replace("group 32", "group 64"))
     engines.compile_cached(LLAMA, tmp_path, lambda m: None, quantization=q)
