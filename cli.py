@@ -338,6 +338,9 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="Consecutive input features sharing one --quantize scale.")
 @click.option("--quantize-lm-head", is_flag=True, help="With --quantize, quantize the LM head too.")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="With --quantize (or --dtype bf16|f16), store the token-embedding table so too (per-group "
+                   "codes along hidden); the gather dequantizes only the rows it reads.")
 @click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
               help="cuda, rocm: bf16/f16 weights, activations and KV caches, f32 accumulation; cpu: bf16/f16 "
                    "weights, f32 activations and accumulation; ascend: f16 (from f32 or f16) or bf16 compute, "
@@ -347,14 +350,20 @@ def save_npz(path: str, arrays: Mapping[str, Any]) -> None:
                    "about 3x faster on cpu; generate then recomputes the whole sequence each step.")
 def compile_(model: str, targets: tuple[str, ...], out: str, replace: bool, passes: str, archs: tuple[str, ...],
              dump_ir: Optional[str], tokenizer: Optional[str], quantize: Optional[str], group_size: str,
-             quantize_lm_head: bool, dtype: str, no_generation: bool) -> None:
+             quantize_lm_head: bool, quantize_embeddings: bool, dtype: str, no_generation: bool) -> None:
     """Compile MODEL into a deployable artifact for one or more targets."""
     from .compiler import compile_model
     from .passes.quantize_weights import WeightQuantization
     from .targets.base import CompileOptions
     if quantize_lm_head and quantize is None:
         raise click.UsageError("--quantize-lm-head needs --quantize")
-    quant = WeightQuantization(quantize, int(group_size), quantize_lm_head) if quantize else None
+    if quantize_embeddings and quantize is None and dtype == "f32":
+        raise click.UsageError("--quantize-embeddings needs --quantize or --dtype bf16|f16")
+    quant = None
+    if quantize:
+        quant = WeightQuantization(quantize, int(group_size), quantize_lm_head, quantize_embeddings)
+    elif quantize_embeddings:
+        quant = WeightQuantization(dtype, lm_head=True, embeddings=True)
     on_stage = _stage_files(dump_ir) if dump_ir is not None else None
     start = time.perf_counter()
     path = compile_model(model, list(targets), out, pipeline=passes,

@@ -131,10 +131,16 @@ def compile_model(model: str | os.PathLike, targets: Sequence[str], out: str | o
         target.check_options(options)
     compute = compute_dtype(lowerers, options)
     if options.dtype in FLOAT16 and "ascend" not in targets:
-        if quantization is not None:
+        if quantization is not None and quantization.scheme != options.dtype:
             raise PolyportError(f"--dtype {options.dtype} and --quantize {quantization.scheme} exclude each other")
-        if compute == "f32":          # 16-bit linear weights, f32 compute
-            quantization = WeightQuantization(options.dtype, lm_head=True)
+        if compute == "f32":          # 16-bit linear weights (the embedding table too, if asked), f32 compute
+            quantization = quantization or WeightQuantization(options.dtype, lm_head=True)
+        else:                         # 16-bit compute stores every weight, the table too, in it (compute_dtype.py)
+            quantization = None
+    elif quantization is not None and quantization.scheme in FLOAT16:
+        if options.dtype != quantization.scheme:
+            raise PolyportError(f"{quantization.scheme} weights need --dtype {quantization.scheme}")
+        quantization = None            # ascend: its own f16 / bf16 lowering stores every weight, the table too
     check_archs(options.archs, lowerers)
     check_output(out)                                      # so do output paths that would lose data
     with interrupts.deferred() as checkpoint:

@@ -83,7 +83,8 @@ def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
     stamp = art.with_name(art.name + ".source")
     digest = f"{sha256(onnx_path)} {source_digest()} {','.join(targets)}{'' if generation else ' no-generation'}"
     if q:
-        digest += f" {q.scheme} group {q.group_size}{' lm-head' if q.lm_head else ''}"
+        digest += f" {q.scheme} group {q.group_size}{' lm-head' if q.lm_head else ''}" \
+                  f"{' embeddings' if q.embeddings else ''}"
     if (art / "manifest.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return art
     art.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
     python benchmarks/llama_cpp.py --work-dir /tmp/bench --schemes f32 int8 int4 --batch 1 8   # the README's table
     python benchmarks/llama_cpp.py --work-dir DIR [--models llama_500m ...] [--contexts 128 1024]
         [--schemes f32 int8 int4] [--batch 1 8] [--rounds 3] [--tokens 16] [--threads 2] [--no-check]
-        [--outtypes f16 ...]
+        [--outtypes f16 ...] [--prompts 128 512 [--prompt-runs 3] [--no-decode]]
     python benchmarks/llama_cpp.py --build-only                  # libllama, llama-bench, llama-quantize
 
 llama.cpp comes from the PyPI sdist of llama-cpp-python (pinned: LLAMA_CPP_PYTHON), which vendors
@@ -21,9 +21,9 @@ llama-quantize tools, which nothing here needs). Then, per model of benchmarks/b
 3. llama.cpp's F32 logits (llama-cpp-python's ctypes bindings over the libllama built here, every
    position of one prompt) are checked against PyTorch's before anything is timed;
 4. polyport compiles NAME.onnx for the cpu target per scheme (cached, benchmarks/engines.py): f32,
-   or `--quantize int8|int4 --group-size 32 --quantize-lm-head`. Q8_0 and Q4_0 are blocks of 32
-   weights with one scale (f16 there, f32 here), symmetric, and llama.cpp's converter keeps the
-   MoE router in F32 as polyport does: like for like, LM head included;
+   or `--quantize int8|int4 --group-size 32 --quantize-lm-head --quantize-embeddings`. Q8_0 and Q4_0
+   are blocks of 32 weights with one scale (f16 there, f32 here), symmetric, and llama.cpp's converter
+   keeps the MoE router in F32 as polyport does: like for like, LM head and token embeddings included;
 5. per scheme, batch and context, rounds alternate three children, each alone in its process: a
    STREAM triad (this machine's bandwidth now), polyport's decode (engines.py's `decode` child:
    `start` BATCH prompts of CONTEXT tokens, then one `append` of a token per sequence a step) and
@@ -31,6 +31,10 @@ llama-quantize tools, which nothing here needs). Then, per model of benchmarks/b
    llama_memory_seq_cp, each sequence its own KV stream (not unified, as polyport's caches), then
    one `llama_decode` a step of one token per sequence, the logits read back: what
    `llama-bench -n TOKENS -d CONTEXT` times at batch 1, without building its tools).
+With --prompts, per scheme and prompt length the same rounds alternate polyport's time to first token
+(`start` of one PROMPT-token prompt: the prefill program and the last row's logits) and llama.cpp's
+prompt processing (PROMPT tokens in one `llama_decode` on an emptied cache: what `llama-bench -p
+PROMPT` times), each --prompt-runs calls after a warm-up call.
 Reported per scheme, batch and context: each engine's time per decode step (median over rounds of
 each child's median; min..max) and tokens/s (BATCH per step), the ratio llama.cpp ms / polyport
 ms per round (above 1: polyport faster), batch B tokens/s / batch 1 tokens/s, and the fraction of
@@ -338,6 +342,35 @@ def llama_cpp_decode(gguf: Path, bin_dir: Path, context: int, tokens: int, threa
     return times
 
 
+def llama_cpp_prompt(gguf: Path, bin_dir: Path, prompt: int, runs: int, threads: int) -> list[float]:
+    """ms of each of `runs` prompt-processing calls (`prompt` tokens in one llama_decode on an emptied cache,
+    the last row's logits read back): what `llama-bench -p PROMPT` times, through the same libllama calls."""
+    import numpy as np
+    engine = LlamaCpp(gguf, bin_dir, prompt + 2, threads)
+    ids = np.random.default_rng(0).integers(0, 100, prompt)
+    memory = engine.ll.llama_get_memory(engine.ctx)
+    times = []
+    for r in range(runs + 1):                             # the first call warms up
+        engine.ll.llama_memory_clear(memory, True)
+        start = time.perf_counter()
+        engine.decode(ids, 0)
+        if r:
+            times.append((time.perf_counter() - start) * 1e3)
+    engine.close()
+    return times
+
+
+def polyport_prompt(onnx: Path, art: Path, prompt: int, runs: int, threads: int) -> list[float]:
+    """ms of each of `runs` `start(prompt)` calls: the prefill program over `prompt` tokens and the last
+    row's logits (engines.py's `decode` child, time to first token)."""
+    spec = {"kind": "decode", "onnx": str(onnx), "artifact": str(art), "threads": threads, "prompts": [prompt],
+            "contexts": [], "runs": runs, "steps": 0, "batch": 1}
+    out = engines.run_child(spec)
+    if "skip" in out or "skip" in out["rows"][0]:
+        raise RuntimeError(f"polyport prefill of {art.name} at {prompt}: {out.get('skip') or out['rows'][0]['skip']}")
+    return out["rows"][0]["times_ms"]
+
+
 def polyport_decode(onnx: Path, art: Path, context: int, tokens: int, threads: int, batch: int = 1) -> list[float]:
     spec = {"kind": "decode", "onnx": str(onnx), "artifact": str(art), "threads": threads, "prompts": [],
             "contexts": [context], "runs": 1, "steps": tokens, "batch": batch}
@@ -359,7 +392,7 @@ def quantization(scheme: str):
     """polyport's WeightQuantization for a --schemes entry (None: f32)."""
     from polyport.passes.quantize_weights import WeightQuantization
     quantize = SCHEMES[scheme][0]
-    return WeightQuantization(quantize, GROUP_SIZE, lm_head=True) if quantize else None
+    return WeightQuantization(quantize, GROUP_SIZE, lm_head=True, embeddings=True) if quantize else None
 
 
 def measure(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, args) -> list[dict]:
@@ -400,6 +433,30 @@ def measure(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, args) -> 
     return rows
 
 
+def measure_prompts(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, args) -> list[dict]:
+    """One row per --prompts length: rounds alternating polyport's and llama.cpp's prompt children."""
+    rows = []
+    for prompt in args.prompts:
+        got = {"polyport": [], "llama.cpp": [], "load": []}
+        jobs = [("polyport", lambda: polyport_prompt(onnx, art, prompt, args.prompt_runs, args.threads)),
+                ("llama.cpp", lambda: run_self("--prompt-child", gguf, prompt, "--prompt-runs", args.prompt_runs,
+                                               "--threads", args.threads)["times_ms"])]
+        for r in range(args.rounds):
+            got["load"].append(os.getloadavg()[0])
+            for key, job in (jobs if r % 2 == 0 else jobs[::-1]):
+                log(f"{name} {scheme} prompt {prompt} round {r + 1}/{args.rounds}: {key}")
+                got[key].append(statistics.median(job()))
+        row = {"model": name, "scheme": scheme, "gguf": SCHEMES[scheme][1], "prompt": prompt,
+               "load_avg": engines.spread(got["load"])}
+        for key in ("polyport", "llama.cpp"):
+            row[key] = engines.spread(got[key])
+            row[f"{key}_tok_s"] = engines.spread([prompt * 1e3 / t for t in got[key]])
+        row["ratio"] = engines.spread([c / p for c, p in zip(got["llama.cpp"], got["polyport"])])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def weight_bytes(name: str, scheme: str, art: Path, gguf: Path) -> dict:
     """A scheme's weights: the artifact's file, what one token's decode step reads (cost model) and the GGUF's
     tensors (embeddings included on both sides)."""
@@ -412,7 +469,7 @@ def weight_bytes(name: str, scheme: str, art: Path, gguf: Path) -> dict:
             "gguf_tensors": sum(n for _, n in gguf_tensors(gguf).values())}
 
 
-def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: int) -> str:
+def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: int, prompts=()) -> str:
     f = lambda s: f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"      # noqa: E731
     pct = lambda s: f"{s['median']:.0%} ({s['min']:.0%}–{s['max']:.0%})"   # noqa: E731
     rate = lambda s: f"{s['median']:,.0f}" if s["median"] >= 100 else f"{s['median']:.3g}"    # noqa: E731
@@ -439,10 +496,20 @@ def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: i
                      f"{rate(r['polyport_tok_s'])} | {rate(r['llama.cpp_tok_s'])} | {scaling(r)} | "
                      f"{pct(r['roofline_fraction'])} | {pct(r['llama_cpp_roofline_fraction'])} | "
                      f"{r['gbps']['median']:.1f} | {r['load_avg']['median']:.1f} |")
+    if prompts:
+        lines += ["", "Prompt processing (time to first token: one prefill call over PROMPT tokens and the last row's "
+                      "logits; llama.cpp: one llama_decode on an emptied cache, as `llama-bench -p PROMPT`), medians "
+                      "over rounds (min–max). Ratio = llama.cpp ms / polyport ms per round.", "",
+                  "| model | scheme (llama.cpp) | prompt | polyport ms | llama.cpp ms | llama.cpp / polyport | "
+                  "polyport tok/s | llama.cpp tok/s | load avg |", "|---" * 9 + "|"]
+        lines += [f"| {r['model']} | {r['scheme']} ({r['gguf'].upper()}) | {r['prompt']} | {f(r['polyport'])} | "
+                  f"{f(r['llama.cpp'])} | **{r['ratio']['median']:.2f}x** ({r['ratio']['min']:.2f}–"
+                  f"{r['ratio']['max']:.2f}) | {rate(r['polyport_tok_s'])} | {rate(r['llama.cpp_tok_s'])} | "
+                  f"{r['load_avg']['median']:.1f} |" for r in prompts]
     if sizes:
         mb = lambda n: f"{n / 1e6:.4g}"       # noqa: E731
-        lines += ["", "Weight bytes per scheme (MB): polyport's artifact (weights.safetensors; its embeddings stay "
-                      "f32), what one token's decode step reads of it (cost model: active experts only, no "
+        lines += ["", "Weight bytes per scheme (MB): polyport's artifact (weights.safetensors; embeddings in the "
+                      "scheme), what one token's decode step reads of it (cost model: active experts only, no "
                       "embeddings), and the GGUF's tensors (embeddings in the scheme's type).", "",
                   "| model | scheme (llama.cpp) | polyport artifact | polyport bytes / token | llama.cpp GGUF |",
                   "|---|---|---|---|---|"]
@@ -465,6 +532,10 @@ def main(argv=None) -> int:
                     help="weights: f32 against llama.cpp F32, int8 against Q8_0, int4 against Q4_0 (groups of 32)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="sequences decoded together per step")
     ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per child")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[],
+                    help="also time prompt processing (time to first token) at these prompt lengths")
+    ap.add_argument("--prompt-runs", type=int, default=3, help="prompt calls timed per child")
+    ap.add_argument("--no-decode", action="store_true", help="time only --prompts, no decode steps")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="per engine (default: the CPUs this process may use)")
     ap.add_argument("--outtypes", nargs="+", default=[], help="more GGUF files to write (the schemes' are written)")
@@ -472,6 +543,7 @@ def main(argv=None) -> int:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--check-child", nargs=3, metavar=("NAME", "HF_DIR", "GGUF"), help=argparse.SUPPRESS)
     ap.add_argument("--decode-child", nargs=2, metavar=("GGUF", "CONTEXT"), help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-child", nargs=2, metavar=("GGUF", "PROMPT"), help=argparse.SUPPRESS)
     ap.add_argument("--quantize-child", nargs=3, metavar=("SRC", "DST", "OUTTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if any(b < 1 for b in args.batch):
@@ -491,6 +563,11 @@ def main(argv=None) -> int:
         print(json.dumps({"times_ms": llama_cpp_decode(Path(gguf), bin_dir, int(context), args.tokens, args.threads,
                                                        args.batch[0])}))
         return 0
+    if args.prompt_child:
+        gguf, prompt = args.prompt_child
+        print(json.dumps({"times_ms": llama_cpp_prompt(Path(gguf), bin_dir, int(prompt), args.prompt_runs,
+                                                       args.threads)}))
+        return 0
     if args.quantize_child:
         src, dst, outtype = args.quantize_child
         quantize_gguf(Path(src), Path(dst), outtype, bin_dir)
@@ -500,7 +577,7 @@ def main(argv=None) -> int:
         ap.error("--work-dir is required")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows, sizes, checks = [], [], []
+    rows, sizes, checks, prompts = [], [], [], []
     outtypes = list(dict.fromkeys(["f32"] + [SCHEMES[s][1] for s in args.schemes] + args.outtypes))
     for name in args.models:
         onnx = big_model.export_big(args.work_dir, log, name)
@@ -519,10 +596,13 @@ def main(argv=None) -> int:
             art = engines.compile_cached(onnx, args.work_dir, log, quantization=quantization(scheme))
             gguf = ggufs[SCHEMES[scheme][1]]
             sizes.append(weight_bytes(name, scheme, art, gguf))
-            rows += measure(name, scheme, onnx, art, gguf, args)
-    print(markdown(rows, sizes, checks, args.threads))
+            if not args.no_decode:
+                rows += measure(name, scheme, onnx, art, gguf, args)
+            prompts += measure_prompts(name, scheme, onnx, art, gguf, args)
+    print(markdown(rows, sizes, checks, args.threads, prompts))
     out = args.work_dir / "llama_cpp.json"
-    out.write_text(json.dumps({"rows": rows, "weight_bytes": sizes, "checks": checks, "threads": args.threads,
+    out.write_text(json.dumps({"rows": rows, "prompts": prompts, "weight_bytes": sizes, "checks": checks,
+                               "threads": args.threads,
                                "llama_cpp_python": LLAMA_CPP_PYTHON, "seconds": time.perf_counter() - start},
                               indent=2))
     log(f"wrote {out}")

@@ -18,6 +18,7 @@ from .ops import POLYPORT_DOMAIN, known_value
 from .symbolic import SymExpr
 from .types import TensorType
 
+LOW_BIT_CODES = ("f8e4m3", "i4", "i8")      # signed weight codes: block_dequant reads them back
 FOLD_LIMIT = 1 << 16      # largest folded result, in elements: folding must not copy weights
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Bernoulli", "Multinomial", "Dropout"}
@@ -40,6 +41,10 @@ def fold(node: Node, opsets: dict[str, int], bindable: frozenset[str]) -> Option
         return None
     if node.op_type == "DequantizeLinear" and _rank(node.inputs[0]) >= 2:
         return None       # a quantized weight stays quantized (passes/quant_matmul.py), never an f32 copy
+    if node.op_type == "Cast" and _rank(node.inputs[0]) >= 2 and node.inputs[0].dtype is not None \
+            and node.inputs[0].dtype.name in LOW_BIT_CODES and node.outputs[0].dtype is not None \
+            and node.outputs[0].dtype.is_float:
+        return None       # nor do codes an export dequantizes with ordinary ops (passes/block_dequant.py)
     if node.op_type == "Shape":
         return _fold_shape(node, bindable)
     if node.op_type == "Size":

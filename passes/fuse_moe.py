@@ -23,6 +23,10 @@ may select only the SwiGLU weight tensors, their biases and the routing weights,
 and feed no other computation (a per-expert scale or activation switch would make
 the experts differ in a way polyport::MoE cannot express). The router's values may
 not be used outside the block (router logits feeding an auxiliary loss, say).
+Expert weight tensors an export computes from low-bit codes (DeepSeek's FP8 128x128 blocks: a Cast of
+the codes times expanded scales, passes/block_dequant.py) become quantized experts, the codes and block
+scales in the MoE's layout (ir/fused/moe.py), when all three projections read them in one format.
+
 Then the proposal is checked numerically against the region it replaces
 (`equivalent`) before the rewrite. Every candidate that does not fuse leaves
 the graph unchanged and says why in `PassResult.notes`; so does a TopK whose
@@ -31,7 +35,8 @@ indices select no expert weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import numpy as np
 
@@ -40,6 +45,8 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.types import TensorType
 from .manager import PassResult, register_pass
 from ..ir.fused.moe import MOE_INPUTS
+from ..ir.quant_layout import dq_format, pack_int4
+from .block_dequant import block_codes, computed_from_codes
 from .moe_router import (INDEX_SHAPE_OPS, Router, analyze_router, const_of, is_float, scalar_of,
                          selection_candidates)
 from .pattern import NoMatch
@@ -52,12 +59,50 @@ _SHAPE_AND_SUM = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Reduc
 
 
 @dataclasses.dataclass
+class CodedExperts:
+    """Expert weights [E, ...] an export computes from low-bit codes; their K axis is known once the
+    projection they feed is."""
+    value: Value
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.value.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.value.shape)
+
+
+@dataclasses.dataclass
+class ExpertCodes:
+    """Quantized expert weights in MatMul layout: codes [E, in, out], scales [E, ceil(in / block), out]."""
+    codes: np.ndarray
+    scales: np.ndarray
+    block_size: int
+
+    def columns(self, cols: np.ndarray) -> "ExpertCodes":
+        return ExpertCodes(self.codes[:, :, cols], self.scales[:, :, cols], self.block_size)
+
+    def dequantized(self) -> np.ndarray:
+        """The float32 weights [E, in, out] (for the fusion's own numerical check)."""
+        s = np.repeat(self.scales, self.block_size, axis=1)[:, :self.codes.shape[1]]
+        return self.codes.astype(np.float32) * s
+
+    def reblocked(self, block: int) -> "ExpertCodes":
+        """The same weights with blocks of `block` k (a divisor of this block size, or any size where one block
+        spans K): scales repeated."""
+        kb = -(-self.codes.shape[1] // block)
+        return ExpertCodes(self.codes, self.scales[:, np.arange(kb) * block // self.block_size], block)
+
+
+@dataclasses.dataclass
 class Projection:
     """One expert weight tensor, gathered per (token, expert) and multiplied in a batched MatMul."""
     gather: Node
     matmul: Node
     weights: np.ndarray           # [E, in, out]: what each expert multiplies by, in MatMul layout
     operand: Value                # what the gathered weights multiply
+    quant: Optional[ExpertCodes] = None     # the codes behind `weights`, for weights computed from them
 
     @property
     def out(self) -> Value:
@@ -77,6 +122,7 @@ class Experts:
     b_gate: Optional[np.ndarray] = None     # [E, I]
     b_up: Optional[np.ndarray] = None       # [E, I]
     b_down: Optional[np.ndarray] = None     # [E, H]
+    quant: Optional[tuple[ExpertCodes, ExpertCodes, ExpertCodes]] = None    # gate, up, down codes
 
 
 @dataclasses.dataclass
@@ -90,6 +136,9 @@ class MoEBlock:
         e = self.experts
         extra = {k: float(v) for k, v, default in (("alpha", e.alpha, 1.0), ("up_offset", e.up_offset, 0.0))
                  if v != default}
+        if e.quant is not None:
+            bits, fmt = dq_format(e.quant[0].codes.dtype)
+            extra.update(bits=bits, block_size=e.quant[0].block_size, format=fmt)
         return {**self.router.attrs(), "activation": e.activation, "clamp": float(e.clamp), **extra}
 
 
@@ -176,8 +225,13 @@ def _operands(block: MoEBlock, make_const) -> list[Optional[Value]]:
     r, e = block.router, block.experts
     stem = _stem(r)
     router_w = r.router_w_value if r.router_w_value is not None else make_const(f"{stem}.router_w", r.router_w)
-    ops = [r.x, router_w, r.e_bias, make_const(f"{stem}.w_gate", e.w_gate), make_const(f"{stem}.w_up", e.w_up),
-           make_const(f"{stem}.w_down", e.w_down), r.hash_table, r.token_ids]
+    weights = [("w_gate", e.w_gate), ("w_up", e.w_up), ("w_down", e.w_down)]
+    if e.quant is not None:
+        weights = [(name, _moe_codes(q.codes)) for (name, _), q in zip(weights, e.quant)]
+    ops = [r.x, router_w, r.e_bias] + [make_const(f"{stem}.{name}", w) for name, w in weights] + \
+        [r.hash_table, r.token_ids]
+    if e.quant is not None:
+        ops += [make_const(f"{stem}.{name}_scales", q.scales) for name, q in zip(("gate", "up", "down"), e.quant)]
     if r.router_b is not None:
         b = r.router_b if r.router_b.shape == (r.num_experts,) else \
             make_const(f"{stem}.router_b", const_of(r.router_b).reshape(r.num_experts))
@@ -188,6 +242,15 @@ def _operands(block: MoEBlock, make_const) -> list[Optional[Value]]:
     while ops[-1] is None:
         ops.pop()
     return ops
+
+
+def _moe_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes [E, K, N] as the MoE stores them: e4m3fn as its bytes, int8 as is, int4 two per byte along K."""
+    if codes.dtype == np.int8:
+        return codes
+    if dq_format(codes.dtype)[0] == 4:
+        return np.stack([pack_int4(c.T.astype(np.int8)).T for c in codes])
+    return codes.view(np.uint8)
 
 
 def _detached(name: str, arr: np.ndarray) -> Value:
@@ -241,12 +304,15 @@ def _index_values(idx: Value):
                 stack.append(user.outputs[0])
 
 
-def _weight_gather(user: Node, slot: int) -> Optional[np.ndarray]:
-    """The constant float tensor `user` gathers rows of by expert id (input `slot`), else None."""
+def _weight_gather(user: Node, slot: int) -> Union[np.ndarray, CodedExperts, None]:
+    """The constant float tensor `user` gathers rows of by expert id (input `slot`), or the expert weights
+    [E, a, b] it computes from low-bit codes, else None."""
     if user.domain or slot != 1 or user.op_type not in ("Gather", "GatherND"):
         return None
     data = const_of(user.inputs[0])
-    if data is None or data.ndim < 2 or not is_float(data):
+    if data is None and computed_from_codes(user.inputs[0]) and len(user.inputs[0].shape) == 3:
+        data = CodedExperts(user.inputs[0])
+    elif data is None or data.ndim < 2 or not is_float(data):
         return None
     if user.op_type == "Gather" and user.attrs.get("axis", 0) != 0:
         return None
@@ -287,20 +353,26 @@ def _expert_gathers(router: Router) -> tuple[list[Node], list[Node]]:
 
 
 def _projection(gather: Node) -> Projection:
-    data = const_of(gather.inputs[0])
     g, flipped = gather.outputs[0], False
     user = _only_user(g)
     if user is not None and user.op_type == "Transpose" and _swaps_last_two(user.attrs.get("perm"), len(g.shape)):
         g, flipped, user = user.outputs[0], True, _only_user(user.outputs[0])
     if user is None or user.op_type != "MatMul" or user.domain:
         raise NoMatch(f"the gathered expert weights %{g.name} do not feed one batched MatMul")
-    if user.inputs[1] is g:             # x @ W[e]: W[e] is [in, out] already
-        mats, operand = data, user.inputs[0]
-    else:                               # W[e] @ x: W[e] is [out, in] (torch's F.linear layout)
-        mats, operand = data.transpose(0, 2, 1), user.inputs[1]
-    if flipped:
-        mats = mats.transpose(0, 2, 1)
-    return Projection(gather, user, mats, operand)
+    # x @ W[e]: W[e] is [in, out] already; W[e] @ x: W[e] is [out, in] (torch's F.linear layout)
+    x_first = user.inputs[1] is g
+    operand = user.inputs[0] if x_first else user.inputs[1]
+    in_axis = 1 if x_first != flipped else 2        # the axis of the gathered tensor each expert reduces
+    data = const_of(gather.inputs[0])
+    if data is not None:
+        return Projection(gather, user, data if in_axis == 1 else data.transpose(0, 2, 1), operand)
+    try:
+        b = block_codes(gather.inputs[0], in_axis, gather.graph.opset_imports)
+    except NoMatch as e:
+        raise NoMatch(f"expert weights %{gather.inputs[0].name}: {e}") from None
+    codes, scales = (b.codes, b.scales) if in_axis == 1 else (b.codes.transpose(0, 2, 1), b.scales.transpose(0, 2, 1))
+    q = ExpertCodes(codes, scales, b.block_size)
+    return Projection(gather, user, q.dequantized(), operand, q)
 
 
 def _swaps_last_two(perm, rank: int) -> bool:
@@ -347,8 +419,27 @@ def _read_experts(router: Router, stop: set[int]) -> Experts:
     if (b_gate is None) != (b_up is None):
         b_gate = np.zeros(w_gate.shape[::2], w_gate.dtype) if b_gate is None else b_gate
         b_up = np.zeros(w_up.shape[::2], w_up.dtype) if b_up is None else b_up
+    quant = _expert_codes([gate_proj, up_proj, down], [gate_cols, up_cols, np.arange(w_down.shape[2])])
     return Experts(w_gate, w_up, w_down, activation, clamp, down, alpha, _up_offset(up_value, clamp), b_gate, b_up,
-                   b_down)
+                   b_down, quant)
+
+
+def _expert_codes(projections: list[Projection], cols: list[np.ndarray]):
+    """(gate, up, down) codes for experts computed from low-bit codes, with one block size for the three;
+    None for f32 experts. Raises NoMatch for a mix the MoE cannot hold (it dequantizes at run time)."""
+    coded = [p.quant for p in projections]
+    if all(q is None for q in coded):
+        return None
+    formats = {None if q is None else dq_format(q.codes.dtype) for q in coded}
+    if None in formats or len(formats) != 1:
+        raise NoMatch("the expert projections are not all computed from codes of one format "
+                      f"({', '.join(sorted(str(f) for f in formats))})")
+    blocked = [q.block_size for q in coded if q.block_size < q.codes.shape[1]]    # (the rest: one block per column)
+    block = math.gcd(*blocked) if blocked else max(q.block_size for q in coded)
+    codes = tuple(q.columns(c).reblocked(block) for q, c in zip(coded, cols))
+    if formats.pop()[0] == 4 and any(q.codes.shape[1] % 2 for q in codes):
+        raise NoMatch("int4 expert codes with an odd K")
+    return codes
 
 
 def _biases(gathers: list[Node], projections: list[Projection]) -> dict[int, tuple[Node, np.ndarray]]:

@@ -4,7 +4,9 @@ What a QDQ export or ORT's quantizer with `quant_format=QDQ` writes: W = Dequant
 zero) with blocks along K (`block_size`, opset 21+), per output channel or per tensor, then Y = X @ W
 (MatMul) or Y = X W^T + C (Gemm, transB=1, alpha=beta=1). The codes move into QuantMatMul's layout
 (ir/quant_layout.py) unchanged; the importer never folds such a DequantizeLinear (ir/fold.py), so no
-f32 copy of the weight exists at any point.
+f32 copy of the weight exists at any point. A weight an export dequantizes with ordinary ops (DeepSeek's
+FP8 128x128 blocks: a Cast of the codes times expanded scales) is read back as codes and block scales
+(passes/block_dequant.py) and taken the same way.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 from ..ir.graph import Graph, Node
 from ..ir.quant_layout import QuantWeight, dq_format, from_dequantize_linear
 from ..ir.types import TensorType
+from .block_dequant import block_codes, computed_from_codes
 from .manager import PassResult, register_pass
 from .pattern import NoMatch
 from .region import replace_with_fused
@@ -45,6 +48,15 @@ def _weight(dq: Node, k_axis: int) -> QuantWeight:
     return from_dequantize_linear(q.const, s, z, block, k_axis)
 
 
+def _block_weight(graph: Graph, w, k_axis: int) -> tuple[QuantWeight, str]:
+    """A 2-D weight computed from low-bit codes by ordinary ops, in QuantMatMul's layout, and the codes'
+    name; raises NoMatch."""
+    if w.type.rank != 2:
+        raise NoMatch(f"weight %{w.name} of rank {w.type.rank}")
+    b = block_codes(w, k_axis, graph.opset_imports)
+    return from_dequantize_linear(b.codes, b.scales, None, b.block_size, k_axis), b.name
+
+
 def _gemm_ok(node: Node) -> bool:
     a = node.attrs
     c = node.inputs[2] if len(node.inputs) > 2 else None
@@ -54,18 +66,22 @@ def _gemm_ok(node: Node) -> bool:
 
 @register_pass("quant-matmul")
 def quant_matmul(graph: Graph) -> PassResult:
-    """MatMul / Gemm over a DequantizeLinear'd constant weight -> QuantMatMul."""
+    """MatMul / Gemm over a DequantizeLinear'd constant weight, or one computed from low-bit codes times block
+    scales -> QuantMatMul."""
     result = PassResult()
     for node in list(graph.nodes):
         if node.qualified_op not in ("MatMul", "Gemm") or node.graph is not graph:
             continue
-        dq = node.inputs[1].producer if node.inputs[1] is not None else None
-        if dq is None or dq.qualified_op != "DequantizeLinear":
+        w = node.inputs[1]
+        dq = w.producer if w is not None else None
+        is_dq = dq is not None and dq.qualified_op == "DequantizeLinear"
+        if not is_dq and not computed_from_codes(w):
             continue
         try:
             if node.op_type == "Gemm" and not _gemm_ok(node):
                 raise NoMatch("Gemm with transA, transB=0, alpha or beta != 1 stays as is")
-            qw = _weight(dq, 1 if node.op_type == "Gemm" else 0)
+            k_axis = 1 if node.op_type == "Gemm" else 0
+            qw, base = (_weight(dq, k_axis), dq.inputs[0].name) if is_dq else _block_weight(graph, w, k_axis)
         except NoMatch as e:
             result.notes.append(f"{node.name}: {e}")
             continue
@@ -73,7 +89,6 @@ def quant_matmul(graph: Graph) -> PassResult:
         if not isinstance(x.type, TensorType) or x.type.rank is None or x.type.rank < 1 or x.dtype is None \
                 or x.dtype.name not in ("f32", "f16"):
             continue
-        base = dq.inputs[0].name
         ins = [x, graph.add_constant(graph.unique_name(f"{base}/qweight"), qw.qweight),
                graph.add_constant(graph.unique_name(f"{base}/scales"), qw.scales),
                None if qw.zeros is None else graph.add_constant(graph.unique_name(f"{base}/zeros"), qw.zeros),

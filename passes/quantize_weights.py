@@ -7,8 +7,11 @@ one scale per `group_size` consecutive k of an output column). The LM head (the 
 graph output) only with `lm_head`. The fused GatedMLP's and MoE's weights are quantized the same way
 (the MoE's per expert) and stay inside the fused op, K first (ir/fused/mlp.py, moe.py). With bf16 / f16,
 a SiLU GatedMLP becomes three QuantMatMuls over 16-bit weights, and the MoE's router and expert weights
-are stored in that dtype. Left in f32, and counted: the MoE router, embeddings (a Gather's table), a
-weight also read by another op (a tied embedding), 16-bit GatedMLPs with another activation or a clamp.
+are stored in that dtype. The token-embedding table (a Gather over a constant [vocab, hidden] table,
+indexed by a graph input) only with `embeddings`: polyport::QuantGather over the same codes, groups
+along hidden, one row per token; a quantized LM head tied to it (equal to its transpose) reads the same
+codes, stored once. Left in f32, and counted: the MoE router, the embeddings without
+`embeddings`, a weight also read by another op, 16-bit GatedMLPs with another activation or a clamp.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class WeightQuantization:
     scheme: str                  # int8 | int4 | fp8 | bf16 | f16
     group_size: int = 32         # (not used by bf16 / f16)
     lm_head: bool = False
+    embeddings: bool = False
 
     def __post_init__(self):
         if self.scheme not in SCHEMES + FLOAT16:
@@ -71,13 +75,16 @@ class _Quantizer:
     def __init__(self, graph: Graph, spec: WeightQuantization):
         self.graph, self.spec = graph, spec
         self.codes: dict[int, list[Value]] = {}     # one quantized copy per weight, shared by its users
+        self.tables: list[Value] = []                # embedding tables quantized (their codes in `codes`)
         self.counts: collections.Counter = collections.Counter()
         self.expert_weights = 0                      # quantized inside a fused MoE / GatedMLP
 
-    def operands(self, w: Value) -> list[Value]:
+    def operands(self, w: Value, rows: bool = False) -> list[Value]:
+        """w's codes (and scales) as QuantMatMul's operands; with `rows` w is a table [N, K] read by row."""
         if id(w) not in self.codes:
             scheme = self.spec.scheme
-            qw = to_float16(w.const, scheme) if scheme in FLOAT16 else quantize(w.const, scheme, self.spec.group_size)
+            kn = w.const.T if rows else w.const
+            qw = to_float16(kn, scheme) if scheme in FLOAT16 else quantize(kn, scheme, self.spec.group_size)
             g = self.graph
             ops = [g.add_constant(g.unique_name(f"{w.name}/{scheme}"), qw.qweight)]
             if qw.scales is not None:
@@ -104,9 +111,42 @@ class _Quantizer:
         if _is_lm_head(node) and not self.spec.lm_head:
             self.counts["f32: LM head"] += 1
             return
+        if _is_lm_head(node):
+            self.tie(w)
         self.qmatmul(x, w, node, out=node.outputs[0])
         self.graph.remove(node)
         self.counts["MatMul"] += 1
+
+    def tie(self, w: Value) -> None:
+        """An LM head tied to a quantized embedding table (an export folds the shared table's transpose into a
+        second constant) reads the table's codes: QuantMatMul's [N, K] layout is the table's [vocab, hidden]."""
+        for t in self.tables:
+            if t.const.shape == w.const.shape[::-1] and np.array_equal(t.const[:2], w.const[:, :2].T) \
+                    and np.array_equal(t.const.T, w.const):
+                self.codes[id(w)] = self.codes[id(t)]
+                self.counts["LM head: the embedding table's codes"] += 1
+                return
+
+    def gather(self, node: Node) -> None:
+        """The token embedding: a Gather (axis 0) of a constant [vocab, hidden] f32 table by a graph input."""
+        table, ids = node.inputs
+        if node.attrs.get("axis", 0) != 0 or not _weight(table) or ids not in self.graph.inputs:
+            return
+        if not all(n is node for n, _ in table.uses) or table.is_graph_output:
+            self.counts["f32: embeddings also read elsewhere"] += 1
+            return
+        if not self.spec.embeddings:
+            self.counts["f32: embeddings"] += 1
+            return
+        ops, attrs = self.operands(table, rows=True)
+        self.tables.append(table)
+        out = node.outputs[0]
+        y = fused.build(self.graph, "QuantGather", [ids] + ops, attrs, out.type, before=node, name=node.name)
+        if out.is_graph_output:
+            y.name, out.name = out.name, y.name
+        out.replace_all_uses_with(y)
+        self.graph.remove(node)
+        self.counts["embeddings"] += 1
 
     def gated_mlp(self, node: Node) -> None:
         x, wg, wu, wd = node.inputs
@@ -194,17 +234,22 @@ def quantize_weights(graph: Graph, spec: WeightQuantization) -> dict:
     for node in list(graph.nodes):
         if node.qualified_op == "MatMul":
             qz.matmul(node)
+        elif node.qualified_op == "Gather":
+            qz.gather(node)
         elif node.qualified_op == "polyport::GatedMLP":
             qz.gated_mlp(node)
         elif node.qualified_op == "polyport::MoE":
             qz.moe(node)
     graph.remove_unused()
     verify(graph)
-    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "weights": len(qz.codes) + qz.expert_weights,
+    entry = {"scheme": spec.scheme, "lm_head": spec.lm_head, "embeddings": spec.embeddings,
+             "weights": len({id(ops[0]) for ops, _ in qz.codes.values()}) + qz.expert_weights,
              "layers": dict(sorted(qz.counts.items()))}
+    table = "; the embedding table [vocab, hidden] stored as [N, K]" if qz.counts["embeddings"] else ""
     if spec.scheme in FLOAT16:
         return {**entry, "format": f"{spec.scheme} weights [N, K] (bf16 as uint16 bit patterns), f32 activations "
-                                   "and accumulation"}
+                                   "and accumulation" + table}
     return {**entry, "group_size": spec.group_size, "symmetric": True,
             "format": {"int8": "int8 codes", "int4": "int4 codes, two per byte (low nibble: even k)",
-                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column"}
+                       "fp8": "float8 e4m3fn codes"}[spec.scheme] + ", one f32 scale per group of k per column"
+                      + table}

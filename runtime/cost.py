@@ -12,10 +12,11 @@ not counted: their trip counts are data):
   reductions: 1 per element; data movement: 0.
 - Bytes: every weight read once (`weight_bytes`) + each node's activations in
   and out. Views (Reshape, Squeeze, Unsqueeze, ...) move nothing. A weight that
-  is only gathered from (an embedding table) counts as the rows gathered (the
-  Gather's output), not the whole table. The routed experts' weights are not in
-  `bytes`: the `moe` entries let the roofline count min(E, tokens * top_k)
-  experts read, which is what a decode step (seq 1) actually touches.
+  is only gathered from (an embedding table, or a QuantGather's codes and scales)
+  counts as the rows gathered (the Gather's output), not the whole table. The
+  routed experts' weights are not in `bytes`: the `moe` entries let the roofline
+  count min(E, tokens * top_k) experts read, which is what a decode step (seq 1)
+  actually touches.
 
 `graph_cost(graph)` is what the compiler stores in the manifest (top-level key
 "cost"); `runtime/roofline.py` evaluates it for a device and a length.
@@ -182,9 +183,10 @@ def _activation_bytes(node: Node) -> Dim:
 
 
 def _gather_only(v: Value) -> bool:
-    """A weight every use of which gathers rows from it (an embedding table)."""
+    """A weight every use of which gathers rows from it (an embedding table, f32 or QuantGather's codes)."""
     uses = v.uses
-    return bool(uses) and all(n.op_type == "Gather" and i == 0 for n, i in uses) and not v.is_graph_output
+    return bool(uses) and all(n.op_type == "Gather" and i == 0 or n.op_type == "QuantGather" and i >= 1
+                              for n, i in uses) and not v.is_graph_output
 
 
 # ---- the whole graph ---------------------------------------------------------------------

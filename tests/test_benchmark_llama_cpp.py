@@ -34,7 +34,7 @@ def test_each_scheme_has_its_own_cached_artifact(tmp_path, monkeypatch):
     assert built == [("llama_a", None), ("llama_a.int8", "int8"), ("llama_a.int4", "int4")]     # then cached
     assert len(set(arts.values())) == 3
     q = llama_cpp.quantization("int4")
-    assert (q.scheme, q.group_size, q.lm_head) == ("int4", 32, True)      # Q4_0's blocks, its LM head too
+    assert (q.scheme, q.group_size, q.lm_head, q.embeddings) == ("int4", 32, True, True)  # Q4_0's: LM head, table
     stamp = (tmp_path / "artifacts" / "llama_a.int4.source").read_text()
     (tmp_path / "artifacts" / "llama_a.int4.source").write_text(stamp.replace("group 32", "group 64"))
     engines.compile_cached(LLAMA, tmp_path, lambda m: None, quantization=q)
@@ -66,6 +66,7 @@ def test_polyport_child_decodes_int4_weights_eight_sequences_a_step(tmp_path):
     assert manifest["quantization"]["scheme"] == "int4" and manifest["quantization"]["lm_head"]
     times = llama_cpp.polyport_decode(LLAMA, art, 16, 3, 1, batch=8)
     assert len(times) == 3 and all(t > 0 for t in times)
+    assert len(llama_cpp.polyport_prompt(LLAMA, art, 24, 2, 1)) == 2
 
 
 @pytest.mark.slow
@@ -94,3 +95,31 @@ def test_llama_cpp_q4_0_decodes_eight_copied_sequences_as_each_alone(tmp_path):
         alone.close()
         assert np.abs(batched[i] - want).max() <= 1e-3 * np.abs(want).max()
     assert len(llama_cpp.llama_cpp_decode(gguf, bin_dir, 16, 3, 1, batch=8)) == 3
+
+
+def test_the_table_gives_prompt_processing_rows():
+    spread = lambda v: {"median": v, "min": v, "max": v}       # noqa: E731
+    row = {"model": "m", "scheme": "f32", "gguf": "f32", "prompt": 128, "polyport": spread(64.0),
+           "llama.cpp": spread(80.0), "polyport_tok_s": spread(2000.0), "llama.cpp_tok_s": spread(1600.0),
+           "ratio": spread(1.25), "load_avg": spread(1.0)}
+    text = llama_cpp.markdown([], [], [], 2, [row])
+    assert "| m | f32 (F32) | 128 | 64 (64–64) | 80 (80–80) | **1.25x** (1.25–1.25) | 2,000 | 1,600 | 1.0 |" in text
+
+
+@pytest.mark.slow
+@needs_libllama
+def test_llama_cpp_prompt_child_reprocesses_the_prompt_on_an_emptied_cache(tmp_path):
+    """Each timed prompt call starts from an emptied cache (a stale one would make llama_decode refuse positions
+    0.. again), and gives the logits a fresh context gives."""
+    import big_model
+    bin_dir = llama_cpp.build()
+    big_model.export_big(tmp_path, lambda m: None, "llama_tiny")
+    gguf = llama_cpp.convert(tmp_path / "llama_tiny.hf", "f32", bin_dir)
+    assert len(llama_cpp.llama_cpp_prompt(gguf, bin_dir, 24, 2, 1)) == 2
+    ids = np.random.default_rng(0).integers(0, 100, 24)
+    engine = llama_cpp.LlamaCpp(gguf, bin_dir, 26, 1)
+    first = engine.decode(ids, 0)
+    engine.ll.llama_memory_clear(engine.ll.llama_get_memory(engine.ctx), True)
+    again = engine.decode(ids, 0)
+    engine.close()
+    assert np.abs(first - again).max() <= 1e-5 * np.abs(first).max()

@@ -84,3 +84,13 @@ def test_native_warnings_are_captured():
             os.write(2, b"[15:50:25] /src/codegen_amdgpu.cc:78: Warning: Cannot get maximum number of threads\n")
     assert found == ["Cannot get maximum number of threads"] * 3
     assert diagnostics.summary("rocm", found) == "rocm: 3 warnings, e.g. Cannot get maximum number of threads"
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--quantize-lm-head"], "--quantize-lm-head needs --quantize"),
+    (["--quantize-embeddings"], "--quantize-embeddings needs --quantize or --dtype bf16|f16"),
+])
+def test_quantize_options_need_a_scheme(cli, tmp_path, flags, says):
+    r = cli("compile", LLAMA, "-t", "cpu", "-o", tmp_path / "art", *flags)
+    assert r.exit_code == 2 and says in r.stderr, r.stderr
+    assert not (tmp_path / "art").exists()

@@ -1,4 +1,5 @@
-"""QuantMatMul: y = x @ dequantize(W)^T (+ bias), a linear layer over weight-only quantized weights.
+"""QuantMatMul: y = x @ dequantize(W)^T (+ bias), a linear layer over weight-only quantized weights;
+QuantGather: y = dequantize(W)[indices], an embedding table in the same layout (one row per token).
 
 The one form every quantized linear layer takes in the IR: ONNX Runtime's
 `com.microsoft::MatMulNBits`, `DequantizeLinear` (block-wise, opset 21+) feeding
@@ -14,15 +15,19 @@ Weight layout (`qweight`, one row per output column n, K along the row):
   W[n, k] = (decode(q[n, k]) - zero[n, k // block_size]) * scale[n, k // block_size]
 decode: `uint` unsigned integer, `int` two's-complement integer, `fp8e4m3` float8 e4m3fn, `f16`, `bf16`.
 Without `zeros` the zero is 2^(bits-1) for `uint` (MatMulNBits' default) and 0 otherwise.
+
+QuantGather (`polyport compile --quantize-embeddings`) reads a token-embedding table [N = vocab, K = hidden]
+stored exactly so, groups along hidden: a Gather (axis 0) that dequantizes only the rows it gathers.
 """
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
 
+from ..dtypes import F32
 from ..ops import AttrSpec, define, infers, reference
 from ..types import TensorType
-from ._util import f32, like
+from ._util import f32, like, node_error
 
 FORMATS = ("uint", "int", "fp8e4m3", "f16", "bf16")
 
@@ -33,6 +38,15 @@ define("QuantMatMul", inputs=("x", "qweight", "scales?", "zeros?", "bias?"), out
               "block_size": AttrSpec(int, doc="consecutive k sharing one scale (and zero)"),
               "format": AttrSpec(str, "uint", doc="uint | int | fp8e4m3 | f16 | bf16: how a stored code decodes")},
        doc="Linear layer over block-quantized weights, dequantized on the fly.")
+
+define("QuantGather", inputs=("indices", "qweight", "scales?"), outputs=("y",),
+       attrs={"K": AttrSpec(int, doc="row length (hidden)"),
+              "N": AttrSpec(int, doc="rows (vocab)"),
+              "bits": AttrSpec(int, doc="4 | 8 | 16"),
+              "block_size": AttrSpec(int, doc="consecutive k sharing one scale"),
+              "format": AttrSpec(str, doc="how a stored code decodes (symmetric: no zeros)",
+                                 choices=("int", "fp8e4m3", "f16", "bf16"))},
+       doc="Gather (axis 0) over a block-quantized table, dequantizing only the gathered rows.")
 
 
 @infers("QuantMatMul", domain="polyport")
@@ -84,3 +98,21 @@ def quant_matmul(node, inputs, ctx):
         y = y + f32(bias)
     return [like(y, x)]
 
+
+@infers("QuantGather", domain="polyport")
+def _infer_gather(node, ctx):
+    ids = node.inputs[0].type
+    return [TensorType(F32, None if ids.shape is None else ids.shape + (int(node.attrs["K"]),))]
+
+
+@reference("QuantGather", domain="polyport")
+def quant_gather(node, inputs, ctx):
+    ids, qweight = np.asarray(inputs[0]), inputs[1]
+    scales = inputs[2] if len(inputs) > 2 else None
+    flat = ids.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -node.attrs["N"] or flat.max() >= node.attrs["N"]):
+        raise node_error(node, f"index out of range [{-node.attrs['N']}, {node.attrs['N']})")
+    rows = np.take(qweight, flat, axis=0)
+    srows = None if scales is None else np.take(scales, flat, axis=0)
+    y = dequantize(rows, srows, None, **node.attrs)
+    return [y.reshape(ids.shape + (int(node.attrs["K"]),)).astype(np.float32)]

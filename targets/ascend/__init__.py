@@ -20,6 +20,7 @@ CHECKED, NEVER RUN ON ASCEND. The artifact's `ascend/` folder holds
                       Rotary    -> RotaryPositionEmbedding (mode half / interleave)
                       GatedMLP  -> MatMul (gate|up concatenated) -> SwiGlu -> MatMul
                       QuantMatMul -> WeightQuantBatchMatmulV2 (antiquant scale / offset; quant.py)
+                      QuantGather -> Gather of INT8 codes and of scales, Cast, Mul (quant.py)
                       KVCompress, SparseIndexer -> fp32 chains of standard ops (ascend/compress.py)
                     and the ops CANN lacks in KERNEL_DOMAIN (polyport's Ascend C kernels).
     op_plan.json    every call in order: op, domain, kind, attributes, input/output dtypes and

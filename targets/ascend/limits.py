@@ -75,6 +75,7 @@ GATING_SRC = "aclnnMoeGatingTopK (constraints on x [N, E], k, kGroup, groupCount
 WQBMM_SRC = "aclnnWeightQuantBatchMatmulV2"
 DEQUANT = "weight dequantized at compile time into the compute dtype, a plain MatMul"
 DEQUANT_EXPERTS = "expert weights dequantized at compile time into the compute dtype, no antiquant"
+DEQUANT_TABLE = "embedding table dequantized at compile time into the compute dtype, a plain Gather"
 
 LIMITS: dict[str, list[Limit]] = {
     FIA: [
@@ -150,6 +151,10 @@ LIMITS: dict[str, list[Limit]] = {
               WQBMM_SRC + " (per group: antiquantGroupSize in [32, k - 1], a multiple of 32)", fallback=DEQUANT),
         Limit("int4_n_dim", "WeightQuantBatchMatmulV2", "multiple_of", 2, WQBMM_SRC + " (INT4 weight: last dim even)",
               fallback=DEQUANT),
+    ],
+    "Gather": [
+        Limit("table", "Gather", "in", ("int4", "int8"), "ONNX opset 18 (what ATC parses): no FLOAT8 type; "
+              "Gather over an INT8 table, Cast, Mul", fallback=DEQUANT_TABLE),
     ],
     "SwiGlu": [
         Limit("dtype", "SwiGlu", "in", DEVICE_FLOAT_DTYPES + ("float32",), "aclnnSwiGlu"),

@@ -6,18 +6,20 @@
                        antiquantGroupSize (0: per channel; else a multiple of 32 below K)
   quantized MoE     -> GroupedMatmul's antiquantScaleOptional / antiquantOffsetOptional (moe.py): int4 per
                        group [E, G, N] or per channel; int8 per channel only (aclnnGroupedMatmulV4)
+  QuantGather       -> Gather of the table's INT8 codes (int4 widened to one code per byte: opset 18's Gather
+                       takes no INT4) and of its scales, Cast, Mul: only the gathered rows are dequantized
 
 The codes stay codes in model.onnx (INT8, or ONNX INT4, two per byte), the scales in the compute dtype.
 Unsigned codes (MatMulNBits' uint) become signed ones with the offset holding the difference:
 (c - z) s = ((c - 2^(b-1)) + (2^(b-1) - z)) s. What CANN's antiquant does not take (fp8 per block on
-Atlas A2, int8 per group in a GroupedMatmul, 16-bit weights) falls back, recorded, to the weight
-dequantized at compile time into the compute dtype: exact, but a 16-bit weight on the device.
+Atlas A2, int8 per group in a GroupedMatmul, 16-bit weights, an fp8 or 16-bit table) falls back, recorded,
+to the weight dequantized at compile time into the compute dtype: exact, but a 16-bit weight on the device.
 """
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from ...ir.fused.quant import dequantize
 from ...ir.graph import Node
@@ -51,7 +53,8 @@ def weight_kind(a: dict) -> str:
 
 @lowers("QuantMatMul")
 def quant_matmul(em, node: Node) -> None:
-    x, q, s = node.inputs[:3]          # q: [N, K / 2 | K] codes, s: [N, KB] (ir/fused/quant.py)
+    x, q = node.inputs[:2]             # q: [N, K / 2 | K] codes, s: [N, KB] (ir/fused/quant.py), none for 16 bits
+    s = node.inputs[2] if len(node.inputs) > 2 else None
     z = node.inputs[3] if len(node.inputs) > 3 else None
     bias = node.inputs[4] if len(node.inputs) > 4 else None
     antiquant_matmul(em, node, em.get(x, em.compute), q.const, None if s is None else s.const,
@@ -119,3 +122,35 @@ def moe_weights(em, node: Node, which: tuple[int, int], axis_concat: bool):
     name = "gate_up" if axis_concat else "down"
     return (em.const(device_codes(np.concatenate(codes, axis=-1), a["bits"]), f"{node.name}_w_{name}"),
             em.const(scales.astype(npd), f"{node.name}_antiquant_scale_{name}"))
+
+
+@lowers("QuantGather")
+def quant_gather(em, node: Node) -> None:
+    """y = dequantize(q, s)[ids] for a QuantGather's table (q [N, K / 2 | K], s [N, KB]): the codes' rows and
+    the scales' rows gathered, each code times its group's scale; or (fp8, 16-bit) a Gather of the table
+    dequantized now."""
+    a = attrs_of(node)
+    ids, q = node.inputs[:2]
+    s = node.inputs[2] if len(node.inputs) > 2 else None
+    k, bits, block = a["K"], a["bits"], a["block_size"]
+    cd = em.compute
+    npd = helper.tensor_dtype_to_np_dtype(cd)
+    out = em.out(node.outputs[0], cd)
+    rows = (lambda last: None) if out[2] is None else (lambda last: out[2][:-1] + [last])    # ids' dims + [last]
+    idx = em.get(ids)
+    if em.check(node, "Gather", {"table": weight_kind(a)}):
+        table = dequantize(q.const, None if s is None else s.const, None, **a)
+        em.emit("Gather", [em.const(table.astype(npd), f"{node.name}_table"), idx], [out], {"axis": 0},
+                note="embedding table dequantized at compile time")
+        return
+    codes = em.const(signed_codes(q.const, bits, a["format"], k), f"{node.name}_codes")
+    c = em.emit("Gather", [codes, idx], [(em.fresh(f"{node.name}_code_rows"), TensorProto.INT8, rows(k))],
+                {"axis": 0}, note=f"{weight_kind(a)} codes of the gathered rows (INT8, one per byte)")[0]
+    c = em.emit("Cast", [c], [(em.fresh(f"{node.name}_codes_f"), cd, rows(k))], {"to": cd})[0]
+    kb = s.const.shape[1]
+    sc = em.emit("Gather", [em.const(np.asarray(s.const, np.float32).astype(npd), f"{node.name}_scales"), idx],
+                 [(em.fresh(f"{node.name}_scale_rows"), cd, rows(kb))], {"axis": 0})[0]
+    if kb > 1:                    # each k's group scale: [.., KB] -> [.., K]
+        sc = em.emit("Gather", [sc, em.ints(np.arange(k) // block, f"{node.name}_group_of_k")],
+                     [(em.fresh(f"{node.name}_scale_k"), cd, rows(k))], {"axis": -1})[0]
+    em.emit("Mul", [c, sc], [out], note="codes times their group's scale")

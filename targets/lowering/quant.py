@@ -1,10 +1,12 @@
-"""polyport::QuantMatMul: the codes stay codes up to the kernel.
+"""polyport::QuantMatMul and QuantGather: the codes stay codes up to the kernel.
 
 With the cpu kernel set, a QuantMatMul whose N splits into vector-wide column blocks and whose K
 packs whole bytes runs kernels/cpu/quant_gemm.py over operands the loader binds column-blocked
 ([N, X] stored, [N/NB, X, NB] bound: `packed_rows` in model.json); otherwise the TE compute of
 kernels/portable/quant.py reads them as stored. Either way the operands are parameters, never
-constants folded into the library.
+constants folded into the library. A QuantGather (a quantized embedding table) decodes only the rows it
+gathers (kernels/portable/quant.py's TE compute, every target), reading its operands as stored or, when a
+tied LM head's QuantMatMul shares them, in that kernel's column-blocked layout.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from . import lowers
 from .dense import PACKED_WEIGHTS, flatten2d
 
 OP = "polyport::QuantMatMul"
+GATHER = "polyport::QuantGather"
+ANY = "any"                          # a QuantGather reads the layout its table's other users want
 WEIGHT_OPERANDS = (1, 2, 3)          # qweight, scales, zeros
 GATED_WEIGHTS = (1, 2, 3)            # a quantized GatedMLP's codes (its scales follow at 4, 5, 6)
 
@@ -39,12 +43,14 @@ def _gated_nb(lw, node) -> int:
 
 
 def _layout(lw, node, i):
-    """(NB, K first) for operand i of node as a quantized weight operand (NB 0: bound as stored), None if it
-    is not one."""
+    """(NB, K first) for operand i of node as a quantized weight operand (NB 0: bound as stored), ANY for a
+    QuantGather's, None if it is not one."""
     if node.graph is not lw.graph:
         return None
     if node.qualified_op == OP and i in WEIGHT_OPERANDS:
         return _packed_nb(lw, node), False
+    if node.qualified_op == GATHER and i >= 1:          # either layout (a tied LM head's, or as stored)
+        return ANY
     if node.qualified_op == "polyport::MoE" and quantized(node) and i in EXPERT_WEIGHTS:   # read as stored
         return 0, False
     if node.qualified_op == "polyport::GatedMLP" and node.attrs.get("bits", 0) and i >= 1:
@@ -60,6 +66,7 @@ def param_layout(lw, v):
     layouts = {_layout(lw, node, i) for node, i in v.uses}
     if None in layouts:
         return None
+    layouts.discard(ANY)
     return layouts.pop() if len(layouts) == 1 else (0, False)
 
 
@@ -103,3 +110,19 @@ def quant_matmul(lw, node):
     q, s, z, bias = (None if v is None else lw.get(v) for v in ins[1:5])
     y = quant_dense(lw, x2, q, s, z, bias, a, packed=bool(lw.packed_rows.get(node.inputs[1].name)))
     return lw.emit(relax.op.reshape(y, shape[:-1] + [int(a["N"])])) if len(shape) != 2 else y
+
+
+@lowers(GATHER)
+def quant_gather(lw, node):
+    """The table's rows, decoded where gathered; its codes bound as stored or, shared with a tied LM head's
+    QuantMatMul, column-blocked as that kernel binds them."""
+    from ..kernels.portable import quant
+    a = attrs_of(node)
+    ops = [v for v in node.inputs[1:] if v is not None]
+    attrs = {k: a[k] for k in ("K", "N", "bits", "block_size", "format")}
+    attrs["row_block"] = lw.packed_rows.get(node.inputs[1].name, 0)
+
+    def fn(ids, q, s=None):
+        return quant.quant_gather(ids, q, s, **attrs)
+
+    return lw.bb.emit_te(fn, lw.get(node.inputs[0]), *[lw.get(v) for v in ops], primfunc_name_hint="quant_gather")

@@ -120,12 +120,12 @@ def test_several_tokens_per_step_over_a_ring():
 
 @pytest.mark.slow
 def test_mla_over_int8_weights_decodes_absorbed(tmp_path):
-    """deepseek_v3_a compiled with --quantize int8: the cache still holds the latent and the rope key only,
-    and teacher-forced decode equals the reference's full forward over the same quantized graph."""
+    """deepseek_v3_a compiled with --quantize int8 (embeddings too): the cache still holds the latent and the
+    rope key only, and teacher-forced decode equals the reference's full forward over the same quantized graph."""
     from polyport.compiler import compile_model
     from polyport.passes.quantize_weights import WeightQuantization
     from polyport.runtime.reference import ReferenceSession
-    name, n, steps, spec = "deepseek_v3_a", 7, 8, WeightQuantization("int8", 32)
+    name, n, steps, spec = "deepseek_v3_a", 7, 8, WeightQuantization("int8", 32, embeddings=True)
     cfg = corpus()[name]["hf_config"]
     s = polyport.load(compile_model(path_of(name), ["cpu"], tmp_path / "art", quantization=spec), target="cpu")
     layers = s.generation["layers"]

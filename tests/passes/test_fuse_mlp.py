@@ -134,7 +134,7 @@ def test_quick_gelu_is_not_silu(fuse, build):
 def test_in_the_default_pipeline():
     from polyport.passes.pipelines import PIPELINES
     steps = PIPELINES["default"]
-    assert steps[0] == steps[-1] == "canonicalize"
+    assert steps[0] == steps[-2] == "canonicalize" and steps[-1] == "decode-low-bit"
     assert steps.index("fuse-rmsnorm") < steps.index("fuse-rotary") < steps.index("fuse-gated-mlp")
 
 

@@ -25,6 +25,7 @@ from polyport.passes.pipelines import PIPELINES
 from polyport.runtime.reference import ReferenceSession
 
 from .. import families
+from ..fp8_models import block_quantize, dequantize_linear, dequantized
 
 E, H, I = 8, 16, 12          # experts, hidden size, expert width of the hand-built blocks
 OPSET = 20
@@ -63,12 +64,15 @@ def _filled(b: _Builder, like: str, value: float, dtype=TensorProto.FLOAT) -> st
 
 def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=True, scale=1.0, clamp=0.0,
               hash_routing=False, weights_from="gather", experts="split", combine="reducesum",
-              x_rank=2, residual=True, near_miss=None, seed=0, biases=False, alpha=1.0, up_offset=0.0
-              ) -> onnx.ModelProto:
+              x_rank=2, residual=True, near_miss=None, seed=0, biases=False, alpha=1.0, up_offset=0.0,
+              coded=(None, None)) -> onnx.ModelProto:
     """One routed MoE block over x [seq, H] (or [1, seq, H]), written the way the exporter writes it.
 
     out = x + moe(x), or moe(x) itself without `residual`. `biases`: a router (Gemm) bias and per-expert
-    biases on every projection (gpt-oss); `alpha`, `up_offset`: up_offset + up times gate * sigmoid(alpha gate)."""
+    biases on every projection (gpt-oss); `alpha`, `up_offset`: up_offset + up times gate * sigmoid(alpha gate).
+    `coded`: (format, format) of the gate / up and the down expert weights: computed from fp8 | int8 | int4
+    codes with 16x16 block scales (tests/fp8_models.py; "qdq-" + format: by DequantizeLinear, opset 21) or
+    (None) stored in f32."""
     rng = np.random.default_rng(seed)
     b = _Builder()
     f32 = np.float32
@@ -128,8 +132,14 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
     flat = b.op("Reshape", idx, b.ints(-1))
     rows = b.op("Unsqueeze", flat, b.ints(-1))
 
-    def linear(weights, v):             # F.linear per (token, expert): W[e] [out, in] @ v
-        picked = b.op("GatherND", b.const(weights), rows)
+    def stored(weights, fmt):
+        if fmt is None:
+            return b.const(weights)
+        form = dequantize_linear if fmt.startswith("qdq-") else dequantized
+        return form(b, *block_quantize(weights, fmt.split("-")[-1], (16, 16)), (16, 16))
+
+    def linear(weights, v, fmt):        # F.linear per (token, expert): W[e] [out, in] @ v
+        picked = b.op("GatherND", stored(weights, fmt), rows)
         y = b.op("Squeeze", b.op("MatMul", picked, b.op("Unsqueeze", v, b.ints(-1))), b.ints(-1))
         if biases:                      # gpt-oss: bias[e] gathered by the same rows
             y = b.op("Add", y, b.op("GatherND", b.const((rng.standard_normal(weights.shape[:2]) * 0.3).astype(f32)),
@@ -137,7 +147,7 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
         return y
 
     if experts in ("split", "interleaved"):
-        h = linear((rng.standard_normal((E, 2 * I, H)) * 0.3).astype(f32), xs)
+        h = linear((rng.standard_normal((E, 2 * I, H)) * 0.3).astype(f32), xs, coded[0])
         if experts == "split":
             gate, up = b.op("Split", h, outputs=2, axis=1, num_outputs=2)
         else:                           # gpt-oss style: gate = h[:, ::2], up = h[:, 1::2]
@@ -145,8 +155,9 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
             up = b.op("Slice", h, b.ints(1), b.ints(2 ** 62), b.ints(1), b.ints(2))
     else:                               # separate gate and up, stored [E, H, I]: x @ W[e]
         x3 = b.op("Unsqueeze", xs, b.ints(1))
-        gate, up = (b.op("Squeeze", b.op("MatMul", x3, b.op("Gather", b.const(
-            (rng.standard_normal((E, H, I)) * 0.3).astype(f32)), flat, axis=0)), b.ints(1)) for _ in range(2))
+        gate, up = (b.op("Squeeze", b.op("MatMul", x3, b.op("Gather", stored(
+            (rng.standard_normal((E, H, I)) * 0.3).astype(f32), coded[0]), flat, axis=0)), b.ints(1))
+            for _ in range(2))
     if clamp:
         gate = b.op("Clip", gate, "", b.const(f32(clamp)))
         up_limit = 3.0 if near_miss == "up_clamp_mismatch" else clamp
@@ -158,7 +169,7 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
     if near_miss == "expert_switch":    # expert 0 uses another activation
         is0 = b.op("Unsqueeze", b.op("Equal", flat, b.ints(0)), b.ints(-1))
         act = b.op("Where", is0, b.op("Mul", b.op("Tanh", gate), up), act)
-    out = linear((rng.standard_normal((E, H, I)) * 0.3).astype(f32), act)
+    out = linear((rng.standard_normal((E, H, I)) * 0.3).astype(f32), act, coded[1])
     if near_miss == "per_expert_scale":
         out = b.op("Mul", out, b.op("Gather", b.const(rng.standard_normal((E, H)).astype(f32)), flat, axis=0))
     out = b.op("Mul", out, b.op("Unsqueeze", b.op("Reshape", w, b.ints(-1)), b.ints(-1)))
@@ -186,7 +197,8 @@ def moe_model(*, k=2, scoring="softmax", bias=False, groups=None, renormalize=Tr
         b.nodes.append(helper.make_node("ReduceMean", [scores, b.ints(0)], ["aux"], keepdims=0))
         outputs.append(helper.make_tensor_value_info("aux", TensorProto.FLOAT, [E]))
     graph = helper.make_graph(b.nodes, "moe_block", inputs, outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    qdq = any(f is not None and f.startswith("qdq-") for f in coded)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21 if qdq else OPSET)])
 
 
 def _fuse(model: onnx.ModelProto):
@@ -304,6 +316,40 @@ def test_half_precision_block_fuses(variant, dtype):
         (moe,) = _moe_nodes(graph)
         assert moe.attrs == {**DEFAULTS, **attrs} and not result.notes, result.notes
         assert moe.inputs[3].dtype.name == dtype
+
+
+@pytest.mark.parametrize("fmt,bits,code_dtype", [("fp8", 8, np.uint8), ("int8", 8, np.int8), ("int4", 4, np.uint8),
+                                                  ("qdq-fp8", 8, np.uint8), ("qdq-int4", 4, np.uint8)])
+@pytest.mark.parametrize("experts", ["split", "separate"])
+def test_experts_computed_from_codes_stay_quantized(fmt, bits, code_dtype, experts):
+    """Expert weights an export dequantizes from block codes (DeepSeek's FP8 form, or DequantizeLinear blocked
+    along K) become the MoE's quantized experts: codes K first ([E, K, N], int4 two per byte along K), scales
+    [E, KB, N], no f32 weights."""
+    model = moe_model(scoring="sigmoid", bias=True, groups=(4, 2), scale=2.5, experts=experts, coded=(fmt, fmt))
+    graph, _, result = _fuse(model)
+    (moe,) = _moe_nodes(graph)
+    assert result.counts["MoE"] == 1 and not result.notes, result.notes
+    assert moe.attrs["bits"] == bits and moe.attrs["format"] == ("fp8e4m3" if fmt.endswith("fp8") else "int")
+    assert moe.attrs["block_size"] == 16                   # one block spans H = 16 and I = 12
+    k = 2 if bits == 4 else 1
+    assert [v.shape for v in moe.inputs[3:6]] == [(E, H // k, I), (E, H // k, I), (E, I // k, H)]
+    assert all(v.const.dtype == code_dtype for v in moe.inputs[3:6])
+    assert [v.shape for v in moe.inputs[8:11]] == [(E, 1, I), (E, 1, I), (E, 1, H)]
+    graph.remove_unused()
+    assert not any(v.const.dtype == np.float32 and v.const.size >= E * H * I for v in graph.constants.values())
+    _assert_same_numerics(model, graph)
+
+
+def test_experts_partly_computed_from_codes_are_left_alone():
+    """The MoE holds one format for its three projections: f32 gate_up beside an fp8 down stays as exported
+    (and runs: decode-low-bit decodes the codes at run time)."""
+    model = moe_model(coded=(None, "fp8"))
+    graph, before, result = _fuse(model)
+    assert not result.counts and format_graph(graph) == before
+    assert any("not all computed from codes of one format" in n for n in result.notes), result.notes
+    PassManager(["decode-low-bit"]).run(graph)
+    assert not any(n.op_type == "Cast" and n.inputs[0].dtype.name == "f8e4m3" for n in graph.nodes)
+    _assert_same_numerics(model, graph)
 
 
 # ---- (b) near misses -------------------------------------------------------------------------

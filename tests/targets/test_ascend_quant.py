@@ -15,7 +15,7 @@ from polyport.ir.graph import Graph
 from polyport.ir.symbolic import sym
 from polyport.ir.types import TensorType
 from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
-from polyport.targets.ascend.limits import AscendFallbackWarning
+from polyport.targets.ascend.limits import DEQUANT_TABLE, AscendFallbackWarning
 
 from .test_ascend import TOL, _emulate_vs_reference, _lower
 
@@ -80,3 +80,33 @@ def test_what_antiquant_does_not_take_falls_back(tmp_path, kind, scheme, limit):
     assert entry["fallbacks"]
     x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
     assert _emulate_vs_reference(art, g, {"x": x}) <= TOL
+
+
+@pytest.mark.parametrize("scheme,group,gathers", [("int4", 32, "int8"), ("fp8", 64, "float16")])
+def test_quantized_embeddings_gather_codes_then_dequantize(tmp_path, scheme, group, gathers):
+    """llama_a with --quantize-embeddings: the table stays codes (INT8 in model.onnx, int4 widened to one per
+    byte) and only the gathered rows are scaled, in the model and in the decode program; fp8 (no FLOAT8 in
+    opset 18) falls back to the table dequantized at compile time, recorded. The emulator's prefill and
+    teacher-forced decode match the reference on the quantized graph."""
+    import polyport
+    from polyport.compiler import compile_model
+    from polyport.runtime.reference import ReferenceSession
+    from ..generation.conftest import prompt, quantized_graph
+    from ..real_models import model_path
+    spec = WeightQuantization(scheme, group, embeddings=True)
+    art = compile_model(model_path("llama_a"), ["ascend"], tmp_path / "art", quantization=spec)
+    fallbacks = json.loads((art / "manifest.json").read_text())["targets"]["ascend"]["fallbacks"]
+    gathers_fell_back = {f["fallback"] for f in fallbacks if f["cann_op"] == "Gather"}
+    assert gathers_fell_back == ({DEQUANT_TABLE} if scheme == "fp8" else set())
+    for plan in ("op_plan.json", "decode.op_plan.json"):
+        calls = [c for c in json.loads((art / "ascend" / plan).read_text())["calls"]
+                 if c["from"] and c["from"]["op"] == "polyport::QuantGather"]
+        assert calls[0]["op"] == "Gather" and calls[0]["inputs"][0]["dtype"] == gathers, plan
+        assert calls[0]["inputs"][0]["shape"] == [256, 64]          # the whole table, not a row
+    g = quantized_graph("llama_a", spec)
+    ids = prompt("llama_a", 7, 4)
+    want = ReferenceSession(g).run({g.inputs[0].name: ids})[g.outputs[0].name][0]
+    state = polyport.load(art, target="ascend").start(ids[:, :7])
+    errs = [np.abs(state.logits[0] - want[6]).max()] + \
+        [np.abs(state.append(ids[:, 7 + t])[0] - want[7 + t]).max() for t in range(3)]
+    assert max(errs) <= TOL * np.abs(want).max()

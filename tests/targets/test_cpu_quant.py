@@ -137,16 +137,20 @@ def _quantized_reference(name, spec):
     return ReferenceSession(g)
 
 
+EMB = "--quantize-embeddings"
+
+
 @pytest.mark.parametrize("name,options", [
-    pytest.param("llama_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
-    pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128"], marks=pytest.mark.slow),
+    ("llama_a", ["--quantize", "int4", "--group-size", "32", EMB]),
+    pytest.param("deepseek_v3_a", ["--quantize", "fp8", "--group-size", "128", EMB], marks=pytest.mark.slow),
     pytest.param("qwen3_moe_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
     pytest.param("mixtral_a", ["--quantize", "int8", "--group-size", "64"], marks=pytest.mark.slow),
     pytest.param("gpt_oss_a", ["--quantize", "int4", "--group-size", "32"], marks=pytest.mark.slow),
-    pytest.param("qwen3_moe_a", ["--dtype", "bf16"], marks=pytest.mark.slow)])
+    pytest.param("qwen3_moe_a", ["--dtype", "bf16", EMB], marks=pytest.mark.slow)])
 def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name, options):
     """`--quantize` / `--dtype` artifacts against the reference executor running the same graph on the
-    dequantized (16-bit-rounded) weights: only the summation order differs, so fp32's 1e-4 holds."""
+    dequantized (16-bit-rounded) weights: only the summation order differs, so fp32's 1e-4 holds. With
+    --quantize-embeddings the table is stored as codes and only the gathered rows are decoded."""
     from click.testing import CliRunner
     from polyport.cli import main
     from polyport.passes.quantize_weights import WeightQuantization
@@ -155,17 +159,23 @@ def test_compiled_low_precision_matches_reference_on_its_weights(tmp_path, name,
     res = CliRunner().invoke(main, ["compile", str(model_path(name)), "-t", "cpu", "-o", str(art),
                                     "--no-generation"] + options)
     assert res.exit_code == 0, res.output
-    opts = dict(zip(options[::2], options[1::2]))
+    emb = EMB in options
+    opts = dict(zip(*[iter(o for o in options if o != EMB)] * 2))
     scheme = opts.get("--quantize") or opts["--dtype"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["quantization"]["weights"] > 0
+    assert manifest["quantization"]["embeddings"] == emb
+    assert ("f32: embeddings" in manifest["quantization"]["layers"]) != emb
+    params = json.loads((art / "cpu" / "model.json").read_text())["params"]
+    table = "model.model.embed_tokens.weight"
+    assert (table in params) != emb and any(p.startswith(table + "/") for p in params) == emb   # codes, as parameters
     stored = safetensors.load(art / "weights.safetensors")
     codes = {n for n, a in stored.items() if a.dtype in (np.uint8, np.int8, np.uint16, np.float16)}
     assert len(codes) == manifest["quantization"]["weights"]
     if "--quantize" in opts and corpus()[name].get("num_moe_layers"):      # experts quantized in the fused MoE
         assert any(a.ndim == 3 for n, a in stored.items() if n in codes)
         assert not any("f32: MoE" in k for k in manifest["quantization"]["layers"])
-    spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts)
+    spec = WeightQuantization(scheme, int(opts.get("--group-size", 32)), lm_head="--dtype" in opts, embeddings=emb)
     ref = _quantized_reference(name, spec)
     sess = session.load(art, "cpu")
     for seq in (1, 12):
@@ -235,3 +245,49 @@ def test_quantized_gated_mlp_matches_reference(tmp_path, kernels):
         xv = rng.standard_normal((seq, 64)).astype(np.float32)
         assert_logits_close(sess.run({"x": xv})[g.outputs[0].name], ReferenceSession(g).run({"x": xv})[g.outputs[0].name],
                             rel=1e-5)
+
+
+def _tied_llama():
+    """llama_a with its LM head tied to the embedding table, as a tied export imports: the LM head's weight a
+    second constant equal to the table's transpose (the exporter's Transpose of the shared table, folded)."""
+    from polyport.passes.pipelines import run_pipeline
+    g = import_onnx(model_path("llama_a"))
+    run_pipeline(g)
+    table = next(n.inputs[0] for n in g.nodes if n.op_type == "Gather" and n.inputs[1] in g.inputs)
+    head = [n for n in g.nodes if n.op_type == "MatMul"][-1]
+    head.set_input(1, g.add_constant(g.unique_name("lm_head_t"), np.ascontiguousarray(table.const.T)))
+    return g
+
+
+@pytest.mark.parametrize("scheme", ["int4", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_tied_lm_head_and_embeddings_share_one_set_of_codes(tmp_path, scheme):
+    """A quantized LM head tied to a quantized table reads the table's codes: stored once, bound column-blocked
+    for the LM head's kernel, and the gather reads them so too, matching the reference."""
+    from polyport.compiler import signature
+    from polyport.passes.quantize_weights import WeightQuantization, quantize_weights
+    from polyport.runtime import safetensors
+    from polyport.runtime.artifact import ArtifactWriter
+    from polyport.targets.base import CompileOptions, get_target
+    g = _tied_llama()
+    entry = quantize_weights(g, WeightQuantization(scheme, 32, lm_head=True, embeddings=True))
+    assert entry["layers"]["LM head: the embedding table's codes"] == 1
+    [gather] = [n for n in g.nodes if n.op_type == "QuantGather"]
+    head = [n for n in g.nodes if n.op_type == "QuantMatMul"][-1]
+    assert head.inputs[1:] == gather.inputs[1:]
+    vocab, hidden = gather.attrs["N"], gather.attrs["K"]
+    assert not [v for v in g.constants.values() if v.const.shape == (hidden, vocab)]          # no f32 LM head
+    assert [v for v in g.constants.values() if v.const.ndim == 2 and v.const.shape[0] == vocab] \
+        == [v for v in gather.inputs[1:] if v is not None]                  # no f32 table, no second codes
+    weights = {v.name: v.const for v in g.constants.values()}
+    with ArtifactWriter(tmp_path / "art", signature(g, g.name)) as w:
+        w.write_weights(weights)
+        w.add_target("cpu", get_target("cpu").lower(g, w.target_dir("cpu"), weights, CompileOptions()))
+        art = w.commit()
+    assert gather.inputs[1].name in json.loads((art / "cpu" / "model.json").read_text())["packed_rows"]
+    stored = safetensors.load(art / "weights.safetensors")
+    table_bytes = gather.inputs[1].const.nbytes
+    assert sum(a.nbytes for a in stored.values()) < sum(v.nbytes for v in weights.values()) + table_bytes
+    sess, ref = session.load(art, "cpu"), ReferenceSession(g)
+    for seq in (1, 9):
+        feeds = token_ids(seq)
+        assert_logits_close(sess.run(feeds)[sess.output_names[0]], ref.run(feeds)[ref.output_names[0]])

@@ -34,6 +34,9 @@ from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 RB = 4                          # token rows per tile: each weight vector load serves RB rows
+STREAM_RB = 8                   # rows per streamed tile: a streamed expert is read once per tile, its accumulators
+                                # (8 rows of gate and up, 32 KB at I = 512) stay in L1 (4 rows: this kernel
+                                # 1.4x slower on qwen3_moe_700m's 128-token prefill; 12 or 16: slower again)
 STREAM_BYTES = 256 << 10        # an expert's gate matrix above this streams (tile_stream)
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
@@ -112,6 +115,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     # outgrows the cache: 4 ms per call at H=1024, I=512); past STREAM_BYTES walk it row by row instead.
     stream = H * I * 4 > STREAM_BYTES
     GW, DW = (I, Ho) if stream else (VI, VO)
+    TR = STREAM_RB if stream else RB      # rows per tile
 
     RB_SHAPE, BI_SHAPE, BO_SHAPE = ((E,) if s.router_bias else (1,)), ((E, I) if s.biases else (1,)), \
         ((E, Ho) if s.biases else (1,))
@@ -311,9 +315,9 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         off[0] = T.int64(0)
         ntiles[0] = T.int64(0)
         for e in range(E):
-            for j in range((off[e + 1] - off[e] + (RB - 1)) // RB):
+            for j in range((off[e + 1] - off[e] + (TR - 1)) // TR):
                 tile_e[ntiles[0]] = T.int64(e)
-                tile_p[ntiles[0]] = off[e] + j * RB
+                tile_p[ntiles[0]] = off[e] + j * TR
                 ntiles[0] = ntiles[0] + 1
 
     @T.macro
@@ -355,7 +359,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         prefetcher streams it), accumulating whole rows of g/u/d in L1; only the tile's nr real rows."""
         e = tile_e[j]
         p0 = tile_p[j]
-        nr = T.min(off[e + 1] - p0, T.int64(RB))
+        nr = T.min(off[e + 1] - p0, T.int64(TR))
         for r in range(nr):
             for h in range(H):
                 xs[r, h] = T.Cast(f32, x[rows[p0 + r], h])
@@ -384,14 +388,14 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
 
     @T.macro
     def tiles(first, count, step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn):
-        """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most RB, all
+        """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most TR, all
         of expert tile_e[j]) -> dn[p] = weight * expert(x[rows[p]]). The scratch is allocated once
         per call of this (inside a parallel loop, once per chunk: not per tile)."""
-        xs = T.alloc_local((RB, H), f32)
-        hid = T.alloc_local((RB, I), f32)
-        g = T.alloc_local((RB, GW), f32)
-        u = T.alloc_local((RB, GW), f32)
-        d = T.alloc_local((RB, DW), f32)
+        xs = T.alloc_local((TR, H), f32)
+        hid = T.alloc_local((TR, I), f32)
+        g = T.alloc_local((TR, GW), f32)
+        u = T.alloc_local((TR, GW), f32)
+        d = T.alloc_local((TR, DW), f32)
         for jj in range(count):
             if stream:
                 tile_stream(first + jj * step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p,

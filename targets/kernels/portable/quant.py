@@ -33,3 +33,24 @@ def quant_matmul(x: te.Tensor, q: te.Tensor, s: te.Tensor, z, bias, *, K: int, N
     if bias is None:
         return te.compute((m, N), lambda i, n: acc[i, n].astype(x.dtype), name="qmatmul_out")
     return te.compute((m, N), lambda i, n: (acc[i, n] + bias[n].astype("float32")).astype(x.dtype), name="qmatmul_out")
+
+
+def quant_gather(ids: te.Tensor, q: te.Tensor, s, *, K: int, N: int, bits: int, block_size: int, format: str,
+                 row_block: int = 0):
+    """ids [...] -> y [..., K] float32, the rows of the table dequantize(q, s) [N, K] (QuantGather; q
+    [N, K / 2 | K], s [N, KB] or None for 16-bit tables): only the gathered rows are decoded. With `row_block`
+    NB the operands are bound column-blocked ([N / NB, X, NB]), as a tied LM head's QuantMatMul reads them."""
+    at = (lambda t, r, k: t[tirx.floordiv(r, row_block), k, tirx.floormod(r, row_block)]) if row_block else \
+        (lambda t, r, k: t[r, k])
+
+    def element(*idx):
+        r, k = ids[idx[:-1]].astype("int64"), idx[-1]
+        r = tirx.Select(r < 0, r + tirx.const(N, "int64"), r)
+        if bits == 4:
+            b = at(q, r, tirx.floordiv(k, 2))
+            code = tirx.Select(tirx.floormod(k, 2) == 0, value(b, bits, format), value(b, bits, format, high=True))
+        else:
+            code = value(at(q, r, k), bits, format)
+        return code if bits == 16 else code * at(s, r, tirx.floordiv(k, block_size))
+
+    return te.compute(list(ids.shape) + [K], element, name="quant_gather")
