@@ -14,12 +14,13 @@ def gemm(lw, node):
     from .dense import HALF
     op = lw.relax.op
     a, b, c = lw.get(node.inputs[0]), lw.get(node.inputs[1]), _opt(lw, node, 2)
+    dtype = a.ty.dtype                # (a permuted below is an unnormalised call, without a type yet)
     if node.attrs.get("transA", 0):
         a = op.permute_dims(a, [1, 0])
     if node.attrs.get("transB", 0):
         b = op.permute_dims(b, [1, 0])
-    half = a.ty.dtype in HALF         # 16-bit operands (passes/compute_dtype.py): accumulate in f32
-    y = lw.emit(op.astype(op.matmul(a, b, out_dtype="float32"), a.ty.dtype) if half else op.matmul(a, b))
+    half = dtype in HALF              # 16-bit operands (passes/compute_dtype.py): accumulate in f32
+    y = lw.emit(op.astype(op.matmul(a, b, out_dtype="float32"), dtype) if half else op.matmul(a, b))
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     if alpha != 1.0:
         y = lw.emit(op.multiply(y, const(lw, alpha, y)))
