@@ -363,20 +363,20 @@ def llama_cpp_prompt(gguf: Path, bin_dir: Path, prompt: int, runs: int, threads:
 def polyport_prompt(onnx: Path, art: Path, prompt: int, runs: int, threads: int) -> list[float]:
     """ms of each of `runs` `start(prompt)` calls: the prefill program over `prompt` tokens and the last
     row's logits (engines.py's `decode` child, time to first token)."""
-    spec = {"kind": "decode", "onnx": str(onnx), "artifact": str(art), "threads": threads, "prompts": [prompt],
-            "contexts": [], "runs": runs, "steps": 0, "batch": 1}
-    out = engines.run_child(spec)
-    if "skip" in out or "skip" in out["rows"][0]:
-        raise RuntimeError(f"polyport prefill of {art.name} at {prompt}: {out.get('skip') or out['rows'][0]['skip']}")
-    return out["rows"][0]["times_ms"]
+    return _polyport_times(onnx, art, f"prefill at {prompt}", threads, prompts=[prompt], contexts=[], runs=runs,
+                           steps=0, batch=1)
 
 
 def polyport_decode(onnx: Path, art: Path, context: int, tokens: int, threads: int, batch: int = 1) -> list[float]:
-    spec = {"kind": "decode", "onnx": str(onnx), "artifact": str(art), "threads": threads, "prompts": [],
-            "contexts": [context], "runs": 1, "steps": tokens, "batch": batch}
-    out = engines.run_child(spec)
+    return _polyport_times(onnx, art, f"decode at {context}", threads, prompts=[], contexts=[context], runs=1,
+                           steps=tokens, batch=batch)
+
+
+def _polyport_times(onnx: Path, art: Path, what: str, threads: int, **spec) -> list[float]:
+    """The times of the one row an engines.py `decode` child measures for `spec`; its skip, as an error."""
+    out = engines.run_child({"kind": "decode", "onnx": str(onnx), "artifact": str(art), "threads": threads, **spec})
     if "skip" in out or "skip" in out["rows"][0]:
-        raise RuntimeError(f"polyport decode of {art.name} at {context}: {out.get('skip') or out['rows'][0]['skip']}")
+        raise RuntimeError(f"polyport {what} of {art.name}: {out.get('skip') or out['rows'][0]['skip']}")
     return out["rows"][0]["times_ms"]
 
 
@@ -395,6 +395,28 @@ def quantization(scheme: str):
     return WeightQuantization(quantize, GROUP_SIZE, lm_head=True, embeddings=True) if quantize else None
 
 
+def alternate(jobs: list, rounds: int, what: str) -> dict[str, list[float]]:
+    """Each job's child once a round, the order reversed every other round; per key the median of each child's
+    times, and the load average at each round's start under "load"."""
+    got = {key: [] for key, _ in jobs} | {"load": []}
+    for r in range(rounds):
+        got["load"].append(os.getloadavg()[0])
+        for key, job in (jobs if r % 2 == 0 else jobs[::-1]):
+            log(f"{what} round {r + 1}/{rounds}: {key}")
+            got[key].append(statistics.median(job()))
+    return got
+
+
+def engine_columns(got: dict[str, list[float]], tokens: int) -> dict:
+    """A row's per-engine columns: ms, tokens/s (`tokens` a call), llama.cpp ms / polyport ms per round, load."""
+    row = {"load_avg": engines.spread(got["load"])}
+    for key in ("polyport", "llama.cpp"):
+        row[key] = engines.spread(got[key])
+        row[f"{key}_tok_s"] = engines.spread([tokens * 1e3 / t for t in got[key]])
+    row["ratio"] = engines.spread([c / p for c, p in zip(got["llama.cpp"], got["polyport"])])
+    return row
+
+
 def measure(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, args) -> list[dict]:
     """One row per (batch, context): rounds alternating the triad, polyport and llama.cpp children."""
     from polyport.runtime.artifact import Artifact
@@ -405,23 +427,13 @@ def measure(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, args) -> 
     rows = []
     for batch in args.batch:
         for context in args.contexts:
-            got = {"polyport": [], "llama.cpp": [], "gbps": [], "load": []}
             jobs = [("polyport", lambda: polyport_decode(onnx, art, context, args.tokens, args.threads, batch)),
                     ("llama.cpp", lambda: run_self("--decode-child", gguf, context, "--tokens", args.tokens,
                                                    "--threads", args.threads, "--batch", batch)["times_ms"]),
                     ("gbps", lambda: engines.run_child(triad)["gbps"])]
-            for r in range(args.rounds):
-                got["load"].append(os.getloadavg()[0])
-                for key, job in (jobs if r % 2 == 0 else jobs[::-1]):
-                    log(f"{name} {scheme} batch {batch} context {context} round {r + 1}/{args.rounds}: {key}")
-                    got[key].append(statistics.median(job()))
+            got = alternate(jobs, args.rounds, f"{name} {scheme} batch {batch} context {context}")
             row = {"model": name, "scheme": scheme, "gguf": SCHEMES[scheme][1], "batch": batch, "context": context,
-                   "load_avg": engines.spread(got["load"])}
-            for key in ("polyport", "llama.cpp", "gbps"):
-                row[key] = engines.spread(got[key])
-            for key in ("polyport", "llama.cpp"):
-                row[f"{key}_tok_s"] = engines.spread([batch * 1e3 / t for t in got[key]])
-            row["ratio"] = engines.spread([c / p for c, p in zip(got["llama.cpp"], got["polyport"])])
+                   "gbps": engines.spread(got["gbps"]), **engine_columns(got, batch)}
             nbytes = tpot_bytes(cost, generation, context, batch=batch)
             row["bytes_per_step"] = nbytes
             row["roofline_fraction"] = engines.spread([nbytes / (g * 1e9) / (p / 1e3)
@@ -437,21 +449,12 @@ def measure_prompts(name: str, scheme: str, onnx: Path, art: Path, gguf: Path, a
     """One row per --prompts length: rounds alternating polyport's and llama.cpp's prompt children."""
     rows = []
     for prompt in args.prompts:
-        got = {"polyport": [], "llama.cpp": [], "load": []}
         jobs = [("polyport", lambda: polyport_prompt(onnx, art, prompt, args.prompt_runs, args.threads)),
                 ("llama.cpp", lambda: run_self("--prompt-child", gguf, prompt, "--prompt-runs", args.prompt_runs,
                                                "--threads", args.threads)["times_ms"])]
-        for r in range(args.rounds):
-            got["load"].append(os.getloadavg()[0])
-            for key, job in (jobs if r % 2 == 0 else jobs[::-1]):
-                log(f"{name} {scheme} prompt {prompt} round {r + 1}/{args.rounds}: {key}")
-                got[key].append(statistics.median(job()))
+        got = alternate(jobs, args.rounds, f"{name} {scheme} prompt {prompt}")
         row = {"model": name, "scheme": scheme, "gguf": SCHEMES[scheme][1], "prompt": prompt,
-               "load_avg": engines.spread(got["load"])}
-        for key in ("polyport", "llama.cpp"):
-            row[key] = engines.spread(got[key])
-            row[f"{key}_tok_s"] = engines.spread([prompt * 1e3 / t for t in got[key]])
-        row["ratio"] = engines.spread([c / p for c, p in zip(got["llama.cpp"], got["polyport"])])
+               **engine_columns(got, prompt)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
