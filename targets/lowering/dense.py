@@ -28,9 +28,13 @@ def matmul(lw, node):
         return lw.emit(lw.relax.op.reshape(y, out)) if len(shape) != 2 else y
     if node.inputs[1].name in lw.packed and per_head_operands(node):
         return per_head_gemm(lw, a, b)
-    if a.ty.dtype in HALF:       # 16-bit operands (passes/compute_dtype.py): accumulate in f32
-        return lw.emit(lw.relax.op.astype(lw.relax.op.matmul(a, b, out_dtype="float32"), a.ty.dtype))
-    return lw.emit(lw.relax.op.matmul(a, b))
+    return accumulating_matmul(lw, a, b, a.ty.dtype)
+
+
+def accumulating_matmul(lw, a, b, dtype: str):
+    """a @ b; 16-bit operands (passes/compute_dtype.py) accumulate in f32 and store in `dtype`."""
+    op = lw.relax.op
+    return lw.emit(op.astype(op.matmul(a, b, out_dtype="float32"), dtype) if dtype in HALF else op.matmul(a, b))
 
 
 def flatten2d(lw, x):

@@ -11,7 +11,7 @@ def _opt(lw, node, i):
 
 @lowers("Gemm", dtypes=FLOAT_BF)
 def gemm(lw, node):
-    from .dense import HALF
+    from .dense import accumulating_matmul
     op = lw.relax.op
     a, b, c = lw.get(node.inputs[0]), lw.get(node.inputs[1]), _opt(lw, node, 2)
     dtype = a.ty.dtype                # (a permuted below is an unnormalised call, without a type yet)
@@ -19,8 +19,7 @@ def gemm(lw, node):
         a = op.permute_dims(a, [1, 0])
     if node.attrs.get("transB", 0):
         b = op.permute_dims(b, [1, 0])
-    half = dtype in HALF              # 16-bit operands (passes/compute_dtype.py): accumulate in f32
-    y = lw.emit(op.astype(op.matmul(a, b, out_dtype="float32"), dtype) if half else op.matmul(a, b))
+    y = accumulating_matmul(lw, a, b, dtype)
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     if alpha != 1.0:
         y = lw.emit(op.multiply(y, const(lw, alpha, y)))
