@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ..ir import dtypes
+from ..ir.fold import LOW_BIT_CODES
 from ..ir.graph import Graph, Node, Value
 from ..ir.onnx_reference import StandardOpRunner
 from ..ir.quant_layout import dq_format
@@ -31,8 +32,9 @@ from .pattern import NoMatch
 
 REGION_LIMIT = 64           # ops between a weight's codes and the weight (transformers' form takes ~12)
 BLOCKS = (256, 128, 64, 32, 16)
-# codes the QuantMatMul / MoE formats decode without a zero point (`int`, `fp8e4m3`)
-SIGNED_CODES = frozenset(np.dtype(t) for t in (ml_dtypes.float8_e4m3fn, ml_dtypes.int4, np.int8))
+# codes the QuantMatMul / MoE formats decode without a zero point (`int`, `fp8e4m3`): the ones the importer
+# never folds into f32
+SIGNED_CODES = frozenset(np.dtype(dtypes.from_name(n).numpy) for n in LOW_BIT_CODES)
 
 
 @dataclasses.dataclass
@@ -69,9 +71,9 @@ def block_codes(v: Value, k_axis: int, opsets: dict[str, int]) -> BlockCodes:
     if not layouts:
         raise NoMatch(f"%{v.name} {list(w.shape)} is not the codes {codes.name} {list(q.shape)} in some layout")
     k = w.shape[k_axis]
+    target = np.moveaxis(w, k_axis, -1)
     for c in layouts:
         d = np.moveaxis(c, k_axis, -1).astype(np.float32)
-        target = np.moveaxis(w, k_axis, -1)
         for block in (k,) + tuple(b for b in BLOCKS if b < k):
             s = _block_scales(d.reshape(-1, k), target.reshape(-1, k), block)
             if s is not None:
