@@ -10,11 +10,9 @@ here is larger than that.
 from __future__ import annotations
 
 import pathlib
-import warnings
 
 import ml_dtypes
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 BLOCK = (128, 128)
@@ -143,6 +141,18 @@ def to_fp8(model, keep=("lm_head",)) -> None:
         module.__class__ = type(f"FP8{type(module).__name__}", (type(module),), props)
 
 
+def _export_hf():
+    """examples/export_hf.py (the corpus exporter), imported from its folder."""
+    import sys
+    examples = str(pathlib.Path(__file__).resolve().parent.parent / "examples")
+    sys.path.insert(0, examples)
+    try:
+        import export_hf
+    finally:
+        sys.path.remove(examples)
+    return export_hf
+
+
 def deepseek_v3_fp8(out_dir: pathlib.Path) -> pathlib.Path:
     """A tiny random DeepSeek-V3 (MLA; layer 0 dense, layer 1 MoE: 4 experts top-2 + a shared expert) with its
     linear and expert weights in FP8 128x128 blocks, exported as examples/export_hf.py exports the corpus."""
@@ -152,12 +162,13 @@ def deepseek_v3_fp8(out_dir: pathlib.Path) -> pathlib.Path:
     import torch
     import transformers
     torch.manual_seed(0)
-    config = transformers.DeepseekV3Config(
+    config_kwargs = dict(
         vocab_size=256, hidden_size=256, intermediate_size=384, moe_intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
         n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         initializer_range=0.05, max_position_embeddings=256, use_cache=False, tie_word_embeddings=False)
+    config = transformers.DeepseekV3Config(**config_kwargs)
     config._attn_implementation = "eager"
     config._experts_implementation = "batched_mm"
     model = transformers.DeepseekV3ForCausalLM(config).float().eval()
@@ -172,20 +183,8 @@ def deepseek_v3_fp8(out_dir: pathlib.Path) -> pathlib.Path:
                 t.copy_(torch.randn_like(t) * 0.1)
     to_fp8(model)
 
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids=input_ids, use_cache=False).logits
-    example = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        seq = torch.export.Dim("seq", min=1)
-        program = torch.onnx.export(LogitsOnly(model), (example,), dynamo=True, input_names=["input_ids"],
-                                    output_names=["logits"], dynamic_shapes={"input_ids": {1: seq}},
-                                    external_data=False, optimize=True, verbose=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(program.model_proto, str(path))
+    export_hf = _export_hf()
+    spec = export_hf.ModelSpec("deepseek_v3", "fp8", "DeepseekV3Config", "DeepseekV3ForCausalLM", config_kwargs,
+                               moe=True, description="FP8 128x128-block linear and expert weights", path=path)
+    export_hf.export_model(spec, export_hf.LogitsOnly(model), path, None, keep_metadata=False)
     return path
