@@ -5,7 +5,7 @@ TVMScript parses every `T.prim_func` in Python, and most of that time goes to
 same kernel once per layer and per program (prefill, decode, the full forward),
 so a 16-layer export spent 85% of a half-hour cpu compile re-parsing identical
 kernels. A PrimFunc is immutable IR, so one object serves every request with the
-same arguments and the same vector width (cpu/isa.py: the tiles depend on it).
+same arguments and the same build CPU features (cpu/isa.py: the tiles and instructions depend on them).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 import tvm
 
-from .cpu.isa import vector_lanes
+from .cpu.isa import byte_dot, vector_lanes
 
 F = TypeVar("F", bound=Callable[..., Any])
 _PLAIN = (bool, int, float, str, type(None))
@@ -46,7 +46,7 @@ def cached_kernel(builder: F) -> F:
     @functools.wraps(builder)
     def cached(*args, **kwargs):
         try:
-            key = (vector_lanes(), _key(args), _key(tuple(sorted(kwargs.items()))))
+            key = (vector_lanes(), byte_dot(), _key(args), _key(tuple(sorted(kwargs.items()))))
         except _Unkeyable:
             return builder(*args, **kwargs)
         if key not in built:

@@ -14,14 +14,17 @@ tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
 from polyport.ir.quant_layout import quantize_experts  # noqa: E402
-from polyport.targets.kernels.cpu import moe  # noqa: E402
+from polyport.targets.cpu import host_mcpu  # noqa: E402
+from polyport.targets.kernels.cpu import isa, moe  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
 def _built(spec: moe.MoeSpec):
     """One build per spec (the token count is symbolic): tests over several lengths share it."""
-    func = moe.moe_func(spec).with_attr("global_symbol", "moe")
-    return tvm.compile(tvm.IRModule({"moe": func}), target=tvm.target.Target({"kind": "llvm"}))
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+    with target:                          # the kernel's instructions follow the target's (isa.py)
+        func = moe.moe_func(spec).with_attr("global_symbol", "moe")
+    return tvm.compile(tvm.IRModule({"moe": func}), target=target)
 
 
 def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0,
@@ -148,3 +151,17 @@ def test_quantized_experts_decoded_in_registers(scheme, inter):
     spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=inter, out=64, renormalize=True)
     for seq in (1, moe.RB + 1):
         _run(spec, seq, seed=seq, scheme=scheme)
+
+
+def test_quantized_decode_tiles_as_byte_dot_products():
+    """Where the host has VNNI and VBMI, tiles of at most BYTE_DOT_ROWS rows (decode) run their int4 GEMVs as
+    byte dot products (int_dot.py) and match the reference on the dequantized experts; longer inputs mix
+    them with the f32 tiles."""
+    with tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}):
+        if not isa.byte_dot():
+            pytest.skip("the host has no AVX512-VNNI / VBMI")
+        spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=64, out=48, renormalize=True, bits=4, block=32)
+        assert "vpdpbusd" in moe.moe_func(spec).script()
+    spec = dataclasses.replace(spec, bits=0, block=0)         # _run quantizes
+    for seq in (1, 2, 9):
+        _run(spec, seq, seed=seq, scheme="int4")

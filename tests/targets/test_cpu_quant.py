@@ -15,6 +15,8 @@ from polyport.compiler import compile_model  # noqa: E402
 from polyport.frontend.onnx_import import import_onnx  # noqa: E402
 from polyport.ir.fused.quant import dequantize  # noqa: E402
 from polyport.ir.quant_layout import quantize, to_float16  # noqa: E402
+from polyport.targets.cpu import host_mcpu  # noqa: E402
+from polyport.targets.kernels.cpu import int_dot, isa  # noqa: E402
 from polyport.targets.kernels.cpu.quant_gemm import quant_dense_func  # noqa: E402
 from polyport.runtime.cpu_session import _pack  # noqa: E402
 from polyport.runtime.reference import ReferenceSession  # noqa: E402
@@ -53,7 +55,8 @@ def test_quant_dense_kernel_matches_reference(scheme, fmt, K, block, zeros, mcpu
         q.zeros = rng.integers(0, 2 ** q.bits, q.scales.shape).astype(np.float32)
     w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
     bias = rng.standard_normal(N).astype(np.float32)
-    func = quant_dense_func(K, N // NB, NB, q.bits, block, q.format, zeros, True, lanes=lanes)
+    with isa.building_for(mcpu):              # its instructions (int_dot.py's byte dot products) too
+        func = quant_dense_func(K, N // NB, NB, q.bits, block, q.format, zeros, True, lanes=lanes)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                      target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
     none = np.zeros(1, np.float32)
@@ -76,10 +79,12 @@ def test_quant_gemv_from_the_decode_threshold_runs_parallel():
     N = PARALLEL_MIN_DECODE_MACS // K
     q = quantize(rng.standard_normal((K, N)).astype(np.float32), "int4", 32)
     w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
-    func = quant_dense_func(K, N // NB, NB, q.bits, 32, q.format, False, False)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+    with target:
+        func = quant_dense_func(K, N // NB, NB, q.bits, 32, q.format, False, False)
     gemv = func.script().split("else:")[0]                     # the few-rows branch comes first
     assert "T.parallel" in gemv
-    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     none = np.zeros(1, np.float32)
     for m in (1, 2):
         x = rng.standard_normal((m, K)).astype(np.float32)
@@ -88,6 +93,37 @@ def test_quant_gemv_from_the_decode_threshold_runs_parallel():
         ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
         want = x @ w.T
         assert np.abs(out.numpy() - want).max() <= 1e-5 * np.abs(want).max(), f"m={m}"
+
+
+@pytest.mark.parametrize("fmt,K,block", [("int", 128, 32), ("uint", 256, 128), ("int", 96, 8)])
+def test_quant_gemv_as_byte_dot_products(fmt, K, block):
+    """Where the host has VNNI and VBMI, a 4-bit GEMV (1 to 5 rows: tiles of two and a tail) runs as byte dot
+    products over 24-bit block integers of x (int_dot.py) and matches the dequantized weights to f32
+    precision, including a block of zeros and one 1e4 times larger than the rest."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+    with target:
+        if not isa.byte_dot():
+            pytest.skip("the host has no AVX512-VNNI / VBMI")
+        assert int_dot.usable(4, fmt, False, block)
+        rng = np.random.default_rng(5)
+        N, NB = 64, 16
+        q = quantize(rng.standard_normal((K, N)).astype(np.float32), "int4", block)
+        if fmt == "uint":                       # the same values as unsigned codes centred on 8
+            q.format, q.qweight = "uint", q.qweight ^ np.uint8(0x88)
+        w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
+        func = quant_dense_func(K, N // NB, NB, 4, block, fmt, False, False)
+    assert "vpdpbusd" in func.script()
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    none = np.zeros(1, np.float32)
+    for m in (1, 2, 5):
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        x[:, :block] = 0.0
+        x[:, block:2 * block] *= 1e4
+        out = tvm.runtime.tensor(np.zeros((m, N), np.float32))
+        args = [x, _pack(q.qweight.T, NB), _pack(q.scales.T, NB), none, none]
+        ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        assert np.abs(out.numpy() - want).max() <= 1e-6 * np.abs(want).max(), f"m={m}"
 
 
 def _nbits_case(name, block, symmetric, marks=()):

@@ -1,4 +1,5 @@
-"""The vector width the cpu kernels are built for, from the LLVM CPU the build targets.
+"""What the cpu kernels are built for, from the LLVM CPU the build targets: the vector width, and
+whether the CPU has byte dot products (`byte_dot`).
 
 Register tiles are sized in vector registers: AVX-512 has 32 registers of 16 float32 lanes,
 AVX2 16 of 8. A tile sized for one spills on the other (slower, never wrong), so the cpu
@@ -11,39 +12,54 @@ import contextlib
 import contextvars
 import functools
 
-_LANES: contextvars.ContextVar[int] = contextvars.ContextVar("cpu_vector_lanes", default=0)
+_MCPU: contextvars.ContextVar[str] = contextvars.ContextVar("cpu_mcpu", default="")
+BYTE_DOT_FEATURES = ("avx512f", "avx512vnni", "avx512vbmi")   # vpdpbusd, and vpermb / vpmultishiftqb for nibbles
 
 
 @functools.lru_cache(maxsize=None)
-def lanes_of(mcpu: str) -> int:
-    """float32 lanes of the widest vector register of LLVM CPU `mcpu` (16: AVX-512, else 8)."""
+def _features(mcpu: str) -> frozenset:
     import tvm
     from tvm.target import codegen
     try:
-        avx512 = bool(codegen.target_has_features("avx512f", tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+        return frozenset(f for f in BYTE_DOT_FEATURES if codegen.target_has_features(f, target))
     except Exception:       # an LLVM without the name: the AVX2 tiles are correct everywhere
-        avx512 = False
-    return 16 if avx512 else 8
+        return frozenset()
 
 
-def vector_lanes() -> int:
-    """The width set by `building_for`, else the current TVM target's (the cpu target lowers inside
+def lanes_of(mcpu: str) -> int:
+    """float32 lanes of the widest vector register of LLVM CPU `mcpu` (16: AVX-512, else 8)."""
+    return 16 if "avx512f" in _features(mcpu) else 8
+
+
+def _mcpu() -> str:
+    """The CPU set by `building_for`, else the current TVM target's (the cpu target lowers inside
     `with target:`), else the host's."""
-    lanes = _LANES.get()
-    if lanes:
-        return lanes
+    mcpu = _MCPU.get()
+    if mcpu:
+        return mcpu
     import tvm
     t = tvm.target.Target.current(allow_none=True)
     if t is not None and t.kind.name == "llvm" and t.attrs.get("mcpu"):
-        return lanes_of(str(t.attrs["mcpu"]))
+        return str(t.attrs["mcpu"])
     from ...cpu import host_mcpu
-    return lanes_of(host_mcpu())
+    return host_mcpu()
+
+
+def vector_lanes() -> int:
+    return lanes_of(_mcpu())
+
+
+def byte_dot() -> bool:
+    """Whether the build CPU multiplies bytes into int32 sums (AVX512-VNNI) and permutes bytes and nibbles
+    (AVX512-VBMI): int_dot.py's quantized GEMVs."""
+    return _features(_mcpu()) >= frozenset(BYTE_DOT_FEATURES)
 
 
 @contextlib.contextmanager
 def building_for(mcpu: str):
-    token = _LANES.set(lanes_of(mcpu))
+    token = _MCPU.set(mcpu)
     try:
         yield
     finally:
-        _LANES.reset(token)
+        _MCPU.reset(token)

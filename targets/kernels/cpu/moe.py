@@ -14,7 +14,9 @@ which cost more than the expert math on small models):
 4. combine: each token sums its top_k rows (an inverse permutation instead of a racy scatter-add).
 
 Quantized experts (ir/fused/moe.py: codes [E, K / 2 | K, N] and scales) are decoded in registers where
-the GEMMs load them (quant_codes.py), each decoded vector serving the tile's RB rows: no f32 copy.
+the GEMMs load them (quant_codes.py), each decoded vector serving the tile's RB rows: no f32 copy. Where the
+CPU has byte dot products, a tile of at most BYTE_DOT_ROWS rows (decode) runs its GEMVs as int_dot.py's
+byte dot products instead, a row at a time, 16 columns per register.
 
 The kernel carries its own loop schedule (parallel, vectorised over the contiguous output axis) and
 is marked opaque, so the schedule module and Relax's fusion leave it alone.
@@ -29,6 +31,7 @@ from tvm.script import tirx as T
 
 from ..memo import cached_kernel
 from ..quant_codes import value
+from . import int_dot
 from .mlp import activation, clamp_up
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
@@ -38,6 +41,7 @@ STREAM_RB = 8                   # rows per streamed tile: a streamed expert is r
                                 # (8 rows of gate and up, 32 KB at I = 512) stay in L1 (4 rows: this kernel
                                 # 1.4x slower on qwen3_moe_700m's 128-token prefill; 12 or 16: slower again)
 STREAM_BYTES = 256 << 10        # an expert's gate matrix above this streams (tile_stream)
+BYTE_DOT_ROWS = 2               # a tile of at most this many rows runs as byte dot products (where usable)
 CHUNKS = 8                      # parallel chunks of tiles (a few per thread, so uneven experts still balance)
 NEG_INF = float("-inf")
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -116,6 +120,15 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     stream = H * I * 4 > STREAM_BYTES
     GW, DW = (I, Ho) if stream else (VI, VO)
     TR = STREAM_RB if stream else RB      # rows per tile
+    byte_dot = bool(s.bits) and int_dot.usable(s.bits, s.fmt, False, s.block) and H % s.block == 0 \
+        and I % s.block == 0 and I % int_dot.LANES == 0 and Ho % int_dot.LANES == 0
+    flip = s.fmt == "int"
+    L16 = int_dot.LANES
+    # columns per pass over an expert's rows (a pass reads CG or CD x 16 bytes of each row), as many as keep the
+    # int32 sums in registers: gate and up 2 x CG x DIGITS, down CD x DIGITS
+    CG = 2 if I % (2 * L16) == 0 else 1
+    CD = 4 if Ho % (4 * L16) == 0 else (2 if Ho % (2 * L16) == 0 else 1)
+    KMAX = max(H, I)
 
     RB_SHAPE, BI_SHAPE, BO_SHAPE = ((E,) if s.router_bias else (1,)), ((E, I) if s.biases else (1,)), \
         ((E, Ho) if s.biases else (1,))
@@ -386,6 +399,83 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 for v in T.vectorized(VO):
                     dn[p0 + r, oc * VO + v] = down_biased(d[r, oc * VO + v], e, oc * VO + v, pw[p0 + r], bd)
 
+    def codes(w, e, kq, col):
+        """Expert e's code bytes of k-pairs kq and kq + 1 for 16 columns from col, as int_dot.nibble_bytes."""
+        return int_dot.nibble_bytes(w[e, kq, T.Ramp(col, 1, L16)], w[e, kq + 1, T.Ramp(col, 1, L16)], flip)
+
+    @T.macro
+    def tile_bytes(j, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, hid, dig, sx, vs):
+        """A tile of few rows as byte dot products (int_dot.py), a row at a time: the gate / up GEMVs 16
+        columns at a time (their 2 x DIGITS int32 sums independent), then the down GEMV over the quantized
+        activated row (CHAINS sums per digit)."""
+        e = tile_e[j]
+        p0 = tile_p[j]
+        for r in range(T.min(off[e + 1] - p0, T.int64(TR))):
+            int_dot.quantize_row(x, rows[p0 + r], H, s.block, dig, 0, sx, vs)
+            for ic in range(I // (L16 * CG)):
+                acc = T.alloc_local((2, CG, L16), f32)
+                ds = T.alloc_local((2, CG, int_dot.DIGITS, L16), "int32")
+                for m, cb, v in T.grid(2, CG, L16):
+                    acc[m, cb, v] = T.float32(0)
+                for kb in range(H // s.block):
+                    for m, cb, d, v in T.grid(2, CG, int_dot.DIGITS, L16):
+                        ds[m, cb, d, v] = 0
+                    for g in range(s.block // 4):
+                        for cb in T.unroll(CG):
+                            for d in T.unroll(int_dot.DIGITS):
+                                ds[0, cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
+                                    ds[0, cb, d, T.Ramp(0, 1, L16)],
+                                    codes(wg, e, kb * (s.block // 2) + g * 2, (ic * CG + cb) * L16),
+                                    int_dot.digits4(dig, 0, d, kb * s.block + g * 4))
+                                ds[1, cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
+                                    ds[1, cb, d, T.Ramp(0, 1, L16)],
+                                    codes(wu, e, kb * (s.block // 2) + g * 2, (ic * CG + cb) * L16),
+                                    int_dot.digits4(dig, 0, d, kb * s.block + g * 4))
+                    for cb in T.unroll(CG):
+                        for v in T.vectorized(L16):
+                            acc[0, cb, v] = acc[0, cb, v] + int_dot.block_value(
+                                ds[0, cb, 0, v], ds[0, cb, 1, v], ds[0, cb, 2, v], vs[0, kb], sx[0, kb]) \
+                                * sg[e, kb, (ic * CG + cb) * L16 + v]
+                            acc[1, cb, v] = acc[1, cb, v] + int_dot.block_value(
+                                ds[1, cb, 0, v], ds[1, cb, 1, v], ds[1, cb, 2, v], vs[0, kb], sx[0, kb]) \
+                                * su[e, kb, (ic * CG + cb) * L16 + v]
+                for cb in T.unroll(CG):
+                    for v in T.vectorized(L16):
+                        hid[0, (ic * CG + cb) * L16 + v] = act(acc[0, cb, v], acc[1, cb, v], e, (ic * CG + cb) * L16 + v,
+                                                               bg, bu) * pw[p0 + r]
+            int_dot.quantize_row(hid, 0, I, s.block, dig, 0, sx, vs)
+            for oc in range(Ho // (L16 * CD)):
+                dacc = T.alloc_local((CD, L16), f32)
+                dds = T.alloc_local((CD, int_dot.DIGITS, L16), "int32")
+                for cb, v in T.grid(CD, L16):
+                    dacc[cb, v] = T.float32(0)
+                for kb in range(I // s.block):
+                    for cb, d, v in T.grid(CD, int_dot.DIGITS, L16):
+                        dds[cb, d, v] = 0
+                    for g in range(s.block // 4):
+                        for cb in T.unroll(CD):
+                            for d in T.unroll(int_dot.DIGITS):
+                                dds[cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
+                                    dds[cb, d, T.Ramp(0, 1, L16)],
+                                    codes(wd, e, kb * (s.block // 2) + g * 2, (oc * CD + cb) * L16),
+                                    int_dot.digits4(dig, 0, d, kb * s.block + g * 4))
+                    for cb in T.unroll(CD):
+                        for v in T.vectorized(L16):
+                            dacc[cb, v] = dacc[cb, v] + int_dot.block_value(
+                                dds[cb, 0, v], dds[cb, 1, v], dds[cb, 2, v], vs[0, kb], sx[0, kb]) \
+                                * sd[e, kb, (oc * CD + cb) * L16 + v]
+                for cb in T.unroll(CD):
+                    for v in T.vectorized(L16):
+                        dn[p0 + r, (oc * CD + cb) * L16 + v] = down_biased(dacc[cb, v], e, (oc * CD + cb) * L16 + v,
+                                                                           pw[p0 + r], bd)
+
+    @T.macro
+    def any_tile(j, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
+        if stream:
+            tile_stream(j, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+        else:
+            tile_regs(j, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d)
+
     @T.macro
     def tiles(first, count, step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn):
         """Tiles first, first + step, ... (count of them); one tile: rows tile_p[j] .. (at most TR, all
@@ -396,13 +486,20 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         g = T.alloc_local((TR, GW), f32)
         u = T.alloc_local((TR, GW), f32)
         d = T.alloc_local((TR, DW), f32)
+        dig = T.alloc_buffer((1, int_dot.DIGITS, KMAX if byte_dot else 4), "int8")
+        sx = T.alloc_buffer((1, KMAX // s.block if byte_dot else 1), f32)
+        vs = T.alloc_buffer((1, KMAX // s.block if byte_dot else 1), f32)
         for jj in range(count):
-            if stream:
-                tile_stream(first + jj * step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p,
-                            dn, xs, hid, g, u, d)
+            if byte_dot:
+                if off[tile_e[first + jj * step] + 1] - tile_p[first + jj * step] <= BYTE_DOT_ROWS:
+                    tile_bytes(first + jj * step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e,
+                               tile_p, dn, hid, dig, sx, vs)
+                else:
+                    any_tile(first + jj * step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p,
+                             dn, xs, hid, g, u, d)
             else:
-                tile_regs(first + jj * step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p,
-                          dn, xs, hid, g, u, d)
+                any_tile(first + jj * step, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p,
+                         dn, xs, hid, g, u, d)
 
     @T.macro
     def experts_and_combine(n, x, wg, wu, wd, bg, bu, bd, sg, su, sd, idx, wt, y):

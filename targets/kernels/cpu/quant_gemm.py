@@ -10,6 +10,9 @@ accumulator for each row; the block's scale is applied once per block (acc += sc
 minus zero * sum(x over the block) where the weights have zero points). The traffic per weight is
 its code, never an f32 copy. The column blocks are split over the threads from parallel.py's
 PARALLEL_MIN_DECODE_MACS (K N multiply-adds): decoding the codes, not reading them, binds the GEMV.
+Where the CPU has byte dot products (int_dot.py: AVX512-VNNI and -VBMI), a 4-bit GEMV instead turns each
+row's activations into 24-bit block integers once per call and sums codes x digits in int32, 64 per
+instruction: 1.4-1.5x the f32 GEMV's speed at K = 1024, N = 4096 (one thread, weights in cache or not).
 (On a shared machine a launch waits for a descheduled worker: at load ~18 a K = N = 2048 int4 GEMV
 took 1.3 ms on one thread and 28 ms on two; idle, the second core halves it.)
 
@@ -27,6 +30,7 @@ from tvm.script import tirx as T
 
 from ..memo import cached_kernel
 from ..quant_codes import value
+from . import int_dot
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_DECODE_MACS, PARALLEL_MIN_MACS
 
@@ -75,6 +79,8 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
     zero = tirx.const(0.0, "float32")
     CHAINS = 2 * per_byte            # independent accumulators per row: alternate k, and each nibble
     gemv_parallel = K * NO * NB >= PARALLEL_MIN_DECODE_MACS   # parallel.py: decoding codes binds a GEMV
+    byte_dot = scaled and K % block == 0 and int_dot.usable(bits, fmt, zeros, block, NB)
+    RD = min(R, 2)                   # byte-dot rows per tile: each row holds CHAINS x DIGITS int32 sums
     assert K % per_byte == 0 and block % per_byte == 0
 
     def chains_sum(bacc, ii, ji):
@@ -152,6 +158,40 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
             store(O, B, acc, i, T.int64(1), jo * T.int64(NB), NB)
 
     @T.macro
+    def bytes_tile(Q, S, dig, sx, vs, acc, dsum, row0, rows, jo):
+        """gemv_tile over byte dot products (int_dot.py): per block, CHAINS x DIGITS int32 sums per row."""
+        for ii, ji in T.grid(rows, T.int64(NB)):
+            acc[ii, ji] = zero
+        for kb in range(T.int64(KB)):
+            for ii, ch, d, ji in T.grid(rows, int_dot.CHAINS, int_dot.DIGITS, T.int64(NB)):
+                dsum[ii, ch, d, ji] = 0
+            for g in range(T.int64(BQ // (2 * int_dot.CHAINS))):
+                for ch in T.unroll(int_dot.CHAINS):
+                    kq = kb * T.int64(BQ) + (g * T.int64(int_dot.CHAINS) + T.int64(ch)) * T.int64(2)
+                    codes = int_dot.nibble_bytes(Q[jo, kq, T.Ramp(T.int64(0), 1, NB)],
+                                                 Q[jo, kq + T.int64(1), T.Ramp(T.int64(0), 1, NB)], fmt == "int")
+                    for ii in T.unroll(rows):
+                        for d in T.unroll(int_dot.DIGITS):
+                            dsum[ii, ch, d, T.Ramp(0, 1, NB)] = int_dot.dot(
+                                dsum[ii, ch, d, T.Ramp(0, 1, NB)], codes, int_dot.digits4(dig, row0 + ii, d, kq * 2))
+            for ii in T.unroll(rows):
+                for ji in T.vectorized(T.int64(NB)):
+                    acc[ii, ji] = acc[ii, ji] + int_dot.block_value(
+                        dsum[ii, 0, 0, ji] + dsum[ii, 1, 0, ji], dsum[ii, 0, 1, ji] + dsum[ii, 1, 1, ji],
+                        dsum[ii, 0, 2, ji] + dsum[ii, 1, 2, ji], vs[row0 + ii, kb], sx[row0 + ii, kb]) * S[jo, kb, ji]
+
+    @T.macro
+    def bytes_columns(Q, S, B, O, dig, sx, vs, M, jo):
+        acc = T.alloc_buffer((RD, NB), "float32", scope="local")
+        dsum = T.alloc_buffer((RD, int_dot.CHAINS, int_dot.DIGITS, NB), "int32", scope="local")
+        for io in range(M // T.int64(RD)):
+            bytes_tile(Q, S, dig, sx, vs, acc, dsum, io * T.int64(RD), T.int64(RD), jo)
+            store(O, B, acc, io * T.int64(RD), T.int64(RD), jo * T.int64(NB), NB)
+        for i in range(M // T.int64(RD) * T.int64(RD), M):
+            bytes_tile(Q, S, dig, sx, vs, acc, dsum, i, T.int64(1), jo)
+            store(O, B, acc, i, T.int64(1), jo * T.int64(NB), NB)
+
+    @T.macro
     def decode_step(Q, S, Z, wblk, g, jb, kb, kk, p):
         for ji in T.vectorized(T.int64(NB)):
             if not scaled:
@@ -203,7 +243,19 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
         B = T.match_buffer(b_h, (NO * NB,) if bias else (1,), "float32")
         O = T.match_buffer(o_h, (M, NO * NB), dtype)
         if M < T.int64(MB):
-            if gemv_parallel:
+            if byte_dot:
+                dig = T.alloc_buffer((M, int_dot.DIGITS, K), "int8")
+                sx = T.alloc_buffer((M, KB), "float32")
+                vs = T.alloc_buffer((M, KB), "float32")
+                for i in range(M):
+                    int_dot.quantize_row(X, i, K, block, dig, i, sx, vs)
+                if gemv_parallel:
+                    for jo in T.parallel(T.int64(NO)):
+                        bytes_columns(Q, S, B, O, dig, sx, vs, M, jo)
+                else:
+                    for jo in range(T.int64(NO)):
+                        bytes_columns(Q, S, B, O, dig, sx, vs, M, jo)
+            elif gemv_parallel:
                 for jo in T.parallel(T.int64(NO)):
                     gemv_columns(X, Q, S, Z, B, O, M, jo)
             else:
