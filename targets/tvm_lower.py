@@ -198,8 +198,8 @@ class _Lowerer:
             if layout is not None:    # quantized weight operands: parameters, codes bound as stored or column-blocked
                 qnb, k_major = layout
                 shape = list(arr.shape)
-                if qnb and k_major:      # [K, N] stored, [N/NB, K, NB] bound (as dense weights)
-                    shape = [arr.shape[1] // qnb, arr.shape[0], qnb]
+                if qnb and k_major:      # [.., K, N] stored, [.., N/NB, K, NB] bound (as dense weights)
+                    shape = [*arr.shape[:-2], arr.shape[-1] // qnb, arr.shape[-2], qnb]
                     self.packed[name] = qnb
                 elif qnb:                # [N, K] stored, [N/NB, K, NB] bound
                     shape = [arr.shape[0] // qnb, arr.shape[1], qnb]

@@ -141,10 +141,12 @@ def moe_cpu(lw, node):
     a = attrs_of(node)
     x2, shape = flatten2d(lw, lw.get(x))
     H, E = (lw.as_int(d) for d in lw.shape(lw.get(router_w)))
-    Ew, Hw, I = (lw.as_int(d) for d in lw.shape(lw.get(wg)))
+    nb = lw.packed.get(wg.name, 0)           # codes and scales bound column-blocked (lowering/quant.py)
+    Ew, Hw, I = (lw.as_int(d) for d in lw.shape(lw.get(wg))) if not nb else \
+        (lw.as_int(lw.shape(lw.get(wg))[0]), lw.as_int(lw.shape(lw.get(wg))[2]), lw.as_int(lw.shape(lw.get(wg))[1]) * nb)
     per_byte = 2 if a["bits"] == 4 else 1
     Hw = None if Hw is None else Hw * per_byte
-    Ho = lw.as_int(lw.shape(lw.get(wd))[2])
+    Ho = lw.as_int(lw.shape(lw.get(wd))[2]) if not nb else lw.as_int(lw.shape(lw.get(wd))[1]) * nb
     if None in (H, E, I, Ho) or (Ew, Hw) != (E, H):
         raise lw.unsupported(node, "expert and router weights need static, matching shapes")
     groups = a["n_group"]
@@ -158,7 +160,7 @@ def moe_cpu(lw, node):
         scaling=a["routed_scaling"], act=a["activation"], clamp=a["clamp"], alpha=a["alpha"],
         up_offset=a["up_offset"], router_bias=router_b is not None, routing=a["routing"], jitter_eps=a["jitter_eps"],
         biases=any(b is not None for b in (b_gate, b_up, b_down)), x_dtype=x2.ty.dtype, w_dtype=lw.get(wg).ty.dtype,
-        bits=a["bits"], block=a["block_size"], fmt=a["format"])
+        bits=a["bits"], block=a["block_size"], fmt=a["format"], column_block=nb)
     if spec.scoring not in moe.SCORINGS:
         raise lw.unsupported(node, f"scoring {spec.scoring!r}")
     if hash_table is not None:

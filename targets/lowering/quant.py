@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.fused.moe import EXPERT_WEIGHTS, quantized
+from ...ir.fused.moe import SCALES as MOE_SCALES
 from ...ir.ops import attrs_of
 from . import lowers
 from .dense import PACKED_WEIGHTS, flatten2d
@@ -42,6 +43,18 @@ def _gated_nb(lw, node) -> int:
     return nbs.pop() if len(nbs) == 1 else 0
 
 
+def _moe_nb(lw, node) -> int:
+    """NB for a quantized MoE's codes and scales ([E, X, N] -> [E, N/NB, X, NB]: each column block of an expert
+    contiguous, as the byte-dot GEMVs read it), 0 to bind them as stored (kernels/cpu/moe.py `column_blocked`)."""
+    from ..kernels.cpu.moe import column_blocked
+    if lw.kernels not in PACKED_WEIGHTS:
+        return 0
+    a = attrs_of(node)
+    wg, wd = node.inputs[EXPERT_WEIGHTS[0]].const, node.inputs[EXPERT_WEIGHTS[2]].const
+    per_byte = 2 if a["bits"] == 4 else 1
+    return column_blocked(a["bits"], a["format"], a["block_size"], wg.shape[1] * per_byte, wg.shape[2], wd.shape[2])
+
+
 def _layout(lw, node, i):
     """(NB, K first) for operand i of node as a quantized weight operand (NB 0: bound as stored), ANY for a
     QuantGather's, None if it is not one."""
@@ -51,16 +64,17 @@ def _layout(lw, node, i):
         return _packed_nb(lw, node), False
     if node.qualified_op == GATHER and i >= 1:          # either layout (a tied LM head's, or as stored)
         return ANY
-    if node.qualified_op == "polyport::MoE" and quantized(node) and i in EXPERT_WEIGHTS:   # read as stored
-        return 0, False
+    if node.qualified_op == "polyport::MoE" and quantized(node) and (i in EXPERT_WEIGHTS or i in MOE_SCALES):
+        return _moe_nb(lw, node), True
     if node.qualified_op == "polyport::GatedMLP" and node.attrs.get("bits", 0) and i >= 1:
         return _gated_nb(lw, node), True
     return None
 
 
 def param_layout(lw, v):
-    """For a constant used only as a quantized weight operand (QuantMatMul's, a quantized GatedMLP's or MoE's):
-    (NB, K first) to bind it column-blocked (NB 0: as stored). None for any other constant."""
+    """For a constant used only as a quantized weight operand (QuantMatMul's, a quantized GatedMLP's or MoE's,
+    the MoE's scales included): (NB, K first) to bind it column-blocked (NB 0: as stored). None for any other
+    constant."""
     if not v.uses or v.is_graph_output:
         return None
     layouts = {_layout(lw, node, i) for node, i in v.uses}

@@ -14,6 +14,7 @@ tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
 from polyport.ir.quant_layout import quantize_experts  # noqa: E402
+from polyport.runtime.cpu_session import _pack  # noqa: E402
 from polyport.targets.cpu import host_mcpu  # noqa: E402
 from polyport.targets.kernels.cpu import isa, moe  # noqa: E402
 
@@ -28,7 +29,7 @@ def _built(spec: moe.MoeSpec):
 
 
 def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, tokens=None, x_scale=1.0,
-         scheme=None, group=32):
+         scheme=None, group=32, column_block=0):
     """The kernel against the reference; with `scheme` (int4 | int8 | fp8) on quantized experts, whose
     reference dequantizes them (so only the summation order differs)."""
     rng = np.random.default_rng(seed)
@@ -54,7 +55,8 @@ def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, toke
         (wg, sg, q), (wu, su, _), (wd, sd, _) = (quantize_experts(w, scheme, group) for w in (wg, wu, wd))
         scales = [sg, su, sd]
         attrs.update(q)
-        spec = dataclasses.replace(spec, bits=q["bits"], block=q["block_size"], fmt=q["format"])
+        spec = dataclasses.replace(spec, bits=q["bits"], block=q["block_size"], fmt=q["format"],
+                                   column_block=column_block)
     ref_scales = scales if scheme else [None] * 3
     if spec.hash_vocab:
         args = [x, rw, table, tokens, wg, wu, wd] + extras + scales
@@ -63,6 +65,8 @@ def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, toke
         args = [x, rw, bias, wg, wu, wd] + extras + scales
         want = fused.evaluate("MoE", [x, rw, None if spec.routing == "sparsemixer" else bias, wg, wu, wd, None,
                                       None] + ref_scales + [rb] + bgud, **attrs)
+    if column_block:            # the experts' codes and scales as the loader binds them (runtime/cpu_session.py)
+        args = [_pack(a, column_block) if i in (3, 4, 5, 10, 11, 12) else a for i, a in enumerate(args)]
     lib = _built(spec)
     y = tvm.runtime.tensor(np.zeros((seq, Ho), np.float32))
     lib["moe"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
@@ -154,14 +158,16 @@ def test_quantized_experts_decoded_in_registers(scheme, inter):
 
 
 def test_quantized_decode_tiles_as_byte_dot_products():
-    """Where the host has VNNI and VBMI, tiles of at most BYTE_DOT_ROWS rows (decode) run their int4 GEMVs as
-    byte dot products (int_dot.py) and match the reference on the dequantized experts; longer inputs mix
-    them with the f32 tiles."""
+    """Where the host has VNNI and VBMI, int4 experts are bound column-blocked and tiles of at most
+    BYTE_DOT_ROWS rows (decode) run their GEMVs as byte dot products (int_dot.py); they match the reference
+    on the dequantized experts, and longer inputs mix them with the f32 register tiles over the same layout."""
     with tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}):
         if not isa.byte_dot():
             pytest.skip("the host has no AVX512-VNNI / VBMI")
-        spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=64, out=48, renormalize=True, bits=4, block=32)
-        assert "vpdpbusd" in moe.moe_func(spec).script()
-    spec = dataclasses.replace(spec, bits=0, block=0)         # _run quantizes
+        nb = moe.column_blocked(4, "int", 32, 64, 64, 48)
+        spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=64, out=48, renormalize=True, bits=4, block=32,
+                           column_block=nb)
+        assert nb and "vpdpbusd" in moe.moe_func(spec).script()
+    spec = dataclasses.replace(spec, bits=0, block=0, column_block=0)         # _run quantizes
     for seq in (1, 2, 9):
-        _run(spec, seq, seed=seq, scheme="int4")
+        _run(spec, seq, seed=seq, scheme="int4", column_block=nb)
