@@ -157,17 +157,19 @@ def test_quantized_experts_decoded_in_registers(scheme, inter):
         _run(spec, seq, seed=seq, scheme=scheme)
 
 
-def test_quantized_decode_tiles_as_byte_dot_products():
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_decode_tiles_as_byte_dot_products(scheme):
     """Where the host has VNNI and VBMI, int4 experts are bound column-blocked and tiles of at most
     BYTE_DOT_ROWS rows (decode) run their GEMVs as byte dot products (int_dot.py); they match the reference
     on the dequantized experts, and longer inputs mix them with the f32 register tiles over the same layout."""
     with tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}):
         if not isa.byte_dot():
             pytest.skip("the host has no AVX512-VNNI / VBMI")
-        nb = moe.column_blocked(4, "int", 32, 64, 64, 48)
-        spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=64, out=48, renormalize=True, bits=4, block=32,
+        bits = int(scheme[3:])
+        nb = moe.column_blocked(bits, "int", 32, 64, 64, 48)
+        spec = moe.MoeSpec(hidden=64, experts=4, top_k=2, inter=64, out=48, renormalize=True, bits=bits, block=32,
                            column_block=nb)
         assert nb and "vpdpbusd" in moe.moe_func(spec).script()
     spec = dataclasses.replace(spec, bits=0, block=0, column_block=0)         # _run quantizes
     for seq in (1, 2, 9):
-        _run(spec, seq, seed=seq, scheme="int4", column_block=nb)
+        _run(spec, seq, seed=seq, scheme=scheme, column_block=nb)

@@ -95,23 +95,25 @@ def test_quant_gemv_from_the_decode_threshold_runs_parallel():
         assert np.abs(out.numpy() - want).max() <= 1e-5 * np.abs(want).max(), f"m={m}"
 
 
-@pytest.mark.parametrize("fmt,K,block", [("int", 128, 32), ("uint", 256, 128), ("int", 96, 8)])
-def test_quant_gemv_as_byte_dot_products(fmt, K, block):
-    """Where the host has VNNI and VBMI, a 4-bit GEMV (1 to 5 rows: tiles of two and a tail) runs as byte dot
-    products over 24-bit block integers of x (int_dot.py) and matches the dequantized weights to f32
-    precision, including a block of zeros and one 1e4 times larger than the rest."""
+@pytest.mark.parametrize("scheme,fmt,K,block", [("int4", "int", 128, 32), ("int4", "uint", 256, 128),
+                                                ("int4", "int", 96, 8), ("int8", "int", 128, 32),
+                                                ("int8", "uint", 64, 16)])
+def test_quant_gemv_as_byte_dot_products(scheme, fmt, K, block):
+    """Where the host has VNNI and VBMI, an int4 / int8 GEMV (1 to 5 rows: tiles of two and a tail) runs as
+    byte dot products over 24-bit block integers of x (int_dot.py) and matches the dequantized weights to
+    f32 precision, including a block of zeros and one 1e4 times larger than the rest."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
     with target:
         if not isa.byte_dot():
             pytest.skip("the host has no AVX512-VNNI / VBMI")
-        assert int_dot.usable(4, fmt, False, block)
         rng = np.random.default_rng(5)
         N, NB = 64, 16
-        q = quantize(rng.standard_normal((K, N)).astype(np.float32), "int4", block)
-        if fmt == "uint":                       # the same values as unsigned codes centred on 8
-            q.format, q.qweight = "uint", q.qweight ^ np.uint8(0x88)
+        q = quantize(rng.standard_normal((K, N)).astype(np.float32), scheme, block)
+        assert int_dot.usable(q.bits, fmt, False, block)
+        if fmt == "uint":                       # the same values as unsigned codes centred on 2^(bits - 1)
+            q.format, q.qweight = "uint", q.qweight.view(np.uint8) ^ np.uint8(0x88 if q.bits == 4 else 0x80)
         w = dequantize(q.qweight, q.scales, q.zeros, **q.attrs)
-        func = quant_dense_func(K, N // NB, NB, 4, block, fmt, False, False)
+        func = quant_dense_func(K, N // NB, NB, q.bits, block, fmt, False, False)
     assert "vpdpbusd" in func.script()
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     none = np.zeros(1, np.float32)

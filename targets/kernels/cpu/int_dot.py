@@ -11,15 +11,16 @@ digits, v = 65536 h + 256 m + l with h, m, l in [-128, 127]. The rounding error 
 2^-24 of the block's largest |x|: the size of f32's own rounding, so the result matches the f32
 kernels to f32 accuracy, not to int8 activation quantization's.
 
-Weights: a 4-bit code read unsigned, u in 0..15, stands for u - 8 (a two's-complement nibble is
-flipped to that form by xor 8, as quant_codes.py's `centred`). Per 4 k and 16 columns each digit
-takes one `vpdpbusd` (int32 sums: at most block * 15 * 128, exact), and a block's f32 value is
-sx * (65536 H + 256 M + L - 8 sum(v)), times the weight's block scale.
+Weights: a code read unsigned, u in 0..2^bits - 1, stands for u - OFFSET[bits] (a two's-complement
+code is flipped to that form by xor with the top bit, as quant_codes.py's `centred`). Per 4 k and 16
+columns each digit takes one `vpdpbusd` (int32 sums: at most block * 255 * 128, exact), and a block's
+f32 value is sx * (65536 H + 256 M + L - OFFSET sum(v)), times the weight's block scale.
 
-The codes come as quant_gemm.py and moe.py store them: one byte per column holds k = 2 kq (low
-nibble) and 2 kq + 1. Two rows of 16 such bytes (kq, kq + 1) become one 64-byte vector whose
-32-bit lane c holds column c's four nibbles as bytes in k order: `vpermb` pairs the rows' bytes
-per column, `vpmultishiftqb` moves every nibble to its own byte, and one mask keeps 4 bits.
+The codes come as quant_gemm.py and moe.py bind them, 16 columns a row. 4 bits: one byte per
+column holds k = 2 kq (low nibble) and 2 kq + 1; two rows (kq, kq + 1) become one 64-byte vector
+whose 32-bit lane c holds column c's four codes as bytes in k order: `vpermb` pairs the rows' bytes
+per column, `vpmultishiftqb` moves every nibble to its own byte, and one mask keeps 4 bits. 8 bits:
+four rows (k .. k + 3), one `vpermb` gathers each column's four bytes.
 """
 from __future__ import annotations
 
@@ -38,24 +39,38 @@ _PAIR = [i for q in range(8) for i in (2 * q, 16 + 2 * q, 2 * q + 1, 17 + 2 * q,
 _NIBBLE_SHIFTS = 0x1C1814100C080400   # vpmultishiftqb: byte j of a qword <- its bits 4 j .. 4 j + 7
 
 
+OFFSET = {4: 8, 8: 128}           # the unsigned code that stands for 0
+_BYTES = [16 * j + c for c in range(16) for j in range(4)]   # 8 bits: lane c <- byte c of rows 0..3
+
+
 def usable(bits: int, fmt: str, zeros: bool, block: int, nb: int = LANES) -> bool:
-    """Whether a GEMV over these codes runs as byte dot products: 4-bit codes without zero points (int, or
-    uint centred on 8), blocks of whole 4-k groups for both chains, 16-column blocks, a CPU with the
-    instructions (isa.byte_dot)."""
-    return bits == 4 and fmt in ("int", "uint") and not zeros and block % (4 * CHAINS) == 0 and nb == LANES \
-        and byte_dot()
+    """Whether a GEMV over these codes runs as byte dot products: 4- or 8-bit integer codes without zero
+    points (int, or uint centred on OFFSET), blocks of whole 4-k groups for both chains, 16-column blocks,
+    a CPU with the instructions (isa.byte_dot)."""
+    return bits in OFFSET and fmt in ("int", "uint") and not zeros and block % (4 * CHAINS) == 0 \
+        and nb == LANES and byte_dot()
 
 
-def nibble_bytes(row_a, row_b, flip: bool):
-    """int8x64 of 16 columns x 4 k from two rows of 16 code bytes (uint8x16: k-pairs kq and kq + 1):
-    lane c's bytes are column c's codes u (0..15) at k = 2 kq .. 2 kq + 3; `flip` reads two's-complement
-    nibbles."""
-    paired = T.Shuffle([row_a, row_b, row_a, row_b], _PAIR)    # (Shuffle yields at most its inputs' lanes)
-    shifts = T.reinterpret("uint8x64", T.Broadcast(T.uint64(_NIBBLE_SHIFTS), 8))
-    spread = T.call_llvm_pure_intrin("uint8x64", "llvm.x86.avx512.pmultishift.qb.512", shifts, paired)
-    u = T.bitwise_and(spread, T.Broadcast(T.uint8(15), 64))
+def rows_per_group(bits: int) -> int:
+    """Stored rows of 16 code bytes holding 4 k."""
+    return 2 if bits == 4 else 4
+
+
+def code_bytes(rows, bits: int, flip: bool):
+    """int8x64 of 16 columns x 4 k from `rows_per_group(bits)` rows of 16 stored code bytes (uint8x16 or
+    int8x16): lane c's bytes are column c's unsigned codes at the group's 4 k, in k order; `flip` reads
+    two's-complement codes."""
+    top = 8 if bits == 4 else 128
+    rows = [T.reinterpret("uint8x16", r) for r in rows]
+    if bits == 4:
+        paired = T.Shuffle(rows * 2, _PAIR)        # (a Shuffle yields at most its inputs' lanes)
+        shifts = T.reinterpret("uint8x64", T.Broadcast(T.uint64(_NIBBLE_SHIFTS), 8))
+        spread = T.call_llvm_pure_intrin("uint8x64", "llvm.x86.avx512.pmultishift.qb.512", shifts, paired)
+        u = T.bitwise_and(spread, T.Broadcast(T.uint8(15), 64))
+    else:
+        u = T.Shuffle(rows, _BYTES)
     if flip:
-        u = T.bitwise_xor(u, T.Broadcast(T.uint8(8), 64))
+        u = T.bitwise_xor(u, T.Broadcast(T.uint8(top), 64))
     return T.reinterpret("int8x64", u)
 
 
@@ -71,11 +86,11 @@ def digits4(dig, row, d, k0):
     return T.reinterpret("int32", dig[row, d, T.Ramp(k0, 1, 4)])
 
 
-def block_value(h, m, l, vsum, sx):
+def block_value(h, m, l, vsum, sx, bits: int):
     """f32 value of a block's digit sums H, M, L (one lane each) with sum(v) and the row's block scale."""
     f32 = "float32"
     return (T.Cast(f32, h) * T.float32(65536) + T.Cast(f32, m) * T.float32(256) + T.Cast(f32, l)
-            - T.float32(8) * vsum) * sx
+            - T.float32(OFFSET[bits]) * vsum) * sx
 
 
 def _low(v):

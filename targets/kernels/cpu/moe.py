@@ -138,6 +138,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     byte_dot = bool(CB)
     flip = s.fmt == "int"
     L16 = int_dot.LANES
+    RG = int_dot.rows_per_group(s.bits) if CB else 0
     # columns per pass over an expert's rows (a pass reads CG or CD x 16 bytes of each row), as many as keep the
     # int32 sums in registers: gate and up 2 x CG x DIGITS, down CD x DIGITS
     CG = 2 if I % (2 * L16) == 0 else 1
@@ -418,11 +419,9 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                 for v in T.vectorized(VO):
                     dn[p0 + r, oc * VO + v] = down_biased(d[r, oc * VO + v], e, oc * VO + v, pw[p0 + r], bd)
 
-    def codes(w, e, kq, col):
-        """Expert e's code bytes of k-pairs kq and kq + 1 for the 16 columns from col (a column block), as
-        int_dot.nibble_bytes."""
-        return int_dot.nibble_bytes(w[e, col // L16, kq, T.Ramp(0, 1, L16)], w[e, col // L16, kq + 1, T.Ramp(0, 1, L16)],
-                                    flip)
+    def codes(w, e, k, col):
+        """Expert e's codes of k .. k + 3 for the 16 columns from col (a column block), as int_dot.code_bytes."""
+        return int_dot.code_bytes([w[e, col // L16, k // PB + r, T.Ramp(0, 1, L16)] for r in range(RG)], s.bits, flip)
 
     @T.macro
     def tile_bytes(j, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, hid, dig, sx, vs):
@@ -446,19 +445,19 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                             for d in T.unroll(int_dot.DIGITS):
                                 ds[0, cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
                                     ds[0, cb, d, T.Ramp(0, 1, L16)],
-                                    codes(wg, e, kb * (s.block // 2) + g * 2, (ic * CG + cb) * L16),
+                                    codes(wg, e, kb * s.block + g * 4, (ic * CG + cb) * L16),
                                     int_dot.digits4(dig, 0, d, kb * s.block + g * 4))
                                 ds[1, cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
                                     ds[1, cb, d, T.Ramp(0, 1, L16)],
-                                    codes(wu, e, kb * (s.block // 2) + g * 2, (ic * CG + cb) * L16),
+                                    codes(wu, e, kb * s.block + g * 4, (ic * CG + cb) * L16),
                                     int_dot.digits4(dig, 0, d, kb * s.block + g * 4))
                     for cb in T.unroll(CG):
                         for v in T.vectorized(L16):
                             acc[0, cb, v] = acc[0, cb, v] + int_dot.block_value(
-                                ds[0, cb, 0, v], ds[0, cb, 1, v], ds[0, cb, 2, v], vs[0, kb], sx[0, kb]) \
+                                ds[0, cb, 0, v], ds[0, cb, 1, v], ds[0, cb, 2, v], vs[0, kb], sx[0, kb], s.bits) \
                                 * at(sg, e, kb, (ic * CG + cb) * L16 + v)
                             acc[1, cb, v] = acc[1, cb, v] + int_dot.block_value(
-                                ds[1, cb, 0, v], ds[1, cb, 1, v], ds[1, cb, 2, v], vs[0, kb], sx[0, kb]) \
+                                ds[1, cb, 0, v], ds[1, cb, 1, v], ds[1, cb, 2, v], vs[0, kb], sx[0, kb], s.bits) \
                                 * at(su, e, kb, (ic * CG + cb) * L16 + v)
                 for cb in T.unroll(CG):
                     for v in T.vectorized(L16):
@@ -478,12 +477,12 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                             for d in T.unroll(int_dot.DIGITS):
                                 dds[cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
                                     dds[cb, d, T.Ramp(0, 1, L16)],
-                                    codes(wd, e, kb * (s.block // 2) + g * 2, (oc * CD + cb) * L16),
+                                    codes(wd, e, kb * s.block + g * 4, (oc * CD + cb) * L16),
                                     int_dot.digits4(dig, 0, d, kb * s.block + g * 4))
                     for cb in T.unroll(CD):
                         for v in T.vectorized(L16):
                             dacc[cb, v] = dacc[cb, v] + int_dot.block_value(
-                                dds[cb, 0, v], dds[cb, 1, v], dds[cb, 2, v], vs[0, kb], sx[0, kb]) \
+                                dds[cb, 0, v], dds[cb, 1, v], dds[cb, 2, v], vs[0, kb], sx[0, kb], s.bits) \
                                 * at(sd, e, kb, (oc * CD + cb) * L16 + v)
                 for cb in T.unroll(CD):
                     for v in T.vectorized(L16):

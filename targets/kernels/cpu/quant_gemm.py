@@ -10,7 +10,7 @@ accumulator for each row; the block's scale is applied once per block (acc += sc
 minus zero * sum(x over the block) where the weights have zero points). The traffic per weight is
 its code, never an f32 copy. The column blocks are split over the threads from parallel.py's
 PARALLEL_MIN_DECODE_MACS (K N multiply-adds): decoding the codes, not reading them, binds the GEMV.
-Where the CPU has byte dot products (int_dot.py: AVX512-VNNI and -VBMI), a 4-bit GEMV instead turns each
+Where the CPU has byte dot products (int_dot.py: AVX512-VNNI and -VBMI), an int8 / int4 GEMV instead turns each
 row's activations into 24-bit block integers once per call and sums codes x digits in int32, 64 per
 instruction: 1.4-1.5x the f32 GEMV's speed at K = 1024, N = 4096 (one thread, weights in cache or not).
 (On a shared machine a launch waits for a descheduled worker: at load ~18 a K = N = 2048 int4 GEMV
@@ -81,6 +81,7 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
     gemv_parallel = K * NO * NB >= PARALLEL_MIN_DECODE_MACS   # parallel.py: decoding codes binds a GEMV
     byte_dot = scaled and K % block == 0 and int_dot.usable(bits, fmt, zeros, block, NB)
     RD = min(R, 2)                   # byte-dot rows per tile: each row holds CHAINS x DIGITS int32 sums
+    RG = int_dot.rows_per_group(bits)    # stored rows of codes per 4 k
     assert K % per_byte == 0 and block % per_byte == 0
 
     def chains_sum(bacc, ii, ji):
@@ -165,20 +166,22 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
         for kb in range(T.int64(KB)):
             for ii, ch, d, ji in T.grid(rows, int_dot.CHAINS, int_dot.DIGITS, T.int64(NB)):
                 dsum[ii, ch, d, ji] = 0
-            for g in range(T.int64(BQ // (2 * int_dot.CHAINS))):
+            for g in range(T.int64(BQ // (RG * int_dot.CHAINS))):
                 for ch in T.unroll(int_dot.CHAINS):
-                    kq = kb * T.int64(BQ) + (g * T.int64(int_dot.CHAINS) + T.int64(ch)) * T.int64(2)
-                    codes = int_dot.nibble_bytes(Q[jo, kq, T.Ramp(T.int64(0), 1, NB)],
-                                                 Q[jo, kq + T.int64(1), T.Ramp(T.int64(0), 1, NB)], fmt == "int")
+                    kq = kb * T.int64(BQ) + (g * T.int64(int_dot.CHAINS) + T.int64(ch)) * T.int64(RG)
+                    codes = int_dot.code_bytes([Q[jo, kq + T.int64(r), T.Ramp(T.int64(0), 1, NB)] for r in range(RG)],
+                                               bits, fmt == "int")
                     for ii in T.unroll(rows):
                         for d in T.unroll(int_dot.DIGITS):
                             dsum[ii, ch, d, T.Ramp(0, 1, NB)] = int_dot.dot(
-                                dsum[ii, ch, d, T.Ramp(0, 1, NB)], codes, int_dot.digits4(dig, row0 + ii, d, kq * 2))
+                                dsum[ii, ch, d, T.Ramp(0, 1, NB)], codes,
+                                int_dot.digits4(dig, row0 + ii, d, kq * T.int64(per_byte)))
             for ii in T.unroll(rows):
                 for ji in T.vectorized(T.int64(NB)):
                     acc[ii, ji] = acc[ii, ji] + int_dot.block_value(
                         dsum[ii, 0, 0, ji] + dsum[ii, 1, 0, ji], dsum[ii, 0, 1, ji] + dsum[ii, 1, 1, ji],
-                        dsum[ii, 0, 2, ji] + dsum[ii, 1, 2, ji], vs[row0 + ii, kb], sx[row0 + ii, kb]) * S[jo, kb, ji]
+                        dsum[ii, 0, 2, ji] + dsum[ii, 1, 2, ji], vs[row0 + ii, kb], sx[row0 + ii, kb], bits) \
+                        * S[jo, kb, ji]
 
     @T.macro
     def bytes_columns(Q, S, B, O, dig, sx, vs, M, jo):
