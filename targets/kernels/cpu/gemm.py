@@ -21,6 +21,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..memo import cached_kernel
+from .prefetch import LINE_BYTES, PREFETCH_BYTES, prefetch
 from .isa import vector_lanes
 from .mlp import activation, clamp_up
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
@@ -58,6 +59,8 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
     K, NO, NB = k, no, nb
     MB = rows or tile_rows(nb, vector_lanes())
     TB = min(TAIL_ROWS, MB)
+    ELEM_BYTES = tvm.DataType(dtype).bits // 8
+    PF_ROWS = max(1, PREFETCH_BYTES // (NB * ELEM_BYTES))    # weight rows (one per k) ahead
     zero = tirx.const(0.0, "float32")
     headed = heads > 0                     # a bool: TVMScript's `if` takes no int
 
@@ -70,10 +73,14 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
         return W[hd, jo, kk, ji] if headed else W[jo, kk, ji]
 
     @T.macro
-    def accumulate(X, W, acc, row0, rows, hd, jo):
+    def accumulate(X, W, acc, row0, rows, hd, jo, ahead):
+        """`ahead` (one row: a GEMV streaming its weights from memory) prefetches them PREFETCH_BYTES ahead."""
         for ii, ji in T.grid(rows, T.int64(NB)):
             acc[ii, ji] = zero
         for kk in range(T.int64(K)):
+            if ahead:
+                for line in range(max(1, NB * ELEM_BYTES // LINE_BYTES)):
+                    prefetch(w_at(W, hd, jo, kk + T.int64(PF_ROWS), line * (LINE_BYTES // ELEM_BYTES)))
             for ii in T.unroll(rows):
                 for ji in T.vectorized(T.int64(NB)):
                     acc[ii, ji] = acc[ii, ji] + T.Cast("float32", x_at(X, row0 + ii, hd, kk)) * T.Cast(
@@ -93,14 +100,14 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
                     O[row0 + ii, jo * T.int64(NB) + ji] = T.Cast(dtype, acc[ii, ji])
 
     @T.macro
-    def tile(X, WG, WU, O, acc, gate, row0, rows, hd, jo):
+    def tile(X, WG, WU, O, acc, gate, row0, rows, hd, jo, ahead=False):
         if gated:
-            accumulate(X, WG, acc, row0, rows, hd, jo)
+            accumulate(X, WG, acc, row0, rows, hd, jo, ahead)
             for ii, ji in T.grid(rows, T.int64(NB)):
                 gate[ii, ji] = acc[ii, ji]
-            accumulate(X, WU, acc, row0, rows, hd, jo)
+            accumulate(X, WU, acc, row0, rows, hd, jo, ahead)
         else:
-            accumulate(X, WG, acc, row0, rows, hd, jo)
+            accumulate(X, WG, acc, row0, rows, hd, jo, ahead)
         store(O, acc, gate, row0, rows, hd, jo)
 
     @T.macro
@@ -114,10 +121,10 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
             for io in range((M - whole) // T.int64(TB)):
                 tile(X, WG, WU, O, acc, gate, whole + io * T.int64(TB), T.int64(TB), hd, jo)
             for i in range(whole + (M - whole) // T.int64(TB) * T.int64(TB), M):
-                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo)
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo, True)
         else:
             for i in range(whole, M):
-                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo)
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo, True)
 
     blocks = max(heads, 1) * NO           # (head, column block) pairs: the parallel loop
 

@@ -74,17 +74,6 @@ def code_bytes(rows, bits: int, flip: bool):
     return T.reinterpret("int8x64", u)
 
 
-PREFETCH_BYTES = 4096             # how far ahead of its reads a GEMV asks for code bytes (`prefetch`; K = 1024,
-                                  # N = 4096 int4 from DRAM, 2 threads: 0.19-0.23 ms without, 0.16 at 1 KB, 0.12 at 4 KB)
-
-
-def prefetch(element):
-    """Ask for the cache line of buffer element `element` (a BufferLoad) ahead of its use: one core's GEMV
-    from DRAM read 7 GB/s without it, its hardware prefetcher alone not keeping ahead of the decode."""
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), T.int32(0), T.int32(3),
-                                         T.int32(1)))
-
-
 def dot(acc, codes, x4):
     """acc (int32x16) + for each column lane: the sum over its 4 k of code * digit; x4 (int32): the four
     digits (`digits4`)."""

@@ -32,6 +32,7 @@ from tvm.script import tirx as T
 from ..memo import cached_kernel
 from ..quant_codes import value
 from . import int_dot
+from .prefetch import PREFETCH_BYTES, prefetch
 from .mlp import activation, clamp_up
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
@@ -139,7 +140,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
     flip = s.fmt == "int"
     L16 = int_dot.LANES
     RG = int_dot.rows_per_group(s.bits) if CB else 0
-    PF_ROWS = int_dot.PREFETCH_BYTES // L16
+    PF_ROWS = PREFETCH_BYTES // L16
     # columns per pass over an expert's rows (a pass reads CG or CD x 16 bytes of each row), as many as keep the
     # int32 sums in registers: gate and up 2 x CG x DIGITS, down CD x DIGITS
     CG = 2 if I % (2 * L16) == 0 else 1
@@ -443,8 +444,8 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                         ds[m, cb, d, v] = 0
                     for g in range(s.block // 4):
                         for cb in T.unroll(CG):
-                            int_dot.prefetch(wg[e, ic * CG + cb, (kb * s.block + g * 4) // PB + PF_ROWS, 0])
-                            int_dot.prefetch(wu[e, ic * CG + cb, (kb * s.block + g * 4) // PB + PF_ROWS, 0])
+                            prefetch(wg[e, ic * CG + cb, (kb * s.block + g * 4) // PB + PF_ROWS, 0])
+                            prefetch(wu[e, ic * CG + cb, (kb * s.block + g * 4) // PB + PF_ROWS, 0])
                             for d in T.unroll(int_dot.DIGITS):
                                 ds[0, cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
                                     ds[0, cb, d, T.Ramp(0, 1, L16)],
@@ -477,7 +478,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                         dds[cb, d, v] = 0
                     for g in range(s.block // 4):
                         for cb in T.unroll(CD):
-                            int_dot.prefetch(wd[e, oc * CD + cb, (kb * s.block + g * 4) // PB + PF_ROWS, 0])
+                            prefetch(wd[e, oc * CD + cb, (kb * s.block + g * 4) // PB + PF_ROWS, 0])
                             for d in T.unroll(int_dot.DIGITS):
                                 dds[cb, d, T.Ramp(0, 1, L16)] = int_dot.dot(
                                     dds[cb, d, T.Ramp(0, 1, L16)],

@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 from ..memo import cached_kernel
 from ..quant_codes import value
 from . import int_dot
+from .prefetch import PREFETCH_BYTES, prefetch
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_DECODE_MACS, PARALLEL_MIN_MACS
 
@@ -82,7 +83,7 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
     byte_dot = scaled and K % block == 0 and int_dot.usable(bits, fmt, zeros, block, NB)
     RD = min(R, 2)                   # byte-dot rows per tile: each row holds CHAINS x DIGITS int32 sums
     RG = int_dot.rows_per_group(bits)    # stored rows of codes per 4 k
-    PF_ROWS = int_dot.PREFETCH_BYTES // NB
+    PF_ROWS = PREFETCH_BYTES // NB
     assert K % per_byte == 0 and block % per_byte == 0
 
     def chains_sum(bacc, ii, ji):
@@ -168,7 +169,7 @@ def quant_dense_func(k: int, no: int, nb: int, bits: int, block: int, fmt: str, 
             for ii, ch, d, ji in T.grid(rows, int_dot.CHAINS, int_dot.DIGITS, T.int64(NB)):
                 dsum[ii, ch, d, ji] = 0
             for g in range(T.int64(BQ // (RG * int_dot.CHAINS))):
-                int_dot.prefetch(Q[jo, kb * T.int64(BQ) + g * T.int64(RG * int_dot.CHAINS) + T.int64(PF_ROWS), 0])
+                prefetch(Q[jo, kb * T.int64(BQ) + g * T.int64(RG * int_dot.CHAINS) + T.int64(PF_ROWS), 0])
                 for ch in T.unroll(int_dot.CHAINS):
                     kq = kb * T.int64(BQ) + (g * T.int64(int_dot.CHAINS) + T.int64(ch)) * T.int64(RG)
                     codes = int_dot.code_bytes([Q[jo, kq + T.int64(r), T.Ramp(T.int64(0), 1, NB)] for r in range(RG)],
