@@ -7,6 +7,10 @@ The rule
 - projections: MatMul(x, W[in, out]), MatMul(x, Transpose(W)), Gemm(x, W, transB)
   with alpha 1 and no bias, or one half of a fused gate/up projection (a Split
   or Slice of MatMul(x, W_gate_up) on the last axis). Weights become [in, out].
+  Or all three QuantMatMuls quantized alike (an imported MatMulNBits / DequantizeLinear
+  model, passes/quant_matmul.py), without bias or zero points other than the implied
+  one: their codes and scales become GatedMLP's quantized operands, K first, unchanged
+  in value (centred uint codes are rewritten as the two's-complement codes they equal).
 - activation: whatever elementwise function of the gate the exporter spelled,
   named by what it contains (Sigmoid: silu; Erf or Gelu: gelu; Tanh or
   Gelu(approximate=tanh): gelu_tanh) and confirmed numerically.
@@ -17,11 +21,13 @@ The rule
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import attrs_of
 from ._match_util import const_like, part_of, private, scalar
 from .manager import PassResult, register_pass
 from .pattern import NoMatch
@@ -30,9 +36,38 @@ from .region import equivalent, replace_with_fused
 ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Neg", "Sigmoid", "Erf", "Tanh", "Gelu"}
 
 
-def _projection(v: Value) -> Optional[tuple[Value, np.ndarray, list[Node], Optional[Value]]]:
-    """v = x @ W with W a constant: (x, W as [in, out], the nodes, W's Value if used as is), else None."""
+def _quant_weight(node: Node) -> Optional[dict]:
+    """A QuantMatMul's constant weight as GatedMLP's quantized operands (codes [in / 2 | in, out] and scales
+    [KB, out], K first, format int or fp8e4m3), None where GatedMLP cannot hold it (a bias, zero points other
+    than the implied one, 16-bit weights)."""
+    a = attrs_of(node)
+    ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+    q, scales, zeros, bias = ins[1:5]
+    if bias is not None or q.const is None or scales is None or scales.const is None or a["bits"] not in (4, 8) \
+            or a["format"] not in ("uint", "int", "fp8e4m3") or (a["bits"] == 4 and a["K"] % 2):
+        return None
+    codes = np.asarray(q.const)
+    if a["format"] == "uint":               # centred on 2^(bits-1): the same values as two's-complement codes
+        implied = 2 ** (a["bits"] - 1)
+        if zeros is not None and (zeros.const is None or np.any(np.asarray(zeros.const) != implied)):
+            return None
+        codes = codes.view(np.uint8) ^ np.uint8(0x88 if a["bits"] == 4 else 0x80)
+        codes = codes.view(np.int8) if a["bits"] == 8 else codes
+    elif zeros is not None:
+        return None
+    return dict(codes=np.ascontiguousarray(codes.T), scales=np.ascontiguousarray(np.asarray(scales.const, np.float32).T),
+                attrs={"bits": a["bits"], "block_size": a["block_size"],
+                       "format": "fp8e4m3" if a["format"] == "fp8e4m3" else "int"},
+                shape=(a["K"], a["N"]))
+
+
+def _projection(v: Value) -> Optional[tuple]:
+    """v = x @ W with W a constant: (x, W as [in, out], the nodes, W's Value if used as is, None), else None.
+    A QuantMatMul's weight: (x, its [in, out] shape, the node, None, `_quant_weight`)."""
     node = v.producer
+    if node is not None and node.qualified_op == "polyport::QuantMatMul":
+        q = _quant_weight(node)
+        return None if q is None else (node.inputs[0], SimpleNamespace(shape=q["shape"]), [node], None, q)
     if node is None or node.domain:
         return None
     if node.op_type == "MatMul":
@@ -40,8 +75,9 @@ def _projection(v: Value) -> Optional[tuple[Value, np.ndarray, list[Node], Optio
         t = w.producer
         if w.const is None and t is not None and t.op_type == "Transpose" and t.inputs[0].const is not None \
                 and list(t.attrs.get("perm", [1, 0])) == [1, 0]:
-            return (node.inputs[0], t.inputs[0].const.T, [node, t], None) if t.inputs[0].const.ndim == 2 else None
-        return (node.inputs[0], w.const, [node], w) if w.const is not None and w.const.ndim == 2 else None
+            return (node.inputs[0], t.inputs[0].const.T, [node, t], None, None) if t.inputs[0].const.ndim == 2 \
+                else None
+        return (node.inputs[0], w.const, [node], w, None) if w.const is not None and w.const.ndim == 2 else None
     if node.op_type == "Gemm":
         w, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
         plain = node.attrs.get("transA", 0) == 0 and node.attrs.get("alpha", 1.0) == 1.0
@@ -49,12 +85,12 @@ def _projection(v: Value) -> Optional[tuple[Value, np.ndarray, list[Node], Optio
         if w.const is None or not plain or not no_bias:
             return None
         trans = node.attrs.get("transB", 0)
-        return node.inputs[0], (w.const.T if trans else w.const), [node], (None if trans else w)
+        return node.inputs[0], (w.const.T if trans else w.const), [node], (None if trans else w), None
     part = part_of(v)                       # one half of a fused gate/up projection
     inner = _projection(part.source) if part is not None else None
-    if inner is None:
+    if inner is None or inner[4] is not None:
         return None
-    return inner[0], inner[1][:, list(part.indices)], inner[2] + [node], None
+    return inner[0], inner[1][:, list(part.indices)], inner[2] + [node], None, None
 
 
 def _activation(a: Value) -> Optional[tuple[Value, str, list[Node]]]:
@@ -133,7 +169,7 @@ def fuse_gated_mlp(graph: Graph) -> PassResult:
     """down(act(gate(x)) * up(x))  ->  polyport::GatedMLP (dense MLPs and shared experts)."""
     result = PassResult()
     for node in graph.nodes:
-        if node.graph is not graph or node.op_type not in ("MatMul", "Gemm"):
+        if node.graph is not graph or node.qualified_op not in ("MatMul", "Gemm", "polyport::QuantMatMul"):
             continue
         down = _projection(node.outputs[0])
         if down is None or down[0].producer is None or down[0].producer.op_type != "Mul":
@@ -160,9 +196,18 @@ def _fuse(graph: Graph, node: Node, down) -> bool:
         raise NoMatch(f"down weight {wd.shape} does not take the {inter} gated features")
     if not private(p["nodes"] + down[2], node):
         raise NoMatch("an intermediate value of the MLP is used outside it")
-    weights = [proj[3] or const_like(graph, f"{node.name}_{kind}", proj[1])   # [in, out], as GatedMLP wants
-               for kind, proj in (("w_gate", p["gate"]), ("w_up", p["up"]), ("w_down", down))]
+    projections = (("w_gate", p["gate"]), ("w_up", p["up"]), ("w_down", down))
     attrs = {"activation": p["activation"]} | ({"clamp": p["clamp"]} if p["clamp"] else {})
+    quant = [proj[4] for _, proj in projections]
+    if any(q is not None for q in quant):      # QuantMatMuls: their codes and scales, K first
+        if any(q is None for q in quant) or len({tuple(q["attrs"].items()) for q in quant}) != 1:
+            raise NoMatch("gate, up and down are not all quantized the same way")
+        weights = [const_like(graph, f"{node.name}_{kind}", q["codes"]) for (kind, _), q in zip(projections, quant)] \
+            + [const_like(graph, f"{node.name}_{kind}_scales", q["scales"]) for (kind, _), q in zip(projections, quant)]
+        attrs |= quant[0]["attrs"]
+    else:
+        weights = [proj[3] or const_like(graph, f"{node.name}_{kind}", proj[1])   # [in, out], as GatedMLP wants
+                   for kind, proj in projections]
     x = p["x"]
     try:
         equivalent([x], node.outputs[0], "GatedMLP", [x, *weights], attrs)

@@ -135,7 +135,8 @@ def _nbits_case(name, block, symmetric, marks=()):
 # The default run checks llama_a; `slow` adds an MoE model per block style; `corpus` every other corpus
 # family in both block styles (benchmarks/quant_corpus.py prints the same matrix as a table).
 _CHECKED = {("llama_a", 32), ("qwen3_moe_a", 128), ("deepseek_v3_a", 32)}
-CASES = [_nbits_case("llama_a", 32, False), _nbits_case("qwen3_moe_a", 128, True, marks=[pytest.mark.slow]),
+CASES = [_nbits_case("llama_a", 32, False), _nbits_case("llama_a", 32, True),
+         _nbits_case("qwen3_moe_a", 128, True, marks=[pytest.mark.slow]),
          _nbits_case("deepseek_v3_a", 32, False, marks=[pytest.mark.slow])] + [
     _nbits_case(name, block, block == 128, marks=[pytest.mark.corpus]) for name in sorted(corpus())
     for block in (32, 128) if (name, block) not in _CHECKED]
@@ -143,7 +144,15 @@ CASES = [_nbits_case("llama_a", 32, False), _nbits_case("qwen3_moe_a", 128, True
 
 @pytest.mark.parametrize("name,block,symmetric", CASES)
 def test_matmul_nbits_model_on_cpu_matches_ort(tmp_path, name, block, symmetric):
+    """ORT's own MatMulNBits quantizer's model against ORT; a symmetric one's MLPs fuse into quantized
+    GatedMLPs over the same codes (passes/fuse_mlp.py), an asymmetric one's stay QuantMatMuls."""
     path = matmul_nbits(name, block, symmetric, tmp_path)
+    if name == "llama_a":
+        from polyport.passes.pipelines import run_pipeline
+        g = import_onnx(path)
+        run_pipeline(g)
+        fused = [n for n in g.nodes if n.qualified_op == "polyport::GatedMLP"]
+        assert bool(fused) == symmetric and all(n.attrs["bits"] == 4 for n in fused)
     art = compile_model(path, ["cpu"], tmp_path / "art", generation=False)     # run() only: no decode programs
     meta = json.loads((art / "cpu" / "model.json").read_text())
     assert meta["packed_rows"], "the quantized operands are bound column-blocked for the packed kernel"
