@@ -12,15 +12,18 @@ from onnx import TensorProto, helper
 from .real_models import model_path
 
 
-def matmul_nbits(name: str, block: int, symmetric: bool, out_dir: pathlib.Path) -> pathlib.Path:
+def matmul_nbits(name: str, block: int, symmetric: bool, out_dir: pathlib.Path, gather: bool = False) -> pathlib.Path:
     """`name` from the corpus with every MatMul over a constant weight made int4 MatMulNBits (block `block`);
-    asymmetric blocks carry packed zero points, symmetric ones use the implied zero 8."""
+    asymmetric blocks carry packed zero points, symmetric ones use the implied zero 8. With `gather` the
+    token-embedding Gather becomes GatherBlockQuantized too (blocks along hidden)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-    path = pathlib.Path(out_dir) / f"{name}_int4_b{block}_{'sym' if symmetric else 'asym'}.onnx"
+    path = pathlib.Path(out_dir) / f"{name}_int4_b{block}_{'sym' if symmetric else 'asym'}{'_gather' if gather else ''}.onnx"
     if not path.exists():
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+        ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} \
+            if gather else {}
         q = MatMulNBitsQuantizer(onnx.load(model_path(name)),
-                                 algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric))
+                                 algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, **ops))
         q.process()
         onnx.save(q.model.model, path)
     return path

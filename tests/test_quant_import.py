@@ -41,6 +41,47 @@ def test_matmul_nbits_node_matches_ort(bits, K, block, zero_points, bias):
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,bits,zero_points", [("uint8", 4, False), ("uint8", 4, True), ("uint8", 8, False),
+                                                   ("int4", 4, False), ("uint4", 4, True)])
+def test_gather_block_quantized_node_matches_ort(tmp_path, dtype, bits, zero_points):
+    """GatherBlockQuantized as ORT runs it: uint8 tables holding two 4-bit codes (bits=4) or one, typed
+    int4 / uint4 tables, implied and explicit zero points (explicit ones here differ from the implied:
+    an f32 table), ragged last block (K = 40, block 16)."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    n, k, block = 24, 40, 16
+    kb = -(-k // block)
+    top = 2 ** bits
+    codes = rng.integers(-top // 2 if dtype == "int4" else 0, top // 2 if dtype == "int4" else top, (n, k))
+    if dtype == "uint8" and bits == 4:
+        data = numpy_helper.from_array(((codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)).astype(np.uint8), "data")
+    elif dtype in ("int4", "uint4"):
+        data = numpy_helper.from_array(codes.astype(getattr(ml_dtypes, dtype)), "data")
+    else:
+        data = numpy_helper.from_array(codes.astype(np.uint8), "data")
+    inits = [data, numpy_helper.from_array((rng.random((n, kb)) * 0.1).astype(np.float32), "scales")]
+    if zero_points:
+        zp = rng.integers(0, top, (n, kb))
+        if dtype == "uint4":
+            inits.append(numpy_helper.from_array(zp.astype(ml_dtypes.uint4), "zp"))
+        else:
+            inits.append(numpy_helper.from_array(((zp[:, 0::2] & 15) | ((np.pad(zp, ((0, 0), (0, kb % 2)))[:, 1::2] & 15) << 4))
+                                                 .astype(np.uint8) if bits == 4 else zp.astype(np.uint8), "zp"))
+    node = helper.make_node("GatherBlockQuantized", ["data", "ids", "scales"] + (["zp"] if zero_points else []), ["y"],
+                            domain="com.microsoft", block_size=block, bits=bits, gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, k])], inits)
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "gbq.onnx")
+    ids = rng.integers(0, n, (2, 3)).astype(np.int64)
+    got = ReferenceSession(import_onnx(tmp_path / "gbq.onnx")).run({"ids": ids})["y"]
+    want = ort_exact(tmp_path / "gbq.onnx", {"ids": ids})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_matmul_nbits_unsupported_bits_is_one_clear_error():
     model = nbits_node_model()
     for a in model.graph.node[0].attribute:

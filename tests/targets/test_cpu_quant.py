@@ -21,7 +21,7 @@ from polyport.targets.kernels.cpu.quant_gemm import quant_dense_func  # noqa: E4
 from polyport.runtime.cpu_session import _pack  # noqa: E402
 from polyport.runtime.reference import ReferenceSession  # noqa: E402
 
-from ..quant_models import dq_node_model, matmul_nbits  # noqa: E402
+from ..quant_models import count_ops, dq_node_model, matmul_nbits  # noqa: E402
 from ..real_models import assert_logits_close, corpus, model_path, ort_run, token_ids  # noqa: E402
 
 
@@ -161,6 +161,20 @@ def test_matmul_nbits_model_on_cpu_matches_ort(tmp_path, name, block, symmetric)
         feeds = token_ids(seq, vocab=int(corpus()[name]["hf_config"]["vocab_size"]))
         got = sess.run(feeds)
         assert_logits_close(got[sess.output_names[0]], ort_run(path, feeds)[0])
+
+
+@pytest.mark.parametrize("symmetric", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_gather_block_quantized_embeddings_match_ort(tmp_path, symmetric):
+    """ORT's quantizer with Gather quantized too writes the embedding table as GatherBlockQuantized: a
+    symmetric table imports as a QuantGather over the same codes, an asymmetric one (zero points) as an f32
+    table; either way the cpu artifact matches ORT running the same file."""
+    path = matmul_nbits("llama_a", 32, symmetric, tmp_path, gather=True)
+    assert count_ops(path, "GatherBlockQuantized") == 1
+    ops = {n.qualified_op for n in import_onnx(path).nodes}
+    assert ("polyport::QuantGather" in ops) == symmetric
+    sess = session.load(compile_model(path, ["cpu"], tmp_path / "art", generation=False), "cpu")
+    feeds = token_ids(9, vocab=int(corpus()["llama_a"]["hf_config"]["vocab_size"]))
+    assert_logits_close(sess.run(feeds)[sess.output_names[0]], ort_run(path, feeds)[0])
 
 
 @pytest.mark.parametrize("kind", ["uint4", "int8", "fp8_gemm"])
