@@ -1,8 +1,8 @@
 """Quantized GEMVs as byte dot products (AVX512-VNNI `vpdpbusd`), at f32's precision.
 
-A decode step is bound by decoding int4 codes, not by reading them: the model's working set sits in
-the last-level cache, and on f32 FMAs every code costs a shift, a conversion and an FMA per lane
-(quant_codes.py). `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds each group of
+Where a decode step's weights sit in the last-level cache (an MoE model's active experts here), it is
+bound by decoding codes, not by reading them: on f32 FMAs every code costs a shift, a conversion and
+an FMA per lane (quant_codes.py). `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds each group of
 four products into one int32 lane: 64 multiply-adds in one instruction, exactly.
 
 Activations: each block of `block` k of a row becomes integers v = round(x / sx) with

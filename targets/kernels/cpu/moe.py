@@ -15,8 +15,9 @@ which cost more than the expert math on small models):
 
 Quantized experts (ir/fused/moe.py: codes [E, K / 2 | K, N] and scales) are decoded in registers where
 the GEMMs load them (quant_codes.py), each decoded vector serving the tile's RB rows: no f32 copy. Where the
-CPU has byte dot products, a tile of at most BYTE_DOT_ROWS rows (decode) runs its GEMVs as int_dot.py's
-byte dot products instead, a row at a time, 16 columns per register.
+CPU has byte dot products (`column_blocked`), the experts are bound column-blocked and a tile of at most
+BYTE_DOT_ROWS rows (decode) runs its GEMVs as int_dot.py's byte dot products instead, a row at a time,
+16 columns per register.
 
 The kernel carries its own loop schedule (parallel, vectorised over the contiguous output axis) and
 is marked opaque, so the schedule module and Relax's fusion leave it alone.
