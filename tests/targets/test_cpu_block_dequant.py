@@ -32,14 +32,17 @@ def test_block_scaled_and_unrecognised_layers_on_cpu_match_ort(tmp_path):
 @pytest.mark.slow
 def test_deepseek_v3_fp8_export_on_cpu_matches_ort(tmp_path):
     """A tiny DeepSeek-V3 whose linear and expert weights are FP8 with 128x128 block scales, as its checkpoint
-    holds them, exported by torch.onnx.export: every linear a QuantMatMul, the routed experts a quantized
-    MoE, the logits ONNX Runtime's within 1e-4, the codes 1 byte each in the artifact."""
+    holds them, exported by torch.onnx.export: every linear a QuantMatMul or a projection of a quantized
+    GatedMLP (the dense MLP and the shared expert fuse through their QuantMatMuls), the routed experts a
+    quantized MoE, the logits ONNX Runtime's within 1e-4, the codes 1 byte each in the artifact."""
     path = deepseek_v3_fp8(tmp_path)
     g = import_onnx(path)
     run_pipeline(g)
     ops = [n.qualified_op for n in g.nodes]
     (moe,) = [n for n in g.nodes if n.qualified_op == "polyport::MoE"]
-    assert ops.count("polyport::QuantMatMul") == 16 and ops.count("MatMul") == 1      # and the f32 LM head
+    mlps = [n for n in g.nodes if n.qualified_op == "polyport::GatedMLP"]
+    assert all(m.attrs["format"] == "fp8e4m3" and m.attrs["block_size"] == 128 for m in mlps)
+    assert ops.count("polyport::QuantMatMul") + 3 * len(mlps) == 16 and ops.count("MatMul") == 1   # + the f32 LM head
     assert not any(v is not None and v.dtype.name == "f8e4m3" for n in g.nodes for v in n.inputs)
     assert moe.attrs["format"] == "fp8e4m3" and moe.attrs["block_size"] == 128
 
