@@ -68,7 +68,10 @@ def ms_gather_block_quantized(c: Conversion):
     if gather_axis != 0 or quantize_axis not in (1, -1):
         raise c.unsupported(f"gather_axis={gather_axis}, quantize_axis={quantize_axis}", "takes 0 and 1 (rows of an embedding table)")
     bits, signed = _GBQ_CODES[np.dtype(q.dtype)]
-    if q.dtype == np.uint8 and int(c.attr("bits", 4)) == 4:      # two 4-bit codes per byte (bits defaults to 4)
+    bits_attr = int(c.attr("bits", 4))
+    if bits_attr not in (4, 8):
+        raise c.unsupported(f"bits={bits_attr}", "polyport takes 4- and 8-bit tables")
+    if q.dtype == np.uint8 and bits_attr == 4:      # two 4-bit codes per byte (bits defaults to 4)
         bits, q = 4, unpack_nibbles(q, q.shape[1] * 2)
     block = int(c.attr("block_size", 128))
     n, k = q.shape

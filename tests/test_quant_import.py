@@ -82,6 +82,20 @@ def test_gather_block_quantized_node_matches_ort(tmp_path, dtype, bits, zero_poi
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_gather_block_quantized_unsupported_bits_is_one_clear_error():
+    from onnx import TensorProto, helper, numpy_helper
+    node = helper.make_node("GatherBlockQuantized", ["data", "ids", "scales"], ["y"], domain="com.microsoft",
+                            block_size=16, bits=2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])],
+                              [numpy_helper.from_array(np.zeros((8, 8), np.uint8), "data"),
+                               numpy_helper.from_array(np.ones((8, 1), np.float32), "scales")])
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(errors.UnsupportedOpError, match=r"GatherBlockQuantized.*bits=2"):
+        import_onnx(model)
+
+
 def test_matmul_nbits_unsupported_bits_is_one_clear_error():
     model = nbits_node_model()
     for a in model.graph.node[0].attribute:
