@@ -142,11 +142,16 @@ def moe_cpu(lw, node):
     x2, shape = flatten2d(lw, lw.get(x))
     H, E = (lw.as_int(d) for d in lw.shape(lw.get(router_w)))
     nb = lw.packed.get(wg.name, 0)           # codes and scales bound column-blocked (lowering/quant.py)
-    Ew, Hw, I = (lw.as_int(d) for d in lw.shape(lw.get(wg))) if not nb else \
-        (lw.as_int(lw.shape(lw.get(wg))[0]), lw.as_int(lw.shape(lw.get(wg))[2]), lw.as_int(lw.shape(lw.get(wg))[1]) * nb)
+
+    def expert_dims(w):
+        """(E, K stored, N) of expert weights as bound: [E, K, N], or column-blocked [E, N / nb, K, nb]."""
+        d = [lw.as_int(x) for x in lw.shape(lw.get(w))]
+        return (d[0], d[2], None if d[1] is None else d[1] * nb) if nb else tuple(d)
+
+    Ew, Hw, I = expert_dims(wg)
     per_byte = 2 if a["bits"] == 4 else 1
     Hw = None if Hw is None else Hw * per_byte
-    Ho = lw.as_int(lw.shape(lw.get(wd))[2]) if not nb else lw.as_int(lw.shape(lw.get(wd))[1]) * nb
+    Ho = expert_dims(wd)[2]
     if None in (H, E, I, Ho) or (Ew, Hw) != (E, H):
         raise lw.unsupported(node, "expert and router weights need static, matching shapes")
     groups = a["n_group"]
