@@ -14,11 +14,26 @@ from . import FLOAT_BF, lowers
 from .dense import flatten2d, packed_gemm
 
 
-@lowers("polyport::RMSNorm", dtypes=FLOAT_BF)
+@lowers("polyport::RMSNorm", dtypes=FLOAT_BF, kernels=("portable",))
 def rms_norm(lw, node):
     from ..kernels.cpu import norm
     x, w = (lw.get(v) for v in node.inputs)
     return lw.bb.emit_te(norm.rms_norm, x, w, float(node.attrs["epsilon"]), primfunc_name_hint="rms_norm")
+
+
+@lowers("polyport::RMSNorm", dtypes=FLOAT_BF, kernels=("cpu",))
+def rms_norm_cpu(lw, node):
+    """The vectorised row kernel where the width is whole vectors (and the weight has x's dtype), else TE's."""
+    from ..kernels.cpu import norm
+    x, w = (lw.get(v) for v in node.inputs)
+    n = lw.as_int(lw.shape(x)[-1])
+    if n is None or not norm.vectorizes(n) or w.ty.dtype != x.ty.dtype:
+        return rms_norm(lw, node)
+    x2, shape = flatten2d(lw, x)
+    func = norm.rms_norm_func(n, float(node.attrs["epsilon"]), x.ty.dtype)
+    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "rms_norm")      # opaque: FuseOps leaves it alone
+    y = lw.emit(lw.relax.call_tir(gv, [x2, w], lw.relax.TensorType(shape=lw.shape(x2), dtype=x.ty.dtype)))
+    return lw.emit(lw.relax.op.reshape(y, shape)) if len(shape) != 2 else y
 
 
 @lowers("polyport::Rotary", dtypes=FLOAT_BF)

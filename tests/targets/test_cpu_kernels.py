@@ -13,7 +13,7 @@ tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
 from polyport.targets.kernels.cpu.attention import attention_func  # noqa: E402
-from polyport.targets.kernels.cpu.gemm import TAIL_ROWS, dense_packed_func, tile_rows  # noqa: E402
+from polyport.targets.kernels.cpu.gemm import TAIL_ROWS, WARM_TILES, dense_packed_func, tile_rows  # noqa: E402
 from polyport.targets.kernels.cpu.isa import vector_lanes  # noqa: E402
 
 _BUILT: dict = {}
@@ -127,8 +127,10 @@ def test_packed_gemm(nb, rows, gated):
     wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
     f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0, rows=rows))
     mb = rows or tile_rows(nb, vector_lanes())
-    # whole tiles, then tail tiles of TAIL_ROWS rows, then single rows
-    for m in sorted({1, 2, mb - 1, mb, mb + 1, mb + TAIL_ROWS, mb + TAIL_ROWS + 2, 2 * mb + 3}):
+    # whole tiles (the first WARM_TILES prefetch the next column block), then tail tiles of TAIL_ROWS
+    # rows, then single rows
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, mb + TAIL_ROWS, mb + TAIL_ROWS + 2, 2 * mb + 3,
+                     (WARM_TILES + 1) * mb + 1}):
         if m < 1:
             continue
         x = rng.standard_normal((m, k), np.float32)
@@ -170,7 +172,8 @@ def test_packed_gemv_of_streaming_weights():
     n = PARALLEL_MIN_STREAM_BYTES // (4 * k)
     w = rng.standard_normal((k, n), np.float32)
     func = dense_packed_func(k, n // nb, nb)
-    assert "T.parallel" in func.script() and "if " not in func.script()     # no serial copy left
+    script = func.script()
+    assert "for blk in T.parallel" in script and script.count("for blk") == 1     # no serial copy left
     f = _build(func)
     for m in (1, 2):
         x = rng.standard_normal((m, k), np.float32)
@@ -194,3 +197,22 @@ def test_per_head_packed_gemm(h, k, n, nb):
         out = tvm.runtime.tensor(np.zeros((b, h, s, n), np.float32))
         f(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
         np.testing.assert_allclose(out.numpy(), x @ w, rtol=1e-4, atol=1e-4, err_msg=f"b={b} s={s}")
+
+
+@pytest.mark.parametrize("n", [32, 1536])
+def test_rms_norm_rows(n):
+    """The cpu RMSNorm kernel against the IR's reference, serial (few rows) and with rows in parallel
+    (past PARALLEL_MIN_STREAM_BYTES), rows of very different scales."""
+    from polyport.targets.kernels.cpu.norm import rms_norm_func
+    from polyport.targets.kernels.cpu.parallel import PARALLEL_MIN_STREAM_BYTES
+    rng = np.random.default_rng(n)
+    func = rms_norm_func(n, 1e-5)
+    assert "T.parallel" in func.script()
+    f = _build(func)
+    w = rng.standard_normal(n, np.float32)
+    for m in (1, 3, PARALLEL_MIN_STREAM_BYTES // (4 * n) + 1):
+        x = rng.standard_normal((m, n), np.float32) * np.logspace(-3, 3, m, dtype=np.float32)[:, None]
+        out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        f(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        want = fused.evaluate("RMSNorm", [x, w], epsilon=1e-5)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"m={m}")

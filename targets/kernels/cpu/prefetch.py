@@ -14,8 +14,9 @@ PREFETCH_BYTES = 4096
 LINE_BYTES = 64
 
 
-def prefetch(element):
+def prefetch(element, level: int = 1):
     """Ask for the cache line holding buffer element `element` (a BufferLoad; an index past the buffer
-    end is harmless: a prefetch never faults)."""
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), T.int32(0), T.int32(3),
-                                         T.int32(1)))
+    end is harmless: a prefetch never faults) into cache `level`: 1 (prefetcht0) for what the next
+    iterations read, 2 (prefetcht1) for what a later tile reads, so it does not evict this one's lines."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), T.int32(0),
+                                         T.int32(4 - level), T.int32(1)))
