@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 import tvm
 
-from .cpu.isa import byte_dot, vector_lanes
+from .cpu.isa import amx, byte_dot, vector_lanes
 
 F = TypeVar("F", bound=Callable[..., Any])
 _PLAIN = (bool, int, float, str, type(None))
@@ -46,7 +46,7 @@ def cached_kernel(builder: F) -> F:
     @functools.wraps(builder)
     def cached(*args, **kwargs):
         try:
-            key = (vector_lanes(), byte_dot(), _key(args), _key(tuple(sorted(kwargs.items()))))
+            key = (vector_lanes(), byte_dot(), amx(), _key(args), _key(tuple(sorted(kwargs.items()))))
         except _Unkeyable:
             return builder(*args, **kwargs)
         if key not in built:

@@ -20,8 +20,10 @@ _BUILT: dict = {}
 
 
 def _build(func):
+    """Compiled for this host's CPU, whose features (isa.py) the kernels built outside a target follow."""
+    from polyport.targets.cpu import host_mcpu
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
+    return tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}))["main"]
 
 
 def _run(q, k, v, mask=None, sinks=None, rows=0, **attrs):
@@ -173,7 +175,7 @@ def test_packed_gemv_of_streaming_weights():
     w = rng.standard_normal((k, n), np.float32)
     func = dense_packed_func(k, n // nb, nb)
     script = func.script()
-    assert "for blk in T.parallel" in script and script.count("for blk") == 1     # no serial copy left
+    assert "for blk in T.parallel" in script and "for blk in range" not in script     # no serial copy left
     f = _build(func)
     for m in (1, 2):
         x = rng.standard_normal((m, k), np.float32)
@@ -216,3 +218,29 @@ def test_rms_norm_rows(n):
         f(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
         want = fused.evaluate("RMSNorm", [x, w], epsilon=1e-5)
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"m={m}")
+
+
+@pytest.mark.skipif(not __import__("polyport.targets.kernels.cpu.isa", fromlist=["amx"]).amx(),
+                    reason="the host CPU has no AMX tiles")
+@pytest.mark.parametrize("gated", [False, True])
+def test_amx_tiles_match_float64(gated):
+    """From amx.MIN_ROWS rows the packed GEMM runs on AMX tiles through three bf16 parts of each
+    operand: as accurate as the FMA tiles against float64, padded row pairs (M % 32) included, and
+    below MIN_ROWS the FMA tiles run."""
+    from polyport.targets.kernels.cpu import amx
+    rng = np.random.default_rng(7)
+    k, n = 2 * amx.KB, 96
+    wg, wu = (rng.standard_normal((k, n)) for _ in range(2))
+    func = dense_packed_func(k, n // 32, 32, gated=gated, act="silu", clamp=0.0)
+    assert "tdpbf16ps" in func.script()
+    f = _build(func)
+    for m in (amx.MIN_ROWS - 1, amx.MIN_ROWS, amx.MIN_ROWS + 1, 100, 3 * amx.ROWS):
+        x = rng.standard_normal((m, k)) * np.logspace(-2, 1, m)[:, None]      # rows of different scales
+        out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        ws = [_pack(wg.astype(np.float32), 32)] + ([_pack(wu.astype(np.float32), 32)] if gated else [])
+        f(*[tvm.runtime.tensor(a) for a in [x.astype(np.float32)] + ws], out)
+        x32, g32 = x.astype(np.float32).astype(np.float64), wg.astype(np.float32).astype(np.float64)
+        g = x32 @ g32
+        want = g / (1 + np.exp(-g)) * (x32 @ wu.astype(np.float32).astype(np.float64)) if gated else g
+        err = np.abs(out.numpy() - want).max(axis=1) / np.abs(want).max(axis=1)
+        assert err.max() < 2e-6, (m, err.max())

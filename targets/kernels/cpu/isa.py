@@ -1,5 +1,5 @@
-"""What the cpu kernels are built for, from the LLVM CPU the build targets: the vector width, and
-whether the CPU has byte dot products (`byte_dot`).
+"""What the cpu kernels are built for, from the LLVM CPU the build targets: the vector width,
+whether the CPU has byte dot products (`byte_dot`) and AMX tiles (`amx`).
 
 Register tiles are sized in vector registers: AVX-512 has 32 registers of 16 float32 lanes,
 AVX2 16 of 8. A tile sized for one spills on the other (slower, never wrong), so the cpu
@@ -14,6 +14,7 @@ import functools
 
 _MCPU: contextvars.ContextVar[str] = contextvars.ContextVar("cpu_mcpu", default="")
 BYTE_DOT_FEATURES = ("avx512f", "avx512vnni", "avx512vbmi")   # vpdpbusd, and vpermb / vpmultishiftqb for nibbles
+AMX_FEATURES = ("amx-tile", "amx-bf16")                         # amx.py's f32 tiles
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,7 +23,7 @@ def _features(mcpu: str) -> frozenset:
     from tvm.target import codegen
     try:
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-        return frozenset(f for f in BYTE_DOT_FEATURES if codegen.target_has_features(f, target))
+        return frozenset(f for f in BYTE_DOT_FEATURES + AMX_FEATURES if codegen.target_has_features(f, target))
     except Exception:       # an LLVM without the name: the AVX2 tiles are correct everywhere
         return frozenset()
 
@@ -54,6 +55,11 @@ def byte_dot() -> bool:
     """Whether the build CPU multiplies bytes into int32 sums (AVX512-VNNI) and permutes bytes and nibbles
     (AVX512-VBMI): int_dot.py's quantized GEMVs."""
     return _features(_mcpu()) >= frozenset(BYTE_DOT_FEATURES)
+
+
+def amx() -> bool:
+    """Whether the build CPU has AMX tiles with bf16 products (amx.py's f32 GEMM tiles)."""
+    return _features(_mcpu()) >= frozenset(AMX_FEATURES)
 
 
 @contextlib.contextmanager
