@@ -1,5 +1,5 @@
-"""f32 GEMM on Intel AMX tiles (Sapphire Rapids and later), at f32's accuracy: the row tiles of
-gemm.py's packed dense and gate-up kernels from 32 token rows up.
+"""f32 GEMM on Intel AMX tiles (Sapphire Rapids and later), at f32's accuracy: gemm.py's packed dense
+and gate-up kernels from MIN_ROWS token rows.
 
 AMX multiplies bf16 (8-bit mantissa) pairs into f32 sums. An f32 value splits exactly into three
 bf16 parts, x = x0 + x1 + x2 (truncation: x0 keeps the top 8 mantissa bits, x1 the next 8, x2 the
@@ -7,15 +7,17 @@ last), so x w = sum of the nine part products; the six kept here (x0 w0, x1 w0, 
 x0 w2) leave out terms below 2^-24 of x w, f32's own rounding. Against float64 a 128 x 1536 x 4096
 product was off by 6.2e-7 of its largest value, NumPy's f32 SGEMM by 5.2e-7. One tile product
 (TDPBF16PS, 16 x 16 x 32) takes 4 ns on this host's cores, so six of them give about 680 GFLOP/s a
-core against 218 for AVX-512 FMAs; measured with the splits, 1.3-1.5x the FMA tiles on 2 cores
-(llama_500m's shapes: 128 x 1536 x 4096 at 2.8 against 3.85-4.4 ms, 512 rows 10.1-10.7 against 15).
+core against 218 for AVX-512 FMAs; measured with the splits on 2 cores, 128 x 1536 x 4096 ran in 2.8
+ms against the FMA tiles' 3.85 with the weights in cache and 3.6 against 4.3 from DRAM, 512 rows in
+10.1-10.7 against 15.
 
-Layout: the token rows [0, M32) (M32 = M rounded down to 32) are split once into XS, tiles of 16
-rows x 32 k contiguous; the column blocks go to CHUNKS tasks, each walking K in blocks of KB: per
+Layout: x's rows are split once per call into XS, tiles of 16 rows x 32 k contiguous, the last row
+pair padded with zero rows; the column blocks go to CHUNKS tasks, each walking K in blocks of KB: per
 (K block, column block) the weights' three parts are written pair-interleaved (the layout TDPBF16PS
-reads) to a 24 KB scratch that stays in L1 while every row pair (4 accumulator tiles, 32 rows x 32
-columns) reads it; the accumulators live in the output between K blocks. The rows past M32 go
-through the FMA tiles.
+reads) to a 48 KB scratch that every row pair (4 accumulator tiles, 32 rows x 32 columns) reads,
+while the next block's weights are prefetched into L2. The accumulators live in a padded scratch
+between K blocks; the task's last step writes its columns of the output (gated: the activation of
+one times the other).
 
 Linux hands AMX's 8 KB of tile state to a process only after arch_prctl(ARCH_REQ_XCOMP_PERM); the
 kernel asks on every call (one syscall) and takes the FMA tiles where it is refused. inf or NaN in x
@@ -72,8 +74,8 @@ def bf16_part(v, p: int, lanes: int = 1):
 
 
 def rows_macro(k: int, no: int, gated: bool, act: str, clamp: float):
-    """T.macro amx_rows(X, WG, WU, O, M): O[:M32] = X[:M32] @ W (or gated: act(X Wg) * clamp_up(X Wu)),
-    W packed [NO, K, 32]."""
+    """T.macro amx_rows(X, WG, WU, O, M): O = X @ W (or gated: act(X Wg) * clamp_up(X Wu)), W packed
+    [NO, K, 32]."""
     K, NO, N = k, no, no * 32
     KP, KC = KB // 2, KB // 32          # k pairs, and 32-k tiles, per K block
     per_chunk = -(-NO // CHUNKS)
