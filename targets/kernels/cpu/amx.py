@@ -147,6 +147,9 @@ def rows_macro(k: int, no: int, gated: bool, act: str, clamp: float):
                 product(XS, WS, rp, kb * KC + kc, kc, 0, 2)
             accumulators("tilestored64", "w", C, rp, jo)
 
+    def column(ch, jj):         # task ch's jj-th column block
+        return ch * per_chunk + jj
+
     def pairs(M):               # row pairs, the last one padded with zero rows (a name bound in TIR
         return (M + T.int64(ROWS - 1)) // T.int64(ROWS)      # cannot size a buffer)
 
@@ -170,20 +173,19 @@ def rows_macro(k: int, no: int, gated: bool, act: str, clamp: float):
             configure(cfg)
             for kb in range(K // KB):
                 for jj in range(per_chunk):
-                    if ch * per_chunk + jj < NO:
-                        block(XS, WS, WG, CS, pairs(M), ch * per_chunk + jj, kb)
+                    if column(ch, jj) < NO:
+                        block(XS, WS, WG, CS, pairs(M), column(ch, jj), kb)
                         if gated:
-                            block(XS, WS, WU, US, pairs(M), ch * per_chunk + jj, kb)
+                            block(XS, WS, WU, US, pairs(M), column(ch, jj), kb)
             _tile("tilerelease")
             for jj in range(per_chunk):
-                if ch * per_chunk + jj < NO:
+                if column(ch, jj) < NO:
                     for r in range(M):
                         for j in T.vectorized(32):
                             if gated:
-                                O[r, (ch * per_chunk + jj) * 32 + j] = activation(
-                                    act, CS[r, (ch * per_chunk + jj) * 32 + j], clamp) * clamp_up(
-                                    US[r, (ch * per_chunk + jj) * 32 + j], clamp)
+                                O[r, column(ch, jj) * 32 + j] = activation(act, CS[r, column(ch, jj) * 32 + j], clamp) \
+                                    * clamp_up(US[r, column(ch, jj) * 32 + j], clamp)
                             else:
-                                O[r, (ch * per_chunk + jj) * 32 + j] = CS[r, (ch * per_chunk + jj) * 32 + j]
+                                O[r, column(ch, jj) * 32 + j] = CS[r, column(ch, jj) * 32 + j]
 
     return amx_rows

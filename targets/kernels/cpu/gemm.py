@@ -133,17 +133,16 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
         store(O, acc, gate, row0, rows, hd, jo)
 
     @T.macro
-    def column_block(X, WG, WU, O, M, m0, hd, jo):
-        """Rows [m0, M) of column block jo."""
+    def column_block(X, WG, WU, O, M, hd, jo):
         acc = T.alloc_buffer((MB, NB), "float32", scope="local")
         gate = T.alloc_buffer((MB if gated else 1, NB), "float32", scope="local")
-        whole = m0 + (M - m0) // T.int64(MB) * T.int64(MB)
-        for io in range((M - m0) // T.int64(MB)):
-            if warms and io + T.int64(WARM_TILES) >= (M - m0) // T.int64(MB):       # the last whole tiles
-                tile(X, WG, WU, O, acc, gate, m0 + io * T.int64(MB), T.int64(MB), hd, jo, False,
-                     io + T.int64(WARM_TILES) - (M - m0) // T.int64(MB))
+        whole = M // T.int64(MB) * T.int64(MB)
+        for io in range(M // T.int64(MB)):
+            if warms and io + T.int64(WARM_TILES) >= M // T.int64(MB):       # the last whole tiles
+                tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo, False,
+                     io + T.int64(WARM_TILES) - M // T.int64(MB))
             else:
-                tile(X, WG, WU, O, acc, gate, m0 + io * T.int64(MB), T.int64(MB), hd, jo)
+                tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo)
         if TB < MB:
             for io in range((M - whole) // T.int64(TB)):
                 tile(X, WG, WU, O, acc, gate, whole + io * T.int64(TB), T.int64(TB), hd, jo)
@@ -162,13 +161,13 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
     streams = weights * tvm.DataType(dtype).bits // 8 >= PARALLEL_MIN_STREAM_BYTES   # parallel at any M (parallel.py)
 
     @T.macro
-    def fma_rows(X, WG, WU, O, M, m0):
+    def fma_rows(X, WG, WU, O, M):
         if streams or M * T.int64(weights) >= T.int64(PARALLEL_MIN_MACS):
             for blk in T.parallel(T.int64(blocks)):
-                column_block(X, WG, WU, O, M, m0, *split(blk))
+                column_block(X, WG, WU, O, M, *split(blk))
         else:
             for blk in range(T.int64(blocks)):
-                column_block(X, WG, WU, O, M, m0, *split(blk))
+                column_block(X, WG, WU, O, M, *split(blk))
 
     tiles = not headed and amx.fits(K, NB, dtype) and isa.amx()
     amx_rows = amx.rows_macro(K, NO, gated, act, clamp) if tiles else None
@@ -180,11 +179,11 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
                 if amx.permitted():
                     amx_rows(X, WG, WU, O, M)
                 else:
-                    fma_rows(X, WG, WU, O, M, T.int64(0))
+                    fma_rows(X, WG, WU, O, M)
             else:
-                fma_rows(X, WG, WU, O, M, T.int64(0))
+                fma_rows(X, WG, WU, O, M)
         else:
-            fma_rows(X, WG, WU, O, M, T.int64(0))
+            fma_rows(X, WG, WU, O, M)
 
     if headed:
         H = heads
