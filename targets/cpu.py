@@ -63,6 +63,7 @@ class CpuTarget(Target):
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
+        from .fusion import fuse
         from .llvm_noalias import build_pipeline
         from .schedule_cpu import schedule_module
         from .tvm_lower import lower_functions, lower_to_relax
@@ -81,7 +82,9 @@ class CpuTarget(Target):
             else:
                 lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
-            mod = schedule_module(lowered.mod, target)
+            with target:      # scheduled kernels (legalized matmuls too) are opaque: fusion leaves them whole
+                mod = schedule_module(tvm.relax.transform.LegalizeOps()(lowered.mod), target)
+                mod = tvm.transform.Sequential(fuse())(mod)
             ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
         return ex, model_meta(lowered, functions), mcpu
 

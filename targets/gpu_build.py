@@ -37,7 +37,10 @@ KNOWN_ARCHS: dict[str, tuple[str, ...]] = {}
 class GpuTarget(Target, abc.ABC):
     default_archs: ClassVar[tuple[str, ...]]
     known_archs: ClassVar[tuple[str, ...]]
-    batched_programs = False     # TVM fails building the GPU decode kernels over a symbolic batch (renew_defs)
+    # Batch-1 programs: over a symbolic batch the GPU decode kernels build since targets/fusion.py keeps
+    # scalar kernels out of FuseTIR (llama_a, qwen3_moe_a, deepseek_v3_a for cuda and rocm), but no GPU
+    # has run them yet.
+    batched_programs = False
     decodes_compressed = True        # the CSA/HCA programs are standard ops plus fused ops the portable set lowers
 
     def __init_subclass__(cls, **kw):

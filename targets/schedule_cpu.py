@@ -1,25 +1,28 @@
 """CPU schedules for the Relax module the cpu target builds (see /work/shared/TVM_NOTES.md).
 
 The hot kernels are the ones polyport emits itself (targets/kernels/cpu). The TE
-ones (dense MatMul / GatedMLP over row-major weights) are found by their block
+ones (dense MatMul / GatedMLP over row-major weights) and the legalized Relax
+matmuls (the module is legalized first: targets/cpu.py) are found by their block
 names and scheduled by hand:
 
-- GEMM-like blocks `C[i, j] = sum_k A[i, k] * W[k, j]` (W row-major [K, N], so
-  `W[k, j0:j0+NB]` is contiguous): loop order `jo (parallel) . io . k . ii (unroll)
-  . ji (vectorize)`, accumulating in a local `cache_write` block, reduction
-  decomposed. M (the token count) is symbolic; its tail is predicated.
+- GEMM-like blocks `C[.., i, j] = sum_k A[.., i, k] * W[.., k, j]` (W row-major [K, N],
+  so `W[k, j0:j0+NB]` is contiguous): loop order `(batch . jo) (parallel) . io . k .
+  ii (unroll) . ji (vectorize)`, accumulating in a local `cache_write` block,
+  reduction decomposed. M (the token count) is symbolic; its tail is predicated.
 - MoE, Attention and the GEMMs over pre-packed weights are written scheduled
   (kernels/cpu/moe.py, attention.py, gemm.py); functions that already carry
   `op_pattern` are left as they are.
 
-A scheduled function is marked opaque (`op_pattern` 8) so Relax's FuseOps leaves
-it alone. Any schedule that fails to apply leaves the function as TE built it
+A scheduled function is marked opaque (`op_pattern` 8) so fusion (targets/fusion.py)
+leaves it alone. Any schedule that fails to apply leaves the function as TE built it
 (correct, only slower); nothing here changes results.
 """
 from __future__ import annotations
 
 import logging
+import math
 
+from .fusion import OPAQUE
 from .kernels.cpu.parallel import BUILD_TIME_ROWS, PARALLEL_MIN_MACS
 
 log = logging.getLogger(__name__)
@@ -48,22 +51,24 @@ def _static(extent):
 def _gemm(sch, name: str) -> bool:
     blk = sch.get_sblock(name)
     loops = sch.get_loops(blk)
-    if len(loops) != 3:
+    if len(loops) < 3:
         raise ValueError(f"{name}: {len(loops)} loops")
-    i, j, k = loops
+    *batch, i, j, k = loops          # batch: a batched matmul's leading loops (DeepSeek V4's hyper-connections)
     n = _static(sch.get(j).extent)
     nb = NB if n is None or n % NB == 0 else (16 if n % 16 == 0 else 8 if n % 8 == 0 else 1)
     jo, ji = sch.split(j, [None, nb])
     io, ii = sch.split(i, [None, MB])      # 4-row blocks amortise row-major W's strided loads
-    sch.reorder(jo, io, k, ii, ji)
+    sch.reorder(*batch, jo, io, k, ii, ji)
     cw = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(cw, io)
     sch.vectorize(ji)
     sch.unroll(ii)
     kk = _static(sch.get(k).extent)
-    big = n is None or kk is None or n * kk * BUILD_TIME_ROWS >= PARALLEL_MIN_MACS
+    copies = [_static(sch.get(b).extent) for b in batch]
+    big = n is None or kk is None or None in copies or \
+        n * kk * BUILD_TIME_ROWS * math.prod(copies) >= PARALLEL_MIN_MACS
     if big:
-        sch.parallel(jo)
+        sch.parallel(sch.fuse(*batch, jo) if batch else jo)
     sch.decompose_reduction(blk, k)
     loops = sch.get_loops(cw)
     sch.vectorize(sch.split(loops[-1], [None, nb])[-1]) if nb > 1 else None
@@ -115,7 +120,7 @@ def schedule_module(mod, target):
             log.warning("cpu: no schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
             continue
         if done:
-            updates[gv] = new.with_attr("op_pattern", 8)
+            updates[gv] = new.with_attr("op_pattern", OPAQUE)
     for gv, f in updates.items():
         mod[gv] = f
     return mod

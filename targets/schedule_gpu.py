@@ -18,17 +18,12 @@ from __future__ import annotations
 import re
 
 from .. import errors
+from .fusion import legalize_and_fuse
 
 
 def gpu_rules():
     from tvm.s_tir import dlight as dl
     return (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-
-
-def _legalize_and_fuse():
-    from tvm import relax
-    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
 def _is_scheduled(func) -> bool:
@@ -71,7 +66,7 @@ def schedule_module(mod, target, target_name: str, graph=None):
     from tvm import tirx
     from tvm.s_tir import dlight as dl
     with target:
-        mod = tvm.transform.Sequential(_legalize_and_fuse() + [dl.ApplyDefaultSchedule(*gpu_rules())])(mod)
+        mod = tvm.transform.Sequential(legalize_and_fuse() + [dl.ApplyDefaultSchedule(*gpu_rules())])(mod)
     # dlight marks what a rule scheduled (bound to GPU threads); anything else would fail TVM's memory verifier
     unbound = [(gv.name_hint, f) for gv, f in mod.functions_items()
                if isinstance(f, tirx.PrimFunc) and not _is_scheduled(f)]

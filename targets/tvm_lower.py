@@ -130,6 +130,11 @@ class _Lowerer:
             return int(e.value)
         return None
 
+    def add_kernel(self, func, name: str):
+        """A kernel written scheduled (targets/kernels) as `name`, marked opaque: fusion leaves it whole."""
+        from .fusion import OPAQUE
+        return self.bb.add_func(func.with_attr("op_pattern", OPAQUE), name)
+
     # ---- values --------------------------------------------------------------------------
     def emit(self, expr):
         var = self.bb.emit(expr)

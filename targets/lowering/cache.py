@@ -52,7 +52,7 @@ def cache_update(lw, node):
     else:
         from ..kernels.portable import cache_update as kernel
         func = kernel.cache_update_func(**kw, gpu=lw.target_name in GPU_TARGETS)
-    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cache_update")      # opaque: FuseOps leaves it alone
+    gv = lw.add_kernel(func, "cache_update")
     args = [cache, new, _i64(lw, node.inputs[2]), _i64(lw, node.inputs[3])]
     return lw.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
 
@@ -71,7 +71,7 @@ def cached_attention(lw, node):
         num_heads=int(a["num_heads"]), kv_heads=int(a["kv_heads"]), d=d, dv=dv, scale=float(a["scale"]),
         window=a["window"], ring=bool(a["ring"]), v_in_k=v_in_k, sinks=sinks is not None, softcap=a["softcap"],
         dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype)
-    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "cached_attention")
+    gv = lw.add_kernel(func, "cached_attention")
     placeholder = relax.const(np.zeros(1, np.float32))
     no_v = relax.const(np.zeros(1, np.float32), q.ty.dtype)          # the kernel's V buffers take q's dtype
     args = [q, kn, no_v if v_in_k else vn, kc, no_v if v_in_k else vc, _i64(lw, node.inputs[5]),
@@ -112,8 +112,8 @@ def streamed_attention(lw, node, q, kn, vn, kc, vc, past, sinks, *, window: int,
     merge = kernel.merge_func(num_heads=h, kv_heads=kvh, dv=dv, sinks=sinks is not None, gpu=gpu,
                               dtype=q.ty.dtype, sinks_dtype="float32" if sinks is None else sinks.ty.dtype,
                               max_splits=splits)
-    gv_p = lw.bb.add_func(partial.with_attr("op_pattern", 8), "cached_attention_partial")
-    gv_m = lw.bb.add_func(merge.with_attr("op_pattern", 8), "cached_attention_merge")
+    gv_p = lw.add_kernel(partial, "cached_attention_partial")
+    gv_m = lw.add_kernel(merge, "cached_attention_merge")
     placeholder = relax.const(np.zeros(1, np.float32))
     no_v = relax.const(np.zeros(1, np.float32), q.ty.dtype)          # the kernel's V buffers take q's dtype
     B, _, S, _ = lw.shape(q)

@@ -53,7 +53,7 @@ def packed_gemm(lw, x2, ws, name: str, **gate):
     from ..kernels.cpu import gemm
     no, kdim, nb = (lw.as_int(d) for d in lw.shape(ws[0]))
     func = gemm.dense_packed_func(kdim, no, nb, dtype=x2.ty.dtype, gated=len(ws) == 2, **gate)
-    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), name)      # opaque: FuseOps leaves it alone
+    gv = lw.add_kernel(func, name)
     out = lw.relax.TensorType(shape=[lw.shape(x2)[0], lw.simplify(no * nb)], dtype=x2.ty.dtype)
     return lw.emit(lw.relax.call_tir(gv, [x2] + list(ws), out))
 
@@ -63,7 +63,7 @@ def per_head_gemm(lw, x, wp):
     from ..kernels.cpu import gemm
     h, no, kdim, nb = (lw.as_int(d) for d in lw.shape(wp))
     func = gemm.per_head_packed_func(h, kdim, no, nb, dtype=x.ty.dtype)
-    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "per_head_packed")      # opaque: FuseOps leaves it alone
+    gv = lw.add_kernel(func, "per_head_packed")
     b, _, s, _ = lw.shape(x)
     out = lw.relax.TensorType(shape=[b, lw.simplify(h), s, lw.simplify(no * nb)], dtype=x.ty.dtype)
     return lw.emit(lw.relax.call_tir(gv, [x, wp], out))

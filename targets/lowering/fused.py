@@ -31,7 +31,7 @@ def rms_norm_cpu(lw, node):
         return rms_norm(lw, node)
     x2, shape = flatten2d(lw, x)
     func = norm.rms_norm_func(n, float(node.attrs["epsilon"]), x.ty.dtype)
-    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "rms_norm")      # opaque: FuseOps leaves it alone
+    gv = lw.add_kernel(func, "rms_norm")
     y = lw.emit(lw.relax.call_tir(gv, [x2, w], lw.relax.TensorType(shape=lw.shape(x2), dtype=x.ty.dtype)))
     return lw.emit(lw.relax.op.reshape(y, shape)) if len(shape) != 2 else y
 
@@ -139,7 +139,7 @@ def attention_cpu(lw, node):
         mask_shape=None if mask is None else [lw.as_int(x) for x in lw.shape(mask)],
         mask_dtype="float32" if mask is None else mask.ty.dtype, sinks=sinks is not None,
         sinks_dtype="float32" if sinks is None else sinks.ty.dtype, dtype=q.ty.dtype, softcap=a["softcap"])
-    gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "attention")   # opaque: FuseOps leaves it alone
+    gv = lw.add_kernel(func, "attention")
     placeholder = relax.const(np.zeros(1, np.float32))                   # absent mask / sinks
     args = [q, k, v, placeholder if mask is None else mask, placeholder if sinks is None else sinks]
     out = relax.TensorType(shape=qs[:3] + [vs[3]], dtype=q.ty.dtype)
@@ -197,7 +197,7 @@ def moe_cpu(lw, node):
         args = [x2, lw.get(router_w), bias]
     none = relax.const(np.zeros(1, np.float32))
     scales = [lw.get(ins[i]) if a["bits"] else none for i in MOE_SCALES]
-    gv = lw.bb.add_func(moe.moe_func(spec), "moe")
+    gv = lw.add_kernel(moe.moe_func(spec), "moe")
     biases = [_f32_or_zeros(lw, router_b, (1,))] + \
         [_f32_or_zeros(lw, b, shp if spec.biases else (1,)) for b, shp in ((b_gate, (E, I)), (b_up, (E, I)),
                                                                              (b_down, (E, Ho)))]
@@ -327,8 +327,8 @@ def _moe_gemv(lw, node, x2, idx, w, wg, wu, wd):
     gate_up = moe_gemv.gate_up_func(hidden=H, inter=I, act=a["activation"], clamp=a["clamp"], gpu=gpu,
                                     x_dtype=x2.ty.dtype, w_dtype=wg.ty.dtype)
     down = moe_gemv.down_func(inter=I, out=Ho, gpu=gpu, x_dtype=x2.ty.dtype, w_dtype=wd.ty.dtype)
-    gv_gu = lw.bb.add_func(gate_up.with_attr("op_pattern", 8), "moe_gate_up_gemv")
-    gv_d = lw.bb.add_func(down.with_attr("op_pattern", 8), "moe_down_gemv")
+    gv_gu = lw.add_kernel(gate_up, "moe_gate_up_gemv")
+    gv_d = lw.add_kernel(down, "moe_down_gemv")
     tokens, k = lw.shape(idx)
     hid = lw.emit(relax.call_tir(gv_gu, [x2, idx, w, wg, wu], relax.TensorType([tokens, k, I], "float32")))
     return lw.emit(relax.call_tir(gv_d, [hid, idx, wd], relax.TensorType([tokens, Ho], x2.ty.dtype)))

@@ -97,7 +97,7 @@ def quant_dense(lw, x2, q, s, z, bias, a: dict, *, packed: bool, k_major: bool =
         func = quant_gemm.quant_dense_func(int(a["K"]), no, nb, int(a["bits"]), int(a["block_size"]),
                                            a["format"], z is not None, bias is not None,
                                            dtype=x2.ty.dtype)
-        gv = lw.bb.add_func(func.with_attr("op_pattern", 8), "quant_dense")     # opaque: FuseOps leaves it
+        gv = lw.add_kernel(func, "quant_dense")
         none = relax.const(np.zeros(1, np.float32))
         out = relax.TensorType(shape=[lw.shape(x2)[0], N], dtype=x2.ty.dtype)
         return lw.emit(relax.call_tir(gv, [x2, q, none if s is None else s, none if z is None else z,

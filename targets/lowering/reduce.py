@@ -1,6 +1,8 @@
 """Reductions, ArgMax/ArgMin and the softmax family (LogSoftmax, Hardmax; Softmax's opset < 13 form)."""
 from __future__ import annotations
 
+import numpy as np
+
 from . import FLOAT, FLOAT_BF, NUMERIC, lowers
 from .elementwise import const
 
@@ -112,20 +114,41 @@ def hardmax(lw, node):
     return coerced_2d(lw, node, fn)
 
 
-def _plain(lw, node, fn):
-    """ReduceSum/Max/Min/Mean: one Relax reduction (bool through int8)."""
+def _empty_extreme(dtype: str, name: str):
+    """ReduceMax / ReduceMin of no elements: the dtype's lowest / highest value (ONNX's reference)."""
+    low = name == "max"
+    if dtype == "bool":
+        return not low
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        return -np.inf if low else np.inf
+    info = np.iinfo(dtype)
+    return int(info.min if low else info.max)
+
+
+def _plain(lw, node, name):
+    """ReduceSum/Max/Min/Mean: one Relax reduction (`name`: sum, max, min, mean; bool through int8)."""
+    fn = getattr(lw.relax.op, name)
     x = lw.get(node.inputs[0])
     axes = axes_attr_or_input(lw, node)
     if axes is not None and not axes and node.attrs.get("noop_with_empty_axes", 0):
         return x
+    shape = lw.shape(x)
+    reduced = [a % len(shape) for a in axes] if axes else range(len(shape))
+    keep = bool(node.attrs.get("keepdims", 1))
+    if name in ("max", "min") and any(lw.as_int(shape[a]) == 0 for a in reduced):
+        # TVM's reduction over an empty axis never runs its init: it would return uninitialised memory
+        out = [1 if a in reduced else d for a, d in enumerate(shape) if keep or a not in reduced]
+        dtype = str(x.ty.dtype)
+        return lw.emit(lw.relax.op.broadcast_to(lw.relax.const(_empty_extreme(dtype, name), dtype),
+                                                lw.relax.ShapeExpr(out)))
     if x.ty.dtype == "bool":          # TVM has no max/min identity for bool: reduce it as int8
-        y = lw.emit(fn(lw.relax.op.astype(x, "int8"), axes or None, bool(node.attrs.get("keepdims", 1))))
+        y = lw.emit(fn(lw.relax.op.astype(x, "int8"), axes or None, keep))
         return lw.emit(lw.relax.op.astype(y, "bool"))
-    return lw.emit(fn(x, axes or None, bool(node.attrs.get("keepdims", 1))))
+    return lw.emit(fn(x, axes or None, keep))
 
 
 for _op, _name in {"ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceMean": "mean"}.items():
-    lowers(_op)(lambda lw, node, _name=_name: _plain(lw, node, getattr(lw.relax.op, _name)))
+    lowers(_op)(lambda lw, node, _name=_name: _plain(lw, node, _name))
 
 
 @lowers("CumSum")

@@ -1,0 +1,48 @@
+"""Legalize the Relax ops a lowering emitted and fuse neighbouring elementwise / injective kernels, the
+way TVM's own pipelines do, for every target that builds through TVM (cpu, cuda, rocm).
+
+Fusing matters most where kernels are small: a deepseek_v3_a layer's MLA plumbing (transpose, split,
+slice, concatenate, RoPE, broadcast) is a dozen kernels of a few microseconds each, and each unfused
+one is a VM call plus an intermediate tensor. Kernels polyport writes scheduled carry `op_pattern` 8
+(opaque), so FuseOps leaves them whole.
+
+One guard: a legalized kernel that takes a scalar (`shape_to_tensor` of a symbolic dim: the
+derived programs' positions over a symbolic batch) is kept out of fusion. FuseTIR's RenewDefs
+defines the scalar twice when such a kernel joins a group, and the build stops with an InternalError.
+"""
+from __future__ import annotations
+
+OPAQUE = 8      # relay/relax OpPatternKind kOpaque
+
+
+def _takes_scalar(func) -> bool:
+    from tvm import ir
+    return any(isinstance(p.ty, ir.PrimType) for p in func.params)
+
+
+def keep_scalar_kernels_unfused():
+    """A module pass: `op_pattern` opaque on each PrimFunc with a scalar parameter."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="KeepScalarKernelsUnfused")
+    def run(mod, _ctx):
+        marked = {gv: f.with_attr("op_pattern", OPAQUE) for gv, f in mod.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and _takes_scalar(f)}
+        for gv, f in marked.items():
+            mod[gv] = f
+        return mod
+
+    return run
+
+
+def fuse() -> list:
+    """The passes, in order: annotate each kernel's pattern, fuse, merge each group into one PrimFunc."""
+    from tvm import relax
+    return [relax.transform.AnnotateTIROpPattern(), keep_scalar_kernels_unfused(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def legalize_and_fuse() -> list:
+    from tvm import relax
+    return [relax.transform.LegalizeOps(), *fuse()]
