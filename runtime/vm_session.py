@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import errors
 from .artifact import Artifact, ArtifactError
+from .host_io import to_device, to_host
 from .memory import check_fits
 from .reference import check_feeds
 
@@ -129,6 +130,7 @@ class VmSession:
         self._tvm = tvm
         self.input_names: list[str] = list(info["inputs"])
         self.output_names: list[str] = list(info["outputs"])
+        self._fresh = frozenset(info.get("fresh_outputs", ()))       # results handed out without a copy
         self._in_types = signature_types(self.signature["inputs"])
         self._ranges = signature_index_ranges(self.signature["inputs"])
         self._io_types = self._in_types + signature_types(self.signature["outputs"])
@@ -155,16 +157,15 @@ class VmSession:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_fits(self.target, self._io_types, check_feeds(self._in_types, feeds, self._ranges))
-        tensor = self._tvm.runtime.tensor
         # np.require, not np.ascontiguousarray: that one turns a 0-d input into shape (1,)
-        args = [tensor(np.require(feeds[n], requirements="C"), device=self.device) for n in self.input_names]
+        args = [to_device(np.require(feeds[n], requirements="C"), self.device) for n in self.input_names]
         fn = self._function(self.meta.get("function", "main"))
         try:
             out = fn(*args, *self._params)
             outs = [out] if len(self.output_names) == 1 else list(out)
-            # .numpy() copies to the host and waits for the device: run() returns only when the work is done,
-            # so timing run() measures the whole call on every device.
-            return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+            # to_host waits for the device (a copy back, or the host's synchronous VM): run() returns only
+            # when the work is done, so timing run() measures the whole call on every device.
+            return dict(zip(self.output_names, to_host(outs, self.device, self._fresh)))
         except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
             self._drop_vm()
             raise errors.ExecutionError(f"{self.target}: the model failed at run time: {first_line(e)}") from e
@@ -207,12 +208,11 @@ class VmSession:
         """Run `prefill` / `decode` over `cache` (written in place); the last positions' logits [batch, vocab]."""
         inputs, params = self._programs[name]
         fn = self._function(name)
-        tensor = self._tvm.runtime.tensor
-        args = [cache[n] if n in cache else tensor(np.require(feeds[n], np.int64, "C"), device=self.device)
+        args = [cache[n] if n in cache else to_device(np.require(feeds[n], np.int64, "C"), self.device)
                 for n in inputs]
         try:
             out = fn(*args, *params)
-            logits = out[0].numpy()
+            logits, = to_host([out[0]], self.device)
         except Exception as e:  # noqa: BLE001 - the VM raises TVM errors; the user sees one line
             self._drop_vm()
             raise errors.ExecutionError(f"{self.target}: the {name} program failed at run time: {first_line(e)}") from e

@@ -63,6 +63,7 @@ class CpuTarget(Target):
         except ImportError as e:  # pragma: no cover - tvm is a dependency
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
+        from .fresh_outputs import fresh_outputs
         from .fusion import fuse
         from .llvm_noalias import build_pipeline
         from .schedule_cpu import schedule_module
@@ -84,9 +85,10 @@ class CpuTarget(Target):
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             with target:      # scheduled kernels (legalized matmuls too) are opaque: fusion leaves them whole
                 mod = schedule_module(tvm.relax.transform.LegalizeOps()(lowered.mod), target)
-                mod = tvm.transform.Sequential(fuse())(mod)
+                mod = tvm.transform.Sequential([*fuse(), tvm.relax.transform.RewriteDataflowReshape()])(mod)
+            fresh = fresh_outputs(mod["main"])
             ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
-        return ex, model_meta(lowered, functions), mcpu
+        return ex, {**model_meta(lowered, functions), "fresh_outputs": fresh}, mcpu
 
     def lower(self, graph: Graph, out_dir: Path, weights: Mapping[str, Any], options: CompileOptions,
               programs: Any = None) -> dict:
