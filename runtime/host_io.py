@@ -3,10 +3,10 @@
 On the host a NumPy feed is handed to the VM by DLPack, without a copy (the VM's functions are pure:
 they never write a feed), and a result the build found fresh is a NumPy view of the VM's buffer (any
 other, one NumPy copy). `tvm.runtime.tensor(x)` and `Tensor.numpy()`, used before, cost ~50 us each
-around a 0.6 ms deepseek_v3_a prefill, far more than their bytes. TVM's kernels may assume 64-byte aligned buffers (vector loads),
-so a feed that is not aligned, not writeable (DLPack cannot say read-only), not strictly row-major or of
-a dtype DLPack lacks is first copied into an aligned buffer. On any other device the feeds are uploaded and the results
-copied back.
+around a 0.6 ms deepseek_v3_a prefill, far more than their bytes. TVM's kernels may assume 64-byte
+aligned buffers (vector loads), so a feed that is not aligned, not writeable (DLPack cannot say
+read-only), not strictly row-major or of a dtype DLPack lacks is first copied into an aligned buffer.
+On any other device the feeds are uploaded and the results copied back.
 """
 from __future__ import annotations
 
@@ -33,9 +33,7 @@ def _aligned_copy(x: np.ndarray) -> np.ndarray:
 def to_device(x: np.ndarray, device: Any) -> Any:
     """`x` (C-contiguous) as a VM argument on `device`."""
     import tvm
-    if not is_host(device):
-        return tvm.runtime.tensor(x, device=device)
-    if not x.size:         # NumPy gives an empty array any strides, and TVM checks them
+    if not is_host(device) or not x.size:     # an empty array: NumPy gives it any strides, TVM checks them
         return tvm.runtime.tensor(x, device=device)
     from tvm_ffi import from_dlpack
     if x.ctypes.data % ALIGN or not x.flags.writeable or not _compact(x):

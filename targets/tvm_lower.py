@@ -24,6 +24,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.symbolic import Atom, SymExpr
 from ..ir.types import TensorType
 from . import lowering
+from .fusion import OPAQUE
 from .lowering import KERNEL_SETS
 from .lowering.dense import packable
 # constants with more elements than this become parameters (bound from the artifact's weights)
@@ -132,7 +133,6 @@ class _Lowerer:
 
     def add_kernel(self, func, name: str):
         """A kernel written scheduled (targets/kernels) as `name`, marked opaque: fusion leaves it whole."""
-        from .fusion import OPAQUE
         return self.bb.add_func(func.with_attr("op_pattern", OPAQUE), name)
 
     # ---- values --------------------------------------------------------------------------
