@@ -103,11 +103,12 @@ def test_default_threads_are_two_per_cpu():
     assert out.stdout.split() == [str(2 * usable_cpus()), "3"]
 
 
-@pytest.mark.slow
+@pytest.mark.timing
 @needs_two_cpus
 def test_a_session_beside_ort_keeps_the_callers_affinity_and_does_not_slow_ort(tmp_path):
-    """benchmarks/coexist.py on llama_a at seq 512 (its kernels run on TVM's pool there). Ratios
-    on a loaded 2-core machine are noisy, so only a collapse fails: polyport below 35% of its own
+    """benchmarks/coexist.py on llama_a at seq 512 (its kernels run on TVM's pool there). Marked
+    `timing`: beside another test's builds the ratios ran 0.1x to 5x for this code and the last
+    stop's alike. Even alone, ratios on a 2-core machine are noisy, so only a collapse fails: polyport below 35% of its own
     speed right after ORT or below half of it beside a NumPy thread (the run's explicit 2 threads,
     one per CPU, measured 43-54% and 34-76% under CI-like load; the default two per CPU 73-74% and
     88-92%), or ORT below half its speed after polyport."""
