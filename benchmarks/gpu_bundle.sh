@@ -8,8 +8,10 @@
 #   BUNDLE/site/tvm_ffi apache-tvm-ffi for the GPU machine's Python
 #
 #   benchmarks/gpu_bundle.sh BUNDLE [gpu_check.py options, e.g. --arch sm_90 --models llama_a]
-#   ... carry BUNDLE to the GPU machine (inside the repository, git-ignored), then there:
-#   benchmarks/gpu_check.sh BUNDLE --quick
+#   ... carry BUNDLE.tar.xz to the GPU machine (inside the repository, git-ignored), then there:
+#   tar xJf BUNDLE.tar.xz && benchmarks/gpu_check.sh BUNDLE --quick
+# The tarball, not the folder: the repository's tracked files take ~35 MB of a call's 64 MiB, and the
+# folder for the corpus in f32 and bf16 is ~55 MB (~14 MB as .tar.xz).
 #
 #   DTYPES="f32 bf16 f16"  compile the artifacts of each compute dtype (for gpu_check.sh's DTYPES; default f32)
 #   TVM_FFI_WHEEL=FILE  that apache-tvm-ffi wheel (default: `pip download` of the installed version for
@@ -49,5 +51,7 @@ if [ -z "$WHEEL" ]; then
 fi
 rm -rf "$BUNDLE/site/tvm_ffi" "$BUNDLE"/site/apache_tvm_ffi-*.dist-info
 "$PY" -m zipfile -e "$WHEEL" "$BUNDLE/site"          # a wheel is a zip of site-packages content
-rm -rf "$BUNDLE/.wheels"
-echo "gpu_bundle: $(du -sh "$BUNDLE" | cut -f1) in $BUNDLE; on the GPU machine: benchmarks/gpu_check.sh $BUNDLE --quick" >&2
+rm -rf "$BUNDLE/.wheels" "$BUNDLE/gpu_check.json" "$BUNDLE/polyport"
+tar -cJf "$BUNDLE.tar.xz" -C "$(dirname "$BUNDLE")" "$(basename "$BUNDLE")"
+echo "gpu_bundle: $(du -sh "$BUNDLE" | cut -f1) in $BUNDLE, $(du -sh "$BUNDLE.tar.xz" | cut -f1) as $BUNDLE.tar.xz;" \
+     "on the GPU machine: tar xJf $BUNDLE.tar.xz && benchmarks/gpu_check.sh $BUNDLE --quick" >&2

@@ -46,6 +46,13 @@ downloaded: what is missing is reported.
    else CPU EP) runs the cache-less export, a full forward over the whole
    sequence per token, since that is the export users have. The table says so.
 
+6. Batched decode (--gen-batch N, default 8; 1 skips it): N prompts of different
+   lengths (right-padded) decode together for --gen-tokens steps, each step fed the
+   batch's greedy picks; then each sequence decodes alone on the same target, fed
+   the same tokens. Every step's logits must agree within the dtype's tolerance
+   (batched programs: one cache for the batch; batch-1 programs: one per sequence).
+   Also times a decode step of the batch against one of a sequence alone.
+
 --quick (or --budget-s S): 5 runs after 2 warm-ups and a total budget (420 s
 with --quick) shared by compiles and timing; past the budget a row keeps its
 numerics check and is timed only 3 times; compiles may use all of the
@@ -119,6 +126,10 @@ def interleaved(run_ort, run_pp, runs: int, warmup: int, gap_s: float, restore,
             pp(t_pp if timed else None)
             one(run_ort, t_ort if timed else None)
     return t_ort, t_pp
+
+
+def first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def log(msg: str) -> None:
@@ -418,6 +429,71 @@ def check_generation(name: str, art: Path, target: str, ort_cpu, ort_gpu, args, 
     return row
 
 
+def batch_prompt_lengths(prompt: int, batch: int) -> list[int]:
+    """Right-padded prompts of different lengths: prompt, prompt - 2, ... (at least 1), repeating every 4."""
+    return [max(1, prompt - 2 * (b % 4)) for b in range(batch)]
+
+
+def check_batched_generation(name: str, art: Path, target: str, args, restore) -> dict[str, Any]:
+    """A batch of --gen-batch prompts of different lengths decoded together, against each sequence decoded
+    alone on the same target and fed the same tokens (the batch's greedy picks): the logits of every step
+    must agree within the dtype's tolerance. Also times a decode step of the batch against batch 1."""
+    import numpy as np
+    import polyport
+    from polyport.runtime.artifact import Artifact
+    from polyport.runtime.generation import generator_for
+    info = Artifact(art).manifest.get("generation") or {}
+    session = polyport.load(art, target)
+    restore()
+    gen = generator_for(session, getattr(session, "generation", None))
+    n, steps = args.gen_batch, max(args.gen_tokens, 2)
+    lens = np.asarray(batch_prompt_lengths(args.gen_prompt, n), np.int64)
+    ids = prompt_ids(int(info.get("vocab") or 2), int(lens.max()) * n).reshape(n, -1)
+    cap = int(lens.max()) + steps
+    state = gen.start(ids, lengths=lens, max_length=cap)
+    restore()
+    batched, picks, times = [state.logits.copy()], [], []
+    for _ in range(steps - 1):
+        picks.append(np.argmax(batched[-1], axis=-1).astype(np.int64))
+        t0 = time.perf_counter()
+        batched.append(state.append(picks[-1]).copy())
+        times.append(time.perf_counter() - t0)
+        restore()
+    err, scale, alone_times = 0.0, 0.0, []
+    for b in range(n):
+        one = gen.start(ids[b:b + 1, :lens[b]], max_length=cap)
+        restore()
+        alone = [one.logits[0].copy()]
+        for pick in picks:
+            t0 = time.perf_counter()
+            alone.append(one.append(pick[b:b + 1])[0].copy())
+            alone_times.append(time.perf_counter() - t0)
+            restore()
+        d, m = relative_error(np.stack([x[b] for x in batched]), np.stack(alone))
+        err, scale = max(err, d), max(scale, m)
+    tol = TOLERANCES.get(compute_dtype(art, target), TOLERANCES["f32"])
+    programs = ("none (recompute)" if not state.cached else "batched" if info.get("batch") is None
+                else f"per sequence ({info.get('per_sequence') or 'batch 1'})")
+    row = {"model": name, "batch": n, "prompt_lengths": lens.tolist(), "steps": steps, "programs": programs,
+           "max_abs_diff": err, "max_abs_alone": scale,
+           "tolerance": tol, "ok": err <= tol * scale, "tpot_batch_ms": median(times), "tpot_alone_ms": median(alone_times)}
+    row["throughput_over_batch1"] = n * row["tpot_alone_ms"] / row["tpot_batch_ms"]
+    log(f"{name} batch {n} ({programs}): rel err {err / scale if scale else err:.2e} against each alone "
+        f"{'ok' if row['ok'] else 'FAIL'}; step {row['tpot_batch_ms']:.3f} ms, alone {row['tpot_alone_ms']:.3f} ms "
+        f"({row['throughput_over_batch1']:.2f}x the tokens/s)")
+    return row
+
+
+def format_batch_table(rows: list[dict[str, Any]]) -> str:
+    from polyport.runtime.bench import text_table
+    header = ["model", "batch", "programs", "rel err", "tol", "ok", "step ms", "alone step ms", "tokens/s vs batch 1"]
+    body = [[r["model"], str(r["batch"]), r["programs"],
+             f"{r['max_abs_diff'] / r['max_abs_alone']:.2e}" if r["max_abs_alone"] else f"{r['max_abs_diff']:.2e}",
+             f"{r['tolerance']:g}", "ok" if r["ok"] else "FAIL", f"{r['tpot_batch_ms']:.3f}",
+             f"{r['tpot_alone_ms']:.3f}", f"{r['throughput_over_batch1']:.2f}x"] for r in rows]
+    return "\n".join(text_table(header, body, right=(1, 3, 4, 6, 7, 8)))
+
+
 def format_generation_table(rows: list[dict[str, Any]]) -> str:
     from polyport.runtime.bench import text_table
     header = ["model", "prompt", "tokens", "equal", "decode", "ttft ms", "tpot ms", "peer (cache-less export)",
@@ -462,6 +538,9 @@ def parse_args(argv):
     ap.add_argument("--gen-tokens", type=int, default=16,
                     help="the generation check's greedy tokens per model (0: no generation check)")
     ap.add_argument("--gen-prompt", type=int, default=8, help="the generation check's prompt length")
+    ap.add_argument("--gen-batch", type=int, default=8,
+                    help="prompts of different lengths decoded as one batch, each checked against itself alone "
+                         "(1: no batch check)")
     ap.add_argument("--dtype", default="f32", choices=("f32", "bf16", "f16"),
                     help="compile --dtype: cuda computes activations and KV caches in bf16 / f16 (f32 accumulation); "
                          "its tolerance follows")
@@ -474,8 +553,8 @@ def parse_args(argv):
     args.gap_ms = args.gap_ms if args.gap_ms is not None else (200.0 if args.target == "cpu" else 0.0)
     if args.runs < 1 or args.warmup < 0 or any(s < 1 for s in args.seq):
         ap.error("--runs must be >= 1, --warmup >= 0 and every --seq >= 1")
-    if args.gen_tokens < 0 or args.gen_prompt < 1:
-        ap.error("--gen-tokens must be >= 0 and --gen-prompt >= 1")
+    if args.gen_tokens < 0 or args.gen_prompt < 1 or args.gen_batch < 1:
+        ap.error("--gen-tokens must be >= 0, --gen-prompt >= 1 and --gen-batch >= 1")
     return args
 
 
@@ -496,7 +575,7 @@ def main(argv=None) -> int:
                            "settings": {"seqs": args.seq, "runs": args.runs, "warmup": args.warmup,
                                         "budget_s": args.budget_s, "gap_ms": args.gap_ms,
                                         "statistic": "median", "tolerances": TOLERANCES, "dtype": args.dtype},
-                           "compiles": {}, "rows": [], "generation": [], "failures": []}
+                           "compiles": {}, "rows": [], "generation": [], "batch": [], "failures": []}
 
     def finish(code: int, message: str = "") -> int:
         if message:
@@ -587,9 +666,8 @@ def main(argv=None) -> int:
             rows = check_model(name, art, args.target, ort_cpu, ort_gpu, note, args, budget,
                                rows_left, restore)
         except Exception as e:  # noqa: BLE001 - one model failing must not hide the others' results
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            doc["failures"].append(f"{name}: run failed: {first}")
-            log(f"{name}: run failed: {first}")
+            doc["failures"].append(f"{name}: run failed: {first_line(e)}")
+            log(doc["failures"][-1])
             rows = []
         rows_left -= len(args.seq)
         if args.gen_tokens:
@@ -599,8 +677,15 @@ def main(argv=None) -> int:
                     doc["failures"].append(f"{name}: greedy tokens differ from the "
                                            f"{doc['generation'][-1].get('reference', 'cpu target')}")
             except Exception as e:  # noqa: BLE001
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                doc["failures"].append(f"{name}: generation failed: {first}")
+                doc["failures"].append(f"{name}: generation failed: {first_line(e)}")
+                log(doc["failures"][-1])
+        if args.gen_tokens and args.gen_batch > 1:
+            try:
+                doc["batch"].append(check_batched_generation(name, art, args.target, args, restore))
+                if not doc["batch"][-1]["ok"]:
+                    doc["failures"].append(f"{name}: a batch of {args.gen_batch} differs from each sequence alone")
+            except Exception as e:  # noqa: BLE001
+                doc["failures"].append(f"{name}: batched generation failed: {first_line(e)}")
                 log(doc["failures"][-1])
         doc["rows"].extend(rows)
         doc["failures"].extend(f"{r['model']} seq {r['seq']}: max |diff| {r['max_abs_diff']:.3g} > "
@@ -612,6 +697,11 @@ def main(argv=None) -> int:
         print("generation: greedy tokens equal to the reference; time per output token against the peer running "
               "the cache-less export (a full forward per token)")
         print(format_generation_table(doc["generation"]))
+    if doc["batch"]:
+        print()
+        print(f"batched decode: {args.gen_batch} prompts of different lengths together, against each alone on the "
+              "same target fed the same tokens")
+        print(format_batch_table(doc["batch"]))
     if doc["ort_cuda_ep"] not in ("available",) and args.target == "cuda":
         print(f"peer: ORT CPU EP, because {doc['ort_cuda_ep']}")
     for f in doc["failures"]:

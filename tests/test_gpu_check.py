@@ -63,6 +63,9 @@ def test_cpu_plumbing_mode(gpu_check, tiny_onnx, tmp_path, capsys, monkeypatch):
     assert [(g["model"], g["decode"], g["peer"], g["ok"], len(g["tokens"])) for g in gen] == \
         [("tiny_lm", "recompute", "ORT CPU EP", True, 3)]
     assert gen[0]["tokens"] == gen[0]["ort_tokens"] and gen[0]["peer_export"].startswith("cache-less")
+    batch = doc["batch"]        # 8 prompts of 2 and 1 tokens: recomputed, each row against itself alone
+    assert [(b["model"], b["batch"], b["programs"], b["ok"]) for b in batch] == [("tiny_lm", 8, "none (recompute)", True)]
+    assert batch[0]["prompt_lengths"] == [2, 1, 1, 1] * 2 and batch[0]["max_abs_diff"] <= 1e-3 * batch[0]["max_abs_alone"]
     out = capsys.readouterr().out
     assert "tiny_lm" in out and "peer/polyport" in out and "peer (cache-less export)" in out
 
@@ -71,7 +74,8 @@ def test_cpu_plumbing_mode(gpu_check, tiny_onnx, tmp_path, capsys, monkeypatch):
     assert gpu_check.main(args[:-6] + ["--seq", "3", "--runs", "1", "--warmup", "0", "--gap-ms", "0"]) == 1
     doc = json.loads((work / "gpu_check.json").read_text())
     assert doc["compiles"]["tiny_lm"]["status"] == "cached"
-    assert doc["exit_code"] == 1 and doc["failures"][0].startswith("tiny_lm seq 3: max |diff|")
+    assert doc["exit_code"] == 1 and any(f.startswith("tiny_lm seq 3: max |diff|") for f in doc["failures"])
+    assert "tiny_lm: a batch of 8 differs from each sequence alone" in doc["failures"]
 
 
 def test_cuda_without_a_usable_gpu_stops_clearly(gpu_check, tiny_onnx, tmp_path, capsys):
@@ -123,13 +127,17 @@ def test_half_precision_cuda_compiles_without_a_gpu(gpu_check, tiny_onnx, tmp_pa
 @pytest.mark.slow
 def test_generation_check_decodes_through_the_cache(gpu_check, tmp_path):
     """A real export (llama_a) on the cpu target: the generation row decodes through the KV cache and its
-    greedy tokens agree with ORT's greedy loop over the cache-less export."""
+    greedy tokens agree with ORT's greedy loop over the cache-less export; a batch of 8 prompts of different
+    lengths decodes through one batched cache and agrees with each sequence decoded alone."""
     work = tmp_path / "work"
     assert gpu_check.main(["--work-dir", str(work), "--target", "cpu", "--models", "llama_a", "--seq", "1",
                            "--runs", "1", "--warmup", "0", "--gap-ms", "0", "--gen-tokens", "6"]) == 0
     gen = json.loads((work / "gpu_check.json").read_text())["generation"]
     assert [(g["decode"], g["ok"], len(g["tokens"])) for g in gen] == [("kv cache", True, 6)]
     assert gen[0]["tpot_ms"] > 0 and gen[0]["peer_tpot_ms"] > 0
+    batch = json.loads((work / "gpu_check.json").read_text())["batch"]
+    assert [(b["batch"], b["programs"], b["ok"]) for b in batch] == [(8, "batched", True)]
+    assert batch[0]["prompt_lengths"] == [8, 6, 4, 2] * 2 and batch[0]["tpot_batch_ms"] > 0
 
 
 def test_missing_model_is_exit_2(gpu_check, tmp_path):
