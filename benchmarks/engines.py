@@ -189,20 +189,32 @@ def child_triad(spec: dict) -> dict:
     return {"gbps": [12 * n / (t / 1e3) / 1e9 for t in times]}
 
 
+def decode_tokens(batch: int, context: int, steps: int):
+    """The token ids every engine's decode child feeds: row 0's first `context` are the prompt each of the
+    `batch` sequences starts from, column context + t holds each sequence's token of step t (t = 0 warms up)."""
+    import numpy as np
+    return np.random.default_rng(0).integers(0, 100, (batch, context + steps + 1))
+
+
 def child_decode(spec: dict) -> dict:
-    """TTFT (`s.start(prompt)`) and TPOT (`state.append(token)` at a context) through the cpu session's
-    generation API (runtime/generation.py), only where it runs the derived prefill/decode programs;
-    `batch` prompts of each length start together, and each append feeds one token to every sequence."""
+    """TTFT (`s.start(prompt)`) and TPOT (`state.append(tokens)` at a context) through the cpu session's
+    generation API (runtime/generation.py), only where it runs the derived prefill/decode programs.
+    `batch` prompts of each length start together. TPOT decodes llama_cpp.py's token stream, so that both
+    engines' MoE steps read the same experts: one prompt in every sequence, then each append one token of
+    each sequence's own (its ids[:, length + t])."""
     import numpy as np
     _, sess = open_engine("polyport", spec["onnx"], spec["artifact"], spec["threads"])
     if not callable(getattr(sess, "start", None)):
         return {"skip": "the cpu session has no start() (generation is not in this build)"}
     rng = np.random.default_rng(0)
     batch = spec.get("batch", 1)
-    token = np.zeros(batch, np.int64)
     rows = []
     for kind, length in [("ttft", p) for p in spec["prompts"]] + [("tpot", c) for c in spec["contexts"]]:
-        prompt = rng.integers(0, 100, size=(batch, length), dtype=np.int64)
+        if kind == "ttft":
+            prompt = rng.integers(0, 100, size=(batch, length), dtype=np.int64)
+        else:
+            ids = decode_tokens(batch, length, spec["steps"])
+            prompt, steps = np.repeat(ids[:1, :length], batch, axis=0), iter(range(length, ids.shape[1]))
         room = length + spec["steps"] + 2
         row = {"kind": kind, "length": length}
         try:
@@ -213,7 +225,7 @@ def child_decode(spec: dict) -> dict:
             if kind == "ttft":
                 row["times_ms"] = time_calls(lambda: sess.start(prompt, max_length=room), spec["runs"], 1)
             else:
-                row["times_ms"] = time_calls(lambda: state.append(token), spec["steps"], 1)
+                row["times_ms"] = time_calls(lambda: state.append(ids[:, next(steps)]), spec["steps"], 1)
         except Exception as e:  # noqa: BLE001 - one line per row; a context past the model's limit is expected
             text = str(e).strip()
             row["skip"] = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

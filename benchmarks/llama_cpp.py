@@ -26,11 +26,12 @@ llama-quantize tools, which nothing here needs). Then, per model of benchmarks/b
    keeps the MoE router in F32 as polyport does: like for like, LM head and token embeddings included;
 5. per scheme, batch and context, rounds alternate three children, each alone in its process: a
    STREAM triad (this machine's bandwidth now), polyport's decode (engines.py's `decode` child:
-   `start` BATCH prompts of CONTEXT tokens, then one `append` of a token per sequence a step) and
-   llama.cpp's (a CONTEXT-token prompt in sequence 0, copied into sequences 1..BATCH-1 with
+   `start` of the CONTEXT-token prompt in all BATCH sequences, then one `append` a step of one token
+   per sequence) and llama.cpp's (the prompt in sequence 0, copied into sequences 1..BATCH-1 with
    llama_memory_seq_cp, each sequence its own KV stream (not unified, as polyport's caches), then
    one `llama_decode` a step of one token per sequence, the logits read back: what
-   `llama-bench -n TOKENS -d CONTEXT` times at batch 1, without building its tools).
+   `llama-bench -n TOKENS -d CONTEXT` times at batch 1, without building its tools). Both decode
+   the same token ids (rows of one seeded draw), so a MoE step reads the same experts in each.
 With --prompts, per scheme and prompt length the same rounds alternate polyport's time to first token
 (`start` of one PROMPT-token prompt: the prefill program and the last row's logits) and llama.cpp's
 prompt processing (PROMPT tokens in one `llama_decode` on an emptied cache: what `llama-bench -p
@@ -326,9 +327,8 @@ def llama_cpp_decode(gguf: Path, bin_dir: Path, context: int, tokens: int, threa
     """ms of each of `tokens` decode steps (one token per sequence of `batch`, one llama_decode, the logits
     read back) after a prompt of `context` tokens in sequence 0, copied to the others: at batch 1 what
     `llama-bench -n tokens -d context` times, through the same libllama calls."""
-    import numpy as np
     engine = LlamaCpp(gguf, bin_dir, context + tokens + 2, threads, seqs=batch)
-    ids = np.random.default_rng(0).integers(0, 100, (batch, context + tokens + 1))
+    ids = engines.decode_tokens(batch, context, tokens)
     engine.decode(ids[0, :context], 0)
     for seq in range(1, batch):
         engine.copy_sequence(0, seq)

@@ -12,28 +12,14 @@ defines the scalar twice when such a kernel joins a group, and the build stops w
 """
 from __future__ import annotations
 
+from .prim_func_marks import mark_prim_funcs, scalar_params
+
 OPAQUE = 8      # relay/relax OpPatternKind kOpaque
-
-
-def _takes_scalar(func) -> bool:
-    from tvm import ir
-    return any(isinstance(p.ty, ir.PrimType) for p in func.params)
 
 
 def keep_scalar_kernels_unfused():
     """A module pass: `op_pattern` opaque on each PrimFunc with a scalar parameter."""
-    import tvm
-    from tvm import tirx
-
-    @tvm.transform.module_pass(opt_level=0, name="KeepScalarKernelsUnfused")
-    def run(mod, _ctx):
-        marked = {gv: f.with_attr("op_pattern", OPAQUE) for gv, f in mod.functions_items()
-                  if isinstance(f, tirx.PrimFunc) and _takes_scalar(f)}
-        for gv, f in marked.items():
-            mod[gv] = f
-        return mod
-
-    return run
+    return mark_prim_funcs("KeepScalarKernelsUnfused", "op_pattern", OPAQUE, lambda f: scalar_params(f) > 0)
 
 
 def fuse() -> list:

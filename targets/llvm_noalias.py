@@ -11,27 +11,13 @@ trivially; marked, every function of the module agrees, whatever the order.
 """
 from __future__ import annotations
 
-
-def _pointer_params(func) -> int:
-    from tvm import ir
-    return sum(not isinstance(p.ty, ir.PrimType) for p in func.params)
+from .prim_func_marks import mark_prim_funcs, scalar_params
 
 
 def mark_single_buffer_noalias():
     """A module pass: `tirx.noalias` on each PrimFunc with at most one buffer or pointer parameter."""
-    import tvm
-    from tvm import tirx
-
-    @tvm.transform.module_pass(opt_level=0, name="MarkSingleBufferNoAlias")
-    def run(mod, _ctx):
-        marked = {gv: f.with_attr("tirx.noalias", True) for gv, f in mod.functions_items()
-                  if isinstance(f, tirx.PrimFunc) and not (f.attrs or {}).get("tirx.noalias")
-                  and _pointer_params(f) <= 1}
-        for gv, f in marked.items():
-            mod[gv] = f
-        return mod
-
-    return run
+    return mark_prim_funcs("MarkSingleBufferNoAlias", "tirx.noalias", True,
+                           lambda f: not (f.attrs or {}).get("tirx.noalias") and len(f.params) - scalar_params(f) <= 1)
 
 
 def build_pipeline():
