@@ -60,11 +60,11 @@ def corpus_path(name: str) -> Path:
 
 
 def source_digest() -> str:
-    """sha256 over polyport's Python sources (tests, benchmarks and examples left out)."""
+    """sha256 over polyport's Python sources (tests, benchmarks, examples and hidden folders left out)."""
     h = hashlib.sha256()
     for f in sorted(REPO.rglob("*.py")):
         rel = f.relative_to(REPO)
-        if rel.parts[0] in ("tests", "benchmarks", "examples"):
+        if rel.parts[0] in ("tests", "benchmarks", "examples") or rel.parts[0].startswith("."):
             continue
         h.update(str(rel).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()

@@ -23,7 +23,7 @@ def package_imports(root: Path = ROOT) -> dict[str, dict[str, str]]:
     graph: dict[str, dict[str, str]] = {}
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).parts
-        if rel[0] in SKIP or rel == ("__init__.py",) or rel == ("setup.py",):
+        if rel[0] in SKIP or rel[0].startswith(".") or rel == ("__init__.py",) or rel == ("setup.py",):
             continue
         src = _package_of(rel)
         module = list(rel[:-1]) + ([] if rel[-1] == "__init__.py" else [rel[-1].removesuffix(".py")])

@@ -129,10 +129,10 @@ def test_packed_gemm(nb, rows, gated):
     wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
     f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0, rows=rows))
     mb = rows or tile_rows(nb, vector_lanes())
-    # whole tiles (the first WARM_TILES prefetch the next column block), then tail tiles of TAIL_ROWS
-    # rows, then single rows
-    for m in sorted({1, 2, mb - 1, mb, mb + 1, mb + TAIL_ROWS, mb + TAIL_ROWS + 2, 2 * mb + 3,
-                     (WARM_TILES + 1) * mb + 1}):
+    # whole tiles (the first WARM_TILES prefetch the next column block), then tail tiles of each TAIL_ROWS
+    # height (prefetching where there is no whole tile), then single rows
+    tails = {r + t for r in (0, mb) for t in (*TAIL_ROWS, sum(TAIL_ROWS), sum(TAIL_ROWS) + 3)}
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3, (WARM_TILES + 1) * mb + 1} | tails):
         if m < 1:
             continue
         x = rng.standard_normal((m, k), np.float32)
@@ -194,7 +194,7 @@ def test_per_head_packed_gemm(h, k, n, nb):
     wp = np.ascontiguousarray(np.stack([_pack(wh, nb) for wh in w]))
     f = _build(per_head_packed_func(h, k, n // nb, nb))
     mb = tile_rows(nb, vector_lanes())
-    for b, s in [(1, 1), (3, 1), (1, mb + TAIL_ROWS + 1), (2, mb + 2), (5, 3)]:
+    for b, s in [(1, 1), (3, 1), (8, 1), (1, mb + sum(TAIL_ROWS) + 1), (2, mb + 2), (5, 3)]:
         x = rng.standard_normal((b, h, s, k), np.float32)
         out = tvm.runtime.tensor(np.zeros((b, h, s, n), np.float32))
         f(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), out)
