@@ -46,8 +46,10 @@ KERNEL_DOMAIN = "polyport.ascendc"        # polyport's own Ascend C kernels (ker
 F16 = np.float16
 LOW = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))     # the device's 16-bit float storage dtypes
 
-# Tests set this to a list to record every routing decision (expert ids [T, k], in call order).
+# Tests set these to lists to record every discrete choice, in call order: the experts each MoE routing
+# took (ids [T, k]) and each TopK node's indices ((node name, indices): the sparse indexer's entries).
 ROUTING_TRACE = None
+TOPK_TRACE = None
 
 
 def _trace(idx):
@@ -304,8 +306,17 @@ def _ops():
             from ..ir.onnx_reference import gather_elements
             return (gather_elements(data, indices, axis),)
 
+    class TopK(load_op("", "TopK", 18)):
+        op_domain = ""
+
+        def _run(self, *args, **kwargs):
+            out = super()._run(*args, **kwargs)
+            if TOPK_TRACE is not None:
+                TOPK_TRACE.append((self.onnx_node.name, np.asarray(out[1])))
+            return out
+
     standard = [fp32_accumulating(n, 18) for n in ("MatMul", "ReduceSum", "ReduceMean", "Softmax")]
-    standard.append(GatherElements)
+    standard += [GatherElements, TopK]
     return [RmsNorm, RotaryPositionEmbedding, FusedInferAttentionScore, ScatterPaKvCache, MoeGatingTopK,
             MoeGatingTopKSqrtSoftplus, MoeHashRoutingGate, MoeInitRoutingV2, GroupedMatmul, WeightQuantBatchMatmulV2,
             SwiGlu, MoeFinalizeRoutingV2] + standard

@@ -121,12 +121,14 @@ class VmSession:
         self._lib = lib
         self._local = threading.local()
         self._function(info.get("function", "main"))      # a bad library fails here, at load time
-        missing = [n for n in info["params"] if n not in weights]
-        if missing:
-            raise ArtifactError(f"{where} lacks {missing[0]!r} that the {target} build needs")
-        # Uploaded once: every run reuses these device tensors.
-        self._params = [tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])), device=device)
-                        for n in info["params"]]
+        programs = info.get("functions", {})        # prefill / decode, beside `main`
+        for name, f in [("build", info), *((f"{n} program", f) for n, f in programs.items())]:
+            missing = [n for n in f["params"] if n not in weights]
+            if missing:
+                raise ArtifactError(f"{where} lacks {missing[0]!r} that the {target} {name} needs")
+        # Uploaded once, shared by `main` and the programs: every run reuses these device tensors.
+        bound = self._upload(dict.fromkeys(n for f in [info, *programs.values()] for n in f["params"]), weights)
+        self._params = [bound[n] for n in info["params"]]
         self._tvm = tvm
         self.input_names: list[str] = list(info["inputs"])
         self.output_names: list[str] = list(info["outputs"])
@@ -134,7 +136,19 @@ class VmSession:
         self._in_types = signature_types(self.signature["inputs"])
         self._ranges = signature_index_ranges(self.signature["inputs"])
         self._io_types = self._in_types + signature_types(self.signature["outputs"])
-        self._bind_programs(weights, where)
+        self._programs: dict[str, tuple[list[str], list[Any]]] = {
+            name: (list(f["inputs"]), [bound[n] for n in f["params"]]) for name, f in programs.items()}
+
+    def _upload(self, names, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """{name: device tensor of prepare(name, weights[name])}: on the host one huge-page-advised copy
+        (host_weights.py), else one upload each."""
+        from .host_io import is_host
+        if is_host(self.device):
+            from .host_weights import host_tensors
+            return host_tensors(names, weights, self.prepare)
+        import tvm
+        return {n: tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])), device=self.device)
+                for n in names}
 
     def prepare(self, name: str, w: np.ndarray) -> np.ndarray:
         """The array bound to the VM for the stored weight `name` (as stored, by default)."""
@@ -174,21 +188,6 @@ class VmSession:
             raise
 
     # ---- generation: runtime/generation.py's session protocol over the library's prefill / decode --
-    def _bind_programs(self, weights: Mapping[str, np.ndarray], where: str) -> None:
-        """The VM functions `prefill` / `decode` (model.json's "functions") and their weights, each
-        bound once: shared with `main` where it uses them too."""
-        bound = dict(zip(self.meta["params"], self._params))
-        self._programs: dict[str, tuple[list[str], list[Any]]] = {}
-        for name, f in self.meta.get("functions", {}).items():
-            missing = [n for n in f["params"] if n not in weights]
-            if missing:
-                raise ArtifactError(f"{where} lacks {missing[0]!r} that the {self.target} {name} program needs")
-            for n in f["params"]:
-                if n not in bound:
-                    bound[n] = self._tvm.runtime.tensor(np.ascontiguousarray(self.prepare(n, weights[n])),
-                                                        device=self.device)
-            self._programs[name] = (list(f["inputs"]), [bound[n] for n in f["params"]])
-
     @property
     def generation(self) -> dict[str, Any]:
         """The artifact's `generation` entry; no cache layers when this library has no programs (then

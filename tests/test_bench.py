@@ -214,6 +214,27 @@ def test_report_baseline_gates_ratios_to_ort_at_25_percent(tmp_path, cli):
     assert cli("report", bad, "--baseline", base, "--fail-if-slower", "30").exit_code == 0
 
 
+def test_report_baseline_compares_ratios_on_like_cpus_first(tmp_path, cli):
+    """A baseline with rows for two CPUs gates each against its own; a third CPU against the file's first."""
+    avx512 = _ratio_doc({("llama_a", 128): 1.4})
+    avx2 = _ratio_doc({("llama_a", 128): 1.1})
+    for row in avx2["rows"]:
+        row["device"] = "other cpu"
+    base = _write(tmp_path / "base.json", {**avx512, "rows": avx512["rows"] + avx2["rows"]})
+    # 0.9x: within 25% of the other cpu's 1.1x, not of 1.4x
+    this = _ratio_doc({("llama_a", 128): 0.9})
+    for row in this["rows"]:
+        row["device"] = "other cpu"
+    assert cli("report", _write(tmp_path / "a.json", this), "--baseline", base).exit_code == 0
+    r = cli("report", _write(tmp_path / "b.json", _ratio_doc({("llama_a", 128): 0.9})), "--baseline", base)
+    assert r.exit_code == 1 and "vs baseline 1.40x" in r.stderr
+    third = _ratio_doc({("llama_a", 128): 0.9})
+    for row in third["rows"]:
+        row["device"] = "third cpu"
+    r = cli("report", _write(tmp_path / "c.json", third), "--baseline", base)
+    assert r.exit_code == 1 and "vs baseline 1.40x" in r.stderr
+
+
 def test_report_plots_ratios_with_the_baseline(tmp_path, cli):
     pytest.importorskip("matplotlib")
     base = _write(tmp_path / "base.json", _ratio_doc({("llama_a", 128): 2.0}))

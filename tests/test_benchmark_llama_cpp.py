@@ -52,10 +52,12 @@ def _row(batch, polyport_ms, llama_ms):
 def test_the_table_gives_batch_scaling_per_engine_and_weight_bytes():
     sizes = [{"model": "m", "scheme": "int4", "gguf": "q4_0", "artifact_weights": 3e6, "token_reads": 2e6,
               "gguf_tensors": 2.5e6}]
-    text = llama_cpp.markdown([_row(1, 10.0, 20.0), _row(8, 16.0, 40.0)], sizes, [], 2)
+    eight = _row(8, 16.0, 40.0) | {"scaling_ceiling": 6.5}
+    text = llama_cpp.markdown([_row(1, 10.0, 20.0), eight], sizes, [], 2)
     one, eight = [line for line in text.splitlines() if line.startswith("| m |")][:2]
     assert "| int4 (Q4_0) | 1 | 128 |" in one and one.split(" | ")[9] == "–"
-    assert eight.split(" | ")[9] == "5.00x / 4.00x"     # 8 x 1000/16 over 1000/10; 8 x 1000/40 over 1000/20
+    # 8 x 1000/16 over 1000/10; 8 x 1000/40 over 1000/20; then what the bytes allow
+    assert eight.split(" | ")[9] == "5.00x / 4.00x (ceiling 6.50x)"
     assert "| m | int4 (Q4_0) | 3 | 2 | 2.5 |" in text
 
 

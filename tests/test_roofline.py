@@ -77,10 +77,11 @@ def test_moe_cost_and_touched_experts():
     assert (m["top_k"], m["experts"], m["expert_bytes"]) == (2, 6, 3 * 8 * 4 * 4)
     assert cost["weight_bytes"] == 8 * 6 * 4          # only the router; experts are counted per use
     act = 2 * 8 * 4 * SEQ                              # x in, y out
-    # seq 1: 2 experts touched; seq 16: all 6
-    for seq, touched in ((1, 2), (16, 6)):
-        expect = act.evaluate({"seq": seq}) + 8 * 6 * 4 + touched * m["expert_bytes"]
+    # one token touches its 2 experts; 16 tokens routed uniformly touch 6 (1 - (4/6)^16) = 5.99 of the 6
+    for seq, touched in ((1, 2), (16, 6 * (1 - (4 / 6) ** 16))):
+        expect = act.evaluate({"seq": seq}) + 8 * 6 * 4 + round(touched * m["expert_bytes"])
         assert roofline.total_bytes(cost, {"seq": seq}) == expect
+    assert roofline.total_bytes(cost, {"seq": 16}) < act.evaluate({"seq": 16}) + 8 * 6 * 4 + 6 * m["expert_bytes"]
 
 
 def test_unknown_shapes_are_counted_not_guessed():
@@ -141,7 +142,8 @@ def test_a_batched_decode_step_reads_the_weights_once_and_every_sequence_s_cache
     generation = {"layers": [{"bytes_per_token": 10}, {"bytes_per_token": 6, "capacity": 50}]}
     (m,) = cost["moe"]
     router, act = 8 * 6 * 4, 2 * 8 * 4                 # act: x in, y out per token
-    # batch 1: 2 experts, 100 + 50 cached tokens; batch 8: all 6 experts, 8 caches
+    # batch 1: 2 experts, 100 + 50 cached tokens; batch 8: the 6 (1 - (4/6)^8) = 5.77 experts 8 tokens touch
+    # (not min(6, 8 x 2) = 6: a batch rarely reads every expert), 8 caches
     assert tpot_bytes(cost, generation, 100) == router + act + 2 * m["expert_bytes"] + 100 * 10 + 50 * 6
     assert tpot_bytes(cost, generation, 100, batch=8) == \
-        router + 8 * act + 6 * m["expert_bytes"] + 8 * (100 * 10 + 50 * 6)
+        router + 8 * act + round(6 * (1 - (4 / 6) ** 8) * m["expert_bytes"]) + 8 * (100 * 10 + 50 * 6)

@@ -35,6 +35,7 @@ import pytest
 from polyport.compiler import compile_model, signature
 from polyport.frontend import import_onnx
 from polyport.ir import dtypes
+from polyport.ir.fused import compress as compress_fused
 from polyport.ir.fused import moe as moe_fused
 from polyport.ir.graph import Graph
 from polyport.ir.symbolic import sym
@@ -231,17 +232,33 @@ def routing_as_emulated(forced):
     return route
 
 
+def entries_as_emulated(forced):
+    """A `compress.select_entries` that keeps the entries the emulator's sparse indexer chose (`forced`: its
+    TopK indices [B, S, top_k], one per indexer call), of those a query may see."""
+    def select(scores, positions, top_k, rate):
+        entry = np.arange(scores.shape[-1])
+        keep = (next(forced)[..., None] == entry).any(-2)          # indices past T: the padding's
+        ready = (np.broadcast_to(np.asarray(positions, np.int64), scores.shape[:2]) + 1) // rate
+        return keep & (entry[None, None, :] < ready[..., None])
+    return select
+
+
 def _compare(art, graph, seq, monkeypatch, seed=None):
-    """max |emulated - reference| / max |reference|, the reference routed as the emulator routed."""
-    emu_trace = []
+    """max |emulated - reference| / max |reference|, the reference routed as the emulator routed and its
+    sparse indexers keeping the entries the emulator's kept (near-ties of fp16 scores flip either)."""
+    emu_trace, topk_trace = [], []
     monkeypatch.setattr(ascend_emulator, "ROUTING_TRACE", emu_trace)
+    monkeypatch.setattr(ascend_emulator, "TOPK_TRACE", topk_trace)
     feeds = {"input_ids": np.random.default_rng(seq if seed is None else seed).integers(0, 100, (1, seq))
              .astype(np.int64)}
     got = load(art, target="ascend").run(feeds)["logits"]
     forced = iter(emu_trace)
     monkeypatch.setattr(moe_fused, "route", routing_as_emulated(forced))
+    entries = iter([idx for name, idx in topk_trace if name.startswith("SparseIndexer")])
+    monkeypatch.setattr(compress_fused, "select_entries", entries_as_emulated(entries))
     want = ReferenceSession(graph).run(feeds)["logits"]
     assert next(forced, None) is None, "the emulator routed more MoE layers than the reference"
+    assert next(entries, None) is None, "the emulator ran more sparse indexers than the reference"
     assert got.dtype == np.float32 and got.shape == want.shape
     return float(np.abs(got - want).max() / np.abs(want).max())
 
