@@ -500,8 +500,8 @@ def markdown(rows: list[dict], sizes: list[dict], checks: list[dict], threads: i
              "(min–max). A step decodes one token of each of `batch` sequences. Ratio = llama.cpp ms / polyport ms "
              "per round (above 1: polyport is faster). Batch scaling = tokens/s over batch 1's (polyport / "
              "llama.cpp); its ceiling is batch x batch 1's bytes / the batch's bytes, where a batch's tokens read "
-             "the experts uniform routing touches. Roofline = (weight bytes the step's tokens read, at the scheme's stored size, + every "
-             "sequence's cache bytes) / triad bandwidth / time.", "",
+             "the experts uniform routing touches. Roofline = (weight bytes the step's tokens read, at the "
+             "scheme's stored size, + every sequence's cache bytes) / triad bandwidth / time.", "",
              "| model | scheme (llama.cpp) | batch | context | polyport ms/step | llama.cpp ms/step | "
              "llama.cpp / polyport | polyport tok/s | llama.cpp tok/s | batch scaling | polyport roofline | "
              "llama.cpp roofline | triad GB/s | load avg |", "|---" * 14 + "|"]
