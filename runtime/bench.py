@@ -339,11 +339,12 @@ def _vs_ort(r: Mapping[str, Any]) -> list[str]:
 
 
 def labelled_rows(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    out = []
-    for label, doc in docs:
-        for r in doc["rows"]:
-            out.append({**r, "_file": label, "_model": str(r.get("model", doc.get("model", "?")))})
-    return sorted(out, key=_sort_key)
+    return sorted((_labelled(label, doc, r) for label, doc in docs for r in doc["rows"]), key=_sort_key)
+
+
+def _labelled(label: str, doc: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row with its file's label and its model (the row's own, else the document's)."""
+    return {**row, "_file": label, "_model": str(row.get("model", doc.get("model", "?")))}
 
 
 def format_report(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
@@ -426,8 +427,7 @@ def ratio_baseline(baseline: Mapping[str, Any]):
     """row -> the baseline's row with a ratio to ORT for it, or None: the one on the same device where
     there is one, else the first in the file for any device (same model, target, seq and phase)."""
     same, anywhere = {}, {}
-    for r in baseline["rows"]:
-        r = {**r, "_model": str(r.get("model", baseline.get("model", "?")))}
+    for r in (_labelled("baseline", baseline, r) for r in baseline["rows"]):       # in file order
         if r["kind"] == "measured" and "ratio_vs_ort" in r:
             key = (r["_model"], r["target"], r["seq"], r.get("phase"))
             same[key + (r["device"],)] = r
@@ -458,7 +458,7 @@ def plot(docs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
         ax.bar(range(len(ratios)), values, yerr=errs, color="tab:green")
         if baseline is not None:
             ratio_of = ratio_baseline(baseline)
-            marks = [(i, ratio_of(r)["ratio_vs_ort"]) for i, r in enumerate(ratios) if ratio_of(r) is not None]
+            marks = [(i, b["ratio_vs_ort"]) for i, r in enumerate(ratios) if (b := ratio_of(r)) is not None]
             if marks:
                 ax.scatter([i for i, _ in marks], [v for _, v in marks], marker="_", s=400, color="black",
                            label="baseline", zorder=3)

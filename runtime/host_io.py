@@ -35,13 +35,20 @@ def to_device(x: np.ndarray, device: Any) -> Any:
     import tvm
     if not is_host(device) or not x.size:     # an empty array: NumPy gives it any strides, TVM checks them
         return tvm.runtime.tensor(x, device=device)
-    from tvm_ffi import from_dlpack
     if x.ctypes.data % ALIGN or not x.flags.writeable or not _compact(x):
         x = _aligned_copy(x)
+    shared = host_view(x)
+    return tvm.runtime.tensor(x, device=device) if shared is None else shared
+
+
+def host_view(x: np.ndarray) -> Any:
+    """A TVM tensor over x's own memory (DLPack, no copy), or None for a dtype DLPack cannot carry
+    (bfloat16). x must be aligned, writeable and row-major (to_device's checks)."""
+    from tvm_ffi import from_dlpack
     try:
         return from_dlpack(x)
-    except (BufferError, TypeError, ValueError, RuntimeError):      # a dtype DLPack cannot carry
-        return tvm.runtime.tensor(x, device=device)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _compact(x: np.ndarray) -> bool:

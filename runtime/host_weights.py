@@ -1,8 +1,8 @@
 """A host session's weights in one mapping the kernel may back with 2 MiB pages.
 
 A decode step streams every weight from DRAM once. TVM's allocator (posix_memalign) leaves a large
-buffer on 4 KiB pages wherever transparent huge pages are enabled for "madvise" only (Debian's
-default, and this machine's), so the GEMVs walk a page-table entry, and the hardware prefetcher stops,
+buffer on 4 KiB pages wherever transparent huge pages are enabled for "madvise" only (as on the
+AVX2 EPYC measured below), so the GEMVs walk a page-table entry, and the hardware prefetcher stops,
 every 4 KiB. Measured on a 2-vCPU AMD EPYC (Zen 3), weights from DRAM: the LM head GEMV (K 1536,
 N 32000) 6.5-7.0 ms on 4 KiB pages, 5.6-5.7 ms on 2 MiB pages; llama_500m's whole decode step, the
 two sessions alternated step by step in one process, 3% faster (a median ratio of 1.03 over 40
@@ -48,20 +48,19 @@ def host_tensors(names: Iterable[str], weights: Mapping[str, np.ndarray],
     carry (bfloat16) gets a TVM tensor of its own (its share of the mapping is never touched, so never
     backed by memory)."""
     import tvm
-    from tvm_ffi import from_dlpack
+    from .host_io import host_view
     names = list(names)
     slots = {n: -(-weights[n].nbytes // ALIGN) * ALIGN for n in names}
     arena = _advised(max(1, sum(slots.values())))
     out, offset = {}, 0
     for name in names:
         a = prepare(name, weights[name])
-        view = arena[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape) if a.nbytes <= slots[name] else None
+        tensor = None
+        if 0 < a.nbytes <= slots[name]:     # NumPy gives an empty array any strides, TVM checks them
+            view = arena[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+            tensor = host_view(view)
         offset += slots[name]
-        try:
-            if view is None or not a.size:     # NumPy gives an empty array any strides, TVM checks them
-                raise ValueError(name)
-            tensor = from_dlpack(view)
-        except (BufferError, TypeError, ValueError, RuntimeError):
+        if tensor is None:
             out[name] = tvm.runtime.tensor(np.ascontiguousarray(a), device=tvm.cpu())
             continue
         view[...] = a

@@ -59,7 +59,8 @@ def pack_block(n: int) -> int:
     """The column block NB for packing a [K, N] weight as [N / NB, K, NB] (0: do not pack): two vectors
     of the build CPU (isa.py) where N allows, so gemm.py's tile is 12 x 32 on AVX-512 and 6 x 16 on AVX2
     (twelve accumulators, two weight vectors and a broadcast in AVX2's sixteen registers). A 3 x 32
-    tile on AVX2 needs seventeen, and its 128-token GEMM (K 1536, N 4096) ran 25 ms against 18.6."""
+    tile on AVX2 needs seventeen: a 128-token gated GEMM (K 1536, N 4096) on an AVX2 EPYC ran 30.5 ms
+    against 19.0-19.4."""
     from .isa import vector_lanes
     for nb in (2 * vector_lanes(), 16, 8):
         if n % nb == 0:
