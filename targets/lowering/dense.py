@@ -1,7 +1,8 @@
 """MatMul, and the dense-weight layout the cpu kernel set binds: [K, N] pre-packed as [N/NB, K, NB], and
-per-head weights [H, K, N] (MLA's absorbed decode) as [H, N/NB, K, NB]."""
+per-head weights [H, K, N] (MLA's absorbed decode) and f32 MoE experts [E, K, N] as [H | E, N/NB, K, NB]."""
 from __future__ import annotations
 
+from ...ir.fused.moe import EXPERT_WEIGHTS, quantized
 from ...ir.graph import Node, Value
 from ...ir.types import TensorType
 import numpy as np
@@ -99,6 +100,18 @@ def gated_packable(node: Node) -> bool:
     return len(nbs) == 1 and 0 not in nbs and mlp.pack_block(ws[2].const.shape[1]) > 0
 
 
+def moe_packable(node: Node) -> bool:
+    """An unquantized MoE whose three expert weights are distinct f32 [E, K, N] constants with N divisible by the
+    same NB: bound [E, N/NB, K, NB], its expert GEMMs run as register tiles (kernels/cpu/moe.py)."""
+    from ..kernels.cpu import mlp
+    ws = [node.inputs[i] if i < len(node.inputs) else None for i in EXPERT_WEIGHTS]
+    if quantized(node) or not all(w is not None and w.is_constant and w.const.ndim == 3
+                                  and w.const.dtype == np.float32 for w in ws):
+        return False
+    nbs = {mlp.pack_block(w.const.shape[-1]) for w in ws}
+    return len({id(w) for w in ws}) == 3 and len(nbs) == 1 and 0 not in nbs
+
+
 def packable(lw, v: Value) -> int:
     """NB if every use of weight `v` is as the B operand of a dense MatMul, or of a per-head one for a 3-D
     weight (then it is bound pre-packed)."""
@@ -111,6 +124,8 @@ def packable(lw, v: Value) -> int:
         if node.graph is not lw.graph:
             return 0
         if node.qualified_op == "polyport::GatedMLP" and i in (1, 2, 3) and gated_packable(node):
+            continue
+        if node.qualified_op == "polyport::MoE" and i in EXPERT_WEIGHTS and moe_packable(node):
             continue
         if node.qualified_op != "MatMul" or i != 1 or not operands(node):
             return 0

@@ -1,7 +1,8 @@
 """The cpu target's fused MoE kernel (targets/kernels/cpu/moe.py) against the MoE reference, on the
 routing edge cases the expert grouping must survive: experts with no tokens, every token on one
 expert, top_k == E, group-limited top-k, hash routing; gpt-oss's biases and activation on both tile
-paths; PhiMoE's sparsemixer routing (with all-zero logits, where the reference divides 0 by 0)."""
+paths; PhiMoE's sparsemixer routing (with all-zero logits, where the reference divides 0 by 0); f32 experts
+bound column-blocked (register tiles)."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,9 @@ def _run(spec: moe.MoeSpec, seq: int, seed: int = 0, bias=None, table=None, toke
         args = [x, rw, bias, wg, wu, wd] + extras + scales
         want = fused.evaluate("MoE", [x, rw, None if spec.routing == "sparsemixer" else bias, wg, wu, wd, None,
                                       None] + ref_scales + [rb] + bgud, **attrs)
-    if column_block:            # the experts' codes and scales as the loader binds them (runtime/cpu_session.py)
-        args = [_pack(a, column_block) if i in (3, 4, 5, 10, 11, 12) else a for i, a in enumerate(args)]
+    if column_block:            # the experts (codes and scales) as the loader binds them (runtime/cpu_session.py)
+        bound = (3, 4, 5, 10, 11, 12) if scheme else (3, 4, 5)
+        args = [_pack(a, column_block) if i in bound else a for i, a in enumerate(args)]
     lib = _built(spec)
     y = tvm.runtime.tensor(np.zeros((seq, Ho), np.float32))
     lib["moe"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
@@ -173,3 +175,23 @@ def test_quantized_decode_tiles_as_byte_dot_products(scheme):
     spec = dataclasses.replace(spec, bits=0, block=0, column_block=0)         # _run quantizes
     for seq in (1, 2, 9):
         _run(spec, seq, seed=seq, scheme=scheme, column_block=nb)
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_packed_f32_experts_register_tiles(biases):
+    """f32 experts bound column-blocked ([E, N / NB, K, NB], as the loader packs them) run gemm.py-style register
+    tiles: an expert's rows in tiles of MB, then TAIL_ROWS, then single rows, and past PACKED_RB rows a second
+    tile; every split matches the reference. The bias puts all tokens on expert 1 (top-1), so one expert gets
+    exactly `seq` rows."""
+    from polyport.targets.kernels.cpu import gemm, mlp
+    with tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}):
+        nb = mlp.pack_block(64)
+        mb = gemm.tile_rows(nb, isa.vector_lanes())
+    kw = dict(router_bias=True, biases=True, clamp=0.5, alpha=1.702, up_offset=1.0) if biases else {}
+    spec = moe.MoeSpec(hidden=48, experts=4, top_k=1, inter=64, out=64, column_block=nb, **kw)
+    bias = np.array([0, 100, 0, 0], np.float32)
+    for seq in sorted({1, 2, 3, mb, mb + 1, 2 * mb + 4 + 3, moe.PACKED_RB, moe.PACKED_RB + mb + 5}):
+        _run(spec, seq, seed=seq, bias=bias, column_block=nb)
+    spread = dataclasses.replace(spec, top_k=2, renormalize=True)          # rows over every expert
+    for seq in (1, 5, 37):
+        _run(spread, seq, seed=seq, column_block=nb)

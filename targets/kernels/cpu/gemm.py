@@ -35,6 +35,12 @@ TAIL_ROWS = (8, 4)          # the rows past the last whole tile go in tiles this
 WARM_TILES = 4              # a column block's last whole tiles prefetch the next block's weights, a share each
 
 
+def rows_past(m, start, tb: int, mb: int):
+    """The first of m rows after the tiles of tb rows from `start` (none where tb is not below the whole
+    tile's mb rows: those rows went in whole tiles)."""
+    return start + (m - start) // tb * tb if tb < mb else start
+
+
 def tile_rows(nb: int, lanes: int = 8) -> int:
     """MB for column blocks of nb floats, with vectors of `lanes` floats (8: AVX2, 16: AVX-512; half
     the registers of either accumulate)."""
@@ -135,10 +141,6 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
             accumulate(X, WG, acc, row0, rows, hd, jo, ahead, warm)
         store(O, acc, gate, row0, rows, hd, jo)
 
-    def past(M, start, tb):
-        """The first row after the tiles of tb rows from `start` (none where tb is not below MB)."""
-        return start + (M - start) // T.int64(tb) * T.int64(tb) if tb < MB else start
-
     @T.macro
     def tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, ahead):
         """The rows past the whole tiles in tiles of T1, then T2 rows (TAIL_ROWS)."""
@@ -146,8 +148,9 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
             for io in range((M - whole) // T.int64(T1)):
                 tile(X, WG, WU, O, acc, gate, whole + io * T.int64(T1), T.int64(T1), hd, jo, ahead)
         if T2 < MB:
-            for io in range((M - past(M, whole, T1)) // T.int64(T2)):
-                tile(X, WG, WU, O, acc, gate, past(M, whole, T1) + io * T.int64(T2), T.int64(T2), hd, jo, ahead)
+            for io in range((M - rows_past(M, whole, T1, MB)) // T.int64(T2)):
+                tile(X, WG, WU, O, acc, gate, rows_past(M, whole, T1, MB) + io * T.int64(T2), T.int64(T2), hd, jo,
+                     ahead)
 
     @T.macro
     def column_block(X, WG, WU, O, M, hd, jo):
@@ -164,7 +167,7 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
             tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, True)
         else:
             tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, False)
-        for i in range(past(M, past(M, whole, T1), T2), M):
+        for i in range(rows_past(M, rows_past(M, whole, T1, MB), T2, MB), M):
             tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo, True)
 
     blocks = max(heads, 1) * NO           # (head, column block) pairs: the parallel loop
