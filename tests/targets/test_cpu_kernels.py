@@ -13,7 +13,8 @@ tvm = pytest.importorskip("tvm")
 
 from polyport.ir import fused  # noqa: E402
 from polyport.targets.kernels.cpu.attention import attention_func  # noqa: E402
-from polyport.targets.kernels.cpu.gemm import TAIL_ROWS, WARM_TILES, dense_packed_func, tile_rows  # noqa: E402
+from polyport.targets.kernels.cpu.gemm import (MIN_ROWS_SPLIT, TAIL_ROWS, WARM_TILES, dense_packed_func,  # noqa: E402
+                                               tile_rows, whole_tiles)
 from polyport.targets.kernels.cpu.isa import vector_lanes  # noqa: E402
 
 _BUILT: dict = {}
@@ -132,7 +133,8 @@ def test_packed_gemm(nb, rows, gated):
     # whole tiles (the first WARM_TILES prefetch the next column block), then tail tiles of each TAIL_ROWS
     # height (prefetching where there is no whole tile), then single rows
     tails = {r + t for r in (0, mb) for t in (*TAIL_ROWS, sum(TAIL_ROWS), sum(TAIL_ROWS) + 3)}
-    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3, (WARM_TILES + 1) * mb + 1} | tails):
+    splits = {MIN_ROWS_SPLIT * mb + r for r in range(mb)}        # where whole_tiles may give a tile to the tails
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3, (WARM_TILES + 1) * mb + 1} | tails | splits):
         if m < 1:
             continue
         x = rng.standard_normal((m, k), np.float32)
@@ -142,6 +144,16 @@ def test_packed_gemm(nb, rows, gated):
         g = x @ wg
         want = g / (1 + np.exp(-g)) * (x @ wu) if gated else g
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
+
+
+def test_whole_tiles_leave_the_tail_tiles_what_they_can_take():
+    """AVX2's 6-row tiles: 128 rows as 20 x 6 + 2 x 4 (no single rows), 127 as 21 x 6 + 1, and few rows (decode
+    batches) untouched; AVX-512's 12-row tiles with 8- and 4-row tails never give one up."""
+    def whole(m, mb):
+        return int(tvm.sym.Analyzer().simplify(whole_tiles(tvm.tirx.const(m, "int64"), mb)))
+    assert [whole(m, 6) for m in (128, 127, 126, 124, 8, 14, 6 * MIN_ROWS_SPLIT + 2)] == \
+        [20, 21, 21, 20, 1, 2, MIN_ROWS_SPLIT - 1]
+    assert [whole(m, 12) for m in (128, 130, 14)] == [10, 10, 1]
 
 
 def test_tiles_follow_the_build_cpu():

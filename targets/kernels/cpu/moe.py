@@ -39,7 +39,7 @@ from ..memo import cached_kernel
 from ..quant_codes import value
 from . import int_dot
 from .prefetch import PREFETCH_BYTES, prefetch
-from .gemm import TAIL_ROWS, rows_past, tile_rows
+from .gemm import TAIL_ROWS, rows_past, tile_rows, whole_tiles
 from .mlp import activation, clamp_up
 from .isa import vector_lanes
 from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
@@ -546,9 +546,9 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         come from memory for the first tile and from L2 for the rest."""
         acc = T.alloc_local((MB, CB), f32)
         gate = T.alloc_local((MB, CB), f32)
-        whole = nr // MB * MB
+        whole = whole_tiles(nr, MB) * MB
         for jo in range(blocks):
-            for io in range(nr // MB):
+            for io in range(whole_tiles(nr, MB)):
                 packed_rows(xs, hid, wg, wu, wd, bg, bu, bd, pw, dn, acc, gate, e, p0, jo, io * MB, MB, down)
             if T1 < MB:
                 for io in range((nr - whole) // T1):
