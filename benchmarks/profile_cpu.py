@@ -61,8 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args(argv)
+    from polyport.errors import PolyportError
     for seq in args.decode or args.seq:
-        rows = profile(args.artifact, seq, args.runs, decode=bool(args.decode))
+        try:
+            rows = profile(args.artifact, seq, args.runs, decode=bool(args.decode))
+        except PolyportError as e:           # not an artifact, no cpu entry, ...: one line, no traceback
+            print(f"profile_cpu: {e}", file=sys.stderr)
+            return 2
         total = sum(rows.values())
         what = f"decode step at context {seq}" if args.decode else f"seq {seq}"
         print(f"{what}: {total:.2f} ms in VM calls (median run, instrumented)")
