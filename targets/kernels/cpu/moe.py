@@ -403,15 +403,21 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
                     dn[p0 + r, oc * VO + v] = down_biased(d[r, v], e, oc * VO + v, pw[p0 + r], bd)
 
     @T.macro
+    def gather_rows(x, rows, p0, nr, xs):
+        """xs[r] = x[rows[p0 + r]] as float32, for the tile's nr rows."""
+        for r in range(nr):
+            for h in range(H):
+                xs[r, h] = T.Cast(f32, x[rows[p0 + r], h])
+
+    @T.macro
     def tile_stream(j, x, wg, wu, wd, bg, bu, bd, sg, su, sd, off, rows, pw, tile_e, tile_p, dn, xs, hid, g, u, d):
         """For experts too big for cache: walk each weight matrix once, row by row (contiguous, so the
         prefetcher streams it), accumulating whole rows of g/u/d in L1; only the tile's nr real rows."""
         e = tile_e[j]
         p0 = tile_p[j]
         nr = T.min(off[e + 1] - p0, T.int64(TR))
+        gather_rows(x, rows, p0, nr, xs)
         for r in range(nr):
-            for h in range(H):
-                xs[r, h] = T.Cast(f32, x[rows[p0 + r], h])
             for i in range(I):
                 g[r, i] = T.float32(0)
                 u[r, i] = T.float32(0)
@@ -568,9 +574,7 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         e = tile_e[j]
         p0 = tile_p[j]
         nr = T.min(off[e + 1] - p0, T.int64(TR))
-        for r in range(nr):
-            for h in range(H):
-                xs[r, h] = T.Cast(f32, x[rows[p0 + r], h])
+        gather_rows(x, rows, p0, nr, xs)
         packed_blocks(xs, hid, wg, wu, wd, bg, bu, bd, pw, dn, e, p0, nr, I // CB, False)
         packed_blocks(xs, hid, wg, wu, wd, bg, bu, bd, pw, dn, e, p0, nr, Ho // CB, True)
 
