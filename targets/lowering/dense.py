@@ -104,7 +104,7 @@ def moe_packable(node: Node) -> bool:
     """An unquantized MoE whose three expert weights are distinct f32 [E, K, N] constants with N divisible by the
     same NB: bound [E, N/NB, K, NB], its expert GEMMs run as register tiles (kernels/cpu/moe.py)."""
     from ..kernels.cpu import mlp
-    ws = [node.inputs[i] if i < len(node.inputs) else None for i in EXPERT_WEIGHTS]
+    ws = [node.inputs[i] for i in EXPERT_WEIGHTS]          # required operands: always present
     if quantized(node) or not all(w is not None and w.is_constant and w.const.ndim == 3
                                   and w.const.dtype == np.float32 for w in ws):
         return False
@@ -113,8 +113,9 @@ def moe_packable(node: Node) -> bool:
 
 
 def packable(lw, v: Value) -> int:
-    """NB if every use of weight `v` is as the B operand of a dense MatMul, or of a per-head one for a 3-D
-    weight (then it is bound pre-packed)."""
+    """NB if every use of weight `v` is as the B operand of a dense MatMul, a weight of a packable GatedMLP,
+    or, for a 3-D weight, the B operand of a per-head MatMul or an expert weight of a packable MoE (then it is
+    bound pre-packed)."""
     from ..kernels.cpu import mlp
     if lw.kernels not in PACKED_WEIGHTS or v.is_graph_output or v.const.ndim not in (2, 3) or not v.uses \
             or v.const.dtype != np.float32:

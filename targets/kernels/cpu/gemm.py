@@ -181,14 +181,15 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
     def column_block(X, WG, WU, O, M, hd, jo):
         acc = T.alloc_buffer((MB, NB), "float32", scope="local")
         gate = T.alloc_buffer((MB if gated else 1, NB), "float32", scope="local")
-        whole = whole_tiles(M, MB) * T.int64(MB)
-        for io in range(whole_tiles(M, MB)):
-            if warms and io + T.int64(WARM_TILES) >= whole_tiles(M, MB):       # the last whole tiles
+        tiles_m = whole_tiles(M, MB)
+        whole = tiles_m * T.int64(MB)
+        for io in range(tiles_m):
+            if warms and io + T.int64(WARM_TILES) >= tiles_m:       # the last whole tiles
                 tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo, False,
-                     io + T.int64(WARM_TILES) - whole_tiles(M, MB))
+                     io + T.int64(WARM_TILES) - tiles_m)
             else:
                 tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo)
-        if whole_tiles(M, MB) == 0:  # the tail tiles are the block's first pass over its weights: prefetch them
+        if tiles_m == 0:             # the tail tiles are the block's first pass over its weights: prefetch them
             tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, True)
         else:
             tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, False)

@@ -7,7 +7,7 @@ which cost more than the expert math on small models):
    top-k (ties to the lower expert, as the reference's stable argsort) or the hash table, routing
    weights (renormalised, scaled). Meaning: ir/fused/moe.py.
 2. group the (token, slot) pairs by expert (counts -> offsets -> a stable counting sort) and cut
-   each expert's rows into tiles of at most RB rows;
+   each expert's rows into tiles of at most TR rows (RB, STREAM_RB or PACKED_RB);
 3. per tile (in parallel when the work is big enough): gate/up GEMM over the tile's gathered token
    rows reading that expert's weights in place (plus its gate/up biases), activation, scaled by the
    routing weight, down GEMM (plus the weighted down bias); every weight vector load serves RB rows.
@@ -552,9 +552,10 @@ def moe_func(s: MoeSpec) -> tirx.PrimFunc:
         come from memory for the first tile and from L2 for the rest."""
         acc = T.alloc_local((MB, CB), f32)
         gate = T.alloc_local((MB, CB), f32)
-        whole = whole_tiles(nr, MB) * MB
+        tiles_n = whole_tiles(nr, MB)
+        whole = tiles_n * MB
         for jo in range(blocks):
-            for io in range(whole_tiles(nr, MB)):
+            for io in range(tiles_n):
                 packed_rows(xs, hid, wg, wu, wd, bg, bu, bd, pw, dn, acc, gate, e, p0, jo, io * MB, MB, down)
             if T1 < MB:
                 for io in range((nr - whole) // T1):
