@@ -130,11 +130,12 @@ def test_packed_gemm(nb, rows, gated):
     wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
     f = _build(dense_packed_func(k, n // nb, nb, gated=gated, act="silu", clamp=0.0, rows=rows))
     mb = rows or tile_rows(nb, vector_lanes())
-    # whole tiles (the first WARM_TILES prefetch the next column block), then tail tiles of each TAIL_ROWS
-    # height (prefetching where there is no whole tile), then single rows
+    # whole tiles (the last WARM_TILES prefetch the next column block), then tail tiles of each TAIL_ROWS
+    # height (prefetching where there is no whole tile), then single rows; or a few rows as whole tail-height tiles
     tails = {r + t for r in (0, mb) for t in (*TAIL_ROWS, sum(TAIL_ROWS), sum(TAIL_ROWS) + 3)}
     splits = {MIN_ROWS_SPLIT * mb + r for r in range(mb)}        # where whole_tiles may give a tile to the tails
-    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3, (WARM_TILES + 1) * mb + 1} | tails | splits):
+    short = {t * i for t in TAIL_ROWS for i in range(1, 5)}       # whole tiles of a tail height (decode batches)
+    for m in sorted({1, 2, mb - 1, mb, mb + 1, 2 * mb + 3, (WARM_TILES + 1) * mb + 1} | tails | splits | short):
         if m < 1:
             continue
         x = rng.standard_normal((m, k), np.float32)
@@ -163,10 +164,10 @@ def test_tiles_follow_the_build_cpu():
     assert isa.lanes_of("skylake-avx512") == isa.lanes_of("znver4") == 16
     assert isa.lanes_of("x86-64-v3") == isa.lanes_of("haswell") == 8
     with isa.building_for("x86-64-v3"):
-        assert attention.tile_rows() == 2 and tile_rows(32, isa.vector_lanes()) == 3
+        assert attention.key_block() == 16 and tile_rows(32, isa.vector_lanes()) == 3
         f = dense_packed_func(24, 2, 32, gated=True)
     with isa.building_for("skylake-avx512"):
-        assert attention.tile_rows() == 4 and tile_rows(32, isa.vector_lanes()) == 12
+        assert attention.key_block() == 32 and tile_rows(32, isa.vector_lanes()) == 12
     rng = np.random.default_rng(5)
     x, wg, wu = rng.standard_normal((7, 24), np.float32), *rng.standard_normal((2, 24, 64), np.float32)
     mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})

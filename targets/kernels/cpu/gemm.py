@@ -34,8 +34,8 @@ from .parallel import PARALLEL_MIN_MACS, PARALLEL_MIN_STREAM_BYTES
 
 ACC_VECTORS = 12            # accumulator ymm registers per tile; the rest hold weights and a broadcast
 TAIL_ROWS = (8, 4)          # the rows past the last whole tile go in tiles this high, then one at a time
-MIN_ROWS_SPLIT = 3          # whole tiles from which whole_tiles gives one up to the tail tiles (8 decode rows
-                            # on AVX2 stay 6 + 1 + 1: as 4 + 4 they were not faster)
+MIN_ROWS_SPLIT = 3          # whole tiles from which whole_tiles gives one up to the tail tiles; below, a few
+                            # rows that a tail height divides run as whole tiles of it (short_tiles in _packed_func)
 WARM_TILES = 4              # a column block's last whole tiles prefetch the next block's weights, a share each
 
 
@@ -130,8 +130,8 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
             acc[ii, ji] = zero
         if warm is not None:
             for ko in range(T.int64(K // WARM_TILES)):
-                for line in range(LINES):
-                    prefetch(w_at(W, hd, jo + 1, warm * T.int64(K // WARM_TILES) + ko,
+                for share, line in T.grid(warm[1], LINES):
+                    prefetch(w_at(W, hd, jo + 1, (warm[0] + share) * T.int64(K // WARM_TILES) + ko,
                                   line * (LINE_BYTES // ELEM_BYTES)), level=2)
                 for ki in T.unroll(WARM_TILES):
                     fma_row(X, W, acc, row0, rows, hd, jo, ko * T.int64(WARM_TILES) + ki)
@@ -141,6 +141,26 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
                     for line in range(LINES):
                         prefetch(w_at(W, hd, jo, kk + T.int64(PF_ROWS), line * (LINE_BYTES // ELEM_BYTES)))
                 fma_row(X, W, acc, row0, rows, hd, jo, kk)
+
+    SHORT = max([t for t in TAIL_ROWS if t < MB], default=0)        # 0: none (short_tiles is False)
+
+    def short_tiles(M):
+        """Whether M rows run as whole tiles of SHORT rows: a few rows (decode batches) that SHORT divides and
+        MB does not, which MB-row tiles would leave to tail tiles and single rows that warm no next block. On
+        AVX2 8 rows as 4 + 4 instead of 6 + 1 + 1 (each tile warming its share): K 4096 x N 1536 1.73 -> 1.17 ms,
+        the gated K 1536 x N 4096 3.27 -> 2.23 ms, weights streamed from memory as in a decode step."""
+        if not SHORT:
+            return tirx.const(False, "bool")
+        return tirx.all(M < T.int64(MIN_ROWS_SPLIT * MB), M % T.int64(SHORT) == 0, M % T.int64(MB) != 0)
+
+    def warm_shares(io, tiles_m):
+        """(first, count): the shares of the next column block whole tile io prefetches. The last WARM_TILES
+        tiles take one each; with fewer whole tiles than WARM_TILES the first of them also takes the shares no
+        tile is left for, so a few-row GEMM (decode batches) warms the whole next block, not its last shares
+        (6 rows, the gated K 1536 x N 4096 over streamed weights: 3.02 -> 2.44 ms)."""
+        hi = io + T.int64(WARM_TILES + 1) - tiles_m
+        first = T.Select(io == T.max(tiles_m - T.int64(WARM_TILES), T.int64(0)), T.int64(0), hi - T.int64(1))
+        return first, hi - first
 
     @T.macro
     def store(O, acc, gate, row0, rows, hd, jo):
@@ -178,23 +198,30 @@ def _packed_func(heads: int, k: int, no: int, nb: int, dtype: str, gated: bool, 
                      ahead)
 
     @T.macro
+    def whole_tile_rows(X, WG, WU, O, acc, gate, hd, jo, tiles_m, mb):
+        for io in range(tiles_m):
+            if warms and io + T.int64(WARM_TILES) >= tiles_m:       # the last whole tiles
+                tile(X, WG, WU, O, acc, gate, io * T.int64(mb), T.int64(mb), hd, jo, False,
+                     warm_shares(io, tiles_m))
+            else:
+                tile(X, WG, WU, O, acc, gate, io * T.int64(mb), T.int64(mb), hd, jo)
+
+    @T.macro
     def column_block(X, WG, WU, O, M, hd, jo):
         acc = T.alloc_buffer((MB, NB), "float32", scope="local")
         gate = T.alloc_buffer((MB if gated else 1, NB), "float32", scope="local")
-        tiles_m = whole_tiles(M, MB)
-        whole = tiles_m * T.int64(MB)
-        for io in range(tiles_m):
-            if warms and io + T.int64(WARM_TILES) >= tiles_m:       # the last whole tiles
-                tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo, False,
-                     io + T.int64(WARM_TILES) - tiles_m)
-            else:
-                tile(X, WG, WU, O, acc, gate, io * T.int64(MB), T.int64(MB), hd, jo)
-        if tiles_m == 0:             # the tail tiles are the block's first pass over its weights: prefetch them
-            tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, True)
+        if short_tiles(M):
+            whole_tile_rows(X, WG, WU, O, acc, gate, hd, jo, M // T.int64(max(SHORT, 1)), SHORT)
         else:
-            tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, False)
-        for i in range(rows_past(M, rows_past(M, whole, T1, MB), T2, MB), M):
-            tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo, True)
+            tiles_m = whole_tiles(M, MB)
+            whole = tiles_m * T.int64(MB)
+            whole_tile_rows(X, WG, WU, O, acc, gate, hd, jo, tiles_m, MB)
+            if tiles_m == 0:             # the tail tiles are the block's first pass over its weights: prefetch them
+                tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, True)
+            else:
+                tail_tiles(X, WG, WU, O, acc, gate, M, hd, jo, whole, False)
+            for i in range(rows_past(M, rows_past(M, whole, T1, MB), T2, MB), M):
+                tile(X, WG, WU, O, acc, gate, i, T.int64(1), hd, jo, True)
 
     blocks = max(heads, 1) * NO           # (head, column block) pairs: the parallel loop
 
