@@ -36,9 +36,10 @@ QUERY_ROWS = 4      # per tile: each key / value vector load serves them all
 
 def key_block() -> int:
     """Keys per block (JB), and the widest P.V column chunk (CW): two vectors, so that a tile's
-    QUERY_ROWS x JB scores and QUERY_ROWS x CW accumulators take 8 registers each (of AVX2's 16 and AVX-512's 32). On AVX2 this tile (4 rows,
-    16 keys, 16 columns) beat the former 2 x 32 x 32 one by 9-17% at heads of 16, 64 and 128 (a causal
-    head of 128 tokens at 16 wide: 132 -> 109 us; 12 heads of 128 at 512 tokens: 15.7 -> 13.1 ms, serial)."""
+    QUERY_ROWS x JB scores and QUERY_ROWS x CW accumulators take 8 registers each (of AVX2's 16 and
+    AVX-512's 32). On AVX2 this tile (4 rows, 16 keys, 16 columns) beat the former 2 x 32 x 32 by 9-17%
+    at heads of 16, 64 and 128 (a causal head of 16 at 128 tokens: 132 -> 109 us; 12 heads of 128 at
+    512 tokens: 15.7 -> 13.1 ms, serial)."""
     return 2 * vector_lanes()
 
 
@@ -61,7 +62,7 @@ def attention_func(*, num_heads: int, kv_heads: int, d: int, dv: int, scale: flo
               for n, x in enumerate(mask_shape or [1])]
     JB = key_block()
     HALF = JB // 2      # lanes of the per-row max and denominator (pairs of a block's keys folded)
-    CW = next(w for w in (32, 16, 8, 4, 2, 1) if DV % w == 0 and w <= JB)    # P.V column chunk (QB x CW accumulators)
+    CW = next(w for w in (32, 16, 8, 4, 2, 1) if DV % w == 0 and w <= JB)   # P.V chunk: QB x CW accumulators
     ninf = tirx.const(float("-inf"), "float32")
     zero = tirx.const(0.0, "float32")
 
