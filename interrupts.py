@@ -6,6 +6,8 @@ traceback, or is dropped and the compile carries on. While `deferred()` is
 active, SIGINT is remembered as well as raised: an exception that escapes
 while an interrupt is pending is reported as that interrupt, and the
 `checkpoint` it yields (called between steps) raises one that was dropped.
+`held()` keeps SIGINT out of a step that must not stop halfway (an artifact's
+commit) and raises it when the step is done.
 """
 from __future__ import annotations
 
@@ -41,3 +43,19 @@ def deferred() -> Iterator[Callable[[], None]]:
         raise
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGINT waits until the block has finished, then goes to the handler that was in place before it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        signal.raise_signal(signal.SIGINT)     # now handled as if it came this moment (deferred: raised)

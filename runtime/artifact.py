@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .. import __version__, errors, files
+from .. import __version__, errors, files, interrupts
 from . import safetensors
 
 FORMAT_VERSION = 1
@@ -142,6 +142,7 @@ class ArtifactWriter:
         self.manifest["targets"][target] = dict(entry)
 
     def commit(self) -> Path:
+        """Move the artifact into place, replacing the one at `path`."""
         with _locked(self.path.parent):
             carried, _ = self.existing()            # again: another compile may have committed meanwhile
             if carried:
@@ -156,13 +157,15 @@ class ArtifactWriter:
             self.manifest["files"] = digests
             with open(self.tmp / MANIFEST, "w") as f:
                 json.dump(self.manifest, f, indent=2, sort_keys=True)
-            old_dir = None
-            if self.path.exists():
-                old_dir = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-                os.replace(self.path, old_dir)
-            os.replace(self.tmp, self.path)
-        if old_dir is not None:
-            shutil.rmtree(old_dir, ignore_errors=True)
+            # Ctrl-C waits for the renames: stopped between them, it would leave no artifact at `path`
+            with interrupts.held():
+                old_dir = None
+                if self.path.exists():
+                    old_dir = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+                    os.replace(self.path, old_dir)
+                os.replace(self.tmp, self.path)
+                if old_dir is not None:
+                    shutil.rmtree(old_dir, ignore_errors=True)
         return self.path
 
 

@@ -1,5 +1,7 @@
 """The artifact directory: atomic writes, hash checks, safetensors weights."""
 import json
+import os
+import signal
 
 import ml_dtypes
 import numpy as np
@@ -43,6 +45,24 @@ def test_failed_write_leaves_previous_artifact_and_no_temp_dir(tmp_path):
             (w.target_dir("cpu") / "model.bin").write_bytes(b"half")
             raise RuntimeError("lowering failed")
     assert (tmp_path / "art" / "cpu" / "model.bin").read_bytes() == b"v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_ctrl_c_between_the_renames_waits_for_the_second(tmp_path, monkeypatch):
+    """SIGINT after the old artifact is moved aside: the new one still lands, then KeyboardInterrupt is raised."""
+    _write(tmp_path / "art", payload=b"v1")
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(f".old-{os.getpid()}"):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr("polyport.runtime.artifact.os.replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "art", payload=b"v2")
+    Artifact(tmp_path / "art").verify()
+    assert (tmp_path / "art" / "cpu" / "model.bin").read_bytes() == b"v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
