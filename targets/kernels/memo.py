@@ -6,14 +6,21 @@ same kernel once per layer and per program (prefill, decode, the full forward),
 so a 16-layer export spent 85% of a half-hour cpu compile re-parsing identical
 kernels. A PrimFunc is immutable IR, so one object serves every request with the
 same arguments and the same build CPU features (cpu/isa.py: the tiles and instructions depend on them).
+
+The walk itself is made cheap too (`_parser_of_caller`): each `T.macro` call looks up its parser
+with `inspect.getouterframes`, which reads the source line of every frame on the parser's deep
+stack only to keep `frame.f_globals`. Walking `f_back` finds the same parser without reading any
+source: a gated 1536 x 1536 GEMM parses in 0.4-0.7 s, not 2.0 s, to the same TVMScript.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, TypeVar
 
 import tvm
+from tvm.script.parser.core.parser import ScriptMacro
 
 from .cpu.isa import amx, byte_dot, vector_lanes
 
@@ -36,6 +43,21 @@ def _key(v: Any) -> Any:
     if dataclasses.is_dataclass(v) and not isinstance(v, type) and v.__dataclass_params__.frozen:
         return v
     raise _Unkeyable
+
+
+def _parser_of_caller(macro: ScriptMacro):
+    """The parser of the TVMScript function being parsed: the first frame up the stack that holds it (what
+    TVM's own lookup returns, without the source lines it reads for every frame)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        parser = frame.f_globals.get(ScriptMacro.parser_object_name)
+        if parser is not None:
+            return parser
+        frame = frame.f_back
+    raise RuntimeError(f"{ScriptMacro.parser_object_name} not available")
+
+
+ScriptMacro._find_parser_def = _parser_of_caller
 
 
 def cached_kernel(builder: F) -> F:
