@@ -47,3 +47,33 @@ def test_keys_tell_apart_equal_python_values_and_skip_unhashable_arguments():
     before = len(calls)
     build({"a": 1}), build({"a": 1})                                  # a dict: built every time
     assert len(calls) == before + 2
+
+
+def test_macros_find_their_parser_by_the_frame_walk(monkeypatch):
+    """TVM still calls the lookup memo.py installs (a renamed hook would silently bring back the slow
+    source-reading walk), and a macro parsed through it expands as TVM's own would."""
+    from tvm.script import tirx as T
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    from polyport.targets.kernels import memo
+
+    assert ScriptMacro._find_parser_def is memo._parser_of_caller
+    calls = []
+
+    def counted(macro):
+        calls.append(macro)
+        return memo._parser_of_caller(macro)
+
+    monkeypatch.setattr(ScriptMacro, "_find_parser_def", counted)
+
+    @T.macro
+    def twice(buf, i):
+        buf[i] = buf[i] * T.float32(2)
+
+    @T.prim_func(private=True)
+    def f(a: T.Buffer((4,), "float32")):
+        for i in range(4):
+            twice(a, i)
+
+    assert len(calls) == 1
+    assert "a[i] = a[i] * T.float32(2.0)" in f.script()
