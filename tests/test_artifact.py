@@ -48,7 +48,7 @@ def test_failed_write_leaves_previous_artifact_and_no_temp_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_ctrl_c_between_the_renames_waits_for_the_second(tmp_path, monkeypatch):
+def test_ctrl_c_between_the_renames_waits_for_the_second(tmp_path, monkeypatch, request):
     """SIGINT after the old artifact is moved aside: the new one still lands, then KeyboardInterrupt is raised."""
     _write(tmp_path / "art", payload=b"v1")
     real_replace = os.replace
@@ -59,6 +59,9 @@ def test_ctrl_c_between_the_renames_waits_for_the_second(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr("polyport.runtime.artifact.os.replace", replace_then_interrupt)
+    # Python's own handler, whatever an earlier test in this process left (held() hands the signal back to it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path / "art", payload=b"v2")
     Artifact(tmp_path / "art").verify()
