@@ -30,7 +30,9 @@ CONFIGS = [
     (4, 4, 16, 16, 5, 0, 0, 1, 0.0),       # window over a linear cache, sinks
     (4, 1, 16, 8, 7, 1, 1, 1, 0.0),        # ring + v_in_k + sinks (DeepSeek V4's shared K=V)
     (4, 2, 16, 16, 6, 1, 0, 0, 1.5),       # soft-capped scores over a ring (Gemma 2)
-    (16, 1, 72, 64, 0, 0, 1, 0, 0.0),      # absorbed MLA's shape: P.V in tiles of 2 of 16 rows x 32 of 64 columns
+    (16, 1, 76, 64, 0, 0, 1, 0, 0.0),      # absorbed MLA's shape: q.k in tiles of 2 rows x 4 keys, D past the lanes,
+                                           # P.V in tiles of 2 of 16 rows x 32 of 64 columns
+    (16, 2, 16, 16, 9, 1, 0, 0, 0.0),      # 8 rows per kv head over a window of a ring: tiles of keys past a block
 ]
 
 
