@@ -32,42 +32,40 @@ VL = 8                  # lanes of the q.k partial sums (one AVX2 vector)
 SPLIT_TASKS = 16        # split the cache until (batch x kv heads x splits) reaches this ...
 MIN_SPLIT_KEYS = 256    # ... while every split keeps at least this many cached keys
 MAX_SPLITS = SPLIT_TASKS
-PV_VECTORS = 8          # P.V accumulators of VL lanes kept in registers (of AVX2's 16)
+TILE_VECTORS = 8        # a q.k or P.V tile's accumulators of VL lanes, kept in registers (of AVX2's 16)
 PV_TILE_ROWS = 4        # from this many query rows per kv head P.V is compute-bound enough to tile
-QK_SUMS = 8             # q.k partial sums of VL lanes kept in registers
 QK_TILE_ROWS = 8        # from this many query rows per kv head q.k is compute-bound enough to tile
 
 
+def _register_tile(rows: int, widths: dict[int, int]) -> tuple[int, int]:
+    """(r, w): r query rows (r | rows) x w of `widths` ({width: vectors of VL lanes it loads}), within
+    TILE_VECTORS accumulators: the tile with the most FMAs per load (r x vectors / (r + vectors)), then
+    the widest."""
+    tiles = [(r, w) for r in range(1, rows + 1) if rows % r == 0 for w, v in widths.items()
+             if r * v <= TILE_VECTORS]
+    return max(tiles, key=lambda t: (t[0] * widths[t[1]] / (t[0] + widths[t[1]]), t[1]))
+
+
 def pv_tile(rows: int, dv: int) -> tuple[int, int]:
-    """(RW, CW): P.V runs over RW query rows x CW value columns at a time (RW | rows, CW | dv), the
-    accumulators in registers across a block's keys, each value vector load serving RW rows: of the tiles
-    within PV_VECTORS, the one with the most FMAs per load (RW x vectors / (RW broadcasts + vectors)).
-    Absorbed MLA (16 rows of 256 columns) at batch 8, context 1024: 3.3 -> 2.2 ms. Below PV_TILE_ROWS,
-    key by key over whole rows (a tile of them all): there the kernel streams the cache (rows FMAs per
-    element read), and the column passes' strided reads of V cost more than the tiles save (llama_500m,
-    3 rows: its batch-8 decode step 3% slower with them)."""
+    """(RW, CW): P.V runs over RW query rows x CW value columns at a time (CW | dv), the accumulators in
+    registers across a block's keys, each value vector load serving RW rows. Absorbed MLA (16 rows of 256
+    columns) at batch 8, context 1024: 3.3 -> 2.2 ms. Below PV_TILE_ROWS, key by key over whole rows (a
+    tile of them all): there the kernel streams the cache (rows FMAs per element read), and the column
+    passes' strided reads of V cost more than the tiles save (llama_500m, 3 rows: its batch-8 decode step
+    3% slower with them)."""
     if rows < PV_TILE_ROWS:
         return rows, dv
-
-    def vectors(cw):
-        return -(-cw // VL)
-
-    tiles = [(rw, cw) for rw in range(1, rows + 1) if rows % rw == 0 for cw in range(1, dv + 1)
-             if dv % cw == 0 and rw * vectors(cw) <= PV_VECTORS]
-    return max(tiles, key=lambda t: (t[0] * vectors(t[1]) / (t[0] + vectors(t[1])), t[1]))
+    return _register_tile(rows, {cw: -(-cw // VL) for cw in range(1, dv + 1) if dv % cw == 0})
 
 
 def qk_tile(rows: int) -> tuple[int, int]:
-    """(QR, KW): from QK_TILE_ROWS rows per kv head, q.k runs QR query rows x KW keys at a time (QR | rows,
-    KW | JB): independent partial sums, each key vector load serving QR rows and each query vector KW keys,
-    the tile within QK_SUMS with the most FMAs per load. Absorbed MLA (16 rows over a 288-wide latent) at
-    batch 8, context 1024: 3.8 -> 2.7 ms. Below it, key by key: Qwen3-MoE's 4 rows were 10% slower tiled,
-    the kernel streaming its cache there."""
+    """(QR, KW): from QK_TILE_ROWS rows per kv head, q.k runs QR query rows x KW keys at a time (KW | JB):
+    independent partial sums, each key vector load serving QR rows and each query vector KW keys. Absorbed
+    MLA (16 rows over a 288-wide latent) at batch 8, context 1024: 3.8 -> 2.7 ms. Below it, key by key:
+    Qwen3-MoE's 4 rows were 10% slower tiled, the kernel streaming its cache there."""
     if rows < QK_TILE_ROWS:
         return 1, 1
-    tiles = [(qr, kw) for qr in range(1, rows + 1) if rows % qr == 0 for kw in range(1, JB + 1)
-             if JB % kw == 0 and qr * kw <= QK_SUMS]
-    return max(tiles, key=lambda t: (t[0] * t[1] / (t[0] + t[1]), t[1]))
+    return _register_tile(rows, {kw: kw for kw in range(1, JB + 1) if JB % kw == 0})
 
 
 @cached_kernel
