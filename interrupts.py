@@ -18,6 +18,17 @@ from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
+def _on_sigint(handler) -> Iterator[None]:
+    """`handler` takes SIGINT during the block; then the one before it does again (Python's own where that
+    one was installed outside Python)."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+@contextlib.contextmanager
 def deferred() -> Iterator[Callable[[], None]]:
     if threading.current_thread() is not threading.main_thread():    # signals reach the main thread only
         yield lambda: None
@@ -32,17 +43,15 @@ def deferred() -> Iterator[Callable[[], None]]:
         if pending:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield checkpoint
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:
-        if pending:
-            raise KeyboardInterrupt from e
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    with _on_sigint(on_sigint):
+        try:
+            yield checkpoint
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            if pending:
+                raise KeyboardInterrupt from e
+            raise
 
 
 @contextlib.contextmanager
@@ -52,10 +61,7 @@ def held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
+    with _on_sigint(lambda signum, frame: caught.append(signum)):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     if caught:
         signal.raise_signal(signal.SIGINT)     # now handled as if it came this moment (deferred: raised)
