@@ -64,9 +64,9 @@ class CpuTarget(Target):
             raise errors.PolyportError(f"cpu target: apache-tvm is not importable ({e})") from None
         from .build_errors import naming_the_node
         from .fresh_outputs import fresh_outputs
-        from .fusion import fuse
+        from .fusion import fuse, legalize
         from .llvm_noalias import build_pipeline
-        from .schedule_cpu import schedule_module
+        from .schedule_cpu import inline_fused, schedule_module
         from .tvm_lower import lower_functions, lower_to_relax
 
         if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
@@ -84,8 +84,8 @@ class CpuTarget(Target):
                 lowered, functions = lower_to_relax(graph, self.name, kernels=kernels), None
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             with target:      # scheduled kernels (legalized matmuls too) are opaque: fusion leaves them whole
-                mod = schedule_module(tvm.relax.transform.LegalizeOps()(lowered.mod), target)
-                mod = tvm.transform.Sequential([*fuse(), tvm.relax.transform.RewriteDataflowReshape()])(mod)
+                mod = schedule_module(tvm.transform.Sequential(legalize())(lowered.mod), target)
+                mod = inline_fused(tvm.transform.Sequential([*fuse(), tvm.relax.transform.RewriteDataflowReshape()])(mod))
             fresh = fresh_outputs(mod["main"])
             ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
         return ex, {**model_meta(lowered, functions), "fresh_outputs": fresh}, mcpu

@@ -29,6 +29,12 @@ def fuse() -> list:
             relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def legalize_and_fuse() -> list:
+def legalize() -> list:
+    """Relax ops -> TIR kernels. A lowering's reshapes come in chains ([T, H] -> [1, T, H] -> [T, H] around
+    every GEMM): collapsed first, each link left would be three VM instructions (shape, view, kill)."""
     from tvm import relax
-    return [relax.transform.LegalizeOps(), *fuse()]
+    return [relax.transform.RemoveRedundantReshape(), relax.transform.LegalizeOps()]
+
+
+def legalize_and_fuse() -> list:
+    return [*legalize(), *fuse()]

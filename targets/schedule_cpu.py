@@ -124,3 +124,25 @@ def schedule_module(mod, target):
     for gv, f in updates.items():
         mod[gv] = f
     return mod
+
+
+def inline_fused(mod):
+    """Inline the intermediate blocks of each fused injective kernel (FuseTIR leaves one loop nest and one
+    scratch buffer per original op)."""
+    from tvm import tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or "op_pattern" in (func.attrs or {}):
+            continue
+        sch = _sch(func)
+        blocks = normalize_prim_func(sch)
+        if not blocks or len(blocks) < 2 or not all(b.is_injective() for b in blocks):
+            continue
+        n = len(blocks)
+        if len(try_inline(sch, blocks)) < n:        # (it pops what it inlined from `blocks`)
+            updates[gv] = sch.mod["main"]
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod

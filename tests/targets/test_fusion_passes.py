@@ -1,6 +1,7 @@
 """targets/fusion.py: neighbouring injective kernels become one, scheduled (opaque) kernels stay whole,
-and a kernel taking a scalar (shape_to_tensor of a symbolic dim) stays out of fusion instead of
-stopping the build in FuseTIR."""
+a kernel taking a scalar (shape_to_tensor of a symbolic dim) stays out of fusion instead of
+stopping the build in FuseTIR, and reshape chains collapse before legalization. The cpu target then
+inlines each fused kernel's intermediate blocks (schedule_cpu.inline_fused)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,8 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax, tirx  # noqa: E402
 
-from polyport.targets.fusion import legalize_and_fuse  # noqa: E402
+from polyport.targets.fusion import legalize, legalize_and_fuse  # noqa: E402
+from polyport.targets.schedule_cpu import inline_fused  # noqa: E402
 
 
 def _kernels(mod) -> list[str]:
@@ -41,6 +43,59 @@ def test_injective_chain_becomes_one_kernel():
     vm = relax.VirtualMachine(ex, tvm.cpu())
     a = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(a)).numpy(), 2 * np.maximum(a.T, 0))
+
+
+def _blocks(func) -> list[str]:
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
+def test_fused_kernel_is_inlined_into_one_loop_nest():
+    """FuseTIR leaves a loop nest and a scratch buffer per original op; on cpu they become one nest."""
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((1, n, 4, 6), "float32"))
+
+    def build(bb):
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                t = bb.emit(relax.op.permute_dims(x, [0, 2, 1, 3]))
+                a = bb.emit(relax.op.split(t, [4], axis=3))
+                lo = bb.emit(relax.TupleGetItem(a, 0))
+                hi = bb.emit(relax.TupleGetItem(a, 1))
+                y = bb.emit_output(relax.op.concat([relax.op.negative(hi), lo], axis=3))
+            bb.emit_func_output(y)
+
+    fused = _fused(build)
+    name, = [gv for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len(_blocks(fused[name])) > 1
+    inlined = inline_fused(fused)
+    assert len(_blocks(inlined[name])) == 1
+    a = np.random.default_rng(0).standard_normal((1, 5, 4, 6)).astype(np.float32)
+    t = a.transpose(0, 2, 1, 3)
+    want = np.concatenate([-t[..., 4:], t[..., :4]], axis=3)
+    for mod in (fused, inlined):
+        vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), want)
+
+
+def test_reshape_chain_collapses():
+    """[n, 8] -> [1, n, 8] -> [n, 8] around a kernel, as the lowering writes it: no reshape is left."""
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, 8), "float32"))
+
+    def build(bb):
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                r = bb.emit(relax.op.reshape(relax.op.reshape(x, relax.ShapeExpr([1, n, 8])),
+                                             relax.ShapeExpr([n, 8])))
+                y = bb.emit_output(relax.op.nn.relu(r))
+            bb.emit_func_output(y)
+
+    bb = relax.BlockBuilder()
+    build(bb)
+    assert _kernels(tvm.transform.Sequential([relax.transform.LegalizeOps()])(bb.get())) == ["relu", "reshape", "reshape1"]
+    assert _kernels(tvm.transform.Sequential(legalize())(bb.get())) == ["relu"]
 
 
 def test_opaque_kernel_is_left_whole():
