@@ -214,6 +214,24 @@ def test_report_baseline_gates_ratios_to_ort_at_25_percent(tmp_path, cli):
     assert cli("report", bad, "--baseline", base, "--fail-if-slower", "30").exit_code == 0
 
 
+def test_report_baseline_gates_the_fastest_rounds_where_both_rows_have_them(tmp_path, cli):
+    """A slow ORT round lifts the median ratio and hides a slower polyport; the fastest rounds' ratio does not."""
+    def doc(median, best):
+        d = _ratio_doc({("llama_a", 128): median})
+        if best is not None:
+            d["rows"][0]["ratio_best"] = best
+        return d
+    base = _write(tmp_path / "base.json", doc(1.2, 1.2))
+    r = cli("report", _write(tmp_path / "slow.json", doc(0.95, 0.7)), "--baseline", base)
+    assert r.exit_code == 1
+    assert "ORT/polyport 0.70x vs baseline 1.20x, the fastest rounds" in r.stderr
+    assert cli("report", _write(tmp_path / "ok.json", doc(0.8, 1.1)), "--baseline", base).exit_code == 0
+    # a baseline row without the figure (written before it): the median ratio is gated
+    old = _write(tmp_path / "old.json", doc(1.2, None))
+    r = cli("report", _write(tmp_path / "slow2.json", doc(0.85, 1.2)), "--baseline", old)
+    assert r.exit_code == 1 and "vs baseline 1.20x, the median of rounds" in r.stderr
+
+
 def test_report_baseline_compares_ratios_on_like_cpus_first(tmp_path, cli):
     """A baseline with rows for two CPUs gates each against its own; a third CPU against the file's first."""
     avx512 = _ratio_doc({("llama_a", 128): 1.4})

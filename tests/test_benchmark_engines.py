@@ -30,6 +30,9 @@ def test_ratios_are_paired_per_round_and_skips_carry_through():
     assert rows[0]["ort_ms"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 2}
     assert rows[0]["ratio"]["min"] == 2.0 and rows[0]["ratio"]["max"] == 6.0     # 4/2 and 6/1, not 6/2
     assert rows[1] == {"model": "m", "batch": 8, "seq": 16, "skip": "the export fixes batch at 1"}
+    import compare
+    row, = compare.bench_doc({"prefill": rows, "settings": {"rounds": 2, "warmup": 0}}, {}, False)["rows"]
+    assert row["ratio_best"] == 4.0 / 1.0      # each engine's fastest round (what `report --baseline` gates)
 
 
 def test_short_calls_are_timed_until_the_wall_time_floor(monkeypatch):
