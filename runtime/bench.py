@@ -396,7 +396,7 @@ def regressions(docs: Sequence[tuple[str, Mapping[str, Any]]], baseline: Mapping
     both rows have it (`ratio_best`), else the median of the rounds' ratios. Interference only ever adds
     time, so the fastest round is the steadier figure: on a shared 2-vCPU EPYC ORT's round medians for
     one shape moved by half, which let a 1.6x slower attention kernel pass the median ratio's gate, while
-    the fastest rounds' ratio of llama_a at 128 tokens read 1.18-1.23x over four runs and 0.70x with that
+    the fastest rounds' ratio of llama_a at 128 tokens read 1.16-1.23x over four runs and 0.70x with that
     kernel. They match the baseline's row for the same
     device where it has one, else its row for any device: both engines' kernels differ per instruction
     set (llama_a at 128 tokens: 1.36x on an AVX-512 Xeon, 1.10x on an AVX2 EPYC), so a ratio is only
