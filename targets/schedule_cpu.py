@@ -16,8 +16,9 @@ names and scheduled by hand:
 A scheduled function is marked opaque (`op_pattern` 8) so fusion (targets/fusion.py)
 leaves it alone. What fusion merges gets its intermediate blocks inlined afterwards
 (`inline_fused`): FuseTIR keeps a loop nest and a scratch buffer per original op, which
-made deepseek_v3_a's two MLA RoPE kernels 8% of its kernel time. Any schedule that fails to apply leaves the function as TE built it
-(correct, only slower); nothing here changes results.
+made deepseek_v3_a's two MLA RoPE kernels 8% of its kernel time. Any schedule that fails
+to apply leaves the function as TE built it (correct, only slower); nothing here changes
+results.
 """
 from __future__ import annotations
 

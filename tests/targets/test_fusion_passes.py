@@ -12,7 +12,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
 from polyport.targets.fusion import legalize, legalize_and_fuse  # noqa: E402
-from polyport.targets.schedule_cpu import inline_fused  # noqa: E402
+from polyport.targets.schedule_cpu import _all_blocks, _sch, inline_fused  # noqa: E402
 
 
 def _kernels(mod) -> list[str]:
@@ -45,10 +45,8 @@ def test_injective_chain_becomes_one_kernel():
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(a)).numpy(), 2 * np.maximum(a.T, 0))
 
 
-def _blocks(func) -> list[str]:
-    from tvm import s_tir
-    sch = s_tir.Schedule(func)
-    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+def _blocks(func) -> list:
+    return _all_blocks(_sch(func))
 
 
 def test_fused_kernel_is_inlined_into_one_loop_nest():
