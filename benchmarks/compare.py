@@ -9,7 +9,9 @@
 Per model: ORT and polyport children alternate (engines.py), --rounds rounds,
 each child timing at least --runs runs, and at least --min-ms of them, at
 every (batch, seq) after --warmup; a STREAM
-triad child runs in the same rounds (memory bandwidth of this machine now);
+triad child runs in the same rounds (memory bandwidth of this machine now), and
+an fma child (its multiply-add peak: each prefill row says what fraction of
+it each engine reached, counting the artifact's cost-model FLOPs);
 decode rows (time to first token at --prompts, time per output token at
 --contexts) come from the cpu session's generation API, or a line saying it
 is absent; the coexistence figure comes from coexist.py (its own child).
@@ -45,22 +47,42 @@ def fmt_ratio(s: dict) -> str:
     return f"**{s['median']:.2f}x** ({s['min']:.2f}–{s['max']:.2f})"
 
 
+def fmt_fraction(row: dict, engine: str) -> str:
+    frac = row.get(f"{engine}_peak_fraction")
+    return "–" if frac is None else f"{frac:.0%}"
+
+
+def peak_fractions(rows: list[dict], peak: dict) -> None:
+    """Each prefill row with `flops`: `{engine}_peak_fraction` = its FLOPs / the engine's median time / the
+    fma peak's median."""
+    for r in rows:
+        if r.get("flops"):
+            for e in engines.ENGINES:
+                r[f"{e}_peak_fraction"] = r["flops"] / (r[f"{e}_ms"]["median"] / 1e3) / (peak["median"] * 1e9)
+
+
 def markdown(doc: dict) -> str:
     s = doc["settings"]
     lines = [f"Prefill, {s['threads']} threads per engine, each engine alone in its own process, "
              f"alternated; medians over {s['rounds']} rounds of at least {s['runs']} runs and "
              f"{s.get('min_ms', 0):.0f} ms each (min–max of the rounds' medians). "
              f"Ratio = ORT / polyport per round.", "",
-             "| model | batch | seq | ORT ms | polyport ms | ORT / polyport |", "|---|---|---|---|---|---|"]
+             "| model | batch | seq | ORT ms | polyport ms | ORT / polyport | polyport, of FMA peak "
+             "| ORT, of FMA peak |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["prefill"]:
         if "skip" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | – | – | not measured: {r['skip']} |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | – | – | not measured: {r['skip']} | – | – |")
         else:
             lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {fmt_ms(r['ort_ms'])} | "
-                         f"{fmt_ms(r['polyport_ms'])} | {fmt_ratio(r['ratio'])} |")
-    bw = doc["bandwidth_gbps"]
+                         f"{fmt_ms(r['polyport_ms'])} | {fmt_ratio(r['ratio'])} | "
+                         f"{fmt_fraction(r, 'polyport')} | {fmt_fraction(r, 'ort')} |")
+    bw, peak = doc["bandwidth_gbps"], doc.get("fma_gflops")
     lines += ["", f"Memory bandwidth in the same run (STREAM triad, {s['threads']} threads): "
                   f"{bw['median']:.1f} GB/s ({bw['min']:.1f}–{bw['max']:.1f})."]
+    if peak:
+        lines.append(f"Multiply-add peak in the same run (fma kernel, {s['threads']} threads, f32): "
+                     f"{peak['median']:.0f} GFLOP/s ({peak['min']:.0f}–{peak['max']:.0f}); an engine's fraction "
+                     "of it = the cost model's FLOPs of one forward / its median time / the peak's median.")
     if doc["decode"]:
         lines += ["", "Decode (batch 1; ttft = `start(prompt)`, tpot = one `append`; roofline fraction = (bytes "
                       "one step reads: the weights a token uses + the cache, from the artifact's cost model) / the "
@@ -170,29 +192,35 @@ def main(argv=None) -> int:
     shapes = [[b, s] for b in args.batch for s in args.seq]
     common = {"kind": "prefill", "shapes": shapes, "runs": args.runs, "warmup": args.warmup,
               "min_ms": args.min_ms, "threads": args.threads}
-    triad = {"kind": "triad", "threads": args.threads, "runs": 5, "warmup": 1}
-    prefill, gbps, failed = [], [], []
+    # The machine's bandwidth and multiply-add peak, measured in the same rounds as the first model's engines.
+    machine = [{"kind": "triad", "threads": args.threads, "runs": 5, "warmup": 1},
+               {"kind": "fma", "threads": args.threads, "runs": 5, "warmup": 1}]
+    prefill, measured, failed = [], None, []
     for name, p in paths.items():
         specs = [dict(common, engine=e, onnx=str(p), artifact=str(arts[name])) for e in engines.ENGINES]
-        if not gbps:
-            specs.append(triad)          # the bandwidth, measured in the same rounds as the engines
         try:
-            results = engines.alternate(specs, args.rounds, log)
+            results = engines.alternate(specs + (machine if measured is None else []), args.rounds, log)
         except RuntimeError as e:           # one engine cannot run this model here: rows that say why
             log(f"{name}: not measured: {e}")
             failed.append(name)
             prefill += [{"model": name, "batch": b, "seq": q, "skip": str(e).splitlines()[0]} for b, q in shapes]
             continue
-        prefill += engines.prefill_rows(name, dict(zip(engines.ENGINES, results)))
-        if not gbps:
-            gbps = [statistics.median(r["gbps"]) for r in results[-1]]
-    if not gbps:
-        gbps = [statistics.median(r["gbps"]) for r in engines.alternate([triad], args.rounds, log)[0]]
+        rows = engines.prefill_rows(name, dict(zip(engines.ENGINES, results)))
+        for r in rows:
+            if "skip" not in r:
+                r["flops"] = engines.prefill_flops(str(p), arts[name], r["batch"], r["seq"])
+        prefill += rows
+        if measured is None:
+            measured = results[len(specs):]
+    if measured is None:
+        measured = engines.alternate(machine, args.rounds, log)
     doc = {"benchmark": "compare", "machine": bench.machine_info(),
            "settings": {"threads": args.threads, "rounds": args.rounds, "runs": args.runs, "warmup": args.warmup,
                         "min_ms": args.min_ms,
                         "ort": "CPUExecutionProvider, ORT_ENABLE_ALL"},
-           "prefill": prefill, "bandwidth_gbps": engines.spread(gbps), "decode": {}}
+           "prefill": prefill, "bandwidth_gbps": engines.spread([statistics.median(r["gbps"]) for r in measured[0]]),
+           "fma_gflops": engines.spread([statistics.median(r["gflops"]) for r in measured[1]]), "decode": {}}
+    peak_fractions(prefill, doc["fma_gflops"])
     if not args.no_decode:
         for name, p in paths.items():
             doc["decode"][name] = decode_part(arts[name], p, args, doc["bandwidth_gbps"], log)

@@ -17,6 +17,10 @@ Children (`python benchmarks/engines.py --child JSON`, one JSON line on stdout):
 - `triad`: STREAM triad a = b + 3c over three 64 MiB float32 arrays, a
   parallel, vectorised TVM kernel on the same threads; GB/s counts 12 bytes
   per element (read b, c; write a), as STREAM does.
+- `fma`: the machine's float32 multiply-add peak on the same threads: a TVM
+  kernel for this CPU (its widest vectors) whose tasks each update 12
+  independent vector accumulators in registers; GFLOP/s counts 2 per lane.
+  Prefill is bound by it as decode is by the triad.
 - `coexist`: coexist.py's measurement (thread pools sharing one process).
 - `decode`: time to first token (`s.start(prompt)`) and time per output token
   (`g.append(token)` at a given context) through the cpu session's generation
@@ -96,6 +100,26 @@ def compile_cached(onnx_path: Path, work_dir: Path, log: Callable[[str], None],
     stamp.write_text(digest + "\n")
     log(f"compiled {what} in {time.perf_counter() - t0:.1f} s")
     return art
+
+
+def prefill_flops(onnx_path: str, artifact: Path, batch: int, seq: int) -> Optional[int]:
+    """FLOPs of one forward over input_ids [batch, seq] by the artifact's cost model (runtime/cost.py:
+    matmuls, causal attention halved, routed experts at top-k), or None when it cannot say: no cost in
+    the manifest, or a symbol of it that is not one of input_ids' dims."""
+    import onnx
+    from polyport.ir.symbolic import SymExpr, parse
+    from polyport.runtime.artifact import Artifact
+    from polyport.runtime.cost import evaluate
+    cost = Artifact(artifact).manifest.get("cost") or {}
+    if "flops" not in cost:
+        return None
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    dims = next(i for i in graph.input if i.name == "input_ids").type.tensor_type.shape.dim
+    bindings = {d.dim_param: n for d, n in zip(dims, (batch, seq)) if d.dim_param}
+    poly = parse(cost["flops"])
+    if isinstance(poly, SymExpr) and not poly.symbols <= set(bindings):
+        return None
+    return evaluate(poly, bindings)
 
 
 # ---- inside a child ------------------------------------------------------------------------
@@ -189,6 +213,48 @@ def child_triad(spec: dict) -> dict:
     return {"gbps": [12 * n / (t / 1e3) / 1e9 for t in times]}
 
 
+FMA_TASKS, FMA_ACCUMULATORS, FMA_ITERS = 64, 12, 1 << 15
+
+
+def child_fma(spec: dict) -> dict:
+    """GFLOP/s of each timed call of a kernel that only multiplies and adds in registers: the peak every
+    f32 GEMM on this CPU and these threads is bounded by. 12 accumulators cover the multiply-add units'
+    latency (4 cycles x 2 units on Zen 3, 4 x 2 on recent Xeons); 64 tasks balance over the threads."""
+    os.environ["TVM_NUM_THREADS"] = str(spec["threads"])
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+    from polyport.targets.cpu import host_mcpu
+    from polyport.targets.kernels.cpu.isa import lanes_of
+    mcpu = host_mcpu()
+    tasks, acc_n, iters, lanes = FMA_TASKS, FMA_ACCUMULATORS, FMA_ITERS, lanes_of(mcpu)
+
+    @T.prim_func
+    def fma(out: T.Buffer((tasks, acc_n, lanes), "float32"), m: T.Buffer((lanes,), "float32")):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "fma"})
+        for t in T.parallel(tasks):
+            acc = T.alloc_buffer((acc_n, lanes), "float32", scope="local")
+            for a in T.unroll(acc_n):
+                for v in T.vectorized(lanes):
+                    acc[a, v] = T.float32(0.0)
+            for _ in T.serial(iters):
+                for a in T.unroll(acc_n):
+                    for v in T.vectorized(lanes):
+                        acc[a, v] = acc[a, v] * m[v] + T.float32(1.0)
+            for a in T.unroll(acc_n):
+                for v in T.vectorized(lanes):
+                    out[t, a, v] = acc[a, v]
+
+    fn = tvm.compile(tvm.IRModule({"fma": fma}), target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))["fma"]
+    out = tvm.runtime.tensor(np.zeros((tasks, acc_n, lanes), np.float32))
+    m = tvm.runtime.tensor(np.full(lanes, 0.5, np.float32))
+    times = time_calls(lambda: fn(out, m), spec["runs"], spec["warmup"])
+    if not np.allclose(out.numpy(), 2.0):          # x <- x / 2 + 1 converges to 2: the work was done
+        raise RuntimeError("fma kernel computed a wrong value")
+    flops = 2 * tasks * acc_n * lanes * iters
+    return {"gflops": [flops / (t / 1e3) / 1e9 for t in times], "mcpu": mcpu}
+
+
 def decode_tokens(batch: int, context: int, steps: int):
     """The token ids every engine's decode child feeds: row 0's first `context` are the prompt each of the
     `batch` sequences starts from, column context + t holds each sequence's token of step t (t = 0 warms up)."""
@@ -238,7 +304,8 @@ def child_coexist(spec: dict) -> dict:
     return run(spec)
 
 
-CHILDREN = {"prefill": child_prefill, "triad": child_triad, "decode": child_decode, "coexist": child_coexist}
+CHILDREN = {"prefill": child_prefill, "triad": child_triad, "fma": child_fma, "decode": child_decode,
+            "coexist": child_coexist}
 
 
 def child_main(arg: str) -> int:

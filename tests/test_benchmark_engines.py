@@ -53,13 +53,35 @@ def test_alternate_reverses_the_order_every_other_round(monkeypatch):
     assert [r["engine"] for r in out[1]] == ["b", "b", "b"]
 
 
-def test_children_time_ort_and_the_triad_in_their_own_processes():
+def test_children_time_ort_the_triad_and_the_fma_peak_in_their_own_processes():
     out = engines.run_child({"kind": "prefill", "engine": "ort", "onnx": LLAMA, "shapes": [[1, 4], [8, 4]],
                              "runs": 2, "warmup": 1, "threads": 1})
     assert len(out["rows"][0]["times_ms"]) == 2 and all(t > 0 for t in out["rows"][0]["times_ms"])
     assert "fixes batch" in out["rows"][1]["skip"]
     bw = engines.run_child({"kind": "triad", "threads": 1, "runs": 2, "warmup": 1})
     assert len(bw["gbps"]) == 2 and all(0.1 < g < 10000 for g in bw["gbps"])
+    peak = engines.run_child({"kind": "fma", "threads": 1, "runs": 2, "warmup": 1})
+    # one core of any x86 CPU that runs these tests: 4 to 64 f32 multiply-adds a cycle at 1 to 6 GHz
+    assert len(peak["gflops"]) == 2 and all(4 < g < 800 for g in peak["gflops"]), peak
+
+
+def test_prefill_rows_say_what_fraction_of_the_fma_peak_each_engine_reached(llama_artifact):
+    import compare
+    flops = engines.prefill_flops(LLAMA, llama_artifact, 1, 128)
+    from polyport.runtime.artifact import Artifact
+    from polyport.runtime.cost import evaluate
+    assert flops == evaluate(Artifact(llama_artifact).manifest["cost"]["flops"], {"seq": 128}) > 0
+    assert flops > engines.prefill_flops(LLAMA, llama_artifact, 1, 16) * 8      # attention grows with seq^2
+    row = {"model": "llama_a", "batch": 1, "seq": 128, "flops": flops, "ratio": {"median": 2.0, "min": 2, "max": 2},
+           "polyport_ms": {"median": flops / 50e9 * 1e3, "min": 0, "max": 0},      # 50 GFLOP/s
+           "ort_ms": {"median": flops / 25e9 * 1e3, "min": 0, "max": 0}}
+    compare.peak_fractions([row], {"median": 100.0})
+    assert row["polyport_peak_fraction"] == pytest.approx(0.5) and row["ort_peak_fraction"] == pytest.approx(0.25)
+    doc = {"settings": {"threads": 2, "rounds": 1, "runs": 1}, "prefill": [row], "decode": {},
+           "bandwidth_gbps": {"median": 20.0, "min": 20.0, "max": 20.0},
+           "fma_gflops": {"median": 100.0, "min": 90.0, "max": 110.0}}
+    text = compare.markdown(doc)
+    assert "| **2.00x** (2.00–2.00) | 50% | 25% |" in text and "100 GFLOP/s (90–110)" in text
 
 
 def test_a_failing_child_reports_its_error():
@@ -74,7 +96,7 @@ def test_compare_prints_a_failed_model_as_rows_and_exits_1(monkeypatch, tmp_path
     def alternate(specs, rounds, log):
         if any(s["kind"] == "prefill" for s in specs):
             raise RuntimeError("prefill child (ort) failed: killed by SIGKILL (the kernel's OOM killer sends it)\n...")
-        return [[{"gbps": [20.0]}] * rounds]
+        return [[{"gbps": [20.0], "gflops": [100.0]}] * rounds for _ in specs]
     monkeypatch.setattr(engines, "compile_cached", lambda p, work_dir, log, *a, **k: tmp_path)
     monkeypatch.setattr(engines, "alternate", alternate)
     rc = compare.main(["--work-dir", str(tmp_path), "--models", "llama_a", "--seq", "16", "--batch", "1",
