@@ -71,7 +71,8 @@ def markdown(doc: dict) -> str:
              "| ORT, of FMA peak |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["prefill"]:
         if "skip" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | – | – | not measured: {r['skip']} | – | – | – |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | – | – | not measured: {r['skip']} "
+                         "| – | – | – |")
         else:
             lines.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {fmt_ms(r['ort_ms'])} | "
                          f"{fmt_ms(r['polyport_ms'])} | {fmt_ratio(r['ratio'])} | {r['ratio_best']:.2f}x | "
