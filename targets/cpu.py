@@ -66,7 +66,7 @@ class CpuTarget(Target):
         from .fresh_outputs import fresh_outputs
         from .fusion import fuse, legalize
         from .llvm_noalias import build_pipeline
-        from .schedule_cpu import inline_fused, schedule_module
+        from .schedule_cpu import schedule_injective, schedule_module
         from .tvm_lower import lower_functions, lower_to_relax
 
         if options.dtype not in ("f32", "bf16", "f16"):   # bf16 / f16: 16-bit weights (compiler.py), f32 compute
@@ -85,7 +85,8 @@ class CpuTarget(Target):
         with naming_the_node([lowered, *(functions or {}).values()], self.name):
             with target:      # scheduled kernels (legalized matmuls too) are opaque: fusion leaves them whole
                 mod = schedule_module(tvm.transform.Sequential(legalize())(lowered.mod), target)
-                mod = inline_fused(tvm.transform.Sequential([*fuse(), tvm.relax.transform.RewriteDataflowReshape()])(mod))
+                fused = tvm.transform.Sequential([*fuse(), tvm.relax.transform.RewriteDataflowReshape()])(mod)
+                mod = schedule_injective(fused)
             fresh = fresh_outputs(mod["main"])
             ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline())
         return ex, {**model_meta(lowered, functions), "fresh_outputs": fresh}, mcpu

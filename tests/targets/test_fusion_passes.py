@@ -1,7 +1,7 @@
 """targets/fusion.py: neighbouring injective kernels become one, scheduled (opaque) kernels stay whole,
 a kernel taking a scalar (shape_to_tensor of a symbolic dim) stays out of fusion instead of
 stopping the build in FuseTIR, and reshape chains collapse before legalization. The cpu target then
-inlines each fused kernel's intermediate blocks (schedule_cpu.inline_fused)."""
+inlines each fused kernel's intermediate blocks and vectorizes its inner loop (schedule_cpu.schedule_injective)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
 from polyport.targets.fusion import legalize, legalize_and_fuse  # noqa: E402
-from polyport.targets.schedule_cpu import _all_blocks, _sch, inline_fused  # noqa: E402
+from polyport.targets.schedule_cpu import _all_blocks, _sch, schedule_injective  # noqa: E402
 
 
 def _kernels(mod) -> list[str]:
@@ -67,7 +67,7 @@ def test_fused_kernel_is_inlined_into_one_loop_nest():
     fused = _fused(build)
     name, = [gv for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)]
     assert len(_blocks(fused[name])) > 1
-    inlined = inline_fused(fused)
+    inlined = schedule_injective(fused)
     assert len(_blocks(inlined[name])) == 1
     a = np.random.default_rng(0).standard_normal((1, 5, 4, 6)).astype(np.float32)
     t = a.transpose(0, 2, 1, 3)
@@ -75,6 +75,47 @@ def test_fused_kernel_is_inlined_into_one_loop_nest():
     for mod in (fused, inlined):
         vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), want)
+
+
+def test_injective_kernels_get_their_inner_loop_vectorized():
+    """A fused chain and a lone transpose with a static inner extent of 16: the inner loop runs as vectors
+    (same values); an inner extent that is symbolic is left a scalar loop."""
+    n = tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, 4, 16), "float32"))
+    y = relax.Var("y", relax.TensorType((4, n), "float32"))
+
+    def build(bb):
+        with bb.function("main", [x, y]):
+            with bb.dataflow():
+                t = bb.emit(relax.op.permute_dims(x, [1, 0, 2]))
+                a = bb.emit(relax.op.add(relax.op.nn.relu(t), t))
+                b = bb.emit(relax.op.negative(y))
+                out = bb.emit_output(relax.Tuple([a, b]))
+            bb.emit_func_output(out)
+
+    fused = _fused(build)
+    done = schedule_injective(fused)
+
+    def inner_kinds(mod):
+        kinds = {}
+        for gv, f in mod.functions_items():
+            if isinstance(f, tirx.PrimFunc):
+                sch = _sch(f)
+                kinds[gv.name_hint] = [sch.get(sch.get_loops(blk)[-1]).kind for blk in _all_blocks(sch)]
+        return kinds
+
+    before, after = inner_kinds(fused), inner_kinds(done)
+    assert all(k != tirx.ForKind.VECTORIZED for ks in before.values() for k in ks)
+    vec = [name for name, ks in after.items() if ks == [tirx.ForKind.VECTORIZED]]
+    assert len(vec) == 1 and vec[0].startswith("fused_")          # the [4, n, 16] chain
+    assert [k for name, ks in after.items() if name not in vec for k in ks] == [tirx.ForKind.SERIAL]   # [4, n]
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 4, 16)).astype(np.float32), rng.standard_normal((4, 5)).astype(np.float32)
+    t = a.transpose(1, 0, 2)
+    vm = relax.VirtualMachine(tvm.compile(done, target="llvm"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b))
+    np.testing.assert_array_equal(got[0].numpy(), np.maximum(t, 0) + t)
+    np.testing.assert_array_equal(got[1].numpy(), -b)
 
 
 def test_reshape_chain_collapses():
