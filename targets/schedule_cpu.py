@@ -130,36 +130,49 @@ def schedule_module(mod, target):
     return mod
 
 
+def _injective_func(func, lanes: int):
+    """`func` inlined into one loop nest, its innermost loop vectorized; None if it is not injective or
+    nothing applies."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+    sch = _sch(func)
+    blocks = normalize_prim_func(sch)
+    if not blocks or not all(b.is_injective() for b in blocks):
+        return None
+    n = len(blocks)
+    changed = len(try_inline(sch, blocks)) < n        # (it pops what it inlined from `blocks`)
+    for b in blocks:
+        loops = sch.get_loops(b.block_rv)
+        extent = _static(sch.get(loops[-1]).extent) if loops else None
+        width = next((w for w in (lanes, 8) if extent and extent % w == 0), 0)
+        if width:
+            sch.vectorize(sch.split(loops[-1], [None, width])[-1])
+            changed = True
+    return sch.mod["main"] if changed else None
+
+
 def schedule_injective(mod):
     """Each injective kernel (what fusion merged, and the single ops TE built unscheduled) as one loop
     nest with its innermost loop vectorized: FuseTIR leaves one loop nest and one scratch buffer per
     original op, and TVM's cpu pipeline schedules none of it (scalar loops: deepseek_v3_a's MLA RoPE
     kernels 26 -> 13 us a run vectorized). The innermost loop is split by the vector width when its
-    static extent is a multiple of it (else of 8); a symbolic one is left scalar."""
+    static extent is a multiple of it (else of 8); a symbolic one is left scalar. As in
+    `schedule_module`, a kernel the schedule does not apply to stays as it was (correct, only slower)."""
     from tvm import tirx
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import try_inline
     from .kernels.cpu.isa import vector_lanes
     lanes = vector_lanes()
     updates = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or "op_pattern" in (func.attrs or {}):
             continue
-        sch = _sch(func)
-        blocks = normalize_prim_func(sch)
-        if not blocks or not all(b.is_injective() for b in blocks):
+        try:
+            new = _injective_func(func, lanes)
+        except Exception as e:  # keep the unscheduled (correct) kernel
+            log.warning("cpu: no injective schedule for %s: %s", gv.name_hint,
+                        str(e).splitlines()[0] if str(e) else e)
             continue
-        n = len(blocks)
-        changed = len(try_inline(sch, blocks)) < n        # (it pops what it inlined from `blocks`)
-        for b in blocks:
-            loops = sch.get_loops(b.block_rv)
-            extent = _static(sch.get(loops[-1]).extent) if loops else None
-            width = next((w for w in (lanes, 8) if extent and extent % w == 0), 0)
-            if width:
-                sch.vectorize(sch.split(loops[-1], [None, width])[-1])
-                changed = True
-        if changed:
-            updates[gv] = sch.mod["main"]
+        if new is not None:
+            updates[gv] = new
     mod = mod.clone()           # a pass: the module given stays as it was
     for gv, f in updates.items():
         mod[gv] = f
